@@ -1,0 +1,271 @@
+"""Level-structured layers (Flax NNX).
+
+Every layer exposes three computations over the same parameters:
+
+* ``__call__(x, level, train)``: the *prefix* forward of subnet ``level``. ``x`` holds
+  the input channels of levels <= ``level``; the kernel slice is multiplied by the
+  static connection mask where the mask is not all ones. At the top level this is the
+  full-width masked layer used for one-pass multi-exit training.
+* ``step(cache, x, level)``: eval-mode computation of only the level-``level`` output
+  channels from the inputs of levels <= ``level``, written into the layer's cache
+  buffers. Its cost is the delta MACs of that level.
+* ``delta_macs(in_shape)``: exact MACs of each level's new connections.
+
+Channel axes are last (NHWC for images, [B, C] for vectors).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepnet_jax import levels as lv
+from stepnet_jax.levels import Connectivity
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def write_block(buffer: jax.Array, block: jax.Array, offset: int) -> jax.Array:
+  """Write ``block`` into the channel axis of ``buffer`` at a static offset."""
+  if block.shape[-1] == 0:
+    return buffer
+  return jax.lax.dynamic_update_slice_in_dim(buffer, block.astype(buffer.dtype), offset, axis=-1)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+  if padding == 'SAME':
+    return -(-size // stride)
+  return (size - kernel) // stride + 1
+
+
+class BatchNorm(nnx.Module):
+  """Per-channel batch norm whose statistics can be read for any channel slice.
+
+  A channel's value is the same in every subnet that contains it, so one set of
+  statistics is exact for all subnets: no switchable / per-width BN is needed.
+  """
+
+  def __init__(self, channels: int):
+    self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+
+  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool) -> jax.Array:
+    axes = tuple(range(y.ndim - 1))
+    if train:
+      mean = y.mean(axes)
+      var = jnp.maximum((y * y).mean(axes) - mean * mean, 0.0)
+      m = BN_MOMENTUM
+      self.mean.value = self.mean.value.at[lo:hi].set(m * self.mean.value[lo:hi] + (1 - m) * jax.lax.stop_gradient(mean))
+      self.var.value = self.var.value.at[lo:hi].set(m * self.var.value[lo:hi] + (1 - m) * jax.lax.stop_gradient(var))
+    else:
+      mean, var = self.mean.value[lo:hi], self.var.value[lo:hi]
+    inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale.value[lo:hi]
+    return (y - mean) * inv + self.bias.value[lo:hi]
+
+
+class _LinearUnit(nnx.Module):
+  """Shared machinery: masked kernel slices, BN, ReLU, and per-level stepping."""
+
+  conn: Connectivity
+  relu: bool
+
+  def _linear(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def _post(self, y: jax.Array) -> jax.Array:
+    return y
+
+  def _sliced_kernel(self, in_hi: int, out_lo: int, out_hi: int, mask: np.ndarray | None) -> jax.Array:
+    w = self.kernel.value[..., :in_hi, out_lo:out_hi]
+    if mask is not None:
+      w = w * jnp.asarray(mask, w.dtype)
+    return w
+
+  def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool) -> jax.Array:
+    in_hi = x.shape[-1]
+    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask))
+    y = self.bn(y, out_lo, out_hi, train)
+    if self.relu:
+      y = jax.nn.relu(y)
+    return self._post(y)
+
+  def __call__(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
+    """Prefix forward of subnet ``level``: all output channels of levels <= ``level``."""
+    c = self.conn
+    if x.shape[-1] != lv.end(c.in_sizes, level):
+      raise ValueError(f'expected {lv.end(c.in_sizes, level)} input channels at level {level}, got {x.shape[-1]}')
+    return self._apply(x, 0, lv.end(c.out_sizes, level), c.prefix_mask(level), train)
+
+  def block(self, x: jax.Array, level: int) -> jax.Array:
+    """Eval-mode output channels of exactly level ``level`` (the delta of that level)."""
+    c = self.conn
+    lo, hi = lv.start(c.out_sizes, level), lv.end(c.out_sizes, level)
+    x = x[..., :lv.end(c.in_sizes, level)]
+    return self._apply(x, lo, hi, c.block_mask(level), train=False)
+
+  def step(self, cache: jax.Array, x: jax.Array, level: int) -> jax.Array:
+    """Update this unit's output buffer with its level-``level`` channels."""
+    if lv.end(self.conn.out_sizes, level) == lv.start(self.conn.out_sizes, level):
+      return cache
+    return write_block(cache, self.block(x, level), lv.start(self.conn.out_sizes, level))
+
+  def output(self, cache: jax.Array) -> jax.Array:
+    return cache
+
+  def cache_like(self, x: jax.Array) -> jax.Array:
+    return self(x, self.conn.num_levels - 1)
+
+
+class LevelConv(_LinearUnit):
+  """conv -> BN -> [ReLU] -> [max-pool], kernel [kh, kw, C_in, C_out] (HWIO)."""
+
+  def __init__(self, conn: Connectivity, kernel_size: int, *, stride: int = 1, padding: str = 'SAME',
+               pool: int = 0, relu: bool = True, rngs: nnx.Rngs):
+    self.conn, self.kernel_size, self.stride, self.padding = conn, kernel_size, stride, padding
+    self.pool, self.relu = pool, relu
+    cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
+    init = jax.nn.initializers.he_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
+    self.bn = BatchNorm(cout)
+
+  def _linear(self, x, w):
+    if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
+      return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
+    return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def _out_shape(self, shape):
+    h = conv_output_size(shape[1], self.kernel_size, self.stride, self.padding)
+    w = conv_output_size(shape[2], self.kernel_size, self.stride, self.padding)
+    return (shape[0], h, w)
+
+  def _post(self, y):
+    if self.pool:
+      p = self.pool
+      y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, p, p, 1), (1, p, p, 1), 'VALID')
+    return y
+
+  def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(MACs per level, output shape [H, W, C]) for an input of shape [H, W, C]."""
+    _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
+    macs = self.conn.kept_connections() * self.kernel_size ** 2 * h * w
+    if self.pool:
+      h, w = h // self.pool, w // self.pool
+    return macs, (h, w, sum(self.conn.out_sizes))
+
+
+class LevelDense(_LinearUnit):
+  """dense -> BN -> [ReLU] on flattened input; kernel [S, C_in, C_out].
+
+  S is the number of spatial positions of the input (1 for vectors), so a dense
+  layer reading a conv feature map still slices levels on its channel axis.
+  """
+
+  def __init__(self, conn: Connectivity, spatial: int, *, relu: bool = True, rngs: nnx.Rngs):
+    self.conn, self.spatial, self.relu = conn, spatial, relu
+    cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
+    init = jax.nn.initializers.he_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
+    self.bn = BatchNorm(cout)
+
+  def _linear(self, x, w):
+    if 0 in w.shape[-2:]:
+      return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
+    x = x.reshape(x.shape[0], self.spatial, x.shape[-1])
+    return jnp.einsum('bsi,sio->bo', x, w)
+
+  def delta_macs(self, in_shape):
+    return self.conn.kept_connections() * self.spatial, (sum(self.conn.out_sizes),)
+
+
+class ResidualBlock(nnx.Module):
+  """CIFAR ResNet basic block whose residual stream keeps one level per channel.
+
+  out = ReLU(BN(conv2(ReLU(BN(conv1(x))))) + shortcut(x)). The identity shortcut adds
+  channel o of x to channel o of the output, which has the same level; a projection
+  shortcut (1x1 conv + BN, used when the shape changes) obeys the mask rule.
+  The cache holds the inner activation and the block output.
+  """
+
+  def __init__(self, in_sizes, mid_sizes, out_sizes, *, stride: int, rngs: nnx.Rngs):
+    self.conv1 = LevelConv(Connectivity(in_sizes, mid_sizes), 3, stride=stride, rngs=rngs)
+    self.conv2 = LevelConv(Connectivity(mid_sizes, out_sizes), 3, relu=False, rngs=rngs)
+    self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
+    self.shortcut = None if self.identity else LevelConv(
+        Connectivity(in_sizes, out_sizes), 1, stride=stride, relu=False, rngs=rngs)
+    self.conn = Connectivity(in_sizes, out_sizes)
+
+  def __call__(self, x, level, train=False):
+    h = self.conv1(x, level, train)
+    y = self.conv2(h, level, train)
+    s = x if self.identity else self.shortcut(x, level, train)
+    return jax.nn.relu(y + s)
+
+  def cache_like(self, x):
+    top = self.conn.num_levels - 1
+    return (self.conv1(x, top), self(x, top))
+
+  def step(self, cache, x, level):
+    h_buf, out_buf = cache
+    h_buf = self.conv1.step(h_buf, x, level)
+    lo, hi = lv.start(self.conn.out_sizes, level), lv.end(self.conn.out_sizes, level)
+    if hi == lo:
+      return h_buf, out_buf
+    y = self.conv2.block(h_buf, level)
+    s = x[..., lo:hi] if self.identity else self.shortcut.block(x, level)
+    return h_buf, write_block(out_buf, jax.nn.relu(y + s), lo)
+
+  def output(self, cache):
+    return cache[1]
+
+  def delta_macs(self, in_shape):
+    m1, mid_shape = self.conv1.delta_macs(in_shape)
+    m2, out_shape = self.conv2.delta_macs(mid_shape)
+    m = m1 + m2
+    if not self.identity:
+      m = m + self.shortcut.delta_macs(in_shape)[0]
+    return m, out_shape
+
+
+class Head(nnx.Module):
+  """Shared additive classifier: logits(k) = bias + sum over features of level <= k.
+
+  ``pool='avg'`` averages a feature map over space first (ResNet); ``'flatten'``
+  keeps every position (kernel [S, C, classes]).
+  """
+
+  def __init__(self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten', rngs: nnx.Rngs):
+    self.in_sizes, self.num_classes, self.pool = tuple(in_sizes), num_classes, pool
+    self.spatial = 1 if pool == 'avg' else spatial
+    init = jax.nn.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (self.spatial, sum(in_sizes), num_classes), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32))
+
+  def _flat(self, x):
+    if self.pool == 'avg' and x.ndim == 4:
+      x = x.mean((1, 2))
+    return x.reshape(x.shape[0], self.spatial, x.shape[-1])
+
+  def contribution(self, x: jax.Array, level: int) -> jax.Array:
+    """Logit contribution of the level-``level`` features (no bias). x: features of levels <= level."""
+    lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
+    x = self._flat(x[..., lo:hi])
+    return jnp.einsum('bsi,sio->bo', x, self.kernel.value[:, lo:hi])
+
+  def __call__(self, x, level):
+    hi = lv.end(self.in_sizes, level)
+    return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel.value[:, :hi]) + self.bias.value
+
+  def exits(self, x: jax.Array) -> jax.Array:
+    """All K exits from full-width features: [K, B, classes], cumulative over levels."""
+    deltas = jnp.stack([self.contribution(x, k) for k in range(len(self.in_sizes))])
+    return jnp.cumsum(deltas, axis=0) + self.bias.value
+
+  def delta_macs(self, in_shape):
+    return np.asarray(self.in_sizes, np.int64) * self.spatial * self.num_classes, (self.num_classes,)

@@ -1,0 +1,141 @@
+"""SteppingModel: a stack of level-structured units with a shared additive head.
+
+Hidden activations never depend on the subnet (a neuron reads only neurons of its own
+or lower levels), so a single full-width pass yields every exit, and stepping from
+level k-1 to k only computes the level-k channels of each unit.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from stepnet_jax.layers import Head
+
+
+@struct.dataclass
+class StepCache:
+  """Everything stepping needs: fixed-shape buffers, so each level compiles once.
+
+  Attributes:
+    inputs: normalised input images [B, H, W, C].
+    units: one entry per unit: its full-width output buffer (and inner buffers),
+      filled up to channel ``end(level)``; the rest is still zero.
+    logits: logits of subnet ``level`` [B, classes].
+    level: the last level computed (static; -1 before the first step).
+  """
+  inputs: jax.Array
+  units: tuple
+  logits: jax.Array
+  level: int = struct.field(pytree_node=False, default=-1)
+
+
+class SteppingModel(nnx.Module):
+  """Level-structured network; see the module docstring.
+
+  Inputs are images as stored in the dataset ([B, H, W, C], uint8 in [0, 255] or
+  float in [0, 1]); normalisation with the dataset's mean/std happens inside.
+  """
+
+  def __init__(self, units: Sequence[nnx.Module], unit_names: Sequence[str], head: Head, *,
+               input_shape: tuple[int, int, int], num_levels: int,
+               mean: Sequence[float], std: Sequence[float],
+               assignment: dict[str, tuple[int, ...]] | None = None):
+    if len(units) != len(unit_names):
+      raise ValueError('one name per unit')
+    self.units = nnx.List(list(units))
+    self.unit_names = tuple(unit_names)
+    self.head = head
+    self.input_shape = tuple(int(s) for s in input_shape)
+    self.num_levels = int(num_levels)
+    self.mean = tuple(float(m) for m in mean)
+    self.std = tuple(float(s) for s in std)
+    # (layer name, level sizes) pairs: the plain data that rebuilds this structure.
+    self.assignment = tuple((k, tuple(v)) for k, v in (assignment or {}).items())
+
+  @property
+  def top(self) -> int:
+    return self.num_levels - 1
+
+  def _check_level(self, level: int) -> int:
+    level = self.top if level is None else int(level)
+    if not 0 <= level < self.num_levels:
+      raise ValueError(f'level must be in [0, {self.num_levels}), got {level}')
+    return level
+
+  def normalize(self, x: jax.Array) -> jax.Array:
+    """uint8 [0, 255] or float [0, 1] images -> standardised float32."""
+    scale = 1.0 / 255.0 if x.dtype == jnp.uint8 else 1.0
+    x = x.astype(jnp.float32) * scale
+    return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+  def features(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
+    """Last hidden features of subnet ``level`` (x already normalised)."""
+    for unit in self.units:
+      x = unit(x, level, train)
+    return x
+
+  def __call__(self, x: jax.Array, level: int | None = None, train: bool = False) -> jax.Array:
+    """Direct (masked-prefix) forward of subnet ``level``: logits [B, classes]."""
+    level = self._check_level(level)
+    if train and level != self.top:
+      raise ValueError('train mode runs the full network; use exits() for the lower levels')
+    return self.head(self.features(self.normalize(x), level, train), level)
+
+  def exits(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """All exits from one full-width pass: logits [K, B, classes]."""
+    return self.head.exits(self.features(self.normalize(x), self.top, train))
+
+  # ---------------------------------------------------------------- stepping
+  def _cache_like(self, x):
+    caches = []
+    for unit in self.units:
+      c = unit.cache_like(x)
+      caches.append(c)
+      x = unit.output(c)
+    return tuple(caches)
+
+  def init_cache(self, x: jax.Array) -> StepCache:
+    """Zero buffers for a batch of (raw) images; nothing computed yet (level -1)."""
+    x = self.normalize(x)
+    shapes = jax.eval_shape(self._cache_like, x)
+    units = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    logits = jnp.zeros((x.shape[0], self.head.num_classes), jnp.float32)
+    return StepCache(inputs=x, units=units, logits=logits, level=-1)
+
+  def step(self, cache: StepCache, level: int) -> StepCache:
+    """Compute level ``level`` (must be ``cache.level + 1``) from the cached lower levels."""
+    level = self._check_level(level)
+    if cache.level != level - 1:
+      raise ValueError(f'cache holds level {cache.level}; cannot step to level {level}')
+    x = cache.inputs
+    new_units = []
+    for unit, c in zip(self.units, cache.units):
+      c = unit.step(c, x, level)
+      new_units.append(c)
+      x = unit.output(c)
+    logits = cache.logits + self.head.contribution(x, level)
+    if level == 0:
+      logits = logits + self.head.bias.value
+    return StepCache(inputs=cache.inputs, units=tuple(new_units), logits=logits, level=level)
+
+  def start(self, x: jax.Array) -> StepCache:
+    """Run level 0 on raw images and return the cache."""
+    return self.step(self.init_cache(x), 0)
+
+  # ---------------------------------------------------------------- accounting
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    return self.unit_names + ('head',)
+
+  def delta_macs(self) -> np.ndarray:
+    """Exact MACs per input of each level's new connections: int64 [layers, K]."""
+    shape = self.input_shape
+    rows = []
+    for unit in list(self.units) + [self.head]:
+      macs, shape = unit.delta_macs(shape)
+      rows.append(macs)
+    return np.stack(rows).astype(np.int64)
