@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a training run, and rebuilding a model from one.
+
+A checkpoint holds ``model`` (parameters and batch statistics), ``train`` (optimizer
+state and step), each a plain pytree restored on its own, and ``meta`` (JSON: everything needed to rebuild the model's
+structure: architecture, level assignment, normalisation, and the run's config).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stepnet_jax import models
+from stepnet_jax.model import SteppingModel
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def latest_step(workdir: str) -> int | None:
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
+
+
+def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], meta: dict) -> None:
+  """Saves named pytrees of arrays and a JSON-able meta dict at ``step`` (blocks until written)."""
+  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
+  mngr.wait_until_finished()
+
+
+def restore_meta(workdir: str, step: int | None = None) -> dict:
+  step = _step(workdir, step)
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
+  return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def restore_item(workdir: str, name: str, target: Any, step: int | None = None) -> Any:
+  """Restores item ``name`` shaped like ``target`` (arrays or ShapeDtypeStructs)."""
+  step = _step(workdir, step)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
+  return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
+
+
+def _step(workdir: str, step: int | None) -> int:
+  if step is None:
+    step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
+                            f'python train.py --config configs/NAME.py --workdir {workdir}')
+  return step
+
+
+def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
+  """JSON-able description that ``build_from_meta`` turns back into the same structure."""
+  return {
+      'model': name,
+      'num_classes': num_classes,
+      'input_shape': list(model.input_shape),
+      'num_levels': model.num_levels,
+      'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
+      'assignment': models.assignment_of(model),
+      'mean': list(model.mean),
+      'std': list(model.std),
+  }
+
+
+def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
+  return models.build_model(
+      meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
+      num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
+      mean=meta['mean'], std=meta['std'], seed=seed)
+
+
+def load_variables(workdir: str, step: int | None = None) -> tuple[SteppingModel, dict]:
+  """The model of a run with its trained parameters and batch statistics, and its meta."""
+  meta = restore_meta(workdir, step)
+  model = build_from_meta(meta['model_meta'])
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  target = {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(stats)}
+  restored = restore_item(workdir, 'model', target, step)
+  nnx.replace_by_pure_dict(params, restored['params'])
+  nnx.replace_by_pure_dict(stats, restored['batch_stats'])
+  nnx.update(model, params, stats)
+  return model, meta

@@ -1,0 +1,173 @@
+"""Datasets as in-memory uint8 arrays: IDX files, scikit-learn digits, or TFDS.
+
+Dataset specs (the ``dataset`` config key):
+* ``idx:/path/to/dir`` — MNIST-format IDX files (``train-images-idx3-ubyte`` etc.,
+  plain or ``.gz``). ``FASHION_MNIST`` is Debian's ``dataset-fashion-mnist`` package.
+* ``digits`` — scikit-learn's 8x8 digits (1,797 images), a fixed 80/20 split.
+* any other name (``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``,
+  ``svhn_cropped``, ...) — a TFDS dataset through ``tfds.data_source``. Preparing it
+  the first time downloads it and needs TensorFlow (``pip install .[tfds]``).
+
+A missing or malformed dataset raises ``DatasetError`` saying which file and how to
+get it; nothing ever falls back to synthetic data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+
+import numpy as np
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
+IDX_FILES = {
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
+}
+_IDX_UBYTE = 0x08
+
+
+class DatasetError(RuntimeError):
+  """A dataset could not be found or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and test splits as uint8 images [N, H, W, C] and int32 labels [N]."""
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train_images.shape[1:])
+
+  def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images on the [0, 1] scale."""
+    x = self.train_images.reshape(-1, self.train_images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-6).tolist())
+
+
+def _open(path: str):
+  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file of unsigned bytes (the MNIST format), plain or gzipped."""
+  try:
+    with _open(path) as f:
+      header = f.read(4)
+      if len(header) != 4 or header[0] != 0 or header[1] != 0:
+        raise DatasetError(f'{path}: not an IDX file (bad magic number {header.hex() or "<empty>"})')
+      if header[2] != _IDX_UBYTE:
+        raise DatasetError(f'{path}: IDX element type 0x{header[2]:02x} is not unsigned byte (0x08)')
+      ndim = header[3]
+      dims = struct.unpack(f'>{ndim}I', f.read(4 * ndim))
+      data = f.read()
+  except (OSError, EOFError, struct.error) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise DatasetError(f'{path}: cannot read IDX file ({e})') from e
+  expected = int(np.prod(dims))
+  if len(data) != expected:
+    raise DatasetError(f'{path}: header promises {dims} = {expected} bytes, file holds {len(data)}')
+  return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+def _find_idx(directory: str, stem: str) -> str:
+  for candidate in (stem, stem + '.gz', stem.replace('-idx', '.idx'), stem.replace('-idx', '.idx') + '.gz'):
+    path = os.path.join(directory, candidate)
+    if os.path.exists(path):
+      return path
+  hint = (' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
+          if os.path.abspath(directory) == FASHION_MNIST_DIR else '')
+  raise DatasetError(f'missing IDX file {os.path.join(directory, stem)}[.gz].{hint}')
+
+
+def load_idx(directory: str) -> Dataset:
+  """MNIST-format dataset from a directory of the four IDX files."""
+  arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
+  for split in ('train', 'test'):
+    images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+    img_path = _find_idx(directory, IDX_FILES[f'{split}_images'])
+    if images.ndim != 3:
+      raise DatasetError(f'{img_path}: expected a 3-D [N, H, W] image array, got shape {images.shape}')
+    if labels.ndim != 1 or len(labels) != len(images):
+      raise DatasetError(f'{_find_idx(directory, IDX_FILES[f"{split}_labels"])}: {labels.shape[0]} labels '
+                         f'for {len(images)} images in {img_path}')
+  labels = np.concatenate([arrays['train_labels'], arrays['test_labels']])
+  return Dataset(
+      name=f'idx:{directory}',
+      train_images=arrays['train_images'][..., None], train_labels=arrays['train_labels'].astype(np.int32),
+      test_images=arrays['test_images'][..., None], test_labels=arrays['test_labels'].astype(np.int32),
+      num_classes=int(labels.max()) + 1)
+
+
+def load_digits() -> Dataset:
+  """scikit-learn's 8x8 digits, rescaled to uint8, split 80/20 with a fixed permutation."""
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int32)
+  order = np.random.RandomState(0).permutation(len(labels))
+  cut = int(0.8 * len(labels))
+  tr, te = order[:cut], order[cut:]
+  return Dataset('digits', images[tr], labels[tr], images[te], labels[te], 10)
+
+
+def _tfds_split(name: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; all mean "not available"
+    raise DatasetError(
+        f'TFDS dataset {name!r} ({split}) is not available: {e}. Preparing a TFDS dataset needs '
+        'internet access the first time and TensorFlow (pip install ".[tfds]"); offline, use '
+        f'--config.dataset={FASHION_MNIST} or idx:/path/to/mnist-format/dir.') from e
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([r['image'] for r in records]).astype(np.uint8)
+  labels = np.asarray([r['label'] for r in records], np.int32)
+  return images, labels, source.dataset_info.features['label'].num_classes
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+  """A TFDS image-classification dataset with 'image' and 'label' features."""
+  xtr, ytr, num_classes = _tfds_split(name, 'train', data_dir)
+  xte, yte, _ = _tfds_split(name, 'test', data_dir)
+  return Dataset(name, xtr, ytr, xte, yte, int(num_classes))
+
+
+def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
+  """Loads a dataset from a spec string (see the module docstring)."""
+  if spec.startswith('idx:'):
+    directory = spec[len('idx:'):]
+    if not os.path.isdir(directory):
+      hint = (' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
+              if os.path.abspath(directory) == FASHION_MNIST_DIR else '')
+      raise DatasetError(f'IDX dataset directory {directory} does not exist.{hint}')
+    return load_idx(directory)
+  if spec == 'digits':
+    return load_digits()
+  return load_tfds(spec, data_dir)
+
+
+def subset(ds: Dataset, train: int = 0, test: int = 0, seed: int = 0) -> Dataset:
+  """A class-mixed random subset of each split (0 keeps a split whole)."""
+  rng = np.random.RandomState(seed)
+
+  def pick(x, y, n):
+    if not n or n >= len(y):
+      return x, y
+    idx = np.sort(rng.permutation(len(y))[:n])
+    return x[idx], y[idx]
+
+  xtr, ytr = pick(ds.train_images, ds.train_labels, train)
+  xte, yte = pick(ds.test_images, ds.test_labels, test)
+  return dataclasses.replace(ds, train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte)
