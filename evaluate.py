@@ -1,0 +1,42 @@
+"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png].
+
+Prints a table of test accuracy, MACs, delta MACs and measured step latency per level.
+"""
+from absl import app, flags, logging
+
+import stepnet_jax
+from stepnet_jax import data, evaluation
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
+_JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
+_PLOT = flags.DEFINE_string('plot', None, 'Write an accuracy-vs-MACs plot to this PNG file.')
+_BATCH = flags.DEFINE_integer('batch_size', 1000, 'Batch size for accuracy.')
+_LAT_BATCH = flags.DEFINE_integer('latency_batch', 1, 'Batch size for the per-step latency.')
+_REPEATS = flags.DEFINE_integer('latency_repeats', 50, 'Timed calls per step (median reported).')
+_TEST_SUBSET = flags.DEFINE_integer('test_subset', 0, 'Evaluate on this many test images (0 = all).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  net = stepnet_jax.load(_WORKDIR.value)
+  cfg = net.meta['config']
+  ds = data.subset(data.load_dataset(cfg['dataset'], cfg.get('data_dir') or None), test=_TEST_SUBSET.value)
+  rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
+                                    latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
+  print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
+        f'{len(ds.test_labels)} test images, {net.num_levels} levels')
+  print(evaluation.format_table(rows, _LAT_BATCH.value))
+  if _JSON.value:
+    evaluation.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
+                                              'latency_batch': _LAT_BATCH.value})
+    print(f'wrote {_JSON.value}')
+  if _PLOT.value:
+    evaluation.plot_accuracy_vs_macs(_PLOT.value, {net.meta['model_meta']['model']: rows},
+                                     title=f'{net.meta["model_meta"]["model"]} on {ds.name}')
+    print(f'wrote {_PLOT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,70 @@
+"""High-level handle: ``stepnet_jax.load(workdir)`` -> ``Stepper``.
+
+    net = stepnet_jax.load('runs/lenet3c1l_fmnist')
+    cache = net.start(images)            # level 0: cheap first answer
+    if cache.logits.max(-1) ... < threshold:
+      cache = net.advance(cache)         # pays only the level-1 MACs
+
+``start``/``advance`` take raw images as stored in the dataset (uint8); they are
+jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
+``jax.export`` from outside. The pure functions of (variables, ...) they call live in
+``stepnet_jax.stepping`` for JAX code that wants to compose them itself.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from stepnet_jax import checkpoint, stepping
+from stepnet_jax.model import StepCache, SteppingModel
+
+
+class Stepper:
+  """A trained stepping network with its jitted per-level functions."""
+
+  def __init__(self, model: SteppingModel, meta: dict | None = None):
+    self.meta = meta or {}
+    self.graphdef, self.variables = stepping.split(model)
+    self.num_levels = model.num_levels
+    self.layer_names = model.layer_names
+    self.layer_delta_macs = model.delta_macs()   # [layers, K]
+    self.functions = stepping.make_step_functions(self.graphdef, self.num_levels)
+
+  @property
+  def delta_macs(self) -> tuple[int, ...]:
+    """MACs per input that step k adds (only the connections into level-k neurons)."""
+    return tuple(int(m) for m in self.layer_delta_macs.sum(axis=0))
+
+  @property
+  def level_macs(self) -> tuple[int, ...]:
+    """Cumulative MACs per input of subnets 0..K-1."""
+    return tuple(int(m) for m in np.cumsum(self.delta_macs))
+
+  def forward(self, x: jax.Array, level: int) -> jax.Array:
+    """Direct logits of subnet ``level`` [B, classes] (the faster variant on this backend)."""
+    self._check(level)
+    return self.functions.forward_fastest(self.variables, x, level)
+
+  def exits(self, x: jax.Array) -> jax.Array:
+    """Logits of all exits from one pass: [K, B, classes]."""
+    return self.functions.exits(self.variables, x)
+
+  def start(self, x: jax.Array) -> StepCache:
+    """Runs level 0 on raw images; returns the cache (``.logits``, ``.level == 0``)."""
+    return self.functions.start(self.variables, x)
+
+  def advance(self, cache: StepCache) -> StepCache:
+    """Runs the next level, reading everything the lower levels computed."""
+    if cache.level >= self.num_levels - 1:
+      raise ValueError(f'cache is already at the top level {cache.level}')
+    return self.functions.advance(self.variables, cache)
+
+  def _check(self, level: int) -> None:
+    if not 0 <= level < self.num_levels:
+      raise ValueError(f'level must be in [0, {self.num_levels}), got {level}')
+
+
+def load(workdir: str, step: int | None = None) -> Stepper:
+  """Loads the latest (or given) checkpoint of a training run."""
+  model, meta = checkpoint.load_variables(workdir, step)
+  return Stepper(model, meta)

@@ -1,0 +1,70 @@
+"""Per-level evaluation: accuracy, MACs, delta MACs and measured step latency."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from stepnet_jax import train_lib
+from stepnet_jax.api import Stepper
+from stepnet_jax.timing import median_seconds
+
+
+def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> list[float]:
+  """Median seconds of each compiled step k on ``images`` (step 0 includes normalisation)."""
+  x = jnp.asarray(images)
+  fns, v = stepper.functions.levels, stepper.variables
+  caches = [None]
+  cache = fns[0](v, x)
+  for k in range(1, stepper.num_levels):
+    caches.append(cache)
+    cache = fns[k](v, cache)
+  out = [median_seconds(fns[0], v, x, repeats=repeats)]
+  out += [median_seconds(fns[k], v, caches[k], repeats=repeats) for k in range(1, stepper.num_levels)]
+  return out
+
+
+def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,
+                    latency_batch: int = 1, latency_repeats: int = 20) -> list[dict]:
+  """One row per level with keys level, macs, delta_macs, accuracy, latency_ms."""
+  acc = train_lib.exit_accuracy(stepper.graphdef, stepper.variables, images, labels, batch_size)
+  lat = step_latencies(stepper, images[:latency_batch], latency_repeats)
+  return [{'level': k, 'macs': stepper.level_macs[k], 'delta_macs': stepper.delta_macs[k],
+           'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]} for k in range(stepper.num_levels)]
+
+
+def format_table(rows: list[dict], latency_batch: int) -> str:
+  head = f'{"level":>5} {"MACs":>12} {"delta MACs":>12} {"accuracy":>9} {f"step ms (B={latency_batch})":>16}'
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(f'{r["level"]:>5} {r["macs"]:>12,} {r["delta_macs"]:>12,} {r["accuracy"]:>9.4f} '
+                 f'{r["latency_ms"]:>16.3f}')
+  return '\n'.join(lines)
+
+
+def write_json(path: str, rows: list[dict], extra: dict | None = None) -> None:
+  with open(path, 'w') as f:
+    json.dump({**(extra or {}), 'levels': rows}, f, indent=2)
+
+
+def plot_accuracy_vs_macs(path: str, curves: dict[str, list[dict]], title: str = '') -> None:
+  """Accuracy against MACs, one line per named curve, each level a labelled point."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for name, rows in curves.items():
+    macs = [r['macs'] / 1e6 for r in rows]
+    acc = [100 * r['accuracy'] for r in rows]
+    ax.plot(macs, acc, marker='o', label=name)
+    for r, m, a in zip(rows, macs, acc):
+      ax.annotate(f'L{r["level"]}', (m, a), textcoords='offset points', xytext=(4, -10), fontsize=8)
+  ax.set_xlabel('MACs per image (millions)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
