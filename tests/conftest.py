@@ -1,0 +1,47 @@
+"""Test-wide JAX settings and fixtures.
+
+Note on rank promotion: the library deliberately relies on NumPy trailing-axis
+broadcasting (e.g. ``(x - mean)`` with x [B, H, W, C] and mean [C] in
+``SteppingModel.normalize`` and ``BatchNorm``, the teacher broadcast in
+``multi_exit_loss``), so ``jax_numpy_rank_promotion='raise'`` would reject every
+forward pass. Set STEPNET_STRICT_RANK=1 to run the suite with 'raise' anyway.
+"""
+import os
+import sys
+
+import jax
+
+jax.config.update('jax_enable_x64', False)  # float32 everywhere
+jax.config.update('jax_numpy_rank_promotion', 'raise' if os.environ.get('STEPNET_STRICT_RANK') else 'allow')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/testlib.py
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+def pytest_configure(config):
+  # flax 0.12 deprecates Variable.value, which the library uses throughout.
+  config.addinivalue_line('filterwarnings', "ignore:'.value' access is now deprecated")
+  config.addinivalue_line('filterwarnings', "ignore:'.value' setter is now deprecated")
+  config.addinivalue_line('markers', 'slow: end-to-end training runs')
+
+
+@pytest.fixture(autouse=True)
+def _float32_and_seeded():
+  """Every test starts in float32 with a fixed numpy seed."""
+  assert not jax.config.jax_enable_x64
+  np.random.seed(0)
+  yield
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist():
+  from stepnet_jax import data
+  # scripts/setup.sh installs Debian's dataset-fashion-mnist: a missing copy is an error.
+  return data.load_dataset(f'idx:{FASHION_MNIST_DIR}')

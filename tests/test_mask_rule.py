@@ -1,0 +1,271 @@
+"""The mask rule level(in) <= level(out) (and AWN triangles) in every model.
+
+Expected masks come from testlib.brute_mask (double loop over per-channel levels);
+expected subnet logits come from the full-width network with every parameter that
+belongs to a neuron above the subnet zeroed by hand.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stepnet_jax import layers, losses
+from testlib import (MASK_SPEC_IDS, SPEC_BY_ID, assert_close, block_end, block_start, brute_mask, built_model, images,
+                     level_array, linear_units)
+
+
+@pytest.fixture(scope='module', params=MASK_SPEC_IDS)
+def built(request):
+  return SPEC_BY_ID[request.param], built_model(request.param)
+
+
+def _expected_tri(spec, first_or_hidden):
+  return spec.triangular and first_or_hidden
+
+
+def test_assignment_is_respected(built):
+  """Layers named in the assignment have exactly the requested level sizes."""
+  spec, model = built
+  got = dict(model.assignment)
+  for name, sizes in spec.assignment:
+    assert tuple(got[name]) == tuple(sizes), name
+  for name, unit, _ in linear_units(model):
+    if name in dict(spec.assignment):
+      assert tuple(unit.conn.out_sizes) == tuple(dict(spec.assignment)[name])
+  # The first layer reads the image: every input channel is level 0.
+  first = linear_units(model)[0][1]
+  assert tuple(first.conn.in_sizes) == (spec.input_shape[-1],) + (0,) * (spec.num_levels - 1)
+
+
+# ----------------------------------------------------------------- effective kernels
+
+
+def _probe_input(unit, rng):
+  cin = sum(unit.conn.in_sizes)
+  if isinstance(unit, layers.LevelConv):
+    hw = unit.kernel_size + 3
+    shape = (2, hw, hw, cin)
+  else:
+    shape = (2, unit.spatial, cin)
+  return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+
+
+def _active_probe(unit):
+  """A copy of ``unit`` whose BN is the identity plus a large bias, so ReLU passes everything."""
+  u = nnx.clone(unit)
+  n = u.bn.scale[...].shape
+  u.bn.mean[...] = jnp.zeros(n)
+  u.bn.var[...] = jnp.ones(n) - layers.BN_EPSILON
+  u.bn.scale[...] = jnp.ones(n)
+  u.bn.bias[...] = jnp.full(n, 100.0)
+  return u
+
+
+def _probe_all(units, xs, num_levels, per_level):
+  """For each unit: kernel gradients of the full-width forward and, where ``per_level``,
+  of every prefix and every block. One jitted computation per model.
+  """
+  splits = [nnx.split(u) for u in units]
+  in_sizes = [u.conn.in_sizes for u in units]
+  top = num_levels - 1
+
+  def kernel_grad(graphdef, state, fn):
+    def f(st):
+      return jnp.sum(fn(nnx.merge(graphdef, st, copy=True)))
+    return jax.grad(f)(state)['kernel'][...]
+
+  @jax.jit
+  def run(states, xs):
+    out = []
+    for (graphdef, _), st, x, sizes, full in zip(splits, states, xs, in_sizes, per_level):
+      row = {'top': kernel_grad(graphdef, st, lambda m: m(x, top))}
+      for k in range(num_levels if full else 0):
+        ie = block_end(sizes, k)
+        row[f'prefix{k}'] = kernel_grad(graphdef, st, lambda m, k=k, ie=ie: m(x[..., :ie], k))
+        row[f'block{k}'] = kernel_grad(graphdef, st, lambda m, k=k: m.block(x, k))
+      out.append(row)
+    return out
+
+  return jax.device_get(run([st for _, st in splits], xs))
+
+
+def test_effective_kernels_follow_the_mask_rule(built):
+  """For every linear layer, dOut/dW != 0 exactly where the brute-force mask keeps (i, o).
+
+  With positive inputs, identity BN and an always-active ReLU, the gradient of the
+  summed outputs w.r.t. a kernel entry is positive iff the entry is used by the forward
+  (masked entries have gradient zero), so this reads off the effective mask of the
+  full-width forward, the prefix forward of every subnet and the per-level step block.
+  """
+  spec, model = built
+  rng = np.random.RandomState(0)
+  k_levels = spec.num_levels
+  named = linear_units(model)
+  probes = [_active_probe(u) for _, u, _ in named]
+  # Deep models: prefix / block probes on the first layers and the projection shortcuts only.
+  per_level = [len(named) <= 5 or i < 3 or 'shortcut' in name for i, (name, _, _) in enumerate(named)]
+  grads = _probe_all(probes, [_probe_input(u, rng) for u in probes], k_levels, per_level)
+  for (name, unit, hidden), g_all, full in zip(named, grads, per_level):
+    in_sizes, out_sizes = unit.conn.in_sizes, unit.conn.out_sizes
+    mask = brute_mask(in_sizes, out_sizes, _expected_tri(spec, hidden))
+    g = np.asarray(g_all['top'])
+    # Every tap of a kept connection is used, no tap of a masked one.
+    np.testing.assert_array_equal(g != 0, np.broadcast_to(mask, g.shape),
+                                  err_msg=f'{spec.id}/{name}: full-width forward')
+    for k in range(k_levels if full else 0):
+      ie = block_end(in_sizes, k)
+      os_, oe = block_start(out_sizes, k), block_end(out_sizes, k)
+      g = np.asarray(g_all[f'prefix{k}'])
+      expected = np.zeros_like(mask)
+      expected[:ie, :oe] = mask[:ie, :oe]
+      np.testing.assert_array_equal(g != 0, np.broadcast_to(expected, g.shape),
+                                    err_msg=f'{spec.id}/{name}: prefix forward of level {k}')
+      g = np.asarray(g_all[f'block{k}'])
+      expected = np.zeros_like(mask)
+      expected[:ie, os_:oe] = mask[:ie, os_:oe]
+      np.testing.assert_array_equal(g != 0, np.broadcast_to(expected, g.shape),
+                                    err_msg=f'{spec.id}/{name}: level-{k} block')
+
+
+# ----------------------------------------------------------------- subnets
+
+
+def _zeroed_copy(spec, model, k):
+  """Full-width copy computing subnet k: hand-masked kernels, no weights into or out of levels > k."""
+  m = nnx.clone(model)
+  for name, unit, hidden in linear_units(m):
+    in_sizes, out_sizes = unit.conn.in_sizes, unit.conn.out_sizes
+    keep = brute_mask(in_sizes, out_sizes, _expected_tri(spec, hidden)).astype(np.float32)
+    keep[:, level_array(out_sizes) > k] = 0.0   # neurons above level k compute nothing
+    unit.kernel[...] = unit.kernel[...] * jnp.asarray(keep)
+  head_keep = (level_array(m.head.in_sizes) <= k).astype(np.float32)
+  m.head.kernel[...] = m.head.kernel[...] * jnp.asarray(head_keep)[None, :, None]
+  return m
+
+
+def _unit_outputs(model, x, level, noise=None):
+  outs = []
+  for j, unit in enumerate(model.units):
+    x = unit(x, level)
+    if noise is not None:
+      x = x + noise[j]
+    outs.append(x)
+  return outs
+
+
+def _normalize_by_hand(x, model):
+  x = np.asarray(x, np.float64) / 255.0
+  return jnp.asarray((x - np.asarray(model.mean)) / np.asarray(model.std), jnp.float32)
+
+
+@pytest.fixture(scope='module')
+def forwards(built):
+  """Everything the subnet tests compare, from two jitted functions per model.
+
+  ``levels``: for every level k, the prefix unit outputs, ``model(x, k)`` and ``model.exits(x)``.
+  ``top(state, x_normalised, noise)``: full-width unit outputs (noise added after each
+  unit) and the head's exits; called with the hand-zeroed copies as ``state``.
+  """
+  spec, model = built
+  graphdef, state = nnx.split(model)
+  top = spec.num_levels - 1
+  x = images(spec.input_shape, batch=4, seed=3)
+  xn = _normalize_by_hand(x, model)
+
+  @jax.jit
+  def levels(st, x):
+    m = nnx.merge(graphdef, st, copy=True)
+    xn = m.normalize(x)
+    per_level = [_unit_outputs(m, xn, k) for k in range(spec.num_levels)]
+    return per_level, [m(x, k) for k in range(spec.num_levels)], m.exits(x)
+
+  @jax.jit
+  def full(st, xn, noise):
+    m = nnx.merge(graphdef, st, copy=True)
+    feats = _unit_outputs(m, xn, top, noise)
+    return feats, m.head.exits(feats[-1])
+
+  per_level, subnet_logits, exits = levels(state, x)
+  zero_noise = [jnp.zeros_like(f) for f in per_level[-1]]
+  return dict(x=x, xn=xn, per_level=per_level, subnet_logits=subnet_logits, exits=exits,
+              full=full, zero_noise=zero_noise, state=state)
+
+
+def test_subnet_equals_full_network_with_upper_levels_zeroed(built, forwards):
+  spec, model = built
+  top = spec.num_levels - 1
+  exits = np.asarray(forwards['exits'])
+  assert exits.shape == (spec.num_levels, 4, spec.num_classes)
+  for k in range(spec.num_levels):
+    zeroed = nnx.state(_zeroed_copy(spec, model, k))
+    _, ref_exits = forwards['full'](zeroed, forwards['xn'], forwards['zero_noise'])
+    ref = np.asarray(ref_exits[top])
+    assert_close(forwards['subnet_logits'][k], ref, err_msg=f'{spec.id}: model(x, {k})')
+    assert_close(exits[k], ref, err_msg=f'{spec.id}: exits[{k}]')
+  # The subnets differ (the test is not vacuous).
+  assert not np.allclose(exits[-1], exits[0])
+
+
+def test_shared_neurons_identical_across_subnets(built, forwards):
+  """A neuron's activation does not depend on the subnet it is computed in."""
+  spec, model = built
+  per_level = forwards['per_level']
+  full, _ = forwards['full'](forwards['state'], forwards['xn'], forwards['zero_noise'])
+  for k, prefix in enumerate(per_level):
+    for unit, p, f in zip(model.units, prefix, full):
+      e = block_end(unit.conn.out_sizes, k)
+      assert p.shape[-1] == e
+      assert_close(p, f[..., :e], rtol=1e-5, atol=1e-5)
+
+
+def test_higher_levels_do_not_reach_lower_neurons(built, forwards):
+  """Full-width forward with noise added to every channel above level k after each layer:
+  the channels of levels <= k, and exit k, are unchanged."""
+  spec, model = built
+  top = spec.num_levels - 1
+  run = functools.partial(forwards['full'], forwards['state'], forwards['xn'])
+  clean, clean_exits = run(forwards['zero_noise'])
+  rng = np.random.RandomState(0)
+  for k in range(top):
+    noise = []
+    for unit, z in zip(model.units, forwards['zero_noise']):
+      n = rng.normal(0, 10.0, z.shape).astype(np.float32)
+      n[..., :block_end(unit.conn.out_sizes, k)] = 0.0
+      noise.append(jnp.asarray(n))
+    feats, ex = run(noise)
+    for unit, c, n in zip(model.units, clean, feats):
+      e = block_end(unit.conn.out_sizes, k)
+      assert_close(n[..., :e], c[..., :e], rtol=1e-5, atol=1e-5)
+    assert_close(ex[k], clean_exits[k])
+    assert not np.allclose(ex[top], clean_exits[top])
+
+
+# ----------------------------------------------------------------- gradients
+
+
+def test_masked_weights_get_zero_gradient(built):
+  """Training loss (train-mode BN, all exits, distillation): masked kernel entries get
+  exactly zero gradient; kept entries mostly do not."""
+  spec, model = built
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  x = images(spec.input_shape, batch=4, seed=6)
+  y = jnp.asarray([0, 1, 2, 3])
+
+  def loss_fn(p):
+    m = nnx.merge(graphdef, p, stats, copy=True)
+    logits = m.exits(x, train=True)
+    return losses.multi_exit_loss(logits, y, (1.0,) * spec.num_levels, 0.5, 2.0)[0]
+
+  grads = nnx.merge(graphdef, jax.jit(jax.grad(loss_fn))(params), stats, copy=True)
+  kept_nonzero, kept_total = 0, 0
+  for (name, gunit, hidden), (_, unit, _) in zip(linear_units(grads), linear_units(model)):
+    mask = brute_mask(unit.conn.in_sizes, unit.conn.out_sizes, _expected_tri(spec, hidden))
+    g = np.asarray(gunit.kernel[...])
+    m = np.broadcast_to(mask, g.shape)
+    assert np.all(g[~m] == 0.0), f'{spec.id}/{name}: masked weights have nonzero gradient'
+    kept_nonzero += int((g[m] != 0).sum())
+    kept_total += int(m.sum())
+  assert kept_nonzero > 0.5 * kept_total

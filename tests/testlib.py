@@ -1,0 +1,220 @@
+"""Shared helpers for the stepnet_jax tests.
+
+Everything "expected" in this file is computed independently of the library: level
+arrays and connection masks are rebuilt from plain level sizes with Python loops, and
+the level sizes of random assignments come from numpy RandomState, not from the
+library's own splitting code.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepnet_jax import layers, models
+
+# --------------------------------------------------------------------------- levels
+
+
+def level_array(sizes) -> np.ndarray:
+  """Per-channel level of a layer stored sorted by level, built with a loop."""
+  out = []
+  for lvl, n in enumerate(sizes):
+    out.extend([lvl] * int(n))
+  return np.asarray(out, np.int64)
+
+
+def block_start(sizes, level) -> int:
+  return int(sum(sizes[:level]))
+
+
+def block_end(sizes, level) -> int:
+  return int(sum(sizes[:level + 1]))
+
+
+def brute_mask(in_sizes, out_sizes, triangular=False) -> np.ndarray:
+  """[C_in, C_out] kept connections by an explicit double loop over (i, o)."""
+  lin, lout = level_array(in_sizes), level_array(out_sizes)
+  mask = np.zeros((len(lin), len(lout)), bool)
+  for i in range(len(lin)):
+    for o in range(len(lout)):
+      li, lo = lin[i], lout[o]
+      if li < lo:
+        mask[i, o] = True
+      elif li == lo:
+        if not triangular:
+          mask[i, o] = True
+        else:
+          a, b = in_sizes[li], out_sizes[lo]
+          ii = i - block_start(in_sizes, li)
+          oo = o - block_start(out_sizes, lo)
+          mask[i, o] = ii * b < (oo + 1) * a
+  return mask
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A model to build for the per-model tests."""
+  id: str
+  name: str
+  input_shape: tuple
+  num_levels: int
+  width: float = 1.0
+  assignment: tuple = ()       # ((layer, sizes), ...)
+  triangular: bool = False
+  num_classes: int = 10
+
+  def build(self, seed=0, mean=None, std=None, fast_init=True):
+    with numpy_initializers(seed) if fast_init else contextlib.nullcontext():
+      return models.build_model(self.name, num_classes=self.num_classes, input_shape=self.input_shape,
+                                num_levels=self.num_levels, width=self.width,
+                                assignment=dict(self.assignment) or None, triangular=self.triangular,
+                                mean=mean, std=std, seed=seed)
+
+
+@contextlib.contextmanager
+def numpy_initializers(seed=0):
+  """Draw initial kernels with numpy instead of jax.random while building test models.
+
+  On CPU, every new kernel shape costs an XLA compilation of the truncated-normal
+  sampler (seconds each on a loaded 2-core machine), which would dominate the suite.
+  The tests never depend on the initial distribution; training tests use the real one.
+  """
+  rng = np.random.RandomState(seed)
+
+  def make(gain):
+    def factory(*args, **kwargs):
+      def init(key, shape, dtype=jnp.float32):
+        fan_in = int(np.prod(shape[:-1]))
+        return jnp.asarray(rng.normal(0.0, np.sqrt(gain / max(fan_in, 1)), shape), dtype)
+      return init
+    return factory
+
+  inits = jax.nn.initializers
+  saved = inits.he_normal, inits.lecun_normal
+  inits.he_normal, inits.lecun_normal = make(2.0), make(1.0)
+  try:
+    yield
+  finally:
+    inits.he_normal, inits.lecun_normal = saved
+
+
+@functools.lru_cache(maxsize=None)
+def built_model(spec_id: str):
+  """A randomised (non-identity BN) model per spec, shared by the test modules: do not mutate."""
+  spec = SPEC_BY_ID[spec_id]
+  c = spec.input_shape[-1]
+  mean = tuple(float(v) for v in np.linspace(0.2, 0.5, c))
+  std = tuple(float(v) for v in np.linspace(0.2, 0.4, c))
+  return randomize(spec.build(seed=1, mean=mean, std=std), seed=2)
+
+
+def random_sizes(rng: np.random.RandomState, num_levels: int, low: int, high: int,
+                 allow_zero: bool = True) -> tuple[int, ...]:
+  lo = 0 if allow_zero else 1
+  while True:
+    sizes = tuple(int(s) for s in rng.randint(lo, high + 1, size=num_levels))
+    if sum(sizes) >= low:
+      return sizes
+
+
+def random_assignment(layer_names, num_levels, seed, low=3, high=4, allow_zero=False):
+  rng = np.random.RandomState(seed)
+  return tuple((n, random_sizes(rng, num_levels, low, high, allow_zero)) for n in layer_names)
+
+
+LENET3 = ('conv1', 'conv2', 'conv3')
+LENET5 = ('conv1', 'conv2', 'fc1', 'fc2')
+VGG = tuple(f'conv{i}' for i in range(1, 14))
+RESNET = ('stage1', 'stage2', 'stage3') + tuple(
+    f'stage{s}.block{m}.mid' for s in (1, 2, 3) for m in range(3))
+
+MNIST_SHAPE = (28, 28, 1)
+CIFAR_SHAPE = (32, 32, 3)
+
+SPECS = [
+    Spec('mlp', 'mlp', MNIST_SHAPE, 3, assignment=random_assignment(('fc1', 'fc2'), 3, seed=1)),
+    Spec('mlp_tri', 'mlp', MNIST_SHAPE, 3, triangular=True,
+         assignment=(('fc1', (3, 5, 2)), ('fc2', (4, 3, 5)))),
+    Spec('lenet3c1l', 'lenet3c1l', MNIST_SHAPE, 4, assignment=random_assignment(LENET3, 4, seed=2)),
+    Spec('lenet3c1l_tri', 'lenet3c1l', MNIST_SHAPE, 3, triangular=True,
+         assignment=(('conv1', (3, 5, 2)), ('conv2', (4, 2, 5)), ('conv3', (2, 6, 3)))),
+    # Empty level blocks (zero-sized levels) in several layers.
+    Spec('lenet5_empty', 'lenet5', MNIST_SHAPE, 3,
+         assignment=(('conv1', (2, 0, 2)), ('conv2', (3, 2, 0)), ('fc1', (0, 4, 3)), ('fc2', (3, 2, 3)))),
+    Spec('vgg16', 'vgg16', CIFAR_SHAPE, 3, assignment=random_assignment(VGG, 3, seed=4, high=3)),
+    Spec('resnet20', 'resnet20', CIFAR_SHAPE, 3, assignment=random_assignment(RESNET, 3, seed=5, high=3)),
+    Spec('resnet20_width', 'resnet20', CIFAR_SHAPE, 3, width=0.25),
+]
+# Specs for the heavier per-model checks (the default even split of resnet20 is covered elsewhere).
+MASK_SPEC_IDS = ['mlp', 'mlp_tri', 'lenet3c1l', 'lenet3c1l_tri', 'lenet5_empty', 'vgg16', 'resnet20']
+SPEC_IDS = [s.id for s in SPECS]
+SPEC_BY_ID = {s.id: s for s in SPECS}
+
+
+def randomize(model, seed: int = 0):
+  """Random BN statistics / affine parameters and head bias, so BN is not the identity.
+
+  Batch statistics are replaced through ``nnx.state(model, nnx.BatchStat)`` and
+  ``nnx.update``: means ~ N(0, 0.3), variances ~ U(0.5, 2) (positive).
+  """
+  rng = np.random.RandomState(seed)
+
+  def draw(path, v):
+    keys = [getattr(p, 'key', getattr(p, 'name', None)) for p in path]
+    if 'var' in keys:
+      return jnp.asarray(rng.uniform(0.5, 2.0, v.shape), jnp.float32)
+    if 'mean' in keys:
+      return jnp.asarray(rng.normal(0.0, 0.3, v.shape), jnp.float32)
+    raise AssertionError(f'unexpected batch statistic {path}')
+
+  stats = jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.BatchStat))
+  nnx.update(model, stats)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, layers.BatchNorm):
+      n = node.scale[...].shape
+      node.scale[...] = jnp.asarray(rng.uniform(0.7, 1.3, n), jnp.float32)
+      node.bias[...] = jnp.asarray(rng.normal(0.0, 0.2, n), jnp.float32)
+    if isinstance(node, layers.Head):
+      node.bias[...] = jnp.asarray(rng.normal(0.0, 0.5, node.bias[...].shape), jnp.float32)
+  return model
+
+
+def linear_units(model):
+  """(name, LevelConv/LevelDense, triangular_expected) for every linear sub-unit of a model.
+
+  Whether a unit should be triangular is decided here from the position of the unit
+  (the image-reading first layer never is), not from the library's metadata.
+  """
+  out = []
+  for idx, (name, unit) in enumerate(zip(model.unit_names, model.units)):
+    if isinstance(unit, layers.ResidualBlock):
+      out.append((f'{name}.conv1', unit.conv1, idx > 0))
+      out.append((f'{name}.conv2', unit.conv2, True))
+      if unit.shortcut is not None:
+        out.append((f'{name}.shortcut', unit.shortcut, idx > 0))
+    else:
+      out.append((name, unit, idx > 0))
+  return out
+
+
+def images(shape, batch=4, seed=0, dtype=np.uint8):
+  rng = np.random.RandomState(seed)
+  x = rng.randint(0, 256, size=(batch,) + tuple(shape))
+  return jnp.asarray(x.astype(np.uint8)) if dtype == np.uint8 else jnp.asarray(x / 255.0, jnp.float32)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-4, err_msg=''):
+  """allclose with atol scaled by the magnitude of ``expected`` (deep nets, random BN)."""
+  expected = np.asarray(expected, np.float64)
+  actual = np.asarray(actual, np.float64)
+  scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
