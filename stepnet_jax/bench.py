@@ -23,13 +23,17 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import models, stepping, train_lib
+from stepnet_jax import layers, models, stepping, train_lib
 from stepnet_jax.timing import median_seconds
 
 
 def compiled_flops(fn, *args) -> float:
-  """FLOPs XLA's cost analysis reports for ``fn(*args)`` once compiled."""
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """FLOPs XLA's cost analysis reports for ``fn(*args)`` once compiled.
+
+  Traced without batch chunking: XLA's cost analysis counts a loop body once.
+  """
+  with layers.conv_batch_chunk(None):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops'])
@@ -104,6 +108,7 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
   fastest = min(t_masked, t_blocked)
   return {
       'machine': {'backend': jax.default_backend(), 'devices': str(jax.devices()),
+                  'conv_batch_chunk': layers.CONV_BATCH_CHUNK.get(jax.default_backend()),
                   'processor': platform.processor() or platform.machine(), 'jax': jax.__version__},
       'model': model_name, 'width': width, 'num_levels': num_levels, 'input_shape': list(input_shape),
       'train': {'batch': train_batch, 'joint_step_ms': 1e3 * t_joint, 'single_exit_step_ms': 1e3 * t_single,
@@ -147,7 +152,11 @@ def main(argv=None) -> None:
   p.add_argument('--input_shape', default='28,28,1')
   p.add_argument('--repeats', type=int, default=10)
   p.add_argument('--json', default=None)
+  p.add_argument('--conv_batch_chunk', type=int, default=-1,
+                 help='override the inference conv batch chunk of this backend (0 = whole batch)')
   a = p.parse_args(argv)
+  if a.conv_batch_chunk >= 0:
+    layers.CONV_BATCH_CHUNK[jax.default_backend()] = a.conv_batch_chunk
   shape = tuple(int(s) for s in a.input_shape.split(','))
   r = run(a.model, a.levels, a.batch, a.train_batch, a.width, shape, a.repeats)
   print(format_report(r))

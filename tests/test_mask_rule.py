@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from stepnet_jax import layers, losses
-from testlib import (MASK_SPEC_IDS, SPEC_BY_ID, assert_close, block_end, block_start, brute_mask, built_model, images,
+from testlib import (MASK_SPEC_IDS, SPEC_BY_ID, assert_close, block_end, block_start, brute_mask, built_model, bundle,
+                     images,
                      level_array, linear_units)
 
 
@@ -84,7 +85,8 @@ def _probe_all(units, xs, num_levels, per_level):
       row = {'top': kernel_grad(graphdef, st, lambda m: m(x, top))}
       for k in range(num_levels if full else 0):
         ie = block_end(sizes, k)
-        row[f'prefix{k}'] = kernel_grad(graphdef, st, lambda m, k=k, ie=ie: m(x[..., :ie], k))
+        if k < top:  # the top prefix is the full-width forward above
+          row[f'prefix{k}'] = kernel_grad(graphdef, st, lambda m, k=k, ie=ie: m(x[..., :ie], k))
         row[f'block{k}'] = kernel_grad(graphdef, st, lambda m, k=k: m.block(x, k))
       out.append(row)
     return out
@@ -118,7 +120,7 @@ def test_effective_kernels_follow_the_mask_rule(built):
     for k in range(k_levels if full else 0):
       ie = block_end(in_sizes, k)
       os_, oe = block_start(out_sizes, k), block_end(out_sizes, k)
-      g = np.asarray(g_all[f'prefix{k}'])
+      g = np.asarray(g_all[f'prefix{k}' if k < k_levels - 1 else 'top'])
       expected = np.zeros_like(mask)
       expected[:ie, :oe] = mask[:ie, :oe]
       np.testing.assert_array_equal(g != 0, np.broadcast_to(expected, g.shape),
@@ -146,12 +148,10 @@ def _zeroed_copy(spec, model, k):
   return m
 
 
-def _unit_outputs(model, x, level, noise=None):
+def _noisy_unit_outputs(model, x, noise):
   outs = []
-  for j, unit in enumerate(model.units):
-    x = unit(x, level)
-    if noise is not None:
-      x = x + noise[j]
+  for unit, n in zip(model.units, noise):
+    x = unit(x, model.num_levels - 1) + n
     outs.append(x)
   return outs
 
@@ -163,35 +163,23 @@ def _normalize_by_hand(x, model):
 
 @pytest.fixture(scope='module')
 def forwards(built):
-  """Everything the subnet tests compare, from two jitted functions per model.
-
-  ``levels``: for every level k, the prefix unit outputs, ``model(x, k)`` and ``model.exits(x)``.
-  ``top(state, x_normalised, noise)``: full-width unit outputs (noise added after each
-  unit) and the head's exits; called with the hand-zeroed copies as ``state``.
-  """
+  """The library's subnet computations (testlib.bundle: prefix unit outputs, forward(k),
+  exits) and ``full(state, x_normalised, noise)``: the full-width unit outputs with
+  ``noise`` added after each unit, and the head's exits, jitted once and called with
+  the hand-zeroed copies as ``state``."""
   spec, model = built
   graphdef, state = nnx.split(model)
-  top = spec.num_levels - 1
-  x = images(spec.input_shape, batch=4, seed=3)
-  xn = _normalize_by_hand(x, model)
-
-  @jax.jit
-  def levels(st, x):
-    m = nnx.merge(graphdef, st, copy=True)
-    xn = m.normalize(x)
-    per_level = [_unit_outputs(m, xn, k) for k in range(spec.num_levels)]
-    return per_level, [m(x, k) for k in range(spec.num_levels)], m.exits(x)
+  b = bundle(spec.id)
 
   @jax.jit
   def full(st, xn, noise):
     m = nnx.merge(graphdef, st, copy=True)
-    feats = _unit_outputs(m, xn, top, noise)
+    feats = _noisy_unit_outputs(m, xn, noise)
     return feats, m.head.exits(feats[-1])
 
-  per_level, subnet_logits, exits = levels(state, x)
-  zero_noise = [jnp.zeros_like(f) for f in per_level[-1]]
-  return dict(x=x, xn=xn, per_level=per_level, subnet_logits=subnet_logits, exits=exits,
-              full=full, zero_noise=zero_noise, state=state)
+  zero_noise = [jnp.zeros_like(f) for f in b['prefix_units'][-1]]
+  return dict(x=b['x'], xn=_normalize_by_hand(b['x'], model), per_level=b['prefix_units'],
+              subnet_logits=b['forward'], exits=b['exits'], full=full, zero_noise=zero_noise, state=state)
 
 
 def test_subnet_equals_full_network_with_upper_levels_zeroed(built, forwards):

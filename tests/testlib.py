@@ -218,3 +218,61 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-4, err_msg=''):
   actual = np.asarray(actual, np.float64)
   scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
   np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
+
+
+def unit_outputs(model, xn, level):
+  """Outputs of every unit of the prefix forward of subnet ``level`` (xn normalised)."""
+  outs = []
+  for unit in model.units:
+    xn = unit(xn, level)
+    outs.append(xn)
+  return outs
+
+
+def unit_buffer(unit_cache):
+  """A unit's output buffer in a StepCache entry (ResidualBlock caches (inner, output))."""
+  return unit_cache[1] if isinstance(unit_cache, tuple) else unit_cache
+
+
+@functools.lru_cache(maxsize=None)
+def bundle(spec_id: str):
+  """Every way the library computes subnets of ``built_model(spec_id)``, from ONE jit.
+
+  Compiling each jitted function separately costs seconds per function on a loaded
+  2-core CPU; nesting the library's jitted StepFunctions inside one outer jit traces
+  exactly the same code but compiles once. Keys (lists are indexed by level):
+    prefix_units[k]: unit outputs of the prefix forward at level k;
+    forward[k], blocked[k]: StepFunctions.forward / forward_blocked logits;
+    step_logits[k], step_units[k]: the cache after start + k advances;
+    step_levels[k]: its (static) level; exits: [K, B, classes].
+  The separately compiled functions are exercised in test_incremental / test_api.
+  """
+  from stepnet_jax import stepping
+  spec = SPEC_BY_ID[spec_id]
+  model = built_model(spec_id)
+  graphdef, variables = stepping.split(model)
+  fns = stepping.make_step_functions(graphdef, spec.num_levels)
+  x = images(spec.input_shape, batch=4, seed=11)
+  k_levels = spec.num_levels
+  step_levels = []
+
+  @jax.jit
+  def everything(v, x):
+    m = nnx.merge(graphdef, v, copy=True)
+    xn = m.normalize(x)
+    out = {'prefix_units': [unit_outputs(m, xn, k) for k in range(k_levels)],
+           'forward': [fns.forward(v, x, level=k) for k in range(k_levels)],
+           'blocked': [fns.forward_blocked(v, x, level=k) for k in range(k_levels)],
+           'exits': fns.exits(v, x), 'step_logits': [], 'step_units': []}
+    cache = fns.start(v, x)
+    for k in range(k_levels):
+      if k:
+        cache = fns.advance(v, cache)
+      step_levels.append(cache.level)
+      out['step_logits'].append(cache.logits)
+      out['step_units'].append([unit_buffer(c) for c in cache.units])
+    return out
+
+  out = jax.device_get(everything(variables, x))
+  out.update(x=x, step_levels=step_levels, graphdef=graphdef, variables=variables, functions=fns)
+  return out

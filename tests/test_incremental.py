@@ -1,0 +1,221 @@
+"""Incremental inference: stepping 0 -> K-1 reproduces every subnet's direct forward.
+
+For every model (random level sizes, triangles, empty levels, ResNet, VGG): the logits
+after step k equal the masked-prefix forward at level k, exit k of the one-pass
+forward, and the fused block-by-block forward; and the cache holds exactly the
+channels of levels <= k (the upper channels are never computed).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stepnet_jax
+from stepnet_jax import models, stepping
+from testlib import SPEC_BY_ID, SPEC_IDS, assert_close, block_end, built_model, bundle, images, numpy_initializers
+
+RTOL, ATOL = 1e-5, 1e-4
+
+
+@pytest.mark.parametrize('spec_id', SPEC_IDS)
+def test_stepping_matches_direct_forward_and_exits(spec_id):
+  spec = SPEC_BY_ID[spec_id]
+  model = built_model(spec_id)
+  b = bundle(spec_id)
+  exits = b['exits']
+  assert exits.shape == (spec.num_levels, 4, spec.num_classes)
+  full_units = b['prefix_units'][-1]
+  for k in range(spec.num_levels):
+    logits = b['step_logits'][k]
+    assert b['step_levels'][k] == k
+    assert logits.shape == (4, spec.num_classes)
+    assert_close(logits, exits[k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs exits[{k}]')
+    assert_close(logits, b['forward'][k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs forward')
+    assert_close(logits, b['blocked'][k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs forward_blocked')
+    # The cache holds the level <= k channels of every unit, and nothing above them.
+    for unit, buf, f in zip(model.units, b['step_units'][k], full_units):
+      e = block_end(unit.conn.out_sizes, k)
+      assert buf.shape == f.shape
+      assert_close(buf[..., :e], f[..., :e], RTOL, ATOL)
+      assert np.all(buf[..., e:] == 0), f'{spec_id}: channels above level {k} were computed'
+
+
+def test_stepping_separately_compiled_functions():
+  """The library's own jitted start/advance/forward/forward_blocked, called one by one."""
+  spec_id = 'lenet3c1l_tri'
+  b = bundle(spec_id)
+  fns, v, x = b['functions'], b['variables'], b['x']
+  cache = fns.start(v, x)
+  for k in range(SPEC_BY_ID[spec_id].num_levels):
+    if k:
+      cache = fns.advance(v, cache)
+    assert cache.level == k
+    assert_close(cache.logits, b['exits'][k], RTOL, ATOL)
+    assert_close(fns.forward(v, x, level=k), b['exits'][k], RTOL, ATOL)
+    assert_close(fns.forward_blocked(v, x, level=k), b['exits'][k], RTOL, ATOL)
+    assert_close(fns.forward_fastest(v, x, k), b['exits'][k], RTOL, ATOL)
+  assert_close(fns.exits(v, x), b['exits'], RTOL, ATOL)
+
+
+# ------------------------------------------------------------------ one small model
+
+
+@pytest.fixture(scope='module')
+def small():
+  model = built_model('lenet3c1l')
+  graphdef, variables = stepping.split(model)
+  return model, graphdef, variables
+
+
+def test_step_functions_compile_once_per_level(small, monkeypatch):
+  model, graphdef, variables = small
+  k_levels = model.num_levels
+  traces = {'start': 0, 'step': {}}
+  real_start, real_step = stepping.start, stepping.step
+
+  def counting_start(*args, **kwargs):
+    traces['start'] += 1
+    return real_start(*args, **kwargs)
+
+  def counting_step(graphdef, variables, cache, level):
+    traces['step'][level] = traces['step'].get(level, 0) + 1
+    return real_step(graphdef, variables, cache, level)
+
+  monkeypatch.setattr(stepping, 'start', counting_start)
+  monkeypatch.setattr(stepping, 'step', counting_step)
+  fns = stepping.make_step_functions(graphdef, k_levels)
+  for seed in range(3):  # new images and new parameter values, same shapes: no retrace
+    x = images(model.input_shape, batch=4, seed=seed)
+    v = jax.tree.map(lambda a: a * (1.0 + 0.01 * seed), variables)
+    cache = fns.levels[0](v, x)
+    for k in range(1, k_levels):
+      cache = fns.levels[k](v, cache)
+    cache = fns.start(v, x)
+    for k in range(1, k_levels):
+      cache = fns.advance(v, cache)
+      assert cache.level == k
+  assert traces['start'] == 1
+  # Each level traced exactly twice: once by levels[k], once by advance (dispatching on cache.level).
+  assert traces['step'] == {k: 2 for k in range(1, k_levels)}
+
+
+def test_stepping_out_of_order_raises(small):
+  model, graphdef, variables = small
+  fns = stepping.make_step_functions(graphdef, model.num_levels)
+  x = images(model.input_shape, batch=2)
+  cache0 = fns.start(variables, x)
+  with pytest.raises(ValueError):
+    fns.levels[2](variables, cache0)        # skips level 1
+  cache1 = fns.levels[1](variables, cache0)
+  with pytest.raises(ValueError):
+    fns.levels[1](variables, cache1)        # repeats level 1
+  with pytest.raises(ValueError):
+    model.step(cache1, 3)
+  with pytest.raises(ValueError):
+    model.step(model.init_cache(x), 1)      # nothing computed yet
+  top = cache1
+  for k in range(2, model.num_levels):
+    top = fns.advance(variables, top)
+  with pytest.raises(ValueError):
+    fns.advance(variables, top)             # past the top level
+  with pytest.raises(ValueError):
+    model.step(top, model.num_levels)
+
+
+def test_stepper_advance_past_top_raises(small):
+  model, _, _ = small
+  net = stepnet_jax.Stepper(model)
+  x = images(model.input_shape, batch=2)
+  cache = net.start(x)
+  levels = [cache.level]
+  while cache.level < net.num_levels - 1:
+    cache = net.advance(cache)
+    levels.append(cache.level)
+  assert levels == list(range(net.num_levels))
+  with pytest.raises(ValueError):
+    net.advance(cache)
+  with pytest.raises(ValueError):
+    net.forward(x, net.num_levels)
+  with pytest.raises(ValueError):
+    net.forward(x, -1)
+
+
+def _flops(compiled):
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0]
+  return float(ca['flops'])
+
+
+def test_step_k_costs_only_level_k_macs():
+  """XLA's cost analysis of compiled step k ~ 2 * delta MACs of level k (not the cumulative).
+
+  Batch 1: XLA:CPU may lower a batched convolution to a while loop over the batch, whose
+  body cost analysis counts once.
+  """
+  with numpy_initializers(0):
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4)
+  graphdef, variables = stepping.split(model)
+  fns = stepping.make_step_functions(graphdef, 4)
+  delta = model.delta_macs().sum(axis=0)
+  x = images((28, 28, 1), batch=1)
+  cache = None
+  for k in range(4):
+    compiled = (fns.levels[0].lower(variables, x) if k == 0 else fns.levels[k].lower(variables, cache)).compile()
+    ratio = _flops(compiled) / (2.0 * delta[k])
+    assert 0.9 <= ratio <= 1.2, f'level {k}: flops / (2 * delta MACs) = {ratio:.3f}'
+    if k:
+      assert _flops(compiled) < 0.7 * 2.0 * delta[:k + 1].sum()
+    cache = fns.levels[0](variables, x) if k == 0 else fns.levels[k](variables, cache)
+
+
+# ------------------------------------------------------------------ composing with JAX transformations
+
+
+@pytest.fixture(scope='module')
+def net():
+  return stepnet_jax.Stepper(built_model('lenet3c1l_tri'))
+
+
+def test_jit_from_outside(net):
+  x = images((28, 28, 1), batch=4, seed=2)
+
+  @jax.jit
+  def two_levels(x):
+    c = net.start(x)
+    c = net.advance(c)
+    return c.logits, c.level
+
+  logits, level = two_levels(x)
+  assert int(level) == 1
+  assert_close(logits, net.forward(x, 1), RTOL, ATOL)
+  assert_close(jax.jit(lambda x: net.exits(x))(x), net.exits(x), RTOL, ATOL)
+
+
+def test_vmap_from_outside(net):
+  x = images((28, 28, 1), batch=3, seed=3)
+  per_image = jax.vmap(lambda xi: net.advance(net.start(xi[None])).logits[0])(x)
+  assert_close(per_image, net.advance(net.start(x)).logits, RTOL, ATOL)
+  # vmap over a leading "request" axis of whole batches.
+  xs = jnp.stack([x, x[::-1]])
+  batched = jax.vmap(lambda b: net.start(b).logits)(xs)
+  assert_close(batched[0], net.start(x).logits, RTOL, ATOL)
+  assert_close(batched[1], net.start(x[::-1]).logits, RTOL, ATOL)
+
+
+def test_export_start(net):
+  x = images((28, 28, 1), batch=2, seed=4)
+  fn = jax.jit(lambda x: net.start(x).logits)
+  exported = jax.export.export(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  assert_close(exported.call(x), net.start(x).logits, RTOL, ATOL)
+  try:
+    import flatbuffers  # noqa: F401  (needed by jax.export serialization; not a declared dependency)
+  except ImportError:
+    pass
+  else:
+    restored = jax.export.deserialize(exported.serialize())
+    assert_close(restored.call(x), net.start(x).logits, RTOL, ATOL)
+  # And the next step, exported separately from a concrete cache.
+  cache = net.start(x)
+  step1 = jax.export.export(jax.jit(lambda c: net.advance(c).logits))(cache)
+  assert_close(step1.call(cache), net.forward(x, 1), RTOL, ATOL)
