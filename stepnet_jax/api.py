@@ -5,6 +5,7 @@
     if cache.logits.max(-1) ... < threshold:
       cache = net.advance(cache)         # pays only the level-1 MACs
 
+``advance`` consumes the cache it is given (its buffers are donated to the result).
 ``start``/``advance`` take raw images as stored in the dataset (uint8); they are
 jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
 ``jax.export`` from outside. The pure functions of (variables, ...) they call live in
@@ -53,8 +54,16 @@ class Stepper:
     """Runs level 0 on raw images; returns the cache (``.logits``, ``.level == 0``)."""
     return self.functions.start(self.variables, x)
 
+  def restart(self, cache: StepCache, x: jax.Array) -> StepCache:
+    """Level 0 of new images in the buffers of an old cache (which is consumed)."""
+    return self.functions.restart(self.variables, cache, x)
+
   def advance(self, cache: StepCache) -> StepCache:
-    """Runs the next level, reading everything the lower levels computed."""
+    """Runs the next level, reading everything the lower levels computed.
+
+    The given cache is consumed (its buffers are reused for the result); read what
+    you need from it, e.g. ``np.asarray(cache.logits)``, before advancing.
+    """
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
     return self.functions.advance(self.variables, cache)

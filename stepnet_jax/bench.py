@@ -23,17 +23,14 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import layers, models, stepping, train_lib
+from stepnet_jax import evaluation, models, stepping, train_lib
+from stepnet_jax.api import Stepper
 from stepnet_jax.timing import median_seconds
 
 
 def compiled_flops(fn, *args) -> float:
-  """FLOPs XLA's cost analysis reports for ``fn(*args)`` once compiled.
-
-  Traced without batch chunking: XLA's cost analysis counts a loop body once.
-  """
-  with layers.conv_batch_chunk(None):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """FLOPs XLA's cost analysis reports for ``fn(*args)`` once compiled."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops'])
@@ -86,29 +83,26 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
   t_single = _time_train_step(single_exit_train_step(graphdef, tx), fresh(), xt, yt, repeats)
 
   # (b) stepping latency against direct top-level forwards.
-  graphdef, variables = stepping.split(model)
-  fns = stepping.make_step_functions(graphdef, num_levels)
+  net = Stepper(model)
+  graphdef, variables, fns = net.graphdef, net.variables, net.functions
   x = jnp.asarray(rng.randint(0, 256, (batch,) + tuple(input_shape)), jnp.uint8)
-  caches = [x]
-  c = fns.levels[0](variables, x)
-  for k in range(1, num_levels):
-    caches.append(c)
-    c = fns.levels[k](variables, c)
-  step_s = [median_seconds(fns.levels[k], variables, caches[k], repeats=repeats) for k in range(num_levels)]
+  step_s = evaluation.step_latencies(net, np.asarray(x), repeats=repeats)
   top = num_levels - 1
   t_masked = median_seconds(functools.partial(fns.forward, level=top), variables, x, repeats=repeats)
   t_blocked = median_seconds(functools.partial(fns.forward_blocked, level=top), variables, x, repeats=repeats)
 
-  # (c) what the compiled steps compute.
+  # (c) what the compiled steps compute (pure, non-donating functions: the same computation).
+  caches = [stepping.start(graphdef, variables, x)]
+  for k in range(1, top):
+    caches.append(stepping.step(graphdef, variables, caches[-1], k))
   flops = [compiled_flops(functools.partial(stepping.start, graphdef), variables, x)]
-  flops += [compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k])
+  flops += [compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k - 1])
             for k in range(1, num_levels)]
   flops_masked_top = compiled_flops(functools.partial(stepping.forward, graphdef, level=top), variables, x)
 
   fastest = min(t_masked, t_blocked)
   return {
       'machine': {'backend': jax.default_backend(), 'devices': str(jax.devices()),
-                  'conv_batch_chunk': layers.CONV_BATCH_CHUNK.get(jax.default_backend()),
                   'processor': platform.processor() or platform.machine(), 'jax': jax.__version__},
       'model': model_name, 'width': width, 'num_levels': num_levels, 'input_shape': list(input_shape),
       'train': {'batch': train_batch, 'joint_step_ms': 1e3 * t_joint, 'single_exit_step_ms': 1e3 * t_single,
@@ -152,11 +146,7 @@ def main(argv=None) -> None:
   p.add_argument('--input_shape', default='28,28,1')
   p.add_argument('--repeats', type=int, default=10)
   p.add_argument('--json', default=None)
-  p.add_argument('--conv_batch_chunk', type=int, default=-1,
-                 help='override the inference conv batch chunk of this backend (0 = whole batch)')
   a = p.parse_args(argv)
-  if a.conv_batch_chunk >= 0:
-    layers.CONV_BATCH_CHUNK[jax.default_backend()] = a.conv_batch_chunk
   shape = tuple(int(s) for s in a.input_shape.split(','))
   r = run(a.model, a.levels, a.batch, a.train_batch, a.width, shape, a.repeats)
   print(format_report(r))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,17 +14,28 @@ from stepnet_jax.timing import median_seconds
 
 
 def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> list[float]:
-  """Median seconds of each compiled step k on ``images`` (step 0 includes normalisation)."""
+  """Median seconds of each step when stepping a batch from level 0 to the top.
+
+  Timed as a user steps: ``restart`` (level 0 of new images in the previous cache's
+  buffers, normalisation included), then ``advance`` to each level, waiting for each
+  result. Compilation and the first allocation of the cache are excluded.
+  """
   x = jnp.asarray(images)
-  fns, v = stepper.functions.levels, stepper.variables
-  caches = [None]
-  cache = fns[0](v, x)
-  for k in range(1, stepper.num_levels):
-    caches.append(cache)
-    cache = fns[k](v, cache)
-  out = [median_seconds(fns[0], v, x, repeats=repeats)]
-  out += [median_seconds(fns[k], v, caches[k], repeats=repeats) for k in range(1, stepper.num_levels)]
-  return out
+  fns, v = stepper.functions, stepper.variables
+  cache = fns.start(v, x)
+  for k in range(1, stepper.num_levels):  # compile every level
+    cache = fns.levels[k](v, cache)
+  times = []
+  for r in range(repeats + 2):
+    t = [time.perf_counter()]
+    cache = jax.block_until_ready(fns.restart(v, cache, x))
+    t.append(time.perf_counter())
+    for k in range(1, stepper.num_levels):
+      cache = jax.block_until_ready(fns.levels[k](v, cache))
+      t.append(time.perf_counter())
+    if r >= 2:  # warm-up rounds
+      times.append(np.diff(t))
+  return [float(s) for s in np.median(np.asarray(times), axis=0)]
 
 
 def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,

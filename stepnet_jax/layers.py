@@ -15,7 +15,6 @@ Channel axes are last (NHWC for images, [B, C] for vectors).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -28,42 +27,6 @@ from stepnet_jax.levels import Connectivity
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-
-# Inference only: XLA:CPU convolutions run 2-5x faster on small batch chunks than on a
-# whole batch of 128-256 (the packed input patches stay in cache); GPU/TPU convolutions
-# want the whole batch. Training never chunks (the backward pass of a chunk loop is far
-# slower on CPU). Backends not listed convolve the whole batch. See stepnet_jax.bench.
-CONV_BATCH_CHUNK: dict[str, int] = {'cpu': 4}
-_chunk_override: list = []
-
-
-@contextlib.contextmanager
-def conv_batch_chunk(chunk: int | None):
-  """Temporarily sets the conv batch chunk for tracing (None: whole batch)."""
-  _chunk_override.append(chunk)
-  try:
-    yield
-  finally:
-    _chunk_override.pop()
-
-
-def _conv_chunk() -> int | None:
-  if _chunk_override:
-    return _chunk_override[-1]
-  return CONV_BATCH_CHUNK.get(jax.default_backend())
-
-
-def batch_chunked(fn, x: jax.Array, chunk: int | None) -> jax.Array:
-  """``fn(x)`` evaluated over chunks of ``chunk`` images with ``lax.map`` (a loop over chunks)."""
-  b = x.shape[0]
-  if not chunk or b <= chunk:
-    return fn(x)
-  n = b - b % chunk
-  y = jax.lax.map(fn, x[:n].reshape((n // chunk, chunk) + x.shape[1:]))
-  y = y.reshape((n,) + y.shape[2:])
-  if n == b:
-    return y
-  return jnp.concatenate([y, fn(x[n:])])
 
 
 def write_block(buffer: jax.Array, block: jax.Array, offset: int) -> jax.Array:
@@ -112,7 +75,7 @@ class _LinearUnit(nnx.Module):
   conn: Connectivity
   relu: bool
 
-  def _linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
+  def _linear(self, x: jax.Array, w: jax.Array) -> jax.Array:
     raise NotImplementedError
 
   def _post(self, y: jax.Array) -> jax.Array:
@@ -126,7 +89,7 @@ class _LinearUnit(nnx.Module):
 
   def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool) -> jax.Array:
     in_hi = x.shape[-1]
-    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask), train)
+    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask))
     y = self.bn(y, out_lo, out_hi, train)
     if self.relu:
       y = jax.nn.relu(y)
@@ -171,12 +134,11 @@ class LevelConv(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
     self.bn = BatchNorm(cout)
 
-  def _linear(self, x, w, train):
+  def _linear(self, x, w):
     if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
       return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
-    conv = lambda xs: jax.lax.conv_general_dilated(xs, w, (self.stride, self.stride), self.padding,
-                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return batch_chunked(conv, x, None if train else _conv_chunk())
+    return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   def _out_shape(self, shape):
     h = conv_output_size(shape[1], self.kernel_size, self.stride, self.padding)
@@ -212,8 +174,7 @@ class LevelDense(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
     self.bn = BatchNorm(cout)
 
-  def _linear(self, x, w, train):
-    del train
+  def _linear(self, x, w):
     if 0 in w.shape[-2:]:
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
     x = x.reshape(x.shape[0], self.spatial, x.shape[-1])

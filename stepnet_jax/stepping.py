@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from stepnet_jax.model import StepCache, SteppingModel
@@ -59,6 +60,18 @@ def start(graphdef, variables, x: jax.Array) -> StepCache:
   return _model(graphdef, variables).start(x)
 
 
+def restart(graphdef, variables, cache: StepCache, x: jax.Array) -> StepCache:
+  """Level 0 of new images, reusing an old cache's buffers (no fresh allocation when donated).
+
+  Stale channels of higher levels are never read: step k reads only channels of
+  levels <= k, all rewritten for the new images by steps 0..k.
+  """
+  model = _model(graphdef, variables)
+  fresh = StepCache(inputs=model.normalize(x), units=cache.units,
+                    logits=jnp.zeros_like(cache.logits), level=-1)
+  return model.step(fresh, 0)
+
+
 def step(graphdef, variables, cache: StepCache, level: int) -> StepCache:
   """Run level ``level`` (= cache.level + 1) reading the cached lower levels."""
   return _model(graphdef, variables).step(cache, level)
@@ -75,9 +88,14 @@ class StepFunctions:
 
   ``levels[0](variables, x)`` starts; ``levels[k](variables, cache)`` for k >= 1 steps.
   ``advance`` dispatches on the (static) ``cache.level``, compiling once per level.
+  The stepping functions *donate* the cache they are given: its buffers are reused
+  for the result (no new allocation, no copy), and the old cache must not be used
+  afterwards. ``restart(variables, cache, x)`` runs level 0 of new images in an old
+  cache's buffers.
   """
   num_levels: int
   start: Callable
+  restart: Callable
   advance: Callable
   levels: tuple[Callable, ...]
   forward: Callable           # (variables, x, level) masked prefix
@@ -93,11 +111,12 @@ def make_step_functions(graphdef: nnx.GraphDef, num_levels: int) -> StepFunction
   """Builds the jitted functions for ``graphdef`` (variables stay an argument)."""
   start_fn = jax.jit(functools.partial(start, graphdef))
   levels = [start_fn] + [
-      jax.jit(functools.partial(step, graphdef, level=k)) for k in range(1, num_levels)]
+      jax.jit(functools.partial(step, graphdef, level=k), donate_argnums=1) for k in range(1, num_levels)]
   return StepFunctions(
       num_levels=num_levels,
       start=start_fn,
-      advance=jax.jit(functools.partial(advance, graphdef)),
+      restart=jax.jit(functools.partial(restart, graphdef), donate_argnums=1),
+      advance=jax.jit(functools.partial(advance, graphdef), donate_argnums=1),
       levels=tuple(levels),
       forward=jax.jit(functools.partial(forward, graphdef), static_argnames='level'),
       forward_blocked=jax.jit(functools.partial(forward_blocked, graphdef), static_argnames='level'),
