@@ -86,7 +86,7 @@ def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
 def load_variables(workdir: str, step: int | None = None) -> tuple[SteppingModel, dict]:
   """The model of a run with its trained parameters and batch statistics, and its meta."""
   meta = restore_meta(workdir, step)
-  model = build_from_meta(meta['model_meta'])
+  model = nnx.eval_shape(lambda: build_from_meta(meta['model_meta']))  # shapes only: no init compute
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   target = {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(stats)}
   restored = restore_item(workdir, 'model', target, step)

@@ -193,13 +193,14 @@ class ResidualBlock(nnx.Module):
   The cache holds the inner activation and the block output.
   """
 
-  def __init__(self, in_sizes, mid_sizes, out_sizes, *, stride: int, rngs: nnx.Rngs):
-    self.conv1 = LevelConv(Connectivity(in_sizes, mid_sizes), 3, stride=stride, rngs=rngs)
-    self.conv2 = LevelConv(Connectivity(mid_sizes, out_sizes), 3, relu=False, rngs=rngs)
+  def __init__(self, in_sizes, mid_sizes, out_sizes, *, stride: int, triangular: bool = False,
+               rngs: nnx.Rngs):
+    self.conv1 = LevelConv(Connectivity(in_sizes, mid_sizes, triangular), 3, stride=stride, rngs=rngs)
+    self.conv2 = LevelConv(Connectivity(mid_sizes, out_sizes, triangular), 3, relu=False, rngs=rngs)
     self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
     self.shortcut = None if self.identity else LevelConv(
-        Connectivity(in_sizes, out_sizes), 1, stride=stride, relu=False, rngs=rngs)
-    self.conn = Connectivity(in_sizes, out_sizes)
+        Connectivity(in_sizes, out_sizes, triangular), 1, stride=stride, relu=False, rngs=rngs)
+    self.conn = Connectivity(in_sizes, out_sizes, triangular)
 
   def __call__(self, x, level, train=False):
     h = self.conv1(x, level, train)

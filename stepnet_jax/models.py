@@ -131,7 +131,7 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
     for m in range(3):
       stride = 2 if s > 0 and m == 0 else 1
       mid = b.level_sizes(f'stage{s + 1}.block{m}.mid', channels)
-      unit = ResidualBlock(b.sizes, mid, out, stride=stride, rngs=b.rngs)
+      unit = ResidualBlock(b.sizes, mid, out, stride=stride, triangular=b.triangular, rngs=b.rngs)
       b.add(f'stage{s + 1}.block{m}', unit, out)
   return b.head(num_classes, pool='avg')
 

@@ -163,9 +163,6 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
   meta = {'config': cfg.to_dict(), 'model_meta': checkpoint.model_meta(model, cfg.model, dataset.num_classes),
           'dataset': dataset.name, 'steps_per_epoch': steps_per_epoch}
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(meta, f, indent=2)
-
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   start = mngr.latest_step()
   if start is not None:
@@ -179,6 +176,8 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
     nnx.replace_by_pure_dict(batch_stats, m['batch_stats'])
     state = TrainState(jnp.asarray(t['step'], jnp.int32), params, batch_stats, t['opt_state'])
     print(f'Resuming from step {start} of {total_steps} in {workdir}', flush=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
   step = int(state.step)
 
   train_step = make_train_step(graphdef, cfg, tx)

@@ -7,12 +7,22 @@ broadcasting (e.g. ``(x - mean)`` with x [B, H, W, C] and mean [C] in
 forward pass. Set STEPNET_STRICT_RANK=1 to run the suite with 'raise' anyway.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 
 jax.config.update('jax_enable_x64', False)  # float32 everywhere
 jax.config.update('jax_numpy_rank_promotion', 'raise' if os.environ.get('STEPNET_STRICT_RANK') else 'allow')
+
+# A compilation cache private to this test session (deleted at the end): identical
+# programs compiled again (model initialisers of equal shapes, the train step of a
+# resumed run, the scripts run as subprocesses) are compiled once. Nothing persists
+# between sessions, so a stale cache can never hide a change.
+COMPILE_CACHE = tempfile.mkdtemp(prefix='stepnet-test-jax-cache-')
+jax.config.update('jax_compilation_cache_dir', COMPILE_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -23,6 +33,10 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -17,6 +17,12 @@ from testlib import SPEC_BY_ID, SPEC_IDS, assert_close, block_end, built_model, 
 RTOL, ATOL = 1e-5, 1e-4
 
 
+@pytest.fixture(scope='module')
+def net():
+  """One Stepper (and its jitted functions) shared by the tests of this module."""
+  return stepnet_jax.Stepper(built_model('lenet3c1l_tri'))
+
+
 @pytest.mark.parametrize('spec_id', SPEC_IDS)
 def test_stepping_matches_direct_forward_and_exits(spec_id):
   spec = SPEC_BY_ID[spec_id]
@@ -40,11 +46,11 @@ def test_stepping_matches_direct_forward_and_exits(spec_id):
       assert np.all(buf[..., e:] == 0), f'{spec_id}: channels above level {k} were computed'
 
 
-def test_stepping_separately_compiled_functions():
+def test_stepping_separately_compiled_functions(net):
   """The library's own jitted start/advance/forward/forward_blocked, called one by one."""
   spec_id = 'lenet3c1l_tri'
   b = bundle(spec_id)
-  fns, v, x = b['functions'], b['variables'], b['x']
+  fns, v, x = net.functions, net.variables, b['x']
   cache = fns.start(v, x)
   for k in range(SPEC_BY_ID[spec_id].num_levels):
     if k:
@@ -70,12 +76,16 @@ def small():
 def test_step_functions_compile_once_per_level(small, monkeypatch):
   model, graphdef, variables = small
   k_levels = model.num_levels
-  traces = {'start': 0, 'step': {}}
-  real_start, real_step = stepping.start, stepping.step
+  traces = {'start': 0, 'restart': 0, 'step': {}}
+  real_start, real_step, real_restart = stepping.start, stepping.step, stepping.restart
 
   def counting_start(*args, **kwargs):
     traces['start'] += 1
     return real_start(*args, **kwargs)
+
+  def counting_restart(*args, **kwargs):
+    traces['restart'] += 1
+    return real_restart(*args, **kwargs)
 
   def counting_step(graphdef, variables, cache, level):
     traces['step'][level] = traces['step'].get(level, 0) + 1
@@ -83,6 +93,7 @@ def test_step_functions_compile_once_per_level(small, monkeypatch):
 
   monkeypatch.setattr(stepping, 'start', counting_start)
   monkeypatch.setattr(stepping, 'step', counting_step)
+  monkeypatch.setattr(stepping, 'restart', counting_restart)
   fns = stepping.make_step_functions(graphdef, k_levels)
   for seed in range(3):  # new images and new parameter values, same shapes: no retrace
     x = images(model.input_shape, batch=4, seed=seed)
@@ -94,38 +105,37 @@ def test_step_functions_compile_once_per_level(small, monkeypatch):
     for k in range(1, k_levels):
       cache = fns.advance(v, cache)
       assert cache.level == k
-  assert traces['start'] == 1
+    cache = fns.restart(v, cache, images(model.input_shape, batch=4, seed=seed + 10))
+    assert cache.level == 0
+  assert traces['start'] == 1 and traces['restart'] == 1
   # Each level traced exactly twice: once by levels[k], once by advance (dispatching on cache.level).
   assert traces['step'] == {k: 2 for k in range(1, k_levels)}
 
 
-def test_stepping_out_of_order_raises(small):
-  model, graphdef, variables = small
-  fns = stepping.make_step_functions(graphdef, model.num_levels)
-  x = images(model.input_shape, batch=2)
-  cache0 = fns.start(variables, x)
+def test_stepping_out_of_order_raises(net):
+  model = built_model('lenet3c1l_tri')
+  fns, v = net.functions, net.variables
+  x = images(model.input_shape, batch=4)
+  cache0 = fns.start(v, x)
   with pytest.raises(ValueError):
-    fns.levels[2](variables, cache0)        # skips level 1
-  cache1 = fns.levels[1](variables, cache0)
-  with pytest.raises(ValueError):
-    fns.levels[1](variables, cache1)        # repeats level 1
-  with pytest.raises(ValueError):
-    model.step(cache1, 3)
+    fns.levels[2](v, cache0)                # skips level 1
   with pytest.raises(ValueError):
     model.step(model.init_cache(x), 1)      # nothing computed yet
-  top = cache1
-  for k in range(2, model.num_levels):
-    top = fns.advance(variables, top)
+  cache1 = fns.levels[1](v, cache0)
   with pytest.raises(ValueError):
-    fns.advance(variables, top)             # past the top level
+    fns.levels[1](v, cache1)                # repeats level 1
+  with pytest.raises(ValueError):
+    model.step(cache1, 1)
+  top = fns.advance(v, cache1)
+  assert top.level == model.num_levels - 1
+  with pytest.raises(ValueError):
+    fns.advance(v, top)                     # past the top level
   with pytest.raises(ValueError):
     model.step(top, model.num_levels)
 
 
-def test_stepper_advance_past_top_raises(small):
-  model, _, _ = small
-  net = stepnet_jax.Stepper(model)
-  x = images(model.input_shape, batch=2)
+def test_stepper_advance_past_top_raises(net):
+  x = images((28, 28, 1), batch=4)
   cache = net.start(x)
   levels = [cache.level]
   while cache.level < net.num_levels - 1:
@@ -172,11 +182,6 @@ def test_step_k_costs_only_level_k_macs():
 # ------------------------------------------------------------------ composing with JAX transformations
 
 
-@pytest.fixture(scope='module')
-def net():
-  return stepnet_jax.Stepper(built_model('lenet3c1l_tri'))
-
-
 def test_jit_from_outside(net):
   x = images((28, 28, 1), batch=4, seed=2)
 
@@ -215,7 +220,48 @@ def test_export_start(net):
   else:
     restored = jax.export.deserialize(exported.serialize())
     assert_close(restored.call(x), net.start(x).logits, RTOL, ATOL)
+  # Shape-polymorphic batch.
+  b, = jax.export.symbolic_shape('b')
+  poly = jax.export.export(fn)(jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype))
+  for n in (1, 3):
+    xn = images((28, 28, 1), batch=n, seed=5 + n)
+    assert_close(poly.call(xn), net.start(xn).logits, RTOL, ATOL)
   # And the next step, exported separately from a concrete cache.
   cache = net.start(x)
   step1 = jax.export.export(jax.jit(lambda c: net.advance(c).logits))(cache)
   assert_close(step1.call(cache), net.forward(x, 1), RTOL, ATOL)
+
+
+# ------------------------------------------------------------------ cache reuse
+
+
+@pytest.mark.parametrize('spec_id', ['lenet3c1l_tri', 'resnet20_width'])
+def test_restart_reuses_a_full_cache_for_new_images(spec_id, net):
+  """restart(cache_of_x1_at_top, x2) then advancing gives exactly the subnets of x2: the stale
+  x1 channels of higher levels left in the buffers are never read."""
+  if spec_id != 'lenet3c1l_tri':
+    net = stepnet_jax.Stepper(built_model(spec_id))
+  shape = SPEC_BY_ID[spec_id].input_shape
+  x1, x2 = images(shape, batch=3, seed=31), images(shape, batch=3, seed=32)
+  expected = np.asarray(net.exits(x2))
+  assert not np.allclose(expected, np.asarray(net.exits(x1)))
+  cache = net.start(x1)
+  while cache.level < net.num_levels - 1:
+    cache = net.advance(cache)
+  cache = net.restart(cache, x2)
+  for k in range(net.num_levels):
+    if k:
+      cache = net.advance(cache)
+    assert cache.level == k
+    assert_close(cache.logits, expected[k], RTOL, ATOL, err_msg=f'{spec_id}: level {k} after restart')
+
+
+def test_advance_consumes_the_cache(net):
+  """Stepping donates the old cache's buffers to the new one (documented: do not reuse it)."""
+  x = images((28, 28, 1), batch=2, seed=33)
+  old = net.start(x)
+  logits0 = np.asarray(old.logits)
+  new = net.advance(old)
+  assert all(buf.is_deleted() for buf in jax.tree.leaves(old.units))
+  assert not any(buf.is_deleted() for buf in jax.tree.leaves(new.units))
+  assert_close(logits0, net.exits(x)[0], RTOL, ATOL)

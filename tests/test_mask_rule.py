@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepnet_jax import layers, losses
+from stepnet_jax import layers, losses, models
 from testlib import (MASK_SPEC_IDS, SPEC_BY_ID, assert_close, block_end, block_start, brute_mask, built_model, bundle,
-                     images,
-                     level_array, linear_units)
+                     images, level_array, linear_units, numpy_initializers)
 
 
 @pytest.fixture(scope='module', params=MASK_SPEC_IDS)
@@ -23,8 +22,9 @@ def built(request):
   return SPEC_BY_ID[request.param], built_model(request.param)
 
 
-def _expected_tri(spec, first_or_hidden):
-  return spec.triangular and first_or_hidden
+def _expected_tri(spec, reads_hidden):
+  """AWN triangles apply between hidden layers, never to the image-reading first layer."""
+  return spec.triangular and reads_hidden
 
 
 def test_assignment_is_respected(built):
@@ -42,6 +42,9 @@ def test_assignment_is_respected(built):
 
 
 # ----------------------------------------------------------------- effective kernels
+
+
+PER_LEVEL_PROBES = ('mlp_tri', 'lenet3c1l_tri', 'lenet5_empty')
 
 
 def _probe_input(unit, rng):
@@ -107,8 +110,9 @@ def test_effective_kernels_follow_the_mask_rule(built):
   k_levels = spec.num_levels
   named = linear_units(model)
   probes = [_active_probe(u) for _, u, _ in named]
-  # Deep models: prefix / block probes on the first layers and the projection shortcuts only.
-  per_level = [len(named) <= 5 or i < 3 or 'shortcut' in name for i, (name, _, _) in enumerate(named)]
+  # Prefix / block probes (one compiled gradient per unit and level) on the models with
+  # triangles, unequal and empty blocks; elsewhere the subnet and stepping tests cover those paths.
+  per_level = [spec.id in PER_LEVEL_PROBES] * len(named)
   grads = _probe_all(probes, [_probe_input(u, rng) for u in probes], k_levels, per_level)
   for (name, unit, hidden), g_all, full in zip(named, grads, per_level):
     in_sizes, out_sizes = unit.conn.in_sizes, unit.conn.out_sizes
@@ -183,6 +187,9 @@ def forwards(built):
 
 
 def test_subnet_equals_full_network_with_upper_levels_zeroed(built, forwards):
+  """model(x, k) and exits[k] == the FULL-width network whose kernels are multiplied by the
+  brute-force mask, with every kernel column of a neuron above level k and every head row
+  of a feature above level k zeroed."""
   spec, model = built
   top = spec.num_levels - 1
   exits = np.asarray(forwards['exits'])
@@ -234,10 +241,12 @@ def test_higher_levels_do_not_reach_lower_neurons(built, forwards):
 # ----------------------------------------------------------------- gradients
 
 
-def test_masked_weights_get_zero_gradient(built):
+# vgg16_tri is a LevelConv stack like lenet3c1l_tri; left out to keep the suite fast.
+@pytest.mark.parametrize('spec_id', [s for s in MASK_SPEC_IDS if s != 'vgg16_tri'])
+def test_masked_weights_get_zero_gradient(spec_id):
   """Training loss (train-mode BN, all exits, distillation): masked kernel entries get
   exactly zero gradient; kept entries mostly do not."""
-  spec, model = built
+  spec, model = SPEC_BY_ID[spec_id], built_model(spec_id)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   x = images(spec.input_shape, batch=4, seed=6)
   y = jnp.asarray([0, 1, 2, 3])
@@ -257,3 +266,22 @@ def test_masked_weights_get_zero_gradient(built):
     kept_nonzero += int((g[m] != 0).sum())
     kept_total += int(m.sum())
   assert kept_nonzero > 0.5 * kept_total
+
+
+# ----------------------------------------------------------------- the triangular option
+
+
+@pytest.mark.parametrize('name,shape', [('mlp', (28, 28, 1)), ('lenet3c1l', (28, 28, 1)), ('lenet5', (28, 28, 1)),
+                                        ('vgg16', (32, 32, 3)), ('resnet20', (32, 32, 3))])
+def test_triangular_option_reaches_every_hidden_layer(name, shape):
+  """triangular=True: every linear layer that reads hidden neurons uses the AWN triangle
+  inside its level blocks (only the image-reading first layer is plain)."""
+  with numpy_initializers(0):
+    model = models.build_model(name, num_classes=10, input_shape=shape, num_levels=2, width=0.25,
+                               triangular=True)
+  plain = []
+  for unit_name, unit, hidden in linear_units(model):
+    expected = brute_mask(unit.conn.in_sizes, unit.conn.out_sizes, hidden)
+    if not np.array_equal(unit.conn.mask, expected):
+      plain.append(unit_name)
+  assert not plain, f'{name}: triangular=True is ignored by {plain}'

@@ -150,12 +150,13 @@ SPECS = [
     # Empty level blocks (zero-sized levels) in several layers.
     Spec('lenet5_empty', 'lenet5', MNIST_SHAPE, 3,
          assignment=(('conv1', (2, 0, 2)), ('conv2', (3, 2, 0)), ('fc1', (0, 4, 3)), ('fc2', (3, 2, 3)))),
-    Spec('vgg16', 'vgg16', CIFAR_SHAPE, 3, assignment=random_assignment(VGG, 3, seed=4, high=3)),
+    Spec('vgg16_tri', 'vgg16', CIFAR_SHAPE, 3, triangular=True,
+         assignment=random_assignment(VGG, 3, seed=4, high=3)),
     Spec('resnet20', 'resnet20', CIFAR_SHAPE, 3, assignment=random_assignment(RESNET, 3, seed=5, high=3)),
     Spec('resnet20_width', 'resnet20', CIFAR_SHAPE, 3, width=0.25),
 ]
 # Specs for the heavier per-model checks (the default even split of resnet20 is covered elsewhere).
-MASK_SPEC_IDS = ['mlp', 'mlp_tri', 'lenet3c1l', 'lenet3c1l_tri', 'lenet5_empty', 'vgg16', 'resnet20']
+MASK_SPEC_IDS = ['mlp', 'mlp_tri', 'lenet3c1l', 'lenet3c1l_tri', 'lenet5_empty', 'vgg16_tri', 'resnet20']
 SPEC_IDS = [s.id for s in SPECS]
 SPEC_BY_ID = {s.id: s for s in SPECS}
 

@@ -1,0 +1,99 @@
+"""multi_exit_loss against a hand-written numpy computation, and one-pass exits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stepnet_jax import losses
+from testlib import assert_close, built_model, bundle
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def reference_loss(logits, labels, weights, distill_weight, t):
+  logits = np.asarray(logits, np.float64)
+  k, b, _ = logits.shape
+  ce = np.array([np.mean([-_log_softmax(logits[j, n])[labels[n]] for n in range(b)]) for j in range(k)])
+  w = np.asarray(weights, np.float64)
+  loss = (w * ce).sum() / w.sum()
+  distill = 0.0
+  if distill_weight and k > 1:
+    p = np.exp(_log_softmax(logits[-1] / t))
+    kls = []
+    for j in range(k - 1):
+      q = _log_softmax(logits[j] / t)
+      kls.append(np.mean(np.sum(p * (np.log(p) - q), axis=-1)))
+    distill = t * t * np.mean(kls)
+    loss += distill_weight * distill
+  return loss, ce, distill
+
+
+@pytest.mark.parametrize('weights,distill_weight,t', [
+    ((1.0, 1.0, 1.0), 0.0, 1.0),
+    ((0.2, 0.5, 2.0), 0.0, 1.0),
+    ((1.0, 1.0, 1.0), 0.7, 4.0),
+    ((0.0, 1.0, 3.0), 1.5, 2.0),
+])
+def test_multi_exit_loss_matches_numpy(weights, distill_weight, t):
+  rng = np.random.RandomState(0)
+  logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
+  labels = rng.randint(0, 5, 6)
+  loss, aux = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, distill_weight, t)
+  ref, ce, distill = reference_loss(logits, labels, weights, distill_weight, t)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(aux['ce']), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(aux['distill']), distill, rtol=1e-5, atol=1e-7)
+
+
+def test_single_exit_distillation_is_zero():
+  logits = jnp.asarray(np.random.RandomState(1).normal(size=(1, 4, 3)), jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 0])
+  loss, aux = losses.multi_exit_loss(logits, labels, (1.0,), 1.0, 2.0)
+  ref, _, _ = reference_loss(logits, np.asarray(labels), (1.0,), 0.0, 1.0)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  assert float(aux['distill']) == 0.0
+
+
+def test_wrong_number_of_weights_raises():
+  with pytest.raises(ValueError):
+    losses.multi_exit_loss(jnp.zeros((3, 2, 4)), jnp.zeros((2,), jnp.int32), (1.0, 1.0))
+
+
+def test_teacher_gets_no_gradient_from_distillation():
+  rng = np.random.RandomState(2)
+  logits = jnp.asarray(rng.normal(0, 2, (4, 5, 6)), jnp.float32)
+  labels = jnp.asarray(rng.randint(0, 6, 5))
+  w = (1.0, 1.0, 1.0, 1.0)
+
+  def distill_only(z):
+    return losses.multi_exit_loss(z, labels, w, 1.0, 3.0)[1]['distill']
+
+  g = np.asarray(jax.grad(distill_only)(logits))
+  assert np.all(g[-1] == 0.0)
+  # In the total loss, the top exit's gradient is its cross-entropy gradient alone.
+  g_total = np.asarray(jax.grad(lambda z: losses.multi_exit_loss(z, labels, w, 1.0, 3.0)[0])(logits))
+  g_ce = np.asarray(jax.grad(lambda z: losses.multi_exit_loss(z, labels, w, 0.0, 3.0)[0])(logits))
+  np.testing.assert_allclose(g_total[-1], g_ce[-1], rtol=1e-5, atol=1e-7)
+  assert np.all(np.abs(g[:-1]).sum(axis=(1, 2)) > 0)
+  # The student gradient of T^2 * mean_k mean_b KL: T * (softmax(z_k/T) - softmax(z_top/T)) / (B (K-1)).
+  t, b, k = 3.0, 5, 4
+  z = np.asarray(logits, np.float64)
+  p = np.exp(_log_softmax(z[-1] / t))
+  for j in range(k - 1):
+    q = np.exp(_log_softmax(z[j] / t))
+    np.testing.assert_allclose(g[j], t * (q - p) / (b * (k - 1)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('spec_id', ['lenet3c1l_tri', 'resnet20'])
+def test_one_pass_exits_equal_separate_masked_forwards(spec_id):
+  """exits(x) (one full-width pass) == [model(x, k) for each k] (K separate prefix forwards)."""
+  b = bundle(spec_id)
+  model = built_model(spec_id)
+  exits = np.asarray(b['exits'])
+  assert exits.shape[0] == model.num_levels
+  for k in range(model.num_levels):
+    assert_close(exits[k], b['forward'][k])
+  assert not np.allclose(exits[0], exits[-1])
