@@ -3,8 +3,8 @@
   python train.py --config configs/lenet5_fashion_mnist.py --workdir runs/lenet5_fmnist
   python evaluate.py --workdir runs/lenet5_fmnist
 
-Expected: top exit about 89% test accuracy in a few minutes on 2 CPU cores
-(the README records the measured numbers).
+Expected: top exit about 91% test accuracy (measured: 88.5 / 90.6 / 91.0 / 91.3% for
+levels 0-3 at 0.13 / 0.34 / 0.62 / 0.98 M MACs) in about 8 minutes on 2 CPU cores.
 """
 from stepnet_jax.config import base_config
 

@@ -54,10 +54,14 @@ class _Builder:
     self.resolved[name] = sizes
     return sizes
 
-  def connectivity(self, out_sizes: LevelSizes, in_sizes: LevelSizes | None = None) -> Connectivity:
-    in_sizes = self.sizes if in_sizes is None else in_sizes
+  def connectivity(self, out_sizes: LevelSizes) -> Connectivity:
     # The image channels are plain inputs: the per-channel triangle applies between hidden layers.
-    return Connectivity(in_sizes, out_sizes, self.triangular and not self.is_input)
+    return Connectivity(self.sizes, out_sizes, self.triangular and not self.is_input)
+
+  @property
+  def spatial(self) -> int:
+    """Positions of the current activation (1 for a vector)."""
+    return self.shape[0] * self.shape[1] if len(self.shape) == 3 else 1
 
   def add(self, name: str, unit, out_sizes: LevelSizes) -> None:
     _, self.shape = unit.delta_macs(self.shape)
@@ -71,12 +75,10 @@ class _Builder:
 
   def dense(self, name, channels) -> None:
     out = self.level_sizes(name, channels)
-    spatial = self.shape[0] * self.shape[1] if len(self.shape) == 3 else 1
-    self.add(name, LevelDense(self.connectivity(out), spatial, rngs=self.rngs), out)
+    self.add(name, LevelDense(self.connectivity(out), self.spatial, rngs=self.rngs), out)
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
-    spatial = self.shape[0] * self.shape[1] if len(self.shape) == 3 else 1
-    return Head(self.sizes, num_classes, spatial, pool=pool, rngs=self.rngs)
+    return Head(self.sizes, num_classes, self.spatial, pool=pool, rngs=self.rngs)
 
 
 def _mlp(b: _Builder, num_classes: int) -> Head:
@@ -127,7 +129,7 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
   stream = b.level_sizes('stage1', 16)
   b.add('stem', LevelConv(b.connectivity(stream), 3, padding='SAME', rngs=b.rngs), stream)
   for s, channels in enumerate((16, 32, 64)):
-    out = b.level_sizes(f'stage{s + 1}', channels)  # stage1: the stem's stream again
+    out = b.level_sizes(f'stage{s + 1}', channels)  # stage1: the stem's stream
     for m in range(3):
       stride = 2 if s > 0 and m == 0 else 1
       mid = b.level_sizes(f'stage{s + 1}.block{m}.mid', channels)
