@@ -7,7 +7,8 @@ Measured side by side, in one run, on the machine at hand:
  (b) sum over k of step-k latency / fastest direct top-level forward, with both the
      masked full-width and the level-block forward reported (target <= 1.15);
  (c) per level, XLA cost-analysis FLOPs of the compiled step / (2 x delta MACs x batch)
-     (target 0.9..1.2): the compiled step k really does only level k's work.
+     (target 0.9..1.2): the compiled step k really does only level k's work;
+ (d) the latency of each level block of the costliest conv layer against the whole layer.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import evaluation, models, stepping, train_lib
+from stepnet_jax import evaluation, layers, models, stepping, train_lib
 from stepnet_jax.api import Stepper
 from stepnet_jax.timing import median_seconds
 
@@ -34,6 +35,26 @@ def compiled_flops(fn, *args) -> float:
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops'])
+
+
+def conv_block_costs(model, x, top: int, repeats: int) -> dict:
+  """Latency of each level block of the model's costliest conv layer, and of the whole layer.
+
+  Outputs are reduced to a scalar inside the jit, so only the convolution is timed.
+  """
+  layer_macs = model.delta_macs().sum(axis=1)[:-1]
+  convs = [i for i, u in enumerate(model.units) if isinstance(u, layers.LevelConv)]
+  if not convs:
+    return {}
+  i = max(convs, key=lambda j: layer_macs[j])
+  unit = model.units[i]
+  features = model.normalize(x)
+  for u in model.units[:i]:
+    features = u(features, top)
+  blocks = [median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features, repeats=repeats)
+            for k in range(top + 1)]
+  whole = median_seconds(jax.jit(lambda f: unit(f, top).sum()), features, repeats=repeats)
+  return {'layer': model.unit_names[i], 'block_ms': [1e3 * t for t in blocks], 'whole_layer_ms': 1e3 * whole}
 
 
 def single_exit_train_step(graphdef, tx):
@@ -100,6 +121,9 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
             for k in range(1, num_levels)]
   flops_masked_top = compiled_flops(functools.partial(stepping.forward, graphdef, level=top), variables, x)
 
+  # (d) where (b) comes from: the costliest conv layer, each level block against the whole layer.
+  conv_layer = conv_block_costs(model, x, top, repeats)
+
   fastest = min(t_masked, t_blocked)
   return {
       'machine': {'backend': jax.default_backend(), 'devices': str(jax.devices()),
@@ -115,6 +139,7 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
                 'ratio': [f / (2.0 * d * batch) for f, d in zip(flops, delta)],
                 'masked_top_forward_ratio_to_kept': flops_masked_top / (2.0 * delta.sum() * batch),
                 'target': '0.9 .. 1.2'},
+      'conv_layer': conv_layer,
   }
 
 
@@ -133,6 +158,10 @@ def format_report(r: dict) -> str:
       + f' (target {f["target"]}); masked top forward does {f["masked_top_forward_ratio_to_kept"]:.2f}x '
       'the kept work',
   ]
+  c = r.get('conv_layer')
+  if c:
+    lines.append(f'(d) {c["layer"]}: level blocks ' + ', '.join(f'{m:.1f}' for m in c['block_ms'])
+                 + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})')
   return '\n'.join(lines)
 
 
