@@ -1,6 +1,7 @@
 """Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png].
 
-Prints a table of test accuracy, MACs, delta MACs and measured step latency per level.
+Prints a table of test accuracy, MACs, delta MACs and measured step latency per level,
+and the delta MACs of every layer at every level.
 """
 from absl import app, flags, logging
 
@@ -28,6 +29,8 @@ def main(argv):
   print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
         f'{len(ds.test_labels)} test images, {net.num_levels} levels')
   print(evaluation.format_table(rows, _LAT_BATCH.value))
+  print('\nMACs per image by layer (BN, ReLU, pooling and additions are not MACs):')
+  print(evaluation.format_layer_macs(net))
   if _JSON.value:
     evaluation.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
                                               'latency_batch': _LAT_BATCH.value})

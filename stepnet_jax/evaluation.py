@@ -41,7 +41,7 @@ def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> l
 def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,
                     latency_batch: int = 1, latency_repeats: int = 20) -> list[dict]:
   """One row per level with keys level, macs, delta_macs, accuracy, latency_ms."""
-  acc = train_lib.exit_accuracy(stepper.graphdef, stepper.variables, images, labels, batch_size)
+  acc = train_lib.exit_accuracy(stepper.functions.exits, stepper.variables, images, labels, batch_size)
   lat = step_latencies(stepper, images[:latency_batch], latency_repeats)
   return [{'level': k, 'macs': stepper.level_macs[k], 'delta_macs': stepper.delta_macs[k],
            'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]} for k in range(stepper.num_levels)]
@@ -53,6 +53,17 @@ def format_table(rows: list[dict], latency_batch: int) -> str:
   for r in rows:
     lines.append(f'{r["level"]:>5} {r["macs"]:>12,} {r["delta_macs"]:>12,} {r["accuracy"]:>9.4f} '
                  f'{r["latency_ms"]:>16.3f}')
+  return '\n'.join(lines)
+
+
+def format_layer_macs(stepper: Stepper) -> str:
+  """Delta MACs per image of every layer at every level, with the totals."""
+  k = stepper.num_levels
+  head = f'{"layer":<18}' + ''.join(f'{f"delta L{j}":>12}' for j in range(k)) + f'{"all levels":>13}'
+  lines = [head, '-' * len(head)]
+  rows = list(zip(stepper.layer_names, stepper.layer_delta_macs)) + [('total', stepper.layer_delta_macs.sum(0))]
+  for name, macs in rows:
+    lines.append(f'{name:<18}' + ''.join(f'{int(m):>12,}' for m in macs) + f'{int(sum(macs)):>13,}')
   return '\n'.join(lines)
 
 

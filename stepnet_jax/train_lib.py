@@ -103,17 +103,20 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTrans
   return train_step
 
 
-def exit_accuracy(graphdef: nnx.GraphDef, variables, images: np.ndarray, labels: np.ndarray,
+def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
                   batch_size: int = 1000) -> np.ndarray:
-  """Eval-mode accuracy of every exit over a dataset split: [K]."""
-  fn = jax.jit(functools.partial(stepping.exits, graphdef))
+  """Eval-mode accuracy of every exit over a dataset split: [K].
+
+  ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``; the last
+  batch is padded so it compiles for one shape.
+  """
   correct = None
   for i in range(0, len(labels), batch_size):
     x, y = images[i:i + batch_size], labels[i:i + batch_size]
     n = len(y)
     if n < batch_size and i:  # pad the last batch: one compiled shape
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-    pred = np.asarray(fn(variables, jnp.asarray(x)).argmax(-1))[:, :n]
+    pred = np.asarray(exits_fn(variables, jnp.asarray(x)).argmax(-1))[:, :n]
     c = (pred == y[None]).sum(axis=1)
     correct = c if correct is None else correct + c
   return correct / len(labels)
@@ -181,6 +184,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   step = int(state.step)
 
   train_step = make_train_step(graphdef, cfg, tx)
+  exits_fn = jax.jit(functools.partial(stepping.exits, graphdef))
   writer = MetricWriter(workdir)
   k = cfg.num_levels
   t_start = time.time()
@@ -193,7 +197,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
 
   def evaluate(s: TrainState) -> np.ndarray:
     variables = nnx.merge_state(s.params, s.batch_stats)
-    return exit_accuracy(graphdef, variables, dataset.test_images, dataset.test_labels, cfg.eval_batch_size)
+    return exit_accuracy(exits_fn, variables, dataset.test_images, dataset.test_labels, cfg.eval_batch_size)
 
   progress = _progress_bar(cfg.progress)
   for epoch in range(step // steps_per_epoch, cfg.num_epochs):
