@@ -61,12 +61,12 @@ class BatchNorm(nnx.Module):
       mean = y.mean(axes)
       var = jnp.maximum((y * y).mean(axes) - mean * mean, 0.0)
       m = BN_MOMENTUM
-      self.mean.value = self.mean.value.at[lo:hi].set(m * self.mean.value[lo:hi] + (1 - m) * jax.lax.stop_gradient(mean))
-      self.var.value = self.var.value.at[lo:hi].set(m * self.var.value[lo:hi] + (1 - m) * jax.lax.stop_gradient(var))
+      self.mean[lo:hi] = m * self.mean[lo:hi] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var[lo:hi] = m * self.var[lo:hi] + (1 - m) * jax.lax.stop_gradient(var)
     else:
-      mean, var = self.mean.value[lo:hi], self.var.value[lo:hi]
-    inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale.value[lo:hi]
-    return (y - mean) * inv + self.bias.value[lo:hi]
+      mean, var = self.mean[lo:hi], self.var[lo:hi]
+    inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale[lo:hi]
+    return (y - mean) * inv + self.bias[lo:hi]
 
 
 class _LinearUnit(nnx.Module):
@@ -82,7 +82,7 @@ class _LinearUnit(nnx.Module):
     return y
 
   def _sliced_kernel(self, in_hi: int, out_lo: int, out_hi: int, mask: np.ndarray | None) -> jax.Array:
-    w = self.kernel.value[..., :in_hi, out_lo:out_hi]
+    w = self.kernel[..., :in_hi, out_lo:out_hi]
     if mask is not None:
       w = w * jnp.asarray(mask, w.dtype)
     return w
@@ -257,16 +257,16 @@ class Head(nnx.Module):
     """Logit contribution of the level-``level`` features (no bias). x: features of levels <= level."""
     lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
     x = self._flat(x[..., lo:hi])
-    return jnp.einsum('bsi,sio->bo', x, self.kernel.value[:, lo:hi])
+    return jnp.einsum('bsi,sio->bo', x, self.kernel[:, lo:hi])
 
   def __call__(self, x, level):
     hi = lv.end(self.in_sizes, level)
-    return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel.value[:, :hi]) + self.bias.value
+    return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[:, :hi]) + self.bias[...]
 
   def exits(self, x: jax.Array) -> jax.Array:
     """All K exits from full-width features: [K, B, classes], cumulative over levels."""
     deltas = jnp.stack([self.contribution(x, k) for k in range(len(self.in_sizes))])
-    return jnp.cumsum(deltas, axis=0) + self.bias.value
+    return jnp.cumsum(deltas, axis=0) + self.bias[...]
 
   def delta_macs(self, in_shape):
     return np.asarray(self.in_sizes, np.int64) * self.spatial * self.num_classes, (self.num_classes,)

@@ -119,7 +119,7 @@ class SteppingModel(nnx.Module):
       x = unit.output(c)
     logits = cache.logits + self.head.contribution(x, level)
     if level == 0:
-      logits = logits + self.head.bias.value
+      logits = logits + self.head.bias[...]
     return StepCache(inputs=cache.inputs, units=tuple(new_units), logits=logits, level=level)
 
   def start(self, x: jax.Array) -> StepCache:
