@@ -40,9 +40,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_configure(config):
-  # flax 0.12 deprecates Variable.value, which the library uses throughout.
-  config.addinivalue_line('filterwarnings', "ignore:'.value' access is now deprecated")
-  config.addinivalue_line('filterwarnings', "ignore:'.value' setter is now deprecated")
+  # flax 0.12 deprecates Variable.value; the library indexes variables instead. Keep it so.
+  config.addinivalue_line('filterwarnings', "error:'.value' access is now deprecated")
+  config.addinivalue_line('filterwarnings', "error:'.value' setter is now deprecated")
   config.addinivalue_line('markers', 'slow: end-to-end training runs')
 
 
