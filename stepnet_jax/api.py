@@ -43,7 +43,6 @@ class Stepper:
 
   def forward(self, x: jax.Array, level: int) -> jax.Array:
     """Direct logits of subnet ``level`` [B, classes] (the faster variant on this backend)."""
-    self._check(level)
     return self.functions.forward_fastest(self.variables, x, level)
 
   def exits(self, x: jax.Array) -> jax.Array:
@@ -67,10 +66,6 @@ class Stepper:
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
     return self.functions.advance(self.variables, cache)
-
-  def _check(self, level: int) -> None:
-    if not 0 <= level < self.num_levels:
-      raise ValueError(f'level must be in [0, {self.num_levels}), got {level}')
 
 
 def load(workdir: str, step: int | None = None) -> Stepper:

@@ -10,7 +10,6 @@ import numpy as np
 
 from stepnet_jax import train_lib
 from stepnet_jax.api import Stepper
-from stepnet_jax.timing import median_seconds
 
 
 def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> list[float]:

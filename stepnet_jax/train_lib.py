@@ -186,7 +186,6 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   train_step = make_train_step(graphdef, cfg, tx)
   exits_fn = jax.jit(functools.partial(stepping.exits, graphdef))
   writer = MetricWriter(workdir)
-  k = cfg.num_levels
   t_start = time.time()
   test_acc = None
 
@@ -233,7 +232,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
     test_acc = evaluate(state)
   writer.close()
   return {'step': step, 'test_accuracy': [float(a) for a in test_acc], 'seconds': time.time() - t_start,
-          'levels': k}
+          'levels': cfg.num_levels}
 
 
 def _progress_bar(enabled: bool):
