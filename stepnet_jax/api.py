@@ -27,19 +27,34 @@ class Stepper:
     self.meta = meta or {}
     self.graphdef, self.variables = stepping.split(model)
     self.num_levels = model.num_levels
+    self.reusable = model.reusable
     self.layer_names = model.layer_names
     self.layer_delta_macs = model.delta_macs()   # [layers, K]
     self.functions = stepping.make_step_functions(self.graphdef, self.num_levels)
 
   @property
   def delta_macs(self) -> tuple[int, ...]:
-    """MACs per input that step k adds (only the connections into level-k neurons)."""
+    """MACs per input that step k adds (only the connections into level-k neurons).
+
+    For a non-reusable model this is only the growth of the subnet; reaching level k
+    costs its whole subnet again (see ``macs_to_reach``).
+    """
     return tuple(int(m) for m in self.layer_delta_macs.sum(axis=0))
 
   @property
   def level_macs(self) -> tuple[int, ...]:
     """Cumulative MACs per input of subnets 0..K-1."""
     return tuple(int(m) for m in np.cumsum(self.delta_macs))
+
+  @property
+  def macs_to_reach(self) -> tuple[int, ...]:
+    """MACs per input spent to get level k's answer after levels 0..k-1.
+
+    Equal to ``level_macs`` for a reusable model; the running sum of every subnet's
+    MACs for a non-reusable (slimmable-style) one, which recomputes each subnet.
+    """
+    macs = self.level_macs
+    return macs if self.reusable else tuple(int(m) for m in np.cumsum(macs))
 
   def forward(self, x: jax.Array, level: int) -> jax.Array:
     """Direct logits of subnet ``level`` [B, classes] (the faster variant on this backend)."""

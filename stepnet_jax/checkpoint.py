@@ -70,6 +70,7 @@ def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
       'input_shape': list(model.input_shape),
       'num_levels': model.num_levels,
       'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
+      'mask_rule': model.reusable,
       'assignment': models.assignment_of(model),
       'mean': list(model.mean),
       'std': list(model.std),
@@ -80,6 +81,7 @@ def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
   return models.build_model(
       meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
       num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
+      mask_rule=meta.get('mask_rule', True),
       mean=meta['mean'], std=meta['std'], seed=seed)
 
 

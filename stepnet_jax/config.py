@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_levels = 4
   c.level_widths = ()              # cumulative channel fractions per level; () = (k+1)/K
   c.triangular = False             # Any-Width-Networks per-channel triangles inside levels
+  c.mask_rule = True               # False: slimmable prefix subnets, private BN each, not reusable
   c.assignment = ''                # JSON text or file: {layer: [sizes per level]}
   # Loss.
   c.exit_weights = ()              # () = all ones
@@ -68,6 +69,7 @@ class Config:
   num_levels: int
   level_widths: tuple[float, ...]
   triangular: bool
+  mask_rule: bool
   assignment: str
   exit_weights: tuple[float, ...]
   distill_weight: float

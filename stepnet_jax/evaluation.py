@@ -1,6 +1,7 @@
 """Per-level evaluation: accuracy, MACs, delta MACs and measured step latency."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepnet_jax import train_lib
+from stepnet_jax import timing, train_lib
 from stepnet_jax.api import Stepper
 
 
@@ -20,6 +21,8 @@ def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> l
   result. Compilation and the first allocation of the cache are excluded.
   """
   x = jnp.asarray(images)
+  if not stepper.reusable:
+    return _recompute_latencies(stepper, x, repeats)
   fns, v = stepper.functions, stepper.variables
   cache = fns.start(v, x)
   for k in range(1, stepper.num_levels):  # compile every level
@@ -37,13 +40,26 @@ def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> l
   return [float(s) for s in np.median(np.asarray(times), axis=0)]
 
 
+def _recompute_latencies(stepper: Stepper, x: jax.Array, repeats: int) -> list[float]:
+  """Per-level seconds of a non-reusable model: each level is a direct forward of its subnet."""
+  out = []
+  for k in range(stepper.num_levels):
+    out.append(timing.median_seconds(functools.partial(stepper.forward, x, k), repeats=repeats))
+  return out
+
+
 def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,
                     latency_batch: int = 1, latency_repeats: int = 20) -> list[dict]:
-  """One row per level with keys level, macs, delta_macs, accuracy, latency_ms."""
+  """One row per level: level, macs, delta_macs, macs_to_reach, accuracy, latency_ms.
+
+  ``latency_ms`` is the cost of getting level k's answer after level k-1's: one step
+  for a reusable model, a whole subnet forward for a recomputing one.
+  """
   acc = train_lib.exit_accuracy(stepper.functions.exits, stepper.variables, images, labels, batch_size)
   lat = step_latencies(stepper, images[:latency_batch], latency_repeats)
   return [{'level': k, 'macs': stepper.level_macs[k], 'delta_macs': stepper.delta_macs[k],
-           'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]} for k in range(stepper.num_levels)]
+           'macs_to_reach': stepper.macs_to_reach[k], 'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]}
+          for k in range(stepper.num_levels)]
 
 
 def format_table(rows: list[dict], latency_batch: int) -> str:

@@ -55,7 +55,8 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
 
-  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool) -> jax.Array:
+  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool, level: int | None = None) -> jax.Array:
+    del level  # shared by every subnet
     axes = tuple(range(y.ndim - 1))
     if train:
       mean = y.mean(axes)
@@ -67,6 +68,26 @@ class BatchNorm(nnx.Module):
       mean, var = self.mean[lo:hi], self.var[lo:hi]
     inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale[lo:hi]
     return (y - mean) * inv + self.bias[lo:hi]
+
+
+class SwitchableBatchNorm(nnx.Module):
+  """One private BatchNorm per subnet, for non-reusable (slimmable-style) layers.
+
+  Without the mask rule a channel's value changes with the subnet, so subnet k keeps
+  its own statistics and affine parameters for its first end(k) channels (Yu et al.).
+  """
+
+  def __init__(self, sizes: Sequence[int]):
+    self.per_level = nnx.List([BatchNorm(lv.end(tuple(sizes), k)) for k in range(len(sizes))])
+
+  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool, level: int | None = None) -> jax.Array:
+    if level is None:
+      raise ValueError('per-subnet batch norm needs the subnet level')
+    return self.per_level[level](y, lo, hi, train)
+
+
+def make_batch_norm(conn: Connectivity, switchable: bool) -> nnx.Module:
+  return SwitchableBatchNorm(conn.out_sizes) if switchable else BatchNorm(sum(conn.out_sizes))
 
 
 class _LinearUnit(nnx.Module):
@@ -87,10 +108,10 @@ class _LinearUnit(nnx.Module):
       w = w * jnp.asarray(mask, w.dtype)
     return w
 
-  def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool) -> jax.Array:
+  def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool, level: int) -> jax.Array:
     in_hi = x.shape[-1]
     y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask))
-    y = self.bn(y, out_lo, out_hi, train)
+    y = self.bn(y, out_lo, out_hi, train, level)
     if self.relu:
       y = jax.nn.relu(y)
     return self._post(y)
@@ -100,14 +121,16 @@ class _LinearUnit(nnx.Module):
     c = self.conn
     if x.shape[-1] != lv.end(c.in_sizes, level):
       raise ValueError(f'expected {lv.end(c.in_sizes, level)} input channels at level {level}, got {x.shape[-1]}')
-    return self._apply(x, 0, lv.end(c.out_sizes, level), c.prefix_mask(level), train)
+    return self._apply(x, 0, lv.end(c.out_sizes, level), c.prefix_mask(level), train, level)
 
   def block(self, x: jax.Array, level: int) -> jax.Array:
     """Eval-mode output channels of exactly level ``level`` (the delta of that level)."""
     c = self.conn
+    if not c.mask_rule:
+      raise ValueError('a layer without the mask rule has no reusable level blocks')
     lo, hi = lv.start(c.out_sizes, level), lv.end(c.out_sizes, level)
     x = x[..., :lv.end(c.in_sizes, level)]
-    return self._apply(x, lo, hi, c.block_mask(level), train=False)
+    return self._apply(x, lo, hi, c.block_mask(level), False, level)
 
   def step(self, cache: jax.Array, x: jax.Array, level: int) -> jax.Array:
     """Update this unit's output buffer with its level-``level`` channels."""
@@ -126,13 +149,13 @@ class LevelConv(_LinearUnit):
   """conv -> BN -> [ReLU] -> [max-pool], kernel [kh, kw, C_in, C_out] (HWIO)."""
 
   def __init__(self, conn: Connectivity, kernel_size: int, *, stride: int = 1, padding: str = 'SAME',
-               pool: int = 0, relu: bool = True, rngs: nnx.Rngs):
+               pool: int = 0, relu: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs):
     self.conn, self.kernel_size, self.stride, self.padding = conn, kernel_size, stride, padding
     self.pool, self.relu = pool, relu
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
     init = jax.nn.initializers.he_normal()
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
-    self.bn = BatchNorm(cout)
+    self.bn = make_batch_norm(conn, switchable_bn)
 
   def _linear(self, x, w):
     if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
@@ -167,12 +190,13 @@ class LevelDense(_LinearUnit):
   layer reading a conv feature map still slices levels on its channel axis.
   """
 
-  def __init__(self, conn: Connectivity, spatial: int, *, relu: bool = True, rngs: nnx.Rngs):
+  def __init__(self, conn: Connectivity, spatial: int, *, relu: bool = True, switchable_bn: bool = False,
+               rngs: nnx.Rngs):
     self.conn, self.spatial, self.relu = conn, spatial, relu
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
     init = jax.nn.initializers.he_normal()
     self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
-    self.bn = BatchNorm(cout)
+    self.bn = make_batch_norm(conn, switchable_bn)
 
   def _linear(self, x, w):
     if 0 in w.shape[-2:]:
@@ -194,13 +218,17 @@ class ResidualBlock(nnx.Module):
   """
 
   def __init__(self, in_sizes, mid_sizes, out_sizes, *, stride: int, triangular: bool = False,
-               rngs: nnx.Rngs):
-    self.conv1 = LevelConv(Connectivity(in_sizes, mid_sizes, triangular), 3, stride=stride, rngs=rngs)
-    self.conv2 = LevelConv(Connectivity(mid_sizes, out_sizes, triangular), 3, relu=False, rngs=rngs)
+               mask_rule: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs):
+    def conn(a, b):
+      return Connectivity(tuple(a), tuple(b), triangular, mask_rule)
+
+    kw = dict(switchable_bn=switchable_bn, rngs=rngs)
+    self.conv1 = LevelConv(conn(in_sizes, mid_sizes), 3, stride=stride, **kw)
+    self.conv2 = LevelConv(conn(mid_sizes, out_sizes), 3, relu=False, **kw)
     self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
     self.shortcut = None if self.identity else LevelConv(
-        Connectivity(in_sizes, out_sizes, triangular), 1, stride=stride, relu=False, rngs=rngs)
-    self.conn = Connectivity(in_sizes, out_sizes, triangular)
+        conn(in_sizes, out_sizes), 1, stride=stride, relu=False, **kw)
+    self.conn = conn(in_sizes, out_sizes)
 
   def __call__(self, x, level, train=False):
     h = self.conv1(x, level, train)

@@ -90,11 +90,20 @@ def levels_of(sizes: LevelSizes) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def connection_mask(in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: bool = False) -> np.ndarray:
-  """Boolean [C_in, C_out] matrix of kept connections (block lower triangular by level)."""
+def connection_mask(in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: bool = False,
+                    mask_rule: bool = True) -> np.ndarray:
+  """Boolean [C_in, C_out] matrix of kept connections (block lower triangular by level).
+
+  ``mask_rule=False`` keeps every connection (slimmable-style prefix subnets, where
+  subnet k uses all connections among its channels and nothing is reusable).
+  """
   if len(in_sizes) != len(out_sizes):
     raise ValueError(f'level counts differ: {in_sizes} vs {out_sizes}')
   lin, lout = levels_of(in_sizes), levels_of(out_sizes)
+  if not mask_rule:
+    mask = np.ones((len(lin), len(lout)), bool)
+    mask.setflags(write=False)
+    return mask
   mask = lin[:, None] <= lout[None, :]
   if triangular:
     for lvl, (a, b) in enumerate(zip(in_sizes, out_sizes)):
@@ -110,14 +119,21 @@ def connection_mask(in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: boo
 
 @dataclasses.dataclass(frozen=True)
 class Connectivity:
-  """Static description of one linear layer's level structure (hashable)."""
+  """Static description of one linear layer's level structure (hashable).
+
+  ``mask_rule=False`` describes a non-reusable (slimmable-style) layer: subnet k is the
+  dense prefix of its first end(k) input and output channels.
+  """
   in_sizes: LevelSizes
   out_sizes: LevelSizes
   triangular: bool = False
+  mask_rule: bool = True
 
   def __post_init__(self):
     if len(self.in_sizes) != len(self.out_sizes):
       raise ValueError(f'level counts differ: {self.in_sizes} vs {self.out_sizes}')
+    if self.triangular and not self.mask_rule:
+      raise ValueError('triangular masks need the mask rule')
 
   @property
   def num_levels(self) -> int:
@@ -125,7 +141,7 @@ class Connectivity:
 
   @property
   def mask(self) -> np.ndarray:
-    return connection_mask(self.in_sizes, self.out_sizes, self.triangular)
+    return connection_mask(self.in_sizes, self.out_sizes, self.triangular, self.mask_rule)
 
   def prefix_mask(self, level: int) -> np.ndarray | None:
     """Mask of subnet ``level``'s kernel slice, or None when it keeps everything."""
@@ -138,10 +154,14 @@ class Connectivity:
     return None if m.all() else m
 
   def kept_connections(self) -> np.ndarray:
-    """Per-level count of kept (input, output) channel pairs into that level's outputs."""
-    b = bounds(self.out_sizes)
-    per_out = self.mask.sum(axis=0)
-    return np.array([per_out[b[k]:b[k + 1]].sum() for k in range(self.num_levels)], dtype=np.int64)
+    """Per level k: kept (input, output) channel pairs of subnet k minus those of subnet k-1.
+
+    With the mask rule these are exactly the connections into level-k outputs (the
+    work of step k); without it, the growth of the dense prefix.
+    """
+    subnet = np.array([self.mask[:end(self.in_sizes, k), :end(self.out_sizes, k)].sum()
+                       for k in range(self.num_levels)], dtype=np.int64)
+    return np.diff(subnet, prepend=0)
 
 
 def check_level_count(sizes: LevelSizes, num_levels: int, name: str) -> None:

@@ -43,7 +43,7 @@ class SteppingModel(nnx.Module):
   def __init__(self, units: Sequence[nnx.Module], unit_names: Sequence[str], head: Head, *,
                input_shape: tuple[int, int, int], num_levels: int,
                mean: Sequence[float], std: Sequence[float],
-               assignment: dict[str, tuple[int, ...]] | None = None):
+               assignment: dict[str, tuple[int, ...]] | None = None, reusable: bool = True):
     if len(units) != len(unit_names):
       raise ValueError('one name per unit')
     self.units = nnx.List(list(units))
@@ -55,6 +55,8 @@ class SteppingModel(nnx.Module):
     self.std = tuple(float(s) for s in std)
     # (layer name, level sizes) pairs: the plain data that rebuilds this structure.
     self.assignment = tuple((k, tuple(v)) for k, v in (assignment or {}).items())
+    # False for slimmable-style models (no mask rule): each subnet is recomputed from scratch.
+    self.reusable = bool(reusable)
 
   @property
   def top(self) -> int:
@@ -81,13 +83,22 @@ class SteppingModel(nnx.Module):
   def __call__(self, x: jax.Array, level: int | None = None, train: bool = False) -> jax.Array:
     """Direct (masked-prefix) forward of subnet ``level``: logits [B, classes]."""
     level = self._check_level(level)
-    if train and level != self.top:
+    if train and level != self.top and self.reusable:
       raise ValueError('train mode runs the full network; use exits() for the lower levels')
     return self.head(self.features(self.normalize(x), level, train), level)
 
-  def exits(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """All exits from one full-width pass: logits [K, B, classes]."""
-    return self.head.exits(self.features(self.normalize(x), self.top, train))
+  def exits(self, x: jax.Array, train: bool = False, levels: Sequence[int] | None = None) -> jax.Array:
+    """Logits of the exits ``levels`` (default all): [len(levels), B, classes].
+
+    A reusable model gets every exit from one full-width pass. A non-reusable
+    (slimmable-style) model runs one forward pass per requested subnet.
+    """
+    levels = tuple(range(self.num_levels)) if levels is None else tuple(self._check_level(k) for k in levels)
+    x = self.normalize(x)
+    if self.reusable:
+      all_exits = self.head.exits(self.features(x, self.top, train))
+      return all_exits if levels == tuple(range(self.num_levels)) else all_exits[jnp.asarray(levels)]
+    return jnp.stack([self.head(self.features(x, k, train), k) for k in levels])
 
   # ---------------------------------------------------------------- stepping
   def _cache_like(self, x):
@@ -109,6 +120,9 @@ class SteppingModel(nnx.Module):
   def step(self, cache: StepCache, level: int) -> StepCache:
     """Compute level ``level`` (must be ``cache.level + 1``) from the cached lower levels."""
     level = self._check_level(level)
+    if not self.reusable:
+      raise ValueError('this model has no mask rule (slimmable-style): its subnets cannot be stepped; '
+                       'use forward(x, level), which recomputes the subnet')
     if cache.level != level - 1:
       raise ValueError(f'cache holds level {cache.level}; cannot step to level {level}')
     x = cache.inputs

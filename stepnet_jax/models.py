@@ -29,6 +29,8 @@ class _Builder:
   level_widths: tuple[float, ...]
   assignment: Assignment
   triangular: bool
+  mask_rule: bool
+  switchable_bn: bool
   rngs: nnx.Rngs
   shape: tuple[int, ...]
   units: list = dataclasses.field(default_factory=list)
@@ -56,7 +58,7 @@ class _Builder:
 
   def connectivity(self, out_sizes: LevelSizes) -> Connectivity:
     # The image channels are plain inputs: the per-channel triangle applies between hidden layers.
-    return Connectivity(self.sizes, out_sizes, self.triangular and not self.is_input)
+    return Connectivity(self.sizes, out_sizes, self.triangular and not self.is_input, self.mask_rule)
 
   @property
   def spatial(self) -> int:
@@ -71,11 +73,13 @@ class _Builder:
 
   def conv(self, name, channels, kernel, **kw) -> None:
     out = self.level_sizes(name, channels)
-    self.add(name, LevelConv(self.connectivity(out), kernel, rngs=self.rngs, **kw), out)
+    self.add(name, LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, rngs=self.rngs,
+                             **kw), out)
 
   def dense(self, name, channels) -> None:
     out = self.level_sizes(name, channels)
-    self.add(name, LevelDense(self.connectivity(out), self.spatial, rngs=self.rngs), out)
+    self.add(name, LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn,
+                              rngs=self.rngs), out)
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
     return Head(self.sizes, num_classes, self.spatial, pool=pool, rngs=self.rngs)
@@ -127,13 +131,15 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
   blocks; the stem writes the first stream. Block inner layers are "stageN.blockM.mid".
   """
   stream = b.level_sizes('stage1', 16)
-  b.add('stem', LevelConv(b.connectivity(stream), 3, padding='SAME', rngs=b.rngs), stream)
+  b.add('stem', LevelConv(b.connectivity(stream), 3, padding='SAME', switchable_bn=b.switchable_bn,
+                          rngs=b.rngs), stream)
   for s, channels in enumerate((16, 32, 64)):
     out = b.level_sizes(f'stage{s + 1}', channels)  # stage1: the stem's stream
     for m in range(3):
       stride = 2 if s > 0 and m == 0 else 1
       mid = b.level_sizes(f'stage{s + 1}.block{m}.mid', channels)
-      unit = ResidualBlock(b.sizes, mid, out, stride=stride, triangular=b.triangular, rngs=b.rngs)
+      unit = ResidualBlock(b.sizes, mid, out, stride=stride, triangular=b.triangular, mask_rule=b.mask_rule,
+                           switchable_bn=b.switchable_bn, rngs=b.rngs)
       b.add(f'stage{s + 1}.block{m}', unit, out)
   return b.head(num_classes, pool='avg')
 
@@ -150,6 +156,7 @@ ARCHITECTURES: dict[str, Callable[[_Builder, int], Head]] = {
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_levels: int,
                 width: float = 1.0, level_widths: Sequence[float] | None = None,
                 assignment: Assignment | None = None, triangular: bool = False,
+                mask_rule: bool = True,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 seed: int = 0) -> SteppingModel:
   """Builds a level-structured model with freshly initialised parameters.
@@ -164,6 +171,9 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
       (default evenly spaced (k+1)/K).
     assignment: explicit level sizes per layer name; overrides width for that layer.
     triangular: Any-Width-Networks per-channel triangular masks inside level blocks.
+    mask_rule: False builds slimmable-style prefix subnets: every connection among a
+      subnet's channels is kept and each subnet has a private BatchNorm, so a wider
+      subnet recomputes everything (not reusable).
     mean, std: per-channel normalisation of [0, 1] inputs (default 0 and 1).
   """
   if name not in ARCHITECTURES:
@@ -175,7 +185,10 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
     raise ValueError(f'{len(level_widths)} level_widths for {num_levels} levels')
   assignment = dict(assignment or {})
   input_shape = tuple(int(s) for s in input_shape)
-  b = _Builder(num_levels, float(width), level_widths, assignment, triangular, nnx.Rngs(seed), input_shape)
+  if triangular and not mask_rule:
+    raise ValueError('triangular masks need the mask rule')
+  b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, not mask_rule,
+               nnx.Rngs(seed), input_shape)
   head = ARCHITECTURES[name](b, num_classes)
   unknown = set(assignment) - set(b.resolved)
   if unknown:
@@ -183,7 +196,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   channels = input_shape[-1]
   return SteppingModel(b.units, b.names, head, input_shape=input_shape, num_levels=num_levels,
                        mean=mean or (0.0,) * channels, std=std or (1.0,) * channels,
-                       assignment=b.resolved)
+                       assignment=b.resolved, reusable=mask_rule)
 
 
 def assignment_of(model: SteppingModel) -> dict[str, list[int]]:

@@ -36,7 +36,8 @@ def build_model_for(cfg: Config, dataset: data.Dataset) -> SteppingModel:
   return models.build_model(
       cfg.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
       num_levels=cfg.num_levels, width=cfg.width, level_widths=cfg.level_widths or None,
-      assignment=cfg.assignment_dict(), triangular=cfg.triangular, mean=mean, std=std, seed=cfg.seed)
+      assignment=cfg.assignment_dict(), triangular=cfg.triangular,
+      mask_rule=cfg.mask_rule, mean=mean, std=std, seed=cfg.seed)
 
 
 def learning_rate_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -77,13 +78,20 @@ def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
   return jnp.where(flip, out[:, :, ::-1], out)
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation):
-  """Jitted ``(state, images, labels) -> (state, metrics)``; state is donated."""
-  weights = cfg.weights
+def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation,
+                    levels: tuple[int, ...] | None = None):
+  """Jitted ``(state, images, labels) -> (state, metrics)``; state is donated.
+
+  ``levels`` (static) restricts the loss to those exits (default: all K, weighted by
+  ``cfg.exit_weights``); the non-uniform baseline trains one sampled subnet per epoch.
+  Metrics' ``accuracy`` has one entry per trained exit.
+  """
+  levels = tuple(range(cfg.num_levels)) if levels is None else tuple(levels)
+  weights = tuple(cfg.weights[k] for k in levels)
 
   def loss_fn(params, batch_stats, images, labels):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits = model.exits(images, train=True)  # [K, B, classes], one pass
+    logits = model.exits(images, train=True, levels=levels)  # [len(levels), B, classes]
     loss, aux = losses.multi_exit_loss(logits, labels, weights, cfg.distill_weight, cfg.distill_temperature)
     new_stats = nnx.state(model, nnx.BatchStat)
     return loss, (logits, aux, new_stats)
