@@ -1,13 +1,15 @@
 """Train a stepping network: python train.py --config configs/NAME.py --workdir DIR.
 
-Every config field can be overridden, e.g. --config.num_epochs=2. A workdir that
-already holds checkpoints resumes from the latest one.
+Every config field can be overridden, e.g. --config.num_epochs=2. ``method`` picks
+plain joint training of a given assignment (a workdir that already holds checkpoints
+resumes from the latest one), SteppingNet construction under MAC budgets, or the
+non-uniform baseline (these two start over in a fresh workdir).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import train_lib
+from stepnet_jax import methods
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -18,9 +20,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   cfg = config_lib.from_dict(_CONFIG.value)
-  result = train_lib.train_and_evaluate(cfg, _WORKDIR.value)
+  result = methods.train(cfg, _WORKDIR.value)
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])
-  print(f'done: step {result["step"]}, test accuracy per level {acc}, {result["seconds"]:.0f} s')
+  step = f'step {result["step"]}, ' if 'step' in result else ''
+  print(f'done: {step}test accuracy per level {acc}, {result["seconds"]:.0f} s')
 
 
 if __name__ == '__main__':

@@ -33,6 +33,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.triangular = False             # Any-Width-Networks per-channel triangles inside levels
   c.mask_rule = True               # False: slimmable prefix subnets, private BN each, not reusable
   c.assignment = ''                # JSON text or file: {layer: [sizes per level]}
+  # How the levels are made (train.py dispatches on it):
+  #   'joint': train the given assignment, all exits jointly (also AWN, slimmable, plain nets);
+  #   'steppingnet': construct levels by importance under MAC budgets (construct.py);
+  #   'nonuniform': Yang & Fan's single-path non-uniform subnets (nonuniform.py).
+  c.method = 'joint'
+  c.budgets = ()                   # cumulative MAC budgets, fractions of the dense base network at `width`
+  # SteppingNet construction.
+  c.widen = 2.0                    # widening factor of the base network before construction
+  c.importance = 'taylor'          # taylor | class
+  c.importance_examples = 512      # training examples (per class for 'class') per importance evaluation
+  c.class_threshold = 0.5          # class-based: score > this x the layer's mean counts a class
+  c.construct_rounds = 4           # importance -> move neurons -> retrain rounds
+  c.pretrain_epochs = 1.0          # epochs with every neuron at level 0, before the first round
+  c.round_epochs = 0.25            # retraining after each round; the rest of num_epochs fine-tunes
+  c.finetune_distill_weight = 0.0  # distillation from the top exit while fine-tuning (0 = distill_weight)
+  # Non-uniform subnets (single path).
+  c.nonuniform_cycles = 2          # round-robin passes over the subnets after the channel ranking
+  c.recalibrate_batches = 50       # train-mode batches that refresh each subnet's BN statistics
   # Loss.
   c.exit_weights = ()              # () = all ones
   c.distill_weight = 0.0
@@ -71,6 +89,18 @@ class Config:
   triangular: bool
   mask_rule: bool
   assignment: str
+  method: str
+  budgets: tuple[float, ...]
+  widen: float
+  importance: str
+  importance_examples: int
+  class_threshold: float
+  construct_rounds: int
+  pretrain_epochs: float
+  round_epochs: float
+  finetune_distill_weight: float
+  nonuniform_cycles: int
+  recalibrate_batches: int
   exit_weights: tuple[float, ...]
   distill_weight: float
   distill_temperature: float
@@ -121,7 +151,7 @@ def from_dict(cfg: Mapping[str, Any]) -> Config:
     raise ValueError(f'unknown config keys: {sorted(unknown)}')
   merged = base_config().to_dict()
   merged.update(d)
-  for key in ('level_widths', 'exit_weights', 'step_decay_at'):
+  for key in ('level_widths', 'exit_weights', 'step_decay_at', 'budgets'):
     merged[key] = _as_tuple(merged[key])
   c = Config(**merged)
   if c.num_levels < 1:
@@ -136,6 +166,15 @@ def from_dict(cfg: Mapping[str, Any]) -> Config:
     raise ValueError(f'unknown optimizer {c.optimizer!r}')
   if c.schedule not in ('cosine', 'step', 'constant'):
     raise ValueError(f'unknown schedule {c.schedule!r}')
+  if c.method not in ('joint', 'steppingnet', 'nonuniform'):
+    raise ValueError(f'unknown method {c.method!r}; choose joint, steppingnet or nonuniform')
+  if c.method != 'joint' and len(c.budgets) != c.num_levels:
+    raise ValueError(f'method {c.method} needs one budget per level: {len(c.budgets)} budgets, '
+                     f'{c.num_levels} levels')
+  if c.importance not in ('taylor', 'class'):
+    raise ValueError(f'unknown importance {c.importance!r}; choose taylor or class')
+  if c.widen < 1.0 or c.construct_rounds < 1:
+    raise ValueError('widen must be >= 1 and construct_rounds >= 1')
   if c.batch_size < 1 or c.num_epochs < 0:
     raise ValueError('batch_size must be >= 1 and num_epochs >= 0')
   return c

@@ -40,7 +40,12 @@ def build_model_for(cfg: Config, dataset: data.Dataset) -> SteppingModel:
       mask_rule=cfg.mask_rule, mean=mean, std=std, seed=cfg.seed)
 
 
-def learning_rate_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: Config, steps_per_epoch: int, step_offset: int = 0) -> optax.Schedule:
+  """The config's schedule over ``num_epochs``; ``step_offset`` shifts it for a phase
+  whose optimizer starts counting at 0 in the middle of training (construction)."""
+  if step_offset:
+    base = learning_rate_schedule(cfg, steps_per_epoch)
+    return lambda count: base(count + step_offset)
   total = max(1, cfg.num_epochs * steps_per_epoch)
   warmup = int(cfg.warmup_epochs * steps_per_epoch)
   if cfg.schedule == 'cosine':
@@ -55,8 +60,8 @@ def learning_rate_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), main], [warmup])
 
 
-def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-  lr = learning_rate_schedule(cfg, steps_per_epoch)
+def make_optimizer(cfg: Config, steps_per_epoch: int, step_offset: int = 0) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(cfg, steps_per_epoch, step_offset)
   if cfg.optimizer == 'sgd':
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum, nesterov=False))
@@ -153,19 +158,108 @@ def _per_level(prefix: str, values) -> dict[str, float]:
   return {f'{prefix}/level{k}': float(v) for k, v in enumerate(values)}
 
 
+def batch_indices(step: int, steps_per_epoch: int, n_train: int, batch_size: int, seed: int) -> np.ndarray:
+  """Training examples of global step ``step``: a slice of its epoch's seeded permutation."""
+  epoch, i = divmod(step, steps_per_epoch)
+  return np.sort(_epoch_order(seed + epoch, n_train)[i * batch_size:(i + 1) * batch_size])
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, n_train: int) -> np.ndarray:
+  return np.random.RandomState(seed).permutation(n_train)
+
+
+def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config, first: int, last: int,
+              steps_per_epoch: int, writer: MetricWriter | None, progress, desc: str,
+              levels: tuple[int, ...] | None = None) -> TrainState:
+  """Runs global steps ``[first, last)``, logging every ``cfg.log_every_steps`` and at the end.
+
+  ``state.step`` must equal ``first``; batches depend only on the global step and the
+  seed, so a run split into pieces (resumed, or in construction phases) sees the same
+  data. ``levels`` names the exits ``train_step`` trains (default all), for the logs.
+  """
+  n_train = len(dataset.train_labels)
+  levels = tuple(range(cfg.num_levels)) if levels is None else levels
+  bar = progress(total=last - first, initial=0, desc=desc)
+  window_t, window_n, window_metrics = time.time(), 0, []
+  for step in range(first, last):
+    idx = batch_indices(step, steps_per_epoch, n_train, cfg.batch_size, cfg.seed)
+    state, metrics = train_step(state, jnp.asarray(dataset.train_images[idx]), jnp.asarray(dataset.train_labels[idx]))
+    window_n += len(idx)
+    window_metrics.append(metrics)
+    if (step + 1) % cfg.log_every_steps == 0 or step == last - 1:
+      m = jax.device_get(window_metrics)
+      if not np.isfinite(m[-1]['loss']):
+        raise FloatingPointError(f'loss became {m[-1]["loss"]} at step {step + 1}')
+      loss = float(np.mean([x['loss'] for x in m]))
+      acc = np.mean([x['accuracy'] for x in m], axis=0)
+      ips = window_n / max(time.time() - window_t, 1e-9)
+      if writer is not None:
+        writer.write(step + 1, {'train/loss': loss, 'train/images_per_sec': ips,
+                                **{f'train/accuracy/level{k}': float(a) for k, a in zip(levels, acc)}})
+      bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
+      window_t, window_n, window_metrics = time.time(), 0, []
+    bar.update(1)
+  bar.close()
+  return state
+
+
+def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
+  """The config's dataset (loaded unless given), subset as configured, and steps per epoch."""
+  if dataset is None:
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None)
+  dataset = data.subset(dataset, cfg.train_subset, cfg.test_subset, cfg.seed)
+  steps_per_epoch = len(dataset.train_labels) // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {cfg.batch_size} exceeds the {len(dataset.train_labels)} training images')
+  return dataset, steps_per_epoch
+
+
+def train_phase(model: SteppingModel, cfg: Config, dataset: data.Dataset, first: int, last: int,
+                steps_per_epoch: int, writer: MetricWriter | None, desc: str,
+                levels: tuple[int, ...] | None = None) -> SteppingModel:
+  """Trains ``model`` for global steps ``[first, last)`` with a fresh optimizer state.
+
+  For multi-phase methods whose structure changes between phases: the learning rate
+  follows the config's schedule at the global step, the optimizer moments restart.
+  """
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  tx = make_optimizer(cfg, steps_per_epoch, step_offset=first)
+  state = TrainState(jnp.asarray(first, jnp.int32), params, stats, tx.init(params))
+  step_fn = make_train_step(graphdef, cfg, tx, levels=levels)
+  state = run_steps(state, step_fn, dataset, cfg, first, last, steps_per_epoch, writer,
+                    progress_bar(cfg.progress), desc, levels=levels)
+  return nnx.merge(graphdef, state.params, state.batch_stats)
+
+
+def save_final(model: SteppingModel, model_meta: dict, cfg: Config, dataset: data.Dataset, workdir: str,
+               step: int, steps_per_epoch: int, writer: MetricWriter | None = None) -> np.ndarray:
+  """Evaluates every exit on the test split and saves the model as a standard checkpoint.
+
+  The checkpoint (model item and meta, no optimizer state) loads with
+  ``stepnet_jax.load`` and ``evaluate.py`` like any training run.
+  """
+  exits = jax.jit(functools.partial(stepping.exits, nnx.graphdef(model)))
+  test_acc = exit_accuracy(exits, nnx.state(model), dataset.test_images, dataset.test_labels, cfg.eval_batch_size)
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  meta = {'config': cfg.to_dict(), 'model_meta': model_meta, 'dataset': dataset.name,
+          'steps_per_epoch': steps_per_epoch}
+  checkpoint.save(checkpoint.manager(workdir, cfg.keep_checkpoints), step, {
+      'model': {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(stats)}}, meta)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
+  if writer is not None:
+    writer.write(step, _per_level('test/accuracy', test_acc))
+  return test_acc
+
+
 def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 
   Returns a dict with the final per-level test accuracy, the step and the wall time.
   """
   os.makedirs(workdir, exist_ok=True)
-  if dataset is None:
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None)
-  dataset = data.subset(dataset, cfg.train_subset, cfg.test_subset, cfg.seed)
-  n_train = len(dataset.train_labels)
-  steps_per_epoch = n_train // cfg.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'batch_size {cfg.batch_size} exceeds the {n_train} training images')
+  dataset, steps_per_epoch = prepare_data(cfg, dataset)
   total_steps = steps_per_epoch * cfg.num_epochs
 
   model = build_model_for(cfg, dataset)
@@ -206,32 +300,11 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
     variables = nnx.merge_state(s.params, s.batch_stats)
     return exit_accuracy(exits_fn, variables, dataset.test_images, dataset.test_labels, cfg.eval_batch_size)
 
-  progress = _progress_bar(cfg.progress)
+  progress = progress_bar(cfg.progress)
   for epoch in range(step // steps_per_epoch, cfg.num_epochs):
-    order = np.random.RandomState(cfg.seed + epoch).permutation(n_train)
-    first = step - epoch * steps_per_epoch
-    bar = progress(total=steps_per_epoch, initial=first, desc=f'epoch {epoch + 1}/{cfg.num_epochs}')
-    window_t, window_n, window_metrics = time.time(), 0, []
-    for i in range(first, steps_per_epoch):
-      idx = np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-      state, metrics = train_step(state, jnp.asarray(dataset.train_images[idx]),
-                                  jnp.asarray(dataset.train_labels[idx]))
-      step += 1
-      window_n += cfg.batch_size
-      window_metrics.append(metrics)
-      if step % cfg.log_every_steps == 0 or i == steps_per_epoch - 1:
-        m = jax.device_get(window_metrics)
-        if not np.isfinite(m[-1]['loss']):
-          raise FloatingPointError(f'loss became {m[-1]["loss"]} at step {step}')
-        loss = float(np.mean([x['loss'] for x in m]))
-        acc = np.mean([x['accuracy'] for x in m], axis=0)
-        ips = window_n / max(time.time() - window_t, 1e-9)
-        scalars = {'train/loss': loss, 'train/images_per_sec': ips, **_per_level('train/accuracy', acc)}
-        writer.write(step, scalars)
-        bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
-        window_t, window_n, window_metrics = time.time(), 0, []
-      bar.update(1)
-    bar.close()
+    state = run_steps(state, train_step, dataset, cfg, step, (epoch + 1) * steps_per_epoch, steps_per_epoch,
+                      writer, progress, f'epoch {epoch + 1}/{cfg.num_epochs}')
+    step = int(state.step)
     test_acc = evaluate(state)
     writer.write(step, {'epoch': epoch + 1, **_per_level('test/accuracy', test_acc)})
     print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
@@ -243,7 +316,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
           'levels': cfg.num_levels}
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
   if enabled:
     from tqdm.auto import tqdm
     return functools.partial(tqdm, dynamic_ncols=True, leave=True)

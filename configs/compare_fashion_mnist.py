@@ -1,0 +1,34 @@
+"""SteppingNet against AWN, slimmable, non-uniform and independent networks on Fashion-MNIST.
+
+  python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir runs/compare
+  python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir /tmp/cmp --quick
+
+LeNet-3C1L (32 filters = 7,146,624 MACs dense); budgets are AWN's four width points on
+its sqrt(2)-widened triangular network plus 0.15 and 0.42. Every method trains for
+`common.num_epochs` epochs with the same optimiser (Adam, cosine) and batch size;
+`--config.awn.recipe=published` gives AWN its SGD recipe instead. Expected and
+measured results: see the README's comparison section.
+"""
+import math
+
+import ml_collections
+
+from stepnet_jax.config import base_config
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.common = base_config()
+  c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=4, batch_size=128, learning_rate=2e-3,
+                       schedule='cosine', log_every_steps=50))
+  c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
+  c.extra_budgets = (0.15, 0.42)
+  c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common'))
+  c.steppingnet = ml_collections.ConfigDict(dict(
+      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, construct_rounds=4,
+      pretrain_epochs=1.0, round_epochs=0.25, finetune_distill_weight=0.0))
+  c.nonuniform = ml_collections.ConfigDict(dict(pretrain_epochs=1.0, nonuniform_cycles=2, recalibrate_batches=50))
+  # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
+  c.quick = ml_collections.ConfigDict(dict(width=0.25, train_subset=1024, test_subset=500, num_epochs=2,
+                                           batch_size=64, eval_batch_size=500, progress=False))
+  return c

@@ -1,0 +1,231 @@
+"""SteppingNet construction: MAC counts from level counts, budgets, the greedy fill,
+re-levelling trained weights, and importance scores against finite differences."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import testlib
+from stepnet_jax import budgets, checkpoint, config, construct, data, importance, models, surgery
+from stepnet_jax import levels as lv
+
+
+def _macs_by_layers(model):
+  """Cumulative subnet MACs from the layers' own mask-based counts."""
+  return np.cumsum(model.delta_macs().sum(0))
+
+
+@pytest.mark.parametrize('name,layers,mask_rule', [
+    ('lenet3c1l', testlib.LENET3, True), ('lenet5', testlib.LENET5, True), ('mlp', ('fc1', 'fc2'), True),
+    ('lenet3c1l', testlib.LENET3, False), ('lenet5', testlib.LENET5, False)])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_mac_model_matches_layer_counts(name, layers, mask_rule, seed):
+  assignment = dict(testlib.random_assignment(layers, 4, seed=seed, low=1, high=5, allow_zero=True))
+  model = nnx.eval_shape(lambda: models.build_model(name, num_classes=10, input_shape=testlib.MNIST_SHAPE,
+                                                    num_levels=4, assignment=assignment, mask_rule=mask_rule))
+  mm = budgets.MacModel.of(model)
+  got = mm.subnet_macs([assignment[n] for n in mm.names])
+  np.testing.assert_array_equal(got, _macs_by_layers(model))
+
+
+def _lenet(num_levels, sizes, seed=0):
+  with testlib.numpy_initializers(seed):
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
+                               assignment=sizes, mean=(0.3,), std=(0.3,), seed=seed)
+  return testlib.randomize(model, seed)
+
+
+def _meta(model):
+  return checkpoint.model_meta(model, 'lenet3c1l', 10)
+
+
+def test_assign_levels_meets_every_budget_within_one_neuron():
+  k = 4
+  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3})
+  mm = budgets.MacModel.of(model)
+  full = mm.subnet_macs([budgets.level_sizes_for(12, k)] * 3)[0]
+  targets = np.array([0.05, 0.2, 0.45, 0.8]) * full
+  rng = np.random.RandomState(0)
+  scores = {n: rng.uniform(size=12) for n in testlib.LENET3}
+  start = surgery.neuron_levels(model)
+  new = construct.assign_levels(start, scores, mm, targets)
+  rebuilt, _ = surgery.relevel(model, _meta(model), new)
+  macs = _macs_by_layers(rebuilt)   # counted by the layers' masks, not by MacModel
+  assert np.all(macs <= targets), (macs, targets)
+  for n in testlib.LENET3:
+    assert np.all((new[n] >= start[n]) | (new[n] == surgery.REMOVED)), 'neurons only move up'
+    assert np.sum(new[n] == 0) >= 1, 'every layer keeps a level-0 neuron'
+  # Moves go one level at a time, levels in order, so the neurons that started at or
+  # below `lvl` and ended above it (or removed) are exactly those moved out of `lvl`,
+  # in ascending score. Putting the last (highest-score) one back breaks the budget:
+  # the fill stopped at the first move that met it.
+  for lvl in range(k):
+    moved = [(scores[n][i], n, i) for n in testlib.LENET3 for i in range(12)
+             if start[n][i] <= lvl and (new[n][i] == surgery.REMOVED or new[n][i] > lvl)]
+    if not moved:
+      continue
+    _, n, i = max(moved)
+    undo = {m: v.copy() for m, v in new.items()}
+    undo[n][i] = lvl
+    assert mm.subnet_macs(mm.counts_of(undo, k))[lvl] > targets[lvl], f'level {lvl}: the fill overshot'
+
+
+def test_check_budgets_rejects_infeasible():
+  k = 3
+  model = _lenet(k, {n: budgets.level_sizes_for(8, k) for n in testlib.LENET3})
+  mm = budgets.MacModel.of(model)
+  base = budgets.dense_macs('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10, width=0.25)
+  ok = budgets.check_budgets((0.1, 0.5, 1.0), base, mm, [8, 8, 8])
+  np.testing.assert_allclose(ok, np.array([0.1, 0.5, 1.0]) * base)
+  with pytest.raises(ValueError, match='strictly increasing'):
+    budgets.check_budgets((0.5, 0.4, 1.0), base, mm, [8, 8, 8])
+  with pytest.raises(ValueError, match='one neuron per layer'):
+    budgets.check_budgets((1e-4, 0.5, 1.0), base, mm, [8, 8, 8])
+  with pytest.raises(ValueError, match='exceeds the widened network'):
+    budgets.check_budgets((0.1, 0.5, 1.5), base, mm, [8, 8, 8])
+
+
+def test_construct_rejects_infeasible_budgets_before_training(tmp_path, monkeypatch):
+  ds = data.load_dataset('digits')
+  cfg = config.from_dict(dict(method='steppingnet', dataset='digits', model='mlp', width=0.1, num_levels=2,
+                              budgets=(0.2, 5.0), widen=2.0, num_epochs=1, batch_size=32, progress=False))
+  monkeypatch.setattr(construct.train_lib, 'train_phase', lambda *a, **k: pytest.fail('trained'))
+  with pytest.raises(ValueError, match='exceeds the widened network'):
+    construct.construct(cfg, str(tmp_path), ds)
+
+
+def test_relevel_unchanged_levels_is_identity():
+  model = testlib.built_model('lenet3c1l')
+  same, _ = surgery.relevel(model, _meta(model), surgery.neuron_levels(model))
+  x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
+  testlib.assert_close(same.exits(x), model.exits(x))
+
+
+def test_relevel_move_up_equals_hand_zeroed_connections():
+  """Moving neurons up (and removing some) equals the old net with those links cut by hand."""
+  model = testlib.built_model('lenet3c1l')
+  levels = surgery.neuron_levels(model)
+  k = model.num_levels
+  new = {n: v.copy() for n, v in levels.items()}
+  moved = {}
+  for n in testlib.LENET3:
+    cands = np.nonzero(levels[n] < k - 1)[0]
+    i = int(cands[-1])
+    new[n][i] = levels[n][i] + 1
+    moved[n] = i
+  top_idx = np.nonzero(levels['conv3'] == k - 1)[0]
+  removed = int(top_idx[0]) if len(top_idx) else None
+  if removed is not None:
+    new['conv3'][removed] = surgery.REMOVED
+  rebuilt, _ = surgery.relevel(model, _meta(model), new)
+
+  # Expected: the old parameters, masked, with the links the new levels forbid set to 0.
+  ref = nnx.clone(model)
+  names = list(testlib.LENET3)
+  for li, n in enumerate(names):
+    unit = ref.units[li]
+    w = np.asarray(unit.kernel[...]) * unit.conn.mask
+    prev_new = new[names[li - 1]] if li else np.zeros(w.shape[-2], np.int64)
+    for i in range(w.shape[-2]):
+      for o in range(w.shape[-1]):
+        if prev_new[i] == surgery.REMOVED or new[n][o] == surgery.REMOVED or prev_new[i] > new[n][o]:
+          w[..., i, o] = 0.0
+    unit.kernel[...] = jnp.asarray(w)
+  head = np.asarray(ref.head.kernel[...]).copy()
+  if removed is not None:
+    head[:, removed] = 0.0
+  ref.head.kernel[...] = jnp.asarray(head)
+  x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
+  testlib.assert_close(rebuilt(x), ref(x))   # top-level logits
+
+
+def _per_example_loss(model, x, y, weights):
+  logits = model.exits(x)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[None, :])
+  return (jnp.asarray(weights)[:, None] * ce).sum(0)   # [B]
+
+
+def _finite_difference(model, x, y, weights, layer, channel, eps=1e-3):
+  """d L_b / d eps of scaling one channel's output by (1 + eps), per example, through
+  its BN scale and bias (ReLU and max-pool are positively homogeneous)."""
+  out = []
+  for sign in (1.0, -1.0):
+    m = nnx.clone(model)
+    bn = m.units[layer].bn
+    f = 1.0 + sign * eps
+    bn.scale[channel] = bn.scale[channel] * f
+    bn.bias[channel] = bn.bias[channel] * f
+    out.append(np.asarray(_per_example_loss(m, x, y, weights), np.float64))
+  return (out[0] - out[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize('spec_id', ['mlp', 'lenet3c1l'])
+def test_taylor_scores_match_finite_differences(spec_id):
+  model = testlib.built_model(spec_id)
+  x = testlib.images(model.input_shape, batch=6, seed=3)
+  y = np.arange(6) % 10
+  w = tuple(float(v) for v in np.linspace(1.0, 2.0, model.num_levels))
+  got = importance.taylor_scores(model, x, y, w)
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+  for layer in range(len(model.units)):
+    c_count = got[layer].shape[0]
+    for c in sorted({0, c_count // 2, c_count - 1}):
+      fd = _finite_difference(model, xj, yj, w, layer, c)
+      np.testing.assert_allclose(got[layer][c], np.abs(fd).mean(), rtol=2e-2, atol=1e-6,
+                                 err_msg=f'layer {layer} channel {c}')
+
+
+def test_class_based_importance_counts_classes_above_threshold():
+  """MLP (one position per channel): per class, |mean_b dL_b/d eps| by finite differences."""
+  model = testlib.built_model('mlp')
+  x = testlib.images(model.input_shape, batch=12, seed=5)
+  y = np.arange(12) % 3
+  w = (1.0,) * model.num_levels
+  raw = importance.class_scores(model, x, y, w, num_classes=3)
+  for layer in range(len(model.units)):
+    c_count = raw[layer].shape[1]
+    fd = np.zeros((3, c_count))
+    for c in range(c_count):
+      d = _finite_difference(model, jnp.asarray(x), jnp.asarray(y), w, layer, c)
+      fd[:, c] = [abs(d[y == k].mean()) for k in range(3)]
+    np.testing.assert_allclose(raw[layer], fd, rtol=2e-2, atol=1e-6)
+  scores = importance.importance(model, x, y, method='class', weights=w, num_classes=3, class_threshold=0.5)
+  for layer, name in enumerate(model.unit_names):
+    s = raw[layer]
+    counts = (s > 0.5 * s.mean()).sum(0)
+    np.testing.assert_array_equal(np.floor(scores[name]), counts)
+    assert np.all(scores[name] - counts < 1.0)
+
+
+def test_round_targets_reach_budgets_geometrically():
+  cur = np.array([100.0, 100.0])
+  b = np.array([10.0, 40.0])
+  t1 = construct.round_targets(cur, b, 1, 2)
+  np.testing.assert_allclose(t1, np.floor([100 * (0.1 ** 0.5), 100 * (0.4 ** 0.5)]))
+  np.testing.assert_array_equal(construct.round_targets(cur, b, 2, 2), b)
+
+
+def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
+  import stepnet_jax
+  ds = data.load_dataset('digits')
+  cfg = config.from_dict(dict(method='steppingnet', dataset='digits', model='mlp', width=0.125, num_levels=3,
+                              budgets=(0.15, 0.4, 0.9), widen=2.0, num_epochs=3, batch_size=64,
+                              learning_rate=3e-3, pretrain_epochs=1.0, round_epochs=0.5, construct_rounds=2,
+                              importance_examples=128, progress=False, log_every_steps=5))
+  result = construct.construct(cfg, str(tmp_path), ds)
+  net = stepnet_jax.load(str(tmp_path))
+  macs = np.asarray(net.level_macs)
+  np.testing.assert_array_equal(macs, result['level_macs'])
+  assert np.all(macs <= np.asarray(result['budget_macs']))
+  assert net.reusable and net.meta['config']['method'] == 'steppingnet'
+  # stepping the constructed net gives the direct subnet logits
+  x = jnp.asarray(ds.test_images[:8])
+  cache = net.start(x)
+  for lvl in range(1, net.num_levels):
+    cache = net.advance(cache)
+  testlib.assert_close(cache.logits, net.forward(x, net.num_levels - 1))
+  assert result['test_accuracy'][-1] > 0.5
