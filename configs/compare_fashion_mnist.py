@@ -21,14 +21,21 @@ def get_config():
   c.common = base_config()
   c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=4, batch_size=128, learning_rate=2e-3,
                        schedule='cosine', log_every_steps=50))
-  c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
+  c.methods = ('steppingnet', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
   c.extra_budgets = (0.15, 0.42)
-  c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common'))
+  c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
+                                         sandwich_widths=2))
   c.steppingnet = ml_collections.ConfigDict(dict(
-      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, construct_rounds=4,
+      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, rank_per_mac=False,
+      construct_rounds=4,
       pretrain_epochs=1.0, round_epochs=0.25, finetune_distill_weight=0.0))
   c.nonuniform = ml_collections.ConfigDict(dict(pretrain_epochs=1.0, nonuniform_cycles=2, recalibrate_batches=50))
   # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
-  c.quick = ml_collections.ConfigDict(dict(width=0.25, train_subset=1024, test_subset=500, num_epochs=2,
-                                           batch_size=64, eval_batch_size=500, progress=False))
+  # Its fields override the ones above (sections merge).
+  c.quick = ml_collections.ConfigDict(dict(
+      common=dict(width=0.25, train_subset=512, test_subset=300, num_epochs=2, batch_size=64,
+                  eval_batch_size=300, progress=False),
+      extra_budgets=(),
+      steppingnet=dict(construct_rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128),
+      nonuniform=dict(pretrain_epochs=0.5, nonuniform_cycles=1, recalibrate_batches=5)))
   return c

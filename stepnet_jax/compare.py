@@ -9,6 +9,8 @@ DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 * steppingnet: levels constructed by importance under the budgets (``construct.py``).
 * awn: Any-Width Networks: triangular masks, base widened by ``awn.widen``, widths
   ``awn.widths``, all widths trained every batch. Its level MACs are the budget points.
+* awn_sandwich: the same network trained with the sandwich rule: per batch the
+  smallest and largest width and ``awn.sandwich_widths`` random widths.
 * slimmable: uniform prefix subnets without the mask rule, a private BN per width, one
   forward pass per width per batch; widths are the widest uniform plans that fit each
   budget. Recomputes: stepping to level k costs every subnet up to k.
@@ -20,11 +22,13 @@ plus ``extra_budgets``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import numpy as np
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -33,8 +37,9 @@ from stepnet_jax import budgets as budgets_lib
 from stepnet_jax import config as config_lib
 from stepnet_jax import data, evaluation, methods, models
 
-METHODS = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
-REUSING = {'steppingnet': True, 'awn': True, 'slimmable': False, 'nonuniform': False, 'independent': False}
+METHODS = ('steppingnet', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
+REUSING = {'steppingnet': True, 'awn': True, 'awn_sandwich': True, 'slimmable': False, 'nonuniform': False,
+           'independent': False}
 
 
 def _config(common: dict, **overrides) -> config_lib.Config:
@@ -86,6 +91,7 @@ def method_configs(cc, dataset: data.Dataset) -> dict[str, list[config_lib.Confi
   out['steppingnet'] = [_config(common, method='steppingnet', num_levels=k, budgets=tuple(budgets),
                                 exit_weights=(), **cc.steppingnet.to_dict())]
   out['awn'] = [awn_config(cc)]
+  out['awn_sandwich'] = [dataclasses.replace(awn_config(cc), sandwich_widths=cc.awn.sandwich_widths)]
   slim = {name: [plans[0][1][name]] + [plans[j][1][name] - plans[j - 1][1][name] for j in range(1, k)]
           for name in plans[0][1]}
   out['slimmable'] = [_config(common, method='joint', mask_rule=False, num_levels=k, exit_weights=(),
@@ -216,11 +222,20 @@ def plot(path: str, results: dict[str, dict], title: str) -> None:
   plt.close(fig)
 
 
+def _merge(cc: ml_collections.ConfigDict, overrides) -> None:
+  """Overrides fields of ``cc`` in place; nested sections merge field by field."""
+  for key, value in overrides.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and key in cc:
+      _merge(cc[key], value)
+    else:
+      cc[key] = value
+
+
 def compare(cc, workdir: str, quick: bool = False, latency_repeats: int = 10) -> dict:
   """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict."""
+  cc = cc.copy_and_resolve_references()
   if quick:
-    cc = cc.copy_and_resolve_references()
-    cc.common.update(cc.quick.to_dict())
+    _merge(cc, cc.quick)
   cc.methods = tuple(m.strip() for item in ([cc.methods] if isinstance(cc.methods, str) else cc.methods)
                      for m in item.split(',') if m.strip())  # also accepts --config.methods=a,b
   unknown = set(cc.methods) - set(METHODS)

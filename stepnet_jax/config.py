@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_levels = 4
   c.level_widths = ()              # cumulative channel fractions per level; () = (k+1)/K
   c.triangular = False             # Any-Width-Networks per-channel triangles inside levels
+  c.sandwich_widths = 0            # AWN sandwich rule: smallest + largest + this many random widths
   c.mask_rule = True               # False: slimmable prefix subnets, private BN each, not reusable
   c.assignment = ''                # JSON text or file: {layer: [sizes per level]}
   # How the levels are made (train.py dispatches on it):
@@ -44,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.importance = 'taylor'          # taylor | class
   c.importance_examples = 512      # training examples (per class for 'class') per importance evaluation
   c.class_threshold = 0.5          # class-based: score > this x the layer's mean counts a class
+  c.rank_per_mac = False           # move the lowest importance per MAC saved first (else lowest importance)
   c.construct_rounds = 4           # importance -> move neurons -> retrain rounds
   c.pretrain_epochs = 1.0          # epochs with every neuron at level 0, before the first round
   c.round_epochs = 0.25            # retraining after each round; the rest of num_epochs fine-tunes
@@ -88,6 +90,7 @@ class Config:
   level_widths: tuple[float, ...]
   triangular: bool
   mask_rule: bool
+  sandwich_widths: int
   assignment: str
   method: str
   budgets: tuple[float, ...]
@@ -95,6 +98,7 @@ class Config:
   importance: str
   importance_examples: int
   class_threshold: float
+  rank_per_mac: bool
   construct_rounds: int
   pretrain_epochs: float
   round_epochs: float
@@ -171,6 +175,8 @@ def from_dict(cfg: Mapping[str, Any]) -> Config:
   if c.method != 'joint' and len(c.budgets) != c.num_levels:
     raise ValueError(f'method {c.method} needs one budget per level: {len(c.budgets)} budgets, '
                      f'{c.num_levels} levels')
+  if c.sandwich_widths and (not c.triangular or c.method != 'joint'):
+    raise ValueError('sandwich_widths is the Any-Width-Networks variant: it needs triangular=True, method joint')
   if c.importance not in ('taylor', 'class'):
     raise ValueError(f'unknown importance {c.importance!r}; choose taylor or class')
   if c.widen < 1.0 or c.construct_rounds < 1:

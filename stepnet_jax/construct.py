@@ -12,7 +12,8 @@ made here are:
    ``M * (b / M)^(r / R)``, the last round the budget itself); then, for k = 0..K-1
    in order, move the least important level-k neuron (ranked across all layers) up to
    level k+1 -- or, for the top level, remove it -- and re-count subnet k's MACs with
-   the mask rule after every single move, until subnet k fits its target. Every layer
+   the mask rule after every single move, until subnet k fits its target (with
+   ``rank_per_mac``, the lowest importance per MAC saved goes first). Every layer
    keeps at least one level-0 neuron. Moves of level k only change subnets >= k, so
    handling levels in order never breaks a target already met. The moved neurons keep
    their trained weights (``surgery.relevel``); a connection the mask rule newly
@@ -41,9 +42,15 @@ from stepnet_jax.model import SteppingModel
 
 
 def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray],
-                  mac_model: budgets_lib.MacModel, targets: Sequence[float]) -> dict[str, np.ndarray]:
+                  mac_model: budgets_lib.MacModel, targets: Sequence[float],
+                  per_mac: bool = False) -> dict[str, np.ndarray]:
   """One greedy pass: for k = 0..K-1, push the least important level-k neurons up
   (or remove them at the top) until subnet k's MACs <= ``targets[k]``.
+
+  ``per_mac=False`` moves the lowest score first, across all layers. ``per_mac=True``
+  moves the lowest score per MAC saved (a knapsack-style greedy: a cheap neuron, e.g.
+  of the first conv layer, must be much less important than an expensive one to go).
+  The saving of moving a layer's neuron is re-counted after every move.
 
   ``levels``: per layer, per neuron level (-1 = removed). Returns new arrays; neurons
   only move up. Raises if a target cannot be met (the budget checks prevent that).
@@ -54,23 +61,34 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
   counts = mac_model.counts_of(new, num_levels)
   for k in range(num_levels):
     macs = int(mac_model.subnet_macs(counts)[k])
-    if macs <= targets[k]:
-      continue
-    cands = [(float(scores[n][i]), li, i) for li, n in enumerate(names) for i in np.nonzero(new[n] == k)[0]]
-    for _, li, i in sorted(cands):
-      if macs <= targets[k]:
-        break
-      if k == 0 and counts[li][0] <= 1:  # every layer keeps a level-0 neuron
-        continue
-      counts[li][k] -= 1
+    # Per layer, its level-k neurons from the least important up.
+    queues = [sorted(np.nonzero(new[n] == k)[0], key=lambda i, n=n: (float(scores[n][i]), i)) for n in names]
+    heads = [0] * len(names)
+    while macs > targets[k]:
+      best, best_key = None, None
+      for li, n in enumerate(names):
+        if heads[li] >= len(queues[li]) or (k == 0 and counts[li][0] <= 1):  # keep a level-0 neuron per layer
+          continue
+        i = queues[li][heads[li]]
+        key = float(scores[n][i])
+        if per_mac:
+          counts[li][k] -= 1
+          saved = macs - int(mac_model.subnet_macs(counts)[k])
+          counts[li][k] += 1
+          key = key / max(saved, 1)
+        if best_key is None or key < best_key:
+          best, best_key = li, key
+      if best is None:
+        raise RuntimeError(f'cannot bring subnet {k} to {targets[k]:,.0f} MACs (left at {macs:,})')
+      i = queues[best][heads[best]]
+      heads[best] += 1
+      counts[best][k] -= 1
       if k + 1 < num_levels:
-        counts[li][k + 1] += 1
-        new[names[li]][i] = k + 1
+        counts[best][k + 1] += 1
+        new[names[best]][i] = k + 1
       else:
-        new[names[li]][i] = surgery.REMOVED
+        new[names[best]][i] = surgery.REMOVED
       macs = int(mac_model.subnet_macs(counts)[k])
-    if macs > targets[k]:
-      raise RuntimeError(f'cannot bring subnet {k} to {targets[k]:,.0f} MACs (left at {macs:,})')
   return new
 
 
@@ -165,7 +183,7 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
     x, y = _sample(dataset, cfg, r)
     scores = importance.importance(model, x, y, method=cfg.importance, weights=cfg.weights,
                                    num_classes=dataset.num_classes, class_threshold=cfg.class_threshold)
-    new_levels = assign_levels(levels, scores, mac_model, goal)
+    new_levels = assign_levels(levels, scores, mac_model, goal, per_mac=cfg.rank_per_mac)
     model, meta = surgery.relevel(model, meta, new_levels)
     mac_model = budgets_lib.MacModel.of(model)
     macs = mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), cfg.num_levels))

@@ -296,5 +296,13 @@ class Head(nnx.Module):
     deltas = jnp.stack([self.contribution(x, k) for k in range(len(self.in_sizes))])
     return jnp.cumsum(deltas, axis=0) + self.bias[...]
 
+  def prefix_logits(self, x: jax.Array, counts: jax.Array) -> jax.Array:
+    """Logits from only the first ``counts[r]`` features of full-width ``x``: [R, B, classes].
+
+    ``counts`` may be traced (random widths in AWN's sandwich rule).
+    """
+    per_feature = jnp.einsum('bsc,sco->cbo', self._flat(x), self.kernel[...])
+    return jnp.cumsum(per_feature, axis=0)[counts - 1] + self.bias[...]
+
   def delta_macs(self, in_shape):
     return np.asarray(self.in_sizes, np.int64) * self.spatial * self.num_classes, (self.num_classes,)

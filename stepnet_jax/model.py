@@ -100,6 +100,18 @@ class SteppingModel(nnx.Module):
       return all_exits if levels == tuple(range(self.num_levels)) else all_exits[jnp.asarray(levels)]
     return jnp.stack([self.head(self.features(x, k, train), k) for k in levels])
 
+  def sandwich_exits(self, x: jax.Array, widths: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(all K exits, logits of subnets keeping the first ``widths[r]`` last-layer features).
+
+    With triangular masks between layers of equal level sizes (Any-Width Networks'
+    LeNet) every channel reads only channels of lower index, so the first m channels
+    of every layer form a subnet and its logits come from the same full-width pass.
+    """
+    if not self.reusable:
+      raise ValueError('random-width exits need a reusable (mask-rule) model')
+    feats = self.features(self.normalize(x), self.top, train)
+    return self.head.exits(feats), self.head.prefix_logits(feats, widths)
+
   # ---------------------------------------------------------------- stepping
   def _cache_like(self, x):
     caches = []

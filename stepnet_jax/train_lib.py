@@ -19,6 +19,7 @@ import optax
 from flax import nnx, struct
 
 from stepnet_jax import checkpoint, data, losses, models, stepping
+from stepnet_jax import levels as lv
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
 
@@ -94,10 +95,19 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTrans
   levels = tuple(range(cfg.num_levels)) if levels is None else tuple(levels)
   weights = tuple(cfg.weights[k] for k in levels)
 
-  def loss_fn(params, batch_stats, images, labels):
+  def loss_fn(params, batch_stats, images, labels, key):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits = model.exits(images, train=True, levels=levels)  # [len(levels), B, classes]
-    loss, aux = losses.multi_exit_loss(logits, labels, weights, cfg.distill_weight, cfg.distill_temperature)
+    if cfg.sandwich_widths:
+      # AWN's sandwich rule: the smallest and the largest subnet plus random widths.
+      smallest, widest = lv.end(model.head.in_sizes, 0), sum(model.head.in_sizes)
+      widths = jax.random.randint(key, (cfg.sandwich_widths,), smallest, widest + 1)
+      logits, random_logits = model.sandwich_exits(images, widths, train=True)
+      trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
+      loss, aux = losses.multi_exit_loss(trained, labels, (1.0,) * (cfg.sandwich_widths + 2),
+                                         cfg.distill_weight, cfg.distill_temperature)
+    else:
+      logits = model.exits(images, train=True, levels=levels)  # [len(levels), B, classes]
+      loss, aux = losses.multi_exit_loss(logits, labels, weights, cfg.distill_weight, cfg.distill_temperature)
     new_stats = nnx.state(model, nnx.BatchStat)
     return loss, (logits, aux, new_stats)
 
@@ -105,8 +115,9 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTrans
   def train_step(state: TrainState, images, labels):
     if cfg.augment:
       images = augment(images, jax.random.fold_in(jax.random.key(cfg.seed), state.step))
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
     (loss, (logits, aux, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, images, labels)
+        state.params, state.batch_stats, images, labels, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = (logits.argmax(-1) == labels[None]).mean(axis=1)  # [K]

@@ -74,6 +74,23 @@ def test_assign_levels_meets_every_budget_within_one_neuron():
     assert mm.subnet_macs(mm.counts_of(undo, k))[lvl] > targets[lvl], f'level {lvl}: the fill overshot'
 
 
+def test_assign_levels_per_mac_meets_budgets_and_spares_cheap_neurons():
+  k = 3
+  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3})
+  mm = budgets.MacModel.of(model)
+  full = mm.subnet_macs([budgets.level_sizes_for(12, k)] * 3)[0]
+  targets = np.array([0.1, 0.4, 0.8]) * full
+  scores = {n: np.ones(12) for n in testlib.LENET3}    # equal importance: cost decides
+  start = surgery.neuron_levels(model)
+  plain = construct.assign_levels(start, scores, mm, targets)
+  per_mac = construct.assign_levels(start, scores, mm, targets, per_mac=True)
+  for new in (plain, per_mac):
+    rebuilt, _ = surgery.relevel(model, _meta(model), new)
+    assert np.all(np.cumsum(rebuilt.delta_macs().sum(0)) <= targets)
+  # conv1 neurons cost ~9 x 676 MACs each, far less than conv2's: per MAC, they stay.
+  assert np.sum(per_mac['conv1'] == 0) > np.sum(plain['conv1'] == 0)
+
+
 def test_check_budgets_rejects_infeasible():
   k = 3
   model = _lenet(k, {n: budgets.level_sizes_for(8, k) for n in testlib.LENET3})

@@ -1,0 +1,184 @@
+"""The peer methods as options of the shared machinery: slimmable prefix subnets with a
+private BN per width (not reusable), AWN's triangular widths, non-uniform subnets."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import stepnet_jax
+import testlib
+from stepnet_jax import budgets, compare, config, construct, data, levels, models, nonuniform, surgery
+from stepnet_jax.api import Stepper
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compare_config():
+  spec = importlib.util.spec_from_file_location('compare_cfg', os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
+
+
+def _slimmable(seed=0):
+  with testlib.numpy_initializers(seed):
+    m = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                           assignment=SLIM, mask_rule=False, mean=(0.3,), std=(0.3,), seed=seed)
+  return testlib.randomize(m, seed)
+
+
+def _plain_prefix(slim, level):
+  """A plain single-level network holding subnet ``level``'s prefix weights and private BN."""
+  ends = {n: levels.end(s, level) for n, s in SLIM.items()}
+  with testlib.numpy_initializers(9):
+    plain = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=1,
+                               assignment={n: [c] for n, c in ends.items()}, mean=(0.3,), std=(0.3,))
+  c_in = 1
+  for su, pu, n in zip(slim.units, plain.units, ('conv1', 'conv2', 'conv3')):
+    pu.kernel[...] = su.kernel[...][..., :c_in, :ends[n]]
+    bn = su.bn.per_level[level]
+    for attr in ('scale', 'bias', 'mean', 'var'):
+      getattr(pu.bn, attr)[...] = getattr(bn, attr)[...]
+    c_in = ends[n]
+  plain.head.kernel[...] = slim.head.kernel[...][:, :c_in]
+  plain.head.bias[...] = slim.head.bias[...]
+  return plain
+
+
+def test_slimmable_subnets_are_dense_prefixes_with_private_bn():
+  slim = _slimmable()
+  for u in slim.units:
+    assert u.conn.mask.all(), 'no mask rule: every connection inside the prefix is kept'
+    assert len(u.bn.per_level) == 3
+  x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=4))
+  for lvl in range(3):
+    plain = _plain_prefix(slim, lvl)
+    testlib.assert_close(slim(x, lvl), plain(x))
+    testlib.assert_close(slim.exits(x, train=True, levels=(lvl,))[0], nnx.clone(plain)(x, train=True))
+
+
+def test_slimmable_macs_and_recompute_flag():
+  slim = _slimmable()
+  net = Stepper(slim)
+  assert not net.reusable
+  ends = [{n: levels.end(s, k) for n, s in SLIM.items()} for k in range(3)]
+  expected = [9 * 1 * e['conv1'] * 26 * 26 + 9 * e['conv1'] * e['conv2'] * 24 * 24
+              + 25 * e['conv2'] * e['conv3'] * 8 * 8 + e['conv3'] * 16 * 10 for e in ends]
+  assert net.level_macs == tuple(expected)
+  assert net.macs_to_reach == tuple(np.cumsum(expected))
+  with pytest.raises(ValueError, match='cannot be stepped'):
+    net.start(jnp.zeros((1, 28, 28, 1), jnp.uint8))
+
+
+def test_awn_config_reproduces_the_published_width_macs():
+  cc = compare_config()
+  awn = compare.awn_config(cc)
+  model = nnx.eval_shape(lambda: models.build_model(
+      awn.model, num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=awn.num_levels, width=awn.width,
+      level_widths=awn.level_widths, triangular=awn.triangular))
+  assert dict(model.assignment)['conv2'] == (11, 12, 11, 11)       # 45 filters at 0.25/0.5/0.75/1
+  assert [u.conn.triangular for u in model.units] == [False, True, True]
+  # Any-Width Networks' figures: about 0.52 / 2.02 / 4.25 / 7.30 M MACs
+  np.testing.assert_allclose(np.cumsum(model.delta_macs().sum(0)) / 1e6, [0.52, 2.02, 4.25, 7.30], atol=0.005)
+
+
+def test_width_for_budget_is_the_widest_fitting_plan():
+  base = budgets.dense_macs('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10)
+  assert base == 7_146_624
+  for frac in (0.07, 0.3, 1.0):
+    w, macs = budgets.width_for_budget('lenet3c1l', frac * base, input_shape=testlib.MNIST_SHAPE, num_classes=10)
+    ch = budgets.layer_channels('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10, width=w)
+    c = ch['conv2']
+    assert set(ch.values()) == {c}
+    def dense(c):
+      return 9 * c * 676 + 9 * c * c * 576 + 25 * c * c * 64 + c * 160
+    assert macs == dense(c) <= frac * base < dense(c + 1)
+
+
+def test_channel_norm_levels_are_nested_prefixes_within_budget():
+  k = 3
+  with testlib.numpy_initializers(3):
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=k,
+                               mask_rule=False, assignment={n: budgets.level_sizes_for(10, k) for n in testlib.LENET3})
+  norms = nonuniform.channel_norms(model)
+  for n, u in zip(model.unit_names, model.units):
+    w = np.abs(np.asarray(u.kernel[...])).reshape(-1, 10).sum(0)
+    np.testing.assert_allclose(norms[n], w / w.mean(), rtol=1e-6)
+  mm = budgets.MacModel.of(model)
+  full = mm.subnet_macs([budgets.level_sizes_for(10, k)] * 3)[0]
+  targets = np.array([0.1, 0.4, 1.0]) * full
+  new = construct.assign_levels(surgery.neuron_levels(model), norms, mm, targets)
+  rebuilt, _ = surgery.relevel(model, checkpoint_meta(model), new)
+  macs = np.cumsum(rebuilt.delta_macs().sum(0))
+  assert np.all(macs <= targets)
+  for n in testlib.LENET3:   # within a layer, a kept lower-level channel never has a smaller norm
+    for a in range(k):
+      for b in range(a + 1, k):
+        if np.any(new[n] == a) and np.any(new[n] == b):
+          assert norms[n][new[n] == a].min() >= norms[n][new[n] == b].max()
+
+
+def checkpoint_meta(model):
+  from stepnet_jax import checkpoint
+  return checkpoint.model_meta(model, 'lenet3c1l', 10)
+
+
+def test_nonuniform_end_to_end(tmp_path):
+  ds = data.load_dataset('digits')
+  cfg = config.from_dict(dict(method='nonuniform', dataset='digits', model='mlp', width=0.25, num_levels=3,
+                              budgets=(0.2, 0.5, 1.0), widen=1.0, num_epochs=3, batch_size=64, learning_rate=3e-3,
+                              pretrain_epochs=1.0, nonuniform_cycles=1, recalibrate_batches=5, progress=False))
+  result = nonuniform.train_nonuniform(cfg, str(tmp_path), ds)
+  net = stepnet_jax.load(str(tmp_path))
+  assert not net.reusable
+  assert np.all(np.asarray(net.level_macs) <= np.asarray(result['budget_macs']))
+  assert net.macs_to_reach == tuple(np.cumsum(net.level_macs))
+  assert result['test_accuracy'][-1] > 0.5
+
+
+def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
+  """AWN-style triangular layers of equal sizes: the first m channels of every layer
+  never read channels >= m, so their logits ignore whatever the other channels do."""
+  sizes = (3, 3, 2)
+  with testlib.numpy_initializers(4):
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                               triangular=True, assignment={n: sizes for n in testlib.LENET3},
+                               mean=(0.3,), std=(0.3,))
+  model = testlib.randomize(model, 4)
+  x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
+  for m in (1, 4, 5, 8):
+    _, got = model.sandwich_exits(x, jnp.asarray([m]))
+    feats = model.features(model.normalize(x), 2)
+    by_hand = jnp.einsum('bsc,sco->bo', feats[..., :m].reshape(3, -1, m), model.head.kernel[...][:, :m])
+    testlib.assert_close(got[0], by_hand + model.head.bias[...])
+    scrambled = nnx.clone(model)
+    for u in scrambled.units:   # change every weight into channels >= m
+      k = np.asarray(u.kernel[...]).copy()
+      k[..., m:] = np.random.RandomState(m).normal(size=k[..., m:].shape)
+      u.kernel[...] = jnp.asarray(k)
+    testlib.assert_close(scrambled.sandwich_exits(x, jnp.asarray([m]))[1][0], got[0])
+
+
+def test_sandwich_train_step_runs():
+  from stepnet_jax import train_lib
+  cfg = config.from_dict(dict(model='lenet3c1l', width=0.25, num_levels=3, triangular=True, sandwich_widths=2,
+                              batch_size=8))
+  with testlib.numpy_initializers(0):
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                               width=0.25, triangular=True)
+  g, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
+  tx = train_lib.make_optimizer(cfg, 10)
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), p, s, tx.init(p))
+  step = train_lib.make_train_step(g, cfg, tx)
+  state, metrics = step(state, jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=8)), jnp.arange(8) % 10)
+  assert np.isfinite(float(metrics['loss'])) and metrics['accuracy'].shape == (3,)
+  with pytest.raises(ValueError, match='triangular'):
+    config.from_dict(dict(sandwich_widths=2))

@@ -1,0 +1,50 @@
+"""A tiny end-to-end run of ``python -m stepnet_jax.compare --quick`` on real Fashion-MNIST."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from stepnet_jax import compare
+from test_baselines import compare_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist, monkeypatch):
+  cc = compare_config()
+  monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
+  out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
+
+  with open(tmp_path / 'compare.json') as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(out))
+  assert saved['dataset'] == fashion_mnist.name
+  assert set(saved['methods']) == set(compare.METHODS)
+  budgets = np.asarray(saved['budgets']) * saved['base_macs']
+  for name, res in saved['methods'].items():
+    rows = res['levels']
+    assert [r['level'] for r in rows] == list(range(len(rows)))
+    assert all(set(r) == {'level', 'macs', 'accuracy', 'macs_to_reach'} for r in rows)
+    macs = np.array([r['macs'] for r in rows])
+    reach = np.array([r['macs_to_reach'] for r in rows])
+    assert np.all(np.diff(macs) >= 0), name
+    np.testing.assert_array_equal(reach, macs if compare.REUSING[name] else np.cumsum(macs), err_msg=name)
+    assert res['train_seconds'] > 0
+    if name != 'awn':
+      assert len(rows) == len(budgets)
+      assert np.all(macs <= budgets + 1e-6), name
+  awn = np.array([r['macs'] for r in saved['methods']['awn']['levels']])
+  assert set(np.round(awn / saved['base_macs'], 6)) <= set(saved['budgets'])
+  for name in ('compare.md', 'compare.png'):
+    assert os.path.getsize(tmp_path / name) > 0
+  for name in compare.METHODS:   # evaluate.py's per-level JSON for every method
+    with open(tmp_path / name / 'levels.json') as f:
+      assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
+
+  # A second run finds every finished run and trains nothing.
+  monkeypatch.setattr(compare.methods, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
+  again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
+  assert again['methods'] == out['methods']
