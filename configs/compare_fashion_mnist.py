@@ -19,7 +19,7 @@ from stepnet_jax.config import base_config
 def get_config():
   c = ml_collections.ConfigDict()
   c.common = base_config()
-  c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=4, batch_size=128, learning_rate=2e-3,
+  c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=3, batch_size=128, learning_rate=2e-3,
                        schedule='cosine', log_every_steps=50))
   c.methods = ('steppingnet', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
   c.extra_budgets = (0.15, 0.42)

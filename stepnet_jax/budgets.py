@@ -10,8 +10,10 @@ count of its inputs per level,
     MACs_l(subnet k) = f_l * sum_{j <= k} n[j] * A[j],
 
 where ``f_l`` is the layer's MACs per kept (input, output) channel pair (kernel area x
-output positions, or spatial positions for a dense layer). Without the mask rule the
-subnet is the dense prefix: ``f_l * N(k) * A(k)``. The head adds ``f_head * N_last(k)``.
+output positions, or spatial positions for a dense layer). A triangular layer keeps
+``sum_o ceil((o + 1) a / b)`` of the ``a x b`` pairs inside a level block instead of
+all. Without the mask rule the subnet is the dense prefix: ``f_l * N(k) * A(k)``. The
+head adds ``f_head * N_last(k)``.
 These formulas are a second path to the MACs the layers count from their masks
 (``SteppingModel.delta_macs``); the tests check they agree.
 """
@@ -29,20 +31,31 @@ from stepnet_jax.model import SteppingModel
 from stepnet_jax.surgery import check_chain
 
 
+def triangle_pairs(a: int, b: int) -> int:
+  """Kept pairs of a triangular a-input, b-output level block: sum_o ceil((o + 1) a / b)."""
+  if a == 0 or b == 0:
+    return 0
+  o = np.arange(1, b + 1, dtype=np.int64)
+  return int(((o * a + b - 1) // b).sum())
+
+
 @dataclasses.dataclass(frozen=True)
 class MacModel:
-  """MAC geometry of a chain model: per-layer MACs per kept connection."""
+  """MAC geometry of a chain model: per-layer MACs per kept connection.
+
+  ``triangular`` layers (all but the first, as the model builds them) keep only the
+  Any-Width-Networks triangle inside each level block.
+  """
   names: tuple[str, ...]
   factors: tuple[int, ...]
   head_factor: int
   input_channels: int
   mask_rule: bool = True
+  triangular: tuple[bool, ...] = ()
 
   @classmethod
   def of(cls, model: SteppingModel) -> MacModel:
     check_chain(model)
-    if any(u.conn.triangular for u in model.units):
-      raise ValueError('MacModel counts block-lower-triangular connectivity, not triangular masks')
     macs = model.delta_macs()
     factors = []
     for row, unit in zip(macs, model.units):
@@ -50,7 +63,7 @@ class MacModel:
       factors.append(int(row.sum()) // kept if kept else 0)
     c_last = sum(model.head.in_sizes)
     return cls(tuple(model.unit_names), tuple(factors), int(macs[-1].sum()) // c_last,
-               model.input_shape[-1], model.reusable)
+               model.input_shape[-1], model.reusable, tuple(u.conn.triangular for u in model.units))
 
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
     """Cumulative MACs of subnets 0..K-1 given each layer's neurons per level: int64 [K]."""
@@ -59,9 +72,17 @@ class MacModel:
     prev = np.zeros(k, np.int64)
     prev[0] = self.input_channels
     total = np.zeros(k, np.int64)
-    for f, n in zip(self.factors, counts):
+    triangular = self.triangular or (False,) * len(counts)
+    for f, n, tri in zip(self.factors, counts, triangular):
       a_cum, n_cum = np.cumsum(prev), np.cumsum(n)
-      total += f * (np.cumsum(n * a_cum) if self.mask_rule else n_cum * a_cum)
+      if not self.mask_rule:
+        pairs = n_cum * a_cum
+      else:
+        lower = n * (a_cum - prev)          # every input of a lower level
+        own = (np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64)
+               if tri else n * prev)        # inputs of the same level
+        pairs = np.cumsum(lower + own)
+      total += f * pairs
       prev = n
     return total + self.head_factor * np.cumsum(prev)
 

@@ -7,6 +7,8 @@ with the same epochs, evaluates each level's test accuracy and MACs, and writes
 DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 
 * steppingnet: levels constructed by importance under the budgets (``construct.py``).
+* steppingnet_tri: the same with Any-Width Networks' triangles inside each level block
+  (an extension: more, sparser neurons per MAC; the mask rule between levels holds).
 * awn: Any-Width Networks: triangular masks, base widened by ``awn.widen``, widths
   ``awn.widths``, all widths trained every batch. Its level MACs are the budget points.
 * awn_sandwich: the same network trained with the sandwich rule: per batch the
@@ -37,8 +39,8 @@ from stepnet_jax import budgets as budgets_lib
 from stepnet_jax import config as config_lib
 from stepnet_jax import data, evaluation, methods, models
 
-METHODS = ('steppingnet', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
-REUSING = {'steppingnet': True, 'awn': True, 'awn_sandwich': True, 'slimmable': False, 'nonuniform': False,
+METHODS = ('steppingnet', 'steppingnet_tri', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
+REUSING = {'steppingnet': True, 'steppingnet_tri': True, 'awn': True, 'awn_sandwich': True, 'slimmable': False, 'nonuniform': False,
            'independent': False}
 
 
@@ -90,6 +92,7 @@ def method_configs(cc, dataset: data.Dataset) -> dict[str, list[config_lib.Confi
   out = {}
   out['steppingnet'] = [_config(common, method='steppingnet', num_levels=k, budgets=tuple(budgets),
                                 exit_weights=(), **cc.steppingnet.to_dict())]
+  out['steppingnet_tri'] = [dataclasses.replace(out['steppingnet'][0], triangular=True)]
   out['awn'] = [awn_config(cc)]
   out['awn_sandwich'] = [dataclasses.replace(awn_config(cc), sandwich_widths=cc.awn.sandwich_widths)]
   slim = {name: [plans[0][1][name]] + [plans[j][1][name] - plans[j - 1][1][name] for j in range(1, k)]

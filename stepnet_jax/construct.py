@@ -21,6 +21,10 @@ made here are:
 3. The remaining epochs fine-tune the final assignment, with distillation from the
    top exit when ``finetune_distill_weight`` > 0.
 
+``triangular=True`` (an extension, not the paper's) also keeps only Any-Width Networks'
+per-channel triangle inside each level block, so a subnet holds more, sparser
+neurons for its MACs; the mask rule between levels is unchanged.
+
 One cosine (or step) learning-rate schedule spans all phases; the optimizer state is
 reset when the structure changes. Budgets are fractions of the MACs of the dense,
 un-widened base network (``width``); infeasible ones are rejected before training.
@@ -126,7 +130,8 @@ def widened_start(cfg: Config, dataset: data.Dataset) -> SteppingModel:
   assignment = {n: budgets_lib.level_sizes_for(c, cfg.num_levels) for n, c in channels.items()}
   mean, std = dataset.channel_stats()
   return models.build_model(cfg.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                            num_levels=cfg.num_levels, assignment=assignment, mean=mean, std=std, seed=cfg.seed)
+                            num_levels=cfg.num_levels, assignment=assignment, triangular=cfg.triangular,
+                            mean=mean, std=std, seed=cfg.seed)
 
 
 def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:
@@ -160,6 +165,9 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
   os.makedirs(workdir, exist_ok=True)
   dataset, steps_per_epoch = train_lib.prepare_data(cfg, dataset)
   model = widened_start(cfg, dataset)
+  done = train_lib.finished_run(workdir, cfg, 'construction.json')
+  if done is not None:
+    return done
   surgery.check_chain(model)
   base, targets = budget_macs(cfg, dataset, model)   # before any training
   plan = Plan.of(cfg, steps_per_epoch)

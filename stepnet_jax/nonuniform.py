@@ -67,6 +67,9 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
   """Trains and saves the non-uniform subnets in ``workdir`` (standard checkpoint format)."""
   os.makedirs(workdir, exist_ok=True)
   dataset, steps_per_epoch = train_lib.prepare_data(cfg, dataset)
+  done = train_lib.finished_run(workdir, cfg, 'nonuniform.json')
+  if done is not None:
+    return done
   k_levels = cfg.num_levels
   mean, std = dataset.channel_stats()
   base = budgets_lib.dense_macs(cfg.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
@@ -111,5 +114,9 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
   seconds = time.time() - t0
   print('non-uniform done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
         + f', {seconds:.0f} s', flush=True)
-  return {'test_accuracy': [float(a) for a in test_acc], 'seconds': seconds,
-          'budget_macs': [float(t) for t in targets], 'base_macs': base}
+  result = {'test_accuracy': [float(a) for a in test_acc], 'seconds': seconds,
+            'budget_macs': [float(t) for t in targets], 'base_macs': base,
+            'assignment': models.assignment_of(model)}
+  with open(os.path.join(workdir, 'nonuniform.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result

@@ -264,6 +264,25 @@ def save_final(model: SteppingModel, model_meta: dict, cfg: Config, dataset: dat
   return test_acc
 
 
+def finished_run(workdir: str, cfg: Config, result_name: str) -> dict | None:
+  """The saved result of a finished multi-phase run of ``cfg`` in ``workdir``, if any.
+
+  Multi-phase methods (construction, non-uniform) cannot resume mid-way: they start
+  over, but a run that finished is returned as it is. A workdir holding a checkpoint
+  of other settings is an error.
+  """
+  if checkpoint.latest_step(workdir) is None:
+    return None
+  saved = checkpoint.restore_meta(workdir)
+  path = os.path.join(workdir, result_name)
+  if saved['config'] != json.loads(json.dumps(cfg.to_dict())) or not os.path.exists(path):
+    raise ValueError(f'{workdir} already holds a checkpoint of another run; use a new --workdir')
+  with open(path) as f:
+    result = json.load(f)
+  print(f'{workdir}: finished run found, not retraining', flush=True)
+  return result
+
+
 def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 

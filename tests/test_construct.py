@@ -2,7 +2,6 @@
 re-levelling trained weights, and importance scores against finite differences."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,7 +10,6 @@ from flax import nnx
 
 import testlib
 from stepnet_jax import budgets, checkpoint, config, construct, data, importance, models, surgery
-from stepnet_jax import levels as lv
 
 
 def _macs_by_layers(model):
@@ -19,23 +17,26 @@ def _macs_by_layers(model):
   return np.cumsum(model.delta_macs().sum(0))
 
 
-@pytest.mark.parametrize('name,layers,mask_rule', [
-    ('lenet3c1l', testlib.LENET3, True), ('lenet5', testlib.LENET5, True), ('mlp', ('fc1', 'fc2'), True),
-    ('lenet3c1l', testlib.LENET3, False), ('lenet5', testlib.LENET5, False)])
+@pytest.mark.parametrize('name,layers,mask_rule,triangular', [
+    ('lenet3c1l', testlib.LENET3, True, False), ('lenet5', testlib.LENET5, True, False),
+    ('mlp', ('fc1', 'fc2'), True, False), ('lenet3c1l', testlib.LENET3, False, False),
+    ('lenet5', testlib.LENET5, False, False), ('lenet3c1l', testlib.LENET3, True, True),
+    ('lenet5', testlib.LENET5, True, True)])
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_mac_model_matches_layer_counts(name, layers, mask_rule, seed):
-  assignment = dict(testlib.random_assignment(layers, 4, seed=seed, low=1, high=5, allow_zero=True))
+def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, seed):
+  assignment = dict(testlib.random_assignment(layers, 4, seed=seed, low=1, high=7, allow_zero=True))
   model = nnx.eval_shape(lambda: models.build_model(name, num_classes=10, input_shape=testlib.MNIST_SHAPE,
-                                                    num_levels=4, assignment=assignment, mask_rule=mask_rule))
+                                                    num_levels=4, assignment=assignment, mask_rule=mask_rule,
+                                                    triangular=triangular))
   mm = budgets.MacModel.of(model)
   got = mm.subnet_macs([assignment[n] for n in mm.names])
   np.testing.assert_array_equal(got, _macs_by_layers(model))
 
 
-def _lenet(num_levels, sizes, seed=0):
+def _lenet(num_levels, sizes, seed=0, triangular=False):
   with testlib.numpy_initializers(seed):
     model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
-                               assignment=sizes, mean=(0.3,), std=(0.3,), seed=seed)
+                               assignment=sizes, triangular=triangular, mean=(0.3,), std=(0.3,), seed=seed)
   return testlib.randomize(model, seed)
 
 
@@ -43,9 +44,10 @@ def _meta(model):
   return checkpoint.model_meta(model, 'lenet3c1l', 10)
 
 
-def test_assign_levels_meets_every_budget_within_one_neuron():
+@pytest.mark.parametrize('triangular', [False, True])
+def test_assign_levels_meets_every_budget_within_one_neuron(triangular):
   k = 4
-  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3})
+  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3}, triangular=triangular)
   mm = budgets.MacModel.of(model)
   full = mm.subnet_macs([budgets.level_sizes_for(12, k)] * 3)[0]
   targets = np.array([0.05, 0.2, 0.45, 0.8]) * full
@@ -246,3 +248,15 @@ def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
     cache = net.advance(cache)
   testlib.assert_close(cache.logits, net.forward(x, net.num_levels - 1))
   assert result['test_accuracy'][-1] > 0.5
+
+
+def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, monkeypatch):
+  ds = data.load_dataset('digits')
+  kw = dict(method='steppingnet', dataset='digits', model='mlp', width=0.0625, num_levels=2, budgets=(0.3, 0.9),
+            widen=2.0, num_epochs=1, batch_size=128, pretrain_epochs=0.5, round_epochs=0.25, construct_rounds=1,
+            importance_examples=64, progress=False)
+  first = construct.construct(config.from_dict(kw), str(tmp_path), ds)
+  monkeypatch.setattr(construct.train_lib, 'train_phase', lambda *a, **k: pytest.fail('retrained'))
+  assert construct.construct(config.from_dict(kw), str(tmp_path), ds) == first
+  with pytest.raises(ValueError, match='another run'):
+    construct.construct(config.from_dict(dict(kw, seed=1)), str(tmp_path), ds)
