@@ -26,7 +26,8 @@ def get_config():
   c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
                                          sandwich_widths=2))
   c.steppingnet = ml_collections.ConfigDict(dict(
-      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, rank_per_mac=False,
+      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, allocation='global',
+      rank_per_mac=False,
       construct_rounds=4,
       pretrain_epochs=1.0, round_epochs=0.25, finetune_distill_weight=0.0))
   c.nonuniform = ml_collections.ConfigDict(dict(pretrain_epochs=1.0, nonuniform_cycles=2, recalibrate_batches=50))

@@ -124,7 +124,8 @@ def run_method(name: str, cfgs: list[config_lib.Config], workdir: str, full: dat
   if os.path.exists(result_path):
     with open(result_path) as f:
       saved = json.load(f)
-    if saved['configs'] != json.loads(json.dumps(cfg_dicts)):
+    if len(saved['configs']) != len(cfgs) or not all(
+        config_lib.same_settings(d, c) for d, c in zip(saved['configs'], cfgs)):
       raise ValueError(f'{workdir} holds a {name} run with other settings; use a new --workdir or delete it')
     print(f'{name}: reusing {result_path}', flush=True)
     return saved

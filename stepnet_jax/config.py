@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.importance = 'taylor'          # taylor | class
   c.importance_examples = 512      # training examples (per class for 'class') per importance evaluation
   c.class_threshold = 0.5          # class-based: score > this x the layer's mean counts a class
+  c.allocation = 'global'          # global: lowest importance anywhere goes first; uniform: layers shrink alike
   c.rank_per_mac = False           # move the lowest importance per MAC saved first (else lowest importance)
   c.construct_rounds = 4           # importance -> move neurons -> retrain rounds
   c.pretrain_epochs = 1.0          # epochs with every neuron at level 0, before the first round
@@ -98,6 +99,7 @@ class Config:
   importance: str
   importance_examples: int
   class_threshold: float
+  allocation: str
   rank_per_mac: bool
   construct_rounds: int
   pretrain_epochs: float
@@ -140,6 +142,11 @@ class Config:
     return dataclasses.asdict(self)
 
 
+def same_settings(saved: Mapping[str, Any], cfg: Config) -> bool:
+  """Whether a saved config (JSON) describes ``cfg``; keys added since it was saved take their defaults."""
+  return from_dict(saved).to_dict() == cfg.to_dict()
+
+
 def _as_tuple(v) -> tuple:
   if isinstance(v, str):
     v = [s for s in v.replace('(', '').replace(')', '').replace('[', '').replace(']', '').split(',') if s.strip()]
@@ -177,6 +184,8 @@ def from_dict(cfg: Mapping[str, Any]) -> Config:
                      f'{c.num_levels} levels')
   if c.sandwich_widths and (not c.triangular or c.method != 'joint'):
     raise ValueError('sandwich_widths is the Any-Width-Networks variant: it needs triangular=True, method joint')
+  if c.allocation not in ('global', 'uniform'):
+    raise ValueError(f'unknown allocation {c.allocation!r}; choose global or uniform')
   if c.importance not in ('taylor', 'class'):
     raise ValueError(f'unknown importance {c.importance!r}; choose taylor or class')
   if c.widen < 1.0 or c.construct_rounds < 1:

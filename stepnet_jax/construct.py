@@ -47,14 +47,18 @@ from stepnet_jax.model import SteppingModel
 
 def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray],
                   mac_model: budgets_lib.MacModel, targets: Sequence[float],
-                  per_mac: bool = False) -> dict[str, np.ndarray]:
+                  per_mac: bool = False, allocation: str = 'global') -> dict[str, np.ndarray]:
   """One greedy pass: for k = 0..K-1, push the least important level-k neurons up
   (or remove them at the top) until subnet k's MACs <= ``targets[k]``.
 
-  ``per_mac=False`` moves the lowest score first, across all layers. ``per_mac=True``
-  moves the lowest score per MAC saved (a knapsack-style greedy: a cheap neuron, e.g.
-  of the first conv layer, must be much less important than an expensive one to go).
-  The saving of moving a layer's neuron is re-counted after every move.
+  Which layer gives up a neuron next:
+  * ``allocation='global'``: the layer holding the lowest score (across all layers);
+    with ``per_mac=True``, the lowest score per MAC saved (knapsack-style; the saving
+    of moving a layer's neuron is re-counted after every move).
+  * ``allocation='uniform'``: the layer whose subnet k keeps the largest fraction of
+    its channels, so every layer shrinks at the same rate (the base network's
+    proportions, as in AWN and slimmable nets); importance decides only which of the
+    layer's neurons go (its least important).
 
   ``levels``: per layer, per neuron level (-1 = removed). Returns new arrays; neurons
   only move up. Raises if a target cannot be met (the budget checks prevent that).
@@ -75,7 +79,9 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
           continue
         i = queues[li][heads[li]]
         key = float(scores[n][i])
-        if per_mac:
+        if allocation == 'uniform':
+          key = (-float(np.sum(counts[li][:k + 1])) / len(new[n]), key)
+        elif per_mac:
           counts[li][k] -= 1
           saved = macs - int(mac_model.subnet_macs(counts)[k])
           counts[li][k] += 1
@@ -191,7 +197,8 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
     x, y = _sample(dataset, cfg, r)
     scores = importance.importance(model, x, y, method=cfg.importance, weights=cfg.weights,
                                    num_classes=dataset.num_classes, class_threshold=cfg.class_threshold)
-    new_levels = assign_levels(levels, scores, mac_model, goal, per_mac=cfg.rank_per_mac)
+    new_levels = assign_levels(levels, scores, mac_model, goal, per_mac=cfg.rank_per_mac,
+                               allocation=cfg.allocation)
     model, meta = surgery.relevel(model, meta, new_levels)
     mac_model = budgets_lib.MacModel.of(model)
     macs = mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), cfg.num_levels))

@@ -20,6 +20,7 @@ from flax import nnx, struct
 
 from stepnet_jax import checkpoint, data, losses, models, stepping
 from stepnet_jax import levels as lv
+from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
 
@@ -275,7 +276,7 @@ def finished_run(workdir: str, cfg: Config, result_name: str) -> dict | None:
     return None
   saved = checkpoint.restore_meta(workdir)
   path = os.path.join(workdir, result_name)
-  if saved['config'] != json.loads(json.dumps(cfg.to_dict())) or not os.path.exists(path):
+  if not config_lib.same_settings(saved['config'], cfg) or not os.path.exists(path):
     raise ValueError(f'{workdir} already holds a checkpoint of another run; use a new --workdir')
   with open(path) as f:
     result = json.load(f)

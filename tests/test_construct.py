@@ -2,6 +2,8 @@
 re-levelling trained weights, and importance scores against finite differences."""
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -260,3 +262,28 @@ def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, mo
   assert construct.construct(config.from_dict(kw), str(tmp_path), ds) == first
   with pytest.raises(ValueError, match='another run'):
     construct.construct(config.from_dict(dict(kw, seed=1)), str(tmp_path), ds)
+
+
+def test_uniform_allocation_shrinks_layers_alike():
+  k = 3
+  model = _lenet(k, {n: budgets.level_sizes_for(16, k) for n in testlib.LENET3})
+  mm = budgets.MacModel.of(model)
+  full = mm.subnet_macs([budgets.level_sizes_for(16, k)] * 3)[0]
+  targets = np.array([0.1, 0.4, 0.8]) * full
+  rng = np.random.RandomState(1)
+  scores = {n: rng.uniform(size=16) * (10.0 if n == 'conv3' else 1.0) for n in testlib.LENET3}
+  new = construct.assign_levels(surgery.neuron_levels(model), scores, mm, targets, allocation='uniform')
+  assert np.all(mm.subnet_macs(mm.counts_of(new, k)) <= targets)
+  for lvl in range(k):
+    kept = [np.sum((new[n] >= 0) & (new[n] <= lvl)) for n in testlib.LENET3]
+    assert max(kept) - min(kept) <= 1, (lvl, kept)     # equal widths (all layers have 16 channels)
+  for n in testlib.LENET3:   # inside a layer, importance decides: level-0 neurons outrank the rest
+    if np.any(new[n] > 0):
+      assert scores[n][new[n] == 0].min() >= scores[n][(new[n] > 0) | (new[n] < 0)].max()
+
+
+def test_saved_configs_match_with_defaults_for_new_keys():
+  cfg = config.from_dict(dict(num_epochs=2))
+  saved = {k: v for k, v in cfg.to_dict().items() if k != 'allocation'}
+  assert config.same_settings(json.loads(json.dumps(saved)), cfg)
+  assert not config.same_settings(dict(saved, num_epochs=3), cfg)
