@@ -21,15 +21,15 @@ def get_config():
   c.common = base_config()
   c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=3, batch_size=128, learning_rate=2e-3,
                        schedule='cosine', log_every_steps=50))
-  c.methods = ('steppingnet', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
+  # Also available: 'awn_sandwich' (AWN trained with the sandwich rule), 'steppingnet_tri'.
+  c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
   c.extra_budgets = (0.15, 0.42)
   c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
                                          sandwich_widths=2))
   c.steppingnet = ml_collections.ConfigDict(dict(
-      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, allocation='global',
+      widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, allocation='uniform',
       rank_per_mac=False,
-      construct_rounds=4,
-      pretrain_epochs=1.0, round_epochs=0.25, finetune_distill_weight=0.0))
+      construct_rounds=4, pretrain_epochs=0.25, round_epochs=0.0625, finetune_distill_weight=0.0))
   c.nonuniform = ml_collections.ConfigDict(dict(pretrain_epochs=1.0, nonuniform_cycles=2, recalibrate_batches=50))
   # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
   # Its fields override the ones above (sections merge).

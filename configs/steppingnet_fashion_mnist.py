@@ -21,9 +21,10 @@ def get_config():
   c.budgets = (0.072262, 0.15, 0.282091, 0.42, 0.594515, 1.0218)
   c.widen = 2.0
   c.importance = 'taylor'
+  c.allocation = 'uniform'
   c.construct_rounds = 4
-  c.pretrain_epochs = 1.0
-  c.round_epochs = 0.25
+  c.pretrain_epochs = 0.25
+  c.round_epochs = 0.0625
   c.finetune_distill_weight = 0.0
   c.num_epochs = 3
   c.batch_size = 128

@@ -142,9 +142,17 @@ class Config:
     return dataclasses.asdict(self)
 
 
+# Keys that change how a run reports, not what it trains.
+REPORTING_KEYS = ('progress', 'log_every_steps', 'keep_checkpoints', 'eval_batch_size')
+
+
 def same_settings(saved: Mapping[str, Any], cfg: Config) -> bool:
-  """Whether a saved config (JSON) describes ``cfg``; keys added since it was saved take their defaults."""
-  return from_dict(saved).to_dict() == cfg.to_dict()
+  """Whether a saved config (JSON) trains the same as ``cfg``.
+
+  Keys added since it was saved take their defaults; reporting keys are ignored.
+  """
+  a, b = from_dict(saved).to_dict(), cfg.to_dict()
+  return all(a[k] == b[k] for k in a if k not in REPORTING_KEYS)
 
 
 def _as_tuple(v) -> tuple:

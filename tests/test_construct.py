@@ -287,3 +287,4 @@ def test_saved_configs_match_with_defaults_for_new_keys():
   saved = {k: v for k, v in cfg.to_dict().items() if k != 'allocation'}
   assert config.same_settings(json.loads(json.dumps(saved)), cfg)
   assert not config.same_settings(dict(saved, num_epochs=3), cfg)
+  assert config.same_settings(dict(saved, progress=not cfg.progress), cfg)   # reporting only
