@@ -170,10 +170,10 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
   """
   os.makedirs(workdir, exist_ok=True)
   dataset, steps_per_epoch = train_lib.prepare_data(cfg, dataset)
-  model = widened_start(cfg, dataset)
   done = train_lib.finished_run(workdir, cfg, 'construction.json')
   if done is not None:
     return done
+  model = widened_start(cfg, dataset)
   surgery.check_chain(model)
   base, targets = budget_macs(cfg, dataset, model)   # before any training
   plan = Plan.of(cfg, steps_per_epoch)
