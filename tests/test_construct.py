@@ -42,6 +42,13 @@ def _lenet(num_levels, sizes, seed=0, triangular=False):
   return testlib.randomize(model, seed)
 
 
+def _level0_lenet(k, channels, triangular=False):
+  """A LeNet-3C1L with every neuron at level 0, its MacModel and its full MACs."""
+  model = _lenet(k, {n: budgets.level_sizes_for(channels, k) for n in testlib.LENET3}, triangular=triangular)
+  mm = budgets.MacModel.of(model)
+  return model, mm, mm.subnet_macs([budgets.level_sizes_for(channels, k)] * 3)[0]
+
+
 def _meta(model):
   return checkpoint.model_meta(model, 'lenet3c1l', 10)
 
@@ -49,9 +56,7 @@ def _meta(model):
 @pytest.mark.parametrize('triangular', [False, True])
 def test_assign_levels_meets_every_budget_within_one_neuron(triangular):
   k = 4
-  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3}, triangular=triangular)
-  mm = budgets.MacModel.of(model)
-  full = mm.subnet_macs([budgets.level_sizes_for(12, k)] * 3)[0]
+  model, mm, full = _level0_lenet(k, 12, triangular=triangular)
   targets = np.array([0.05, 0.2, 0.45, 0.8]) * full
   rng = np.random.RandomState(0)
   scores = {n: rng.uniform(size=12) for n in testlib.LENET3}
@@ -80,9 +85,7 @@ def test_assign_levels_meets_every_budget_within_one_neuron(triangular):
 
 def test_assign_levels_per_mac_meets_budgets_and_spares_cheap_neurons():
   k = 3
-  model = _lenet(k, {n: budgets.level_sizes_for(12, k) for n in testlib.LENET3})
-  mm = budgets.MacModel.of(model)
-  full = mm.subnet_macs([budgets.level_sizes_for(12, k)] * 3)[0]
+  model, mm, full = _level0_lenet(k, 12)
   targets = np.array([0.1, 0.4, 0.8]) * full
   scores = {n: np.ones(12) for n in testlib.LENET3}    # equal importance: cost decides
   start = surgery.neuron_levels(model)
@@ -266,9 +269,7 @@ def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, mo
 
 def test_uniform_allocation_shrinks_layers_alike():
   k = 3
-  model = _lenet(k, {n: budgets.level_sizes_for(16, k) for n in testlib.LENET3})
-  mm = budgets.MacModel.of(model)
-  full = mm.subnet_macs([budgets.level_sizes_for(16, k)] * 3)[0]
+  model, mm, full = _level0_lenet(k, 16)
   targets = np.array([0.1, 0.4, 0.8]) * full
   rng = np.random.RandomState(1)
   scores = {n: rng.uniform(size=16) * (10.0 if n == 'conv3' else 1.0) for n in testlib.LENET3}
