@@ -92,12 +92,10 @@ class MacModel:
             for n in self.names]
 
 
-def dense_macs(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float = 1.0,
-               channels: Mapping[str, int] | None = None) -> int:
-  """MACs of a plain single-level network (every connection kept)."""
-  assignment = {k: [int(c)] for k, c in (channels or {}).items()}
+def dense_macs(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float = 1.0) -> int:
+  """MACs of a plain single-level network at ``width`` (every connection kept)."""
   model = nnx.eval_shape(lambda: models.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
-                                                     num_levels=1, width=width, assignment=assignment or None))
+                                                     num_levels=1, width=width))
   return int(model.delta_macs().sum())
 
 
@@ -122,10 +120,14 @@ def width_for_budget(model_name: str, budget_macs: float, *, input_shape: Sequen
   if macs(lo) > budget_macs:
     raise ValueError(f'{budget_macs:,.0f} MACs is below the smallest {model_name} (one channel per layer, '
                      f'{macs(lo):,} MACs)')
+  if macs(hi) <= budget_macs:
+    raise ValueError(f'{budget_macs:,.0f} MACs is above {model_name} at width {max_width} ({macs(hi):,} MACs)')
   for _ in range(40):
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if macs(mid) <= budget_macs else (lo, mid)
   w = float(np.floor(lo * 1000) / 1000)
+  if macs(w) != macs(lo):  # rounding down crossed a channel step: keep the exact width
+    w = lo
   return w, macs(w)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 import ml_collections
@@ -37,15 +36,21 @@ from ml_collections import config_flags
 import stepnet_jax
 from stepnet_jax import budgets as budgets_lib
 from stepnet_jax import config as config_lib
-from stepnet_jax import data, evaluation, methods, models
+from stepnet_jax import checkpoint, data, evaluation, methods, models
 
 METHODS = ('steppingnet', 'steppingnet_tri', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
 REUSING = {'steppingnet': True, 'steppingnet_tri': True, 'awn': True, 'awn_sandwich': True, 'slimmable': False, 'nonuniform': False,
            'independent': False}
 
 
-def _config(common: dict, **overrides) -> config_lib.Config:
-  return config_lib.from_dict({**common, **overrides})
+def _config(common: dict, section=None, **fixed) -> config_lib.Config:
+  """The common settings, then a method's config ``section``, then the keys the comparison
+  fixes for that method (a section may not set those), validated."""
+  own = section.to_dict() if section is not None else {}
+  clash = sorted(set(own) & set(fixed))
+  if clash:
+    raise ValueError(f'the comparison sets {clash} itself for this method; remove them from its config section')
+  return config_lib.from_dict({**common, **own, **fixed})
 
 
 def awn_config(cc) -> config_lib.Config:
@@ -91,7 +96,7 @@ def method_configs(cc, dataset: data.Dataset) -> dict[str, list[config_lib.Confi
   plans = uniform_plans(cc, dataset, budgets, base)
   out = {}
   out['steppingnet'] = [_config(common, method='steppingnet', num_levels=k, budgets=tuple(budgets),
-                                exit_weights=(), **cc.steppingnet.to_dict())]
+                                exit_weights=(), section=cc.steppingnet)]
   out['steppingnet_tri'] = [dataclasses.replace(out['steppingnet'][0], triangular=True)]
   out['awn'] = [awn_config(cc)]
   out['awn_sandwich'] = [dataclasses.replace(awn_config(cc), sandwich_widths=cc.awn.sandwich_widths)]
@@ -100,7 +105,7 @@ def method_configs(cc, dataset: data.Dataset) -> dict[str, list[config_lib.Confi
   out['slimmable'] = [_config(common, method='joint', mask_rule=False, num_levels=k, exit_weights=(),
                               assignment=json.dumps(slim))]
   out['nonuniform'] = [_config(common, method='nonuniform', num_levels=k, budgets=tuple(budgets), exit_weights=(),
-                               widen=plans[-1][0] / cc.common.width, **cc.nonuniform.to_dict())]
+                               widen=plans[-1][0] / cc.common.width, section=cc.nonuniform)]
   out['independent'] = [_config(common, method='joint', num_levels=1, width=w, exit_weights=(), level_widths=())
                          for w, _ in plans]
   return {m: out[m] for m in cc.methods}
@@ -112,9 +117,22 @@ def _rows(workdir: str, dataset: data.Dataset, latency_repeats: int) -> list[dic
                                     latency_batch=1, latency_repeats=latency_repeats)
 
 
+def _refuse_other_settings(workdir: str, cfg: config_lib.Config) -> None:
+  """A run left in ``workdir`` (finished or interrupted) must have exactly ``cfg``'s settings."""
+  if checkpoint.latest_step(workdir) is None:
+    return
+  differ = config_lib.differing_keys(checkpoint.restore_meta(workdir)['config'], cfg)
+  if differ:
+    raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
+                     'use a new --workdir or delete it')
+
+
 def run_method(name: str, cfgs: list[config_lib.Config], workdir: str, full: data.Dataset,
                dataset: data.Dataset, latency_repeats: int) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
+
+  ``train_seconds`` adds up the training time each run reports (all of its sessions,
+  when it was resumed), not this call's wall time.
 
   ``full`` is the loaded dataset (each method takes the configured subset of it itself);
   ``dataset`` is that subset, whose test split is evaluated here.
@@ -130,12 +148,12 @@ def run_method(name: str, cfgs: list[config_lib.Config], workdir: str, full: dat
     print(f'{name}: reusing {result_path}', flush=True)
     return saved
   print(f'=== {name} ===', flush=True)
+  subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
+  for sub, cfg in zip(subs, cfgs):   # all before training any of them
+    _refuse_other_settings(sub, cfg)
   seconds, rows = 0.0, []
-  for i, cfg in enumerate(cfgs):
-    sub = workdir if len(cfgs) == 1 else os.path.join(workdir, f'budget{i}')
-    t = time.time()
-    methods.train(cfg, sub, full)
-    seconds += time.time() - t
+  for sub, cfg in zip(subs, cfgs):
+    seconds += methods.train(cfg, sub, full)['seconds']
     rows.append(_rows(sub, dataset, latency_repeats))
   if len(cfgs) == 1:
     levels = rows[0]
@@ -166,16 +184,16 @@ def targets(results: dict[str, dict]) -> list[str]:
   inc = all(b > a for a, b in zip(acc, acc[1:]))
   lines.append(f'- SteppingNet exits strictly increasing: {"yes" if inc else "NO"} '
                f'({" < ".join(f"{100 * a:.2f}" for a in acc)})')
-  if 'awn' in results:
-    for a in results['awn']['levels']:
+  for peer, label in (('awn', 'AWN'), ('awn_sandwich', 'AWN sandwich')):
+    for a in results.get(peer, {}).get('levels', []):
       cands = [r for r in s_levels if r['macs'] <= a['macs']]
       if not cands:
-        lines.append(f'- AWN level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
+        lines.append(f'- {label} level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
         continue
       s = max(cands, key=lambda r: r['macs'])
       ok = s['accuracy'] >= a['accuracy']
-      lines.append(f'- vs AWN level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
-                   f'vs AWN {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}')
+      lines.append(f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
+                   f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}')
   if 'independent' in results:
     for s, i in zip(s_levels, results['independent']['levels']):
       gap = 100 * (i['accuracy'] - s['accuracy'])
@@ -189,6 +207,7 @@ def targets(results: dict[str, dict]) -> list[str]:
 
 
 def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int) -> str:
+  """compare.md: per-level table of every method, training times, and the targets checked."""
   lines = [f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method)', '',
            f'Budgets (fractions of the dense base network, {base:,} MACs): '
            + ', '.join(f'{b:.4f}' for b in budgets), '',
@@ -206,6 +225,7 @@ def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset:
 
 
 def plot(path: str, results: dict[str, dict], title: str) -> None:
+  """compare.png: accuracy against subnet MACs, and against the MACs spent stepping there."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -249,7 +269,10 @@ def compare(cc, workdir: str, quick: bool = False, latency_repeats: int = 10) ->
   full = data.load_dataset(common.dataset, common.data_dir or None)
   dataset = data.subset(full, common.train_subset, common.test_subset, common.seed)  # what every method sees
   budgets, base = budget_points(cc, dataset)
-  cfgs = method_configs(cc, dataset)   # validates every config before any training
+  cfgs = method_configs(cc, dataset)
+  for c in cfgs.values():              # every config and budget checked before any training
+    for cfg in c:
+      methods.check(cfg, dataset)
   print(f'budgets (x {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets), flush=True)
   results = {name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats)
              for name, c in cfgs.items()}

@@ -127,9 +127,11 @@ class Config:
 
   @property
   def weights(self) -> tuple[float, ...]:
+    """Per-exit loss weights: ``exit_weights``, or 1 for every exit when it is empty."""
     return self.exit_weights or (1.0,) * self.num_levels
 
   def assignment_dict(self) -> dict[str, list[int]]:
+    """``assignment`` (JSON text or a path to a JSON file) as {layer: level sizes}; {} if unset."""
     if not self.assignment:
       return {}
     text = self.assignment
@@ -146,13 +148,18 @@ class Config:
 REPORTING_KEYS = ('progress', 'log_every_steps', 'keep_checkpoints', 'eval_batch_size')
 
 
-def same_settings(saved: Mapping[str, Any], cfg: Config) -> bool:
-  """Whether a saved config (JSON) trains the same as ``cfg``.
+def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
+  """Keys whose value in a saved config (JSON) differs from ``cfg``'s, reporting keys aside.
 
-  Keys added since it was saved take their defaults; reporting keys are ignored.
+  Keys added since the config was saved take their defaults.
   """
   a, b = from_dict(saved).to_dict(), cfg.to_dict()
-  return all(a[k] == b[k] for k in a if k not in REPORTING_KEYS)
+  return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])
+
+
+def same_settings(saved: Mapping[str, Any], cfg: Config) -> bool:
+  """Whether a saved config (JSON) trains the same as ``cfg``."""
+  return not differing_keys(saved, cfg)
 
 
 def _as_tuple(v) -> tuple:
@@ -196,8 +203,20 @@ def from_dict(cfg: Mapping[str, Any]) -> Config:
     raise ValueError(f'unknown allocation {c.allocation!r}; choose global or uniform')
   if c.importance not in ('taylor', 'class'):
     raise ValueError(f'unknown importance {c.importance!r}; choose taylor or class')
-  if c.widen < 1.0 or c.construct_rounds < 1:
-    raise ValueError('widen must be >= 1 and construct_rounds >= 1')
-  if c.batch_size < 1 or c.num_epochs < 0:
-    raise ValueError('batch_size must be >= 1 and num_epochs >= 0')
+  if c.method == 'steppingnet' and c.allocation == 'uniform' and c.rank_per_mac:
+    raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
+                     "layer's share, so the two do not combine: use allocation='global'")
+  _check_ranges(c)
   return c
+
+
+def _check_ranges(c: Config) -> None:
+  """Numeric settings outside their meaningful range are errors, not silent no-ops."""
+  minimum = {'batch_size': 1, 'num_epochs': 0, 'construct_rounds': 1, 'pretrain_epochs': 0, 'round_epochs': 0,
+             'importance_examples': 1, 'class_threshold': 0, 'nonuniform_cycles': 1, 'recalibrate_batches': 0,
+             'sandwich_widths': 0, 'warmup_epochs': 0}
+  for key, low in minimum.items():
+    if getattr(c, key) < low:
+      raise ValueError(f'{key} must be >= {low}, got {getattr(c, key)}')
+  if c.widen <= 0:
+    raise ValueError(f'widen must be > 0, got {c.widen}')

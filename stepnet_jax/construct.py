@@ -8,12 +8,13 @@ made here are:
    ``pretrain_epochs``.
 2. ``construct_rounds`` rounds, each: evaluate importance on training data
    (``importance.py``: Taylor or class-based); lower every subnet's MAC target
-   geometrically from its current MACs towards its budget (round r of R reaches
-   ``M * (b / M)^(r / R)``, the last round the budget itself); then, for k = 0..K-1
+   geometrically from its MACs at the start of construction, M, towards its budget b
+   (round r of R reaches ``M * (b / M)^(r / R)``, the last round b itself); then, for k = 0..K-1
    in order, move the least important level-k neuron (ranked across all layers) up to
    level k+1 -- or, for the top level, remove it -- and re-count subnet k's MACs with
    the mask rule after every single move, until subnet k fits its target (with
-   ``rank_per_mac``, the lowest importance per MAC saved goes first). Every layer
+   ``rank_per_mac``, the lowest importance per MAC saved goes first); then moved
+   neurons go back, last moved first, wherever subnet k still fits. Every layer
    keeps at least one level-0 neuron. Moves of level k only change subnets >= k, so
    handling levels in order never breaks a target already met. The moved neurons keep
    their trained weights (``surgery.relevel``); a connection the mask rule newly
@@ -38,6 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flax import nnx
 
 from stepnet_jax import budgets as budgets_lib
 from stepnet_jax import checkpoint, data, importance, models, surgery, train_lib
@@ -60,6 +62,12 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
     proportions, as in AWN and slimmable nets); importance decides only which of the
     layer's neurons go (its least important).
 
+  Then the slack the last move left is filled: the moved neurons, in the reverse order
+  of their moves (within a layer, the most important first), go back to level k
+  wherever subnet k still fits (with ``'uniform'``, and no layer's share grows past the
+  widest other layer's), so no moved neuron can be put back without breaking the
+  target (or, uniform, the equal shares).
+
   ``levels``: per layer, per neuron level (-1 = removed). Returns new arrays; neurons
   only move up. Raises if a target cannot be met (the budget checks prevent that).
   """
@@ -72,6 +80,7 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
     # Per layer, its level-k neurons from the least important up.
     queues = [sorted(np.nonzero(new[n] == k)[0], key=lambda i, n=n: (float(scores[n][i]), i)) for n in names]
     heads = [0] * len(names)
+    moved = []
     while macs > targets[k]:
       best, best_key = None, None
       for li, n in enumerate(names):
@@ -92,14 +101,34 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
         raise RuntimeError(f'cannot bring subnet {k} to {targets[k]:,.0f} MACs (left at {macs:,})')
       i = queues[best][heads[best]]
       heads[best] += 1
-      counts[best][k] -= 1
-      if k + 1 < num_levels:
-        counts[best][k + 1] += 1
-        new[names[best]][i] = k + 1
-      else:
-        new[names[best]][i] = surgery.REMOVED
+      moved.append((best, i))
+      _move(new, counts, names[best], best, i, k, k + 1 if k + 1 < num_levels else surgery.REMOVED)
       macs = int(mac_model.subnet_macs(counts)[k])
+    # Fill the slack the last move left: put moved neurons back, last moved first,
+    # wherever one still fits. Afterwards no moved neuron fits back.
+    # With uniform allocation a layer may not grow past the widest other layer's share.
+    sizes = [len(new[n]) for n in names]
+    for li, i in reversed(moved):
+      back = [c.copy() for c in counts]
+      back[li][k] += 1
+      if k + 1 < num_levels:
+        back[li][k + 1] -= 1
+      share = [np.sum(c[:k + 1]) / s for c, s in zip(back, sizes)]
+      if allocation == 'uniform' and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
+        continue
+      if mac_model.subnet_macs(back)[k] <= targets[k]:
+        _move(new, counts, names[li], li, i, int(new[names[li]][i]), k)
   return new
+
+
+def _move(levels: dict[str, np.ndarray], counts: list[np.ndarray], name: str, li: int, i: int,
+          old: int, level: int) -> None:
+  """Moves neuron ``i`` of layer ``name`` from level ``old`` to ``level`` (REMOVED = -1), in place."""
+  if old >= 0:
+    counts[li][old] -= 1
+  if level >= 0:
+    counts[li][level] += 1
+  levels[name][i] = level
 
 
 def round_targets(current: np.ndarray, budgets: np.ndarray, r: int, rounds: int) -> np.ndarray:
@@ -119,6 +148,7 @@ class Plan:
 
   @classmethod
   def of(cls, cfg: Config, steps_per_epoch: int) -> Plan:
+    """The phases of ``cfg``; raises if pretraining and rounds do not fit in ``num_epochs``."""
     pre = int(round(cfg.pretrain_epochs * steps_per_epoch))
     per_round = int(round(cfg.round_epochs * steps_per_epoch))
     total = cfg.num_epochs * steps_per_epoch
@@ -150,6 +180,13 @@ def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tup
   return base, budgets_lib.check_budgets(cfg.budgets, base, budgets_lib.MacModel.of(model), channels)
 
 
+def check(cfg: Config, dataset: data.Dataset) -> None:
+  """Raises if ``cfg`` cannot be constructed on ``dataset`` (model kind, budgets); trains nothing."""
+  model = nnx.eval_shape(lambda: widened_start(cfg, dataset))
+  surgery.check_chain(model)
+  budget_macs(cfg, dataset, model)
+
+
 def _sample(dataset: data.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
   """Training examples for importance: ``importance_examples`` in all, or that many per class."""
   rng = np.random.RandomState(cfg.seed + 1000 + rnd)
@@ -178,7 +215,7 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
   base, targets = budget_macs(cfg, dataset, model)   # before any training
   plan = Plan.of(cfg, steps_per_epoch)
   meta = checkpoint.model_meta(model, cfg.model, dataset.num_classes)
-  writer = train_lib.MetricWriter(workdir)
+  writer = train_lib.MetricWriter(workdir, fresh=True)
   t0 = time.time()
   log = []
 

@@ -106,6 +106,7 @@ def class_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
 
 
 def normalised(scores: np.ndarray) -> np.ndarray:
+  """Scores divided by their mean, so layers of different scale compete on one scale."""
   mean = float(np.mean(scores))
   return scores / mean if mean > 0 else np.zeros_like(scores)
 

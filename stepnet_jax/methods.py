@@ -13,8 +13,17 @@ from stepnet_jax import construct, data, nonuniform, train_lib
 from stepnet_jax.config import Config
 
 
+def check(cfg: Config, dataset: data.Dataset) -> None:
+  """Raises if ``cfg`` cannot train on ``dataset`` (e.g. infeasible budgets), before any training."""
+  if cfg.method == 'steppingnet':
+    construct.check(cfg, dataset)
+  elif cfg.method == 'nonuniform':
+    nonuniform.check(cfg, dataset)
+
+
 def train(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
-  """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'."""
+  """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'
+  (training time of the run, also when it was resumed or found finished)."""
   if cfg.method == 'steppingnet':
     return construct.construct(cfg, workdir, dataset)
   if cfg.method == 'nonuniform':

@@ -24,7 +24,8 @@ from flax import nnx
 from stepnet_jax.model import StepCache, SteppingModel
 
 # Which direct forward ``forward_fastest`` uses per backend. CPU: measured by
-# ``python -m stepnet_jax.bench`` (masked 31.7 ms vs level-block 125.3 ms at batch 256).
+# ``python -m stepnet_jax.bench`` at batch 256: masked for LeNet-3C1L (42 vs 143 ms),
+# though level-block wins on VGG-16 (2.1 vs 6.1 s); see the README's benchmark.
 # GPU/TPU: not measured yet; masked (fewer, larger ops) until someone does.
 DIRECT_FORWARD = {'cpu': 'masked', 'gpu': 'masked', 'tpu': 'masked'}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -147,13 +148,24 @@ def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
   return correct / len(labels)
 
 
-class MetricWriter:
-  """Scalars to TensorBoard event files (tensorboardX) and to metrics.jsonl."""
+# Settings a resumed joint run may change: more epochs continue training.
+RESUMABLE_KEYS = ('num_epochs',)
 
-  def __init__(self, workdir: str):
+
+class MetricWriter:
+  """Scalars to TensorBoard event files (tensorboardX) and to metrics.jsonl.
+
+  ``fresh=True`` starts both anew (a run that restarts from scratch); otherwise they
+  continue (a resumed run).
+  """
+
+  def __init__(self, workdir: str, fresh: bool = False):
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    tb_dir = os.path.join(workdir, 'tensorboard')
+    if fresh and os.path.isdir(tb_dir):
+      shutil.rmtree(tb_dir)
+    self.tb = SummaryWriter(tb_dir)
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w' if fresh else 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     for k, v in scalars.items():
@@ -276,8 +288,13 @@ def finished_run(workdir: str, cfg: Config, result_name: str) -> dict | None:
     return None
   saved = checkpoint.restore_meta(workdir)
   path = os.path.join(workdir, result_name)
-  if not config_lib.same_settings(saved['config'], cfg) or not os.path.exists(path):
-    raise ValueError(f'{workdir} already holds a checkpoint of another run; use a new --workdir')
+  differ = config_lib.differing_keys(saved['config'], cfg)
+  if differ:
+    raise ValueError(f'{workdir} already holds a checkpoint of a run with other settings '
+                     f'({", ".join(differ)}); use a new --workdir')
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
+                     f'writing {result_name}; delete {workdir} to run it again')
   with open(path) as f:
     result = json.load(f)
   print(f'{workdir}: finished run found, not retraining', flush=True)
@@ -287,7 +304,10 @@ def finished_run(workdir: str, cfg: Config, result_name: str) -> dict | None:
 def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 
-  Returns a dict with the final per-level test accuracy, the step and the wall time.
+  A resumed run must have the same settings, except ``num_epochs`` (raising it trains
+  on; the schedule then spans the new length). Returns a dict with the final
+  per-level test accuracy, the step, and ``seconds``: the training time of all
+  sessions of the run (saved with every checkpoint).
   """
   os.makedirs(workdir, exist_ok=True)
   dataset, steps_per_epoch = prepare_data(cfg, dataset)
@@ -301,10 +321,16 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
           'dataset': dataset.name, 'steps_per_epoch': steps_per_epoch}
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   start = mngr.latest_step()
+  prior_seconds = 0.0
   if start is not None:
     saved = checkpoint.restore_meta(workdir, start)
     if saved['model_meta'] != meta['model_meta']:
       raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
+    differ = [k for k in config_lib.differing_keys(saved['config'], cfg) if k not in RESUMABLE_KEYS]
+    if differ:
+      raise ValueError(f'{workdir} holds a checkpoint trained with other settings ({", ".join(differ)}); '
+                       'use a new --workdir')
+    prior_seconds = float(saved.get('train_seconds', 0.0))
     m = checkpoint.restore_item(workdir, 'model', {'params': nnx.to_pure_dict(params),
                                                    'batch_stats': nnx.to_pure_dict(batch_stats)}, start)
     t = checkpoint.restore_item(workdir, 'train', {'opt_state': state.opt_state, 'step': state.step}, start)
@@ -325,7 +351,8 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   def save(s: TrainState) -> None:
     checkpoint.save(mngr, int(s.step), {
         'model': {'params': nnx.to_pure_dict(s.params), 'batch_stats': nnx.to_pure_dict(s.batch_stats)},
-        'train': {'opt_state': s.opt_state, 'step': s.step}}, meta)
+        'train': {'opt_state': s.opt_state, 'step': s.step}},
+        {**meta, 'train_seconds': prior_seconds + time.time() - t_start})
 
   def evaluate(s: TrainState) -> np.ndarray:
     variables = nnx.merge_state(s.params, s.batch_stats)
@@ -343,8 +370,8 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(state)
   writer.close()
-  return {'step': step, 'test_accuracy': [float(a) for a in test_acc], 'seconds': time.time() - t_start,
-          'levels': cfg.num_levels}
+  return {'step': step, 'test_accuracy': [float(a) for a in test_acc],
+          'seconds': prior_seconds + time.time() - t_start, 'levels': cfg.num_levels}
 
 
 def progress_bar(enabled: bool):

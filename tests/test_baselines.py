@@ -12,7 +12,7 @@ from flax import nnx
 
 import stepnet_jax
 import testlib
-from stepnet_jax import budgets, compare, config, construct, data, levels, models, nonuniform, surgery
+from stepnet_jax import budgets, compare, config, construct, data, levels, methods, models, nonuniform, surgery
 from stepnet_jax.api import Stepper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,12 +131,16 @@ def checkpoint_meta(model):
   return checkpoint.model_meta(model, 'lenet3c1l', 10)
 
 
-def test_nonuniform_end_to_end(tmp_path):
+def test_nonuniform_end_to_end(tmp_path, monkeypatch):
   ds = data.load_dataset('digits')
   cfg = config.from_dict(dict(method='nonuniform', dataset='digits', model='mlp', width=0.25, num_levels=3,
                               budgets=(0.2, 0.5, 1.0), widen=1.0, num_epochs=3, batch_size=64, learning_rate=3e-3,
                               pretrain_epochs=1.0, nonuniform_cycles=1, recalibrate_batches=5, progress=False))
+  optimizers = []
+  real = nonuniform.train_lib.make_optimizer
+  monkeypatch.setattr(nonuniform.train_lib, 'make_optimizer', lambda *a, **k: optimizers.append(1) or real(*a, **k))
   result = nonuniform.train_nonuniform(cfg, str(tmp_path), ds)
+  assert len(optimizers) == 2   # the full network's, then one state for every subnet's turns
   net = stepnet_jax.load(str(tmp_path))
   assert not net.reusable
   assert np.all(np.asarray(net.level_macs) <= np.asarray(result['budget_macs']))
@@ -182,3 +186,71 @@ def test_sandwich_train_step_runs():
   assert np.isfinite(float(metrics['loss'])) and metrics['accuracy'].shape == (3,)
   with pytest.raises(ValueError, match='triangular'):
     config.from_dict(dict(sandwich_widths=2))
+
+
+def test_recalibrate_averages_each_batchs_statistics():
+  """Subnet k's first-layer BN statistics after recalibration == the mean over the
+  batches of each batch's mean / variance of the pre-BN activations, computed by hand."""
+  ds = data.subset(data.load_dataset('digits'), train=256)
+  sizes = {'fc1': (3, 2, 4), 'fc2': (2, 2, 2)}
+  with testlib.numpy_initializers(1):
+    model = models.build_model('mlp', num_classes=10, input_shape=ds.input_shape, num_levels=3, assignment=sizes,
+                               mask_rule=False, mean=(0.3,), std=(0.4,))
+  model = testlib.randomize(model, 1)
+  for bn in model.units[0].bn.per_level:   # stale statistics that must not survive
+    bn.mean[...] = bn.mean[...] + 5.0
+  cfg = config.from_dict(dict(dataset='digits', model='mlp', num_levels=3, batch_size=32, recalibrate_batches=3))
+  new = nonuniform.recalibrate(model, ds, cfg)
+  kernel = np.asarray(model.units[0].kernel[...], np.float64)        # [S, 1, C]
+  spe = len(ds.train_labels) // cfg.batch_size
+  for k in range(3):
+    end = levels.end(sizes['fc1'], k)
+    means, variances = [], []
+    for step in range(3):
+      idx = nonuniform.train_lib.batch_indices(step, spe, len(ds.train_labels), cfg.batch_size, cfg.seed + 7)
+      x = (ds.train_images[idx].astype(np.float64) / 255.0 - 0.3) / 0.4
+      y = x.reshape(len(idx), -1) @ kernel[:, 0, :end]
+      means.append(y.mean(0))
+      variances.append(y.var(0))
+    bn = new.units[0].bn.per_level[k]
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), np.mean(means, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), np.mean(variances, 0), rtol=1e-3, atol=1e-4)
+
+
+def test_infeasible_budgets_are_caught_before_training():
+  ds = data.load_dataset('digits')
+  common = dict(dataset='digits', model='mlp', width=0.25, num_levels=2, num_epochs=1, batch_size=32)
+  too_big = config.from_dict(dict(common, method='steppingnet', budgets=(0.2, 5.0), widen=2.0))
+  with pytest.raises(ValueError, match='exceeds the widened network'):
+    methods.check(too_big, ds)
+  tiny = config.from_dict(dict(common, method='nonuniform', budgets=(1e-6, 1.0), widen=1.0))
+  with pytest.raises(ValueError, match='one neuron per layer'):
+    methods.check(tiny, ds)
+  # The non-uniform full network is the widest plan under the top budget: a top budget
+  # at or below the next one after that clamp is named as such.
+  clamped = config.from_dict(dict(common, method='nonuniform', budgets=(0.6, 3.0), widen=0.5))
+  with pytest.raises(ValueError, match='not above budget 0'):
+    methods.check(clamped, ds)
+  methods.check(config.from_dict(dict(common, method='steppingnet', budgets=(0.2, 1.0), widen=2.0)), ds)
+
+
+def test_width_for_budget_refuses_budgets_beyond_its_range():
+  big = budgets.dense_macs('mlp', input_shape=(8, 8, 1), num_classes=10, width=2.0)
+  with pytest.raises(ValueError, match='above mlp at width 2.0'):
+    budgets.width_for_budget('mlp', big + 1, input_shape=(8, 8, 1), num_classes=10, max_width=2.0)
+  w, macs = budgets.width_for_budget('mlp', big - 1, input_shape=(8, 8, 1), num_classes=10, max_width=2.0)
+  assert macs <= big - 1 < budgets.dense_macs('mlp', input_shape=(8, 8, 1), num_classes=10, width=w + 0.01)
+
+
+def test_compare_targets_check_every_awn_variant_at_equal_or_higher_macs():
+  def rows(pairs):
+    return {'levels': [{'level': i, 'macs': m, 'accuracy': a} for i, (m, a) in enumerate(pairs)],
+            'train_seconds': 1.0}
+  results = {'steppingnet': rows([(100, 0.80), (200, 0.85), (400, 0.90)]),
+             'awn': rows([(110, 0.79), (390, 0.84)]),            # SteppingNet at 100 and 200 answer these
+             'awn_sandwich': rows([(150, 0.81), (50, 0.5)])}     # 0.80 < 0.81; nothing at or below 50 MACs
+  lines = compare.targets(results)
+  assert 'strictly increasing: yes' in lines[0]
+  assert [line.endswith(': met') for line in lines[1:3]] == [True, True]
+  assert 'vs AWN sandwich level 0' in lines[3] and lines[3].endswith('NOT met')
+  assert 'no SteppingNet level at or below' in lines[4]

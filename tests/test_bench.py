@@ -16,3 +16,29 @@ def test_bench_runs_and_counts_only_each_levels_work():
   assert len(r['conv_layer']['block_ms']) == 3
   report = bench.format_report(r)
   assert all(f'L{k} ' in report for k in range(3)) and '(d) conv2' in report
+
+
+def test_valid_tap_macs_match_a_convolution_of_ones():
+  """Taps on real inputs, counted by convolving an all-ones image with an all-ones
+  kernel (SAME zero padding contributes nothing), times the layer's connections."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from stepnet_jax import layers, models
+  model = nnx.eval_shape(lambda: models.build_model('vgg16', num_classes=10, input_shape=(32, 32, 3), num_levels=1,
+                                                    width=0.0625))
+  expected, shape = 0, (32, 32, 3)
+  for unit in model.units:
+    macs, out_shape = unit.delta_macs(shape)
+    if isinstance(unit, layers.LevelConv):
+      k = unit.kernel_size
+      taps = jax.lax.conv_general_dilated(jnp.ones((1, shape[0], shape[1], 1)), jnp.ones((k, k, 1, 1)),
+                                          (unit.stride, unit.stride), unit.padding,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      expected += float(taps.sum()) * int(unit.conn.kept_connections().sum())
+    else:
+      expected += float(macs.sum())
+    shape = out_shape
+  expected += float(model.delta_macs()[-1].sum())   # the head
+  got = bench.valid_tap_macs(model)
+  assert np.isclose(got.sum(), expected) and got.sum() < model.delta_macs().sum()

@@ -143,6 +143,11 @@ def test_resume_with_more_epochs(tmp_path):
   # A finished run restarted with the same config trains nothing more and reports the same accuracy.
   again = train_lib.train_and_evaluate(_digits_config(num_epochs=2), workdir, dataset=digits)
   assert again['step'] == 2 * spe and again['test_accuracy'] == second['test_accuracy']
+  # Training time adds up over the sessions: each checkpoint holds the time so far.
+  first_saved = checkpoint.restore_meta(workdir, spe)['train_seconds']
+  second_saved = checkpoint.restore_meta(workdir, 2 * spe)['train_seconds']
+  assert 0 < first_saved <= first['seconds'] and first_saved < second_saved <= second['seconds']
+  assert second_saved <= again['seconds'] < second_saved + 60
 
 
 @pytest.fixture(scope='module')
@@ -161,6 +166,28 @@ def test_resume_refuses_a_different_model(tmp_path, one_epoch_digits_run):
   with pytest.raises(ValueError):
     train_lib.train_and_evaluate(_digits_config(num_epochs=2, width=0.5), workdir, dataset=digits)
   assert checkpoint.latest_step(workdir) == 128 // 64
+
+
+def test_resume_refuses_other_settings(tmp_path, one_epoch_digits_run):
+  """Only num_epochs may change on resume; anything else names the differing keys."""
+  digits, original = one_epoch_digits_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  with pytest.raises(ValueError, match='learning_rate, seed'):
+    train_lib.train_and_evaluate(_digits_config(num_epochs=2, learning_rate=0.5, seed=3), workdir, dataset=digits)
+  assert checkpoint.latest_step(workdir) == 128 // 64
+
+
+def test_compare_refuses_a_left_run_of_other_settings(tmp_path, one_epoch_digits_run):
+  """The comparison checks a method's leftover (e.g. interrupted) runs before training any."""
+  from stepnet_jax import compare
+  digits, original = one_epoch_digits_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  compare._refuse_other_settings(workdir, _digits_config(num_epochs=1))   # same: fine
+  compare._refuse_other_settings(str(tmp_path / 'empty'), _digits_config(num_epochs=9))
+  with pytest.raises(ValueError, match='num_epochs'):
+    compare._refuse_other_settings(workdir, _digits_config(num_epochs=2))
 
 
 def test_train_and_evaluate_scripts(tmp_path):
@@ -216,6 +243,9 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     dict(num_levels=0), dict(exit_weights=(1.0, 1.0)), dict(exit_weights=(0.0, 0.0, 0.0)),
     dict(exit_weights=(1.0, -1.0, 1.0)), dict(level_widths=(0.5, 1.0)), dict(optimizer='lion'),
     dict(schedule='linear'), dict(batch_size=0), dict(num_epochs=-1), dict(no_such_key=1),
+    dict(widen=0.0), dict(construct_rounds=0), dict(pretrain_epochs=-0.5), dict(importance_examples=0),
+    dict(nonuniform_cycles=0), dict(recalibrate_batches=-1), dict(sandwich_widths=-1), dict(class_threshold=-1.0),
+    dict(method='steppingnet', budgets=(0.1, 0.3, 0.6), allocation='uniform', rank_per_mac=True),
 ])
 def test_config_validation(overrides):
   c = dict(config.base_config().to_dict(), num_levels=3)
