@@ -134,9 +134,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
   print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
   # One optimizer state for all turns (the structure no longer changes); one
   # compiled train step per subnet.
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = train_lib.make_optimizer(cfg, steps_per_epoch, step_offset=pre)
-  state = train_lib.TrainState(jnp.asarray(pre, jnp.int32), params, stats, tx.init(params))
+  graphdef, tx, state = train_lib.phase_start(model, cfg, steps_per_epoch, pre)
   step_fns = [train_lib.make_train_step(graphdef, cfg, tx, levels=(k,)) for k in range(k_levels)]
   turns = k_levels * cfg.nonuniform_cycles
   bounds = np.linspace(pre, total, turns + 1).astype(int)

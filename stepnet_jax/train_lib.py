@@ -239,6 +239,15 @@ def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data
   return dataset, steps_per_epoch
 
 
+def phase_start(model: SteppingModel, cfg: Config, steps_per_epoch: int,
+                first: int) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
+  """(graphdef, optimizer, state) for training ``model`` from global step ``first`` with
+  fresh optimizer moments; the learning rate follows the config's schedule at the global step."""
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  tx = make_optimizer(cfg, steps_per_epoch, step_offset=first)
+  return graphdef, tx, TrainState(jnp.asarray(first, jnp.int32), params, stats, tx.init(params))
+
+
 def train_phase(model: SteppingModel, cfg: Config, dataset: data.Dataset, first: int, last: int,
                 steps_per_epoch: int, writer: MetricWriter | None, desc: str,
                 levels: tuple[int, ...] | None = None) -> SteppingModel:
@@ -247,9 +256,7 @@ def train_phase(model: SteppingModel, cfg: Config, dataset: data.Dataset, first:
   For multi-phase methods whose structure changes between phases: the learning rate
   follows the config's schedule at the global step, the optimizer moments restart.
   """
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = make_optimizer(cfg, steps_per_epoch, step_offset=first)
-  state = TrainState(jnp.asarray(first, jnp.int32), params, stats, tx.init(params))
+  graphdef, tx, state = phase_start(model, cfg, steps_per_epoch, first)
   step_fn = make_train_step(graphdef, cfg, tx, levels=levels)
   state = run_steps(state, step_fn, dataset, cfg, first, last, steps_per_epoch, writer,
                     progress_bar(cfg.progress), desc, levels=levels)
