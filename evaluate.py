@@ -6,7 +6,7 @@ and the delta MACs of every layer at every level.
 from absl import app, flags, logging
 
 import stepnet_jax
-from stepnet_jax import data, evaluation
+from stepnet_jax import config, data, evaluation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
 _JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
@@ -22,8 +22,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   net = stepnet_jax.load(_WORKDIR.value)
-  cfg = net.meta['config']
-  ds = data.subset(data.load_dataset(cfg['dataset'], cfg.get('data_dir') or None), test=_TEST_SUBSET.value)
+  cfg = config.from_saved(net.meta['config'])
+  ds = data.subset(data.load_dataset(cfg.data.name, cfg.data.data_dir or None), test=_TEST_SUBSET.value)
   rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
                                     latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
   print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '

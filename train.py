@@ -1,9 +1,10 @@
 """Train a stepping network: python train.py --config configs/NAME.py --workdir DIR.
 
-Every config field can be overridden, e.g. --config.num_epochs=2. ``method`` picks
-plain joint training of a given assignment (a workdir that already holds checkpoints
-resumes from the latest one), SteppingNet construction under MAC budgets, or the
-non-uniform baseline (these two start over in a fresh workdir).
+Every config field can be overridden, e.g. --config.train.num_epochs=2 (fields and
+defaults: stepnet_jax/config.py). ``--config.method`` picks plain joint training of a
+given assignment (a workdir that already holds checkpoints resumes from the latest
+one), SteppingNet construction under MAC budgets, or the non-uniform baseline (these
+two start over unless the workdir holds their finished run).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags

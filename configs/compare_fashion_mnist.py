@@ -5,7 +5,7 @@
 
 LeNet-3C1L (32 filters = 7,146,624 MACs dense); budgets are AWN's four width points on
 its sqrt(2)-widened triangular network plus 0.15 and 0.42. Every method trains for
-`common.num_epochs` epochs with the same optimiser (Adam, cosine) and batch size;
+`common.train.num_epochs` epochs with the same optimiser (Adam, cosine) and batch size;
 `--config.awn.recipe=published` gives AWN its SGD recipe instead. 3 epochs for every
 method keep the full run within 90 minutes on 2 CPU cores (measured: 70.6 min). Expected
 and measured results: see the README's comparison section.
@@ -20,24 +20,31 @@ from stepnet_jax.config import base_config
 def get_config():
   c = ml_collections.ConfigDict()
   c.common = base_config()
-  c.common.update(dict(model='lenet3c1l', width=1.0, num_epochs=3, batch_size=128, learning_rate=2e-3,
-                       schedule='cosine', log_every_steps=50))
-  # Also available: 'awn_sandwich' (AWN trained with the sandwich rule), 'steppingnet_tri'.
+  c.common.model.name = 'lenet3c1l'
+  c.common.model.width = 1.0
+  c.common.train.num_epochs = 3
+  c.common.train.batch_size = 128
+  c.common.train.log_every_steps = 50
+  c.common.optim.learning_rate = 2e-3
+  c.common.optim.schedule = 'cosine'
+  # Also available (compare.ENTRIES): 'awn_sandwich' (AWN trained with the sandwich rule), 'steppingnet_tri'.
   c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
   c.extra_budgets = (0.15, 0.42)
   c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
                                          sandwich_widths=2))
-  c.steppingnet = ml_collections.ConfigDict(dict(
+  # A method's section overrides `common` for that method (nested like `common`).
+  c.steppingnet = ml_collections.ConfigDict(dict(construction=dict(
       widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5, allocation='uniform',
-      rank_per_mac=False,
-      construct_rounds=4, pretrain_epochs=0.25, round_epochs=0.0625, finetune_distill_weight=0.0))
-  c.nonuniform = ml_collections.ConfigDict(dict(pretrain_epochs=1.0, nonuniform_cycles=2, recalibrate_batches=50))
+      rank_per_mac=False, rounds=4, pretrain_epochs=0.25, round_epochs=0.0625, finetune_distill_weight=0.0)))
+  c.nonuniform = ml_collections.ConfigDict(dict(construction=dict(pretrain_epochs=1.0),
+                                                baseline=dict(nonuniform_cycles=2, recalibrate_batches=50)))
   # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
-  # Its fields override the ones above (sections merge).
+  # Its fields override the ones above (sections merge field by field).
   c.quick = ml_collections.ConfigDict(dict(
-      common=dict(width=0.25, train_subset=512, test_subset=300, num_epochs=2, batch_size=64,
-                  eval_batch_size=300, progress=False),
+      common=dict(model=dict(width=0.25), data=dict(train_subset=512, test_subset=300),
+                  train=dict(num_epochs=2, batch_size=64, eval_batch_size=300, progress=False)),
       extra_budgets=(),
-      steppingnet=dict(construct_rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128),
-      nonuniform=dict(pretrain_epochs=0.5, nonuniform_cycles=1, recalibrate_batches=5)))
+      steppingnet=dict(construction=dict(rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)),
+      nonuniform=dict(construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1,
+                                                                              recalibrate_batches=5))))
   return c

@@ -12,12 +12,12 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.dataset = 'cifar10'
-  c.model = 'lenet3c1l'
-  c.num_levels = 4
-  c.level_widths = (0.25, 0.5, 0.75, 1.0)
-  c.augment = True
-  c.num_epochs = 60
-  c.batch_size = 128
-  c.learning_rate = 2e-3
+  c.data.name = 'cifar10'
+  c.data.augment = True
+  c.model.name = 'lenet3c1l'
+  c.model.num_levels = 4
+  c.model.level_widths = (0.25, 0.5, 0.75, 1.0)
+  c.train.num_epochs = 60
+  c.train.batch_size = 128
+  c.optim.learning_rate = 2e-3
   return c

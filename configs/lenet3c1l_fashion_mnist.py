@@ -12,14 +12,14 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.model = 'lenet3c1l'
-  c.width = 1.0
-  c.num_levels = 4
-  c.level_widths = (0.25, 0.5, 0.75, 1.0)
-  c.exit_weights = (1.0, 1.0, 1.0, 1.0)
-  c.num_epochs = 3
-  c.batch_size = 128
-  c.learning_rate = 2e-3
-  c.schedule = 'cosine'
-  c.log_every_steps = 50
+  c.model.name = 'lenet3c1l'
+  c.model.width = 1.0
+  c.model.num_levels = 4
+  c.model.level_widths = (0.25, 0.5, 0.75, 1.0)
+  c.loss.exit_weights = (1.0, 1.0, 1.0, 1.0)
+  c.train.num_epochs = 3
+  c.train.batch_size = 128
+  c.train.log_every_steps = 50
+  c.optim.learning_rate = 2e-3
+  c.optim.schedule = 'cosine'
   return c

@@ -11,10 +11,10 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.model = 'lenet5'
-  c.width = 2.0        # 12/32 filters, 240/168 units: the mask rule removes ~40% of connections
-  c.num_levels = 4
-  c.num_epochs = 8
-  c.batch_size = 128
-  c.learning_rate = 2e-3
+  c.model.name = 'lenet5'
+  c.model.width = 2.0        # 12/32 filters, 240/168 units: the mask rule removes ~40% of connections
+  c.model.num_levels = 4
+  c.train.num_epochs = 8
+  c.train.batch_size = 128
+  c.optim.learning_rate = 2e-3
   return c

@@ -13,17 +13,17 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.dataset = 'cifar10'
-  c.model = 'resnet20'
-  c.width = 1.5        # widen to win back connections the mask rule removes
-  c.num_levels = 4
-  c.augment = True
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 1e-4
-  c.schedule = 'cosine'
-  c.num_epochs = 160
-  c.batch_size = 128
-  c.distill_weight = 1.0
+  c.data.name = 'cifar10'
+  c.data.augment = True
+  c.model.name = 'resnet20'
+  c.model.width = 1.5        # widen to win back connections the mask rule removes
+  c.model.num_levels = 4
+  c.optim.name = 'sgd'
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'cosine'
+  c.train.num_epochs = 160
+  c.train.batch_size = 128
+  c.loss.distill_weight = 1.0
   return c

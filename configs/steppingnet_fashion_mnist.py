@@ -15,19 +15,19 @@ from stepnet_jax.config import base_config
 def get_config():
   c = base_config()
   c.method = 'steppingnet'
-  c.model = 'lenet3c1l'
-  c.width = 1.0
-  c.num_levels = 6
-  c.budgets = (0.072262, 0.15, 0.282091, 0.42, 0.594515, 1.0218)
-  c.widen = 2.0
-  c.importance = 'taylor'
-  c.allocation = 'uniform'
-  c.construct_rounds = 4
-  c.pretrain_epochs = 0.25
-  c.round_epochs = 0.0625
-  c.finetune_distill_weight = 0.0
-  c.num_epochs = 3
-  c.batch_size = 128
-  c.learning_rate = 2e-3
-  c.schedule = 'cosine'
+  c.model.name = 'lenet3c1l'
+  c.model.width = 1.0
+  c.model.num_levels = 6
+  c.construction.budgets = (0.072262, 0.15, 0.282091, 0.42, 0.594515, 1.0218)
+  c.construction.widen = 2.0
+  c.construction.importance = 'taylor'
+  c.construction.allocation = 'uniform'
+  c.construction.rounds = 4
+  c.construction.pretrain_epochs = 0.25
+  c.construction.round_epochs = 0.0625
+  c.construction.finetune_distill_weight = 0.0
+  c.train.num_epochs = 3
+  c.train.batch_size = 128
+  c.optim.learning_rate = 2e-3
+  c.optim.schedule = 'cosine'
   return c

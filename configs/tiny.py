@@ -10,14 +10,14 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.model = 'lenet3c1l'
-  c.width = 0.25
-  c.num_levels = 3
-  c.train_subset = 2048
-  c.test_subset = 1000
-  c.num_epochs = 2
-  c.batch_size = 64
-  c.learning_rate = 3e-3
-  c.eval_batch_size = 500
-  c.log_every_steps = 8
+  c.model.name = 'lenet3c1l'
+  c.model.width = 0.25
+  c.model.num_levels = 3
+  c.data.train_subset = 2048
+  c.data.test_subset = 1000
+  c.train.num_epochs = 2
+  c.train.batch_size = 64
+  c.train.eval_batch_size = 500
+  c.train.log_every_steps = 8
+  c.optim.learning_rate = 3e-3
   return c

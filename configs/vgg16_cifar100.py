@@ -13,16 +13,16 @@ from stepnet_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.dataset = 'cifar100'
-  c.model = 'vgg16'
-  c.num_levels = 4
-  c.augment = True
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = 'cosine'
-  c.num_epochs = 200
-  c.batch_size = 128
-  c.distill_weight = 1.0
+  c.data.name = 'cifar100'
+  c.data.augment = True
+  c.model.name = 'vgg16'
+  c.model.num_levels = 4
+  c.optim.name = 'sgd'
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = 'cosine'
+  c.train.num_epochs = 200
+  c.train.batch_size = 128
+  c.loss.distill_weight = 1.0
   return c

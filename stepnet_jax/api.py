@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from stepnet_jax import checkpoint, stepping
+from stepnet_jax import restore, stepping
 from stepnet_jax.model import StepCache, SteppingModel
 
 
@@ -85,5 +85,5 @@ class Stepper:
 
 def load(workdir: str, step: int | None = None) -> Stepper:
   """Loads the latest (or given) checkpoint of a training run."""
-  model, meta = checkpoint.load_variables(workdir, step)
+  model, meta = restore.load_variables(workdir, step)
   return Stepper(model, meta)

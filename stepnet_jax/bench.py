@@ -1,6 +1,6 @@
 """Benchmark of the three costs that make a stepping network worth having.
 
-    python -m stepnet_jax.bench [--model lenet3c1l] [--levels 4] [--batch 256] [--json FILE]
+    python -m stepnet_jax.bench [--model=lenet3c1l] [--levels=4] [--batch=256] [--json=FILE]
 
 Measured side by side, in one run, on the machine at hand:
  (a) joint K-exit train step / single-exit train step of the same network (target <= 1.15);
@@ -12,7 +12,6 @@ Measured side by side, in one run, on the machine at hand:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import platform
@@ -20,13 +19,14 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+from absl import app, flags
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import evaluation, layers, models, stepping, train_lib
+from stepnet_jax import evaluation, feed, layers, losses, models, stepping
 from stepnet_jax.api import Stepper
 from stepnet_jax.timing import median_seconds
+from stepnet_jax.training import optim
+from stepnet_jax.training import step as step_lib
 
 
 def compiled_flops(fn, *args) -> float:
@@ -77,31 +77,32 @@ def conv_block_costs(model, x, top: int, repeats: int) -> dict:
   return {'layer': model.unit_names[i], 'block_ms': [1e3 * t for t in blocks], 'whole_layer_ms': 1e3 * whole}
 
 
-def single_exit_train_step(graphdef, tx):
-  """Plain training of the same network: one exit (the top one), one loss."""
-
-  def loss_fn(params, stats, x, y):
-    model = nnx.merge(graphdef, params, stats, copy=True)
-    logits = model(x, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), nnx.state(model, nnx.BatchStat)
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, x, y):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
-    updates, opt = tx.update(grads, state.opt_state, state.params)
-    return train_lib.TrainState(state.step + 1, optax.apply_updates(state.params, updates), stats, opt), loss
-
-  return step
-
-
-def _time_train_step(step, state, x, y, repeats):
+def _time_train_step(step, state, batch, repeats):
   holder = {'state': state}
 
   def run():
-    holder['state'], out = step(holder['state'], x, y)
-    return out
+    holder['state'], metrics = step(holder['state'], batch)
+    return metrics['loss']
 
   return median_seconds(run, repeats=repeats)
+
+
+def train_step_costs(model, train_batch: int, input_shape, repeats: int, rng: np.random.RandomState) -> dict:
+  """(a): the joint K-exit train step against the same network trained on its top exit alone,
+  both from ``make_train_step``: median ms, and the compiled steps' FLOPs."""
+  cfg = config_lib.from_dict({'model.num_levels': model.num_levels, 'train.batch_size': train_batch})
+  tx = optim.make_optimizer(cfg, 100)
+  graphdef, _ = step_lib.init_state(model, tx)
+  x = rng.randint(0, 256, (train_batch,) + tuple(input_shape)).astype(np.uint8)
+  y = rng.randint(0, 10, (train_batch,)).astype(np.int32)
+  batch = next(feed.device_batches(x, y, [np.arange(train_batch)]))
+  out = {}
+  for name, objective in (('joint', losses.objective_for(cfg)), ('single_exit', losses.single_exit())):
+    step = step_lib.make_train_step(graphdef, tx, objective)
+    fresh = lambda: jax.tree.map(jnp.copy, step_lib.init_state(model, tx)[1])   # the step donates it
+    out[f'{name}_flops'] = compiled_flops(step, fresh(), batch)
+    out[f'{name}_step_ms'] = 1e3 * _time_train_step(step, fresh(), batch, repeats)
+  return out
 
 
 def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, train_batch: int = 128,
@@ -112,16 +113,7 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
   delta = model.delta_macs().sum(axis=0)
 
   # (a) training cost.
-  cfg = config_lib.from_dict({'model': model_name, 'num_levels': num_levels, 'width': width,
-                              'batch_size': train_batch})
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = train_lib.make_optimizer(cfg, 100)
-  xt = jnp.asarray(rng.randint(0, 256, (train_batch,) + tuple(input_shape)), jnp.uint8)
-  yt = jnp.asarray(rng.randint(0, 10, (train_batch,)), jnp.int32)
-  fresh = lambda: train_lib.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
-                                       jax.tree.map(jnp.copy, stats), tx.init(params))
-  t_joint = _time_train_step(train_lib.make_train_step(graphdef, cfg, tx), fresh(), xt, yt, repeats)
-  t_single = _time_train_step(single_exit_train_step(graphdef, tx), fresh(), xt, yt, repeats)
+  train = train_step_costs(model, train_batch, input_shape, repeats, rng)
 
   # (b) stepping latency against direct top-level forwards.
   net = Stepper(model)
@@ -150,8 +142,9 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
       'machine': {'backend': jax.default_backend(), 'devices': str(jax.devices()),
                   'processor': platform.processor() or platform.machine(), 'jax': jax.__version__},
       'model': model_name, 'width': width, 'num_levels': num_levels, 'input_shape': list(input_shape),
-      'train': {'batch': train_batch, 'joint_step_ms': 1e3 * t_joint, 'single_exit_step_ms': 1e3 * t_single,
-                'ratio': t_joint / t_single, 'target': '<= 1.15'},
+      'train': {'batch': train_batch, **train, 'ratio': train['joint_step_ms'] / train['single_exit_step_ms'],
+                'flops_ratio': train['joint_flops'] / train['single_exit_flops'],
+                'images_per_sec': 1e3 * train_batch / train['joint_step_ms'], 'target': '<= 1.15'},
       'stepping': {'batch': batch, 'step_ms': [1e3 * s for s in step_s], 'sum_steps_ms': 1e3 * sum(step_s),
                    'masked_forward_ms': 1e3 * t_masked, 'blocked_forward_ms': 1e3 * t_blocked,
                    'fastest_forward': 'masked' if t_masked <= t_blocked else 'blocked',
@@ -170,8 +163,9 @@ def format_report(r: dict) -> str:
   lines = [
       f'{r["model"]} width {r["width"]}, {r["num_levels"]} levels, input {r["input_shape"]}, '
       f'{r["machine"]["backend"]} ({r["machine"]["processor"]}), jax {r["machine"]["jax"]}',
-      f'(a) train step, batch {t["batch"]}: joint {t["joint_step_ms"]:.1f} ms, single exit '
-      f'{t["single_exit_step_ms"]:.1f} ms, ratio {t["ratio"]:.3f} (target {t["target"]})',
+      f'(a) train step, batch {t["batch"]}: joint {t["joint_step_ms"]:.1f} ms ({t["images_per_sec"]:.0f} img/s), '
+      f'single exit {t["single_exit_step_ms"]:.1f} ms, ratio {t["ratio"]:.3f} (target {t["target"]}); '
+      f'compiled FLOPs ratio {t["flops_ratio"]:.3f}',
       f'(b) batch {s["batch"]}: steps ' + ' + '.join(f'{m:.2f}' for m in s['step_ms']) +
       f' = {s["sum_steps_ms"]:.2f} ms; direct top forward masked {s["masked_forward_ms"]:.2f} ms, '
       f'level-block {s["blocked_forward_ms"]:.2f} ms; ratio to fastest ({s["fastest_forward"]}) '
@@ -188,25 +182,26 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default='lenet3c1l')
-  p.add_argument('--levels', type=int, default=4)
-  p.add_argument('--width', type=float, default=1.0)
-  p.add_argument('--batch', type=int, default=256)
-  p.add_argument('--train_batch', type=int, default=128)
-  p.add_argument('--input_shape', default='28,28,1')
-  p.add_argument('--repeats', type=int, default=10)
-  p.add_argument('--json', default=None)
-  a = p.parse_args(argv)
-  shape = tuple(int(s) for s in a.input_shape.split(','))
-  r = run(a.model, a.levels, a.batch, a.train_batch, a.width, shape, a.repeats)
+_MODEL = flags.DEFINE_string('model', 'lenet3c1l', 'A name in models.MODELS.')
+_LEVELS = flags.DEFINE_integer('levels', 4, 'Levels of equal width.')
+_WIDTH = flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
+_BATCH = flags.DEFINE_integer('batch', 256, 'Batch of the stepping and forward timings (b)-(d).')
+_TRAIN_BATCH = flags.DEFINE_integer('train_batch', 128, 'Batch of the train steps (a).')
+_INPUT_SHAPE = flags.DEFINE_list('input_shape', ['28', '28', '1'], 'H,W,C of the (random) images.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+
+
+def main(argv) -> None:
+  del argv
+  shape = tuple(int(s) for s in _INPUT_SHAPE.value)
+  r = run(_MODEL.value, _LEVELS.value, _BATCH.value, _TRAIN_BATCH.value, _WIDTH.value, shape, _REPEATS.value)
   print(format_report(r))
-  if a.json:
-    with open(a.json, 'w') as f:
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
       json.dump(r, f, indent=2)
-    print(f'wrote {a.json}')
+    print(f'wrote {_JSON.value}')
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

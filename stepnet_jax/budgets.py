@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import levels as lv
 from stepnet_jax import models
 from stepnet_jax.model import SteppingModel
 from stepnet_jax.surgery import check_chain
@@ -157,7 +156,3 @@ def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel,
                      f'({widest:,} MACs = {widest / base_macs:.4f}); widen it more or lower the budget')
   return macs
 
-
-def level_sizes_for(channels: int, num_levels: int) -> lv.LevelSizes:
-  """All neurons at level 0: where construction starts."""
-  return (channels,) + (0,) * (num_levels - 1)

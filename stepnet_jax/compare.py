@@ -19,7 +19,7 @@ DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 * nonuniform: Yang & Fan single-path non-uniform subnets (``nonuniform.py``); recomputes.
 * independent: one plain network per budget, the widest uniform plan that fits it.
 
-Budgets: the AWN points (as fractions of the dense base network at ``common.width``)
+Budgets: the AWN points (as fractions of the dense base network at ``common.model.width``)
 plus ``extra_budgets``.
 """
 from __future__ import annotations
@@ -27,146 +27,188 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
-import numpy as np
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import stepnet_jax
 from stepnet_jax import budgets as budgets_lib
 from stepnet_jax import config as config_lib
-from stepnet_jax import checkpoint, data, evaluation, methods, models
+from stepnet_jax import data, evaluation, methods, models
+from stepnet_jax.config import Config
+from stepnet_jax.registry import Registry
+from stepnet_jax.training import run
 
-METHODS = ('steppingnet', 'steppingnet_tri', 'awn', 'awn_sandwich', 'slimmable', 'nonuniform', 'independent')
-REUSING = {'steppingnet': True, 'steppingnet_tri': True, 'awn': True, 'awn_sandwich': True, 'slimmable': False, 'nonuniform': False,
-           'independent': False}
 
-
-def _config(common: dict, section=None, **fixed) -> config_lib.Config:
-  """The common settings, then a method's config ``section``, then the keys the comparison
-  fixes for that method (a section may not set those), validated."""
+def _config(common: dict, section: ml_collections.ConfigDict | None, fixed: dict) -> Config:
+  """The common settings, then a method's config ``section``, then the dotted keys the
+  comparison ``fixed`` for that method (a section may not set those), validated."""
   own = section.to_dict() if section is not None else {}
-  clash = sorted(set(own) & set(fixed))
+  clash = sorted(set(config_lib.flatten(own)) & set(fixed))
   if clash:
     raise ValueError(f'the comparison sets {clash} itself for this method; remove them from its config section')
-  return config_lib.from_dict({**common, **own, **fixed})
+  return config_lib.from_dict(config_lib.merge(config_lib.merge(common, own), config_lib.nest(fixed)))
 
 
-def awn_config(cc) -> config_lib.Config:
+def awn_config(cc: ml_collections.ConfigDict) -> Config:
   """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``)."""
-  over = dict(method='joint', triangular=True, width=cc.common.width * cc.awn.widen,
-              num_levels=len(cc.awn.widths), level_widths=tuple(cc.awn.widths), exit_weights=())
+  fixed = {'method': 'joint', 'model.triangular': True, 'model.width': cc.common.model.width * cc.awn.widen,
+           'model.num_levels': len(cc.awn.widths), 'model.level_widths': tuple(cc.awn.widths),
+           'loss.exit_weights': ()}
   if cc.awn.recipe == 'published':
-    over.update(optimizer='sgd', learning_rate=0.01, momentum=0.9, weight_decay=5e-4, schedule='step',
-                step_decay_at=(0.5, 0.75), warmup_epochs=0.0)
+    fixed.update({'optim.name': 'sgd', 'optim.learning_rate': 0.01, 'optim.momentum': 0.9,
+                  'optim.weight_decay': 5e-4, 'optim.schedule': 'step', 'optim.step_decay_at': (0.5, 0.75),
+                  'optim.warmup_epochs': 0.0})
   elif cc.awn.recipe != 'common':
     raise ValueError(f'awn.recipe must be common or published, got {cc.awn.recipe!r}')
-  return _config(cc.common.to_dict(), **over)
+  return _config(cc.common.to_dict(), None, fixed)
 
 
-def budget_points(cc, dataset: data.Dataset) -> tuple[list[float], int]:
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every method's configs are built from: the comparison config and the budgets."""
+  cc: ml_collections.ConfigDict
+  budgets: tuple[float, ...]                  # sorted fractions of ``base``
+  base: int                                   # dense base network's MACs
+  plans: tuple[tuple[float, dict], ...]       # per budget: widest uniform width that fits, its channels
+
+  @classmethod
+  def of(cls, cc: ml_collections.ConfigDict, dataset: data.Dataset) -> Setup:
+    budgets, base = budget_points(cc, dataset)
+    return cls(cc, tuple(budgets), base, tuple(uniform_plans(cc, dataset, budgets, base)))
+
+  @property
+  def common(self) -> dict:
+    return self.cc.common.to_dict()
+
+
+def budget_points(cc: ml_collections.ConfigDict, dataset: data.Dataset) -> tuple[list[float], int]:
   """(budget fractions sorted, dense base MACs): the AWN level MACs plus the extra points."""
-  shape, classes = dataset.input_shape, dataset.num_classes
-  base = budgets_lib.dense_macs(cc.common.model, input_shape=shape, num_classes=classes, width=cc.common.width)
-  awn = awn_config(cc)
-  model = models.build_model(awn.model, num_classes=classes, input_shape=shape, num_levels=awn.num_levels,
+  shape, classes, name = dataset.input_shape, dataset.num_classes, cc.common.model.name
+  base = budgets_lib.dense_macs(name, input_shape=shape, num_classes=classes, width=cc.common.model.width)
+  awn = awn_config(cc).model
+  model = models.build_model(awn.name, num_classes=classes, input_shape=shape, num_levels=awn.num_levels,
                              width=awn.width, level_widths=awn.level_widths, triangular=True)
   awn_macs = np.cumsum(model.delta_macs().sum(0))
   points = sorted({round(float(m) / base, 6) for m in awn_macs} | {float(b) for b in cc.extra_budgets})
   return points, base
 
 
-def uniform_plans(cc, dataset: data.Dataset, budgets: list[float], base: int) -> list[tuple[float, dict]]:
+def uniform_plans(cc: ml_collections.ConfigDict, dataset: data.Dataset, budgets: list[float],
+                  base: int) -> list[tuple[float, dict]]:
   """Per budget: the widest uniform width whose dense network fits, and its channels."""
-  plans = []
+  plans, name = [], cc.common.model.name
   for b in budgets:
-    w, _ = budgets_lib.width_for_budget(cc.common.model, b * base, input_shape=dataset.input_shape,
+    w, _ = budgets_lib.width_for_budget(name, b * base, input_shape=dataset.input_shape,
                                         num_classes=dataset.num_classes)
-    plans.append((w, budgets_lib.layer_channels(cc.common.model, input_shape=dataset.input_shape,
+    plans.append((w, budgets_lib.layer_channels(name, input_shape=dataset.input_shape,
                                                 num_classes=dataset.num_classes, width=w)))
   return plans
 
 
-def method_configs(cc, dataset: data.Dataset) -> dict[str, list[config_lib.Config]]:
-  """The configs each method trains (several for 'independent')."""
-  common = cc.common.to_dict()
-  budgets, base = budget_points(cc, dataset)
-  k = len(budgets)
-  plans = uniform_plans(cc, dataset, budgets, base)
-  out = {}
-  out['steppingnet'] = [_config(common, method='steppingnet', num_levels=k, budgets=tuple(budgets),
-                                exit_weights=(), section=cc.steppingnet)]
-  out['steppingnet_tri'] = [dataclasses.replace(out['steppingnet'][0], triangular=True)]
-  out['awn'] = [awn_config(cc)]
-  out['awn_sandwich'] = [dataclasses.replace(awn_config(cc), sandwich_widths=cc.awn.sandwich_widths)]
-  slim = {name: [plans[0][1][name]] + [plans[j][1][name] - plans[j - 1][1][name] for j in range(1, k)]
-          for name in plans[0][1]}
-  out['slimmable'] = [_config(common, method='joint', mask_rule=False, num_levels=k, exit_weights=(),
-                              assignment=json.dumps(slim))]
-  out['nonuniform'] = [_config(common, method='nonuniform', num_levels=k, budgets=tuple(budgets), exit_weights=(),
-                               widen=plans[-1][0] / cc.common.width, section=cc.nonuniform)]
-  out['independent'] = [_config(common, method='joint', num_levels=1, width=w, exit_weights=(), level_widths=())
-                         for w, _ in plans]
-  return {m: out[m] for m in cc.methods}
+# name -> (setup) -> the configs that method trains (one per budget for 'independent').
+ENTRIES: Registry[Callable[[Setup], list[Config]]] = Registry('comparison method')
 
 
-def _rows(workdir: str, dataset: data.Dataset, latency_repeats: int) -> list[dict]:
+@ENTRIES.register('steppingnet')
+def _steppingnet(s: Setup) -> list[Config]:
+  return [_config(s.common, s.cc.steppingnet, {'method': 'steppingnet', 'model.num_levels': len(s.budgets),
+                                               'construction.budgets': s.budgets, 'loss.exit_weights': ()})]
+
+
+@ENTRIES.register('steppingnet_tri')
+def _steppingnet_tri(s: Setup) -> list[Config]:
+  return [dataclasses.replace(c, model=dataclasses.replace(c.model, triangular=True)) for c in _steppingnet(s)]
+
+
+@ENTRIES.register('awn')
+def _awn(s: Setup) -> list[Config]:
+  return [awn_config(s.cc)]
+
+
+@ENTRIES.register('awn_sandwich')
+def _awn_sandwich(s: Setup) -> list[Config]:
+  return [awn_config(s.cc).replace(**{'loss.objective': 'sandwich', 'loss.sandwich_widths': s.cc.awn.sandwich_widths})]
+
+
+@ENTRIES.register('slimmable')
+def _slimmable(s: Setup) -> list[Config]:
+  channels = [c for _, c in s.plans]
+  sizes = {name: [channels[0][name]] + [channels[j][name] - channels[j - 1][name] for j in range(1, len(channels))]
+           for name in channels[0]}
+  return [_config(s.common, None, {'method': 'joint', 'model.mask_rule': False, 'model.num_levels': len(s.budgets),
+                                   'loss.exit_weights': (), 'model.assignment': json.dumps(sizes)})]
+
+
+@ENTRIES.register('nonuniform')
+def _nonuniform(s: Setup) -> list[Config]:
+  widen = s.plans[-1][0] / s.cc.common.model.width
+  return [_config(s.common, s.cc.nonuniform, {'method': 'nonuniform', 'model.num_levels': len(s.budgets),
+                                              'construction.budgets': s.budgets, 'loss.exit_weights': (),
+                                              'construction.widen': widen})]
+
+
+@ENTRIES.register('independent')
+def _independent(s: Setup) -> list[Config]:
+  return [_config(s.common, None, {'method': 'joint', 'model.num_levels': 1, 'model.width': w,
+                                   'loss.exit_weights': (), 'model.level_widths': ()}) for w, _ in s.plans]
+
+
+def _evaluate(workdir: str, dataset: data.Dataset, latency_repeats: int) -> tuple[list[dict], bool]:
+  """(evaluate.py's rows of the run in ``workdir``, whether it steps by reuse)."""
   net = stepnet_jax.load(workdir)
-  return evaluation.evaluate_levels(net, dataset.test_images, dataset.test_labels, batch_size=1000,
+  rows = evaluation.evaluate_levels(net, dataset.test_images, dataset.test_labels, batch_size=1000,
                                     latency_batch=1, latency_repeats=latency_repeats)
+  return rows, net.reusable
 
 
-def _refuse_other_settings(workdir: str, cfg: config_lib.Config) -> None:
-  """A run left in ``workdir`` (finished or interrupted) must have exactly ``cfg``'s settings."""
-  if checkpoint.latest_step(workdir) is None:
-    return
-  differ = config_lib.differing_keys(checkpoint.restore_meta(workdir)['config'], cfg)
-  if differ:
-    raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
-                     'use a new --workdir or delete it')
+def _as_levels(rows: list[list[dict]]) -> list[dict]:
+  """One single-level network per budget as the levels of one method: level k is network k,
+  reached by running networks 0..k."""
+  levels, spent = [], 0
+  for k, r in enumerate(rows):
+    row = dict(r[0], level=k)
+    row['delta_macs'] = row['macs'] - (levels[-1]['macs'] if levels else 0)
+    spent += row['macs']
+    row['macs_to_reach'] = spent
+    levels.append(row)
+  return levels
 
 
-def run_method(name: str, cfgs: list[config_lib.Config], workdir: str, full: data.Dataset,
+def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
                dataset: data.Dataset, latency_repeats: int) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
 
+  A result (``workdir/result.json``) is reused when every run behind it holds exactly
+  these settings; leftover runs (e.g. interrupted) must be ones their trainer may
+  continue. Both are checked by ``run.check_workdir``, for every run before training any.
   ``train_seconds`` adds up the training time each run reports (all of its sessions,
-  when it was resumed), not this call's wall time.
-
-  ``full`` is the loaded dataset (each method takes the configured subset of it itself);
-  ``dataset`` is that subset, whose test split is evaluated here.
+  when it was resumed), not this call's wall time. ``full`` is the loaded dataset (each
+  method takes the configured subset of it itself); ``dataset`` is that subset, whose
+  test split is evaluated here.
   """
   result_path = os.path.join(workdir, 'result.json')
-  cfg_dicts = [c.to_dict() for c in cfgs]
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      saved = json.load(f)
-    if len(saved['configs']) != len(cfgs) or not all(
-        config_lib.same_settings(d, c) for d, c in zip(saved['configs'], cfgs)):
-      raise ValueError(f'{workdir} holds a {name} run with other settings; use a new --workdir or delete it')
-    print(f'{name}: reusing {result_path}', flush=True)
-    return saved
-  print(f'=== {name} ===', flush=True)
   subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
-  for sub, cfg in zip(subs, cfgs):   # all before training any of them
-    _refuse_other_settings(sub, cfg)
-  seconds, rows = 0.0, []
+  if os.path.exists(result_path):
+    for sub, cfg in zip(subs, cfgs):
+      if run.check_workdir(sub, cfg) is None:
+        raise ValueError(f'{result_path} exists but {sub} holds no run; delete {workdir} to run {name} again')
+    print(f'{name}: reusing {result_path}', flush=True)
+    with open(result_path) as f:
+      return json.load(f)
+  for sub, cfg in zip(subs, cfgs):
+    run.check_workdir(sub, cfg, may_change=methods.METHODS.get(cfg.method).resumable_keys)
+  print(f'=== {name} ===', flush=True)
+  seconds, rows, reusable = 0.0, [], True
   for sub, cfg in zip(subs, cfgs):
     seconds += methods.train(cfg, sub, full)['seconds']
-    rows.append(_rows(sub, dataset, latency_repeats))
-  if len(cfgs) == 1:
-    levels = rows[0]
-  else:  # one single-level network per budget: level k is network k
-    levels, spent = [], 0
-    for k, r in enumerate(rows):
-      row = dict(r[0], level=k)
-      row['delta_macs'] = row['macs'] - (levels[-1]['macs'] if levels else 0)
-      spent += row['macs']
-      row['macs_to_reach'] = spent
-      levels.append(row)
-  result = {'levels': levels, 'train_seconds': seconds, 'reusable': REUSING[name], 'configs': cfg_dicts}
-  os.makedirs(workdir, exist_ok=True)
+    r, reusable = _evaluate(sub, dataset, latency_repeats)
+    rows.append(r)
+  levels = rows[0] if len(cfgs) == 1 else _as_levels(rows)
+  result = {'levels': levels, 'train_seconds': seconds, 'reusable': reusable and len(cfgs) == 1}
   evaluation.write_json(os.path.join(workdir, 'levels.json'), levels, {'method': name, 'dataset': dataset.name})
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=2)
@@ -246,37 +288,35 @@ def plot(path: str, results: dict[str, dict], title: str) -> None:
   plt.close(fig)
 
 
-def _merge(cc: ml_collections.ConfigDict, overrides) -> None:
-  """Overrides fields of ``cc`` in place; nested sections merge field by field."""
-  for key, value in overrides.items():
-    if isinstance(value, (dict, ml_collections.ConfigDict)) and key in cc:
-      _merge(cc[key], value)
-    else:
-      cc[key] = value
-
-
-def compare(cc, workdir: str, quick: bool = False, latency_repeats: int = 10) -> dict:
-  """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict."""
+def resolve(cc: ml_collections.ConfigDict, quick: bool = False) -> ml_collections.ConfigDict:
+  """The comparison config as run: ``quick``'s fields merged in (sections field by field) and
+  ``methods`` a tuple of known names (``--config.methods=a,b`` is accepted too)."""
   cc = cc.copy_and_resolve_references()
   if quick:
-    _merge(cc, cc.quick)
-  cc.methods = tuple(m.strip() for item in ([cc.methods] if isinstance(cc.methods, str) else cc.methods)
-                     for m in item.split(',') if m.strip())  # also accepts --config.methods=a,b
-  unknown = set(cc.methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f'unknown methods {sorted(unknown)}; choose from {METHODS}')
-  common = config_lib.from_dict(cc.common.to_dict())
-  full = data.load_dataset(common.dataset, common.data_dir or None)
-  dataset = data.subset(full, common.train_subset, common.test_subset, common.seed)  # what every method sees
-  budgets, base = budget_points(cc, dataset)
-  cfgs = method_configs(cc, dataset)
+    cc = ml_collections.ConfigDict(config_lib.merge(cc.to_dict(), cc.quick.to_dict()))
+  names = [cc.methods] if isinstance(cc.methods, str) else cc.methods
+  cc.methods = tuple(m.strip() for item in names for m in item.split(',') if m.strip())
+  for name in cc.methods:
+    ENTRIES.get(name)
+  return cc
+
+
+def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, latency_repeats: int = 10) -> dict:
+  """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict."""
+  cc = resolve(cc, quick)
+  common = config_lib.from_dict(cc.common)
+  full = data.load_dataset(common.data.name, common.data.data_dir or None)
+  dataset = data.subset(full, common.data.train_subset, common.data.test_subset, common.seed)  # what every method sees
+  setup = Setup.of(cc, dataset)
+  cfgs = {name: ENTRIES.get(name)(setup) for name in cc.methods}
   for c in cfgs.values():              # every config and budget checked before any training
     for cfg in c:
       methods.check(cfg, dataset)
-  print(f'budgets (x {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets), flush=True)
+  print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
   results = {name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats)
              for name, c in cfgs.items()}
-  out = {'dataset': dataset.name, 'epochs': common.num_epochs, 'base_macs': base, 'budgets': budgets,
+  out = {'dataset': dataset.name, 'epochs': common.train.num_epochs, 'base_macs': setup.base,
+         'budgets': list(setup.budgets),
          'methods': {name: {'levels': [{k: r[k] for k in ('level', 'macs', 'accuracy', 'macs_to_reach')}
                                        for r in res['levels']],
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
@@ -284,10 +324,10 @@ def compare(cc, workdir: str, quick: bool = False, latency_repeats: int = 10) ->
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'compare.json'), 'w') as f:
     json.dump(out, f, indent=2)
-  md = markdown(results, budgets, base, dataset.name, common.num_epochs)
+  md = markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs)
   with open(os.path.join(workdir, 'compare.md'), 'w') as f:
     f.write(md)
-  plot(os.path.join(workdir, 'compare.png'), results, f'{common.model} on {dataset.name}')
+  plot(os.path.join(workdir, 'compare.png'), results, f'{common.model.name} on {dataset.name}')
   print(md)
   return out
 
@@ -301,7 +341,7 @@ _LAT = flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per level for th
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if _CONFIG.value is None or _WORKDIR.value is None:   # not mark_flags_as_required: tests import this module
     raise app.UsageError('--config and --workdir are required')
   compare(_CONFIG.value, _WORKDIR.value, quick=_QUICK.value, latency_repeats=_LAT.value)
 

@@ -1,7 +1,18 @@
-"""Configuration: defaults as an ml_collections ConfigDict, validated into a frozen dataclass.
+"""Configuration: nested sections, every field declared once, validated into frozen dataclasses.
 
-Config files in ``configs/`` start from ``base_config()`` and override fields; every
-field can be overridden on the command line as ``--config.FIELD=VALUE``.
+A run's config has two top-level fields (``method``, ``seed``) and the sections
+``data``, ``model``, ``loss``, ``optim``, ``train``, ``construction`` and ``baseline``.
+The dataclasses below declare every field with its default and a comment;
+``base_config()`` turns them into the ml_collections ConfigDict that the files in
+``configs/`` start from, so every field can be overridden on the command line as
+``--config.SECTION.FIELD=VALUE`` (e.g. ``--config.train.num_epochs=5``).
+
+``from_dict`` validates a nested (or dotted, ``{'model.width': 0.5}``) dict into a
+frozen, hashable ``Config``: unknown keys, unknown names (model, method, optimizer,
+schedule, objective) and every cross-field check fail there, before anything is built,
+compiled or written. Configs saved by versions before the sections existed were flat
+(``num_epochs`` for ``train.num_epochs``); ``from_saved`` reads both, so their workdirs
+load, resume and are reused as before.
 """
 from __future__ import annotations
 
@@ -13,122 +24,30 @@ from typing import Any
 
 import ml_collections
 
-from stepnet_jax import data
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every field with its default. Sequences use () for 'derive the default'."""
-  c = ml_collections.ConfigDict()
-  # Data.
-  c.dataset = data.FASHION_MNIST   # idx:DIR, digits, or a TFDS name
-  c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
-  c.train_subset = 0               # use only this many training images (0 = all)
-  c.test_subset = 0
-  c.augment = False                # random crop (pad 4) + horizontal flip
-  # Model and levels.
-  c.model = 'lenet3c1l'
-  c.width = 1.0
-  c.num_levels = 4
-  c.level_widths = ()              # cumulative channel fractions per level; () = (k+1)/K
-  c.triangular = False             # Any-Width-Networks per-channel triangles inside levels
-  c.sandwich_widths = 0            # AWN sandwich rule: smallest + largest + this many random widths
-  c.mask_rule = True               # False: slimmable prefix subnets, private BN each, not reusable
-  c.assignment = ''                # JSON text or file: {layer: [sizes per level]}
-  # How the levels are made (train.py dispatches on it):
-  #   'joint': train the given assignment, all exits jointly (also AWN, slimmable, plain nets);
-  #   'steppingnet': construct levels by importance under MAC budgets (construct.py);
-  #   'nonuniform': Yang & Fan's single-path non-uniform subnets (nonuniform.py).
-  c.method = 'joint'
-  c.budgets = ()                   # cumulative MAC budgets, fractions of the dense base network at `width`
-  # SteppingNet construction.
-  c.widen = 2.0                    # widening factor of the base network before construction
-  c.importance = 'taylor'          # taylor | class
-  c.importance_examples = 512      # training examples (per class for 'class') per importance evaluation
-  c.class_threshold = 0.5          # class-based: score > this x the layer's mean counts a class
-  c.allocation = 'global'          # global: lowest importance anywhere goes first; uniform: layers shrink alike
-  c.rank_per_mac = False           # move the lowest importance per MAC saved first (else lowest importance)
-  c.construct_rounds = 4           # importance -> move neurons -> retrain rounds
-  c.pretrain_epochs = 1.0          # epochs with every neuron at level 0, before the first round
-  c.round_epochs = 0.25            # retraining after each round; the rest of num_epochs fine-tunes
-  c.finetune_distill_weight = 0.0  # distillation from the top exit while fine-tuning (0 = distill_weight)
-  # Non-uniform subnets (single path).
-  c.nonuniform_cycles = 2          # round-robin passes over the subnets after the channel ranking
-  c.recalibrate_batches = 50       # train-mode batches that refresh each subnet's BN statistics
-  # Loss.
-  c.exit_weights = ()              # () = all ones
-  c.distill_weight = 0.0
-  c.distill_temperature = 4.0
-  # Optimisation.
-  c.optimizer = 'adam'             # adam | adamw | sgd
-  c.learning_rate = 1e-3
-  c.momentum = 0.9                 # sgd only
-  c.weight_decay = 0.0
-  c.schedule = 'cosine'            # cosine | step | constant
-  c.step_decay_at = (0.5, 0.75)    # fractions of training where 'step' multiplies lr by 0.1
-  c.warmup_epochs = 0.0
-  c.num_epochs = 5
-  c.batch_size = 128
-  c.seed = 0
-  # Evaluation, logging, checkpoints.
-  c.eval_batch_size = 1000
-  c.log_every_steps = 50
-  c.keep_checkpoints = 2
-  c.progress = True                # tqdm progress bar
-  return c
+from stepnet_jax import data, importance, losses, models
+from stepnet_jax.training import optim
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Validated, hashable view of a ConfigDict."""
-  dataset: str
-  data_dir: str
-  train_subset: int
-  test_subset: int
-  augment: bool
-  model: str
-  width: float
-  num_levels: int
-  level_widths: tuple[float, ...]
-  triangular: bool
-  mask_rule: bool
-  sandwich_widths: int
-  assignment: str
-  method: str
-  budgets: tuple[float, ...]
-  widen: float
-  importance: str
-  importance_examples: int
-  class_threshold: float
-  allocation: str
-  rank_per_mac: bool
-  construct_rounds: int
-  pretrain_epochs: float
-  round_epochs: float
-  finetune_distill_weight: float
-  nonuniform_cycles: int
-  recalibrate_batches: int
-  exit_weights: tuple[float, ...]
-  distill_weight: float
-  distill_temperature: float
-  optimizer: str
-  learning_rate: float
-  momentum: float
-  weight_decay: float
-  schedule: str
-  step_decay_at: tuple[float, ...]
-  warmup_epochs: float
-  num_epochs: int
-  batch_size: int
-  seed: int
-  eval_batch_size: int
-  log_every_steps: int
-  keep_checkpoints: int
-  progress: bool
+class DataConfig:
+  """Where the images come from (``data.py``)."""
+  name: str = data.FASHION_MNIST   # idx:DIR, digits, or a TFDS name
+  data_dir: str = ''               # TFDS data_dir ('' = TFDS default)
+  train_subset: int = 0            # use only this many training images (0 = all)
+  test_subset: int = 0             # use only this many test images (0 = all)
+  augment: bool = False            # random crop (pad 4) + horizontal flip, on device
 
-  @property
-  def weights(self) -> tuple[float, ...]:
-    """Per-exit loss weights: ``exit_weights``, or 1 for every exit when it is empty."""
-    return self.exit_weights or (1.0,) * self.num_levels
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and level assignment (``models.py``)."""
+  name: str = 'lenet3c1l'          # a name in models.MODELS
+  width: float = 1.0               # channel multiplier
+  num_levels: int = 4
+  level_widths: tuple[float, ...] = ()   # cumulative channel fractions per level; () = (k+1)/K
+  triangular: bool = False         # Any-Width-Networks per-channel triangles inside level blocks
+  mask_rule: bool = True           # False: slimmable prefix subnets, private BN each, not reusable
+  assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
 
   def assignment_dict(self) -> dict[str, list[int]]:
     """``assignment`` (JSON text or a path to a JSON file) as {layer: level sizes}; {} if unset."""
@@ -140,26 +59,135 @@ class Config:
         text = f.read()
     return {k: [int(s) for s in v] for k, v in json.loads(text).items()}
 
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The training objective (``losses.py``)."""
+  objective: str = 'multi_exit'    # a name in losses.OBJECTIVES: multi_exit | sandwich
+  exit_weights: tuple[float, ...] = ()   # () = all ones
+  distill_weight: float = 0.0      # KL from the top exit to every lower exit
+  distill_temperature: float = 4.0
+  sandwich_widths: int = 2         # 'sandwich' (AWN): smallest + largest + this many random widths
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and learning-rate schedule (``training/optim.py``)."""
+  name: str = 'adam'               # a name in optim.OPTIMIZERS: adam | adamw | sgd
+  learning_rate: float = 1e-3
+  momentum: float = 0.9            # sgd only
+  weight_decay: float = 0.0
+  schedule: str = 'cosine'         # a name in optim.SCHEDULES: cosine | step | constant
+  step_decay_at: tuple[float, ...] = (0.5, 0.75)   # fractions of training where 'step' multiplies lr by 0.1
+  warmup_epochs: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Length of training, batches, logging and checkpoints (``training/``)."""
+  num_epochs: int = 5
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  log_every_steps: int = 50
+  keep_checkpoints: int = 2
+  progress: bool = True            # tqdm progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstructionConfig:
+  """Levels made under MAC budgets: SteppingNet construction (``construct.py``); the
+  non-uniform baseline uses ``budgets``, ``widen`` and ``pretrain_epochs`` too."""
+  budgets: tuple[float, ...] = ()  # cumulative MAC budgets, fractions of the dense base network at model.width
+  widen: float = 2.0               # widening factor of the base network before construction
+  importance: str = 'taylor'       # taylor | class
+  importance_examples: int = 512   # training examples (per class for 'class') per importance evaluation
+  class_threshold: float = 0.5     # class-based: score > this x the layer's mean counts a class
+  allocation: str = 'global'       # global: lowest importance anywhere goes first; uniform: layers shrink alike
+  rank_per_mac: bool = False       # move the lowest importance per MAC saved first (else lowest importance)
+  rounds: int = 4                  # importance -> move neurons -> retrain rounds
+  pretrain_epochs: float = 1.0     # epochs of the full network before the levels are made
+  round_epochs: float = 0.25       # retraining after each round; the rest of num_epochs fine-tunes
+  finetune_distill_weight: float = 0.0   # distillation while fine-tuning (0 = loss.distill_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+  """Settings of the peer methods that are not a level assignment (``nonuniform.py``)."""
+  nonuniform_cycles: int = 2       # round-robin passes over the subnets after the channel ranking
+  recalibrate_batches: int = 50    # train-mode batches that re-estimate each subnet's BN statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A validated, hashable run configuration."""
+  method: str = 'joint'            # how the levels are made: a name in methods.METHODS
+  seed: int = 0
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  construction: ConstructionConfig = dataclasses.field(default_factory=ConstructionConfig)
+  baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+
+  @property
+  def exit_weights(self) -> tuple[float, ...]:
+    """Per-exit loss weights: ``loss.exit_weights``, or 1 for every exit when it is empty."""
+    return self.loss.exit_weights or (1.0,) * self.model.num_levels
+
   def to_dict(self) -> dict[str, Any]:
+    """Nested plain dict (JSON-able)."""
     return dataclasses.asdict(self)
 
+  def replace(self, **changes: Any) -> Config:
+    """A validated copy with dotted fields changed: ``cfg.replace(**{'model.width': 0.5})``."""
+    return from_dict(merge(self.to_dict(), nest(changes)))
 
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
+            if f.default_factory is not dataclasses.MISSING}
+TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains.
-REPORTING_KEYS = ('progress', 'log_every_steps', 'keep_checkpoints', 'eval_batch_size')
+REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size')
 
 
-def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
-  """Keys whose value in a saved config (JSON) differs from ``cfg``'s, reporting keys aside.
-
-  Keys added since the config was saved take their defaults.
-  """
-  a, b = from_dict(saved).to_dict(), cfg.to_dict()
-  return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default, as the nested ConfigDict config files start from."""
+  return ml_collections.ConfigDict(Config().to_dict())
 
 
-def same_settings(saved: Mapping[str, Any], cfg: Config) -> bool:
-  """Whether a saved config (JSON) trains the same as ``cfg``."""
-  return not differing_keys(saved, cfg)
+# ------------------------------------------------------------------ dict plumbing
+
+
+def flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'model': {'width': 1}} -> {'model.width': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def nest(d: Mapping[str, Any]) -> dict[str, Any]:
+  """Dotted keys to nested dicts: {'model.width': 1} -> {'model': {'width': 1}} (others kept)."""
+  out: dict[str, Any] = {}
+  for key, value in d.items():
+    *parents, leaf = key.split('.')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = nest(value) if isinstance(value, Mapping) else value
+  return out
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """``base`` with ``overrides`` applied; nested dicts merge field by field."""
+  out = dict(base)
+  for k, v in overrides.items():
+    out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+  return out
 
 
 def _as_tuple(v) -> tuple:
@@ -168,55 +196,110 @@ def _as_tuple(v) -> tuple:
   return tuple(float(x) for x in v)
 
 
-def from_dict(cfg: Mapping[str, Any]) -> Config:
-  """Validates a ConfigDict (or plain dict) and returns a frozen Config."""
-  d = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
-  known = {f.name for f in dataclasses.fields(Config)}
-  unknown = set(d) - known
+# ------------------------------------------------------------------ validation
+
+
+def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
+  """Validates a (partial) nested or dotted dict, or a ConfigDict, into a frozen ``Config``."""
+  given = flatten(nest(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)))
+  defaults = flatten(Config().to_dict())
+  unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ValueError(f'unknown config keys: {sorted(unknown)}')
-  merged = base_config().to_dict()
-  merged.update(d)
-  for key in ('level_widths', 'exit_weights', 'step_decay_at', 'budgets'):
-    merged[key] = _as_tuple(merged[key])
-  c = Config(**merged)
-  if c.num_levels < 1:
-    raise ValueError('num_levels must be >= 1')
-  if c.exit_weights and len(c.exit_weights) != c.num_levels:
-    raise ValueError(f'exit_weights has {len(c.exit_weights)} entries for {c.num_levels} levels')
-  if any(w < 0 for w in c.weights) or sum(c.weights) <= 0:
-    raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.weights}')
-  if c.level_widths and len(c.level_widths) != c.num_levels:
-    raise ValueError(f'level_widths has {len(c.level_widths)} entries for {c.num_levels} levels')
-  if c.optimizer not in ('adam', 'adamw', 'sgd'):
-    raise ValueError(f'unknown optimizer {c.optimizer!r}')
-  if c.schedule not in ('cosine', 'step', 'constant'):
-    raise ValueError(f'unknown schedule {c.schedule!r}')
-  if c.method not in ('joint', 'steppingnet', 'nonuniform'):
-    raise ValueError(f'unknown method {c.method!r}; choose joint, steppingnet or nonuniform')
-  if c.method != 'joint' and len(c.budgets) != c.num_levels:
-    raise ValueError(f'method {c.method} needs one budget per level: {len(c.budgets)} budgets, '
-                     f'{c.num_levels} levels')
-  if c.sandwich_widths and (not c.triangular or c.method != 'joint'):
-    raise ValueError('sandwich_widths is the Any-Width-Networks variant: it needs triangular=True, method joint')
-  if c.allocation not in ('global', 'uniform'):
-    raise ValueError(f'unknown allocation {c.allocation!r}; choose global or uniform')
-  if c.importance not in ('taylor', 'class'):
-    raise ValueError(f'unknown importance {c.importance!r}; choose taylor or class')
-  if c.method == 'steppingnet' and c.allocation == 'uniform' and c.rank_per_mac:
-    raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
-                     "layer's share, so the two do not combine: use allocation='global'")
-  _check_ranges(c)
+    raise ValueError(f'unknown config keys: {unknown}')
+  values = {**defaults, **given}
+  for key in TUPLE_FIELDS:
+    values[key] = _as_tuple(values[key])
+  tree = nest(values)
+  c = Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in tree.items()})
+  _check(c)
   return c
+
+
+def _check(c: Config) -> None:
+  """Cross-field checks; names are looked up in their registries."""
+  from stepnet_jax import methods  # the trainers import this module
+  m, loss = c.model, c.loss
+  if m.num_levels < 1:
+    raise ValueError('num_levels must be >= 1')
+  models.MODELS.get(m.name)
+  if loss.exit_weights and len(loss.exit_weights) != m.num_levels:
+    raise ValueError(f'exit_weights has {len(loss.exit_weights)} entries for {m.num_levels} levels')
+  if any(w < 0 for w in c.exit_weights) or sum(c.exit_weights) <= 0:
+    raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
+  if m.level_widths and len(m.level_widths) != m.num_levels:
+    raise ValueError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
+  optim.OPTIMIZERS.get(c.optim.name)
+  optim.SCHEDULES.get(c.optim.schedule)
+  losses.OBJECTIVES.get(loss.objective)
+  method = methods.METHODS.get(c.method)
+  if method.needs_budgets and len(c.construction.budgets) != m.num_levels:
+    raise ValueError(f'method {c.method} needs one budget per level: {len(c.construction.budgets)} budgets, '
+                     f'{m.num_levels} levels')
+  if loss.objective == 'sandwich' and (not m.triangular or c.method != 'joint'):
+    raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
+                     'method joint')
+  con = c.construction
+  if con.allocation not in ('global', 'uniform'):
+    raise ValueError(f'unknown allocation {con.allocation!r}; choose global or uniform')
+  if con.importance not in importance.METHODS:
+    raise ValueError(f'unknown importance {con.importance!r}; choose from {", ".join(importance.METHODS)}')
+  if c.method == 'steppingnet' and con.allocation == 'uniform' and con.rank_per_mac:
+    raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
+                     "layer's share, so the two do not combine: use construction.allocation='global'")
+  _check_ranges(c)
 
 
 def _check_ranges(c: Config) -> None:
   """Numeric settings outside their meaningful range are errors, not silent no-ops."""
-  minimum = {'batch_size': 1, 'num_epochs': 0, 'construct_rounds': 1, 'pretrain_epochs': 0, 'round_epochs': 0,
-             'importance_examples': 1, 'class_threshold': 0, 'nonuniform_cycles': 1, 'recalibrate_batches': 0,
-             'sandwich_widths': 0, 'warmup_epochs': 0}
+  values = flatten(c.to_dict())
+  minimum = {'train.batch_size': 1, 'train.num_epochs': 0, 'construction.rounds': 1,
+             'construction.pretrain_epochs': 0, 'construction.round_epochs': 0, 'construction.importance_examples': 1,
+             'construction.class_threshold': 0, 'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 0,
+             'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0}
   for key, low in minimum.items():
-    if getattr(c, key) < low:
-      raise ValueError(f'{key} must be >= {low}, got {getattr(c, key)}')
-  if c.widen <= 0:
-    raise ValueError(f'widen must be > 0, got {c.widen}')
+    if values[key] < low:
+      raise ValueError(f'{key} must be >= {low}, got {values[key]}')
+  if c.construction.widen <= 0:
+    raise ValueError(f'construction.widen must be > 0, got {c.construction.widen}')
+
+
+# ------------------------------------------------------------------ saved configs
+
+
+# Flat keys of configs saved before the sections existed whose leaf name changed.
+_RENAMED = {'model': 'model.name', 'dataset': 'data.name', 'optimizer': 'optim.name',
+            'construct_rounds': 'construction.rounds'}
+
+
+def _flat_paths() -> dict[str, str]:
+  """Flat (pre-section) key -> dotted key. Leaf names were the flat names, except _RENAMED."""
+  paths = {key.rsplit('.', 1)[-1]: key for key in flatten(Config().to_dict()) if not key.endswith('.name')}
+  return {**paths, **_RENAMED}
+
+
+def from_saved(saved: Mapping[str, Any]) -> Config:
+  """A config as saved in a workdir (``config.json``, checkpoint meta), nested or flat (older runs).
+
+  A flat config's ``sandwich_widths > 0`` meant the sandwich objective.
+  """
+  saved = dict(saved)
+  if isinstance(saved.get('model'), str):   # flat: the model's name was the top-level 'model'
+    paths = _flat_paths()
+    unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
+    if unknown:
+      raise ValueError(f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; '
+                       'retrain in a new --workdir')
+    widths = int(saved.pop('sandwich_widths', 0))
+    saved = nest({paths[k]: v for k, v in saved.items()})
+    if widths:
+      saved = merge(saved, {'loss': {'objective': 'sandwich', 'sandwich_widths': widths}})
+  return from_dict(saved)
+
+
+def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
+  """Dotted keys whose value in a saved config (JSON) differs from ``cfg``'s, reporting keys aside.
+
+  Keys added since the config was saved take their defaults.
+  """
+  a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
+  return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])

@@ -33,18 +33,17 @@ un-widened base network (``width``); infeasible ones are rejected before trainin
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flax import nnx
 
 from stepnet_jax import budgets as budgets_lib
-from stepnet_jax import checkpoint, data, importance, models, surgery, train_lib
+from stepnet_jax import data, importance, models, restore, surgery
+from stepnet_jax import levels as lv
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
+from stepnet_jax.training.run import PhasedRun
 
 
 def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray],
@@ -104,21 +103,28 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
       moved.append((best, i))
       _move(new, counts, names[best], best, i, k, k + 1 if k + 1 < num_levels else surgery.REMOVED)
       macs = int(mac_model.subnet_macs(counts)[k])
-    # Fill the slack the last move left: put moved neurons back, last moved first,
-    # wherever one still fits. Afterwards no moved neuron fits back.
-    # With uniform allocation a layer may not grow past the widest other layer's share.
-    sizes = [len(new[n]) for n in names]
-    for li, i in reversed(moved):
-      back = [c.copy() for c in counts]
-      back[li][k] += 1
-      if k + 1 < num_levels:
-        back[li][k + 1] -= 1
-      share = [np.sum(c[:k + 1]) / s for c, s in zip(back, sizes)]
-      if allocation == 'uniform' and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
-        continue
-      if mac_model.subnet_macs(back)[k] <= targets[k]:
-        _move(new, counts, names[li], li, i, int(new[names[li]][i]), k)
+    _fill_back(new, counts, moved, k, mac_model, targets[k], allocation)
   return new
+
+
+def _fill_back(new: dict[str, np.ndarray], counts: list[np.ndarray], moved: Sequence[tuple[int, int]], k: int,
+               mac_model: budgets_lib.MacModel, target: float, allocation: str) -> None:
+  """Fills the slack the last move out of level k left, in place: moved neurons (layer index,
+  neuron) go back to level k, last moved first, wherever subnet k still fits ``target``.
+  Afterwards no moved neuron fits back. With uniform allocation a layer may not grow past
+  the widest other layer's share."""
+  names, num_levels = mac_model.names, len(counts[0])
+  sizes = [len(new[n]) for n in names]
+  for li, i in reversed(moved):
+    back = [c.copy() for c in counts]
+    back[li][k] += 1
+    if k + 1 < num_levels:
+      back[li][k + 1] -= 1
+    share = [np.sum(c[:k + 1]) / s for c, s in zip(back, sizes)]
+    if allocation == 'uniform' and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
+      continue
+    if mac_model.subnet_macs(back)[k] <= target:
+      _move(new, counts, names[li], li, i, int(new[names[li]][i]), k)
 
 
 def _move(levels: dict[str, np.ndarray], counts: list[np.ndarray], name: str, li: int, i: int,
@@ -149,115 +155,114 @@ class Plan:
   @classmethod
   def of(cls, cfg: Config, steps_per_epoch: int) -> Plan:
     """The phases of ``cfg``; raises if pretraining and rounds do not fit in ``num_epochs``."""
-    pre = int(round(cfg.pretrain_epochs * steps_per_epoch))
-    per_round = int(round(cfg.round_epochs * steps_per_epoch))
-    total = cfg.num_epochs * steps_per_epoch
-    ends = tuple(pre + per_round * (r + 1) for r in range(cfg.construct_rounds))
+    con = cfg.construction
+    pre = int(round(con.pretrain_epochs * steps_per_epoch))
+    per_round = int(round(con.round_epochs * steps_per_epoch))
+    total = cfg.train.num_epochs * steps_per_epoch
+    ends = tuple(pre + per_round * (r + 1) for r in range(con.rounds))
     if (ends[-1] if ends else pre) > total:
-      raise ValueError(f'pretrain_epochs {cfg.pretrain_epochs} + {cfg.construct_rounds} rounds x round_epochs '
-                       f'{cfg.round_epochs} exceed num_epochs {cfg.num_epochs}')
+      raise ValueError(f'pretrain_epochs {con.pretrain_epochs} + {con.rounds} rounds x round_epochs '
+                       f'{con.round_epochs} exceed num_epochs {cfg.train.num_epochs}')
     return cls(pre, ends, total)
 
 
-def widened_start(cfg: Config, dataset: data.Dataset) -> SteppingModel:
-  """The widened base network with every neuron at level 0."""
-  channels = budgets_lib.layer_channels(cfg.model, input_shape=dataset.input_shape,
-                                        num_classes=dataset.num_classes, width=cfg.width * cfg.widen)
-  assignment = {n: budgets_lib.level_sizes_for(c, cfg.num_levels) for n, c in channels.items()}
+def level0_network(cfg: Config, dataset: data.Dataset, *, mask_rule: bool = True) -> SteppingModel:
+  """The base network widened by ``construction.widen`` with every neuron at level 0: where
+  construction (and, without the mask rule, the non-uniform baseline) starts."""
+  k = cfg.model.num_levels
+  channels = budgets_lib.layer_channels(cfg.model.name, input_shape=dataset.input_shape,
+                                        num_classes=dataset.num_classes,
+                                        width=cfg.model.width * cfg.construction.widen)
   mean, std = dataset.channel_stats()
-  return models.build_model(cfg.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                            num_levels=cfg.num_levels, assignment=assignment, triangular=cfg.triangular,
-                            mean=mean, std=std, seed=cfg.seed)
+  return models.build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
+                            num_levels=k, assignment={n: lv.level0_sizes(c, k) for n, c in channels.items()},
+                            triangular=cfg.model.triangular, mask_rule=mask_rule, mean=mean, std=std, seed=cfg.seed)
 
 
 def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:
   """(dense base MACs, budgets in MACs), after checking the budgets are feasible."""
-  if len(cfg.budgets) != cfg.num_levels:
-    raise ValueError(f'{len(cfg.budgets)} budgets for {cfg.num_levels} levels')
-  base = budgets_lib.dense_macs(cfg.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                width=cfg.width)
+  budgets = cfg.construction.budgets
+  if len(budgets) != cfg.model.num_levels:
+    raise ValueError(f'{len(budgets)} budgets for {cfg.model.num_levels} levels')
+  base = budgets_lib.dense_macs(cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                                width=cfg.model.width)
   channels = [sum(u.conn.out_sizes) for u in model.units]
-  return base, budgets_lib.check_budgets(cfg.budgets, base, budgets_lib.MacModel.of(model), channels)
+  return base, budgets_lib.check_budgets(budgets, base, budgets_lib.MacModel.of(model), channels)
 
 
 def check(cfg: Config, dataset: data.Dataset) -> None:
   """Raises if ``cfg`` cannot be constructed on ``dataset`` (model kind, budgets); trains nothing."""
-  model = nnx.eval_shape(lambda: widened_start(cfg, dataset))
+  model = nnx.eval_shape(lambda: level0_network(cfg, dataset))
   surgery.check_chain(model)
   budget_macs(cfg, dataset, model)
 
 
 def _sample(dataset: data.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
   """Training examples for importance: ``importance_examples`` in all, or that many per class."""
+  con = cfg.construction
   rng = np.random.RandomState(cfg.seed + 1000 + rnd)
   y = dataset.train_labels
-  if cfg.importance == 'class':
-    idx = np.concatenate([rng.permutation(np.nonzero(y == c)[0])[:cfg.importance_examples]
+  if con.importance == 'class':
+    idx = np.concatenate([rng.permutation(np.nonzero(y == c)[0])[:con.importance_examples]
                           for c in range(dataset.num_classes)])
   else:
-    idx = rng.permutation(len(y))[:cfg.importance_examples]
+    idx = rng.permutation(len(y))[:con.importance_examples]
   return dataset.train_images[idx], y[idx]
+
+
+def subnet_macs(model: SteppingModel) -> np.ndarray:
+  """Cumulative MACs of every subnet of a chain model, from its per-neuron levels."""
+  mac_model = budgets_lib.MacModel.of(model)
+  return mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), model.num_levels))
 
 
 def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Builds, trains and saves a SteppingNet in ``workdir`` (standard checkpoint format).
 
-  Returns {'test_accuracy', 'level_macs', 'seconds', 'rounds': [...]}; the rounds'
-  log is also written to ``workdir/construction.json``.
+  Returns {'test_accuracy', 'level_macs', 'seconds', 'budget_macs', 'base_macs', 'rounds': [...]};
+  the same is written to ``workdir/construction.json``.
   """
-  os.makedirs(workdir, exist_ok=True)
-  dataset, steps_per_epoch = train_lib.prepare_data(cfg, dataset)
-  done = train_lib.finished_run(workdir, cfg, 'construction.json')
-  if done is not None:
-    return done
-  model = widened_start(cfg, dataset)
+  run = PhasedRun.open(cfg, workdir, dataset, 'construction.json')
+  if run.finished is not None:
+    return run.finished
+  model = level0_network(cfg, run.dataset)
   surgery.check_chain(model)
-  base, targets = budget_macs(cfg, dataset, model)   # before any training
-  plan = Plan.of(cfg, steps_per_epoch)
-  meta = checkpoint.model_meta(model, cfg.model, dataset.num_classes)
-  writer = train_lib.MetricWriter(workdir, fresh=True)
-  t0 = time.time()
-  log = []
-
-  def train(model: SteppingModel, first: int, last: int, desc: str, phase_cfg: Config = cfg) -> SteppingModel:
-    return train_lib.train_phase(model, phase_cfg, dataset, first, last, steps_per_epoch, writer, desc)
-
-  model = train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
-  step = plan.pretrain_end
-  start_macs = None
-  for r, end in enumerate(plan.round_ends, start=1):
-    mac_model = budgets_lib.MacModel.of(model)
-    levels = surgery.neuron_levels(model)
-    macs_now = mac_model.subnet_macs(mac_model.counts_of(levels, cfg.num_levels))
-    start_macs = macs_now if start_macs is None else start_macs
-    goal = round_targets(start_macs, targets, r, cfg.construct_rounds)
-    x, y = _sample(dataset, cfg, r)
-    scores = importance.importance(model, x, y, method=cfg.importance, weights=cfg.weights,
-                                   num_classes=dataset.num_classes, class_threshold=cfg.class_threshold)
-    new_levels = assign_levels(levels, scores, mac_model, goal, per_mac=cfg.rank_per_mac,
-                               allocation=cfg.allocation)
-    model, meta = surgery.relevel(model, meta, new_levels)
-    mac_model = budgets_lib.MacModel.of(model)
-    macs = mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), cfg.num_levels))
-    entry = {'round': r, 'step': step, 'targets': [float(t) for t in goal], 'macs': [int(m) for m in macs],
-             'assignment': models.assignment_of(model)}
-    log.append(entry)
-    print(f'round {r}/{cfg.construct_rounds}: subnet MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
-          + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
-    model = train(model, step, end, f'round {r}/{cfg.construct_rounds} retrain')
-    step = end
+  base, targets = budget_macs(cfg, run.dataset, model)   # before any training
+  plan = Plan.of(cfg, run.steps_per_epoch)
+  meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+  run.begin()
+  model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
+  model, meta, log = _rounds(run, model, meta, targets, plan)
+  step = plan.round_ends[-1] if plan.round_ends else plan.pretrain_end
   if step < plan.total:
-    ft = dataclasses.replace(cfg, distill_weight=cfg.finetune_distill_weight or cfg.distill_weight)
-    model = train(model, step, plan.total, 'fine-tune', ft)
+    distill = cfg.construction.finetune_distill_weight or cfg.loss.distill_weight
+    model = run.train(model, step, plan.total, 'fine-tune', cfg=cfg.replace(**{'loss.distill_weight': distill}))
+  return run.finish(model, meta, 'construction', {'budget_macs': [float(t) for t in targets], 'base_macs': base,
+                                                   'rounds': log})
 
-  test_acc = train_lib.save_final(model, meta, cfg, dataset, workdir, plan.total, steps_per_epoch, writer)
-  writer.close()
-  seconds = time.time() - t0
-  level_macs = [int(m) for m in np.cumsum(model.delta_macs().sum(0))]
-  result = {'test_accuracy': [float(a) for a in test_acc], 'level_macs': level_macs,
-            'budget_macs': [float(t) for t in targets], 'base_macs': base, 'seconds': seconds, 'rounds': log}
-  with open(os.path.join(workdir, 'construction.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  print('construction done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
-        + ', MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs) + f', {seconds:.0f} s', flush=True)
-  return result
+
+def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, targets: np.ndarray,
+            plan: Plan) -> tuple[SteppingModel, dict, list[dict]]:
+  """The construction rounds: importance, re-levelling towards this round's targets, retraining.
+
+  Returns the model, its model_meta and one log entry per round.
+  """
+  cfg, con = run.cfg, run.cfg.construction
+  step, start_macs, log = plan.pretrain_end, None, []
+  for r, end in enumerate(plan.round_ends, start=1):
+    start_macs = subnet_macs(model) if start_macs is None else start_macs
+    goal = round_targets(start_macs, targets, r, con.rounds)
+    x, y = _sample(run.dataset, cfg, r)
+    scores = importance.importance(model, x, y, method=con.importance, weights=cfg.exit_weights,
+                                   num_classes=run.dataset.num_classes, class_threshold=con.class_threshold)
+    new_levels = assign_levels(surgery.neuron_levels(model), scores, budgets_lib.MacModel.of(model), goal,
+                               per_mac=con.rank_per_mac, allocation=con.allocation)
+    model, meta = surgery.relevel(model, meta, new_levels)
+    macs = subnet_macs(model)
+    log.append({'round': r, 'step': step, 'targets': [float(t) for t in goal], 'macs': [int(m) for m in macs],
+                'assignment': models.assignment_of(model)})
+    print(f'round {r}/{con.rounds}: subnet MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
+          + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
+    model = run.train(model, step, end, f'round {r}/{con.rounds} retrain')
+    step = end
+  return model, meta, log

@@ -1,4 +1,4 @@
-"""Per-level evaluation: accuracy, MACs, delta MACs and measured step latency."""
+"""Per-level evaluation: accuracy of every exit, MACs, delta MACs and measured step latency."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +9,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepnet_jax import timing, train_lib
+from stepnet_jax import feed, timing
 from stepnet_jax.api import Stepper
+
+
+def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
+                  batch_size: int = 1000) -> np.ndarray:
+  """Eval-mode accuracy of every exit over a dataset split: [K].
+
+  ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``; the
+  feed pads the last batch (one compiled shape) and its padding is not counted.
+  """
+  correct = 0
+  for batch in feed.evaluation_batches(images, labels, batch_size):
+    pred = np.asarray(exits_fn(variables, batch.images).argmax(-1))[:, :batch.count]   # [K, count]
+    correct = correct + (pred == np.asarray(batch.labels)[None, :batch.count]).sum(axis=1)
+  return correct / len(labels)
 
 
 def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> list[float]:
@@ -55,7 +69,7 @@ def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *,
   ``latency_ms`` is the cost of getting level k's answer after level k-1's: one step
   for a reusable model, a whole subnet forward for a recomputing one.
   """
-  acc = train_lib.exit_accuracy(stepper.functions.exits, stepper.variables, images, labels, batch_size)
+  acc = exit_accuracy(stepper.functions.exits, stepper.variables, images, labels, batch_size)
   lat = step_latencies(stepper, images[:latency_batch], latency_repeats)
   return [{'level': k, 'macs': stepper.level_macs[k], 'delta_macs': stepper.delta_macs[k],
            'macs_to_reach': stepper.macs_to_reach[k], 'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]}

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stepnet_jax import feed
 from stepnet_jax.model import SteppingModel
 from stepnet_jax.surgery import check_chain
 
@@ -80,12 +81,11 @@ def taylor_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
   check_chain(model)
   graphdef, variables = nnx.split(model)
   sums, n = None, 0
-  for i in range(0, len(labels), batch_size):
-    ag = _activation_gradients(graphdef, variables, jnp.asarray(images[i:i + batch_size]),
-                               jnp.asarray(labels[i:i + batch_size]), tuple(float(w) for w in weights))
+  for batch in feed.device_batches(images, labels, feed.sequential_indices(len(labels), batch_size)):
+    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights))
     s = [np.asarray(jnp.abs(_per_position(a).sum(1)).sum(0)) for a in ag]
     sums = s if sums is None else [a + b for a, b in zip(sums, s)]
-    n += len(labels[i:i + batch_size])
+    n += batch.count
   return [s / n for s in sums]
 
 
@@ -94,13 +94,13 @@ def class_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
   """Per layer [classes, C]: ``max_p |mean_b a g|`` over a batch of each class."""
   check_chain(model)
   graphdef, variables = nnx.split(model)
-  per_class = []
-  for c in range(num_classes):
-    x, y = images[labels == c], labels[labels == c]
-    if len(y) == 0:
+  by_class = [np.nonzero(labels == c)[0] for c in range(num_classes)]
+  for c, idx in enumerate(by_class):
+    if len(idx) == 0:
       raise ValueError(f'no examples of class {c} for the class-based importance')
-    ag = _activation_gradients(graphdef, variables, jnp.asarray(x), jnp.asarray(y),
-                               tuple(float(w) for w in weights))
+  per_class = []
+  for batch in feed.device_batches(images, labels, by_class):   # one batch per class
+    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights))
     per_class.append([np.asarray(jnp.abs(_per_position(a).mean(0)).max(0)) for a in ag])
   return [np.stack([pc[layer] for pc in per_class]) for layer in range(len(per_class[0]))]
 

@@ -36,9 +36,10 @@ def end(sizes: LevelSizes, level: int) -> int:
   return bounds(sizes)[level + 1]
 
 
-def input_sizes(channels: int, num_levels: int) -> LevelSizes:
-  """The network's inputs (image channels) all belong to level 0."""
-  return (channels,) + (0,) * (num_levels - 1)
+def level0_sizes(count: int, num_levels: int) -> LevelSizes:
+  """Level sizes of ``count`` neurons all at level 0: the image channels, and every layer
+  of a network before construction moves neurons up."""
+  return (count,) + (0,) * (num_levels - 1)
 
 
 def round_half_up(x: float) -> int:

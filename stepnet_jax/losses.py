@@ -1,11 +1,25 @@
-"""Weighted multi-exit loss with optional distillation from the top exit."""
+"""Losses and the training objectives built from them (registered by name).
+
+Open this file to change what training minimises: ``multi_exit_loss`` is the weighted
+multi-exit loss with distillation; the objectives below wrap it (or another loss) into
+what ``training.step.make_train_step`` calls once per batch.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from stepnet_jax import levels as lv
+from stepnet_jax.registry import Registry
+
+if TYPE_CHECKING:
+  from stepnet_jax.config import Config
+  from stepnet_jax.feed import Batch
+  from stepnet_jax.model import SteppingModel
 
 
 def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence[float],
@@ -41,3 +55,68 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
     distill = (t * t) * kl.mean()
     loss = loss + distill_weight * distill
   return loss, {'ce': ce, 'distill': distill}
+
+
+# ------------------------------------------------------------------ objectives
+#
+# An objective is what one train step minimises: ``objective(model, batch, rng) ->
+# (loss, aux)`` with ``model`` the train-mode network (its BatchNorm statistics update
+# as it runs), ``batch`` a ``feed.Batch`` and ``rng`` a key fresh at every step. ``aux``
+# holds ``logits`` [exits, B, classes] (the train step reports their accuracy) and any
+# other per-step metrics (``ce``, ``distill``).
+
+Objective = Callable[['SteppingModel', 'Batch', jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def multi_exit(weights: Sequence[float], distill_weight: float = 0.0, temperature: float = 1.0,
+               levels: Sequence[int] | None = None) -> Objective:
+  """``multi_exit_loss`` over the exits ``levels`` (default all) of ONE full-width pass."""
+  levels = None if levels is None else tuple(levels)
+
+  def objective(model, batch, rng):
+    del rng
+    logits = model.exits(batch.images, train=True, levels=levels)   # [len(levels), B, classes]
+    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature)
+    return loss, {'logits': logits, **aux}
+  return objective
+
+
+def subnet(level: int) -> Objective:
+  """The cross-entropy of subnet ``level`` alone: one turn of the non-uniform baseline."""
+  return multi_exit((1.0,), levels=(level,))
+
+
+def single_exit() -> Objective:
+  """Plain training of the top subnet through the direct forward (the benchmark's reference)."""
+  def objective(model, batch, rng):
+    del rng
+    logits = model(batch.images, train=True)                          # [B, classes]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
+    return ce, {'logits': logits[None], 'ce': ce[None], 'distill': jnp.zeros((), jnp.float32)}
+  return objective
+
+
+def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0) -> Objective:
+  """Any-Width Networks' sandwich rule: the smallest and the largest subnet plus
+  ``num_random`` random widths (prefixes of the last layer's features), all from one pass."""
+  def objective(model, batch, rng):
+    smallest, widest = lv.end(model.head.in_sizes, 0), sum(model.head.in_sizes)
+    widths = jax.random.randint(rng, (num_random,), smallest, widest + 1)
+    logits, random_logits = model.sandwich_exits(batch.images, widths, train=True)
+    trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
+    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature)
+    return loss, {'logits': logits, **aux}
+  return objective
+
+
+# name -> (config) -> objective; ``loss.objective`` picks one.
+OBJECTIVES: Registry[Callable[['Config'], Objective]] = Registry('objective')
+OBJECTIVES.register('multi_exit', lambda cfg: multi_exit(cfg.exit_weights, cfg.loss.distill_weight,
+                                                        cfg.loss.distill_temperature))
+OBJECTIVES.register('sandwich', lambda cfg: sandwich(cfg.loss.sandwich_widths, cfg.loss.distill_weight,
+                                                    cfg.loss.distill_temperature))
+
+
+def objective_for(cfg: Config) -> Objective:
+  """The objective the config names, with its settings."""
+  return OBJECTIVES.get(cfg.loss.objective)(cfg)

@@ -1,31 +1,49 @@
-"""One entry point for every way of making levels: ``train(cfg, workdir)``.
+"""Every way of making levels, by name: ``METHODS``, and ``train(cfg, workdir)``.
 
-``cfg.method`` picks it: 'joint' trains a given assignment with all exits at once (the
-plain SteppingNet layout, AWN's triangular masks, slimmable prefix subnets and plain
-single-level networks are all this, with different options); 'steppingnet' constructs
-the levels under MAC budgets (``construct.py``); 'nonuniform' is Yang & Fan's
-single-path non-uniform subnets (``nonuniform.py``). Every method saves a standard
-checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read.
+``cfg.method`` picks the entry. 'joint' trains a given assignment with all exits at
+once (the plain SteppingNet layout, AWN's triangular masks, slimmable prefix subnets
+and plain single-level networks are all this, with different options); 'steppingnet'
+constructs the levels under MAC budgets (``construct.py``); 'nonuniform' is Yang &
+Fan's single-path non-uniform subnets (``nonuniform.py``). Every method saves a
+standard checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read. The table is
+used by config validation, ``train.py`` and the comparison.
 """
 from __future__ import annotations
 
-from stepnet_jax import construct, data, nonuniform, train_lib
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from stepnet_jax import construct, data, nonuniform
 from stepnet_jax.config import Config
+from stepnet_jax.registry import Registry
+from stepnet_jax.training import run
+
+
+def _no_check(cfg: Config, dataset: data.Dataset) -> None:
+  del cfg, dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A trainer and what the rest of the library needs to know about it."""
+  train: Callable[[Config, str, data.Dataset | None], dict]   # result: 'test_accuracy', 'seconds', ...
+  check: Callable[[Config, data.Dataset], None] = _no_check     # raises before any training (budgets)
+  needs_budgets: bool = False                                    # construction.budgets: one per level
+  resumable_keys: Sequence[str] = ()                             # settings a left run may differ in
+
+
+METHODS: Registry[Method] = Registry('method')
+METHODS.register('joint', Method(run.train_and_evaluate, resumable_keys=run.RESUMABLE_KEYS))
+METHODS.register('steppingnet', Method(construct.construct, construct.check, needs_budgets=True))
+METHODS.register('nonuniform', Method(nonuniform.train_nonuniform, nonuniform.check, needs_budgets=True))
 
 
 def check(cfg: Config, dataset: data.Dataset) -> None:
   """Raises if ``cfg`` cannot train on ``dataset`` (e.g. infeasible budgets), before any training."""
-  if cfg.method == 'steppingnet':
-    construct.check(cfg, dataset)
-  elif cfg.method == 'nonuniform':
-    nonuniform.check(cfg, dataset)
+  METHODS.get(cfg.method).check(cfg, dataset)
 
 
 def train(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'
   (training time of the run, also when it was resumed or found finished)."""
-  if cfg.method == 'steppingnet':
-    return construct.construct(cfg, workdir, dataset)
-  if cfg.method == 'nonuniform':
-    return nonuniform.train_nonuniform(cfg, workdir, dataset)
-  return train_lib.train_and_evaluate(cfg, workdir, dataset)
+  return METHODS.get(cfg.method).train(cfg, workdir, dataset)

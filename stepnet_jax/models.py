@@ -17,6 +17,7 @@ from stepnet_jax import levels as lv
 from stepnet_jax.layers import Head, LevelConv, LevelDense, ResidualBlock
 from stepnet_jax.levels import Connectivity, LevelSizes
 from stepnet_jax.model import SteppingModel
+from stepnet_jax.registry import Registry
 
 Assignment = Mapping[str, Sequence[int]]
 
@@ -38,7 +39,7 @@ class _Builder:
   resolved: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    self.sizes = lv.input_sizes(self.shape[-1], self.num_levels)
+    self.sizes = lv.level0_sizes(self.shape[-1], self.num_levels)
     self.is_input = True
 
   def level_sizes(self, name: str, base_channels: int) -> LevelSizes:
@@ -85,12 +86,18 @@ class _Builder:
     return Head(self.sizes, num_classes, self.spatial, pool=pool, rngs=self.rngs)
 
 
+# name -> (builder, num_classes) -> head: adds the model's units to the builder.
+MODELS: Registry[Callable[[_Builder, int], Head]] = Registry('model')
+
+
+@MODELS.register('mlp')
 def _mlp(b: _Builder, num_classes: int) -> Head:
   b.dense('fc1', 256)
   b.dense('fc2', 256)
   return b.head(num_classes)
 
 
+@MODELS.register('lenet3c1l')
 def _lenet3c1l(b: _Builder, num_classes: int) -> Head:
   """conv3x3-conv3x3-pool-conv5x5-pool-linear, 32 filters (Any-Width Networks' LeNet)."""
   b.conv('conv1', 32, 3, padding='VALID')
@@ -99,6 +106,7 @@ def _lenet3c1l(b: _Builder, num_classes: int) -> Head:
   return b.head(num_classes)
 
 
+@MODELS.register('lenet5')
 def _lenet5(b: _Builder, num_classes: int) -> Head:
   """LeNet-5 with BN; 28x28 inputs are padded so the maps match the 32x32 original."""
   b.conv('conv1', 6, 5, padding='SAME' if b.shape[0] == 28 else 'VALID', pool=2)
@@ -111,6 +119,7 @@ def _lenet5(b: _Builder, num_classes: int) -> Head:
 VGG16_PLAN = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
 
 
+@MODELS.register('vgg16')
 def _vgg16(b: _Builder, num_classes: int) -> Head:
   """CIFAR VGG-16 with BN: 13 conv3x3 layers, 5 max-pools, one linear classifier."""
   if b.shape[0] < 32:
@@ -124,6 +133,7 @@ def _vgg16(b: _Builder, num_classes: int) -> Head:
   return b.head(num_classes)
 
 
+@MODELS.register('resnet20')
 def _resnet20(b: _Builder, num_classes: int) -> Head:
   """CIFAR ResNet-20: stem, 3 stages x 3 basic blocks (16/32/64 channels), avg-pool, linear.
 
@@ -144,15 +154,6 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
   return b.head(num_classes, pool='avg')
 
 
-ARCHITECTURES: dict[str, Callable[[_Builder, int], Head]] = {
-    'mlp': _mlp,
-    'lenet3c1l': _lenet3c1l,
-    'lenet5': _lenet5,
-    'vgg16': _vgg16,
-    'resnet20': _resnet20,
-}
-
-
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_levels: int,
                 width: float = 1.0, level_widths: Sequence[float] | None = None,
                 assignment: Assignment | None = None, triangular: bool = False,
@@ -162,7 +163,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   """Builds a level-structured model with freshly initialised parameters.
 
   Args:
-    name: one of ``ARCHITECTURES``.
+    name: a name in ``MODELS``.
     num_classes: classifier outputs.
     input_shape: [H, W, C] of one image.
     num_levels: K, the number of nested subnets / exits.
@@ -176,8 +177,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
       subnet recomputes everything (not reusable).
     mean, std: per-channel normalisation of [0, 1] inputs (default 0 and 1).
   """
-  if name not in ARCHITECTURES:
-    raise ValueError(f'unknown model {name!r}; choose from {sorted(ARCHITECTURES)}')
+  architecture = MODELS.get(name)
   if num_levels < 1:
     raise ValueError('num_levels must be >= 1')
   level_widths = tuple(level_widths) if level_widths else lv.even_widths(num_levels)
@@ -189,7 +189,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
     raise ValueError('triangular masks need the mask rule')
   b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, not mask_rule,
                nnx.Rngs(seed), input_shape)
-  head = ARCHITECTURES[name](b, num_classes)
+  head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)
   if unknown:
     raise ValueError(f'assignment names layers that {name} does not have: {sorted(unknown)}')

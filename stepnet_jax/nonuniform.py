@@ -5,7 +5,7 @@ single-path method samples different subnets in different epochs of one run), no
 every detail. The choices made here:
 
 1. Train the full network (every channel in every subnet; no mask rule) on the top
-   exit for ``pretrain_epochs``.
+   exit for ``construction.pretrain_epochs``.
 2. Rank each layer's channels by the L1 norm of their filters, divided by the layer's
    mean norm so layers compete on one scale, and give channels levels with the same
    greedy fill as SteppingNet construction (``construct.assign_levels``) but with the
@@ -13,10 +13,10 @@ every detail. The choices made here:
    budget k. Per-layer widths come out non-uniform; subnets are nested prefixes.
 3. Rebuild with one private BatchNorm per subnet (started from the full network's)
    and train the subnets one at a time, round-robin from the smallest, in
-   ``nonuniform_cycles`` passes over the remaining steps (one forward pass per batch),
+   ``baseline.nonuniform_cycles`` passes over the remaining steps (one forward pass per batch),
    with one optimizer state throughout.
 4. Re-estimate every subnet's BN statistics as their average over
-   ``recalibrate_batches`` training batches (the shared weights moved after each
+   ``baseline.recalibrate_batches`` training batches (the shared weights moved after each
    subnet's last turn).
 
 A wider subnet recomputes everything: the method is not reusable, and its reports
@@ -25,8 +25,6 @@ count ``macs_to_reach`` as the running sum of its subnets.
 from __future__ import annotations
 
 import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +32,12 @@ import numpy as np
 from flax import nnx
 
 from stepnet_jax import budgets as budgets_lib
-from stepnet_jax import checkpoint, construct, data, importance, layers, models, surgery, train_lib
+from stepnet_jax import construct, data, feed, importance, layers, losses, models, restore, surgery
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
+from stepnet_jax.training import optim
+from stepnet_jax.training import step as step_lib
+from stepnet_jax.training.run import PhasedRun, config_train_step
 
 
 def channel_norms(model: SteppingModel) -> dict[str, np.ndarray]:
@@ -49,14 +50,15 @@ def channel_norms(model: SteppingModel) -> dict[str, np.ndarray]:
 
 
 def recalibrate(model: SteppingModel, dataset: data.Dataset, cfg: Config) -> SteppingModel:
-  """Re-estimates every subnet's BN statistics: their average over ``recalibrate_batches``
+  """Re-estimates every subnet's BN statistics: their average over ``baseline.recalibrate_batches``
   training batches in train mode (weights unchanged; the old statistics are discarded).
 
   A train-mode pass from zero statistics leaves ``(1 - momentum) x`` the batch's
   statistics in the running buffers, so each batch's own statistics are read off
   exactly and averaged with equal weight.
   """
-  if cfg.recalibrate_batches == 0:
+  num_batches = cfg.baseline.recalibrate_batches
+  if num_batches == 0:
     return model
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
@@ -67,13 +69,13 @@ def recalibrate(model: SteppingModel, dataset: data.Dataset, cfg: Config) -> Ste
     m.exits(images, train=True)
     return jax.tree.map(lambda v: v / (1.0 - layers.BN_MOMENTUM), nnx.state(m, nnx.BatchStat))
 
-  steps_per_epoch = len(dataset.train_labels) // cfg.batch_size
+  n, batch_size = len(dataset.train_labels), cfg.train.batch_size
+  indices = feed.training_indices(0, num_batches, n // batch_size, n, batch_size, cfg.seed + 7)
   total = None
-  for step in range(cfg.recalibrate_batches):
-    idx = train_lib.batch_indices(step, steps_per_epoch, len(dataset.train_labels), cfg.batch_size, cfg.seed + 7)
-    s = batch_stats(jnp.asarray(dataset.train_images[idx]))
+  for batch in feed.device_batches(dataset.train_images, dataset.train_labels, indices):
+    s = batch_stats(batch.images)
     total = s if total is None else jax.tree.map(jnp.add, total, s)
-  mean = jax.tree.map(lambda v: v / cfg.recalibrate_batches, total)
+  mean = jax.tree.map(lambda v: v / num_batches, total)
   return nnx.merge(graphdef, params, mean)
 
 
@@ -84,24 +86,20 @@ def _start(cfg: Config, dataset: data.Dataset) -> tuple[SteppingModel, budgets_l
   so the top subnet is the whole network even when that leaves part of the top budget
   unused; the top budget is lowered to the network's MACs accordingly.
   """
-  k_levels = cfg.num_levels
-  mean, std = dataset.channel_stats()
-  base = budgets_lib.dense_macs(cfg.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                width=cfg.width)
-  channels = budgets_lib.layer_channels(cfg.model, input_shape=dataset.input_shape,
-                                        num_classes=dataset.num_classes, width=cfg.width * cfg.widen)
-  model = models.build_model(cfg.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                             num_levels=k_levels, mask_rule=False, mean=mean, std=std, seed=cfg.seed,
-                             assignment={n: budgets_lib.level_sizes_for(c, k_levels) for n, c in channels.items()})
+  k_levels, budgets = cfg.model.num_levels, cfg.construction.budgets
+  base = budgets_lib.dense_macs(cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                                width=cfg.model.width)
+  model = construct.level0_network(cfg, dataset, mask_rule=False)
   mac_model = budgets_lib.MacModel.of(model)
-  widest = mac_model.subnet_macs([budgets_lib.level_sizes_for(c, k_levels) for c in channels.values()])[0]
-  top = min(cfg.budgets[-1], widest / base)
-  if k_levels > 1 and top <= cfg.budgets[-2]:
-    raise ValueError(f'the non-uniform full network (width {cfg.width * cfg.widen:.3f}, {widest:,} MACs = '
-                     f'{widest / base:.4f} of the base) is not above budget {k_levels - 2} ({cfg.budgets[-2]}): '
-                     'raise widen or lower that budget')
-  fractions = tuple(cfg.budgets[:-1]) + (top,)
-  targets = budgets_lib.check_budgets(fractions, base, mac_model, list(channels.values()))
+  sizes = [sizes for _, sizes in model.assignment]
+  widest = mac_model.subnet_macs(sizes)[0]
+  top = min(budgets[-1], widest / base)
+  if k_levels > 1 and top <= budgets[-2]:
+    raise ValueError(f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
+                     f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
+                     f'({budgets[-2]}): raise widen or lower that budget')
+  fractions = tuple(budgets[:-1]) + (top,)
+  targets = budgets_lib.check_budgets(fractions, base, mac_model, [s[0] for s in sizes])
   return model, mac_model, base, targets
 
 
@@ -112,49 +110,32 @@ def check(cfg: Config, dataset: data.Dataset) -> None:
 
 def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
   """Trains and saves the non-uniform subnets in ``workdir`` (standard checkpoint format)."""
-  os.makedirs(workdir, exist_ok=True)
-  dataset, steps_per_epoch = train_lib.prepare_data(cfg, dataset)
-  done = train_lib.finished_run(workdir, cfg, 'nonuniform.json')
-  if done is not None:
-    return done
-  k_levels = cfg.num_levels
-  model, mac_model, base, targets = _start(cfg, dataset)
-  pre = int(round(cfg.pretrain_epochs * steps_per_epoch))
-  total = cfg.num_epochs * steps_per_epoch
+  run = PhasedRun.open(cfg, workdir, dataset, 'nonuniform.json')
+  if run.finished is not None:
+    return run.finished
+  k_levels = cfg.model.num_levels
+  model, mac_model, base, targets = _start(cfg, run.dataset)
+  pre, total = int(round(cfg.construction.pretrain_epochs * run.steps_per_epoch)), run.total_steps
   if pre > total:
-    raise ValueError(f'pretrain_epochs {cfg.pretrain_epochs} exceed num_epochs {cfg.num_epochs}')
-  meta = checkpoint.model_meta(model, cfg.model, dataset.num_classes)
-  writer = train_lib.MetricWriter(workdir, fresh=True)
-  t0 = time.time()
-
-  model = train_lib.train_phase(model, cfg, dataset, 0, pre, steps_per_epoch, writer, 'full network',
-                                levels=(k_levels - 1,))
+    raise ValueError(f'pretrain_epochs {cfg.construction.pretrain_epochs} exceed num_epochs {cfg.train.num_epochs}')
+  meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+  run.begin()
+  model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1), levels=(k_levels - 1,))
   levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
   model, meta = surgery.relevel(model, meta, levels)
   print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
   # One optimizer state for all turns (the structure no longer changes); one
   # compiled train step per subnet.
-  graphdef, tx, state = train_lib.phase_start(model, cfg, steps_per_epoch, pre)
-  step_fns = [train_lib.make_train_step(graphdef, cfg, tx, levels=(k,)) for k in range(k_levels)]
-  turns = k_levels * cfg.nonuniform_cycles
+  tx = optim.make_optimizer(cfg, run.steps_per_epoch, step_offset=pre)
+  graphdef, state = step_lib.init_state(model, tx, pre)
+  step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k)) for k in range(k_levels)]
+  turns = k_levels * cfg.baseline.nonuniform_cycles
   bounds = np.linspace(pre, total, turns + 1).astype(int)
-  progress = train_lib.progress_bar(cfg.progress)
   for t in range(turns):
     level = t % k_levels
     if bounds[t + 1] > bounds[t]:
-      state = train_lib.run_steps(state, step_fns[level], dataset, cfg, int(bounds[t]), int(bounds[t + 1]),
-                                  steps_per_epoch, writer, progress, f'subnet {level} ({t + 1}/{turns})',
-                                  levels=(level,))
-  model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), dataset, cfg)
-
-  test_acc = train_lib.save_final(model, meta, cfg, dataset, workdir, total, steps_per_epoch, writer)
-  writer.close()
-  seconds = time.time() - t0
-  print('non-uniform done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
-        + f', {seconds:.0f} s', flush=True)
-  result = {'test_accuracy': [float(a) for a in test_acc], 'seconds': seconds,
-            'budget_macs': [float(t) for t in targets], 'base_macs': base,
-            'assignment': models.assignment_of(model)}
-  with open(os.path.join(workdir, 'nonuniform.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  return result
+      state = run.run_steps(state, step_fns[level], int(bounds[t]), int(bounds[t + 1]),
+                            f'subnet {level} ({t + 1}/{turns})', levels=(level,))
+  model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), run.dataset, cfg)
+  return run.finish(model, meta, 'non-uniform', {'budget_macs': [float(t) for t in targets], 'base_macs': base,
+                                                  'assignment': models.assignment_of(model)})

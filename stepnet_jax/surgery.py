@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import checkpoint
+from stepnet_jax import restore
 from stepnet_jax import levels as lv
 from stepnet_jax.layers import LevelConv, LevelDense, SwitchableBatchNorm
 from stepnet_jax.model import SteppingModel
@@ -65,7 +65,7 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
 
   Args:
     model: a trained chain model.
-    model_meta: its ``checkpoint.model_meta`` (architecture, normalisation, ...).
+    model_meta: its ``restore.model_meta`` (architecture, normalisation, ...).
     new_levels: for every hidden layer, one level per current neuron.
     num_levels: level count of the new model (default: unchanged).
     mask_rule: of the new model (default: unchanged). A per-subnet batch norm of a new
@@ -88,7 +88,7 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
 
   meta = dict(model_meta, assignment={k: list(v) for k, v in sizes.items()}, num_levels=num_levels,
               mask_rule=mask_rule)
-  new_model = nnx.eval_shape(lambda: checkpoint.build_from_meta(meta))
+  new_model = nnx.eval_shape(lambda: restore.build_from_meta(meta))
   old = nnx.to_pure_dict(nnx.state(model))
   new = nnx.to_pure_dict(nnx.state(new_model))
   in_idx = np.arange(model.input_shape[-1])

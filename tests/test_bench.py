@@ -5,15 +5,18 @@ from stepnet_jax import bench
 
 
 def test_bench_runs_and_counts_only_each_levels_work():
-  r = bench.run('lenet3c1l', num_levels=3, batch=4, train_batch=4, width=0.25, repeats=1)
+  r = bench.run('lenet3c1l', num_levels=3, batch=4, train_batch=4, width=0.5, repeats=1)
   assert len(r['stepping']['step_ms']) == 3
   assert np.isclose(r['stepping']['sum_steps_ms'], sum(r['stepping']['step_ms']))
   fastest = min(r['stepping']['masked_forward_ms'], r['stepping']['blocked_forward_ms'])
   assert np.isclose(r['stepping']['ratio'], r['stepping']['sum_steps_ms'] / fastest)
-  # Each compiled step's FLOPs are at least its own level's multiply-adds and not much more.
-  assert all(0.99 < x < 1.5 for x in r['flops']['ratio']), r['flops']['ratio']
+  # Each compiled step's FLOPs are its own level's multiply-adds, within the README's target
+  # 0.9 .. 1.2 (BN, ReLU and pooling add a little; observed 1.11 / 1.04 / 1.03 here).
+  assert all(0.9 <= x <= 1.2 for x in r['flops']['ratio']), r['flops']['ratio']
+  assert r['train']['flops_ratio'] <= 1.15, r['train']          # joint vs single-exit train step
   assert r['flops']['masked_top_forward_ratio_to_kept'] > 1.0  # the masked forward computes the zeros
   assert len(r['conv_layer']['block_ms']) == 3
+  assert r['train']['images_per_sec'] > 0
   report = bench.format_report(r)
   assert all(f'L{k} ' in report for k in range(3)) and '(d) conv2' in report
 
@@ -42,3 +45,16 @@ def test_valid_tap_macs_match_a_convolution_of_ones():
   expected += float(model.delta_macs()[-1].sum())   # the head
   got = bench.valid_tap_macs(model)
   assert np.isclose(got.sum(), expected) and got.sum() < model.delta_macs().sum()
+
+
+def test_bench_command_line(tmp_path):
+  """python -m stepnet_jax.bench takes absl flags (the README's spelling) and writes its JSON."""
+  import json
+  from absl.testing import flagsaver
+  out = tmp_path / 'bench.json'
+  with flagsaver.flagsaver():
+    bench.flags.FLAGS(['bench', '--model', 'mlp', '--levels', '2', '--width', '0.25', '--batch', '2',
+                       '--train_batch', '2', '--repeats', '1', f'--json={out}'])
+    bench.main([])
+  r = json.loads(out.read_text())
+  assert r['model'] == 'mlp' and r['num_levels'] == 2 and len(r['stepping']['step_ms']) == 2

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import testlib
-from stepnet_jax import budgets, checkpoint, config, construct, data, importance, models, surgery
+from stepnet_jax import budgets, config, construct, data, importance, levels, models, restore, surgery
+from stepnet_jax.training import run
 
 
 def _macs_by_layers(model):
@@ -44,13 +45,13 @@ def _lenet(num_levels, sizes, seed=0, triangular=False):
 
 def _level0_lenet(k, channels, triangular=False):
   """A LeNet-3C1L with every neuron at level 0, its MacModel and its full MACs."""
-  model = _lenet(k, {n: budgets.level_sizes_for(channels, k) for n in testlib.LENET3}, triangular=triangular)
+  model = _lenet(k, {n: levels.level0_sizes(channels, k) for n in testlib.LENET3}, triangular=triangular)
   mm = budgets.MacModel.of(model)
-  return model, mm, mm.subnet_macs([budgets.level_sizes_for(channels, k)] * 3)[0]
+  return model, mm, mm.subnet_macs([levels.level0_sizes(channels, k)] * 3)[0]
 
 
 def _meta(model):
-  return checkpoint.model_meta(model, 'lenet3c1l', 10)
+  return restore.model_meta(model, 'lenet3c1l', 10)
 
 
 @pytest.mark.parametrize('triangular', [False, True])
@@ -102,7 +103,7 @@ def test_assign_levels_per_mac_meets_budgets_and_spares_cheap_neurons():
 
 def test_check_budgets_rejects_infeasible():
   k = 3
-  model = _lenet(k, {n: budgets.level_sizes_for(8, k) for n in testlib.LENET3})
+  model = _lenet(k, {n: levels.level0_sizes(8, k) for n in testlib.LENET3})
   mm = budgets.MacModel.of(model)
   base = budgets.dense_macs('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10, width=0.25)
   ok = budgets.check_budgets((0.1, 0.5, 1.0), base, mm, [8, 8, 8])
@@ -117,11 +118,14 @@ def test_check_budgets_rejects_infeasible():
 
 def test_construct_rejects_infeasible_budgets_before_training(tmp_path, monkeypatch):
   ds = data.load_dataset('digits')
-  cfg = config.from_dict(dict(method='steppingnet', dataset='digits', model='mlp', width=0.1, num_levels=2,
-                              budgets=(0.2, 5.0), widen=2.0, num_epochs=1, batch_size=32, progress=False))
-  monkeypatch.setattr(construct.train_lib, 'train_phase', lambda *a, **k: pytest.fail('trained'))
+  cfg = config.from_dict({'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.1,
+                          'model.num_levels': 2, 'construction.budgets': (0.2, 5.0), 'construction.widen': 2.0,
+                          'train.num_epochs': 1, 'train.batch_size': 32, 'train.progress': False})
+  monkeypatch.setattr(run.PhasedRun, 'train', lambda *a, **k: pytest.fail('trained'))
   with pytest.raises(ValueError, match='exceeds the widened network'):
     construct.construct(cfg, str(tmp_path), ds)
+  assert not (tmp_path / 'metrics.jsonl').exists(), 'wrote to the workdir before the checks'
+
 
 
 def test_relevel_unchanged_levels_is_identity():
@@ -238,10 +242,12 @@ def test_round_targets_reach_budgets_geometrically():
 def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   import stepnet_jax
   ds = data.load_dataset('digits')
-  cfg = config.from_dict(dict(method='steppingnet', dataset='digits', model='mlp', width=0.125, num_levels=3,
-                              budgets=(0.15, 0.4, 0.9), widen=2.0, num_epochs=3, batch_size=64,
-                              learning_rate=3e-3, pretrain_epochs=1.0, round_epochs=0.5, construct_rounds=2,
-                              importance_examples=128, progress=False, log_every_steps=5))
+  cfg = config.from_dict({
+      'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125,
+      'model.num_levels': 3, 'construction.budgets': (0.15, 0.4, 0.9), 'construction.widen': 2.0,
+      'train.num_epochs': 3, 'train.batch_size': 64, 'optim.learning_rate': 3e-3, 'construction.pretrain_epochs': 1.0,
+      'construction.round_epochs': 0.5, 'construction.rounds': 2, 'construction.importance_examples': 128,
+      'train.progress': False, 'train.log_every_steps': 5})
   result = construct.construct(cfg, str(tmp_path), ds)
   net = stepnet_jax.load(str(tmp_path))
   macs = np.asarray(net.level_macs)
@@ -254,16 +260,18 @@ def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   for lvl in range(1, net.num_levels):
     cache = net.advance(cache)
   testlib.assert_close(cache.logits, net.forward(x, net.num_levels - 1))
-  assert result['test_accuracy'][-1] > 0.5
+  acc = result['test_accuracy']      # observed 0.386 / 0.547 / 0.856 (tiny subnets: 0.1 / 0.6 / 2.6 k MACs)
+  assert np.all(np.asarray(acc) >= [0.33, 0.50, 0.82]) and acc[0] < acc[1] < acc[2], acc
 
 
 def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, monkeypatch):
   ds = data.load_dataset('digits')
-  kw = dict(method='steppingnet', dataset='digits', model='mlp', width=0.0625, num_levels=2, budgets=(0.3, 0.9),
-            widen=2.0, num_epochs=1, batch_size=128, pretrain_epochs=0.5, round_epochs=0.25, construct_rounds=1,
-            importance_examples=64, progress=False)
+  kw = {'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.0625,
+        'model.num_levels': 2, 'construction.budgets': (0.3, 0.9), 'construction.widen': 2.0, 'train.num_epochs': 1,
+        'train.batch_size': 128, 'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.25,
+        'construction.rounds': 1, 'construction.importance_examples': 64, 'train.progress': False}
   first = construct.construct(config.from_dict(kw), str(tmp_path), ds)
-  monkeypatch.setattr(construct.train_lib, 'train_phase', lambda *a, **k: pytest.fail('retrained'))
+  monkeypatch.setattr(run.PhasedRun, 'train', lambda *a, **k: pytest.fail('retrained'))
   assert construct.construct(config.from_dict(kw), str(tmp_path), ds) == first
   with pytest.raises(ValueError, match=r'other settings \(seed\)'):
     construct.construct(config.from_dict(dict(kw, seed=1)), str(tmp_path), ds)
@@ -286,8 +294,9 @@ def test_uniform_allocation_shrinks_layers_alike():
 
 
 def test_saved_configs_match_with_defaults_for_new_keys():
-  cfg = config.from_dict(dict(num_epochs=2))
-  saved = {k: v for k, v in cfg.to_dict().items() if k != 'allocation'}
-  assert config.same_settings(json.loads(json.dumps(saved)), cfg)
-  assert not config.same_settings(dict(saved, num_epochs=3), cfg)
-  assert config.same_settings(dict(saved, progress=not cfg.progress), cfg)   # reporting only
+  cfg = config.from_dict({'train.num_epochs': 2})
+  saved = json.loads(json.dumps(cfg.to_dict()))
+  del saved['construction']['allocation']                 # a key added after the config was saved
+  assert config.differing_keys(saved, cfg) == []
+  assert config.differing_keys(config.merge(saved, {'train': {'num_epochs': 3}}), cfg) == ['train.num_epochs']
+  assert config.differing_keys(config.merge(saved, {'train': {'progress': False}}), cfg) == []   # reporting only

@@ -1,9 +1,10 @@
 """Incremental inference: stepping 0 -> K-1 reproduces every subnet's direct forward.
 
 For every model (random level sizes, triangles, empty levels, ResNet, VGG): the logits
-after step k equal the masked-prefix forward at level k, exit k of the one-pass
-forward, and the fused block-by-block forward; and the cache holds exactly the
-channels of levels <= k (the upper channels are never computed).
+after step k equal the masked-prefix forward at level k and exit k of the one-pass
+forward (the numpy references of test_api check those); stepping starts from buffers
+full of NaN, so a step that read a channel it had not computed would show; and the
+cache holds exactly the channels of levels <= k (the upper ones are never computed).
 """
 import jax
 import jax.numpy as jnp
@@ -37,13 +38,16 @@ def test_stepping_matches_direct_forward_and_exits(spec_id):
     assert logits.shape == (4, spec.num_classes)
     assert_close(logits, exits[k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs exits[{k}]')
     assert_close(logits, b['forward'][k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs forward')
-    assert_close(logits, b['blocked'][k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs forward_blocked')
-    # The cache holds the level <= k channels of every unit, and nothing above them.
+    # forward_blocked (steps 0..k fused) against the masked forward, an independent path.
+    assert_close(b['blocked'][k], b['forward'][k], RTOL, ATOL, err_msg=f'{spec_id}: forward_blocked {k}')
+    # The cache holds the level <= k channels of every unit; the rest is still the NaN
+    # the buffers started with (never computed, never read: the logits are finite).
+    assert np.isfinite(logits).all()
     for unit, buf, f in zip(model.units, b['step_units'][k], full_units):
       e = block_end(unit.conn.out_sizes, k)
       assert buf.shape == f.shape
       assert_close(buf[..., :e], f[..., :e], RTOL, ATOL)
-      assert np.all(buf[..., e:] == 0), f'{spec_id}: channels above level {k} were computed'
+      assert np.isnan(buf[..., e:]).all(), f'{spec_id}: channels above level {k} were computed'
 
 
 def test_stepping_separately_compiled_functions(net):
@@ -213,13 +217,8 @@ def test_export_start(net):
   fn = jax.jit(lambda x: net.start(x).logits)
   exported = jax.export.export(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
   assert_close(exported.call(x), net.start(x).logits, RTOL, ATOL)
-  try:
-    import flatbuffers  # noqa: F401  (needed by jax.export serialization; not a declared dependency)
-  except ImportError:
-    pass
-  else:
-    restored = jax.export.deserialize(exported.serialize())
-    assert_close(restored.call(x), net.start(x).logits, RTOL, ATOL)
+  restored = jax.export.deserialize(exported.serialize())   # needs flatbuffers (a test dependency)
+  assert_close(restored.call(x), net.start(x).logits, RTOL, ATOL)
   # Shape-polymorphic batch.
   b, = jax.export.symbolic_shape('b')
   poly = jax.export.export(fn)(jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype))

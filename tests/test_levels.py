@@ -93,7 +93,7 @@ def test_bounds_start_end():
   assert lv.bounds(sizes) == (0, 3, 3, 7, 9)
   assert [lv.start(sizes, k) for k in range(4)] == [0, 3, 3, 7]
   assert [lv.end(sizes, k) for k in range(4)] == [3, 3, 7, 9]
-  assert lv.input_sizes(3, 4) == (3, 0, 0, 0)
+  assert lv.level0_sizes(3, 4) == (3, 0, 0, 0)
 
 
 def test_sizes_from_widths_awn_45():

@@ -1,4 +1,5 @@
 """End-to-end: short real training runs, checkpoints, resuming, and the two scripts."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import checkpoint, config, data, train_lib
+from stepnet_jax import config, data, restore
+from stepnet_jax.training import optim, run
+from stepnet_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -25,29 +28,28 @@ def tiny_config(**overrides):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
-  c.progress = False
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return config.from_dict(c)
+  c.train.progress = False
+  return config.from_dict(config.merge(c.to_dict(), config.nest(overrides)))
 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory, fashion_mnist):
   cfg = tiny_config()
-  assert (cfg.model, cfg.width, cfg.num_levels, cfg.train_subset, cfg.num_epochs) == ('lenet3c1l', 0.25, 3, 2048, 2)
+  m = cfg.model
+  assert (m.name, m.width, m.num_levels, cfg.data.train_subset, cfg.train.num_epochs) == ('lenet3c1l', 0.25, 3, 2048, 2)
   workdir = str(tmp_path_factory.mktemp('tiny'))
-  result = train_lib.train_and_evaluate(cfg, workdir, dataset=fashion_mnist)
+  result = run.train_and_evaluate(cfg, workdir, dataset=fashion_mnist)
   return cfg, workdir, result
 
 
 def test_tiny_run_learns_every_exit(tiny_run):
   cfg, _, result = tiny_run
-  assert result['step'] == 2 * (2048 // cfg.batch_size)
+  assert result['step'] == 2 * (2048 // cfg.train.batch_size)
   acc = result['test_accuracy']
   assert len(acc) == 3
-  assert min(acc) > 0.4, acc                       # chance is 0.1
-  for lo, hi in zip(acc, acc[1:]):
-    assert hi >= lo - 0.02, acc                     # bigger subnets are not worse
+  # Observed 0.555 / 0.646 / 0.680 (chance 0.1); floors a few points below, exits increasing.
+  assert np.all(np.asarray(acc) >= [0.52, 0.61, 0.65]), acc
+  assert acc[0] < acc[1] < acc[2], acc
 
 
 def test_checkpoint_round_trip(tiny_run, fashion_mnist):
@@ -55,8 +57,8 @@ def test_checkpoint_round_trip(tiny_run, fashion_mnist):
   cfg, workdir, result = tiny_run
   net = stepnet_jax.load(workdir)
   assert net.num_levels == 3
-  assert config.from_dict(net.meta['config']) == cfg
-  test = data.subset(fashion_mnist, cfg.train_subset, cfg.test_subset, cfg.seed)
+  assert config.from_saved(net.meta['config']) == cfg
+  test = data.subset(fashion_mnist, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   assert len(test.test_labels) == 1000
   correct = np.zeros(3)
   for i in range(0, 1000, 500):
@@ -77,11 +79,10 @@ def test_checkpoint_round_trip(tiny_run, fashion_mnist):
 
 
 def _digits_config(**kw):
-  c = config.base_config()
-  c.update(dict(dataset='digits', model='mlp', width=0.25, num_levels=2, num_epochs=2, batch_size=64,
-                learning_rate=3e-3, progress=False, log_every_steps=5))
-  c.update(kw)
-  return config.from_dict(c)
+  """A 2-level MLP on the digits; ``kw`` overrides dotted keys (``**{'model.width': 0.5}``)."""
+  return config.from_dict({'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 2,
+                           'train.num_epochs': 2, 'train.batch_size': 64, 'optim.learning_rate': 3e-3,
+                           'train.progress': False, 'train.log_every_steps': 5, **kw})
 
 
 class _Interrupt(Exception):
@@ -92,32 +93,33 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
   """Interrupted after epoch 1, then restarted: identical to an uninterrupted run."""
   digits = data.load_digits()
   cfg = _digits_config()
-  spe = len(digits.train_labels) // cfg.batch_size
+  spe = len(digits.train_labels) // cfg.train.batch_size
 
-  ref = train_lib.train_and_evaluate(cfg, str(tmp_path / 'ref'), dataset=digits)
+  ref = run.train_and_evaluate(cfg, str(tmp_path / 'ref'), dataset=digits)
   assert ref['step'] == 2 * spe
-  assert min(ref['test_accuracy']) > 0.5
+  acc = ref['test_accuracy']          # observed 0.797 / 0.889
+  assert acc[0] >= 0.75 and acc[1] >= 0.85 and acc[0] < acc[1], acc
 
   workdir = str(tmp_path / 'resumed')
-  real_save = checkpoint.save
+  real_save = run.checkpoints.save
 
   def save_then_crash(*args, **kwargs):
     real_save(*args, **kwargs)
     raise _Interrupt
-  monkeypatch.setattr(checkpoint, 'save', save_then_crash)
+  monkeypatch.setattr(run.checkpoints, 'save', save_then_crash)
   with pytest.raises(_Interrupt):
-    train_lib.train_and_evaluate(cfg, workdir, dataset=digits)
-  monkeypatch.setattr(checkpoint, 'save', real_save)
-  assert checkpoint.latest_step(workdir) == spe
+    run.train_and_evaluate(cfg, workdir, dataset=digits)
+  monkeypatch.setattr(run.checkpoints, 'save', real_save)
+  assert restore.latest_step(workdir) == spe
 
-  resumed = train_lib.train_and_evaluate(cfg, workdir, dataset=digits)
+  resumed = run.train_and_evaluate(cfg, workdir, dataset=digits)
   assert resumed['step'] == 2 * spe
   assert resumed['test_accuracy'] == ref['test_accuracy']
   a, b = stepnet_jax.load(str(tmp_path / 'ref')), stepnet_jax.load(workdir)
   for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   # Both checkpoints are kept; the epoch-1 one still restores.
-  assert sorted(int(d) for d in os.listdir(checkpoint.checkpoint_dir(workdir)) if d.isdigit()) == [spe, 2 * spe]
+  assert sorted(int(d) for d in os.listdir(restore.checkpoint_dir(workdir)) if d.isdigit()) == [spe, 2 * spe]
   assert stepnet_jax.load(workdir, step=spe).num_levels == 2
   # metrics.jsonl continues: train steps increase across the restart, epochs 1 then 2.
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -130,22 +132,22 @@ def test_resume_with_more_epochs(tmp_path):
   """Run 1 epoch, then ask for 2 in the same workdir: training continues from step spe."""
   digits = data.subset(data.load_digits(), train=640)
   workdir = str(tmp_path / 'run')
-  first = train_lib.train_and_evaluate(_digits_config(num_epochs=1), workdir, dataset=digits)
+  first = run.train_and_evaluate(_digits_config(**{'train.num_epochs': 1}), workdir, dataset=digits)
   spe = 640 // 64
   assert first['step'] == spe
-  second = train_lib.train_and_evaluate(_digits_config(num_epochs=2), workdir, dataset=digits)
+  second = run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2}), workdir, dataset=digits)
   assert second['step'] == 2 * spe
-  assert checkpoint.latest_step(workdir) == 2 * spe
-  assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), str(spe)))
+  assert restore.latest_step(workdir) == 2 * spe
+  assert os.path.isdir(os.path.join(restore.checkpoint_dir(workdir), str(spe)))
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   steps = [r['step'] for r in rows if 'train/loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == 2 * spe and min(steps) <= spe
   # A finished run restarted with the same config trains nothing more and reports the same accuracy.
-  again = train_lib.train_and_evaluate(_digits_config(num_epochs=2), workdir, dataset=digits)
+  again = run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2}), workdir, dataset=digits)
   assert again['step'] == 2 * spe and again['test_accuracy'] == second['test_accuracy']
   # Training time adds up over the sessions: each checkpoint holds the time so far.
-  first_saved = checkpoint.restore_meta(workdir, spe)['train_seconds']
-  second_saved = checkpoint.restore_meta(workdir, 2 * spe)['train_seconds']
+  first_saved = restore.restore_meta(workdir, spe)['train_seconds']
+  second_saved = restore.restore_meta(workdir, 2 * spe)['train_seconds']
   assert 0 < first_saved <= first['seconds'] and first_saved < second_saved <= second['seconds']
   assert second_saved <= again['seconds'] < second_saved + 60
 
@@ -155,7 +157,7 @@ def one_epoch_digits_run(tmp_path_factory):
   """A finished 1-epoch run on 128 digits; tests copy its workdir before touching it."""
   digits = data.subset(data.load_digits(), train=128)
   workdir = str(tmp_path_factory.mktemp('digits_run'))
-  train_lib.train_and_evaluate(_digits_config(num_epochs=1), workdir, dataset=digits)
+  run.train_and_evaluate(_digits_config(**{'train.num_epochs': 1}), workdir, dataset=digits)
   return digits, workdir
 
 
@@ -164,8 +166,8 @@ def test_resume_refuses_a_different_model(tmp_path, one_epoch_digits_run):
   workdir = str(tmp_path / 'run')
   shutil.copytree(original, workdir)
   with pytest.raises(ValueError):
-    train_lib.train_and_evaluate(_digits_config(num_epochs=2, width=0.5), workdir, dataset=digits)
-  assert checkpoint.latest_step(workdir) == 128 // 64
+    run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2, 'model.width': 0.5}), workdir, dataset=digits)
+  assert restore.latest_step(workdir) == 128 // 64
 
 
 def test_resume_refuses_other_settings(tmp_path, one_epoch_digits_run):
@@ -174,20 +176,22 @@ def test_resume_refuses_other_settings(tmp_path, one_epoch_digits_run):
   workdir = str(tmp_path / 'run')
   shutil.copytree(original, workdir)
   with pytest.raises(ValueError, match='learning_rate, seed'):
-    train_lib.train_and_evaluate(_digits_config(num_epochs=2, learning_rate=0.5, seed=3), workdir, dataset=digits)
-  assert checkpoint.latest_step(workdir) == 128 // 64
+    run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2, 'optim.learning_rate': 0.5, 'seed': 3}), workdir, dataset=digits)
+  assert restore.latest_step(workdir) == 128 // 64
 
 
-def test_compare_refuses_a_left_run_of_other_settings(tmp_path, one_epoch_digits_run):
-  """The comparison checks a method's leftover (e.g. interrupted) runs before training any."""
-  from stepnet_jax import compare
+def test_check_workdir_names_what_differs_and_allows_only_what_it_is_told(tmp_path, one_epoch_digits_run):
+  """The one compatibility check: other settings are named; ``may_change`` keys pass."""
   digits, original = one_epoch_digits_run
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(original, workdir)
-  compare._refuse_other_settings(workdir, _digits_config(num_epochs=1))   # same: fine
-  compare._refuse_other_settings(str(tmp_path / 'empty'), _digits_config(num_epochs=9))
-  with pytest.raises(ValueError, match='num_epochs'):
-    compare._refuse_other_settings(workdir, _digits_config(num_epochs=2))
+  assert run.check_workdir(original, _digits_config(**{'train.num_epochs': 1}))['steps_per_epoch'] == 2
+  assert run.check_workdir(str(tmp_path / 'empty'), _digits_config(**{'train.num_epochs': 9})) is None
+  assert run.check_workdir(original, _digits_config(**{'train.progress': True, 'train.num_epochs': 1}))  # reporting
+  with pytest.raises(ValueError, match=r'other settings \(train.num_epochs\)'):
+    run.check_workdir(original, _digits_config(**{'train.num_epochs': 2}))
+  assert run.check_workdir(original, _digits_config(**{'train.num_epochs': 2}), may_change=run.RESUMABLE_KEYS)
+  with pytest.raises(ValueError, match=r'other settings \(model.width, optim.learning_rate\)'):
+    run.check_workdir(original, _digits_config(**{'model.width': 0.5, 'optim.learning_rate': 1.0}),
+                      may_change=run.RESUMABLE_KEYS)
 
 
 def test_train_and_evaluate_scripts(tmp_path):
@@ -198,8 +202,8 @@ def test_train_and_evaluate_scripts(tmp_path):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   train = subprocess.run(
       [sys.executable, os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}',
-       '--config.train_subset=512', '--config.test_subset=200', '--config.num_epochs=1',
-       '--config.progress=False'], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+       '--config.data.train_subset=512', '--config.data.test_subset=200', '--config.train.num_epochs=1',
+       '--config.train.progress=False'], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'done: step 8' in train.stdout
   out_json, plot = str(tmp_path / 'levels.json'), str(tmp_path / 'levels.png')
@@ -228,7 +232,7 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
   with open(os.path.join(workdir, 'config.json')) as f:
     before = json.load(f)
   with pytest.raises(ValueError):
-    train_lib.train_and_evaluate(_digits_config(num_epochs=2, width=0.5), workdir, dataset=digits)
+    run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2, 'model.width': 0.5}), workdir, dataset=digits)
   with open(os.path.join(workdir, 'config.json')) as f:
     after = json.load(f)
   assert after['model_meta'] == before['model_meta'], \
@@ -239,44 +243,143 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
 # ------------------------------------------------------------------ pieces of the trainer (no training)
 
 
-@pytest.mark.parametrize('overrides', [
-    dict(num_levels=0), dict(exit_weights=(1.0, 1.0)), dict(exit_weights=(0.0, 0.0, 0.0)),
-    dict(exit_weights=(1.0, -1.0, 1.0)), dict(level_widths=(0.5, 1.0)), dict(optimizer='lion'),
-    dict(schedule='linear'), dict(batch_size=0), dict(num_epochs=-1), dict(no_such_key=1),
-    dict(widen=0.0), dict(construct_rounds=0), dict(pretrain_epochs=-0.5), dict(importance_examples=0),
-    dict(nonuniform_cycles=0), dict(recalibrate_batches=-1), dict(sandwich_widths=-1), dict(class_threshold=-1.0),
-    dict(method='steppingnet', budgets=(0.1, 0.3, 0.6), allocation='uniform', rank_per_mac=True),
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.num_levels': 0}, 'num_levels must be >= 1'),
+    ({'loss.exit_weights': (1.0, 1.0)}, 'exit_weights has 2 entries for 3 levels'),
+    ({'loss.exit_weights': (0.0, 0.0, 0.0)}, 'positive sum'),
+    ({'loss.exit_weights': (1.0, -1.0, 1.0)}, 'non-negative'),
+    ({'model.level_widths': (0.5, 1.0)}, 'level_widths has 2 entries'),
+    ({'model.name': 'resnet99'}, "unknown model 'resnet99'; choose from mlp, lenet3c1l, lenet5, vgg16, resnet20"),
+    ({'method': 'magic'}, "unknown method 'magic'; choose from joint, steppingnet, nonuniform"),
+    ({'optim.name': 'lion'}, "unknown optimizer 'lion'; choose from adam, adamw, sgd"),
+    ({'optim.schedule': 'linear'}, "unknown schedule 'linear'; choose from cosine, step, constant"),
+    ({'loss.objective': 'hinge'}, "unknown objective 'hinge'; choose from multi_exit, sandwich"),
+    ({'loss.objective': 'sandwich'}, 'needs model.triangular=True'),
+    ({'no_such_key': 1}, r"unknown config keys: \['no_such_key'\]"),
+    ({'model.no_such_key': 1}, r"unknown config keys: \['model.no_such_key'\]"),
+    ({'num_epochs': 3}, r"unknown config keys: \['num_epochs'\]"),    # the flat spelling of older versions
+    ({'train.batch_size': 0}, 'train.batch_size must be >= 1'),
+    ({'train.num_epochs': -1}, 'train.num_epochs must be >= 0'),
+    ({'construction.widen': 0.0}, 'construction.widen must be > 0'),
+    ({'construction.rounds': 0}, 'construction.rounds must be >= 1'),
+    ({'construction.pretrain_epochs': -0.5}, 'pretrain_epochs must be >= 0'),
+    ({'construction.importance_examples': 0}, 'importance_examples must be >= 1'),
+    ({'construction.importance': 'random'}, "unknown importance 'random'"),
+    ({'construction.allocation': 'greedy'}, "unknown allocation 'greedy'"),
+    ({'baseline.nonuniform_cycles': 0}, 'nonuniform_cycles must be >= 1'),
+    ({'baseline.recalibrate_batches': -1}, 'recalibrate_batches must be >= 0'),
+    ({'loss.sandwich_widths': -1}, 'sandwich_widths must be >= 0'),
+    ({'construction.class_threshold': -1.0}, 'class_threshold must be >= 0'),
+    ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3)}, 'needs one budget per level: 2 budgets, 3'),
+    ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3, 0.6), 'construction.allocation': 'uniform',
+      'construction.rank_per_mac': True}, 'do not combine'),
 ])
-def test_config_validation(overrides):
-  c = dict(config.base_config().to_dict(), num_levels=3)
-  c.update(overrides)
-  with pytest.raises(ValueError):
-    config.from_dict(c)
+def test_config_validation(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config.from_dict({'model.num_levels': 3, **overrides})
 
 
 def test_config_parses_sequences_and_assignment(tmp_path):
   p = tmp_path / 'a.json'
   p.write_text('{"conv1": [1, 2]}')
-  c = config.from_dict(dict(num_levels=2, level_widths='(0.25, 1.0)', exit_weights=[1, 2], assignment=str(p)))
-  assert c.level_widths == (0.25, 1.0) and c.exit_weights == (1.0, 2.0)
-  assert c.assignment_dict() == {'conv1': [1, 2]}
-  assert config.from_dict(dict(num_levels=3)).weights == (1.0, 1.0, 1.0)
-  c = config.from_dict(dict(num_levels=2, assignment='{"fc1": [3, 4]}'))
-  assert c.assignment_dict() == {'fc1': [3, 4]}
+  c = config.from_dict({'model.num_levels': 2, 'model.level_widths': '(0.25, 1.0)', 'loss.exit_weights': [1, 2],
+                        'model.assignment': str(p)})
+  assert c.model.level_widths == (0.25, 1.0) and c.exit_weights == (1.0, 2.0)
+  assert c.model.assignment_dict() == {'conv1': [1, 2]}
+  assert config.from_dict({'model.num_levels': 3}).exit_weights == (1.0, 1.0, 1.0)
+  c = config.from_dict({'model': {'num_levels': 2, 'assignment': '{"fc1": [3, 4]}'}})   # nested works too
+  assert c.model.assignment_dict() == {'fc1': [3, 4]}
+  assert c.replace(**{'model.width': 0.5}).model == dataclasses.replace(c.model, width=0.5)
+  with pytest.raises(ValueError, match='level_widths'):
+    c.replace(**{'model.level_widths': (1.0,)})   # replace validates
+
+
+def test_every_field_is_declared_once_and_overridable():
+  """base_config() is generated from the dataclasses: the same keys, the same defaults."""
+  flat = config.flatten(config.base_config().to_dict())
+  assert flat == config.flatten(config.Config().to_dict())
+  assert len(flat) == len({k.rsplit('.', 1)[-1] for k in flat if not k.endswith('.name')}) + 3   # 3 x '.name'
+  assert config.from_dict(config.base_config()) == config.Config()
+
+
+# The config.json configs/tiny.py wrote before the config had sections (copied from a run of
+# that version, with --config.progress=False).
+FLAT_TINY = {
+    'dataset': 'idx:/usr/share/datasets/fashion-mnist', 'data_dir': '', 'train_subset': 2048, 'test_subset': 1000,
+    'augment': False, 'model': 'lenet3c1l', 'width': 0.25, 'num_levels': 3, 'level_widths': [],
+    'triangular': False, 'mask_rule': True, 'sandwich_widths': 0, 'assignment': '', 'method': 'joint',
+    'budgets': [], 'widen': 2.0, 'importance': 'taylor', 'importance_examples': 512, 'class_threshold': 0.5,
+    'allocation': 'global', 'rank_per_mac': False, 'construct_rounds': 4, 'pretrain_epochs': 1.0,
+    'round_epochs': 0.25, 'finetune_distill_weight': 0.0, 'nonuniform_cycles': 2, 'recalibrate_batches': 50,
+    'exit_weights': [], 'distill_weight': 0.0, 'distill_temperature': 4.0, 'optimizer': 'adam',
+    'learning_rate': 0.003, 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine', 'step_decay_at': [0.5, 0.75],
+    'warmup_epochs': 0.0, 'num_epochs': 2, 'batch_size': 64, 'seed': 0, 'eval_batch_size': 500,
+    'log_every_steps': 8, 'keep_checkpoints': 2, 'progress': False}
+
+
+def test_flat_configs_of_earlier_versions_load():
+  assert config.from_saved(FLAT_TINY) == tiny_config()
+  assert config.differing_keys(FLAT_TINY, tiny_config()) == []
+  assert config.differing_keys(FLAT_TINY, tiny_config(**{'optim.learning_rate': 0.1})) == ['optim.learning_rate']
+  sandwich = config.from_saved(dict(FLAT_TINY, triangular=True, sandwich_widths=3))
+  assert (sandwich.loss.objective, sandwich.loss.sandwich_widths) == ('sandwich', 3)
+  with pytest.raises(ValueError, match='another version'):
+    config.from_saved(dict(FLAT_TINY, no_such_key=1))
+
+
+def _flat(nested: dict) -> dict:
+  """A saved nested config in the flat format of earlier versions (FLAT_TINY's keys)."""
+  renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
+             'construction.rounds': 'construct_rounds'}
+  flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
+          if k not in ('loss.objective', 'loss.sandwich_widths')}
+  flat['sandwich_widths'] = 0
+  assert set(flat) == set(FLAT_TINY)
+  return flat
+
+
+def test_a_workdir_of_an_earlier_version_loads_and_resumes(tmp_path, one_epoch_digits_run):
+  """A checkpoint whose meta holds a flat config (as earlier versions wrote it) loads, and a
+  run asking for more epochs resumes from it."""
+  digits, original = one_epoch_digits_run
+  workdir = str(tmp_path / 'old')
+  shutil.copytree(original, workdir)
+  patched = 0
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints')):
+    for name in files:
+      path = os.path.join(root, name)
+      try:
+        with open(path) as f:
+          meta = json.load(f)
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        continue
+      if isinstance(meta, dict) and isinstance(meta.get('config'), dict):
+        meta['config'] = _flat(meta['config'])
+        with open(path, 'w') as f:
+          json.dump(meta, f)
+        patched += 1
+  assert patched == 1
+  assert isinstance(restore.restore_meta(workdir)['config']['model'], str)
+  assert stepnet_jax.load(workdir).num_levels == 2
+  resumed = run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2}), workdir, dataset=digits)
+  assert resumed['step'] == 2 * (128 // 64)
+  with pytest.raises(ValueError, match=r'other settings \(seed\)'):
+    run.train_and_evaluate(_digits_config(**{'train.num_epochs': 3, 'seed': 1}), workdir, dataset=digits)
 
 
 def test_learning_rate_schedules():
   spe, lr = 10, 0.5
-  cos = train_lib.learning_rate_schedule(config.from_dict(dict(learning_rate=lr, num_epochs=4)), spe)
+  cos = optim.learning_rate_schedule(config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4}), spe)
   for t in (0, 7, 20, 39, 40):
     np.testing.assert_allclose(float(cos(t)), lr * 0.5 * (1 + np.cos(np.pi * min(t, 40) / 40)), rtol=1e-5, atol=1e-7)
-  warm = train_lib.learning_rate_schedule(
-      config.from_dict(dict(learning_rate=lr, num_epochs=4, warmup_epochs=1.0)), spe)
+  warm = optim.learning_rate_schedule(
+      config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.warmup_epochs': 1.0}), spe)
   np.testing.assert_allclose([float(warm(t)) for t in (0, 5)], [0.0, lr / 2], rtol=1e-5)
   for t in (10, 25, 40):
     np.testing.assert_allclose(float(warm(t)), lr * 0.5 * (1 + np.cos(np.pi * (t - 10) / 30)), rtol=1e-5, atol=1e-7)
-  step = train_lib.learning_rate_schedule(
-      config.from_dict(dict(learning_rate=lr, num_epochs=4, schedule='step', step_decay_at=(0.5, 0.75))), spe)
+  step = optim.learning_rate_schedule(
+      config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.schedule': 'step',
+                        'optim.step_decay_at': (0.5, 0.75)}), spe)
   np.testing.assert_allclose([float(step(t)) for t in (0, 19, 21, 29, 31, 39)],
                              [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01, lr * 0.01], rtol=1e-5)
 
@@ -285,7 +388,7 @@ def test_augment_is_a_shifted_possibly_flipped_crop():
   rng = np.random.RandomState(0)
   n = 32
   x = rng.randint(1, 256, (n, 8, 7, 2)).astype(np.uint8)
-  out = np.asarray(train_lib.augment(jnp.asarray(x), jax.random.key(3), pad=2))
+  out = np.asarray(step_lib.augment(jnp.asarray(x), jax.random.key(3), pad=2))
   assert out.shape == x.shape and out.dtype == x.dtype
   padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
   flips, shifts = 0, set()

@@ -230,6 +230,20 @@ def unit_outputs(model, xn, level):
   return outs
 
 
+def poison(model, cache, level: int):
+  """``cache`` with every buffer's channels of levels above ``level`` set to NaN (-1: all)."""
+  def nan_above(buf, sizes):
+    return buf.at[..., block_end(sizes, level) if level >= 0 else 0:].set(jnp.nan)
+
+  units = []
+  for unit, c in zip(model.units, cache.units):
+    if isinstance(unit, layers.ResidualBlock):
+      units.append((nan_above(c[0], unit.conv1.conn.out_sizes), nan_above(c[1], unit.conn.out_sizes)))
+    else:
+      units.append(nan_above(c, unit.conn.out_sizes))
+  return cache.replace(units=tuple(units))
+
+
 def unit_buffer(unit_cache):
   """A unit's output buffer in a StepCache entry (ResidualBlock caches (inner, output))."""
   return unit_cache[1] if isinstance(unit_cache, tuple) else unit_cache
@@ -244,7 +258,8 @@ def bundle(spec_id: str):
   exactly the same code but compiles once. Keys (lists are indexed by level):
     prefix_units[k]: unit outputs of the prefix forward at level k;
     forward[k], blocked[k]: StepFunctions.forward / forward_blocked logits;
-    step_logits[k], step_units[k]: the cache after start + k advances;
+    step_logits[k], step_units[k]: the cache after level 0 (restarted in an all-NaN cache)
+      and k advances;
     step_levels[k]: its (static) level; exits: [K, B, classes].
   The separately compiled functions are exercised in test_incremental / test_api.
   """
@@ -265,7 +280,9 @@ def bundle(spec_id: str):
            'forward': [fns.forward(v, x, level=k) for k in range(k_levels)],
            'blocked': [fns.forward_blocked(v, x, level=k) for k in range(k_levels)],
            'exits': fns.exits(v, x), 'step_logits': [], 'step_units': []}
-    cache = fns.start(v, x)
+    # Level 0 of x in the buffers of a cache that is all NaN: a step reading a channel it
+    # has not computed (past end(level), or stale) makes NaN logits.
+    cache = fns.restart(v, poison(m, fns.start(v, x), -1), x)
     for k in range(k_levels):
       if k:
         cache = fns.advance(v, cache)

@@ -1,8 +1,11 @@
-"""Orbax checkpoints of a training run, and rebuilding a model from one.
+"""Reading a run's checkpoints: its recorded structure, its meta and its trained variables.
 
-A checkpoint holds ``model`` (parameters and batch statistics), ``train`` (optimizer
-state and step), each a plain pytree restored on its own, and ``meta`` (JSON: everything needed to rebuild the model's
-structure: architecture, level assignment, normalisation, and the run's config).
+A checkpoint (``WORKDIR/checkpoints/STEP``, written by ``training/checkpoints.py``)
+holds the item ``model`` (parameters and batch statistics as plain nested dicts, see
+``model_item``), for a training run also ``train`` (optimizer state and step), and
+``meta``: JSON with everything needed to rebuild the model's structure (``model_meta``:
+architecture, level assignment, normalisation) and the run's config. Inference needs
+only this module; nothing here writes.
 """
 from __future__ import annotations
 
@@ -21,25 +24,24 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
 def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint's step, or None when the workdir holds none."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], meta: dict) -> None:
-  """Saves named pytrees of arrays and a JSON-able meta dict at ``step`` (blocks until written)."""
-  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
-  mngr.wait_until_finished()
+def _step(workdir: str, step: int | None) -> int:
+  if step is None:
+    step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
+                            f'python train.py --config configs/NAME.py --workdir {workdir}')
+  return step
 
 
 def restore_meta(workdir: str, step: int | None = None) -> dict:
+  """The JSON meta of the latest (or given) checkpoint."""
   step = _step(workdir, step)
   mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
   return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
@@ -53,13 +55,9 @@ def restore_item(workdir: str, name: str, target: Any, step: int | None = None) 
   return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
 
 
-def _step(workdir: str, step: int | None) -> int:
-  if step is None:
-    step = latest_step(workdir)
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
-                            f'python train.py --config configs/NAME.py --workdir {workdir}')
-  return step
+def model_item(params: nnx.State, batch_stats: nnx.State) -> dict:
+  """The checkpoint item ``model``: parameters and batch statistics as plain nested dicts."""
+  return {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(batch_stats)}
 
 
 def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
@@ -78,6 +76,7 @@ def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
 
 
 def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
+  """A freshly initialised model of the structure ``model_meta`` describes."""
   return models.build_model(
       meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
       num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
@@ -85,14 +84,18 @@ def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
       mean=meta['mean'], std=meta['std'], seed=seed)
 
 
+def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, step: int | None = None) -> None:
+  """Fills ``params`` and ``batch_stats`` (in place) from the checkpoint's ``model`` item."""
+  restored = restore_item(workdir, 'model', model_item(params, batch_stats), step)
+  nnx.replace_by_pure_dict(params, restored['params'])
+  nnx.replace_by_pure_dict(batch_stats, restored['batch_stats'])
+
+
 def load_variables(workdir: str, step: int | None = None) -> tuple[SteppingModel, dict]:
   """The model of a run with its trained parameters and batch statistics, and its meta."""
   meta = restore_meta(workdir, step)
   model = nnx.eval_shape(lambda: build_from_meta(meta['model_meta']))  # shapes only: no init compute
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  target = {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(stats)}
-  restored = restore_item(workdir, 'model', target, step)
-  nnx.replace_by_pure_dict(params, restored['params'])
-  nnx.replace_by_pure_dict(stats, restored['batch_stats'])
+  restore_model_item(workdir, params, stats, step)
   nnx.update(model, params, stats)
   return model, meta

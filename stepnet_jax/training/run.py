@@ -1,0 +1,223 @@
+"""A run in a workdir: resumable joint training (``train_and_evaluate``), the shared start
+and end of multi-phase runs (``PhasedRun``: construction, non-uniform), and the one check
+of whether a workdir's run may be continued or reused under a config (``check_workdir``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from stepnet_jax import config as config_lib
+from stepnet_jax import data, evaluation, losses, models, restore, stepping
+from stepnet_jax.config import Config
+from stepnet_jax.model import SteppingModel
+from stepnet_jax.training import checkpoints, loop, optim
+from stepnet_jax.training import step as step_lib
+
+# Settings a resumed joint run may change: more epochs continue training.
+RESUMABLE_KEYS = ('train.num_epochs',)
+
+
+def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
+  """The config's dataset (loaded unless given), subset as configured, and steps per epoch."""
+  if dataset is None:
+    dataset = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+  dataset = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  steps_per_epoch = len(dataset.train_labels) // cfg.train.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {cfg.train.batch_size} exceeds the {len(dataset.train_labels)} training images')
+  return dataset, steps_per_epoch
+
+
+def build_model(cfg: Config, dataset: data.Dataset) -> SteppingModel:
+  """The config's model for the dataset's images and classes, normalised by its statistics."""
+  mean, std = dataset.channel_stats()
+  m = cfg.model
+  return models.build_model(
+      m.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape, num_levels=m.num_levels,
+      width=m.width, level_widths=m.level_widths or None, assignment=m.assignment_dict(),
+      triangular=m.triangular, mask_rule=m.mask_rule, mean=mean, std=std, seed=cfg.seed)
+
+
+def run_meta(cfg: Config, model_meta: dict, dataset: data.Dataset, steps_per_epoch: int) -> dict:
+  """The checkpoint meta and ``config.json`` of a run."""
+  return {'config': cfg.to_dict(), 'model_meta': model_meta, 'dataset': dataset.name,
+          'steps_per_epoch': steps_per_epoch}
+
+
+def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
+                  model_meta: dict | None = None) -> dict | None:
+  """The meta of the run left in ``workdir`` if ``cfg`` may continue or reuse it; None if none is there.
+
+  Its saved config must equal ``cfg`` (reporting keys aside; configs saved by older
+  versions are converted) except the dotted keys ``may_change``, and, given
+  ``model_meta``, it must hold that model. Otherwise ValueError naming what differs;
+  nothing in the workdir is touched.
+  """
+  if restore.latest_step(workdir) is None:
+    return None
+  saved = restore.restore_meta(workdir)
+  differ = [k for k in config_lib.differing_keys(saved['config'], cfg) if k not in may_change]
+  if differ:
+    raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
+                     'use a new --workdir or delete it')
+  if model_meta is not None and saved['model_meta'] != model_meta:
+    raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
+  return saved
+
+
+def config_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
+                      objective: losses.Objective | None = None):
+  """``step.make_train_step`` with the config's objective (unless given), seed and augmentation."""
+  return step_lib.make_train_step(graphdef, tx, objective or losses.objective_for(cfg), seed=cfg.seed,
+                                  augment_images=cfg.data.augment)
+
+
+def test_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config) -> Callable[..., np.ndarray]:
+  """``variables -> [K]`` test accuracy of every exit (the exits compiled once)."""
+  exits = jax.jit(functools.partial(stepping.exits, graphdef))
+  return lambda variables: evaluation.exit_accuracy(exits, variables, dataset.test_images, dataset.test_labels,
+                                                    cfg.train.eval_batch_size)
+
+
+def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
+  """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
+
+  A resumed run must have the same settings, except ``train.num_epochs`` (raising it
+  trains on; the schedule then spans the new length). Returns a dict with the final
+  per-level test accuracy, the step, and ``seconds``: the training time of all
+  sessions of the run (saved with every checkpoint).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  dataset, steps_per_epoch = prepare_data(cfg, dataset)
+  model = build_model(cfg, dataset)
+  meta = run_meta(cfg, restore.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
+  tx = optim.make_optimizer(cfg, steps_per_epoch)
+  graphdef, state = step_lib.init_state(model, tx)
+  saved = check_workdir(workdir, cfg, may_change=RESUMABLE_KEYS, model_meta=meta['model_meta'])
+  prior_seconds = 0.0
+  if saved is not None:
+    start = restore.latest_step(workdir)
+    state = checkpoints.restore_state(workdir, state, start)
+    prior_seconds = float(saved.get('train_seconds', 0.0))
+    print(f'Resuming from step {start} of {steps_per_epoch * cfg.train.num_epochs} in {workdir}', flush=True)
+  checkpoints.write_description(workdir, meta)
+  return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds)
+
+
+def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
+                  tx: optax.GradientTransformation, state: step_lib.TrainState, meta: dict,
+                  prior_seconds: float) -> dict:
+  """The epochs left to train: train, evaluate every exit on the test split, checkpoint."""
+  train_step = config_train_step(graphdef, tx, cfg)
+  evaluate = test_evaluator(graphdef, dataset, cfg)
+  mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints)
+  writer = loop.MetricWriter(workdir)
+  t_start, step, test_acc = time.time(), int(state.step), None
+  epochs = cfg.train.num_epochs
+  for epoch in range(step // steps_per_epoch, epochs):
+    state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
+                           steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}')
+    step = int(state.step)
+    test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
+    writer.write(step, {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)})
+    print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
+    checkpoints.save(mngr, step, state.params, state.batch_stats,
+                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state)
+  if test_acc is None:  # nothing left to train: report the restored state
+    test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
+  writer.close()
+  return {'step': step, 'test_accuracy': [float(a) for a in test_acc],
+          'seconds': prior_seconds + time.time() - t_start, 'levels': cfg.model.num_levels}
+
+
+@dataclasses.dataclass
+class PhasedRun:
+  """The shared start and end of a method trained in phases whose structure changes
+  between them (construction, non-uniform).
+
+  Such a run cannot resume mid-way: an interrupted one starts over. A finished one
+  (its final checkpoint and ``result_name`` written) is reused: ``open`` sets
+  ``finished`` to its result. Otherwise call ``begin`` once every check has passed
+  (nothing is written before), ``train`` per phase, and ``finish`` at the end, which
+  saves a standard checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read.
+  """
+  cfg: Config
+  workdir: str
+  dataset: data.Dataset
+  steps_per_epoch: int
+  result_name: str
+  finished: dict | None = None
+  writer: loop.MetricWriter | None = None
+  started: float = 0.0
+
+  @classmethod
+  def open(cls, cfg: Config, workdir: str, dataset: data.Dataset | None, result_name: str) -> PhasedRun:
+    dataset, steps_per_epoch = prepare_data(cfg, dataset)
+    run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
+    if check_workdir(workdir, cfg) is not None:
+      path = os.path.join(workdir, result_name)
+      if not os.path.exists(path):
+        raise ValueError(f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
+                         f'writing {result_name}; delete {workdir} to run it again')
+      with open(path) as f:
+        run.finished = json.load(f)
+      print(f'{workdir}: finished run found, not retraining', flush=True)
+    return run
+
+  @property
+  def total_steps(self) -> int:
+    return self.cfg.train.num_epochs * self.steps_per_epoch
+
+  def begin(self) -> None:
+    """Starts the metric files anew and the clock."""
+    os.makedirs(self.workdir, exist_ok=True)
+    self.writer = loop.MetricWriter(self.workdir, fresh=True)
+    self.started = time.time()
+
+  def train(self, model: SteppingModel, first: int, last: int, desc: str, *, cfg: Config | None = None,
+            objective: losses.Objective | None = None, levels: Sequence[int] | None = None) -> SteppingModel:
+    """Trains ``model`` for global steps ``[first, last)`` with fresh optimizer moments; the
+    learning rate follows the schedule at the global step. ``cfg`` overrides the run's for this
+    phase, ``objective`` its objective (``levels``: the exits the objective reports)."""
+    cfg = cfg or self.cfg
+    tx = optim.make_optimizer(cfg, self.steps_per_epoch, step_offset=first)
+    graphdef, state = step_lib.init_state(model, tx, first)
+    state = self.run_steps(state, config_train_step(graphdef, tx, cfg, objective), first, last, desc, levels)
+    return nnx.merge(graphdef, state.params, state.batch_stats)
+
+  def run_steps(self, state: step_lib.TrainState, train_step, first: int, last: int, desc: str,
+                levels: Sequence[int] | None = None) -> step_lib.TrainState:
+    """``loop.run_steps`` on this run's data, config and metric files."""
+    return loop.run_steps(state, train_step, self.dataset, self.cfg, first=first, last=last,
+                          steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels)
+
+  def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
+    """Evaluates every exit, saves the final checkpoint and ``result_name``; returns the result:
+    ``test_accuracy``, ``level_macs``, ``seconds`` and ``extra``."""
+    cfg, step = self.cfg, self.total_steps
+    graphdef, variables = nnx.split(model)
+    test_acc = test_evaluator(graphdef, self.dataset, cfg)(variables)
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    meta = run_meta(cfg, model_meta, self.dataset, self.steps_per_epoch)
+    checkpoints.save(checkpoints.manager(self.workdir, cfg.train.keep_checkpoints), step, params, stats, meta)
+    checkpoints.write_description(self.workdir, meta)
+    self.writer.write(step, loop.per_level('test/accuracy', test_acc))
+    self.writer.close()
+    seconds = time.time() - self.started
+    level_macs = [int(m) for m in np.cumsum(model.delta_macs().sum(0))]
+    result = {'test_accuracy': [float(a) for a in test_acc], 'level_macs': level_macs, 'seconds': seconds, **extra}
+    with open(os.path.join(self.workdir, self.result_name), 'w') as f:
+      json.dump(result, f, indent=2)
+    print(f'{label} done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
+          + ', MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs) + f', {seconds:.0f} s', flush=True)
+    return result
