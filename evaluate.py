@@ -22,8 +22,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   net = stepnet_jax.load(_WORKDIR.value)
-  cfg = config.from_saved(net.meta['config'])
-  ds = data.subset(data.load_dataset(cfg.data.name, cfg.data.data_dir or None), test=_TEST_SUBSET.value)
+  source = config.saved_data(net.meta['config'])
+  ds = data.subset(data.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
   rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
                                     latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
   print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '

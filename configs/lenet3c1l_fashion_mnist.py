@@ -4,8 +4,9 @@
   python evaluate.py --workdir runs/lenet3c1l_fmnist
 
 Expected: top exit >= 88% test accuracy, exits increasing with level, in under 15
-minutes on 2 CPU cores. Measured (bash scripts/main.sh, 2 CPU cores): 85.83 / 88.74 /
-89.72 / 90.10% for levels 0-3 at 0.48 / 1.40 / 2.75 / 4.54 M MACs, 296 s of training.
+minutes on 2 CPU cores. Measured (bash scripts/main.sh, 2 CPU cores, AMD EPYC, 2026-11-25):
+85.82 / 88.92 / 89.64 / 90.16% for levels 0-3 at 0.48 / 1.40 / 2.75 / 4.54 M MACs, 145 s
+of training (an Intel Xeon gave 85.83 / 88.74 / 89.72 / 90.10% in 296 s).
 """
 from stepnet_jax.config import base_config
 

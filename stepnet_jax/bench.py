@@ -3,7 +3,9 @@
     python -m stepnet_jax.bench [--model=lenet3c1l] [--levels=4] [--batch=256] [--json=FILE]
 
 Measured side by side, in one run, on the machine at hand:
- (a) joint K-exit train step / single-exit train step of the same network (target <= 1.15);
+ (a) joint K-exit train step / single-exit train step of the same network (target <= 1.15),
+     both built by ``training.step.make_train_step``: in time (and the joint step's
+     images/s) and in compiled FLOPs;
  (b) sum over k of step-k latency / fastest direct top-level forward, with both the
      masked full-width and the level-block forward reported (target <= 1.15);
  (c) per level, XLA cost-analysis FLOPs of the compiled step / (2 x delta MACs x batch)

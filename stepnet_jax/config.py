@@ -24,8 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from stepnet_jax import data, importance, losses, models
-from stepnet_jax.training import optim
+from stepnet_jax import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +216,10 @@ def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 
 def _check(c: Config) -> None:
   """Cross-field checks; names are looked up in their registries."""
-  from stepnet_jax import methods  # the trainers import this module
+  # Imported here: the trainers import this module, and reading a config (evaluate.py,
+  # stepnet_jax.load) should not load the training code.
+  from stepnet_jax import importance, losses, methods, models
+  from stepnet_jax.training import optim
   m, loss = c.model, c.loss
   if m.num_levels < 1:
     raise ValueError('num_levels must be >= 1')
@@ -277,23 +279,35 @@ def _flat_paths() -> dict[str, str]:
   return {**paths, **_RENAMED}
 
 
-def from_saved(saved: Mapping[str, Any]) -> Config:
-  """A config as saved in a workdir (``config.json``, checkpoint meta), nested or flat (older runs).
+def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config, nested (as written now) or flat (before the sections), as a nested dict.
 
   A flat config's ``sandwich_widths > 0`` meant the sandwich objective.
   """
   saved = dict(saved)
-  if isinstance(saved.get('model'), str):   # flat: the model's name was the top-level 'model'
-    paths = _flat_paths()
-    unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
-    if unknown:
-      raise ValueError(f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; '
-                       'retrain in a new --workdir')
-    widths = int(saved.pop('sandwich_widths', 0))
-    saved = nest({paths[k]: v for k, v in saved.items()})
-    if widths:
-      saved = merge(saved, {'loss': {'objective': 'sandwich', 'sandwich_widths': widths}})
-  return from_dict(saved)
+  if not isinstance(saved.get('model'), str):   # flat configs had the model's name at the top
+    return saved
+  paths = _flat_paths()
+  unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
+  if unknown:
+    raise ValueError(f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; '
+                     'retrain in a new --workdir')
+  widths = int(saved.pop('sandwich_widths', 0))
+  nested = nest({paths[k]: v for k, v in saved.items()})
+  if widths:
+    nested = merge(nested, {'loss': {'objective': 'sandwich', 'sandwich_widths': widths}})
+  return nested
+
+
+def from_saved(saved: Mapping[str, Any]) -> Config:
+  """A config as saved in a workdir (``config.json``, checkpoint meta), nested or flat (older runs), validated."""
+  return from_dict(_upgrade(saved))
+
+
+def saved_data(saved: Mapping[str, Any]) -> DataConfig:
+  """Only the ``data`` section of a saved config: what evaluating a trained run needs (no
+  validation, so reading a run does not load the trainers)."""
+  return DataConfig(**{**dataclasses.asdict(DataConfig()), **_upgrade(saved).get('data', {})})
 
 
 def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
@@ -303,3 +317,31 @@ def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
   """
   a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
   return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])
+
+
+def renamed_override(arg: str) -> str | None:
+  """For a command-line override in the flat spelling of earlier versions
+  (``--config.num_epochs=2``, ``--config.common.widen=3``), the same override spelled for the
+  sections (``--config.train.num_epochs=2``); None for anything else."""
+  if not arg.startswith('--config.'):
+    return None
+  key, sep, value = arg[len('--config.'):].partition('=')
+  *parents, leaf = key.split('.')
+  new = _flat_paths().get(leaf)
+  if new is None or '.' not in new or (parents and parents[-1] == new.split('.')[0]):
+    return None
+  return '--config.' + '.'.join(parents + [new]) + sep + value
+
+
+def parse_flags_with_hints(argv: list[str]) -> list[str]:
+  """absl flags parser for the commands: an override that fails to parse because it uses the
+  flat spelling of earlier versions exits with its new spelling."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, flags.Error) as e:
+    hints = [f'{a} is now spelled {renamed_override(a)}' for a in argv if renamed_override(a)]
+    if not hints:
+      raise
+    raise SystemExit(f'{e}\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)) from e
+

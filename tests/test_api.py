@@ -265,3 +265,19 @@ def test_batchnorm_train_mode_and_running_statistics():
   out = np.asarray(bn(jnp.asarray(y, jnp.float32), 2, 5, train=False))
   np.testing.assert_allclose(out, (y - new_mean[2:5]) / np.sqrt(new_var[2:5] + BN_EPS) * scale + bias,
                              rtol=1e-4, atol=1e-4)
+
+
+def test_inference_imports_no_training_code():
+  """Loading and evaluating a trained network (and reading its saved data settings) loads
+  neither the trainers nor the losses."""
+  import subprocess
+  import sys
+  code = ('import sys, stepnet_jax, stepnet_jax.evaluation, stepnet_jax.config as c; '
+          'c.saved_data({"model": "mlp", "dataset": "digits"}); '
+          'print(sorted(m for m in sys.modules if m.startswith("stepnet_jax")))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  loaded = eval(out.stdout)
+  assert 'stepnet_jax.api' in loaded and 'stepnet_jax.restore' in loaded
+  assert not [m for m in loaded if m.startswith('stepnet_jax.training') or m in (
+      'stepnet_jax.losses', 'stepnet_jax.methods', 'stepnet_jax.construct')], loaded

@@ -206,6 +206,10 @@ def test_train_and_evaluate_scripts(tmp_path):
        '--config.train.progress=False'], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'done: step 8' in train.stdout
+  old = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}',
+                        '--config.num_epochs=1'], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert old.returncode != 0 and 'is now spelled --config.train.num_epochs=1' in old.stderr, old.stderr[-2000:]
   out_json, plot = str(tmp_path / 'levels.json'), str(tmp_path / 'levels.png')
   ev = subprocess.run(
       [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
@@ -315,6 +319,19 @@ FLAT_TINY = {
     'learning_rate': 0.003, 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine', 'step_decay_at': [0.5, 0.75],
     'warmup_epochs': 0.0, 'num_epochs': 2, 'batch_size': 64, 'seed': 0, 'eval_batch_size': 500,
     'log_every_steps': 8, 'keep_checkpoints': 2, 'progress': False}
+
+
+@pytest.mark.parametrize('arg,new', [
+    ('--config.num_epochs=2', '--config.train.num_epochs=2'),
+    ('--config.model=mlp', '--config.model.name=mlp'),
+    ('--config.construct_rounds=3', '--config.construction.rounds=3'),
+    ('--config.common.widen=3.0', '--config.common.construction.widen=3.0'),
+    ('--config.steppingnet.importance=class', '--config.steppingnet.construction.importance=class'),
+    ('--config.train.num_epochs=2', None), ('--config.model.width=0.5', None), ('--config.seed=1', None),
+    ('--config.method=joint', None), ('--workdir=x', None), ('--config.methods=awn', None),
+])
+def test_flat_command_line_overrides_get_their_new_spelling(arg, new):
+  assert config.renamed_override(arg) == new
 
 
 def test_flat_configs_of_earlier_versions_load():

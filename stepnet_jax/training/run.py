@@ -82,7 +82,7 @@ def config_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
                                   augment_images=cfg.data.augment)
 
 
-def test_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config) -> Callable[..., np.ndarray]:
+def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config) -> Callable[..., np.ndarray]:
   """``variables -> [K]`` test accuracy of every exit (the exits compiled once)."""
   exits = jax.jit(functools.partial(stepping.exits, graphdef))
   return lambda variables: evaluation.exit_accuracy(exits, variables, dataset.test_images, dataset.test_labels,
@@ -119,7 +119,7 @@ def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_ep
                   prior_seconds: float) -> dict:
   """The epochs left to train: train, evaluate every exit on the test split, checkpoint."""
   train_step = config_train_step(graphdef, tx, cfg)
-  evaluate = test_evaluator(graphdef, dataset, cfg)
+  evaluate = exit_evaluator(graphdef, dataset, cfg)
   mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints)
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
@@ -206,7 +206,7 @@ class PhasedRun:
     ``test_accuracy``, ``level_macs``, ``seconds`` and ``extra``."""
     cfg, step = self.cfg, self.total_steps
     graphdef, variables = nnx.split(model)
-    test_acc = test_evaluator(graphdef, self.dataset, cfg)(variables)
+    test_acc = exit_evaluator(graphdef, self.dataset, cfg)(variables)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     meta = run_meta(cfg, model_meta, self.dataset, self.steps_per_epoch)
     checkpoints.save(checkpoints.manager(self.workdir, cfg.train.keep_checkpoints), step, params, stats, meta)
