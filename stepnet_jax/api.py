@@ -13,10 +13,14 @@ jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
 """
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
+
 import jax
 import numpy as np
 
-from stepnet_jax import restore, stepping
+from stepnet_jax import anytime, restore, stepping, timing
 from stepnet_jax.model import StepCache, SteppingModel
 
 
@@ -31,6 +35,8 @@ class Stepper:
     self.layer_names = model.layer_names
     self.layer_delta_macs = model.delta_macs()   # [layers, K]
     self.functions = stepping.make_step_functions(self.graphdef, self.num_levels)
+    self._predict: dict[str, Callable] = {}
+    self._latency_ms: dict[tuple, list[float]] = {}
 
   @property
   def delta_macs(self) -> tuple[int, ...]:
@@ -81,6 +87,49 @@ class Stepper:
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
     return self.functions.advance(self.variables, cache)
+
+
+  @property
+  def program(self) -> anytime.Program:
+    """The anytime program of this network: stepping with reuse, or recomputing each subnet."""
+    if self.reusable:
+      return anytime.stepping_program(self.graphdef, self.num_levels, self.macs_to_reach)
+    forwards = [functools.partial(stepping.forward, self.graphdef, level=k) for k in range(self.num_levels)]
+    return anytime.recompute_program(forwards, self.macs_to_reach)
+
+  def predict(self, x: jax.Array, policy, strategy: str | None = None) -> anytime.Prediction:
+    """Each input's answer under ``policy`` (``stepnet_jax.policies``) from one compiled program:
+    ``Prediction(logits [B, classes], exit_level [B], macs [B])``. ``strategy``: 'masked' or
+    'compact' (default: the faster one measured on this backend)."""
+    strategy = strategy or anytime.default_strategy()
+    if strategy not in self._predict:
+      self._predict[strategy] = anytime.make_predict(self.program, strategy)
+    return self._predict[strategy](self.variables, x, policy)
+
+  def step_latency_ms(self, x: jax.Array, repeats: int = 5) -> list[float]:
+    """Measured milliseconds of each step at ``x``'s batch shape (median; measured once per shape)."""
+    key = tuple(x.shape) + (str(x.dtype),)
+    if key not in self._latency_ms:
+      self._latency_ms[key] = [1e3 * t for t in timing.step_latencies(self, x, repeats)]
+    return self._latency_ms[key]
+
+  def run_until(self, x: jax.Array, deadline_ms: float) -> StepCache:
+    """Steps while the time spent plus the next step's measured latency fits ``deadline_ms``.
+
+    Level 0 always runs. The latencies are measured once per batch shape (the first call
+    at a new shape spends time measuring them, outside the deadline).
+    """
+    if not self.reusable:
+      raise ValueError('run_until steps a reusable network; this one recomputes every subnet (use predict)')
+    latency = self.step_latency_ms(x)
+    t0 = time.perf_counter()
+    cache = jax.block_until_ready(self.start(x))
+    while cache.level < self.num_levels - 1:
+      spent = 1e3 * (time.perf_counter() - t0)
+      if spent + latency[cache.level + 1] > deadline_ms:
+        break
+      cache = jax.block_until_ready(self.advance(cache))
+    return cache
 
 
 def load(workdir: str, step: int | None = None) -> Stepper:

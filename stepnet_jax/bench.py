@@ -24,8 +24,9 @@ import numpy as np
 from absl import app, flags
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import evaluation, feed, layers, losses, models, stepping
+from stepnet_jax import feed, layers, losses, models, stepping
 from stepnet_jax.api import Stepper
+from stepnet_jax import timing
 from stepnet_jax.timing import median_seconds
 from stepnet_jax.training import optim
 from stepnet_jax.training import step as step_lib
@@ -121,7 +122,7 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
   net = Stepper(model)
   graphdef, variables, fns = net.graphdef, net.variables, net.functions
   x = jnp.asarray(rng.randint(0, 256, (batch,) + tuple(input_shape)), jnp.uint8)
-  step_s = evaluation.step_latencies(net, np.asarray(x), repeats=repeats)
+  step_s = timing.step_latencies(net, np.asarray(x), repeats=repeats)
   top = num_levels - 1
   t_masked = median_seconds(functools.partial(fns.forward, level=top), variables, x, repeats=repeats)
   t_blocked = median_seconds(functools.partial(fns.forward_blocked, level=top), variables, x, repeats=repeats)

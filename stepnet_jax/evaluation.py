@@ -1,12 +1,8 @@
 """Per-level evaluation: accuracy of every exit, MACs, delta MACs and measured step latency."""
 from __future__ import annotations
 
-import functools
 import json
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from stepnet_jax import feed, timing
@@ -27,41 +23,6 @@ def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
   return correct / len(labels)
 
 
-def step_latencies(stepper: Stepper, images: np.ndarray, repeats: int = 20) -> list[float]:
-  """Median seconds of each step when stepping a batch from level 0 to the top.
-
-  Timed as a user steps: ``restart`` (level 0 of new images in the previous cache's
-  buffers, normalisation included), then ``advance`` to each level, waiting for each
-  result. Compilation and the first allocation of the cache are excluded.
-  """
-  x = jnp.asarray(images)
-  if not stepper.reusable:
-    return _recompute_latencies(stepper, x, repeats)
-  fns, v = stepper.functions, stepper.variables
-  cache = fns.start(v, x)
-  for k in range(1, stepper.num_levels):  # compile every level
-    cache = fns.levels[k](v, cache)
-  times = []
-  for r in range(repeats + 2):
-    t = [time.perf_counter()]
-    cache = jax.block_until_ready(fns.restart(v, cache, x))
-    t.append(time.perf_counter())
-    for k in range(1, stepper.num_levels):
-      cache = jax.block_until_ready(fns.levels[k](v, cache))
-      t.append(time.perf_counter())
-    if r >= 2:  # warm-up rounds
-      times.append(np.diff(t))
-  return [float(s) for s in np.median(np.asarray(times), axis=0)]
-
-
-def _recompute_latencies(stepper: Stepper, x: jax.Array, repeats: int) -> list[float]:
-  """Per-level seconds of a non-reusable model: each level is a direct forward of its subnet."""
-  out = []
-  for k in range(stepper.num_levels):
-    out.append(timing.median_seconds(functools.partial(stepper.forward, x, k), repeats=repeats))
-  return out
-
-
 def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,
                     latency_batch: int = 1, latency_repeats: int = 20) -> list[dict]:
   """One row per level: level, macs, delta_macs, macs_to_reach, accuracy, latency_ms.
@@ -70,7 +31,7 @@ def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *,
   for a reusable model, a whole subnet forward for a recomputing one.
   """
   acc = exit_accuracy(stepper.functions.exits, stepper.variables, images, labels, batch_size)
-  lat = step_latencies(stepper, images[:latency_batch], latency_repeats)
+  lat = timing.step_latencies(stepper, images[:latency_batch], latency_repeats)
   return [{'level': k, 'macs': stepper.level_macs[k], 'delta_macs': stepper.delta_macs[k],
            'macs_to_reach': stepper.macs_to_reach[k], 'accuracy': float(acc[k]), 'latency_ms': 1e3 * lat[k]}
           for k in range(stepper.num_levels)]

@@ -1,0 +1,179 @@
+"""One compiled anytime program: step a batch up the levels until a policy stops every input.
+
+``predict(program, variables, x, policy)`` is a single XLA program: level 0, then a
+``lax.while_loop`` whose body picks the next level's step with ``lax.switch`` on the
+(traced) level, asks the policy which inputs stop, and ends as soon as none is left.
+No Python loop and no host round trip between levels; a level nobody needs is never
+run. It returns ``Prediction(logits, exit_level, macs)``: each input's answer, the level
+it stopped at, and the MACs spent on it.
+
+A ``Program`` says how to answer at level 0 and how to go one level up:
+``stepping_program`` reuses everything lower levels computed (SteppingNet, AWN);
+``recompute_program`` runs a fresh forward per level (slimmable and non-uniform
+subnets, and the cascade of independent networks of Guan et al.), so its MACs to
+reach level k are the sum of every level up to k.
+
+Two batch strategies (``STRATEGIES``):
+* ``'masked'``: each level's step runs on the whole batch; finished inputs keep their answer;
+* ``'compact'``: the inputs still running are gathered into the smallest of a few
+  fixed bucket sizes (B, B/f, B/f^2, ..., 1) before the step and scattered back, so
+  later levels cost what the remaining inputs cost (one compiled branch per level and
+  bucket).
+Both give each input exactly what stepping it alone gives (a test checks it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepnet_jax.model import StepCache
+
+STRATEGIES = ('masked', 'compact')
+# Faster strategy per backend, measured by ``python -m stepnet_jax.adaptive --time`` (README).
+DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
+
+
+class Prediction(NamedTuple):
+  logits: jax.Array        # [B, classes]: each input's answer at its exit level
+  exit_level: jax.Array    # int32 [B]
+  macs: jax.Array          # int32 [B]: MACs spent on each input
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A stepped computation (static: hashable, fixed per model).
+
+  ``start(variables, x) -> carry`` and ``step(variables, carry, k) -> carry`` (k >= 1,
+  static) are pure; every leaf of ``carry`` has the batch as leading axis and keeps its
+  shape from level to level; ``logits(carry)`` is the current answer [B, classes].
+  ``macs_to_reach[k]``: MACs per input spent to have level k's answer.
+  """
+  num_levels: int
+  macs_to_reach: tuple[int, ...]
+  start: Callable[[Any, jax.Array], Any]
+  step: Callable[[Any, Any, int], Any]
+  logits: Callable[[Any], jax.Array]
+
+  def __post_init__(self):
+    if len(self.macs_to_reach) != self.num_levels:
+      raise ValueError(f'{len(self.macs_to_reach)} MAC counts for {self.num_levels} levels')
+    if self.macs_to_reach and self.macs_to_reach[-1] >= 2 ** 31:
+      raise ValueError('MACs per input beyond int32')
+
+
+def stepping_program(graphdef: nnx.GraphDef, num_levels: int, macs_to_reach: Sequence[int]) -> Program:
+  """A reusable stepping network: the carry is the step cache (inputs, unit buffers, logits)."""
+  def start(variables, x):
+    c = nnx.merge(graphdef, variables, copy=True).start(x)
+    return c.inputs, c.units, c.logits
+
+  def step(variables, carry, k):
+    inputs, units, logits = carry
+    c = nnx.merge(graphdef, variables, copy=True).step(StepCache(inputs, units, logits, level=k - 1), k)
+    return c.inputs, c.units, c.logits
+
+  return Program(num_levels, tuple(int(m) for m in macs_to_reach), start, step, lambda carry: carry[2])
+
+
+def recompute_program(forwards: Sequence[Callable[[Any, jax.Array], jax.Array]],
+                      macs_to_reach: Sequence[int]) -> Program:
+  """Levels that share nothing: level k is ``forwards[k](variables, x)`` from scratch.
+
+  The carry is (raw images, current logits).
+  """
+  forwards = tuple(forwards)
+  return Program(len(forwards), tuple(int(m) for m in macs_to_reach),
+                 lambda v, x: (x, forwards[0](v, x)),
+                 lambda v, carry, k: (carry[0], forwards[k](v, carry[0])),
+                 lambda carry: carry[1])
+
+
+def bucket_sizes(batch: int, factor: int = 4) -> tuple[int, ...]:
+  """B, ceil(B / f), ceil(B / f^2), ..., 1: the batch sizes the compact strategy steps at."""
+  sizes = [batch]
+  while sizes[-1] > 1:
+    sizes.append(max(1, -(-sizes[-1] // factor)))
+  return tuple(sizes)
+
+
+def _masked_steps(program: Program, variables):
+  """Branch i computes level i + 1 for the whole batch."""
+  return [lambda carry, order, k=k: program.step(variables, carry, k) for k in range(1, program.num_levels)]
+
+
+def _compact_steps(program: Program, variables, sizes: Sequence[int]):
+  """Branch (i, j) computes level i + 1 for the first ``sizes[j]`` inputs of ``order``."""
+  def branch(carry, order, k, size):
+    rows = order[:size]
+    sub = program.step(variables, jax.tree.map(lambda a: a[rows], carry), k)
+    return jax.tree.map(lambda a, s: a.at[rows].set(s), carry, sub)
+
+  return [functools.partial(branch, k=k, size=s) for k in range(1, program.num_levels) for s in sizes]
+
+
+def predict(program: Program, variables, x: jax.Array, policy, *, strategy: str = 'masked',
+            bucket_factor: int = 4) -> Prediction:
+  """Each input's answer under ``policy`` from ONE program (jit it, or use ``make_predict``)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(STRATEGIES)}')
+  top = program.num_levels - 1
+  carry = program.start(variables, x)
+  logits = program.logits(carry)
+  batch, num_classes = logits.shape
+  stop, pstate = policy.stop(logits, jnp.int32(0), policy.init(batch, num_classes))
+  active = ~stop if top > 0 else jnp.zeros((batch,), bool)
+  if strategy == 'masked':
+    branches, sizes = _masked_steps(program, variables), (batch,)
+  else:
+    sizes = bucket_sizes(batch, bucket_factor)
+    branches = _compact_steps(program, variables, sizes)
+  size_array = jnp.asarray(sizes, jnp.int32)
+
+  def cond(s):
+    return (s[0] < top) & s[3].any()
+
+  def body(s):
+    level, carry, out, active, exit_level, pstate = s
+    if strategy == 'masked':
+      carry = jax.lax.switch(level, branches, carry, None)
+    else:
+      order = jnp.argsort((~active).astype(jnp.int32), stable=True)   # the running inputs first
+      which = (size_array >= active.sum()).sum() - 1                   # the smallest bucket that holds them
+      carry = jax.lax.switch(level * len(sizes) + which, branches, carry, order)
+    level = level + 1
+    logits = program.logits(carry)
+    stop, pstate = policy.stop(logits, level, pstate)
+    out = jnp.where(active[:, None], logits, out)
+    exit_level = jnp.where(active, level, exit_level)
+    active = active & ~stop & (level < top)
+    return level, carry, out, active, exit_level, pstate
+
+  init = (jnp.int32(0), carry, logits, active, jnp.zeros((batch,), jnp.int32), pstate)
+  _, _, out, _, exit_level, _ = jax.lax.while_loop(cond, body, init)
+  macs = jnp.asarray(program.macs_to_reach, jnp.int32)[exit_level]
+  return Prediction(out, exit_level, macs)
+
+
+def make_predict(program: Program, strategy: str = 'masked', bucket_factor: int = 4) -> Callable:
+  """Jitted ``(variables, x, policy) -> Prediction``; compiles once per batch shape and policy kind
+  (a policy's knobs are traced)."""
+  return jax.jit(functools.partial(predict, program, strategy=strategy, bucket_factor=bucket_factor))
+
+
+def default_strategy() -> str:
+  return DEFAULT_STRATEGY.get(jax.default_backend(), 'masked')
+
+
+def exit_statistics(prediction: Prediction, labels: np.ndarray, num_levels: int) -> dict[str, Any]:
+  """Accuracy, average MACs per input and the fraction of inputs stopping at each level."""
+  exit_level = np.asarray(prediction.exit_level)
+  return {'accuracy': float((np.asarray(prediction.logits).argmax(-1) == labels).mean()),
+          'avg_macs': float(np.asarray(prediction.macs, np.float64).mean()),
+          'exit_fraction': [float(f) for f in np.bincount(exit_level, minlength=num_levels) / len(exit_level)]}

@@ -1,0 +1,158 @@
+"""Per-input stopping policies: after level k's answer, stop or pay for level k + 1.
+
+A policy is a small pytree with a pure ``stop(logits, level, state) -> (stop, state)``:
+``logits`` [B, classes] of the level just computed, ``level`` its index (an int32 that
+may be traced: one compiled program serves every level), ``state`` whatever the policy
+carries from level to level (``init(batch, classes)`` makes it). ``stop`` is bool [B].
+The knobs (thresholds, budgets, the learned module's weights) are pytree leaves, so a
+sweep over them reuses one compilation. At the top level the caller stops every input
+whatever the policy says.
+
+* ``Confidence(t)``: the top class's softmax probability >= t;
+* ``Margin(t)``: top-1 minus top-2 probability >= t;
+* ``Entropy(t)``: the softmax entropy (nats) <= t;
+* ``MacBudget(budget, macs_to_reach)``: stop before the step whose MACs would exceed the
+  per-input budget (``macs_to_reach[k]``: MACs spent to have level k's answer);
+* ``Learned(params)``: the selection module of Guan et al. (IJCAI 2018), a small MLP
+  reading the current exit's class probabilities, the level and (``history``) the
+  previous exit's probabilities, giving a stop probability; trained by REINFORCE in
+  ``selection.py``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from stepnet_jax.registry import Registry
+
+PolicyState = Any
+
+
+def _probs(logits: jax.Array) -> jax.Array:
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@struct.dataclass
+class Confidence:
+  """Stop when the top class's probability reaches ``threshold``."""
+  threshold: float | jax.Array
+
+  def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    return ()
+
+  def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    return _probs(logits).max(axis=-1) >= self.threshold, state
+
+
+@struct.dataclass
+class Margin:
+  """Stop when the top-1 probability exceeds the top-2 one by ``threshold``."""
+  threshold: float | jax.Array
+
+  def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    return ()
+
+  def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    top2 = jax.lax.top_k(_probs(logits), 2)[0]
+    return top2[:, 0] - top2[:, 1] >= self.threshold, state
+
+
+@struct.dataclass
+class Entropy:
+  """Stop when the softmax entropy (in nats) is at most ``threshold``."""
+  threshold: float | jax.Array
+
+  def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    return ()
+
+  def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(jnp.exp(logp) * logp).sum(axis=-1) <= self.threshold, state
+
+
+@struct.dataclass
+class MacBudget:
+  """Stop before the step that would take an input past ``budget`` MACs.
+
+  ``macs_to_reach[k]``: MACs spent per input to have level k's answer (cumulative for a
+  reusable network, the running sum of subnets for one that recomputes).
+  """
+  budget: float | jax.Array
+  macs_to_reach: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+  def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    return ()
+
+  def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]   # MACs after one more step
+    return jnp.broadcast_to(nxt > self.budget, logits.shape[:1]), state
+
+
+# ------------------------------------------------------------------ the learned selection module
+
+
+def selector_features(probs: jax.Array, level: jax.Array, previous: jax.Array, num_levels: int,
+                      history: bool) -> jax.Array:
+  """What the selection module reads: the exit's class probabilities, the level one-hot
+  and (``history``) the previous exit's probabilities (zeros at level 0). [B, F]."""
+  onehot = jnp.broadcast_to(jax.nn.one_hot(level, num_levels), probs.shape[:1] + (num_levels,))
+  parts = [probs, onehot] + ([previous] if history else [])
+  return jnp.concatenate(parts, axis=-1)
+
+
+def init_selector(key: jax.Array, num_classes: int, num_levels: int, hidden: int = 32,
+                  history: bool = True) -> dict[str, jax.Array]:
+  """Parameters of the selection MLP: features -> ``hidden`` ReLU units -> stop logit."""
+  features = num_classes + num_levels + (num_classes if history else 0)
+  k1, _ = jax.random.split(key)
+  return {'w1': jax.random.normal(k1, (features, hidden)) * np.sqrt(2.0 / features),
+          'b1': jnp.zeros((hidden,)), 'w2': jnp.zeros((hidden,)), 'b2': jnp.zeros(())}
+
+
+def selector_logit(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
+  """The stop logit [B] (stop probability = sigmoid)."""
+  h = jax.nn.relu(features @ params['w1'] + params['b1'])
+  return h @ params['w2'] + params['b2']
+
+
+@struct.dataclass
+class Learned:
+  """Guan et al.'s selection module: stop when its stop probability exceeds ``threshold``.
+
+  ``params`` from ``init_selector``/``selection.train_selector``; the state is the previous
+  exit's probabilities (used when ``history``).
+  """
+  params: dict[str, jax.Array]
+  num_levels: int = struct.field(pytree_node=False, default=1)
+  history: bool = struct.field(pytree_node=False, default=True)
+  threshold: float | jax.Array = 0.5
+
+  def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    return jnp.zeros((batch_size, num_classes), jnp.float32)
+
+  def stop_probability(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, jax.Array]:
+    probs = _probs(logits)
+    feats = selector_features(probs, level, state, self.num_levels, self.history)
+    return jax.nn.sigmoid(selector_logit(self.params, feats)), probs
+
+  def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    p, probs = self.stop_probability(logits, level, state)
+    return p > self.threshold, probs
+
+
+# name -> (knob, macs_to_reach) -> a heuristic policy; the knob is its threshold or budget.
+HEURISTICS: Registry[Callable[[float, Sequence[int]], Any]] = Registry('policy')
+HEURISTICS.register('confidence', lambda knob, macs: Confidence(knob))
+HEURISTICS.register('margin', lambda knob, macs: Margin(knob))
+HEURISTICS.register('entropy', lambda knob, macs: Entropy(knob))
+HEURISTICS.register('macs', lambda knob, macs: MacBudget(knob, tuple(int(m) for m in macs)))
+
+
+def heuristic(name: str, knob: float, macs_to_reach: Sequence[int] = ()):
+  """The heuristic policy ``name`` at ``knob`` (its threshold, or the MAC budget for 'macs')."""
+  return HEURISTICS.get(name)(knob, macs_to_reach)

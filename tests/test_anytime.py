@@ -1,0 +1,150 @@
+"""Stopping policies and the one compiled anytime program.
+
+Policies are checked on constructed logits against numpy; the compiled program against
+stepping each input alone in Python (batch 1, the library's start/advance), for both
+batch strategies, for a reusable network, a recomputing one and a stateful policy.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stepnet_jax
+import testlib
+from stepnet_jax import anytime, models, policies
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_heuristic_policies_stop_where_numpy_says():
+  rng = np.random.RandomState(0)
+  logits = rng.normal(0, 2, (50, 7)).astype(np.float32)
+  p = _softmax(logits.astype(np.float64))
+  top2 = np.sort(p, -1)[:, ::-1][:, :2]
+  entropy = -(p * np.log(p)).sum(-1)
+  level = jnp.int32(1)
+  for policy, expected in [
+      (policies.Confidence(0.5), p.max(-1) >= 0.5),
+      (policies.Margin(0.3), top2[:, 0] - top2[:, 1] >= 0.3),
+      (policies.Entropy(1.0), entropy <= 1.0)]:
+    stop, _ = jax.jit(lambda pol, z: pol.stop(z, level, pol.init(50, 7)))(policy, logits)
+    assert 5 < expected.sum() < 45                       # the constructed logits straddle the knob
+    np.testing.assert_array_equal(np.asarray(stop), expected, err_msg=type(policy).__name__)
+  budget = policies.MacBudget(250.0, (100, 200, 300))
+  for lvl, expected in [(0, False), (1, True), (2, True)]:   # after level 1, level 2 would cost 300 > 250
+    stop, _ = budget.stop(logits, jnp.int32(lvl), ())
+    assert np.all(np.asarray(stop) == expected), lvl
+  assert policies.heuristic('entropy', 0.7) == policies.Entropy(0.7)
+  with pytest.raises(ValueError, match="unknown policy 'greedy'"):
+    policies.heuristic('greedy', 0.5)
+
+
+def test_bucket_sizes():
+  assert anytime.bucket_sizes(256) == (256, 64, 16, 4, 1)
+  assert anytime.bucket_sizes(10, 3) == (10, 4, 2, 1)
+  assert anytime.bucket_sizes(1) == (1,)
+
+
+def _alone(net, x, policy):
+  """Reference: each input stepped alone (batch 1) with start/advance, the policy asked in Python."""
+  logits, levels = [], []
+  for i in range(x.shape[0]):
+    xi = x[i:i + 1]
+    state = policy.init(1, net.functions.exits(net.variables, xi).shape[-1])
+    if net.reusable:
+      cache = net.start(xi)
+      out = cache.logits
+    else:
+      out = net.forward(xi, 0)
+    level = 0
+    while True:
+      stop, state = policy.stop(out, jnp.int32(level), state)
+      if bool(stop[0]) or level == net.num_levels - 1:
+        break
+      level += 1
+      if net.reusable:
+        cache = net.advance(cache)
+        out = cache.logits
+      else:
+        out = net.forward(xi, level)
+    logits.append(np.asarray(out[0]))
+    levels.append(level)
+  return np.stack(logits), np.asarray(levels)
+
+
+@pytest.fixture(scope='module')
+def nets():
+  reusable = stepnet_jax.Stepper(testlib.built_model('lenet3c1l'))
+  with testlib.numpy_initializers(3):
+    slim = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                              assignment={'conv1': (3, 2, 3), 'conv2': (3, 3, 2), 'conv3': (2, 3, 3)},
+                              mask_rule=False, mean=(0.3,), std=(0.3,))
+  return {'reusable': reusable, 'recompute': stepnet_jax.Stepper(testlib.randomize(slim, 3))}
+
+
+def _policy_with_varied_exits(net, x):
+  """The confidence threshold (among the probabilities' quantiles) that spreads the inputs
+  over the most exit levels."""
+  probs = np.asarray(jax.nn.softmax(net.exits(x), -1)).max(-1)      # [K, B]
+
+  def exits(t):
+    above = probs >= t
+    above[-1] = True
+    return above.argmax(0)
+
+  best = max(np.quantile(probs, np.linspace(0.05, 0.95, 19)), key=lambda t: len(set(exits(t).tolist())))
+  return policies.Confidence(float(best) + 1e-6)
+
+
+@pytest.mark.parametrize('kind', ['reusable', 'recompute'])
+@pytest.mark.parametrize('strategy', anytime.STRATEGIES)
+def test_compiled_predict_equals_stepping_each_input_alone(nets, kind, strategy):
+  net = nets[kind]
+  x = testlib.images(testlib.MNIST_SHAPE, batch=12, seed=7)
+  policy = _policy_with_varied_exits(net, x)
+  ref_logits, ref_levels = _alone(net, x, policy)
+  assert len(set(ref_levels.tolist())) >= 3, ref_levels       # several exit levels in the batch
+  got = net.predict(x, policy, strategy)
+  np.testing.assert_array_equal(np.asarray(got.exit_level), ref_levels)
+  testlib.assert_close(got.logits, ref_logits)
+  np.testing.assert_array_equal(np.asarray(got.macs), np.asarray(net.macs_to_reach)[ref_levels])
+
+
+def test_a_stateful_learned_policy_in_the_program(nets):
+  """The selection module with history: its state (the previous exit's probabilities) is per input."""
+  net = nets['reusable']
+  x = testlib.images(testlib.MNIST_SHAPE, batch=12, seed=8)
+  params = policies.init_selector(jax.random.key(0), 10, net.num_levels, hidden=8)
+  params['w2'] = jax.random.normal(jax.random.key(1), (8,)) * 3.0
+  learned = policies.Learned(params, net.num_levels, history=True)
+  ref_logits, ref_levels = _alone(net, x, learned)
+  for strategy in anytime.STRATEGIES:
+    got = net.predict(x, learned, strategy)
+    np.testing.assert_array_equal(np.asarray(got.exit_level), ref_levels, err_msg=strategy)
+    testlib.assert_close(got.logits, ref_logits)
+
+
+def test_levels_nobody_needs_are_never_run():
+  """Level k's forward runs (once per batch) only while some input still wants it."""
+  ran = []
+  forwards = [lambda v, x, k=k: jax.debug.callback(lambda k=k: ran.append(k)) or x[:, :4] * v[k]
+              for k in range(4)]
+  program = anytime.recompute_program(forwards, (1, 3, 6, 10))
+  fn = anytime.make_predict(program, 'masked')
+  v = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  x = jnp.asarray([[5.0, 0, 0, 0], [0.2, 0, 0, 0]])               # probabilities rise with the level
+  stop_all = policies.Confidence(0.0)
+  out = fn(v, x, stop_all)
+  jax.effects_barrier()
+  assert ran == [0] and np.asarray(out.exit_level).tolist() == [0, 0]
+  ran.clear()
+  p1 = _softmax(np.asarray(x[1:] * 2.0, np.float64)).max()
+  out = fn(v, x, policies.Confidence(float(p1) - 1e-4))         # input 0 stops at 0, input 1 at level 1
+  jax.effects_barrier()
+  assert ran == [0, 1], ran
+  assert np.asarray(out.exit_level).tolist() == [0, 1] and np.asarray(out.macs).tolist() == [1, 3]
