@@ -185,26 +185,30 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
-_MODEL = flags.DEFINE_string('model', 'lenet3c1l', 'A name in models.MODELS.')
-_LEVELS = flags.DEFINE_integer('levels', 4, 'Levels of equal width.')
-_WIDTH = flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
-_BATCH = flags.DEFINE_integer('batch', 256, 'Batch of the stepping and forward timings (b)-(d).')
-_TRAIN_BATCH = flags.DEFINE_integer('train_batch', 128, 'Batch of the train steps (a).')
-_INPUT_SHAPE = flags.DEFINE_list('input_shape', ['28', '28', '1'], 'H,W,C of the (random) images.')
-_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
-_JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+def _define_flags() -> None:
+  """The command's flags (defined only when run as the command: importing the module defines none)."""
+  flags.DEFINE_string('model', 'lenet3c1l', 'A name in models.MODELS.')
+  flags.DEFINE_integer('levels', 4, 'Levels of equal width.')
+  flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
+  flags.DEFINE_integer('batch', 256, 'Batch of the stepping and forward timings (b)-(d).')
+  flags.DEFINE_integer('train_batch', 128, 'Batch of the train steps (a).')
+  flags.DEFINE_list('input_shape', ['28', '28', '1'], 'H,W,C of the (random) images.')
+  flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
+  flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 
 def main(argv) -> None:
   del argv
-  shape = tuple(int(s) for s in _INPUT_SHAPE.value)
-  r = run(_MODEL.value, _LEVELS.value, _BATCH.value, _TRAIN_BATCH.value, _WIDTH.value, shape, _REPEATS.value)
+  f = flags.FLAGS
+  shape = tuple(int(s) for s in f.input_shape)
+  r = run(f.model, f.levels, f.batch, f.train_batch, f.width, shape, f.repeats)
   print(format_report(r))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(r, f, indent=2)
-    print(f'wrote {_JSON.value}')
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump(r, out, indent=2)
+    print(f'wrote {f.json}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -25,6 +25,7 @@ plus ``extra_budgets``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -121,7 +122,7 @@ def _steppingnet(s: Setup) -> list[Config]:
 
 @ENTRIES.register('steppingnet_tri')
 def _steppingnet_tri(s: Setup) -> list[Config]:
-  return [dataclasses.replace(c, model=dataclasses.replace(c.model, triangular=True)) for c in _steppingnet(s)]
+  return [c.replace(**{'model.triangular': True}) for c in _steppingnet(s)]
 
 
 @ENTRIES.register('awn')
@@ -182,9 +183,10 @@ def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
                dataset: data.Dataset, latency_repeats: int) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
 
-  A result (``workdir/result.json``) is reused when every run behind it holds exactly
-  these settings; leftover runs (e.g. interrupted) must be ones their trainer may
-  continue. Both are checked by ``run.check_workdir``, for every run before training any.
+  A result (``workdir/result.json``) is reused when it comes from as many runs as these
+  settings make and every run behind it holds exactly these settings; a leftover run
+  (e.g. interrupted) must hold exactly these settings too. Both are checked by
+  ``run.check_workdir``, for every run before training any.
   ``train_seconds`` adds up the training time each run reports (all of its sessions,
   when it was resumed), not this call's wall time. ``full`` is the loaded dataset (each
   method takes the configured subset of it itself); ``dataset`` is that subset, whose
@@ -192,23 +194,24 @@ def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
   """
   result_path = os.path.join(workdir, 'result.json')
   subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
+  left = [run.check_workdir(sub, cfg) for sub, cfg in zip(subs, cfgs)]   # exactly these settings, or nothing
   if os.path.exists(result_path):
-    for sub, cfg in zip(subs, cfgs):
-      if run.check_workdir(sub, cfg) is None:
-        raise ValueError(f'{result_path} exists but {sub} holds no run; delete {workdir} to run {name} again')
-    print(f'{name}: reusing {result_path}', flush=True)
     with open(result_path) as f:
-      return json.load(f)
-  for sub, cfg in zip(subs, cfgs):
-    run.check_workdir(sub, cfg, may_change=methods.METHODS.get(cfg.method).resumable_keys)
+      saved = json.load(f)
+    if len(saved.get('configs', [])) != len(cfgs) or any(meta is None for meta in left):
+      raise ValueError(f'{result_path} is the result of {len(saved.get("configs", []))} runs, these settings make '
+                       f'{len(cfgs)}; delete {workdir} to run {name} again')
+    print(f'{name}: reusing {result_path}', flush=True)
+    return saved
   print(f'=== {name} ===', flush=True)
-  seconds, rows, reusable = 0.0, [], True
+  seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
   for sub, cfg in zip(subs, cfgs):
     seconds += methods.train(cfg, sub, full)['seconds']
-    r, reusable = _evaluate(sub, dataset, latency_repeats)
+    r, net_reusable = _evaluate(sub, dataset, latency_repeats)
     rows.append(r)
+    reusable = reusable and net_reusable
   levels = rows[0] if len(cfgs) == 1 else _as_levels(rows)
-  result = {'levels': levels, 'train_seconds': seconds, 'reusable': reusable and len(cfgs) == 1}
+  result = {'levels': levels, 'train_seconds': seconds, 'reusable': reusable, 'configs': [c.to_dict() for c in cfgs]}
   evaluation.write_json(os.path.join(workdir, 'levels.json'), levels, {'method': name, 'dataset': dataset.name})
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=2)
@@ -332,19 +335,24 @@ def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, la
   return out
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Comparison configuration file.', lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every method\'s run and the comparison files.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
-_LAT = flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per level for the latency column.')
+def _define_flags() -> None:
+  """The command's flags (defined only when run as the command: importing the module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Comparison configuration file.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Directory for every method\'s run and the comparison files.')
+  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per level for the latency column.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None or _WORKDIR.value is None:   # not mark_flags_as_required: tests import this module
-    raise app.UsageError('--config and --workdir are required')
-  compare(_CONFIG.value, _WORKDIR.value, quick=_QUICK.value, latency_repeats=_LAT.value)
+  f = flags.FLAGS
+  compare(f.config, f.workdir, quick=f.quick, latency_repeats=f.latency_repeats)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags_with_hints)
+  _define_flags()
+  # Sections whose fields are a run's config: a flat override there gets its new spelling.
+  app.run(main, flags_parser=functools.partial(config_lib.parse_flags_with_hints,
+                                               run_roots=('common', 'steppingnet', 'nonuniform')))

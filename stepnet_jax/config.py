@@ -1,7 +1,8 @@
 """Configuration: nested sections, every field declared once, validated into frozen dataclasses.
 
 A run's config has two top-level fields (``method``, ``seed``) and the sections
-``data``, ``model``, ``loss``, ``optim``, ``train``, ``construction`` and ``baseline``.
+``data``, ``model``, ``loss``, ``optim``, ``train``, ``construction``, ``baseline`` and
+``selection``.
 The dataclasses below declare every field with its default and a comment;
 ``base_config()`` turns them into the ml_collections ConfigDict that the files in
 ``configs/`` start from, so every field can be overridden on the command line as
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -34,6 +35,7 @@ class DataConfig:
   data_dir: str = ''               # TFDS data_dir ('' = TFDS default)
   train_subset: int = 0            # use only this many training images (0 = all)
   test_subset: int = 0             # use only this many test images (0 = all)
+  validation_examples: int = 0     # hold out this many training images (never trained on): data.split_validation
   augment: bool = False            # random crop (pad 4) + horizontal flip, on device
 
 
@@ -66,7 +68,7 @@ class LossConfig:
   exit_weights: tuple[float, ...] = ()   # () = all ones
   distill_weight: float = 0.0      # KL from the top exit to every lower exit
   distill_temperature: float = 4.0
-  sandwich_widths: int = 2         # 'sandwich' (AWN): smallest + largest + this many random widths
+  sandwich_widths: int = 0         # 'sandwich' (AWN): smallest + largest + this many random widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ class ConstructionConfig:
   rank_per_mac: bool = False       # move the lowest importance per MAC saved first (else lowest importance)
   rounds: int = 4                  # importance -> move neurons -> retrain rounds
   pretrain_epochs: float = 1.0     # epochs of the full network before the levels are made
-  round_epochs: float = 0.25       # retraining after each round; the rest of num_epochs fine-tunes
+  round_epochs: float = 0.25       # retraining after each round; the rest of train.num_epochs fine-tunes
   finetune_distill_weight: float = 0.0   # distillation while fine-tuning (0 = loss.distill_weight)
 
 
@@ -114,6 +116,21 @@ class BaselineConfig:
   """Settings of the peer methods that are not a level assignment (``nonuniform.py``)."""
   nonuniform_cycles: int = 2       # round-robin passes over the subnets after the channel ranking
   recalibrate_batches: int = 50    # train-mode batches that re-estimate each subnet's BN statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+  """Guan et al.'s selection module, trained by REINFORCE on the validation split (``selection.py``)."""
+  cost_weight: float = 0.5         # lambda: reward = correct - lambda * MACs spent / top-level MACs
+  hidden: int = 32                 # hidden units of the selection MLP
+  history: bool = True             # also read the previous exit's probabilities
+  epochs: int = 30                 # passes over the validation split
+  batch_size: int = 256
+  learning_rate: float = 3e-3      # Adam
+  entropy_weight: float = 0.01     # bonus on the stop decisions' entropy
+  baseline: str = 'running'        # running: per-level running mean of the reward; none
+  joint: bool = False              # also fine-tune the exits (Guan et al.); default: the network is frozen
+  ce_weight: float = 1.0           # joint: weight of the cross-entropy of the exit each episode stopped at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +145,7 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   construction: ConstructionConfig = dataclasses.field(default_factory=ConstructionConfig)
   baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+  selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
 
   @property
   def exit_weights(self) -> tuple[float, ...]:
@@ -216,8 +234,8 @@ def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 
 def _check(c: Config) -> None:
   """Cross-field checks; names are looked up in their registries."""
-  # Imported here: the trainers import this module, and reading a config (evaluate.py,
-  # stepnet_jax.load) should not load the training code.
+  # Imported here, not at the top: methods imports the trainers, which import this module
+  # (a cycle), and inference reads saved configs with ``saved_data``, which needs none of them.
   from stepnet_jax import importance, losses, methods, models
   from stepnet_jax.training import optim
   m, loss = c.model, c.loss
@@ -237,17 +255,21 @@ def _check(c: Config) -> None:
   if method.needs_budgets and len(c.construction.budgets) != m.num_levels:
     raise ValueError(f'method {c.method} needs one budget per level: {len(c.construction.budgets)} budgets, '
                      f'{m.num_levels} levels')
+  if c.method == 'nonuniform' and min(c.exit_weights) <= 0:
+    raise ValueError('the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
+                     f'got {c.exit_weights}')
   if loss.objective == 'sandwich' and (not m.triangular or c.method != 'joint'):
     raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
                      'method joint')
   con = c.construction
   if con.allocation not in ('global', 'uniform'):
     raise ValueError(f'unknown allocation {con.allocation!r}; choose global or uniform')
-  if con.importance not in importance.METHODS:
-    raise ValueError(f'unknown importance {con.importance!r}; choose from {", ".join(importance.METHODS)}')
+  importance.METHODS.get(con.importance)
   if c.method == 'steppingnet' and con.allocation == 'uniform' and con.rank_per_mac:
     raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
                      "layer's share, so the two do not combine: use construction.allocation='global'")
+  if c.selection.baseline not in ('running', 'none'):
+    raise ValueError(f'unknown selection.baseline {c.selection.baseline!r}; choose running or none')
   _check_ranges(c)
 
 
@@ -257,7 +279,9 @@ def _check_ranges(c: Config) -> None:
   minimum = {'train.batch_size': 1, 'train.num_epochs': 0, 'construction.rounds': 1,
              'construction.pretrain_epochs': 0, 'construction.round_epochs': 0, 'construction.importance_examples': 1,
              'construction.class_threshold': 0, 'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 0,
-             'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0}
+             'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0, 'data.validation_examples': 0,
+             'selection.hidden': 1, 'selection.epochs': 1, 'selection.batch_size': 1, 'selection.cost_weight': 0,
+             'selection.entropy_weight': 0, 'selection.ce_weight': 0}
   for key, low in minimum.items():
     if values[key] < low:
       raise ValueError(f'{key} must be >= {low}, got {values[key]}')
@@ -268,14 +292,19 @@ def _check_ranges(c: Config) -> None:
 # ------------------------------------------------------------------ saved configs
 
 
-# Flat keys of configs saved before the sections existed whose leaf name changed.
+# Flat keys of configs saved before the sections existed whose leaf name changed, and the
+# sections their fields went to (sections added later, like ``selection``, had no flat keys).
 _RENAMED = {'model': 'model.name', 'dataset': 'data.name', 'optimizer': 'optim.name',
             'construct_rounds': 'construction.rounds'}
+_FLAT_ERA = ('method', 'seed', 'data', 'model', 'loss', 'optim', 'train', 'construction', 'baseline')
 
 
 def _flat_paths() -> dict[str, str]:
   """Flat (pre-section) key -> dotted key. Leaf names were the flat names, except _RENAMED."""
-  paths = {key.rsplit('.', 1)[-1]: key for key in flatten(Config().to_dict()) if not key.endswith('.name')}
+  keys = [k for k in flatten(Config().to_dict()) if k.split('.')[0] in _FLAT_ERA and not k.endswith('.name')]
+  paths = {key.rsplit('.', 1)[-1]: key for key in keys}
+  if len(paths) != len(keys):
+    raise AssertionError('two fields of the flat-era sections share a name')   # the conversion would be ambiguous
   return {**paths, **_RENAMED}
 
 
@@ -319,29 +348,31 @@ def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
   return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])
 
 
-def renamed_override(arg: str) -> str | None:
+def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
   """For a command-line override in the flat spelling of earlier versions
-  (``--config.num_epochs=2``, ``--config.common.widen=3``), the same override spelled for the
-  sections (``--config.train.num_epochs=2``); None for anything else."""
+  (``--config.num_epochs=2``), the same override spelled for the sections
+  (``--config.train.num_epochs=2``); None for anything else. ``run_roots``: the config
+  paths that hold a run's config ('' for train.py; ``common`` and the method sections
+  for the comparison), so other sections' fields get no hint."""
   if not arg.startswith('--config.'):
     return None
   key, sep, value = arg[len('--config.'):].partition('=')
   *parents, leaf = key.split('.')
   new = _flat_paths().get(leaf)
-  if new is None or '.' not in new or (parents and parents[-1] == new.split('.')[0]):
+  if new is None or '.' not in new or '.'.join(parents) not in run_roots:
     return None
   return '--config.' + '.'.join(parents + [new]) + sep + value
 
 
-def parse_flags_with_hints(argv: list[str]) -> list[str]:
-  """absl flags parser for the commands: an override that fails to parse because it uses the
-  flat spelling of earlier versions exits with its new spelling."""
+def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) -> list[str]:
+  """absl flags parser for the commands: a flags error exits with absl's message, and an
+  override in the flat spelling of earlier versions also with its new spelling."""
   from absl import flags
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError, flags.Error) as e:
-    hints = [f'{a} is now spelled {renamed_override(a)}' for a in argv if renamed_override(a)]
-    if not hints:
-      raise
-    raise SystemExit(f'{e}\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)) from e
-
+    hints = [f'{a} is now spelled {renamed_override(a, run_roots)}' for a in argv if renamed_override(a, run_roots)]
+    message = f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.'
+    if hints:
+      message += '\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)
+    raise SystemExit(message) from e

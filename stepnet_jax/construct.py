@@ -6,7 +6,7 @@ made here are:
 1. Start from the base network widened by ``widen`` with every neuron at level 0
    (subnet 0 = the whole widened network) and train all exits jointly for
    ``pretrain_epochs``.
-2. ``construct_rounds`` rounds, each: evaluate importance on training data
+2. ``construction.rounds`` rounds, each: evaluate importance on training data
    (``importance.py``: Taylor or class-based); lower every subnet's MAC target
    geometrically from its MACs at the start of construction, M, towards its budget b
    (round r of R reaches ``M * (b / M)^(r / R)``, the last round b itself); then, for k = 0..K-1
@@ -28,7 +28,7 @@ neurons for its MACs; the mask rule between levels is unchanged.
 
 One cosine (or step) learning-rate schedule spans all phases; the optimizer state is
 reset when the structure changes. Budgets are fractions of the MACs of the dense,
-un-widened base network (``width``); infeasible ones are rejected before training.
+un-widened base network (``model.width``); infeasible ones are rejected before training.
 """
 from __future__ import annotations
 
@@ -154,15 +154,15 @@ class Plan:
 
   @classmethod
   def of(cls, cfg: Config, steps_per_epoch: int) -> Plan:
-    """The phases of ``cfg``; raises if pretraining and rounds do not fit in ``num_epochs``."""
+    """The phases of ``cfg``; raises if pretraining and rounds do not fit in ``train.num_epochs``."""
     con = cfg.construction
     pre = int(round(con.pretrain_epochs * steps_per_epoch))
     per_round = int(round(con.round_epochs * steps_per_epoch))
     total = cfg.train.num_epochs * steps_per_epoch
     ends = tuple(pre + per_round * (r + 1) for r in range(con.rounds))
     if (ends[-1] if ends else pre) > total:
-      raise ValueError(f'pretrain_epochs {con.pretrain_epochs} + {con.rounds} rounds x round_epochs '
-                       f'{con.round_epochs} exceed num_epochs {cfg.train.num_epochs}')
+      raise ValueError(f'construction.pretrain_epochs {con.pretrain_epochs} + construction.rounds {con.rounds} x '
+                       f'construction.round_epochs {con.round_epochs} exceed train.num_epochs {cfg.train.num_epochs}')
     return cls(pre, ends, total)
 
 
@@ -232,8 +232,7 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
   meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
   run.begin()
   model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
-  model, meta, log = _rounds(run, model, meta, targets, plan)
-  step = plan.round_ends[-1] if plan.round_ends else plan.pretrain_end
+  model, meta, log, step = _rounds(run, model, meta, targets, plan)
   if step < plan.total:
     distill = cfg.construction.finetune_distill_weight or cfg.loss.distill_weight
     model = run.train(model, step, plan.total, 'fine-tune', cfg=cfg.replace(**{'loss.distill_weight': distill}))
@@ -242,10 +241,10 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
 
 
 def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, targets: np.ndarray,
-            plan: Plan) -> tuple[SteppingModel, dict, list[dict]]:
+            plan: Plan) -> tuple[SteppingModel, dict, list[dict], int]:
   """The construction rounds: importance, re-levelling towards this round's targets, retraining.
 
-  Returns the model, its model_meta and one log entry per round.
+  Returns the model, its model_meta, one log entry per round and the global step reached.
   """
   cfg, con = run.cfg, run.cfg.construction
   step, start_macs, log = plan.pretrain_end, None, []
@@ -265,4 +264,4 @@ def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, targets: np.ndarra
           + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
     model = run.train(model, step, end, f'round {r}/{con.rounds} retrain')
     step = end
-  return model, meta, log
+  return model, meta, log, step

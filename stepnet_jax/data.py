@@ -171,3 +171,16 @@ def subset(ds: Dataset, train: int = 0, test: int = 0, seed: int = 0) -> Dataset
   xtr, ytr = pick(ds.train_images, ds.train_labels, train)
   xte, yte = pick(ds.test_images, ds.test_labels, test)
   return dataclasses.replace(ds, train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte)
+
+
+def split_validation(ds: Dataset, count: int, seed: int = 0) -> tuple[Dataset, np.ndarray]:
+  """(the dataset without ``count`` training images, their indices in its training split).
+
+  The held-out images are a seeded random choice of the training split; the returned
+  dataset's test split is unchanged. ``count=0`` holds out nothing.
+  """
+  if count < 0 or count >= len(ds.train_labels):
+    raise ValueError(f'cannot hold out {count} of {len(ds.train_labels)} training images for validation')
+  held = np.sort(np.random.RandomState(seed + 12345).permutation(len(ds.train_labels))[:count])
+  keep = np.setdiff1d(np.arange(len(ds.train_labels)), held)
+  return dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep]), held

@@ -16,10 +16,11 @@ def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
   ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``; the
   feed pads the last batch (one compiled shape) and its padding is not counted.
   """
-  correct = 0
+  correct, seen = 0, 0
   for batch in feed.evaluation_batches(images, labels, batch_size):
     pred = np.asarray(exits_fn(variables, batch.images).argmax(-1))[:, :batch.count]   # [K, count]
-    correct = correct + (pred == np.asarray(batch.labels)[None, :batch.count]).sum(axis=1)
+    correct = correct + (pred == labels[None, seen:seen + batch.count]).sum(axis=1)
+    seen += batch.count
   return correct / len(labels)
 
 

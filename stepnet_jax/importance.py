@@ -23,7 +23,7 @@ Evaluation is in eval mode (running BN statistics), on the full-width network.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,9 @@ from flax import nnx
 
 from stepnet_jax import feed
 from stepnet_jax.model import SteppingModel
+from stepnet_jax.registry import Registry
 from stepnet_jax.surgery import check_chain
 
-METHODS = ('taylor', 'class')
 
 
 def _gated_exits(model: SteppingModel, x: jax.Array, gates: Sequence[jax.Array]) -> jax.Array:
@@ -111,6 +111,28 @@ def normalised(scores: np.ndarray) -> np.ndarray:
   return scores / mean if mean > 0 else np.zeros_like(scores)
 
 
+def _taylor(model, images, labels, weights, num_classes, class_threshold, batch_size) -> list[np.ndarray]:
+  del num_classes, class_threshold
+  return [normalised(s) for s in taylor_scores(model, images, labels, weights, batch_size)]
+
+
+def _class(model, images, labels, weights, num_classes, class_threshold, batch_size) -> list[np.ndarray]:
+  del batch_size
+  scores = []
+  for s in class_scores(model, images, labels, weights, num_classes):
+    counts = (s > class_threshold * np.mean(s)).sum(0).astype(np.float64)
+    total = s.sum(0)
+    tie = total / total.max() if total.max() > 0 else np.zeros_like(total)   # in [0, 1]
+    scores.append(counts + tie / (num_classes + 1))
+  return scores
+
+
+# name -> (model, images, labels, weights, num_classes, class_threshold, batch_size) -> per-layer scores.
+METHODS: Registry[Callable[..., list[np.ndarray]]] = Registry('importance')
+METHODS.register('taylor', _taylor)
+METHODS.register('class', _class)
+
+
 def importance(model: SteppingModel, images: np.ndarray, labels: np.ndarray, *, method: str,
                weights: Sequence[float], num_classes: int, class_threshold: float = 0.5,
                batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -118,17 +140,5 @@ def importance(model: SteppingModel, images: np.ndarray, labels: np.ndarray, *, 
 
   ``images``/``labels`` are training examples; for ``'class'`` they must contain every class.
   """
-  if method == 'taylor':
-    raw = taylor_scores(model, images, labels, weights, batch_size)
-    scores = [normalised(s) for s in raw]
-  elif method == 'class':
-    raw = class_scores(model, images, labels, weights, num_classes)
-    scores = []
-    for s in raw:
-      counts = (s > class_threshold * np.mean(s)).sum(0).astype(np.float64)
-      total = s.sum(0)
-      tie = total / total.max() if total.max() > 0 else np.zeros_like(total)   # in [0, 1]
-      scores.append(counts + tie / (num_classes + 1))
-  else:
-    raise ValueError(f'unknown importance {method!r}; choose from {METHODS}')
+  scores = METHODS.get(method)(model, images, labels, weights, num_classes, class_threshold, batch_size)
   return dict(zip(model.unit_names, scores))

@@ -81,9 +81,10 @@ def multi_exit(weights: Sequence[float], distill_weight: float = 0.0, temperatur
   return objective
 
 
-def subnet(level: int) -> Objective:
-  """The cross-entropy of subnet ``level`` alone: one turn of the non-uniform baseline."""
-  return multi_exit((1.0,), levels=(level,))
+def subnet(level: int, weight: float = 1.0) -> Objective:
+  """The cross-entropy of subnet ``level`` alone (``multi_exit_loss`` of that exit with its
+  ``weight``, which divides out): one turn of the non-uniform baseline."""
+  return multi_exit((weight,), levels=(level,))
 
 
 def single_exit() -> Objective:

@@ -11,7 +11,7 @@ used by config validation, ``train.py`` and the comparison.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from stepnet_jax import construct, data, nonuniform
 from stepnet_jax.config import Config
@@ -29,11 +29,10 @@ class Method:
   train: Callable[[Config, str, data.Dataset | None], dict]   # result: 'test_accuracy', 'seconds', ...
   check: Callable[[Config, data.Dataset], None] = _no_check     # raises before any training (budgets)
   needs_budgets: bool = False                                    # construction.budgets: one per level
-  resumable_keys: Sequence[str] = ()                             # settings a left run may differ in
 
 
 METHODS: Registry[Method] = Registry('method')
-METHODS.register('joint', Method(run.train_and_evaluate, resumable_keys=run.RESUMABLE_KEYS))
+METHODS.register('joint', Method(run.train_and_evaluate))
 METHODS.register('steppingnet', Method(construct.construct, construct.check, needs_budgets=True))
 METHODS.register('nonuniform', Method(nonuniform.train_nonuniform, nonuniform.check, needs_budgets=True))
 

@@ -91,15 +91,15 @@ def _start(cfg: Config, dataset: data.Dataset) -> tuple[SteppingModel, budgets_l
                                 width=cfg.model.width)
   model = construct.level0_network(cfg, dataset, mask_rule=False)
   mac_model = budgets_lib.MacModel.of(model)
-  sizes = [sizes for _, sizes in model.assignment]
-  widest = mac_model.subnet_macs(sizes)[0]
+  level0 = [dict(model.assignment)[name] for name in mac_model.names]   # every neuron at level 0
+  widest = mac_model.subnet_macs(level0)[0]
   top = min(budgets[-1], widest / base)
   if k_levels > 1 and top <= budgets[-2]:
     raise ValueError(f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
                      f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
                      f'({budgets[-2]}): raise widen or lower that budget')
   fractions = tuple(budgets[:-1]) + (top,)
-  targets = budgets_lib.check_budgets(fractions, base, mac_model, [s[0] for s in sizes])
+  targets = budgets_lib.check_budgets(fractions, base, mac_model, [sizes[0] for sizes in level0])
   return model, mac_model, base, targets
 
 
@@ -117,10 +117,11 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
   model, mac_model, base, targets = _start(cfg, run.dataset)
   pre, total = int(round(cfg.construction.pretrain_epochs * run.steps_per_epoch)), run.total_steps
   if pre > total:
-    raise ValueError(f'pretrain_epochs {cfg.construction.pretrain_epochs} exceed num_epochs {cfg.train.num_epochs}')
+    raise ValueError(f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
+                     f'{cfg.train.num_epochs}')
   meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
   run.begin()
-  model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1), levels=(k_levels - 1,))
+  model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1, cfg.exit_weights[-1]), levels=(k_levels - 1,))
   levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
   model, meta = surgery.relevel(model, meta, levels)
   print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
@@ -128,7 +129,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
   # compiled train step per subnet.
   tx = optim.make_optimizer(cfg, run.steps_per_epoch, step_offset=pre)
   graphdef, state = step_lib.init_state(model, tx, pre)
-  step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k)) for k in range(k_levels)]
+  step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k, cfg.exit_weights[k])) for k in range(k_levels)]
   turns = k_levels * cfg.baseline.nonuniform_cycles
   bounds = np.linspace(pre, total, turns + 1).astype(int)
   for t in range(turns):

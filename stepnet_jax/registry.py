@@ -5,7 +5,6 @@ unknown name is an error that lists the known ones, never a silent default.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar('T')
@@ -43,13 +42,4 @@ class Registry(Generic[T]):
 
   def names(self) -> tuple[str, ...]:
     return tuple(self._entries)
-
-  def __contains__(self, name: object) -> bool:
-    return name in self._entries
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._entries)
-
-  def items(self) -> Iterator[tuple[str, T]]:
-    return iter(self._entries.items())
 

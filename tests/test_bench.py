@@ -48,13 +48,20 @@ def test_valid_tap_macs_match_a_convolution_of_ones():
 
 
 def test_bench_command_line(tmp_path):
-  """python -m stepnet_jax.bench takes absl flags (the README's spelling) and writes its JSON."""
+  """python -m stepnet_jax.bench takes absl flags (the README's spelling) and writes its JSON;
+  importing the module defines no flags."""
   import json
-  from absl.testing import flagsaver
+  import os
+  import subprocess
+  import sys
+  from absl import flags
+  assert 'json' not in flags.FLAGS and 'model' not in flags.FLAGS
   out = tmp_path / 'bench.json'
-  with flagsaver.flagsaver():
-    bench.flags.FLAGS(['bench', '--model', 'mlp', '--levels', '2', '--width', '0.25', '--batch', '2',
-                       '--train_batch', '2', '--repeats', '1', f'--json={out}'])
-    bench.main([])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-m', 'stepnet_jax.bench', '--model', 'mlp', '--levels', '2', '--width',
+                         '0.25', '--batch', '2', '--train_batch', '2', '--repeats', '1', f'--json={out}'],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(out.read_text())
   assert r['model'] == 'mlp' and r['num_levels'] == 2 and len(r['stepping']['step_ms']) == 2

@@ -275,6 +275,10 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'loss.sandwich_widths': -1}, 'sandwich_widths must be >= 0'),
     ({'construction.class_threshold': -1.0}, 'class_threshold must be >= 0'),
     ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3)}, 'needs one budget per level: 2 budgets, 3'),
+    ({'method': 'nonuniform', 'construction.budgets': (0.1, 0.3, 0.6), 'loss.exit_weights': (1.0, 0.0, 1.0)},
+     'every exit weight must be positive'),
+    ({'selection.baseline': 'learned'}, "unknown selection.baseline 'learned'"),
+    ({'data.validation_examples': -1}, 'validation_examples must be >= 0'),
     ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3, 0.6), 'construction.allocation': 'uniform',
       'construction.rank_per_mac': True}, 'do not combine'),
 ])
@@ -302,7 +306,7 @@ def test_every_field_is_declared_once_and_overridable():
   """base_config() is generated from the dataclasses: the same keys, the same defaults."""
   flat = config.flatten(config.base_config().to_dict())
   assert flat == config.flatten(config.Config().to_dict())
-  assert len(flat) == len({k.rsplit('.', 1)[-1] for k in flat if not k.endswith('.name')}) + 3   # 3 x '.name'
+  assert config._flat_paths()['batch_size'] == 'train.batch_size'   # not selection.batch_size
   assert config.from_dict(config.base_config()) == config.Config()
 
 
@@ -321,17 +325,23 @@ FLAT_TINY = {
     'log_every_steps': 8, 'keep_checkpoints': 2, 'progress': False}
 
 
-@pytest.mark.parametrize('arg,new', [
-    ('--config.num_epochs=2', '--config.train.num_epochs=2'),
-    ('--config.model=mlp', '--config.model.name=mlp'),
-    ('--config.construct_rounds=3', '--config.construction.rounds=3'),
-    ('--config.common.widen=3.0', '--config.common.construction.widen=3.0'),
-    ('--config.steppingnet.importance=class', '--config.steppingnet.construction.importance=class'),
-    ('--config.train.num_epochs=2', None), ('--config.model.width=0.5', None), ('--config.seed=1', None),
-    ('--config.method=joint', None), ('--workdir=x', None), ('--config.methods=awn', None),
+COMPARE_ROOTS = ('common', 'steppingnet', 'nonuniform')
+
+
+@pytest.mark.parametrize('arg,roots,new', [
+    ('--config.num_epochs=2', ('',), '--config.train.num_epochs=2'),
+    ('--config.model=mlp', ('',), '--config.model.name=mlp'),
+    ('--config.construct_rounds=3', ('',), '--config.construction.rounds=3'),
+    ('--config.common.widen=3.0', COMPARE_ROOTS, '--config.common.construction.widen=3.0'),
+    ('--config.steppingnet.importance=class', COMPARE_ROOTS, '--config.steppingnet.construction.importance=class'),
+    ('--config.awn.widen=2', COMPARE_ROOTS, None),                # the comparison's own AWN section
+    ('--config.common.widen=3.0', ('',), None),
+    ('--config.train.num_epochs=2', ('',), None), ('--config.model.width=0.5', ('',), None),
+    ('--config.seed=1', ('',), None), ('--config.method=joint', ('',), None), ('--workdir=x', ('',), None),
+    ('--config.methods=awn', COMPARE_ROOTS, None),
 ])
-def test_flat_command_line_overrides_get_their_new_spelling(arg, new):
-  assert config.renamed_override(arg) == new
+def test_flat_command_line_overrides_get_their_new_spelling(arg, roots, new):
+  assert config.renamed_override(arg, roots) == new
 
 
 def test_flat_configs_of_earlier_versions_load():
@@ -348,8 +358,9 @@ def _flat(nested: dict) -> dict:
   """A saved nested config in the flat format of earlier versions (FLAT_TINY's keys)."""
   renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
              'construction.rounds': 'construct_rounds'}
+  later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples')   # keys the flat era lacked
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
-          if k not in ('loss.objective', 'loss.sandwich_widths')}
+          if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0
   assert set(flat) == set(FLAT_TINY)
   return flat

@@ -10,5 +10,5 @@
   ``check_workdir`` (may this workdir's run be continued or reused?).
 
 Import the submodules (``from stepnet_jax.training import run``); this package file
-imports nothing, so ``config.py`` can use ``training.optim`` without a cycle.
+imports nothing.
 """

@@ -28,10 +28,13 @@ RESUMABLE_KEYS = ('train.num_epochs',)
 
 
 def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
-  """The config's dataset (loaded unless given), subset as configured, and steps per epoch."""
+  """The config's dataset (loaded unless given), subset as configured, without its validation
+  examples (``data.validation_examples``), and steps per epoch."""
   if dataset is None:
     dataset = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
   dataset = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  if cfg.data.validation_examples:
+    dataset, _ = data.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
   steps_per_epoch = len(dataset.train_labels) // cfg.train.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size {cfg.train.batch_size} exceeds the {len(dataset.train_labels)} training images')
@@ -192,13 +195,13 @@ class PhasedRun:
     cfg = cfg or self.cfg
     tx = optim.make_optimizer(cfg, self.steps_per_epoch, step_offset=first)
     graphdef, state = step_lib.init_state(model, tx, first)
-    state = self.run_steps(state, config_train_step(graphdef, tx, cfg, objective), first, last, desc, levels)
+    state = self.run_steps(state, config_train_step(graphdef, tx, cfg, objective), first, last, desc, levels, cfg)
     return nnx.merge(graphdef, state.params, state.batch_stats)
 
   def run_steps(self, state: step_lib.TrainState, train_step, first: int, last: int, desc: str,
-                levels: Sequence[int] | None = None) -> step_lib.TrainState:
-    """``loop.run_steps`` on this run's data, config and metric files."""
-    return loop.run_steps(state, train_step, self.dataset, self.cfg, first=first, last=last,
+                levels: Sequence[int] | None = None, cfg: Config | None = None) -> step_lib.TrainState:
+    """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
+    return loop.run_steps(state, train_step, self.dataset, cfg or self.cfg, first=first, last=last,
                           steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels)
 
   def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
