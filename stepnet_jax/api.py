@@ -31,6 +31,7 @@ class Stepper:
     self.meta = meta or {}
     self.graphdef, self.variables = stepping.split(model)
     self.num_levels = model.num_levels
+    self.input_shape = tuple(model.input_shape)   # [H, W, C] of one image
     self.reusable = model.reusable
     self.layer_names = model.layer_names
     self.layer_delta_macs = model.delta_macs()   # [layers, K]

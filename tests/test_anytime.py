@@ -217,3 +217,42 @@ def test_selection_module_trades_accuracy_for_macs(digits_net):
     avg[lam] = float(np.asarray(out.macs).mean())
   assert avg[1.5] < 0.6 * avg[0.0], avg
   assert avg[0.0] > 0.8 * net.macs_to_reach[-1], avg        # free MACs: (nearly) everyone goes to the top
+
+
+# ------------------------------------------------------------------ deployment artifacts
+
+
+def test_exported_chain_runs_without_the_library_and_matches_every_level(tmp_path, nets):
+  """export.save writes start/step modules; a fresh Python that imports only jax and numpy
+  (the README's recipe) runs the chain, and every level's logits equal the library's."""
+  import json
+  import subprocess
+  import sys
+  from stepnet_jax import export
+  net = nets['reusable']
+  manifest = export.save(net, str(tmp_path / 'art'))
+  assert manifest['platforms'] == ['cpu', 'cuda'] and len(manifest['steps']) == net.num_levels - 1
+  assert manifest['level_macs'] == list(net.level_macs) and manifest['input_dtype'] == 'uint8'
+  x = np.asarray(testlib.images(testlib.MNIST_SHAPE, batch=5, seed=9))
+  np.save(tmp_path / 'x.npy', x)
+  script = f'''
+import json, sys, jax, numpy as np
+d = {str(tmp_path / 'art')!r}
+m = json.load(open(d + '/manifest.json'))
+load = lambda name: jax.export.deserialize(bytearray(open(d + '/' + name, 'rb').read()))
+start, steps = load(m['start']), [load(name) for name in m['steps']]
+cache = start.call(np.load({str(tmp_path / 'x.npy')!r}))
+out = [np.asarray(cache[-1])]
+for step in steps:
+  cache = step.call(*cache)
+  out.append(np.asarray(cache[-1]))
+np.save({str(tmp_path / 'out.npy')!r}, np.stack(out))
+assert not [k for k in sys.modules if k.startswith('stepnet_jax')]
+'''
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  testlib.assert_close(np.load(tmp_path / 'out.npy'), net.exits(jnp.asarray(x)))
+  with open(tmp_path / 'art' / 'manifest.json') as f:
+    assert json.load(f) == manifest
+  with pytest.raises(ValueError, match='only a reusable network'):
+    export.save(nets['recompute'], str(tmp_path / 'no'))
