@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepnet_jax import feed
 from stepnet_jax.model import StepCache
 
 STRATEGIES = ('masked', 'compact')
@@ -177,3 +178,23 @@ def exit_statistics(prediction: Prediction, labels: np.ndarray, num_levels: int)
   return {'accuracy': float((np.asarray(prediction.logits).argmax(-1) == labels).mean()),
           'avg_macs': float(np.asarray(prediction.macs, np.float64).mean()),
           'exit_fraction': [float(f) for f in np.bincount(exit_level, minlength=num_levels) / len(exit_level)]}
+
+
+def evaluate_policy(predict_fn: Callable, variables, policy, images: np.ndarray, labels: np.ndarray,
+                    num_levels: int, batch_size: int = 1000) -> dict[str, Any]:
+  """``exit_statistics`` of ``policy`` over a split, through the feed (the last batch padded
+  to one compiled shape; its padding dropped)."""
+  parts = []
+  for batch in feed.evaluation_batches(images, labels, batch_size):
+    out = predict_fn(variables, batch.images, policy)
+    parts.append([np.asarray(a)[:batch.count] for a in out])
+  merged = Prediction(*[np.concatenate(p) for p in zip(*parts)])
+  return exit_statistics(merged, labels, num_levels)
+
+
+def sweep(predict_fn: Callable, variables, num_levels: int, make_policy: Callable[[float], Any],
+          knobs: Sequence[float], images: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+  """One point per knob (``{'knob', 'accuracy', 'avg_macs', 'exit_fraction'}``) of the policy
+  ``make_policy(knob)`` over a split; the knobs are traced, so the program compiles once."""
+  return [{'knob': float(k), **evaluate_policy(predict_fn, variables, make_policy(k), images, labels, num_levels)}
+          for k in knobs]

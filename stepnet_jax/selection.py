@@ -180,6 +180,7 @@ def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], i
   graphdef, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = _optimizer(s.learning_rate, s.joint, params)
   graphdef, state = step_lib.init_state(model, tx)
+  state = jax.tree.map(jnp.copy, state)   # the step donates its state; ``net`` keeps its own arrays
   objective = reinforce(macs_to_reach, lam, history=s.history, entropy_weight=s.entropy_weight,
                         use_baseline=s.baseline == 'running', joint=s.joint, ce_weight=s.ce_weight)
   train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 17)

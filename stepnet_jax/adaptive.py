@@ -1,0 +1,245 @@
+"""Anytime inference study: stopping policies on SteppingNet, AWN and Guan et al.'s cascade.
+
+    python -m stepnet_jax.adaptive --config configs/adaptive_fashion_mnist.py --workdir DIR [--quick]
+
+Trains (through the comparison's machinery, reusing finished runs) SteppingNet, AWN and
+the independent networks at SteppingNet's budgets, all without the validation split
+carved from the training data (``common.data.validation_examples``). Then, per family:
+
+* ``steppingnet`` and ``awn`` step with reuse; ``cascade`` is the independent networks
+  run one after another from scratch (Guan et al.): reaching level k costs networks 0..k;
+* heuristic policies (``confidence``, ``entropy``) are swept over their thresholds, and
+  the learned selection module (``selection.py``) is trained on the validation split for
+  each MAC price lambda; every point is the compiled anytime program (``anytime.py``) on
+  the test set: accuracy, average MACs actually spent per input, and where inputs stopped;
+* the operating points the targets speak of are chosen on the validation split.
+
+Writes DIR/adaptive.json, DIR/adaptive.md (table, targets checked) and DIR/adaptive.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+import stepnet_jax
+from stepnet_jax import anytime, compare, data, policies, selection
+from stepnet_jax import config as config_lib
+from stepnet_jax.config import Config
+
+# family -> the comparison method whose runs it uses.
+FAMILIES = {'steppingnet': 'steppingnet', 'awn': 'awn', 'cascade': 'independent'}
+
+
+@dataclasses.dataclass
+class Family:
+  """A trained network (or cascade) ready for policies."""
+  name: str
+  module: nnx.Module                 # has ``exits(x, train)``: for training the selection module
+  program: anytime.Program
+  static: list[dict]                 # the levels without a policy: level, macs_to_reach, accuracy
+
+  def predict_fn(self, strategy: str) -> Callable:
+    return anytime.make_predict(self.program, strategy)
+
+
+def load_family(name: str, workdir: str, rows: list[dict]) -> Family:
+  """The family ``name`` from the comparison's run(s) in ``workdir`` (its ``levels`` ``rows``)."""
+  static = [{'level': r['level'], 'macs_to_reach': r['macs_to_reach'], 'accuracy': r['accuracy']} for r in rows]
+  macs = [r['macs_to_reach'] for r in rows]
+  if name != 'cascade':
+    net = stepnet_jax.load(workdir)
+    return Family(name, nnx.merge(net.graphdef, net.variables), net.program, static)
+  nets = [stepnet_jax.load(os.path.join(workdir, f'budget{k}')) for k in range(len(rows))]
+  cascade = selection.Cascade([nnx.merge(n.graphdef, n.variables) for n in nets])
+  graphdef = nnx.graphdef(cascade)
+  forwards = [lambda v, x, k=k: nnx.merge(graphdef, v, copy=True).nets[k](x) for k in range(len(nets))]
+  return Family(name, cascade, anytime.recompute_program(forwards, macs), static)
+
+
+def sweep(family: Family, variables, strategy: str, make_policy: Callable[[float], Any], knobs: Sequence[float],
+          images: np.ndarray, labels: np.ndarray) -> list[dict]:
+  """One point per knob: the policy ``make_policy(knob)`` on a split."""
+  return anytime.sweep(family.predict_fn(strategy), variables, family.program.num_levels, make_policy, knobs,
+                       images, labels)
+
+
+def learned_points(family: Family, cfg: Config, lambdas: Sequence[float], val: tuple, test: tuple,
+                   num_classes: int, strategy: str) -> tuple[list[dict], list[dict]]:
+  """(test points, validation points) of the selection module trained at each MAC price."""
+  predict = family.predict_fn(strategy)
+  test_points, val_points = [], []
+  for lam in lambdas:
+    policy, variables = selection.train_selector(cfg, family.module, family.program.macs_to_reach, *val,
+                                                 num_classes, cost_weight=lam, desc=f'{family.name} selection')
+    levels = family.program.num_levels
+    test_points.append({'knob': float(lam), **anytime.evaluate_policy(predict, variables, policy, *test, levels)})
+    val_points.append({'knob': float(lam), **anytime.evaluate_policy(predict, variables, policy, *val, levels)})
+  return test_points, val_points
+
+
+def interpolate(points: Sequence[dict], macs: np.ndarray) -> np.ndarray:
+  """A curve's accuracy at ``macs`` (linear between its points, sorted by average MACs)."""
+  pts = sorted(points, key=lambda p: p['avg_macs'])
+  return np.interp(macs, [p['avg_macs'] for p in pts], [p['accuracy'] for p in pts])
+
+
+def overlap_grid(a: Sequence[dict], b: Sequence[dict], n: int = 50) -> np.ndarray:
+  """Average-MAC values covered by both curves."""
+  lo = max(min(p['avg_macs'] for p in a), min(p['avg_macs'] for p in b))
+  hi = min(max(p['avg_macs'] for p in a), max(p['avg_macs'] for p in b))
+  return np.linspace(lo, hi, n) if hi > lo else np.asarray([])
+
+
+def operating_point(val_points: Sequence[dict], test_points: Sequence[dict], val_top: float,
+                    tolerance: float) -> dict | None:
+  """The cheapest knob whose validation accuracy is within ``tolerance`` of the validation top
+  accuracy, with its test numbers (None if no knob gets there)."""
+  ok = [(v, t) for v, t in zip(val_points, test_points) if v['accuracy'] >= val_top - tolerance]
+  if not ok:
+    return None
+  v, t = min(ok, key=lambda vt: vt[0]['avg_macs'])
+  return {'knob': t['knob'], 'validation': v, 'test': t}
+
+
+def targets(out: dict) -> list[str]:
+  """The issue's targets on the measured numbers (one line each)."""
+  lines, m = [], out['methods']
+  top_acc, top_macs = out['top_accuracy'], out['top_macs']
+  op = out.get('operating_point')
+  if op is None:
+    lines.append('- learned SteppingNet policy within 0.3 point of the top exit: no lambda got there on validation')
+  else:
+    t = op['test']
+    ok = t['accuracy'] >= top_acc - 0.003 and t['avg_macs'] <= 0.5 * top_macs
+    lines.append(f'- learned SteppingNet policy (lambda {op["knob"]:g}, chosen on validation): '
+                 f'{100 * t["accuracy"]:.2f}% at {t["avg_macs"] / top_macs:.1%} of the top MACs vs top exit '
+                 f'{100 * top_acc:.2f}%: {"met" if ok else "NOT met"} (target: within 0.3 pt at <= 50%)')
+  for policy in ('learned', 'confidence'):
+    a, b = m.get(f'steppingnet_{policy}'), m.get(f'cascade_{policy}')
+    if a and b:
+      grid = overlap_grid(a['points'], b['points'])
+      if len(grid):
+        gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
+        lines.append(f'- SteppingNet vs cascade ({policy}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs: min gap '
+                     f'{100 * gap.min():+.2f} pt: {"met" if gap.min() >= 0 else "NOT met"} (target: >= 0 everywhere)')
+  for family in ('steppingnet', 'awn', 'cascade'):
+    a, b = m.get(f'{family}_learned'), m.get(f'{family}_confidence')
+    if a and b:
+      grid = overlap_grid(a['points'], b['points'])
+      if len(grid):
+        gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
+        share = float((gap >= 0).mean())
+        lines.append(f'- {family}: learned >= confidence at {share:.0%} of the shared MAC range (mean gap '
+                     f'{100 * gap.mean():+.2f} pt): {"met" if share > 0.5 else "NOT met"} (target: most of it)')
+  return lines
+
+
+def markdown(out: dict) -> str:
+  lines = [f'# Anytime inference on {out["dataset"]}', '',
+           f'Top exit of SteppingNet: {100 * out["top_accuracy"]:.2f}% at {out["top_macs"]:,} MACs. '
+           f'Validation split: {out["validation"]["examples"]} training images (seed {out["validation"]["seed"]}).', '',
+           '| method | knob | avg MACs | % of top | accuracy (%) | exits per level |', '|---|---:|---:|---:|---:|---|']
+  for name, res in out['methods'].items():
+    for p in res['points']:
+      lines.append(f'| {name} | {p["knob"]:g} | {p["avg_macs"]:,.0f} | {p["avg_macs"] / out["top_macs"]:.1%} | '
+                   f'{100 * p["accuracy"]:.2f} | {" ".join(f"{f:.2f}" for f in p["exit_fraction"])} |')
+  lines += ['', '| static levels | level | MACs to reach | accuracy (%) |', '|---|---:|---:|---:|']
+  for family, rows in out['static'].items():
+    lines += [f'| {family} | {r["level"]} | {r["macs_to_reach"]:,} | {100 * r["accuracy"]:.2f} |' for r in rows]
+  return '\n'.join(lines + ['', '## Targets', ''] + targets(out)) + '\n'
+
+
+def plot(path: str, out: dict) -> None:
+  """Accuracy against average MACs per input: every policy curve, static levels as points."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.6))
+  for name, res in out['methods'].items():
+    pts = sorted(res['points'], key=lambda p: p['avg_macs'])
+    ax.plot([p['avg_macs'] / 1e6 for p in pts], [100 * p['accuracy'] for p in pts], marker='.', label=name)
+  for family, rows in out['static'].items():
+    ax.scatter([r['macs_to_reach'] / 1e6 for r in rows], [100 * r['accuracy'] for r in rows], marker='x',
+               label=f'{family} levels (no policy)')
+  ax.set_xlabel('average MACs spent per input (millions)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f'Anytime inference on {out["dataset"]}')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> dict:
+  """Runs the study of config ``cc`` in ``workdir``; returns the adaptive.json dict."""
+  cc = compare.resolve(cc, quick)
+  cc.methods = tuple(FAMILIES[f] for f in cc.families)
+  common = config_lib.from_dict(cc.common)
+  if not common.data.validation_examples:
+    raise ValueError('set common.data.validation_examples: policies are tuned on a split the networks never saw')
+  full = data.load_dataset(common.data.name, common.data.data_dir or None)
+  dataset = data.subset(full, common.data.train_subset, common.data.test_subset, common.seed)
+  _, held = data.split_validation(dataset, common.data.validation_examples, common.seed)
+  val = (dataset.train_images[held], dataset.train_labels[held])
+  test = (dataset.test_images, dataset.test_labels)
+  results = compare.compare(cc, workdir, latency_repeats=2)   # trains or reuses every network
+  strategy = anytime.default_strategy()
+  out = {'dataset': dataset.name, 'strategy': strategy,
+         'validation': {'examples': int(len(held)), 'seed': common.seed, 'indices_file': 'validation_indices.npy'},
+         'methods': {}, 'static': {}}
+  np.save(os.path.join(workdir, 'validation_indices.npy'), held)
+  for family_name in cc.families:
+    rows = results['methods'][FAMILIES[family_name]]['levels']
+    family = load_family(family_name, os.path.join(workdir, FAMILIES[family_name]), rows)
+    out['static'][family_name] = family.static
+    variables = nnx.state(family.module)
+    for policy in cc.heuristics.get(family_name, ()):
+      pts = sweep(family, variables, strategy, lambda k, p=policy: policies.heuristic(p, k), cc.knobs[policy], *test)
+      out['methods'][f'{family_name}_{policy}'] = {'policy': policy, 'points': pts}
+    test_pts, val_pts = learned_points(family, common, cc.lambdas, val, test, dataset.num_classes, strategy)
+    out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
+    if family_name == 'steppingnet':
+      out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
+      predict = family.predict_fn(strategy)
+      val_top = anytime.evaluate_policy(predict, variables, policies.Confidence(2.0), *val,
+                                        family.program.num_levels)
+      out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], cc.tolerance)
+  with open(os.path.join(workdir, 'adaptive.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  md = markdown(out)
+  with open(os.path.join(workdir, 'adaptive.md'), 'w') as f:
+    f.write(md)
+  plot(os.path.join(workdir, 'adaptive.png'), out)
+  print(md)
+  return out
+
+
+def _define_flags() -> None:
+  """The command's flags (defined only when run as the command)."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Anytime study configuration file.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
+  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  adaptive(flags.FLAGS.config, flags.FLAGS.workdir, quick=flags.FLAGS.quick)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main, flags_parser=functools.partial(config_lib.parse_flags_with_hints,
+                                               run_roots=('common', 'steppingnet', 'nonuniform')))
