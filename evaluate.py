@@ -1,12 +1,14 @@
-"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png].
+"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png] [--policy P].
 
 Prints a table of test accuracy, MACs, delta MACs and measured step latency per level,
-and the delta MACs of every layer at every level.
+and the delta MACs of every layer at every level; with ``--policy`` (confidence, margin,
+entropy, macs) also the accuracy and average MACs per input of that stopping policy
+over a sweep of its knob, from the compiled anytime program.
 """
 from absl import app, flags, logging
 
 import stepnet_jax
-from stepnet_jax import config, data, evaluation
+from stepnet_jax import anytime, config, data, evaluation, policies
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
 _JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
@@ -15,6 +17,10 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Batch size for accuracy.')
 _LAT_BATCH = flags.DEFINE_integer('latency_batch', 1, 'Batch size for the per-step latency.')
 _REPEATS = flags.DEFINE_integer('latency_repeats', 50, 'Timed calls per step (median reported).')
 _TEST_SUBSET = flags.DEFINE_integer('test_subset', 0, 'Evaluate on this many test images (0 = all).')
+_POLICY = flags.DEFINE_enum('policy', None, ['confidence', 'margin', 'entropy', 'macs'],
+                            'Also sweep this stopping policy through the compiled anytime program.')
+_KNOBS = flags.DEFINE_list('knobs', None, 'The policy\'s thresholds (per-input MAC budgets for macs); '
+                           'default: policies.default_knobs.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -31,6 +37,14 @@ def main(argv):
   print(evaluation.format_table(rows, _LAT_BATCH.value))
   print('\nMACs per image by layer (BN, ReLU, pooling and additions are not MACs):')
   print(evaluation.format_layer_macs(net))
+  if _POLICY.value:
+    name, reach = _POLICY.value, net.macs_to_reach
+    knobs = [float(k) for k in _KNOBS.value] if _KNOBS.value else policies.default_knobs(name, reach)
+    predict = anytime.make_predict(net.program, anytime.default_strategy())
+    points = anytime.sweep(predict, net.variables, net.num_levels, lambda k: policies.heuristic(name, k, reach), knobs,
+                           ds.test_images, ds.test_labels)
+    print(f'\npolicy {name} ({anytime.default_strategy()} program), test set:')
+    print(anytime.format_sweep(points, reach[-1]))
   if _JSON.value:
     evaluation.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
                                               'latency_batch': _LAT_BATCH.value})

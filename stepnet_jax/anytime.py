@@ -198,3 +198,13 @@ def sweep(predict_fn: Callable, variables, num_levels: int, make_policy: Callabl
   ``make_policy(knob)`` over a split; the knobs are traced, so the program compiles once."""
   return [{'knob': float(k), **evaluate_policy(predict_fn, variables, make_policy(k), images, labels, num_levels)}
           for k in knobs]
+
+
+def format_sweep(points: Sequence[dict[str, Any]], top_macs: int) -> str:
+  """A policy sweep as a table: knob, average MACs (and share of the top level's), accuracy, exits."""
+  head = f'{"knob":>10} {"avg MACs":>12} {"of top":>7} {"accuracy":>9}  exits per level'
+  lines = [head, '-' * len(head)]
+  for p in points:
+    lines.append(f'{p["knob"]:>10.4g} {p["avg_macs"]:>12,.0f} {p["avg_macs"] / top_macs:>7.1%} {p["accuracy"]:>9.4f}  '
+                 + ' '.join(f'{f:.2f}' for f in p['exit_fraction']))
+  return '\n'.join(lines)

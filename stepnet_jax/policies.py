@@ -156,3 +156,13 @@ HEURISTICS.register('macs', lambda knob, macs: MacBudget(knob, tuple(int(m) for 
 def heuristic(name: str, knob: float, macs_to_reach: Sequence[int] = ()):
   """The heuristic policy ``name`` at ``knob`` (its threshold, or the MAC budget for 'macs')."""
   return HEURISTICS.get(name)(knob, macs_to_reach)
+
+
+def default_knobs(name: str, macs_to_reach: Sequence[int] = ()) -> tuple[float, ...]:
+  """A sweep of the heuristic ``name``'s knob from stopping early to stopping late."""
+  HEURISTICS.get(name)
+  if name == 'macs':
+    return tuple(float(f * macs_to_reach[-1]) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
+  return {'confidence': (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999),
+          'margin': (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99),
+          'entropy': (1.5, 1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)}[name]

@@ -256,3 +256,48 @@ assert not [k for k in sys.modules if k.startswith('stepnet_jax')]
     assert json.load(f) == manifest
   with pytest.raises(ValueError, match='only a reusable network'):
     export.save(nets['recompute'], str(tmp_path / 'no'))
+
+
+# ------------------------------------------------------------------ the study command
+
+
+def test_adaptive_study_end_to_end_on_digits(tmp_path):
+  """The whole study on the digits with tiny settings: files, format, the validation split
+  kept apart from what the networks trained on, and the points' bookkeeping."""
+  import json
+  import os
+  import importlib.util
+  from stepnet_jax import adaptive, data, restore
+  spec = importlib.util.spec_from_file_location('adaptive_cfg', os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'adaptive_fashion_mnist.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cc = module.get_config()
+  cc.common.data.name = 'digits'
+  cc.common.model.name = 'mlp'
+  cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)
+  cc.quick.common.model = dict(width=0.125)
+  cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
+  cc.quick.steppingnet.construction.rounds = 1
+  cc.quick.families = ('steppingnet', 'cascade')
+  out = adaptive.adaptive(cc, str(tmp_path), quick=True)
+  saved = json.loads((tmp_path / 'adaptive.json').read_text())
+  assert saved == json.loads(json.dumps(out))
+  assert set(saved['methods']) == {'steppingnet_confidence', 'steppingnet_entropy', 'steppingnet_learned',
+                                   'cascade_confidence', 'cascade_learned'}
+  for name, res in saved['methods'].items():
+    levels = len(saved['static'][name.split('_')[0]])
+    reach = [r['macs_to_reach'] for r in saved['static'][name.split('_')[0]]]
+    for p in res['points']:
+      assert set(p) == {'knob', 'avg_macs', 'accuracy', 'exit_fraction'}
+      assert len(p['exit_fraction']) == levels and abs(sum(p['exit_fraction']) - 1) < 1e-6
+      np.testing.assert_allclose(p['avg_macs'], np.dot(p['exit_fraction'], reach), rtol=1e-6)
+  # The networks trained without the 300 held-out images the policies were tuned on.
+  full = data.load_digits()
+  held = np.load(tmp_path / 'validation_indices.npy')
+  assert len(np.unique(held)) == 300 and saved['validation']['examples'] == 300
+  for run_dir in ('steppingnet', 'independent/budget0'):
+    assert restore.restore_meta(str(tmp_path / run_dir))['steps_per_epoch'] == (len(full.train_labels) - 300) // 64
+  for name in ('adaptive.md', 'adaptive.png'):
+    assert (tmp_path / name).stat().st_size > 0
+  assert 'Targets' in (tmp_path / 'adaptive.md').read_text()

@@ -213,9 +213,13 @@ def test_train_and_evaluate_scripts(tmp_path):
   out_json, plot = str(tmp_path / 'levels.json'), str(tmp_path / 'levels.png')
   ev = subprocess.run(
       [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
-       f'--plot={plot}', '--test_subset=200', '--batch_size=100', '--latency_repeats=2'],
+       f'--plot={plot}', '--test_subset=200', '--batch_size=100', '--latency_repeats=2', '--policy=confidence',
+       '--knobs=0.0,2.0'],
       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert ev.returncode == 0, ev.stderr[-3000:]
+  # The policy sweep: threshold 0 stops every input at level 0, 2 (never reached) at the top.
+  sweep = ev.stdout[ev.stdout.index('policy confidence'):].splitlines()
+  assert sweep[3].split()[-3:] == ['1.00', '0.00', '0.00'] and sweep[4].split()[-3:] == ['0.00', '0.00', '1.00']
   with open(out_json) as f:
     result = json.load(f)
   rows = result['levels']
