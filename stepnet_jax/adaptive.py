@@ -25,13 +25,15 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, compare, data, policies, selection
+from stepnet_jax import anytime, compare, data, policies, selection, timing
 from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 
@@ -204,8 +206,10 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
     out['static'][family_name] = family.static
     variables = nnx.state(family.module)
     for policy in cc.heuristics.get(family_name, ()):
-      pts = sweep(family, variables, strategy, lambda k, p=policy: policies.heuristic(p, k), cc.knobs[policy], *test)
-      out['methods'][f'{family_name}_{policy}'] = {'policy': policy, 'points': pts}
+      make = functools.partial(policies.heuristic, policy)
+      out['methods'][f'{family_name}_{policy}'] = {
+          'policy': policy, 'points': sweep(family, variables, strategy, make, cc.knobs[policy], *test),
+          'validation_points': sweep(family, variables, strategy, make, cc.knobs[policy], *val)}
     test_pts, val_pts = learned_points(family, common, cc.lambdas, val, test, dataset.num_classes, strategy)
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name == 'steppingnet':
@@ -224,19 +228,78 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
   return out
 
 
+def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: int, repeats: int = 20) -> dict:
+  """Wall time of the compiled anytime program under ``policy`` (each strategy) against the
+  direct top-level forward, at ``batch``. At batch 1 the program's time is the mean over
+  ``repeats`` different inputs (each stops where the policy says), the forward's the median.
+  """
+  top = net.num_levels - 1
+  xs = [jnp.asarray(images[i * batch:(i + 1) * batch]) for i in range(repeats if batch == 1 else 1)]
+  direct = timing.median_seconds(lambda x: net.functions.forward_fastest(net.variables, x, top), xs[0],
+                                 repeats=repeats)
+  out = {'batch': batch, 'direct_top_ms': 1e3 * direct}
+  for strategy in anytime.STRATEGIES:
+    fn = anytime.make_predict(net.program, strategy)
+    per_input = [timing.median_seconds(fn, net.variables, x, policy, repeats=1 if batch == 1 else repeats)
+                 for x in xs]
+    out[f'{strategy}_ms'] = 1e3 * float(np.mean(per_input))
+    out[f'{strategy}_ratio'] = out[f'{strategy}_ms'] / out['direct_top_ms']
+    macs = np.concatenate([np.asarray(fn(net.variables, x, policy).macs) for x in xs])
+  out['avg_macs_fraction'] = float(macs.mean() / net.macs_to_reach[-1])
+  return out
+
+
+def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, repeats: int = 20) -> dict:
+  """Times SteppingNet's program at the learned operating point of a finished study in
+  ``workdir`` (its selection module retrained at that lambda, deterministically) and at the
+  confidence threshold with about the same average MACs, at batch 1 and 256; writes
+  DIR/timing.json."""
+  cc = compare.resolve(cc, quick)
+  common = config_lib.from_dict(cc.common)
+  with open(os.path.join(workdir, 'adaptive.json')) as f:
+    study = json.load(f)
+  if study.get('operating_point') is None:
+    raise ValueError(f'{workdir}/adaptive.json has no learned operating point to time')
+  dataset = data.subset(data.load_dataset(common.data.name, common.data.data_dir or None),
+                        common.data.train_subset, common.data.test_subset, common.seed)
+  held = np.load(os.path.join(workdir, 'validation_indices.npy'))
+  net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
+  lam = study['operating_point']['knob']
+  learned, _ = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
+                                        dataset.train_images[held], dataset.train_labels[held], dataset.num_classes,
+                                        cost_weight=lam)
+  # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
+  target = study['operating_point']['validation']['avg_macs']
+  conf = min(study['methods']['steppingnet_confidence']['validation_points'],
+             key=lambda p: abs(p['avg_macs'] - target))
+  out = {'lambda': lam, 'confidence': conf['knob'], 'backend': jax.default_backend(), 'results': []}
+  for name, policy in (('learned', learned), ('confidence', policies.Confidence(conf['knob']))):
+    for batch in (1, 256):
+      out['results'].append({'policy': name, **time_program(net, policy, dataset.test_images, batch, repeats)})
+  with open(os.path.join(workdir, 'timing.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  for r in out['results']:
+    print(f'{r["policy"]:>10} batch {r["batch"]:>3}: {r["avg_macs_fraction"]:.1%} of the top MACs; direct top forward '
+          f'{r["direct_top_ms"]:.3f} ms, masked {r["masked_ms"]:.3f} ms ({r["masked_ratio"]:.2f}x), compact '
+          f'{r["compact_ms"]:.3f} ms ({r["compact_ratio"]:.2f}x)')
+  return out
+
+
 def _define_flags() -> None:
   """The command's flags (defined only when run as the command)."""
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Anytime study configuration file.', lock_config=False)
   flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
   flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.DEFINE_bool('timing', False, 'Only time the compiled program at the operating point of a finished study.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  adaptive(flags.FLAGS.config, flags.FLAGS.workdir, quick=flags.FLAGS.quick)
+  f = flags.FLAGS
+  (timing_study if f.timing else adaptive)(f.config, f.workdir, quick=f.quick)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
 """
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 
@@ -93,10 +92,7 @@ class Stepper:
   @property
   def program(self) -> anytime.Program:
     """The anytime program of this network: stepping with reuse, or recomputing each subnet."""
-    if self.reusable:
-      return anytime.stepping_program(self.graphdef, self.num_levels, self.macs_to_reach)
-    forwards = [functools.partial(stepping.forward, self.graphdef, level=k) for k in range(self.num_levels)]
-    return anytime.recompute_program(forwards, self.macs_to_reach)
+    return stepping.program(self.graphdef, self.variables)
 
   def predict(self, x: jax.Array, policy, strategy: str | None = None) -> anytime.Prediction:
     """Each input's answer under ``policy`` (``stepnet_jax.policies``) from one compiled program:

@@ -19,8 +19,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from stepnet_jax import anytime
 from stepnet_jax.model import StepCache, SteppingModel
 
 # Which direct forward ``forward_fastest`` uses per backend. CPU: measured by
@@ -83,6 +85,22 @@ def step(graphdef, variables, cache: StepCache, level: int) -> StepCache:
 def advance(graphdef, variables, cache: StepCache) -> StepCache:
   """Run the next level of ``cache``."""
   return step(graphdef, variables, cache, cache.level + 1)
+
+
+def program(graphdef, variables) -> anytime.Program:
+  """The anytime program of a model: stepping with reuse, or recomputing each subnet."""
+  model = nnx.merge(graphdef, variables)          # static structure only (works while tracing)
+  delta = np.cumsum(model.delta_macs().sum(axis=0))
+  if model.reusable:
+    return anytime.stepping_program(graphdef, model.num_levels, delta)
+  forwards = [functools.partial(forward, graphdef, level=k) for k in range(model.num_levels)]
+  return anytime.recompute_program(forwards, np.cumsum(delta))
+
+
+def predict(graphdef, variables, x: jax.Array, policy, strategy: str = 'masked') -> anytime.Prediction:
+  """Each input's answer under a stopping ``policy`` (``stepnet_jax.policies``) from one
+  program: ``Prediction(logits, exit_level, macs)`` (see ``anytime.predict``)."""
+  return anytime.predict(program(graphdef, variables), variables, x, policy, strategy=strategy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,3 +301,34 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
   for name in ('adaptive.md', 'adaptive.png'):
     assert (tmp_path / name).stat().st_size > 0
   assert 'Targets' in (tmp_path / 'adaptive.md').read_text()
+
+
+def test_pure_predict_and_run_until(nets, monkeypatch):
+  """stepping.predict(graphdef, variables, ...) is the Stepper's program; run_until steps while
+  the measured next step fits the deadline."""
+  from stepnet_jax import stepping
+  net = nets['reusable']
+  x = testlib.images(testlib.MNIST_SHAPE, batch=6, seed=10)
+  policy = _policy_with_varied_exits(net, x)
+  pure = jax.jit(stepping.predict, static_argnums=(0,), static_argnames='strategy')(net.graphdef, net.variables, x,
+                                                                                      policy)
+  got = net.predict(x, policy, 'masked')
+  np.testing.assert_array_equal(np.asarray(pure.exit_level), np.asarray(got.exit_level))
+  testlib.assert_close(pure.logits, got.logits)
+  assert net.run_until(x, deadline_ms=0.0).level == 0                      # level 0 always runs
+  assert net.run_until(x, deadline_ms=1e9).level == net.num_levels - 1
+  monkeypatch.setitem(net._latency_ms, tuple(x.shape) + (str(x.dtype),), [0.0, 0.0, 1e6, 0.0])
+  assert net.run_until(x, deadline_ms=1e5).level == 1                      # level 2 would take 1e6 ms
+
+
+def test_joint_selection_fine_tunes_the_exits(digits_net):
+  from flax import nnx
+  from stepnet_jax import selection
+  cfg, net, x_val, y_val, _ = digits_net
+  cfg = cfg.replace(**{'selection.joint': True, 'selection.epochs': 2})
+  model = nnx.merge(net.graphdef, net.variables)
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  _, variables = selection.train_selector(cfg, model, net.macs_to_reach, x_val, y_val, 10, cost_weight=0.1)
+  after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
+  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+  assert all(changed), changed
