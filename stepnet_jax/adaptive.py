@@ -9,10 +9,11 @@ carved from the training data (``common.data.validation_examples``). Then, per f
 * ``steppingnet`` and ``awn`` step with reuse; ``cascade`` is the independent networks
   run one after another from scratch (Guan et al.): reaching level k costs networks 0..k;
 * heuristic policies (``confidence``, ``entropy``) are swept over their thresholds, and
-  the learned selection module (``selection.py``) is trained on the validation split for
-  each MAC price lambda; every point is the compiled anytime program (``anytime.py``) on
-  the test set: accuracy, average MACs actually spent per input, and where inputs stopped;
-* the operating points the targets speak of are chosen on the validation split.
+  the learned selection module (``selection.py``) is trained on one half of the
+  validation split for each MAC price lambda; every point is the compiled anytime
+  program (``anytime.py``) on the test set: accuracy, average MACs actually spent per
+  input, and where inputs stopped;
+* the operating points the targets speak of are chosen on the other half.
 
 Writes DIR/adaptive.json, DIR/adaptive.md (table, targets checked) and DIR/adaptive.png.
 """
@@ -23,7 +24,6 @@ import functools
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,25 +67,26 @@ def load_family(name: str, workdir: str, rows: list[dict]) -> Family:
   return Family(name, cascade, anytime.recompute_program(forwards, macs), static)
 
 
-def sweep(family: Family, variables, strategy: str, make_policy: Callable[[float], Any], knobs: Sequence[float],
-          images: np.ndarray, labels: np.ndarray) -> list[dict]:
-  """One point per knob: the policy ``make_policy(knob)`` on a split."""
-  return anytime.sweep(family.predict_fn(strategy), variables, family.program.num_levels, make_policy, knobs,
-                       images, labels)
+def validation_halves(held: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out training images split in two: one half trains the selection modules, the
+  other chooses every policy's operating point (so no choice is made on the data a module
+  was fitted to)."""
+  order = np.random.RandomState(seed + 777).permutation(len(held))
+  return np.sort(held[order[:len(held) // 2]]), np.sort(held[order[len(held) // 2:]])
 
 
-def learned_points(family: Family, cfg: Config, lambdas: Sequence[float], val: tuple, test: tuple,
+def learned_points(family: Family, cfg: Config, lambdas: Sequence[float], fit: tuple, choose: tuple, test: tuple,
                    num_classes: int, strategy: str) -> tuple[list[dict], list[dict]]:
-  """(test points, validation points) of the selection module trained at each MAC price."""
+  """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC price."""
   predict = family.predict_fn(strategy)
-  test_points, val_points = [], []
+  test_points, choice_points = [], []
   for lam in lambdas:
-    policy, variables = selection.train_selector(cfg, family.module, family.program.macs_to_reach, *val,
+    policy, variables = selection.train_selector(cfg, family.module, family.program.macs_to_reach, *fit,
                                                  num_classes, cost_weight=lam, desc=f'{family.name} selection')
     levels = family.program.num_levels
     test_points.append({'knob': float(lam), **anytime.evaluate_policy(predict, variables, policy, *test, levels)})
-    val_points.append({'knob': float(lam), **anytime.evaluate_policy(predict, variables, policy, *val, levels)})
-  return test_points, val_points
+    choice_points.append({'knob': float(lam), **anytime.evaluate_policy(predict, variables, policy, *choose, levels)})
+  return test_points, choice_points
 
 
 def interpolate(points: Sequence[dict], macs: np.ndarray) -> np.ndarray:
@@ -192,12 +193,14 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
   full = data.load_dataset(common.data.name, common.data.data_dir or None)
   dataset = data.subset(full, common.data.train_subset, common.data.test_subset, common.seed)
   _, held = data.split_validation(dataset, common.data.validation_examples, common.seed)
-  val = (dataset.train_images[held], dataset.train_labels[held])
+  fit_idx, choose_idx = validation_halves(held, common.seed)
+  fit, choose = [(dataset.train_images[i], dataset.train_labels[i]) for i in (fit_idx, choose_idx)]
   test = (dataset.test_images, dataset.test_labels)
   results = compare.compare(cc, workdir, latency_repeats=2)   # trains or reuses every network
   strategy = anytime.default_strategy()
   out = {'dataset': dataset.name, 'strategy': strategy,
-         'validation': {'examples': int(len(held)), 'seed': common.seed, 'indices_file': 'validation_indices.npy'},
+         'validation': {'examples': int(len(held)), 'fit': int(len(fit_idx)), 'choose': int(len(choose_idx)),
+                        'seed': common.seed, 'indices_file': 'validation_indices.npy'},
          'methods': {}, 'static': {}}
   np.save(os.path.join(workdir, 'validation_indices.npy'), held)
   for family_name in cc.families:
@@ -205,18 +208,18 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
     family = load_family(family_name, os.path.join(workdir, FAMILIES[family_name]), rows)
     out['static'][family_name] = family.static
     variables = nnx.state(family.module)
+    predict, levels = family.predict_fn(strategy), family.program.num_levels
     for policy in cc.heuristics.get(family_name, ()):
       make = functools.partial(policies.heuristic, policy)
       out['methods'][f'{family_name}_{policy}'] = {
-          'policy': policy, 'points': sweep(family, variables, strategy, make, cc.knobs[policy], *test),
-          'validation_points': sweep(family, variables, strategy, make, cc.knobs[policy], *val)}
-    test_pts, val_pts = learned_points(family, common, cc.lambdas, val, test, dataset.num_classes, strategy)
+          'policy': policy,
+          'points': anytime.sweep(predict, variables, levels, make, cc.knobs[policy], *test),
+          'validation_points': anytime.sweep(predict, variables, levels, make, cc.knobs[policy], *choose)}
+    test_pts, val_pts = learned_points(family, common, cc.lambdas, fit, choose, test, dataset.num_classes, strategy)
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name == 'steppingnet':
       out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
-      predict = family.predict_fn(strategy)
-      val_top = anytime.evaluate_policy(predict, variables, policies.Confidence(2.0), *val,
-                                        family.program.num_levels)
+      val_top = anytime.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)
       out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], cc.tolerance)
   with open(os.path.join(workdir, 'adaptive.json'), 'w') as f:
     json.dump(out, f, indent=2)
@@ -237,15 +240,15 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
   xs = [jnp.asarray(images[i * batch:(i + 1) * batch]) for i in range(repeats if batch == 1 else 1)]
   direct = timing.median_seconds(lambda x: net.functions.forward_fastest(net.variables, x, top), xs[0],
                                  repeats=repeats)
-  out = {'batch': batch, 'direct_top_ms': 1e3 * direct}
+  macs = np.concatenate([np.asarray(net.predict(x, policy).macs) for x in xs])
+  out = {'batch': batch, 'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
+         'direct_top_ms': 1e3 * direct}
   for strategy in anytime.STRATEGIES:
     fn = anytime.make_predict(net.program, strategy)
     per_input = [timing.median_seconds(fn, net.variables, x, policy, repeats=1 if batch == 1 else repeats)
                  for x in xs]
     out[f'{strategy}_ms'] = 1e3 * float(np.mean(per_input))
     out[f'{strategy}_ratio'] = out[f'{strategy}_ms'] / out['direct_top_ms']
-    macs = np.concatenate([np.asarray(fn(net.variables, x, policy).macs) for x in xs])
-  out['avg_macs_fraction'] = float(macs.mean() / net.macs_to_reach[-1])
   return out
 
 
@@ -262,12 +265,13 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
     raise ValueError(f'{workdir}/adaptive.json has no learned operating point to time')
   dataset = data.subset(data.load_dataset(common.data.name, common.data.data_dir or None),
                         common.data.train_subset, common.data.test_subset, common.seed)
-  held = np.load(os.path.join(workdir, 'validation_indices.npy'))
+  fit, _ = validation_halves(np.load(os.path.join(workdir, 'validation_indices.npy')), common.seed)
   net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
   lam = study['operating_point']['knob']
-  learned, _ = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
-                                        dataset.train_images[held], dataset.train_labels[held], dataset.num_classes,
-                                        cost_weight=lam)
+  learned, variables = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
+                                                dataset.train_images[fit], dataset.train_labels[fit],
+                                                dataset.num_classes, cost_weight=lam)
+  net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)   # fine-tuned exits with selection.joint
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
   target = study['operating_point']['validation']['avg_macs']
   conf = min(study['methods']['steppingnet_confidence']['validation_points'],

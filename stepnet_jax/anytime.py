@@ -37,7 +37,8 @@ from stepnet_jax import feed
 from stepnet_jax.model import StepCache
 
 STRATEGIES = ('masked', 'compact')
-# Faster strategy per backend, measured by ``python -m stepnet_jax.adaptive --time`` (README).
+# The strategy ``predict`` uses when none is given, per backend; CPU measured with
+# ``python -m stepnet_jax.adaptive --timing`` (README); GPU and TPU not measured yet.
 DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 
@@ -114,14 +115,19 @@ def _compact_steps(program: Program, variables, sizes: Sequence[int]):
   def branch(carry, order, k, size):
     rows = order[:size]
     sub = program.step(variables, jax.tree.map(lambda a: a[rows], carry), k)
-    return jax.tree.map(lambda a, s: a.at[rows].set(s), carry, sub)
+    return jax.tree.map(lambda a, s: a.at[rows].set(s, unique_indices=True), carry, sub)
 
   return [functools.partial(branch, k=k, size=s) for k in range(1, program.num_levels) for s in sizes]
 
 
-def predict(program: Program, variables, x: jax.Array, policy, *, strategy: str = 'masked',
-            bucket_factor: int = 4) -> Prediction:
-  """Each input's answer under ``policy`` from ONE program (jit it, or use ``make_predict``)."""
+def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array | None = None, *,
+            strategy: str | None = None, bucket_factor: int = 4) -> Prediction:
+  """Each input's answer under ``policy`` from ONE program (jit it, or use ``make_predict``).
+
+  ``valid`` (bool [B], optional) marks the real inputs of a padded batch: the others stop
+  at level 0 and never keep a level running. ``strategy``: default ``default_strategy()``.
+  """
+  strategy = strategy or default_strategy()
   if strategy not in STRATEGIES:
     raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(STRATEGIES)}')
   top = program.num_levels - 1
@@ -129,7 +135,9 @@ def predict(program: Program, variables, x: jax.Array, policy, *, strategy: str 
   logits = program.logits(carry)
   batch, num_classes = logits.shape
   stop, pstate = policy.stop(logits, jnp.int32(0), policy.init(batch, num_classes))
-  active = ~stop if top > 0 else jnp.zeros((batch,), bool)
+  if top == 0:                                   # one level: nothing to decide
+    return Prediction(logits, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), program.macs_to_reach[0], jnp.int32))
+  active = ~stop if valid is None else ~stop & valid
   if strategy == 'masked':
     branches, sizes = _masked_steps(program, variables), (batch,)
   else:
@@ -162,10 +170,12 @@ def predict(program: Program, variables, x: jax.Array, policy, *, strategy: str 
   return Prediction(out, exit_level, macs)
 
 
-def make_predict(program: Program, strategy: str = 'masked', bucket_factor: int = 4) -> Callable:
-  """Jitted ``(variables, x, policy) -> Prediction``; compiles once per batch shape and policy kind
-  (a policy's knobs are traced)."""
-  return jax.jit(functools.partial(predict, program, strategy=strategy, bucket_factor=bucket_factor))
+@functools.lru_cache(maxsize=64)
+def make_predict(program: Program, strategy: str | None = None, bucket_factor: int = 4) -> Callable:
+  """Jitted ``(variables, x, policy, valid=None) -> Prediction``, one per (program, strategy):
+  it compiles once per batch shape and policy kind (a policy's knobs are traced)."""
+  return jax.jit(functools.partial(predict, program, strategy=strategy or default_strategy(),
+                                   bucket_factor=bucket_factor))
 
 
 def default_strategy() -> str:
@@ -186,7 +196,8 @@ def evaluate_policy(predict_fn: Callable, variables, policy, images: np.ndarray,
   to one compiled shape; its padding dropped)."""
   parts = []
   for batch in feed.evaluation_batches(images, labels, batch_size):
-    out = predict_fn(variables, batch.images, policy)
+    valid = np.arange(batch.images.shape[0]) < batch.count   # the padding stops at once
+    out = predict_fn(variables, batch.images, policy, valid)
     parts.append([np.asarray(a)[:batch.count] for a in out])
   merged = Prediction(*[np.concatenate(p) for p in zip(*parts)])
   return exit_statistics(merged, labels, num_levels)

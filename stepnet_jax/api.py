@@ -34,6 +34,9 @@ class Stepper:
     self.reusable = model.reusable
     self.layer_names = model.layer_names
     self.layer_delta_macs = model.delta_macs()   # [layers, K]
+    # MACs per input spent to get level k's answer after levels 0..k-1: ``level_macs`` for a
+    # reusable model; the running sum of every subnet's MACs for one that recomputes them.
+    self.macs_to_reach = model.macs_to_reach()
     self.functions = stepping.make_step_functions(self.graphdef, self.num_levels)
     self._predict: dict[str, Callable] = {}
     self._latency_ms: dict[tuple, list[float]] = {}
@@ -51,16 +54,6 @@ class Stepper:
   def level_macs(self) -> tuple[int, ...]:
     """Cumulative MACs per input of subnets 0..K-1."""
     return tuple(int(m) for m in np.cumsum(self.delta_macs))
-
-  @property
-  def macs_to_reach(self) -> tuple[int, ...]:
-    """MACs per input spent to get level k's answer after levels 0..k-1.
-
-    Equal to ``level_macs`` for a reusable model; the running sum of every subnet's
-    MACs for a non-reusable (slimmable-style) one, which recomputes each subnet.
-    """
-    macs = self.level_macs
-    return macs if self.reusable else tuple(int(m) for m in np.cumsum(macs))
 
   def forward(self, x: jax.Array, level: int) -> jax.Array:
     """Direct logits of subnet ``level`` [B, classes] (the faster variant on this backend)."""
@@ -87,7 +80,6 @@ class Stepper:
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
     return self.functions.advance(self.variables, cache)
-
 
   @property
   def program(self) -> anytime.Program:

@@ -157,6 +157,13 @@ class SteppingModel(nnx.Module):
   def layer_names(self) -> tuple[str, ...]:
     return self.unit_names + ('head',)
 
+  def macs_to_reach(self) -> tuple[int, ...]:
+    """MACs per input spent to have level k's answer after levels 0..k-1: the cumulative
+    level MACs for a reusable model, the running sum of every subnet's MACs for a model
+    that recomputes each subnet (no mask rule)."""
+    level_macs = np.cumsum(self.delta_macs().sum(axis=0))
+    return tuple(int(m) for m in (level_macs if self.reusable else np.cumsum(level_macs)))
+
   def delta_macs(self) -> np.ndarray:
     """Exact MACs per input of each level's new connections: int64 [layers, K]."""
     shape = self.input_shape

@@ -85,6 +85,10 @@ class MacBudget:
   budget: float | jax.Array
   macs_to_reach: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+  def __post_init__(self):
+    if not self.macs_to_reach:
+      raise ValueError('MacBudget needs macs_to_reach: the MACs spent to reach each level (Stepper.macs_to_reach)')
+
   def init(self, batch_size: int, num_classes: int) -> PolicyState:
     return ()
 
@@ -109,8 +113,7 @@ def init_selector(key: jax.Array, num_classes: int, num_levels: int, hidden: int
                   history: bool = True) -> dict[str, jax.Array]:
   """Parameters of the selection MLP: features -> ``hidden`` ReLU units -> stop logit."""
   features = num_classes + num_levels + (num_classes if history else 0)
-  k1, _ = jax.random.split(key)
-  return {'w1': jax.random.normal(k1, (features, hidden)) * np.sqrt(2.0 / features),
+  return {'w1': jax.random.normal(key, (features, hidden)) * np.sqrt(2.0 / features),
           'b1': jnp.zeros((hidden,)), 'w2': jnp.zeros((hidden,)), 'b2': jnp.zeros(())}
 
 
@@ -125,7 +128,9 @@ class Learned:
   """Guan et al.'s selection module: stop when its stop probability exceeds ``threshold``.
 
   ``params`` from ``init_selector``/``selection.train_selector``; the state is the previous
-  exit's probabilities (used when ``history``).
+  exit's probabilities (used when ``history``). Training samples each decision from the
+  stop probability; deployed, the module decides deterministically (p > ``threshold``),
+  its most likely decision.
   """
   params: dict[str, jax.Array]
   num_levels: int = struct.field(pytree_node=False, default=1)
@@ -162,6 +167,8 @@ def default_knobs(name: str, macs_to_reach: Sequence[int] = ()) -> tuple[float, 
   """A sweep of the heuristic ``name``'s knob from stopping early to stopping late."""
   HEURISTICS.get(name)
   if name == 'macs':
+    if not macs_to_reach:
+      raise ValueError("the 'macs' policy's default knobs are fractions of the top level's macs_to_reach: give them")
     return tuple(float(f * macs_to_reach[-1]) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
   return {'confidence': (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999),
           'margin': (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99),

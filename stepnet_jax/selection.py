@@ -105,9 +105,9 @@ def reinforce_terms(params, probs: jax.Array, reward: jax.Array, rng: jax.Array,
   """One sampled episode per input.
 
   Returns ``surrogate`` (its gradient is minus the REINFORCE estimate of the gradient of
-  the mean expected reward), ``entropy`` (mean over inputs of the decision entropies
-  along the episode), ``stop`` [B] and ``reward`` [B] of the sampled episodes, and
-  ``visited`` [K, B].
+  the mean expected reward), ``entropy`` (the expected sum of the decision entropies along
+  an episode, exact, so its gradient is exact too), ``stop`` [B] and ``reward`` [B] of the
+  sampled episodes, and ``visited`` [K, B].
   """
   num_levels, batch = reward.shape
   z = stop_logits(params, probs, history)                                    # [K, B]
@@ -123,8 +123,10 @@ def reinforce_terms(params, probs: jax.Array, reward: jax.Array, rng: jax.Array,
   r = reward[stop, jnp.arange(batch)]                                         # [B]
   advantage = jax.lax.stop_gradient(r[None] - baseline[:, None])              # [K, B]
   surrogate = -(advantage * logp).sum(0).mean()
-  bern = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))
-  entropy = jnp.where(visited & decided, bern, 0.0).sum(0).mean()
+  bern = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))           # decision entropies [K, B]
+  log_go = jnp.cumsum(jax.nn.log_sigmoid(-z), axis=0)
+  reach = jnp.exp(jnp.concatenate([jnp.zeros_like(log_go[:1]), log_go[:-1]]))      # P(reach level k)
+  entropy = jnp.where(decided, reach * bern, 0.0).sum(0).mean()                    # exact expectation
   return {'surrogate': surrogate, 'entropy': entropy, 'stop': stop, 'reward': r, 'visited': visited}
 
 

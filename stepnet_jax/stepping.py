@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from stepnet_jax import anytime
@@ -90,14 +89,13 @@ def advance(graphdef, variables, cache: StepCache) -> StepCache:
 def program(graphdef, variables) -> anytime.Program:
   """The anytime program of a model: stepping with reuse, or recomputing each subnet."""
   model = nnx.merge(graphdef, variables)          # static structure only (works while tracing)
-  delta = np.cumsum(model.delta_macs().sum(axis=0))
   if model.reusable:
-    return anytime.stepping_program(graphdef, model.num_levels, delta)
+    return anytime.stepping_program(graphdef, model.num_levels, model.macs_to_reach())
   forwards = [functools.partial(forward, graphdef, level=k) for k in range(model.num_levels)]
-  return anytime.recompute_program(forwards, np.cumsum(delta))
+  return anytime.recompute_program(forwards, model.macs_to_reach())
 
 
-def predict(graphdef, variables, x: jax.Array, policy, strategy: str = 'masked') -> anytime.Prediction:
+def predict(graphdef, variables, x: jax.Array, policy, strategy: str | None = None) -> anytime.Prediction:
   """Each input's answer under a stopping ``policy`` (``stepnet_jax.policies``) from one
   program: ``Prediction(logits, exit_level, macs)`` (see ``anytime.predict``)."""
   return anytime.predict(program(graphdef, variables), variables, x, policy, strategy=strategy)

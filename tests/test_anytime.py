@@ -115,18 +115,74 @@ def test_compiled_predict_equals_stepping_each_input_alone(nets, kind, strategy)
   np.testing.assert_array_equal(np.asarray(got.macs), np.asarray(net.macs_to_reach)[ref_levels])
 
 
-def test_a_stateful_learned_policy_in_the_program(nets):
+@pytest.fixture(scope='module')
+def digits_net(tmp_path_factory):
+  """A 3-level MLP trained for 3 epochs on the digits, 300 training images held out."""
+  from stepnet_jax import config, data
+  from stepnet_jax.training import run
+  cfg = config.from_dict({'data.name': 'digits', 'data.validation_examples': 300, 'model.name': 'mlp',
+                          'model.width': 0.25, 'model.num_levels': 3, 'train.num_epochs': 3, 'train.batch_size': 64,
+                          'optim.learning_rate': 3e-3, 'train.progress': False, 'selection.epochs': 25,
+                          'selection.batch_size': 100, 'selection.learning_rate': 1e-2})
+  workdir = str(tmp_path_factory.mktemp('digits_net'))
+  full = data.load_digits()
+  run.train_and_evaluate(cfg, workdir, dataset=full)
+  _, held = data.split_validation(full, 300, cfg.seed)
+  return cfg, stepnet_jax.load(workdir), full.train_images[held], full.train_labels[held], full
+
+
+def test_a_stateful_learned_policy_in_the_program(digits_net):
   """The selection module with history: its state (the previous exit's probabilities) is per input."""
-  net = nets['reusable']
-  x = testlib.images(testlib.MNIST_SHAPE, batch=12, seed=8)
+  from stepnet_jax import selection
+  net, x = digits_net[1], jnp.asarray(digits_net[4].test_images[:12])
   params = policies.init_selector(jax.random.key(0), 10, net.num_levels, hidden=8)
   params['w2'] = jax.random.normal(jax.random.key(1), (8,)) * 3.0
-  learned = policies.Learned(params, net.num_levels, history=True)
+  # The threshold among the module's stop probabilities that spreads the inputs over the most levels.
+  stop_p = np.asarray(jax.nn.sigmoid(selection.stop_logits(params, jax.nn.softmax(net.exits(x), -1), True)))
+
+  def exits(t):
+    above = stop_p > t
+    above[-1] = True
+    return above.argmax(0)
+
+  best = max(np.quantile(stop_p, np.linspace(0.05, 0.95, 19)), key=lambda t: len(set(exits(t).tolist())))
+  learned = policies.Learned(params, net.num_levels, history=True, threshold=float(best))
   ref_logits, ref_levels = _alone(net, x, learned)
+  assert len(set(ref_levels.tolist())) >= 3, ref_levels
   for strategy in anytime.STRATEGIES:
     got = net.predict(x, learned, strategy)
     np.testing.assert_array_equal(np.asarray(got.exit_level), ref_levels, err_msg=strategy)
     testlib.assert_close(got.logits, ref_logits)
+
+
+def test_a_single_level_network_has_nothing_to_decide():
+  program = anytime.recompute_program([lambda v, x: x[:, :3] * v], (5,))
+  for strategy in anytime.STRATEGIES:
+    out = anytime.make_predict(program, strategy)(2.0, jnp.ones((4, 6)), policies.Confidence(2.0))
+    assert np.asarray(out.exit_level).tolist() == [0] * 4 and np.asarray(out.macs).tolist() == [5] * 4
+
+
+def test_compact_steps_only_the_running_inputs():
+  """With 1 of 8 inputs still running, the compact program steps a bucket of 1 (masked: all 8),
+  and padding rows marked invalid never keep a level running."""
+  seen = []
+  forwards = [lambda v, x, k=k: jax.debug.callback(lambda n=x.shape[0], k=k: seen.append((k, n))) or x[:, :4] * v[k]
+              for k in range(3)]
+  program = anytime.recompute_program(forwards, (1, 3, 6))
+  v = jnp.asarray([1.0, 2.0, 3.0])
+  x = jnp.zeros((8, 4)).at[:, 0].set(5.0).at[3, 0].set(0.2)           # input 3 is unsure at level 0
+  policy = policies.Confidence(0.9)
+  for strategy, expected in (('compact', [(0, 8), (1, 1), (2, 1)]), ('masked', [(0, 8), (1, 8), (2, 8)])):
+    seen.clear()
+    out = anytime.make_predict(program, strategy)(v, x, policy)
+    jax.effects_barrier()
+    assert seen == expected, (strategy, seen)
+    assert np.asarray(out.exit_level).tolist() == [0, 0, 0, 2, 0, 0, 0, 0]
+  seen.clear()
+  valid = jnp.arange(8) != 3                                            # input 3 is padding
+  anytime.make_predict(program, 'masked')(v, x, policy, valid)
+  jax.effects_barrier()
+  assert seen == [(0, 8)]
 
 
 def test_levels_nobody_needs_are_never_run():
@@ -184,20 +240,20 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
   np.testing.assert_allclose(float(selection.expected_reward(params, probs, reward, True)), brute, rtol=1e-5)
 
 
-@pytest.fixture(scope='module')
-def digits_net(tmp_path_factory):
-  """A 3-level MLP trained for 3 epochs on the digits, 300 training images held out."""
-  from stepnet_jax import config, data
-  from stepnet_jax.training import run
-  cfg = config.from_dict({'data.name': 'digits', 'data.validation_examples': 300, 'model.name': 'mlp',
-                          'model.width': 0.25, 'model.num_levels': 3, 'train.num_epochs': 3, 'train.batch_size': 64,
-                          'optim.learning_rate': 3e-3, 'train.progress': False, 'selection.epochs': 25,
-                          'selection.batch_size': 100, 'selection.learning_rate': 1e-2})
-  workdir = str(tmp_path_factory.mktemp('digits_net'))
-  full = data.load_digits()
-  run.train_and_evaluate(cfg, workdir, dataset=full)
-  _, held = data.split_validation(full, 300, cfg.seed)
-  return cfg, stepnet_jax.load(workdir), full.train_images[held], full.train_labels[held], full
+def test_frozen_selection_updates_only_the_selector():
+  """The frozen network's optimizer slot is zero whatever its gradient; the selector's is Adam."""
+  from flax import nnx
+  from stepnet_jax import selection
+  net = testlib.built_model('mlp')
+  model = selection.PolicyNet(net, selection.Selector(10, net.num_levels, 4, True, 0))
+  _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for joint in (False, True):
+    tx = selection._optimizer(1e-2, joint, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    net_updates = jax.tree.leaves(updates['net'])
+    assert all(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates['selector']))
+    assert all(np.all(np.asarray(u) == 0) for u in net_updates) == (not joint)
 
 
 def test_selection_module_trades_accuracy_for_macs(digits_net):
@@ -267,7 +323,7 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
   import json
   import os
   import importlib.util
-  from stepnet_jax import adaptive, data, restore
+  from stepnet_jax import adaptive, config, data, restore
   spec = importlib.util.spec_from_file_location('adaptive_cfg', os.path.join(
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'adaptive_fashion_mnist.py'))
   module = importlib.util.module_from_spec(spec)
@@ -292,12 +348,20 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
       assert set(p) == {'knob', 'avg_macs', 'accuracy', 'exit_fraction'}
       assert len(p['exit_fraction']) == levels and abs(sum(p['exit_fraction']) - 1) < 1e-6
       np.testing.assert_allclose(p['avg_macs'], np.dot(p['exit_fraction'], reach), rtol=1e-6)
-  # The networks trained without the 300 held-out images the policies were tuned on.
+  # The networks trained on exactly the training images minus the 300 held out (counted by
+  # image content), and the cascade's MACs are its networks' own MACs added up.
+  import collections
+  from stepnet_jax.training import run
   full = data.load_digits()
   held = np.load(tmp_path / 'validation_indices.npy')
   assert len(np.unique(held)) == 300 and saved['validation']['examples'] == 300
-  for run_dir in ('steppingnet', 'independent/budget0'):
-    assert restore.restore_meta(str(tmp_path / run_dir))['steps_per_epoch'] == (len(full.train_labels) - 300) // 64
+  trained_on, _ = run.prepare_data(config.from_saved(restore.restore_meta(str(tmp_path / 'steppingnet'))['config']),
+                                   full)
+  count = lambda images: collections.Counter(x.tobytes() for x in images)
+  assert count(full.train_images) - count(trained_on.train_images) == count(full.train_images[held])
+  own = [stepnet_jax.load(str(tmp_path / 'independent' / f'budget{k}')).level_macs[0]
+         for k in range(len(saved['static']['cascade']))]
+  assert [r['macs_to_reach'] for r in saved['static']['cascade']] == list(np.cumsum(own))
   for name in ('adaptive.md', 'adaptive.png'):
     assert (tmp_path / name).stat().st_size > 0
   assert 'Targets' in (tmp_path / 'adaptive.md').read_text()
