@@ -253,27 +253,28 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
 
 
 def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, repeats: int = 20) -> dict:
-  """Times SteppingNet's program at the learned operating point of a finished study in
-  ``workdir`` (its selection module retrained at that lambda, deterministically) and at the
-  confidence threshold with about the same average MACs, at batch 1 and 256; writes
-  DIR/timing.json."""
+  """Times SteppingNet's program at the learned policy's 50%-MAC point of a finished study in
+  ``workdir`` (the lambda whose validation MACs are closest to half the top level's; its
+  selection module retrained, deterministically) and at the confidence threshold with the
+  closest validation MACs, at batch 1 and 256; writes DIR/timing.json."""
   cc = compare.resolve(cc, quick)
   common = config_lib.from_dict(cc.common)
   with open(os.path.join(workdir, 'adaptive.json')) as f:
     study = json.load(f)
-  if study.get('operating_point') is None:
-    raise ValueError(f'{workdir}/adaptive.json has no learned operating point to time')
+  half = 0.5 * study['top_macs']
+  learned_point = min(study['methods']['steppingnet_learned']['validation_points'],
+                      key=lambda p: abs(p['avg_macs'] - half))
   dataset = data.subset(data.load_dataset(common.data.name, common.data.data_dir or None),
                         common.data.train_subset, common.data.test_subset, common.seed)
   fit, _ = validation_halves(np.load(os.path.join(workdir, 'validation_indices.npy')), common.seed)
   net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
-  lam = study['operating_point']['knob']
+  lam = learned_point['knob']
   learned, variables = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
                                                 dataset.train_images[fit], dataset.train_labels[fit],
                                                 dataset.num_classes, cost_weight=lam)
   net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)   # fine-tuned exits with selection.joint
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
-  target = study['operating_point']['validation']['avg_macs']
+  target = learned_point['avg_macs']
   conf = min(study['methods']['steppingnet_confidence']['validation_points'],
              key=lambda p: abs(p['avg_macs'] - target))
   out = {'lambda': lam, 'confidence': conf['knob'], 'backend': jax.default_backend(), 'results': []}

@@ -37,8 +37,10 @@ from stepnet_jax import feed
 from stepnet_jax.model import StepCache
 
 STRATEGIES = ('masked', 'compact')
-# The strategy ``predict`` uses when none is given, per backend; CPU measured with
-# ``python -m stepnet_jax.adaptive --timing`` (README); GPU and TPU not measured yet.
+# The strategy ``predict`` uses when none is given, per backend. CPU: measured with
+# ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores): compact 1.19 vs masked
+# 1.42 ms at batch 1 and 127 vs 202 ms at batch 256 with the learned policy at 25-29% of
+# the top MACs, equal at 47-56%. GPU and TPU: not measured; compact until someone does.
 DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 

@@ -124,11 +124,12 @@ class SelectionConfig:
   cost_weight: float = 0.5         # lambda: reward = correct - lambda * MACs spent / top-level MACs
   hidden: int = 32                 # hidden units of the selection MLP
   history: bool = True             # also read the previous exit's probabilities
-  epochs: int = 30                 # passes over the validation split
+  epochs: int = 60                 # passes over the half of the validation split it is fitted on
   batch_size: int = 256
-  learning_rate: float = 3e-3      # Adam
+  learning_rate: float = 1e-2      # Adam
   entropy_weight: float = 0.01     # bonus on the stop decisions' entropy
-  baseline: str = 'running'        # running: per-level running mean of the reward; none
+  samples: int = 8                 # episodes per input and step; > 1: leave-one-out baseline
+  baseline: str = 'running'        # with 1 sample: running per-level mean of the reward, or none
   joint: bool = False              # also fine-tune the exits (Guan et al.); default: the network is frozen
   ce_weight: float = 1.0           # joint: weight of the cross-entropy of the exit each episode stopped at
 
@@ -280,7 +281,7 @@ def _check_ranges(c: Config) -> None:
              'construction.pretrain_epochs': 0, 'construction.round_epochs': 0, 'construction.importance_examples': 1,
              'construction.class_threshold': 0, 'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 0,
              'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0, 'data.validation_examples': 0,
-             'selection.hidden': 1, 'selection.epochs': 1, 'selection.batch_size': 1, 'selection.cost_weight': 0,
+             'selection.hidden': 1, 'selection.epochs': 1, 'selection.samples': 1, 'selection.batch_size': 1, 'selection.cost_weight': 0,
              'selection.entropy_weight': 0, 'selection.ce_weight': 0}
   for key, low in minimum.items():
     if values[key] < low:

@@ -14,8 +14,8 @@ whatever the policy says.
 * ``MacBudget(budget, macs_to_reach)``: stop before the step whose MACs would exceed the
   per-input budget (``macs_to_reach[k]``: MACs spent to have level k's answer);
 * ``Learned(params)``: the selection module of Guan et al. (IJCAI 2018), a small MLP
-  reading the current exit's class probabilities, the level and (``history``) the
-  previous exit's probabilities, giving a stop probability; trained by REINFORCE in
+  reading the current exit's class probabilities (sorted), the level and (``history``)
+  the previous exit's, giving a stop probability; trained by REINFORCE in
   ``selection.py``.
 """
 from __future__ import annotations
@@ -100,19 +100,30 @@ class MacBudget:
 # ------------------------------------------------------------------ the learned selection module
 
 
+def num_selector_features(num_classes: int, num_levels: int, history: bool) -> int:
+  return num_classes + num_levels + (num_classes + 2 if history else 0)
+
+
 def selector_features(probs: jax.Array, level: jax.Array, previous: jax.Array, num_levels: int,
                       history: bool) -> jax.Array:
-  """What the selection module reads: the exit's class probabilities, the level one-hot
-  and (``history``) the previous exit's probabilities (zeros at level 0). [B, F]."""
+  """What the selection module reads, [B, F]: the exit's class probabilities sorted from the
+  most likely down (so the module learns confidence, not class identity), the level
+  one-hot and (``history``) the previous exit's sorted probabilities, its probability of
+  the current top class, and whether the two exits agree (zeros at level 0)."""
   onehot = jnp.broadcast_to(jax.nn.one_hot(level, num_levels), probs.shape[:1] + (num_levels,))
-  parts = [probs, onehot] + ([previous] if history else [])
+  parts = [-jnp.sort(-probs, axis=-1), onehot]
+  if history:
+    top = probs.argmax(-1)
+    seen = (previous.sum(-1, keepdims=True) > 0).astype(probs.dtype)      # 0 at level 0
+    agree = (previous.argmax(-1) == top)[:, None].astype(probs.dtype) * seen
+    parts += [-jnp.sort(-previous, axis=-1), jnp.take_along_axis(previous, top[:, None], axis=-1), agree]
   return jnp.concatenate(parts, axis=-1)
 
 
 def init_selector(key: jax.Array, num_classes: int, num_levels: int, hidden: int = 32,
                   history: bool = True) -> dict[str, jax.Array]:
   """Parameters of the selection MLP: features -> ``hidden`` ReLU units -> stop logit."""
-  features = num_classes + num_levels + (num_classes if history else 0)
+  features = num_selector_features(num_classes, num_levels, history)
   return {'w1': jax.random.normal(key, (features, hidden)) * np.sqrt(2.0 / features),
           'b1': jnp.zeros((hidden,)), 'w2': jnp.zeros((hidden,)), 'b2': jnp.zeros(())}
 

@@ -6,9 +6,11 @@ there. An episode per input: walk up the levels, stop at level s with probabilit
 ``p_s * prod_{j<s} (1 - p_j)`` (the top level always stops), reward
 ``R = correct(exit s) - cost_weight * macs_to_reach[s] / macs_to_reach[top]``. REINFORCE
 follows ``(R - b_k) * grad log pi(decision at k)`` over the visited levels k <= s, with
-``b_k`` a running mean of the rewards of episodes that reached level k (any baseline
-that does not depend on the decision keeps the estimate unbiased; a test compares it
-with the exact gradient), plus an optional entropy bonus.
+``b_k`` a running mean of the rewards of episodes that reached level k, or, with
+``selection.samples`` > 1 episodes per input, the mean reward of the input's other
+episodes (leave-one-out). Any baseline that does not depend on the decision keeps the
+estimate unbiased; a test compares it with the exact gradient. An optional bonus on
+the expected entropy of the decisions keeps the module exploring.
 
 By default the network is frozen (eval mode, no gradient, its optimizer slot set to
 zero); ``selection.joint=True`` fine-tunes the exits jointly, as the paper does: the
@@ -101,37 +103,44 @@ def expected_reward(params, probs: jax.Array, reward: jax.Array, history: bool) 
 
 
 def reinforce_terms(params, probs: jax.Array, reward: jax.Array, rng: jax.Array, baseline: jax.Array,
-                    history: bool) -> dict[str, jax.Array]:
-  """One sampled episode per input.
+                    history: bool, samples: int = 1) -> dict[str, jax.Array]:
+  """``samples`` sampled episodes per input.
 
-  Returns ``surrogate`` (its gradient is minus the REINFORCE estimate of the gradient of
-  the mean expected reward), ``entropy`` (the expected sum of the decision entropies along
-  an episode, exact, so its gradient is exact too), ``stop`` [B] and ``reward`` [B] of the
-  sampled episodes, and ``visited`` [K, B].
+  With one sample the advantage is ``R - baseline[k]``; with several, each episode's
+  reward minus the mean of the input's other episodes (leave-one-out: unbiased, and no
+  running statistic needed). Returns ``surrogate`` (its gradient is minus the REINFORCE
+  estimate of the gradient of the mean expected reward), ``entropy`` (the expected sum of
+  the decision entropies along an episode, exact, so its gradient is exact too), and of
+  the sampled episodes ``stop`` [S, B], ``reward`` [S, B] and ``visited`` [S, K, B].
   """
   num_levels, batch = reward.shape
   z = stop_logits(params, probs, history)                                    # [K, B]
   p = jax.nn.sigmoid(z)
-  u = jax.random.uniform(rng, z.shape)
-  stops = (u < jax.lax.stop_gradient(p)).at[-1].set(True)
-  stop = stops.argmax(0)                                                      # first stop: [B]
-  level = jnp.arange(num_levels)[:, None]
+  u = jax.random.uniform(rng, (samples,) + z.shape)
+  stops = (u < jax.lax.stop_gradient(p)[None]).at[:, -1].set(True)
+  stop = stops.argmax(1)                                                      # first stop: [S, B]
+  level = jnp.arange(num_levels)[None, :, None]
   decided = level < num_levels - 1                                            # the top makes no decision
-  visited = level <= stop[None]
-  logp = jnp.where(level < stop[None], jax.nn.log_sigmoid(-z), jax.nn.log_sigmoid(z))
+  visited = level <= stop[:, None]                                            # [S, K, B]
+  logp = jnp.where(level < stop[:, None], jax.nn.log_sigmoid(-z)[None], jax.nn.log_sigmoid(z)[None])
   logp = jnp.where(visited & decided, logp, 0.0)
-  r = reward[stop, jnp.arange(batch)]                                         # [B]
-  advantage = jax.lax.stop_gradient(r[None] - baseline[:, None])              # [K, B]
-  surrogate = -(advantage * logp).sum(0).mean()
+  r = reward[stop, jnp.arange(batch)[None]]                                   # [S, B]
+  if samples > 1:
+    b = ((r.sum(0, keepdims=True) - r) / (samples - 1))[:, None]              # leave-one-out: [S, 1, B]
+  else:
+    b = baseline[None, :, None]
+  advantage = jax.lax.stop_gradient(r[:, None] - b)                           # [S, K, B]
+  surrogate = -(advantage * logp).sum(1).mean()
   bern = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))           # decision entropies [K, B]
   log_go = jnp.cumsum(jax.nn.log_sigmoid(-z), axis=0)
   reach = jnp.exp(jnp.concatenate([jnp.zeros_like(log_go[:1]), log_go[:-1]]))      # P(reach level k)
-  entropy = jnp.where(decided, reach * bern, 0.0).sum(0).mean()                    # exact expectation
+  entropy = jnp.where(decided[0], reach * bern, 0.0).sum(0).mean()                 # exact expectation
   return {'surrogate': surrogate, 'entropy': entropy, 'stop': stop, 'reward': r, 'visited': visited}
 
 
 def reinforce(macs_to_reach: Sequence[int], cost_weight: float, *, history: bool, entropy_weight: float,
-              use_baseline: bool, joint: bool, ce_weight: float, momentum: float = 0.9) -> losses.Objective:
+              use_baseline: bool, joint: bool, ce_weight: float, samples: int = 1,
+              momentum: float = 0.9) -> losses.Objective:
   """The selection module's objective on a ``PolicyNet`` (see the module docstring)."""
   cost = jnp.asarray(macs_to_reach, jnp.float32) / float(macs_to_reach[-1])
 
@@ -143,15 +152,15 @@ def reinforce(macs_to_reach: Sequence[int], cost_weight: float, *, history: bool
     reward = rewards(logits, batch.labels, cost, cost_weight)
     baseline = model.selector.baseline[...]
     t = reinforce_terms(model.selector.params(), probs, reward, rng,
-                        baseline if use_baseline else jnp.zeros_like(baseline), history)
+                        baseline if use_baseline else jnp.zeros_like(baseline), history, samples)
     loss = t['surrogate'] - entropy_weight * t['entropy']
     batch_size = logits.shape[1]
-    chosen = logits[t['stop'], jnp.arange(batch_size)]                      # [B, C]
+    chosen = logits[t['stop'][0], jnp.arange(batch_size)]                   # first episode: [B, C]
     ce = optax.softmax_cross_entropy_with_integer_labels(chosen, batch.labels).mean()
     if joint:
       loss = loss + ce_weight * ce
-    reached = t['visited'].sum(1)
-    mean_reward = jnp.where(t['visited'], t['reward'][None], 0.0).sum(1) / jnp.maximum(reached, 1)
+    reached = t['visited'].sum((0, 2))                                        # episodes reaching level k
+    mean_reward = jnp.where(t['visited'], t['reward'][:, None], 0.0).sum((0, 2)) / jnp.maximum(reached, 1)
     model.selector.baseline[...] = jnp.where(reached > 0, momentum * baseline + (1 - momentum) * mean_reward,
                                              baseline)
     return loss, {'logits': chosen[None], 'ce': ce[None], 'distill': jnp.zeros(()),
@@ -184,7 +193,8 @@ def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], i
   graphdef, state = step_lib.init_state(model, tx)
   state = jax.tree.map(jnp.copy, state)   # the step donates its state; ``net`` keeps its own arrays
   objective = reinforce(macs_to_reach, lam, history=s.history, entropy_weight=s.entropy_weight,
-                        use_baseline=s.baseline == 'running', joint=s.joint, ce_weight=s.ce_weight)
+                        use_baseline=s.baseline == 'running', joint=s.joint, ce_weight=s.ce_weight,
+                        samples=s.samples)
   train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 17)
   split = data.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
   batch_size = min(s.batch_size, len(labels))

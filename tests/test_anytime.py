@@ -223,12 +223,13 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
   params['w2'] = jnp.asarray(rng.normal(0, 1, 4), jnp.float32)
   exact = jax.grad(selection.expected_reward)(params, probs, reward, True)
 
-  def estimate(key, baseline):
-    return jax.grad(lambda p: -selection.reinforce_terms(p, probs, reward, key, baseline, True)['surrogate'])(params)
+  def estimate(key, baseline, samples):
+    return jax.grad(lambda p: -selection.reinforce_terms(p, probs, reward, key, baseline, True,
+                                                         samples)['surrogate'])(params)
 
   keys = jax.random.split(jax.random.key(2), 40000)
-  for baseline in (jnp.zeros(3), jnp.asarray([0.3, 0.1, -0.2])):
-    grads = jax.jit(jax.vmap(lambda k: estimate(k, baseline)))(keys)
+  for baseline, samples in ((jnp.zeros(3), 1), (jnp.asarray([0.3, 0.1, -0.2]), 1), (jnp.zeros(3), 4)):
+    grads = jax.jit(jax.vmap(lambda k: estimate(k, baseline, samples)))(keys)
     for name in params:
       mean, std = grads[name].mean(0), grads[name].std(0) / np.sqrt(len(keys))
       assert np.all(np.abs(mean - exact[name]) <= 5 * std + 1e-4), (name, mean, exact[name])
