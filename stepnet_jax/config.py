@@ -165,8 +165,10 @@ class Config:
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
             if f.default_factory is not dataclasses.MISSING}
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
-# Keys that change how a run reports, not what it trains.
+# Keys that change how a run reports, not what it trains, and sections no network trainer
+# reads (the selection module is trained afterwards, on a finished network).
 REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size')
+NOT_TRAINING_SECTIONS = ('selection',)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -341,12 +343,14 @@ def saved_data(saved: Mapping[str, Any]) -> DataConfig:
 
 
 def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
-  """Dotted keys whose value in a saved config (JSON) differs from ``cfg``'s, reporting keys aside.
+  """Dotted keys whose value in a saved config (JSON) differs from ``cfg``'s, leaving aside
+  reporting keys and sections the network trainers do not read.
 
   Keys added since the config was saved take their defaults.
   """
   a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
-  return sorted(k for k in a if k not in REPORTING_KEYS and a[k] != b[k])
+  return sorted(k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS
+                and a[k] != b[k])
 
 
 def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:

@@ -300,3 +300,4 @@ def test_saved_configs_match_with_defaults_for_new_keys():
   assert config.differing_keys(saved, cfg) == []
   assert config.differing_keys(config.merge(saved, {'train': {'num_epochs': 3}}), cfg) == ['train.num_epochs']
   assert config.differing_keys(config.merge(saved, {'train': {'progress': False}}), cfg) == []   # reporting only
+  assert config.differing_keys(config.merge(saved, {'selection': {'epochs': 3}}), cfg) == []     # not the network's
