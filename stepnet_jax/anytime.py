@@ -16,9 +16,9 @@ reach level k are the sum of every level up to k.
 Two batch strategies (``STRATEGIES``):
 * ``'masked'``: each level's step runs on the whole batch; finished inputs keep their answer;
 * ``'compact'``: the inputs still running are gathered into the smallest of a few
-  fixed bucket sizes (B, B/f, B/f^2, ..., 1) before the step and scattered back, so
+  fixed bucket sizes (B, B/2, B/4, ..., 1) before the step and scattered back, so
   later levels cost what the remaining inputs cost (one compiled branch per level and
-  bucket).
+  bucket); at batch 1 it is the masked program (nothing to compact).
 Both give each input exactly what stepping it alone gives (a test checks it).
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ from stepnet_jax.model import StepCache
 
 STRATEGIES = ('masked', 'compact')
 # The strategy ``predict`` uses when none is given, per backend. CPU: measured with
-# ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores): compact 1.19 vs masked
-# 1.42 ms at batch 1 and 127 vs 202 ms at batch 256 with the learned policy at 25-29% of
-# the top MACs, equal at 47-56%. GPU and TPU: not measured; compact until someone does.
+# ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores, batch 256): compact 120 vs
+# masked 189 ms (learned policy, 40% of the top MACs), 132 vs 165 ms (confidence, 35%).
+# GPU and TPU: not measured; compact until someone does.
 DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 
@@ -99,7 +99,7 @@ def recompute_program(forwards: Sequence[Callable[[Any, jax.Array], jax.Array]],
                  lambda carry: carry[1])
 
 
-def bucket_sizes(batch: int, factor: int = 4) -> tuple[int, ...]:
+def bucket_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
   """B, ceil(B / f), ceil(B / f^2), ..., 1: the batch sizes the compact strategy steps at."""
   sizes = [batch]
   while sizes[-1] > 1:
@@ -123,7 +123,7 @@ def _compact_steps(program: Program, variables, sizes: Sequence[int]):
 
 
 def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array | None = None, *,
-            strategy: str | None = None, bucket_factor: int = 4) -> Prediction:
+            strategy: str | None = None, bucket_factor: int = 2) -> Prediction:
   """Each input's answer under ``policy`` from ONE program (jit it, or use ``make_predict``).
 
   ``valid`` (bool [B], optional) marks the real inputs of a padded batch: the others stop
@@ -137,6 +137,8 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
   logits = program.logits(carry)
   batch, num_classes = logits.shape
   stop, pstate = policy.stop(logits, jnp.int32(0), policy.init(batch, num_classes))
+  if batch == 1:
+    strategy = 'masked'                          # nothing to compact: skip the gathers and scatters
   if top == 0:                                   # one level: nothing to decide
     return Prediction(logits, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), program.macs_to_reach[0], jnp.int32))
   active = ~stop if valid is None else ~stop & valid
@@ -173,7 +175,7 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
 
 
 @functools.lru_cache(maxsize=64)
-def make_predict(program: Program, strategy: str | None = None, bucket_factor: int = 4) -> Callable:
+def make_predict(program: Program, strategy: str | None = None, bucket_factor: int = 2) -> Callable:
   """Jitted ``(variables, x, policy, valid=None) -> Prediction``, one per (program, strategy):
   it compiles once per batch shape and policy kind (a policy's knobs are traced)."""
   return jax.jit(functools.partial(predict, program, strategy=strategy or default_strategy(),

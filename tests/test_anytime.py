@@ -45,7 +45,8 @@ def test_heuristic_policies_stop_where_numpy_says():
 
 
 def test_bucket_sizes():
-  assert anytime.bucket_sizes(256) == (256, 64, 16, 4, 1)
+  assert anytime.bucket_sizes(256) == (256, 128, 64, 32, 16, 8, 4, 2, 1)
+  assert anytime.bucket_sizes(256, 4) == (256, 64, 16, 4, 1)
   assert anytime.bucket_sizes(10, 3) == (10, 4, 2, 1)
   assert anytime.bucket_sizes(1) == (1,)
 
