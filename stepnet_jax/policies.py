@@ -37,25 +37,26 @@ def _probs(logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-@struct.dataclass
-class Confidence:
-  """Stop when the top class's probability reaches ``threshold``."""
-  threshold: float | jax.Array
+class _Stateless:
+  """A policy that carries nothing from level to level."""
 
   def init(self, batch_size: int, num_classes: int) -> PolicyState:
     return ()
+
+
+@struct.dataclass
+class Confidence(_Stateless):
+  """Stop when the top class's probability reaches ``threshold``."""
+  threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
     return _probs(logits).max(axis=-1) >= self.threshold, state
 
 
 @struct.dataclass
-class Margin:
+class Margin(_Stateless):
   """Stop when the top-1 probability exceeds the top-2 one by ``threshold``."""
   threshold: float | jax.Array
-
-  def init(self, batch_size: int, num_classes: int) -> PolicyState:
-    return ()
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
     top2 = jax.lax.top_k(_probs(logits), 2)[0]
@@ -63,12 +64,9 @@ class Margin:
 
 
 @struct.dataclass
-class Entropy:
+class Entropy(_Stateless):
   """Stop when the softmax entropy (in nats) is at most ``threshold``."""
   threshold: float | jax.Array
-
-  def init(self, batch_size: int, num_classes: int) -> PolicyState:
-    return ()
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -76,7 +74,7 @@ class Entropy:
 
 
 @struct.dataclass
-class MacBudget:
+class MacBudget(_Stateless):
   """Stop before the step that would take an input past ``budget`` MACs.
 
   ``macs_to_reach[k]``: MACs spent per input to have level k's answer (cumulative for a
@@ -88,9 +86,6 @@ class MacBudget:
   def __post_init__(self):
     if not self.macs_to_reach:
       raise ValueError('MacBudget needs macs_to_reach: the MACs spent to reach each level (Stepper.macs_to_reach)')
-
-  def init(self, batch_size: int, num_classes: int) -> PolicyState:
-    return ()
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
     nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]   # MACs after one more step
