@@ -18,7 +18,9 @@ Two batch strategies (``STRATEGIES``):
 * ``'compact'``: the inputs still running are gathered into the smallest of a few
   fixed bucket sizes (B, B/2, B/4, ..., 1) before the step and scattered back, so
   later levels cost what the remaining inputs cost (one compiled branch per level and
-  bucket); at batch 1 it is the masked program (nothing to compact).
+  bucket); at batch 1 it is the masked program (nothing to compact). A program with
+  ``step_rows`` (stepping networks) reads only the channels the level needs of those
+  rows and writes back only the new level's channels.
 Both give each input exactly what stepping it alone gives (a test checks it).
 """
 from __future__ import annotations
@@ -38,9 +40,9 @@ from stepnet_jax.model import StepCache
 
 STRATEGIES = ('masked', 'compact')
 # The strategy ``predict`` uses when none is given, per backend. CPU: measured with
-# ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores, batch 256): compact 120 vs
-# masked 189 ms (learned policy, 40% of the top MACs), 132 vs 165 ms (confidence, 35%).
-# GPU and TPU: not measured; compact until someone does.
+# ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores, batch 256, the study's
+# SteppingNet): compact 96.8 vs masked 167.5 ms (learned policy, 39.5% of the top MACs),
+# 101.8 vs 166.4 ms (confidence, 35.3%). GPU and TPU: not measured; compact until someone does.
 DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 
@@ -58,12 +60,16 @@ class Program:
   static) are pure; every leaf of ``carry`` has the batch as leading axis and keeps its
   shape from level to level; ``logits(carry)`` is the current answer [B, classes].
   ``macs_to_reach[k]``: MACs per input spent to have level k's answer.
+  ``step_rows(variables, carry, k, rows) -> carry`` (optional) steps only the batch rows
+  ``rows`` (distinct indices) and leaves the others as they were; the compact strategy
+  uses it. Without it, compact gathers whole carry rows, steps them and scatters them back.
   """
   num_levels: int
   macs_to_reach: tuple[int, ...]
   start: Callable[[Any, jax.Array], Any]
   step: Callable[[Any, Any, int], Any]
   logits: Callable[[Any], jax.Array]
+  step_rows: Callable[[Any, Any, int, jax.Array], Any] | None = None
 
   def __post_init__(self):
     if len(self.macs_to_reach) != self.num_levels:
@@ -78,12 +84,14 @@ def stepping_program(graphdef: nnx.GraphDef, num_levels: int, macs_to_reach: Seq
     c = nnx.merge(graphdef, variables, copy=True).start(x)
     return c.inputs, c.units, c.logits
 
-  def step(variables, carry, k):
+  def step_rows(variables, carry, k, rows):
     inputs, units, logits = carry
-    c = nnx.merge(graphdef, variables, copy=True).step(StepCache(inputs, units, logits, level=k - 1), k)
+    c = nnx.merge(graphdef, variables, copy=True).step(StepCache(inputs, units, logits, level=k - 1), k, rows)
     return c.inputs, c.units, c.logits
 
-  return Program(num_levels, tuple(int(m) for m in macs_to_reach), start, step, lambda carry: carry[2])
+  return Program(num_levels, tuple(int(m) for m in macs_to_reach), start,
+                 lambda variables, carry, k: step_rows(variables, carry, k, None), lambda carry: carry[2],
+                 step_rows)
 
 
 def recompute_program(forwards: Sequence[Callable[[Any, jax.Array], jax.Array]],
@@ -116,6 +124,8 @@ def _compact_steps(program: Program, variables, sizes: Sequence[int]):
   """Branch (i, j) computes level i + 1 for the first ``sizes[j]`` inputs of ``order``."""
   def branch(carry, order, k, size):
     rows = order[:size]
+    if program.step_rows is not None:
+      return program.step_rows(variables, carry, k, rows)
     sub = program.step(variables, jax.tree.map(lambda a: a[rows], carry), k)
     return jax.tree.map(lambda a, s: a.at[rows].set(s, unique_indices=True), carry, sub)
 

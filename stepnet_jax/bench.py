@@ -10,7 +10,10 @@ Measured side by side, in one run, on the machine at hand:
      masked full-width and the level-block forward reported (target <= 1.15);
  (c) per level, XLA cost-analysis FLOPs of the compiled step / (2 x delta MACs x batch)
      (target 0.9..1.2): the compiled step k really does only level k's work;
- (d) the latency of each level block of the costliest conv layer against the whole layer.
+ (d) the latency of each level block of the costliest conv layer against the whole layer;
+ (e) the first conv layer (it reads the image: one to three channels), each level block and
+     the whole layer, as the library convolution and as the tap product ``layers.conv_by_taps``
+     (which ``layers.TAPS_MAX_CHANNELS`` picks per backend for narrow blocks).
 """
 from __future__ import annotations
 
@@ -80,6 +83,30 @@ def conv_block_costs(model, x, top: int, repeats: int) -> dict:
   return {'layer': model.unit_names[i], 'block_ms': [1e3 * t for t in blocks], 'whole_layer_ms': 1e3 * whole}
 
 
+def first_conv_costs(model, x, top: int, repeats: int) -> dict:
+  """Latency of each level block of the model's first conv layer (and of the whole layer) as
+  the library convolution and as the tap product, whatever the backend's default is."""
+  unit = model.units[0]
+  if not isinstance(unit, layers.LevelConv):
+    return {}
+  features = model.normalize(x)
+  backend = jax.default_backend()
+  saved = layers.TAPS_MAX_CHANNELS.get(backend)
+  out = {'layer': model.unit_names[0], 'in_channels': int(features.shape[-1])}
+  try:
+    for name, limit in (('library', (0, 0)), ('taps', (features.shape[-1], unit.kernel.shape[-1]))):
+      layers.TAPS_MAX_CHANNELS[backend] = limit       # read when the jitted functions trace
+      out[f'{name}_block_ms'] = [1e3 * median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features,
+                                                      repeats=repeats) for k in range(top + 1)]
+      out[f'{name}_whole_ms'] = 1e3 * median_seconds(jax.jit(lambda f: unit(f, top).sum()), features, repeats=repeats)
+  finally:
+    if saved is None:
+      layers.TAPS_MAX_CHANNELS.pop(backend)
+    else:
+      layers.TAPS_MAX_CHANNELS[backend] = saved
+  return out
+
+
 def _time_train_step(step, state, batch, repeats):
   holder = {'state': state}
 
@@ -139,6 +166,8 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
 
   # (d) where (b) comes from: the costliest conv layer, each level block against the whole layer.
   conv_layer = conv_block_costs(model, x, top, repeats)
+  # (e) the narrow-input first layer, both convolution formulations.
+  first_conv = first_conv_costs(model, x, top, repeats)
 
   fastest = min(t_masked, t_blocked)
   return {
@@ -158,6 +187,7 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
                 'masked_top_forward_ratio_to_kept': flops_masked_top / (2.0 * delta.sum() * batch),
                 'target': '0.9 .. 1.2'},
       'conv_layer': conv_layer,
+      'first_conv': first_conv,
   }
 
 
@@ -182,6 +212,11 @@ def format_report(r: dict) -> str:
   if c:
     lines.append(f'(d) {c["layer"]}: level blocks ' + ', '.join(f'{m:.1f}' for m in c['block_ms'])
                  + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})')
+  e = r.get('first_conv')
+  if e:
+    lines.append(f'(e) {e["layer"]} ({e["in_channels"]} input channels), library convolution / tap product: level blocks '
+                 + ', '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(e['library_block_ms'], e['taps_block_ms']))
+                 + f' ms; whole layer {e["library_whole_ms"]:.2f} / {e["taps_whole_ms"]:.2f} ms')
   return '\n'.join(lines)
 
 

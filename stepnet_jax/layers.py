@@ -6,9 +6,10 @@ Every layer exposes three computations over the same parameters:
   the input channels of levels <= ``level``; the kernel slice is multiplied by the
   static connection mask where the mask is not all ones. At the top level this is the
   full-width masked layer used for one-pass multi-exit training.
-* ``step(cache, x, level)``: eval-mode computation of only the level-``level`` output
-  channels from the inputs of levels <= ``level``, written into the layer's cache
-  buffers. Its cost is the delta MACs of that level.
+* ``step(cache, x, level, rows=None)``: eval-mode computation of only the level-``level``
+  output channels from the inputs of levels <= ``level``, written into the layer's cache
+  buffers (of the batch rows ``rows`` only, when given). Its cost is the delta MACs of
+  that level.
 * ``delta_macs(in_shape)``: exact MACs of each level's new connections.
 
 Channel axes are last (NHWC for images, [B, C] for vectors).
@@ -29,17 +30,60 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def write_block(buffer: jax.Array, block: jax.Array, offset: int) -> jax.Array:
-  """Write ``block`` into the channel axis of ``buffer`` at a static offset."""
+def write_block(buffer: jax.Array, block: jax.Array, offset: int, rows: jax.Array | None = None) -> jax.Array:
+  """Write ``block`` into the channel axis of ``buffer`` at a static offset; with ``rows``
+  (distinct batch indices, one per row of ``block``) only into those rows."""
   if block.shape[-1] == 0:
     return buffer
-  return jax.lax.dynamic_update_slice_in_dim(buffer, block.astype(buffer.dtype), offset, axis=-1)
+  if rows is None:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, block.astype(buffer.dtype), offset, axis=-1)
+  return buffer.at[rows, ..., offset:offset + block.shape[-1]].set(block.astype(buffer.dtype), unique_indices=True)
+
+
+def take_rows(buffer: jax.Array, rows: jax.Array | None, lo: int = 0, hi: int | None = None) -> jax.Array:
+  """Channels [lo, hi) of ``buffer``, of the batch rows ``rows`` (all rows when None).
+
+  Stepping only some inputs reads just the channels a level needs, not whole cache rows.
+  """
+  x = buffer[..., lo:hi]
+  return x if rows is None else x[rows]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
   if padding == 'SAME':
     return -(-size // stride)
   return (size - kernel) // stride + 1
+
+
+# Eval-mode convolutions with at most (in, out) channels run as ``conv_by_taps`` (one
+# matrix product over explicit taps), per backend. XLA:CPU's convolution of a one-channel
+# input (a grayscale image's first layer and its narrow level blocks) costs about the same
+# whatever its output channels: the anytime study's level-0 conv1 block (7 channels) took
+# 5.1 ms at batch 256, 2.4 ms as taps. Wider outputs, two or more input channels and
+# training keep the library convolution (as fast or faster there). A sum of per-tap
+# broadcast products was faster still (0.4 ms), but XLA fused that loop into each of its
+# consumers and computed it twice (compiled FLOPs 1.25x the MACs at level 0), so it is not
+# used. Measurements: README, "Where the anytime time goes"; ``scripts/profile_levels.py``;
+# ``python -m stepnet_jax.bench`` section (e). GPU/TPU: the library convolution.
+TAPS_MAX_CHANNELS = {'cpu': (1, 16)}
+
+
+def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.Array:
+  """NHWC x HWIO convolution as one matrix product over explicit taps: the kh*kw shifted
+  (strided) views of ``x`` stacked on a new axis, contracted with the kernel over
+  (tap, input channel). Cheap when the input has few channels (the patches are small)."""
+  kh, kw = w.shape[:2]
+  if padding == 'SAME':
+    pads = []
+    for size, k in ((x.shape[1], kh), (x.shape[2], kw)):
+      total = max((conv_output_size(size, k, stride, 'SAME') - 1) * stride + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  h = conv_output_size(x.shape[1], kh, stride, 'VALID')
+  wd = conv_output_size(x.shape[2], kw, stride, 'VALID')
+  patches = jnp.stack([x[:, dy:dy + (h - 1) * stride + 1:stride, dx:dx + (wd - 1) * stride + 1:stride, :]
+                       for dy in range(kh) for dx in range(kw)], axis=-2)          # [B, h, w, taps, C_in]
+  return jnp.einsum('bhwtc,tco->bhwo', patches, w.reshape(kh * kw, w.shape[2], w.shape[3]))
 
 
 class BatchNorm(nnx.Module):
@@ -96,7 +140,7 @@ class _LinearUnit(nnx.Module):
   conn: Connectivity
   relu: bool
 
-  def _linear(self, x: jax.Array, w: jax.Array) -> jax.Array:
+  def _linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
     raise NotImplementedError
 
   def _post(self, y: jax.Array) -> jax.Array:
@@ -110,7 +154,7 @@ class _LinearUnit(nnx.Module):
 
   def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool, level: int) -> jax.Array:
     in_hi = x.shape[-1]
-    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask))
+    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask), train)
     y = self.bn(y, out_lo, out_hi, train, level)
     if self.relu:
       y = jax.nn.relu(y)
@@ -123,20 +167,22 @@ class _LinearUnit(nnx.Module):
       raise ValueError(f'expected {lv.end(c.in_sizes, level)} input channels at level {level}, got {x.shape[-1]}')
     return self._apply(x, 0, lv.end(c.out_sizes, level), c.prefix_mask(level), train, level)
 
-  def block(self, x: jax.Array, level: int) -> jax.Array:
-    """Eval-mode output channels of exactly level ``level`` (the delta of that level)."""
+  def block(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Eval-mode output channels of exactly level ``level`` (the delta of that level), of the
+    batch rows ``rows`` of ``x`` (all when None)."""
     c = self.conn
     if not c.mask_rule:
       raise ValueError('a layer without the mask rule has no reusable level blocks')
     lo, hi = lv.start(c.out_sizes, level), lv.end(c.out_sizes, level)
-    x = x[..., :lv.end(c.in_sizes, level)]
+    x = take_rows(x, rows, 0, lv.end(c.in_sizes, level))
     return self._apply(x, lo, hi, c.block_mask(level), False, level)
 
-  def step(self, cache: jax.Array, x: jax.Array, level: int) -> jax.Array:
-    """Update this unit's output buffer with its level-``level`` channels."""
+  def step(self, cache: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Update this unit's output buffer with its level-``level`` channels (of ``rows`` only,
+    when given)."""
     if lv.end(self.conn.out_sizes, level) == lv.start(self.conn.out_sizes, level):
       return cache
-    return write_block(cache, self.block(x, level), lv.start(self.conn.out_sizes, level))
+    return write_block(cache, self.block(x, level, rows), lv.start(self.conn.out_sizes, level), rows)
 
   def output(self, cache: jax.Array) -> jax.Array:
     return cache
@@ -157,9 +203,12 @@ class LevelConv(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
     self.bn = make_batch_norm(conn, switchable_bn)
 
-  def _linear(self, x, w):
+  def _linear(self, x, w, train):
     if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
       return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
+    max_in, max_out = TAPS_MAX_CHANNELS.get(jax.default_backend(), (0, 0))
+    if not train and w.shape[-2] <= max_in and w.shape[-1] <= max_out:
+      return conv_by_taps(x, w, self.stride, self.padding)
     return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -198,7 +247,8 @@ class LevelDense(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
     self.bn = make_batch_norm(conn, switchable_bn)
 
-  def _linear(self, x, w):
+  def _linear(self, x, w, train):
+    del train
     if 0 in w.shape[-2:]:
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
     x = x.reshape(x.shape[0], self.spatial, x.shape[-1])
@@ -240,15 +290,15 @@ class ResidualBlock(nnx.Module):
     top = self.conn.num_levels - 1
     return (self.conv1(x, top), self(x, top))
 
-  def step(self, cache, x, level):
+  def step(self, cache, x, level, rows=None):
     h_buf, out_buf = cache
-    h_buf = self.conv1.step(h_buf, x, level)
+    h_buf = self.conv1.step(h_buf, x, level, rows)
     lo, hi = lv.start(self.conn.out_sizes, level), lv.end(self.conn.out_sizes, level)
     if hi == lo:
       return h_buf, out_buf
-    y = self.conv2.block(h_buf, level)
-    s = x[..., lo:hi] if self.identity else self.shortcut.block(x, level)
-    return h_buf, write_block(out_buf, jax.nn.relu(y + s), lo)
+    y = self.conv2.block(h_buf, level, rows)
+    s = take_rows(x, rows, lo, hi) if self.identity else self.shortcut.block(x, level, rows)
+    return h_buf, write_block(out_buf, jax.nn.relu(y + s), lo, rows)
 
   def output(self, cache):
     return cache[1]
@@ -281,10 +331,11 @@ class Head(nnx.Module):
       x = x.mean((1, 2))
     return x.reshape(x.shape[0], self.spatial, x.shape[-1])
 
-  def contribution(self, x: jax.Array, level: int) -> jax.Array:
-    """Logit contribution of the level-``level`` features (no bias). x: features of levels <= level."""
+  def contribution(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Logit contribution of the level-``level`` features (no bias), of the batch rows ``rows``
+    (all when None). x: features of levels <= level."""
     lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
-    x = self._flat(x[..., lo:hi])
+    x = self._flat(take_rows(x, rows, lo, hi))
     return jnp.einsum('bsi,sio->bo', x, self.kernel[:, lo:hi])
 
   def __call__(self, x, level):

@@ -129,8 +129,14 @@ class SteppingModel(nnx.Module):
     logits = jnp.zeros((x.shape[0], self.head.num_classes), jnp.float32)
     return StepCache(inputs=x, units=units, logits=logits, level=-1)
 
-  def step(self, cache: StepCache, level: int) -> StepCache:
-    """Compute level ``level`` (must be ``cache.level + 1``) from the cached lower levels."""
+  def step(self, cache: StepCache, level: int, rows: jax.Array | None = None) -> StepCache:
+    """Compute level ``level`` (must be ``cache.level + 1``) from the cached lower levels.
+
+    ``rows`` (distinct batch indices, optional) restricts the step to those inputs: each
+    unit reads only their rows and the channels the level needs, and writes back only the
+    new level's channels (anytime inference's compact strategy). The other rows are left
+    as they were.
+    """
     level = self._check_level(level)
     if not self.reusable:
       raise ValueError('this model has no mask rule (slimmable-style): its subnets cannot be stepped; '
@@ -140,12 +146,13 @@ class SteppingModel(nnx.Module):
     x = cache.inputs
     new_units = []
     for unit, c in zip(self.units, cache.units):
-      c = unit.step(c, x, level)
+      c = unit.step(c, x, level, rows)
       new_units.append(c)
       x = unit.output(c)
-    logits = cache.logits + self.head.contribution(x, level)
+    delta = self.head.contribution(x, level, rows)
     if level == 0:
-      logits = logits + self.head.bias[...]
+      delta = delta + self.head.bias[...]
+    logits = cache.logits + delta if rows is None else cache.logits.at[rows].add(delta, unique_indices=True)
     return StepCache(inputs=cache.inputs, units=tuple(new_units), logits=logits, level=level)
 
   def start(self, x: jax.Array) -> StepCache:

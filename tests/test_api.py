@@ -4,6 +4,7 @@ The numpy references recompute the whole network from the raw parameters (masks 
 testlib.brute_mask, BN in eval mode, VALID convolutions as sums of shifted matrix
 products, 2x2 max-pooling, a row-major flatten into the additive head).
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -281,3 +282,15 @@ def test_inference_imports_no_training_code():
   assert 'stepnet_jax.api' in loaded and 'stepnet_jax.restore' in loaded
   assert not [m for m in loaded if m.startswith('stepnet_jax.training') or m in (
       'stepnet_jax.losses', 'stepnet_jax.methods', 'stepnet_jax.construct')], loaded
+
+
+@pytest.mark.parametrize('size,kernel,stride,padding,cin,cout', [
+    (28, 3, 1, 'VALID', 1, 8), (28, 5, 1, 'SAME', 1, 6), (9, 3, 2, 'SAME', 2, 3), (10, 5, 2, 'VALID', 1, 4),
+    (8, 1, 2, 'SAME', 2, 3), (7, 3, 2, 'SAME', 3, 2)])
+def test_convolution_by_taps_equals_library_convolution(size, kernel, stride, padding, cin, cout):
+  """The tap-sum formulation used for narrow-input convolutions against lax's convolution."""
+  rng = np.random.RandomState(size + kernel + cin)
+  x = jnp.asarray(rng.randn(3, size, size, cin), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, cin, cout), jnp.float32)
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert_close(layers.conv_by_taps(x, w, stride, padding), ref, 1e-5, 1e-5)

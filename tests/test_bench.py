@@ -5,6 +5,7 @@ from stepnet_jax import bench
 
 
 def test_bench_runs_and_counts_only_each_levels_work():
+  taps_rule = dict(bench.layers.TAPS_MAX_CHANNELS)
   r = bench.run('lenet3c1l', num_levels=3, batch=4, train_batch=4, width=0.5, repeats=1)
   assert len(r['stepping']['step_ms']) == 3
   assert np.isclose(r['stepping']['sum_steps_ms'], sum(r['stepping']['step_ms']))
@@ -18,7 +19,9 @@ def test_bench_runs_and_counts_only_each_levels_work():
   assert len(r['conv_layer']['block_ms']) == 3
   assert r['train']['images_per_sec'] > 0
   report = bench.format_report(r)
-  assert all(f'L{k} ' in report for k in range(3)) and '(d) conv2' in report
+  assert all(f'L{k} ' in report for k in range(3)) and '(d) conv2' in report and '(e) conv1' in report
+  assert len(r['first_conv']['taps_block_ms']) == len(r['first_conv']['library_block_ms']) == 3
+  assert bench.layers.TAPS_MAX_CHANNELS == taps_rule           # the timing put the default back
 
 
 def test_valid_tap_macs_match_a_convolution_of_ones():

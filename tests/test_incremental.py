@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import stepnet_jax
 from stepnet_jax import models, stepping
-from testlib import SPEC_BY_ID, SPEC_IDS, assert_close, block_end, built_model, bundle, images, numpy_initializers
+from testlib import (SPEC_BY_ID, SPEC_IDS, assert_close, block_end, built_model, bundle, images, numpy_initializers,
+                     poison, unit_buffer)
 
 RTOL, ATOL = 1e-5, 1e-4
 
@@ -65,6 +67,37 @@ def test_stepping_separately_compiled_functions(net):
     assert_close(fns.forward_blocked(v, x, level=k), b['exits'][k], RTOL, ATOL)
     assert_close(fns.forward_fastest(v, x, k), b['exits'][k], RTOL, ATOL)
   assert_close(fns.exits(v, x), b['exits'], RTOL, ATOL)
+
+
+@pytest.mark.parametrize('spec_id', ['lenet3c1l', 'resnet20'])
+def test_stepping_some_rows_leaves_the_others(spec_id):
+  """``step(cache, k, rows)`` (the compact strategy's step) computes level k of the rows
+  ``rows`` exactly as stepping the whole batch does, and leaves every other row as it was
+  (its channels above level 0 stay the NaN they started as)."""
+  spec = SPEC_BY_ID[spec_id]
+  b = bundle(spec_id)
+  graphdef, v, x = b['graphdef'], b['variables'], b['x']
+  rows = np.asarray([2, 0])
+  others = np.asarray([1, 3])
+
+  @jax.jit
+  def stepped(v, x):
+    m = nnx.merge(graphdef, v, copy=True)
+    cache = poison(m, m.start(x), 0)
+    out = []
+    for k in range(1, spec.num_levels):
+      cache = m.step(cache, k, jnp.asarray(rows))
+      out.append((cache.logits, [unit_buffer(c) for c in cache.units]))
+    return out
+
+  model = built_model(spec_id)
+  for k, (logits, units) in enumerate(jax.device_get(stepped(v, x)), start=1):
+    assert_close(logits[rows], b['step_logits'][k][rows], RTOL, ATOL, err_msg=f'{spec_id}: level {k}')
+    assert_close(logits[others], b['step_logits'][0][others], RTOL, ATOL)
+    for unit, buf, ref in zip(model.units, units, b['step_units'][k]):
+      e0, e = block_end(unit.conn.out_sizes, 0), block_end(unit.conn.out_sizes, k)
+      assert_close(buf[rows][..., :e], ref[rows][..., :e], RTOL, ATOL)
+      assert np.isnan(buf[others][..., e0:]).all(), f'{spec_id}: level {k} wrote a row it was not given'
 
 
 # ------------------------------------------------------------------ one small model
