@@ -1,14 +1,19 @@
-"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png] [--policy P].
+"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png] [--policy P]
+[--bits B [--act_bits A]].
 
 Prints a table of test accuracy, MACs, delta MACs and measured step latency per level,
 and the delta MACs of every layer at every level; with ``--policy`` (confidence, margin,
 entropy, macs) also the accuracy and average MACs per input of that stopping policy
-over a sweep of its knob, from the compiled anytime program.
+over a sweep of its knob, from the compiled anytime program. With ``--bits`` the run is
+evaluated quantized (``stepnet_jax.quant``: per-neuron weight bits, ``--act_bits``
+hidden activations with clips calibrated on training images); a run that recorded its
+precision is shown with it.
 """
 from absl import app, flags, logging
+from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, config, data, evaluation, policies
+from stepnet_jax import anytime, config, data, evaluation, policies, quant
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
 _JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
@@ -21,6 +26,11 @@ _POLICY = flags.DEFINE_enum('policy', None, ['confidence', 'margin', 'entropy', 
                             'Also sweep this stopping policy through the compiled anytime program.')
 _KNOBS = flags.DEFINE_list('knobs', None, 'The policy\'s thresholds (per-input MAC budgets for macs); '
                            'default: policies.default_knobs.')
+_BITS = flags.DEFINE_string('bits', None, 'Evaluate quantized: weight bits of every neuron (an integer), or a '
+                            'JSON file {layer: [bits per neuron]} (or a quant.Precision JSON).')
+_ACT_BITS = flags.DEFINE_integer('act_bits', 8, 'With --bits: bits of the hidden activations (32 = float).')
+_CALIBRATION = flags.DEFINE_integer('calibration_images', 1000, 'With --bits: training images that calibrate '
+                                    'the activation clips.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -30,11 +40,27 @@ def main(argv):
   net = stepnet_jax.load(_WORKDIR.value)
   source = config.saved_data(net.meta['config'])
   ds = data.subset(data.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
+  precision = net.meta['model_meta'].get('precision')
+  if _BITS.value:
+    if precision:
+      raise app.UsageError('this run is already quantized (its checkpoint records a precision); drop --bits')
+    model = nnx.merge(net.graphdef, net.variables)
+    bits = quant.load_bits(_BITS.value, model)
+    clips = quant.calibrate_clips(model, ds.train_images[:_CALIBRATION.value]) if _ACT_BITS.value < 32 else None
+    precision = quant.Precision(bits, _ACT_BITS.value, clips).to_json()
+    net = stepnet_jax.Stepper(quant.apply(model, quant.Precision.from_json(precision)), net.meta)
   rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
                                     latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
   print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
         f'{len(ds.test_labels)} test images, {net.num_levels} levels')
   print(evaluation.format_table(rows, _LAT_BATCH.value))
+  if precision:
+    model, p = nnx.merge(net.graphdef, net.variables), quant.Precision.from_json(precision)
+    print('\nprecision (quantized weights and activations):')
+    print(quant.describe(model, p))
+    reach = quant.bitops(model, p.weight_bits, p.act_bits).sum(axis=0).cumsum()
+    for row, ops in zip(rows, reach):
+      row['bitops_to_reach'] = int(ops)
   print('\nMACs per image by layer (BN, ReLU, pooling and additions are not MACs):')
   print(evaluation.format_layer_macs(net))
   if _POLICY.value:
@@ -47,7 +73,7 @@ def main(argv):
     print(anytime.format_sweep(points, reach[-1]))
   if _JSON.value:
     evaluation.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
-                                              'latency_batch': _LAT_BATCH.value})
+                                              'latency_batch': _LAT_BATCH.value, 'precision': precision})
     print(f'wrote {_JSON.value}')
   if _PLOT.value:
     evaluation.plot_accuracy_vs_macs(_PLOT.value, {net.meta['model_meta']['model']: rows},

@@ -25,6 +25,7 @@ from flax import nnx
 
 from stepnet_jax import levels as lv
 from stepnet_jax.levels import Connectivity
+from stepnet_jax.quantizers import quantize_activation
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -139,6 +140,9 @@ class _LinearUnit(nnx.Module):
 
   conn: Connectivity
   relu: bool
+  # (bits, clip, straight-through) of the output activation's quantizer, or None (float);
+  # static, set by ``quant.set_activation_quantization``.
+  act_quant: tuple[int, float, bool] | None = None
 
   def _linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
     raise NotImplementedError
@@ -158,7 +162,10 @@ class _LinearUnit(nnx.Module):
     y = self.bn(y, out_lo, out_hi, train, level)
     if self.relu:
       y = jax.nn.relu(y)
-    return self._post(y)
+    y = self._post(y)
+    if self.act_quant is not None:
+      y = quantize_activation(y, *self.act_quant)
+    return y
 
   def __call__(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
     """Prefix forward of subnet ``level``: all output channels of levels <= ``level``."""

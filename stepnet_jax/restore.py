@@ -4,7 +4,8 @@ A checkpoint (``WORKDIR/checkpoints/STEP``, written by ``training/checkpoints.py
 holds the item ``model`` (parameters and batch statistics as plain nested dicts, see
 ``model_item``), for a training run also ``train`` (optimizer state and step), and
 ``meta``: JSON with everything needed to rebuild the model's structure (``model_meta``:
-architecture, level assignment, normalisation) and the run's config. Inference needs
+architecture, level assignment, normalisation, and for a quantized run its ``precision``,
+see ``quant.Precision``) and the run's config. Inference needs
 only this module; nothing here writes.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stepnet_jax import models
+from stepnet_jax import models, quant
 from stepnet_jax.model import SteppingModel
 
 
@@ -98,4 +99,6 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[SteppingModel
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   restore_model_item(workdir, params, stats, step)
   nnx.update(model, params, stats)
+  if meta['model_meta'].get('precision'):          # a quantized run: its bit widths beside the levels
+    model = quant.apply(model, quant.Precision.from_json(meta['model_meta']['precision']))
   return model, meta

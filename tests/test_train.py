@@ -230,6 +230,18 @@ def test_train_and_evaluate_scripts(tmp_path):
   np.testing.assert_array_equal([r['macs'] for r in rows], np.cumsum([r['delta_macs'] for r in rows]))
   with open(plot, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # Quantized evaluation: 4-bit weights and 8-bit activations on 8-bit images cost 32 bit-ops per MAC.
+  quantized = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
+       '--test_subset=200', '--batch_size=100', '--latency_repeats=1', '--bits=4', '--act_bits=8',
+       '--calibration_images=200'],
+      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+  assert quantized.returncode == 0, quantized.stderr[-3000:]
+  assert 'MAC-weighted mean weight bits 4.00' in quantized.stdout, quantized.stdout[-2000:]
+  with open(out_json) as f:
+    result = json.load(f)
+  assert result['precision']['act_bits'] == 8
+  assert [r['bitops_to_reach'] for r in result['levels']] == [32 * r['macs'] for r in result['levels']]
 
 
 def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_digits_run):

@@ -1,0 +1,153 @@
+"""Quantization core: per-neuron weight quantizers, activation quantizers, bit-op counts,
+the level invariant under quantization, and precision stored in a checkpoint.
+
+References are independent: numpy re-derivations of the documented quantizers, and a
+bit-op count that walks every (input channel, output neuron, tap, output position) of
+the brute-force connection mask.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import stepnet_jax
+from stepnet_jax import models, quant
+from testlib import brute_mask, images
+
+
+@pytest.fixture(scope='module')
+def small():
+  model = models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
+                             assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
+  rng = np.random.RandomState(0)
+  bits = {name: tuple(int(b) for b in rng.randint(1, 9, layer.kernel.shape[-1]))
+          for name, layer in quant.linear_layers(model).items()}
+  return model, bits
+
+
+def _numpy_quantize(w, bits):
+  """The documented quantizer, per output neuron, in numpy float64."""
+  out = np.empty_like(w, dtype=np.float64)
+  for o, b in enumerate(bits):
+    col = w[..., o].astype(np.float64)
+    if b >= quant.FLOAT_BITS:
+      out[..., o] = col
+    elif b == 1:
+      out[..., o] = np.where(col >= 0, 1.0, -1.0) * np.abs(col).mean()
+    else:
+      top = 2 ** (b - 1) - 1
+      s = np.abs(col).max() / top
+      out[..., o] = np.clip(np.round(col / s), -top, top) * s
+  return out
+
+
+def test_weight_quantizer_matches_numpy_and_has_at_most_2b_values():
+  rng = np.random.RandomState(1)
+  w = rng.normal(0, 0.3, (3, 3, 5, 6)).astype(np.float32)
+  bits = np.asarray([1, 2, 3, 4, 8, 32])
+  q = np.asarray(quant.quantize_kernel(jnp.asarray(w), jnp.asarray(bits)))
+  np.testing.assert_allclose(q, _numpy_quantize(w, bits), rtol=1e-6, atol=1e-7)
+  for o, b in enumerate(bits[:-1]):
+    assert len(np.unique(q[..., o])) <= 2 ** b - (b > 1)      # symmetric: 2^b - 1 levels; binary: 2
+  np.testing.assert_array_equal(q[..., -1], w[..., -1])        # FLOAT_BITS: untouched
+  # Straight-through: the gradient of <quantized w, c> w.r.t. w is c.
+  c = rng.normal(size=w.shape).astype(np.float32)
+  g = jax.grad(lambda w: (quant.quantize_kernel(w, jnp.asarray(bits), ste=True) * c).sum())(jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(g), c, rtol=1e-6)
+
+
+def test_activation_quantizer_grid_and_straight_through():
+  y = jnp.linspace(-1.0, 3.0, 401)
+  q = np.asarray(quant.quantize_activation(y, 3, 2.0))
+  grid = np.arange(8) * (2.0 / 7)
+  assert np.abs(q[:, None] - grid[None]).min(axis=1).max() < 1e-6     # on the 8-value grid of [0, 2]
+  assert np.abs(q - np.clip(np.asarray(y), 0, 2)).max() <= 1.0 / 7 + 1e-6
+  g = np.asarray(jax.grad(lambda y: quant.quantize_activation(y, 3, 2.0, ste=True).sum())(y))
+  np.testing.assert_array_equal(g, ((np.asarray(y) > 0) & (np.asarray(y) < 2)).astype(np.float32))
+
+
+def test_quantized_model_keeps_the_level_invariant(small):
+  """Stepping the quantized model gives its direct forward at every level, hidden outputs
+  are on the activation grid, and each neuron's weights take at most 2^b values."""
+  model, bits = small
+  x = images(model.input_shape, batch=8, seed=3)
+  clips = quant.calibrate_clips(model, x)
+  q = quant.apply(model, quant.Precision(bits, 4, clips))
+  for name, layer in quant.linear_layers(q).items():
+    k = np.asarray(layer.kernel[...])
+    for o, b in enumerate(bits[name]):
+      assert len(np.unique(k[..., o])) <= 2 ** b
+  net = stepnet_jax.Stepper(q)
+  cache = net.start(jnp.asarray(x))
+  for level in range(q.num_levels):
+    if level:
+      cache = net.advance(cache)
+    np.testing.assert_allclose(np.asarray(cache.logits), np.asarray(net.forward(jnp.asarray(x), level)),
+                               rtol=1e-5, atol=1e-5)
+  for name, buf in zip(q.unit_names, cache.units):
+    step = clips[name] / 15
+    ratio = np.asarray(buf) / step
+    np.testing.assert_allclose(ratio, np.round(ratio), atol=1e-3)
+    assert ratio.min() >= -1e-3 and ratio.max() <= 15 + 1e-3
+  assert not np.allclose(np.asarray(net.forward(jnp.asarray(x), 2)),
+                         np.asarray(stepnet_jax.Stepper(model).forward(jnp.asarray(x), 2)))
+
+
+def test_bitops_match_a_brute_force_count(small):
+  model, bits = small
+  act_bits = 5
+  expected = np.zeros((len(model.units) + 1, model.num_levels), np.int64)
+  h, w, in_bits = model.input_shape[0], model.input_shape[1], quant.INPUT_BITS
+  for row, unit in enumerate(model.units):
+    c = unit.conn
+    mask = brute_mask(c.in_sizes, c.out_sizes)
+    level_of = np.repeat(np.arange(len(c.out_sizes)), c.out_sizes)
+    k = unit.kernel_size
+    oh, ow = h - k + 1, w - k + 1                                  # VALID convolutions
+    for i in range(mask.shape[0]):
+      for o in range(mask.shape[1]):
+        if mask[i, o]:
+          for _ in range(k * k):
+            expected[row, level_of[o]] += oh * ow * bits[f'conv{row + 1}'][o] * in_bits
+    h, w = (oh // unit.pool, ow // unit.pool) if unit.pool else (oh, ow)
+    in_bits = act_bits
+  head = model.head
+  feature_level = np.repeat(np.arange(len(head.in_sizes)), head.in_sizes)
+  for j in range(sum(head.in_sizes)):
+    expected[-1, feature_level[j]] += head.spatial * sum(bits['head']) * act_bits
+  np.testing.assert_array_equal(quant.bitops(model, bits, act_bits), expected)
+  # With every neuron at 1 bit and 1-bit inputs, bit-ops are the MACs.
+  ones = {n: (1,) * len(b) for n, b in bits.items()}
+  np.testing.assert_array_equal(quant.bitops(model, ones, 1, input_bits=1), model.delta_macs())
+
+
+def test_bad_bits_are_refused_by_name(small):
+  model, bits = small
+  with pytest.raises(ValueError, match="no weight bits for layer 'head'"):
+    quant.check_bits(model, {k: v for k, v in bits.items() if k != 'head'})
+  with pytest.raises(ValueError, match="layer 'conv1' has 8 neurons, got 3 bits"):
+    quant.check_bits(model, {**bits, 'conv1': (4, 4, 4)})
+  with pytest.raises(ValueError, match='must be >= 1'):
+    quant.check_bits(model, {**bits, 'conv2': (0,) * 8})
+  with pytest.raises(ValueError, match='unknown layers'):
+    quant.check_bits(model, {**bits, 'fc9': (4,)})
+  with pytest.raises(ValueError, match='act_clips'):
+    quant.apply(model, quant.Precision(bits, 8, None))
+
+
+def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
+  """A run whose model_meta records a precision loads as the quantized model."""
+  from stepnet_jax import restore
+  from stepnet_jax.training import checkpoints
+  model, bits = small
+  x = images(model.input_shape, batch=8, seed=4)
+  precision = quant.Precision(bits, 6, quant.calibrate_clips(model, x))
+  meta = {'model_meta': {**restore.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
+          'config': {}}
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  checkpoints.save(checkpoints.manager(str(tmp_path)), 1, params, stats, meta)
+  net = stepnet_jax.load(str(tmp_path))
+  assert quant.Precision.from_json(net.meta['model_meta']['precision']) == precision
+  expected = stepnet_jax.Stepper(quant.apply(model, precision)).forward(jnp.asarray(x), 2)
+  np.testing.assert_allclose(np.asarray(net.forward(jnp.asarray(x), 2)), np.asarray(expected), rtol=1e-6, atol=1e-6)
