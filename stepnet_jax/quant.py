@@ -22,7 +22,7 @@ of the library (forward, stepping, anytime) runs unchanged.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -151,6 +151,21 @@ def apply(model: SteppingModel, precision: Precision) -> SteppingModel:
   return q
 
 
+def neuron_macs(model: SteppingModel) -> dict[str, np.ndarray]:
+  """MACs per input of every output neuron of every layer (head: per class) in the top
+  subnet: its kept input connections x kernel taps x output positions."""
+  out, shape = {}, model.input_shape
+  for name, unit in zip(model.unit_names, model.units):
+    macs, next_shape = unit.delta_macs(shape)
+    kept = unit.conn.kept_connections()
+    per_connection = int(macs.sum() // kept.sum()) if kept.sum() else 0
+    out[name] = unit.conn.mask.sum(axis=0).astype(np.int64) * per_connection
+    shape = next_shape
+  head = model.head
+  out['head'] = np.full(head.num_classes, head.spatial * sum(head.in_sizes), np.int64)
+  return out
+
+
 def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_bits: int,
            input_bits: int = INPUT_BITS) -> np.ndarray:
   """Exact bit-operations per input of each level's new connections, int64 [layers, K]:
@@ -211,3 +226,15 @@ def load_bits(spec: str, model: SteppingModel) -> dict[str, tuple[int, ...]]:
   bits = {k: tuple(int(b) for b in v) for k, v in d.get('weight_bits', d).items()}
   check_bits(model, bits)
   return bits
+
+
+def quantization_aware(objective: Callable, precision: Precision) -> Callable:
+  """The training objective ``objective`` on the quantized network (straight-through
+  estimators for weights and activations): the gradients reach the float weights the
+  optimizer keeps, the forward sees what inference will compute."""
+  def wrapped(model: SteppingModel, batch, rng):
+    set_kernels(model, quantized_kernels(model, precision.weight_bits, ste=True))
+    set_activation_quantization(model, precision.act_bits, precision.act_clips, ste=True)
+    return objective(model, batch, rng)
+
+  return wrapped

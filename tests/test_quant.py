@@ -151,3 +151,59 @@ def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
   assert quant.Precision.from_json(net.meta['model_meta']['precision']) == precision
   expected = stepnet_jax.Stepper(quant.apply(model, precision)).forward(jnp.asarray(x), 2)
   np.testing.assert_allclose(np.asarray(net.forward(jnp.asarray(x), 2)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
+  from stepnet_jax import bitsearch
+  model, _ = small
+  rng = np.random.RandomState(5)
+  scores = {name: rng.gamma(2.0, size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
+  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+
+  def validation_accuracy(weight_bits):               # prefers the steepest slope it is offered
+    spread = np.concatenate([np.asarray(weight_bits[k]) for k in macs]).std()
+    return spread
+
+  for budget in (1.5, 3.0, 5.0):
+    bits, record = bitsearch.search(model, scores, budget, validation_accuracy, slopes=(1.0, 4.0))
+    assert record['slope'] == 4.0 and len(record['tried']) == 2
+    flat_bits = np.concatenate([np.asarray(bits[k]) for k in macs])
+    flat_scores = np.concatenate([scores[k] for k in macs])
+    total = sum(float(m.sum()) for m in macs.values())
+    mean = sum(float((np.asarray(bits[k]) * macs[k]).sum()) for k in macs) / total   # by hand
+    assert mean <= budget + 1e-9 and mean > budget - 1.0      # fits, and the offset was not left low
+    assert flat_bits.min() >= 1 and flat_bits.max() <= 8
+    order = np.argsort(flat_scores)
+    assert np.all(np.diff(flat_bits[order]) >= 0)             # more important: never fewer bits
+    assert bits['head'] == (8,) * 10
+  with pytest.raises(ValueError, match='fits a mean of 0.5 bits'):
+    bitsearch.search(model, scores, 0.5, validation_accuracy)
+
+
+def test_quantization_aware_gradient_is_the_quantized_networks(small):
+  """Straight-through: the QAT objective's gradient w.r.t. the float kernels equals the
+  gradient of the same loss w.r.t. the kernels of the quantized network taken as inputs."""
+  from stepnet_jax import feed, losses
+  model, bits = small
+  x = images(model.input_shape, batch=6, seed=7)
+  batch = feed.Batch(jnp.asarray(x), jnp.asarray(np.arange(6) % 10, jnp.int32), 6)
+  precision = quant.Precision(bits, 5, quant.calibrate_clips(model, x))
+  objective = losses.multi_exit((1.0,) * model.num_levels)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  qat_objective = quant.quantization_aware(objective, precision)
+
+  def qat_loss(params):
+    return qat_objective(nnx.merge(graphdef, params, stats, copy=True), batch, jax.random.key(0))[0]
+
+  def loss_of_kernels(kernels):
+    m = nnx.merge(graphdef, params, stats, copy=True)
+    quant.set_kernels(m, kernels)
+    quant.set_activation_quantization(m, precision.act_bits, precision.act_clips, ste=True)
+    return objective(m, batch, jax.random.key(0))[0]
+
+  grads = nnx.merge(graphdef, jax.grad(qat_loss)(params), stats)
+  kernels = {name: layer.kernel[...] for name, layer in quant.linear_layers(quant.apply(model, precision)).items()}
+  ref = jax.grad(loss_of_kernels)(kernels)
+  for name, layer in quant.linear_layers(grads).items():
+    assert np.abs(np.asarray(ref[name])).max() > 0
+    np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(ref[name]), rtol=1e-4, atol=1e-7)

@@ -1,0 +1,45 @@
+"""Precision study on Fashion-MNIST: class-based per-neuron weight bits (Sun et al.) against
+uniform, magnitude and random bits at the same MAC-weighted mean, after the same
+quantization-aware fine-tune.
+
+  python -m stepnet_jax.precision --config configs/precision_fashion_mnist.py --workdir runs/precision
+  python -m stepnet_jax.precision --config configs/precision_fashion_mnist.py --workdir /tmp/precision --quick
+
+The float network is the default main job's (LeNet-3C1L, 4 levels, 3 epochs), trained
+without 5,000 held-out training images on which the bits are searched. Results: see the
+README's precision section.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _main_job_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lenet3c1l_fashion_mnist.py')
+  spec = importlib.util.spec_from_file_location('lenet3c1l_fashion_mnist', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.common = _main_job_config()
+  c.common.data.validation_examples = 5000
+  c.precision = ml_collections.ConfigDict(dict(
+      budgets=(2.0, 3.0, 4.0),          # MAC-weighted mean weight bits of the hidden neurons
+      min_bits=1, max_bits=8,           # each neuron's range
+      head_bits=8,                      # the classifier is not searched (0.1% of the MACs)
+      act_bits=8,                       # hidden activations, unsigned, clips calibrated on training images
+      slopes=(1.0, 2.0, 4.0, 8.0),      # bits = clip(round(offset + slope * score)), offset fit to the budget
+      calibration_images=1000,
+      importance_examples=2000,
+      finetune_epochs=1.0,
+      finetune_learning_rate=2e-4))
+  c.quick = ml_collections.ConfigDict(dict(
+      common=dict(model=dict(width=0.25), data=dict(train_subset=640, test_subset=300, validation_examples=128),
+                  train=dict(num_epochs=1, batch_size=64, eval_batch_size=300, progress=False)),
+      precision=dict(budgets=(2.0, 4.0), slopes=(1.0, 4.0), calibration_images=128, importance_examples=300,
+                     finetune_epochs=0.5)))
+  return c

@@ -1,0 +1,112 @@
+"""Per-neuron bit widths under an average-bit budget, from an importance score.
+
+Class-based quantization (Sun et al., DATE 2023) gives more important neurons more bits;
+the paper does not publish its search. Here every method shares one search and differs
+only in its score (``SCORES``): ``class`` (for how many classes a neuron matters, the
+construction's class-based importance), ``magnitude`` (the L1 norm of the neuron's
+kernel column, over its layer's mean) and ``random``.
+
+The search: with the score z scaled to [0, 1], ``bits = clip(round(offset + slope * z),
+min_bits, max_bits)``. For each slope of a small grid (slope 0 is uniform bits), the
+largest offset whose MAC-weighted mean bits fit the budget is found by bisection; the
+candidate with the best validation accuracy wins. Slope 0 would be uniform bits, the
+``uniform`` baseline; the default grid starts at 1 so a score always shapes the bits. The map is non-decreasing in the
+score, so a more important neuron never gets fewer bits. The classifier (head) is
+not searched: it keeps ``head_bits`` for every method (it holds about 0.1% of the MACs)
+and is left out of the average.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from stepnet_jax import importance as importance_lib
+from stepnet_jax import quant
+from stepnet_jax.model import SteppingModel
+from stepnet_jax.registry import Registry
+
+
+def mean_bits(bits: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray]) -> float:
+  """MAC-weighted mean weight bits over the hidden neurons."""
+  total = sum(float(macs[k].sum()) for k in macs)
+  return sum(float((np.asarray(bits[k]) * macs[k]).sum()) for k in macs) / total
+
+
+def bits_for(z: Mapping[str, np.ndarray], offset: float, slope: float, min_bits: int, max_bits: int
+             ) -> dict[str, np.ndarray]:
+  return {k: np.clip(np.round(offset + slope * v), min_bits, max_bits).astype(np.int64) for k, v in z.items()}
+
+
+def fit_offset(z: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray], budget: float, slope: float,
+               min_bits: int, max_bits: int, iterations: int = 60) -> dict[str, np.ndarray] | None:
+  """The bits of the largest offset whose MAC-weighted mean fits ``budget`` (None if even
+  the smallest does not)."""
+  lo, hi = min_bits - slope - 1.0, max_bits + 1.0
+  if mean_bits(bits_for(z, lo, slope, min_bits, max_bits), macs) > budget + 1e-9:
+    return None
+  for _ in range(iterations):
+    mid = 0.5 * (lo + hi)
+    if mean_bits(bits_for(z, mid, slope, min_bits, max_bits), macs) <= budget + 1e-9:
+      lo = mid
+    else:
+      hi = mid
+  return bits_for(z, lo, slope, min_bits, max_bits)
+
+
+def scaled(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Scores over all neurons mapped to [0, 1] (min -> 0, max -> 1)."""
+  allv = np.concatenate([np.asarray(v, np.float64) for v in scores.values()])
+  lo, span = allv.min(), allv.max() - allv.min()
+  return {k: (np.asarray(v, np.float64) - lo) / span if span > 0 else np.zeros(len(v)) for k, v in scores.items()}
+
+
+def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float,
+           validation_accuracy: Callable[[dict[str, tuple[int, ...]]], float], *, min_bits: int = 1,
+           max_bits: int = 8, head_bits: int = 8, slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+           ) -> tuple[dict[str, tuple[int, ...]], dict]:
+  """(weight bits of every layer, a record of the search) for the best slope on validation."""
+  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  z = scaled(scores)
+  head = (int(head_bits),) * model.head.kernel.shape[-1]
+  best, tried = None, []
+  for slope in slopes:
+    bits = fit_offset(z, macs, budget, slope, min_bits, max_bits)
+    if bits is None:
+      continue
+    weight_bits = {**{k: tuple(int(b) for b in v) for k, v in bits.items()}, 'head': head}
+    acc = float(validation_accuracy(weight_bits))
+    tried.append({'slope': float(slope), 'mean_bits': mean_bits(bits, macs), 'validation_accuracy': acc})
+    if best is None or acc > best[0]:
+      best = (acc, weight_bits, slope)
+  if best is None:
+    raise ValueError(f'no bit assignment within [{min_bits}, {max_bits}] fits a mean of {budget} bits')
+  return best[1], {'slope': best[2], 'tried': tried}
+
+
+# name -> (model, images, labels, num_classes, seed) -> {hidden layer: score per neuron}
+SCORES: Registry[Callable[..., dict[str, np.ndarray]]] = Registry('bit-width score')
+
+
+@SCORES.register('class')
+def _class_score(model, images, labels, num_classes, seed):
+  del seed
+  return importance_lib.importance(model, images, labels, method='class', weights=(1.0,) * model.num_levels,
+                                   num_classes=num_classes)
+
+
+@SCORES.register('magnitude')
+def _magnitude_score(model, images, labels, num_classes, seed):
+  del images, labels, num_classes, seed
+  out = {}
+  for name, unit in zip(model.unit_names, model.units):
+    k = np.abs(np.asarray(unit.kernel[...])).reshape(-1, unit.kernel.shape[-1]).sum(0)
+    out[name] = k / k.mean()
+  return out
+
+
+@SCORES.register('random')
+def _random_score(model, images, labels, num_classes, seed):
+  del images, labels, num_classes
+  rng = np.random.RandomState(seed)
+  return {name: rng.uniform(size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}

@@ -1,0 +1,229 @@
+"""Precision study: class-based per-neuron bits against uniform, magnitude and random bits.
+
+    python -m stepnet_jax.precision --config configs/precision_fashion_mnist.py --workdir DIR [--quick]
+
+Trains (or reuses) the float network of ``common`` in ``DIR/float`` without a held-out
+validation split of the training images; calibrates the activation clips; then, for
+every average weight-bit budget and every method, searches per-neuron bits on the
+validation split (``bitsearch``: one search, the methods differ only in their score;
+``uniform`` is every neuron at the budget), fine-tunes the quantized network for
+``precision.finetune_epochs`` with straight-through estimators (the config's objective,
+all exits) and reports test accuracy. Each fine-tuned network is saved in
+``DIR/METHOD_BBITS`` with its bits in the checkpoint (``evaluate.py --workdir`` shows
+them). Writes ``DIR/precision.json``, ``.md`` (targets) and ``.png``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from stepnet_jax import bitsearch, data, evaluation, losses, quant, restore, stepping
+from stepnet_jax import config as config_lib
+from stepnet_jax.training import checkpoints, loop, optim, run
+from stepnet_jax.training import step as step_lib
+
+METHODS = ('class_based', 'uniform', 'magnitude', 'random')
+SCORE_OF = {'class_based': 'class', 'magnitude': 'magnitude', 'random': 'random'}
+
+
+def resolve(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
+  cc = cc.copy_and_resolve_references()
+  if quick:
+    cc = ml_collections.ConfigDict(config_lib.merge(cc.to_dict(), cc.quick.to_dict()))
+  return cc
+
+
+class Evaluator:
+  """Test / validation accuracy of every exit of a (quantized) model, compiled once per structure."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+
+  def __call__(self, model, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    graphdef, variables = nnx.split(model)
+    return evaluation.exit_accuracy(_exits(graphdef), variables, images, labels, self.batch_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _exits(graphdef):
+  return jax.jit(functools.partial(stepping.exits, graphdef))
+
+
+def finetune(cfg: config_lib.Config, model, precision: quant.Precision, dataset: data.Dataset, epochs: float,
+             learning_rate: float, steps_per_epoch: int, desc: str):
+  """Quantization-aware fine-tune of a copy of ``model`` (float weights kept by the optimizer)."""
+  ft_cfg = cfg.replace(**{'optim.learning_rate': learning_rate, 'train.num_epochs': epochs})
+  steps = max(1, int(round(epochs * steps_per_epoch)))
+  tx = optim.make_optimizer(ft_cfg, steps_per_epoch)
+  graphdef, state = step_lib.init_state(model, tx)
+  state = jax.tree.map(jnp.copy, state)          # the step donates its state; ``model`` keeps its arrays
+  train_step = step_lib.make_train_step(graphdef, tx, quant.quantization_aware(losses.objective_for(cfg), precision),
+                                        seed=cfg.seed + 29, augment_images=cfg.data.augment)
+  state = loop.run_steps(state, train_step, dataset, ft_cfg, first=0, last=steps, steps_per_epoch=steps_per_epoch,
+                         writer=None, desc=desc)
+  return nnx.merge(graphdef, state.params, state.batch_stats)
+
+
+def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> dict:
+  cc = resolve(cc, quick)
+  p = cc.precision
+  cfg = config_lib.from_dict(cc.common)
+  if not cfg.data.validation_examples:
+    raise ValueError('set common.data.validation_examples: bits are searched on a split the network never saw')
+  full = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+  dataset = data.subset(full, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  train_split, held = data.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
+  val = (dataset.train_images[held], dataset.train_labels[held])
+  test = (dataset.test_images, dataset.test_labels)
+  t0 = time.time()
+  float_dir = os.path.join(workdir, 'float')
+  run.train_and_evaluate(cfg, float_dir, dataset=dataset)           # trains or reuses; holds out the same split
+  model, meta = restore.load_variables(float_dir)
+  evaluate = Evaluator(cfg.train.eval_batch_size)
+  float_acc = evaluate(model, *test)
+  rng = np.random.RandomState(cfg.seed)
+  calib = train_split.train_images[rng.permutation(len(train_split.train_labels))[:p.calibration_images]]
+  clips = quant.calibrate_clips(model, calib)
+  imp_idx = rng.permutation(len(train_split.train_labels))[:p.importance_examples]
+  scores = {m: bitsearch.SCORES.get(SCORE_OF[m])(model, train_split.train_images[imp_idx],
+                                                train_split.train_labels[imp_idx], dataset.num_classes, cfg.seed)
+            for m in METHODS if m in SCORE_OF}
+  steps_per_epoch = len(train_split.train_labels) // cfg.train.batch_size
+  top = model.num_levels - 1
+  out = {'dataset': dataset.name, 'float_accuracy': float(float_acc[top]),
+         'float_accuracy_per_level': [float(a) for a in float_acc],
+         'settings': {'act_bits': int(p.act_bits), 'bit_range': [int(p.min_bits), int(p.max_bits)],
+                      'head_bits': int(p.head_bits), 'finetune_epochs': float(p.finetune_epochs),
+                      'finetune_learning_rate': float(p.finetune_learning_rate),
+                      'validation_examples': int(len(held)), 'clips': clips},
+         **{m: [] for m in METHODS}}
+  float_macs = int(model.delta_macs().sum())
+  for budget in p.budgets:
+    for method in METHODS:
+      def val_acc(weight_bits):
+        return evaluate(quant.apply(model, quant.Precision(weight_bits, p.act_bits, clips)), *val)[top]
+
+      if method == 'uniform':
+        weight_bits = {**quant.uniform_bits(model, int(budget)),
+                       'head': (int(p.head_bits),) * model.head.kernel.shape[-1]}
+        record = {}
+      else:
+        weight_bits, record = bitsearch.search(model, scores[method], float(budget), val_acc,
+                                               min_bits=p.min_bits, max_bits=p.max_bits, head_bits=p.head_bits,
+                                               slopes=tuple(p.slopes))
+      precision = quant.Precision(weight_bits, p.act_bits, clips)
+      before = evaluate(quant.apply(model, precision), *test)
+      tuned = finetune(cfg, model, precision, train_split, p.finetune_epochs, p.finetune_learning_rate,
+                       steps_per_epoch, desc=f'{method} {budget:g} bits')
+      after = evaluate(quant.apply(tuned, precision), *test)
+      name = f'{method}_{budget:g}bits'
+      _save(os.path.join(workdir, name), tuned, meta, precision)
+      ops = quant.bitops(model, weight_bits, p.act_bits)
+      hidden_macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+      entry = {'avg_bits': bitsearch.mean_bits({k: np.asarray(weight_bits[k]) for k in hidden_macs}, hidden_macs),
+               'avg_bits_with_head': quant.mac_weighted_bits(model, weight_bits),
+               'budget': float(budget), 'accuracy': float(after[top]), 'accuracy_per_level': [float(a) for a in after],
+               'accuracy_before_finetune': float(before[top]), 'bitops': int(ops.sum()),
+               'bitops_fraction_of_float32': float(ops.sum() / (float_macs * 32 * 32)), 'search': record,
+               'workdir': name}
+      out[method].append(entry)
+      print(f'{method:>12} {budget:g} bits: mean {entry["avg_bits"]:.2f}, test {before[top]:.4f} -> '
+            f'{after[top]:.4f} after the fine-tune (float {float_acc[top]:.4f})', flush=True)
+  out['seconds'] = time.time() - t0
+  with open(os.path.join(workdir, 'precision.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  md = markdown(out)
+  with open(os.path.join(workdir, 'precision.md'), 'w') as f:
+    f.write(md)
+  plot(os.path.join(workdir, 'precision.png'), out)
+  print(md)
+  return out
+
+
+def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:
+  """The fine-tuned float weights with the bits beside the level assignment."""
+  os.makedirs(path, exist_ok=True)
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  m = {**meta, 'model_meta': {**meta['model_meta'], 'precision': precision.to_json()}}
+  checkpoints.save(checkpoints.manager(path, keep=1), 0, params, stats, m)
+  checkpoints.write_description(path, m)
+
+
+def targets(out: dict) -> list[str]:
+  lines = []
+  for i, entry in enumerate(out['class_based']):
+    b = entry['budget']
+    others = {m: out[m][i]['accuracy'] for m in METHODS if m != 'class_based'}
+    ok = all(entry['accuracy'] >= a for a in others.values())
+    lines.append(f'- {b:g} bits: class-based {100 * entry["accuracy"]:.2f}% >= every baseline ('
+                 + ', '.join(f'{m} {100 * a:.2f}%' for m, a in others.items()) + f'): {"met" if ok else "NOT met"}')
+    if b == 4:
+      gap = out['float_accuracy'] - entry['accuracy']
+      lines.append(f'- 4 bits: class-based within 0.5 point of float ({100 * out["float_accuracy"]:.2f}%): '
+                   f'float minus class-based {100 * gap:+.2f} point, {"met" if gap <= 0.005 else "NOT met"}')
+  return lines
+
+
+def markdown(out: dict) -> str:
+  s = out['settings']
+  lines = [f'# Precision study ({out["dataset"]})', '',
+           f'Float network: top exit {100 * out["float_accuracy"]:.2f}%. Weight bits per neuron in '
+           f'{s["bit_range"][0]}..{s["bit_range"][1]} (head {s["head_bits"]} bits), activations {s["act_bits"]} bits; '
+           f'quantization-aware fine-tune {s["finetune_epochs"]:g} epoch(s) at {s["finetune_learning_rate"]:g}; '
+           f'bits searched on {s["validation_examples"]} held-out training images.', '',
+           '| method | budget | mean bits (hidden, MAC-weighted) | test accuracy before / after fine-tune | '
+           'bit-ops per input | of float32 |', '|---|---:|---:|---:|---:|---:|']
+  for m in METHODS:
+    for e in out[m]:
+      lines.append(f'| {m} | {e["budget"]:g} | {e["avg_bits"]:.2f} | {100 * e["accuracy_before_finetune"]:.2f} / '
+                   f'{100 * e["accuracy"]:.2f} | {e["bitops"]:,} | {100 * e["bitops_fraction_of_float32"]:.2f}% |')
+  lines += ['', '## Targets', ''] + targets(out)
+  return '\n'.join(lines) + '\n'
+
+
+def plot(path: str, out: dict) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m in METHODS:
+    pts = out[m]
+    ax.plot([e['avg_bits'] for e in pts], [100 * e['accuracy'] for e in pts], 'o-', label=m)
+  ax.axhline(100 * out['float_accuracy'], color='k', ls='--', lw=1, label='float')
+  ax.set_xlabel('mean weight bits (MAC-weighted)')
+  ax.set_ylabel('test accuracy, top exit (%)')
+  ax.set_title(f'Per-neuron weight bits, {out["dataset"]}')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _define_flags() -> None:
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Precision study configuration file.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Directory for the networks and the study\'s files.')
+  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  study(f.config, f.workdir, quick=f.quick)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
