@@ -8,22 +8,15 @@ the same budgets), trained without a validation split of 5,000 training images o
 the thresholds' operating points are chosen and the selection module is trained (one
 module per MAC price lambda). Results: see the README's anytime section.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _compare_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compare_fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location('compare_fashion_mnist', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from stepnet_jax.config import load_file
 
 
 def get_config():
-  c = _compare_config()
+  c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compare_fashion_mnist.py'))
   c.common.data.validation_examples = 5000
   c.families = ('steppingnet', 'awn', 'cascade')
   c.heuristics = ml_collections.ConfigDict({'steppingnet': ('confidence', 'entropy'), 'awn': ('confidence',),

@@ -9,23 +9,16 @@ The float network is the default main job's (LeNet-3C1L, 4 levels, 3 epochs), tr
 without 5,000 held-out training images on which the bits are searched. Results: see the
 README's precision section.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _main_job_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lenet3c1l_fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location('lenet3c1l_fashion_mnist', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from stepnet_jax.config import load_file
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.common = _main_job_config()
+  c.common = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lenet3c1l_fashion_mnist.py'))
   c.common.data.validation_examples = 5000
   c.precision = ml_collections.ConfigDict(dict(
       budgets=(2.0, 3.0, 4.0),          # MAC-weighted mean weight bits of the hidden neurons

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
 import stepnet_jax
@@ -293,12 +293,8 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
 
 def _define_flags() -> None:
   """The command's flags (defined only when run as the command)."""
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Anytime study configuration file.', lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
-  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  config_lib.define_study_flags('Anytime study')
   flags.DEFINE_bool('timing', False, 'Only time the compiled program at the operating point of a finished study.')
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -310,5 +306,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, flags_parser=functools.partial(config_lib.parse_flags_with_hints,
-                                               run_roots=('common', 'steppingnet', 'nonuniform')))
+  config_lib.run_study(main, run_roots=('common', 'steppingnet', 'nonuniform'))

@@ -25,15 +25,13 @@ plus ``extra_budgets``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 import stepnet_jax
 from stepnet_jax import budgets as budgets_lib
@@ -294,9 +292,7 @@ def plot(path: str, results: dict[str, dict], title: str) -> None:
 def resolve(cc: ml_collections.ConfigDict, quick: bool = False) -> ml_collections.ConfigDict:
   """The comparison config as run: ``quick``'s fields merged in (sections field by field) and
   ``methods`` a tuple of known names (``--config.methods=a,b`` is accepted too)."""
-  cc = cc.copy_and_resolve_references()
-  if quick:
-    cc = ml_collections.ConfigDict(config_lib.merge(cc.to_dict(), cc.quick.to_dict()))
+  cc = config_lib.with_quick(cc, quick)
   names = [cc.methods] if isinstance(cc.methods, str) else cc.methods
   cc.methods = tuple(m.strip() for item in names for m in item.split(',') if m.strip())
   for name in cc.methods:
@@ -337,11 +333,8 @@ def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, la
 
 def _define_flags() -> None:
   """The command's flags (defined only when run as the command: importing the module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Comparison configuration file.', lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Directory for every method\'s run and the comparison files.')
-  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  config_lib.define_study_flags('Comparison')
   flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per level for the latency column.')
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -354,5 +347,4 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   # Sections whose fields are a run's config: a flat override there gets its new spelling.
-  app.run(main, flags_parser=functools.partial(config_lib.parse_flags_with_hints,
-                                               run_roots=('common', 'steppingnet', 'nonuniform')))
+  config_lib.run_study(main, run_roots=('common', 'steppingnet', 'nonuniform'))

@@ -381,3 +381,39 @@ def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) ->
     if hints:
       message += '\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)
     raise SystemExit(message) from e
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file ``path`` (for configs and tests building on another)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def with_quick(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
+  """A study config as run: references resolved and, with ``quick``, its ``quick`` section's
+  fields merged in (sections field by field)."""
+  cc = cc.copy_and_resolve_references()
+  if quick:
+    cc = ml_collections.ConfigDict(merge(cc.to_dict(), cc.quick.to_dict()))
+  return cc
+
+
+def define_study_flags(what: str) -> None:
+  """The flags every study command takes: --config FILE, --workdir DIR, --quick (defined only
+  when run as the command: importing a module defines none)."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, f'{what} configuration file.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
+  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run_study(main, run_roots: Sequence[str] = ('common',)) -> None:
+  """``absl.app.run(main)`` with the flags parser that names renamed overrides."""
+  import functools
+  from absl import app
+  app.run(main, flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))

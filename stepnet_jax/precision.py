@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
 from stepnet_jax import bitsearch, data, evaluation, losses, quant, restore, stepping
@@ -33,13 +33,6 @@ from stepnet_jax.training import step as step_lib
 
 METHODS = ('class_based', 'uniform', 'magnitude', 'random')
 SCORE_OF = {'class_based': 'class', 'magnitude': 'magnitude', 'random': 'random'}
-
-
-def resolve(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
-  cc = cc.copy_and_resolve_references()
-  if quick:
-    cc = ml_collections.ConfigDict(config_lib.merge(cc.to_dict(), cc.quick.to_dict()))
-  return cc
 
 
 class Evaluator:
@@ -74,11 +67,14 @@ def finetune(cfg: config_lib.Config, model, precision: quant.Precision, dataset:
 
 
 def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> dict:
-  cc = resolve(cc, quick)
+  cc = config_lib.with_quick(cc, quick)
   p = cc.precision
   cfg = config_lib.from_dict(cc.common)
   if not cfg.data.validation_examples:
     raise ValueError('set common.data.validation_examples: bits are searched on a split the network never saw')
+  if any(float(b) != int(b) or not p.min_bits <= b <= p.max_bits for b in p.budgets):
+    raise ValueError(f'budgets must be whole bit counts in [{p.min_bits}, {p.max_bits}] (the uniform baseline '
+                     f'gives every neuron the budget), got {tuple(p.budgets)}')
   full = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
   dataset = data.subset(full, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   train_split, held = data.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
@@ -209,14 +205,6 @@ def plot(path: str, out: dict) -> None:
   plt.close(fig)
 
 
-def _define_flags() -> None:
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Precision study configuration file.', lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Directory for the networks and the study\'s files.')
-  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -225,5 +213,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  config_lib.define_study_flags('Precision study')
+  config_lib.run_study(main)

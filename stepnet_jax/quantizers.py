@@ -34,3 +34,31 @@ def quantize_activation(y: jax.Array, bits: int, clip: float, ste: bool = False)
   clipped = jnp.clip(y, 0.0, clip)
   q = jnp.round(clipped / step) * step
   return clipped + jax.lax.stop_gradient(q - clipped) if ste else q
+
+
+def bitplanes(w: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Bitwise-binary (BWB) decomposition of ``w`` [..., C_out] into ``n`` planes, most
+  significant first: ``w ~ scale * sum_j d_j 2^(n-1-j)``, d_j in {-1, +1} ([n, ...]),
+  ``scale`` [C_out] = max|w| / (2^n - 1) per output neuron. The represented values are
+  the 2^n odd multiples of ``scale`` in [-max|w|, max|w|] (ProgressiveNN, Suzuki et al.)."""
+  top = 2 ** n - 1
+  axes = tuple(range(w.ndim - 1))
+  amax = jnp.max(jnp.abs(w), axis=axes)
+  scale = jnp.where(amax > 0, amax / top, 1.0)
+  u = jnp.clip(jnp.round((w / scale + top) / 2), 0, top).astype(jnp.int32)     # q = 2u - top, u in [0, 2^n - 1]
+  digits = jnp.stack([2 * ((u >> (n - 1 - j)) & 1) - 1 for j in range(n)]).astype(w.dtype)
+  return digits, scale
+
+
+def plane_weights(n: int, planes: int) -> jax.Array:
+  """Place values 2^(n-1-j) of the first ``planes`` planes (float32)."""
+  return jnp.asarray([2.0 ** (n - 1 - j) for j in range(planes)], jnp.float32)
+
+
+def bwb_kernel(w: jax.Array, n: int, planes: int | None = None, ste: bool = False) -> jax.Array:
+  """``w`` quantized to ``n`` BWB planes and truncated to the first ``planes`` (default all):
+  the weights a bit-serial layer uses after ``planes`` steps."""
+  digits, scale = bitplanes(w, n)
+  planes = n if planes is None else planes
+  q = jnp.tensordot(plane_weights(n, planes), digits[:planes], axes=1) * scale
+  return w + jax.lax.stop_gradient(q - w) if ste else q

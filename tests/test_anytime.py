@@ -324,13 +324,9 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
   kept apart from what the networks trained on, and the points' bookkeeping."""
   import json
   import os
-  import importlib.util
   from stepnet_jax import adaptive, config, data, restore
-  spec = importlib.util.spec_from_file_location('adaptive_cfg', os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'adaptive_fashion_mnist.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cc = module.get_config()
+  cc = config.load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                                     'adaptive_fashion_mnist.py'))
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
   cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)

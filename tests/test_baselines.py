@@ -2,7 +2,6 @@
 private BN per width (not reusable), AWN's triangular widths, non-uniform subnets."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax.numpy as jnp
@@ -20,10 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compare_config():
-  spec = importlib.util.spec_from_file_location('compare_cfg', os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config.load_file(os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
 
 
 SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}

@@ -1,7 +1,6 @@
 """The precision study end to end on the digits with tiny settings: the file format, the
 budgets met, and each fine-tuned network reloaded from its checkpoint (bits included)
 giving the accuracy the study reported."""
-import importlib.util
 import json
 import os
 
@@ -9,17 +8,14 @@ import jax
 import numpy as np
 
 import stepnet_jax
-from stepnet_jax import data, precision, quant
+from stepnet_jax import config, data, precision, quant
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                       'precision_fashion_mnist.py')
 
 
 def test_precision_study_end_to_end_on_digits(tmp_path):
-  spec = importlib.util.spec_from_file_location('precision_cfg', CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cc = module.get_config()
+  cc = config.load_file(CONFIG)
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
   cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)

@@ -1,6 +1,5 @@
 """End-to-end: short real training runs, checkpoints, resuming, and the two scripts."""
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config.load_file(TINY)
   c.train.progress = False
   return config.from_dict(config.merge(c.to_dict(), config.nest(overrides)))
 
