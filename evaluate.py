@@ -27,8 +27,9 @@ _POLICY = flags.DEFINE_enum('policy', None, ['confidence', 'margin', 'entropy', 
 _KNOBS = flags.DEFINE_list('knobs', None, 'The policy\'s thresholds (per-input MAC budgets for macs); '
                            'default: policies.default_knobs.')
 _BITS = flags.DEFINE_string('bits', None, 'Evaluate quantized: weight bits of every neuron (an integer), or a '
-                            'JSON file {layer: [bits per neuron]} (or a quant.Precision JSON).')
-_ACT_BITS = flags.DEFINE_integer('act_bits', 8, 'With --bits: bits of the hidden activations (32 = float).')
+                            'JSON file {layer: [bits per neuron]} (of a quant.Precision JSON only its weight_bits '
+                            'are read: activations follow --act_bits, with fresh clips).')
+_ACT_BITS = flags.DEFINE_integer('act_bits', 8, f'With --bits: bits of the hidden activations ({quant.FLOAT_BITS} = float).')
 _CALIBRATION = flags.DEFINE_integer('calibration_images', 1000, 'With --bits: training images that calibrate '
                                     'the activation clips.')
 flags.mark_flag_as_required('workdir')
@@ -46,7 +47,8 @@ def main(argv):
       raise app.UsageError('this run is already quantized (its checkpoint records a precision); drop --bits')
     model = nnx.merge(net.graphdef, net.variables)
     bits = quant.load_bits(_BITS.value, model)
-    clips = quant.calibrate_clips(model, ds.train_images[:_CALIBRATION.value]) if _ACT_BITS.value < 32 else None
+    clips = (quant.calibrate_clips(model, ds.train_images[:_CALIBRATION.value])
+             if _ACT_BITS.value < quant.FLOAT_BITS else None)
     precision = quant.Precision(bits, _ACT_BITS.value, clips).to_json()
     net = stepnet_jax.Stepper(quant.apply(model, quant.Precision.from_json(precision)), net.meta)
   rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
@@ -58,7 +60,7 @@ def main(argv):
     model, p = nnx.merge(net.graphdef, net.variables), quant.Precision.from_json(precision)
     print('\nprecision (quantized weights and activations):')
     print(quant.describe(model, p))
-    reach = quant.bitops(model, p.weight_bits, p.act_bits).sum(axis=0).cumsum()
+    reach = quant.bitops_to_reach(model, p.weight_bits, p.act_bits)
     for row, ops in zip(rows, reach):
       row['bitops_to_reach'] = int(ops)
   print('\nMACs per image by layer (BN, ReLU, pooling and additions are not MACs):')

@@ -123,6 +123,8 @@ def _masked_steps(program: Program, variables):
 def _compact_steps(program: Program, variables, sizes: Sequence[int]):
   """Branch (i, j) computes level i + 1 for the first ``sizes[j]`` inputs of ``order``."""
   def branch(carry, order, k, size):
+    if size == sizes[0]:                    # the whole batch: a plain step, no gathers
+      return program.step(variables, carry, k)
     rows = order[:size]
     if program.step_rows is not None:
       return program.step_rows(variables, carry, k, rows)

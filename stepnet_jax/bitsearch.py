@@ -100,7 +100,8 @@ def _magnitude_score(model, images, labels, num_classes, seed):
   del images, labels, num_classes, seed
   out = {}
   for name, unit in zip(model.unit_names, model.units):
-    k = np.abs(np.asarray(unit.kernel[...])).reshape(-1, unit.kernel.shape[-1]).sum(0)
+    w = np.asarray(unit.kernel[...]) * unit.conn.mask       # the kept connections only
+    k = np.abs(w).reshape(-1, unit.kernel.shape[-1]).sum(0)
     out[name] = k / k.mean()
   return out
 

@@ -135,7 +135,8 @@ class SteppingModel(nnx.Module):
     ``rows`` (distinct batch indices, optional) restricts the step to those inputs: each
     unit reads only their rows and the channels the level needs, and writes back only the
     new level's channels (anytime inference's compact strategy). The other rows are left
-    as they were.
+    as they were, so the returned cache is mixed-level (its ``level`` is that of the
+    stepped rows); the compact strategy never steps it without ``rows`` afterwards.
     """
     level = self._check_level(level)
     if not self.reusable:

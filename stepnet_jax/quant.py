@@ -9,7 +9,10 @@
 * Activations: the output of every hidden unit (after ReLU and pooling, i.e. what the
   next layer reads) is quantized unsigned to ``act_bits`` on ``[0, clip]``, with one
   ``clip`` per layer calibrated on training images (``calibrate_clips``). The image is
-  read as the 8-bit data it is (``INPUT_BITS``).
+  read as the 8-bit data it is (``INPUT_BITS``). A neuron's value is the same in every
+  subnet up to float rounding (a level block and a wider prefix may sum in another
+  order), so with activation quantization a value on a rounding tie can land one grid
+  step apart between stepping and the direct forward.
 * Fine-tuning: ``ste=True`` gives the straight-through estimator (forward quantized,
   gradient of the identity; for activations, zero outside ``[0, clip]``).
 * Cost: bit-operations = MACs x weight bits x activation bits, per layer and level,
@@ -94,10 +97,17 @@ def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]]) -
       raise ValueError(f'layer {name!r}: weight bits must be >= 1, got {b.min()}')
 
 
+def kept_mask(layer: nnx.Module) -> np.ndarray | None:
+  """The layer's static connection mask shaped to broadcast against its kernel (None: all kept)."""
+  conn = getattr(layer, 'conn', None)
+  return None if conn is None or conn.mask.all() else conn.mask.astype(np.float32)
+
+
 def quantized_kernels(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]],
                       ste: bool = False) -> dict[str, jax.Array]:
-  """Layer name -> its fake-quantized kernel."""
-  return {name: quantize_kernel(layer.kernel[...], jnp.asarray(weight_bits[name]), ste)
+  """Layer name -> its fake-quantized kernel (statistics over the kept connections only:
+  masked weights are never used, and may still hold their initial values)."""
+  return {name: quantize_kernel(layer.kernel[...], jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
           for name, layer in linear_layers(model).items()}
 
 
@@ -135,8 +145,9 @@ def calibrate_clips(model: SteppingModel, images: np.ndarray, quantile: float = 
     return out
 
   acts = outputs(state, jnp.asarray(images))
-  return {name: float(np.quantile(np.asarray(a), quantile)) if quantile < 1 else float(np.asarray(a).max())
-          for name, a in zip(model.unit_names, acts)}
+  clips = {name: float(np.quantile(np.asarray(a), quantile)) if quantile < 1 else float(np.asarray(a).max())
+           for name, a in zip(model.unit_names, acts)}
+  return {name: max(c, 1e-6) for name, c in clips.items()}      # a silent layer still gets a valid grid
 
 
 def apply(model: SteppingModel, precision: Precision) -> SteppingModel:
@@ -194,6 +205,13 @@ def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_b
   return np.stack(rows).astype(np.int64)
 
 
+def bitops_to_reach(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_bits: int) -> np.ndarray:
+  """Bit-ops per input spent to have level k's answer, counted like ``macs_to_reach``
+  (a model without reuse pays for every subnet up to k)."""
+  reach = np.cumsum(bitops(model, weight_bits, act_bits).sum(axis=0))
+  return reach if model.reusable else np.cumsum(reach)
+
+
 def mac_weighted_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]]) -> float:
   """Average weight bits over all MACs of the top subnet (expensive neurons count more)."""
   ones = {name: (1,) * len(b) for name, b in weight_bits.items()}
@@ -206,11 +224,12 @@ def describe(model: SteppingModel, precision: Precision) -> str:
   ones = {name: (1,) * len(b) for name, b in precision.weight_bits.items()}
   macs = bitops(model, ones, 1, input_bits=1).sum(axis=1)
   weighted = bitops(model, precision.weight_bits, 1, input_bits=1).sum(axis=1)
-  for (name, bits), m, wb in zip(precision.weight_bits.items(), macs, weighted):
+  for name, m, wb in zip(linear_layers(model), macs, weighted):
+    bits = precision.weight_bits[name]
     lines.append(f'{name:>8} {len(bits):>8} {min(bits):>7}..{max(bits):<6} {wb / max(m, 1):>10.2f}')
   act = 'float' if precision.act_bits >= FLOAT_BITS else f'{precision.act_bits} bits'
   lines.append(f'activations: {act}; MAC-weighted mean weight bits {mac_weighted_bits(model, precision.weight_bits):.2f}')
-  ops = np.cumsum(bitops(model, precision.weight_bits, precision.act_bits).sum(axis=0))
+  ops = bitops_to_reach(model, precision.weight_bits, precision.act_bits)
   lines.append('bit-ops per input to reach each level: ' + ', '.join(f'L{k} {b:,}' for k, b in enumerate(ops)))
   return '\n'.join(lines)
 
@@ -231,7 +250,8 @@ def load_bits(spec: str, model: SteppingModel) -> dict[str, tuple[int, ...]]:
 def quantization_aware(objective: Callable, precision: Precision) -> Callable:
   """The training objective ``objective`` on the quantized network (straight-through
   estimators for weights and activations): the gradients reach the float weights the
-  optimizer keeps, the forward sees what inference will compute."""
+  optimizer keeps, the forward sees what inference will compute. It rewrites the model
+  it is given (the train step hands it a fresh copy per step)."""
   def wrapped(model: SteppingModel, batch, rng):
     set_kernels(model, quantized_kernels(model, precision.weight_bits, ste=True))
     set_activation_quantization(model, precision.act_bits, precision.act_clips, ste=True)

@@ -11,18 +11,22 @@ import jax.numpy as jnp
 FLOAT_BITS = 32       # a neuron with this many bits (or more) keeps float weights
 
 
-def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False) -> jax.Array:
+def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False, mask: jax.Array | None = None) -> jax.Array:
   """Per-output-neuron symmetric fake quantization of ``w`` [..., C_out] to ``bits`` [C_out]
   bits (traced: one compilation serves every bit assignment). ``b = 1``: sign(w) * mean|w|;
   ``b >= 2``: round(w / s) clipped to +-(2^(b-1) - 1), s = max|w| / (2^(b-1) - 1) over the
-  neuron's whole kernel column; ``b >= FLOAT_BITS``: unchanged."""
+  neuron's whole kernel column; ``b >= FLOAT_BITS``: unchanged. ``mask`` (broadcastable to
+  ``w``; 1 = kept connection) limits the statistics to the kept weights and zeroes the others."""
   bits = jnp.asarray(bits, jnp.int32)
   axes = tuple(range(w.ndim - 1))
+  keep = jnp.ones_like(w) if mask is None else jnp.broadcast_to(jnp.asarray(mask, w.dtype), w.shape)
+  w = w * keep
   top = jnp.exp2(bits.astype(jnp.float32) - 1.0) - 1.0                     # 2^(b-1) - 1 (0 for b = 1)
   amax = jnp.max(jnp.abs(w), axis=axes)
   scale = jnp.where(amax > 0, amax / jnp.maximum(top, 1.0), 1.0)
   multi = jnp.clip(jnp.round(w / scale), -top, top) * scale
-  binary = jnp.where(w >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(w), axis=axes)
+  mean = jnp.sum(jnp.abs(w), axis=axes) / jnp.maximum(jnp.sum(keep, axis=axes), 1.0)
+  binary = jnp.where(w >= 0, 1.0, -1.0) * mean * keep
   q = jnp.where(bits >= FLOAT_BITS, w, jnp.where(bits == 1, binary, multi))
   return w + jax.lax.stop_gradient(q - w) if ste else q
 

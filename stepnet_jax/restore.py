@@ -92,13 +92,16 @@ def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, 
   nnx.replace_by_pure_dict(batch_stats, restored['batch_stats'])
 
 
-def load_variables(workdir: str, step: int | None = None) -> tuple[SteppingModel, dict]:
-  """The model of a run with its trained parameters and batch statistics, and its meta."""
+def load_variables(workdir: str, step: int | None = None, apply_precision: bool = True
+                   ) -> tuple[SteppingModel, dict]:
+  """The model of a run with its trained parameters and batch statistics, and its meta.
+  A quantized run (its meta records a precision) comes quantized unless ``apply_precision``
+  is False (then with the float weights its optimizer kept, e.g. to fine-tune further)."""
   meta = restore_meta(workdir, step)
   model = nnx.eval_shape(lambda: build_from_meta(meta['model_meta']))  # shapes only: no init compute
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   restore_model_item(workdir, params, stats, step)
   nnx.update(model, params, stats)
-  if meta['model_meta'].get('precision'):          # a quantized run: its bit widths beside the levels
+  if apply_precision and meta['model_meta'].get('precision'):    # a quantized run: its bits beside the levels
     model = quant.apply(model, quant.Precision.from_json(meta['model_meta']['precision']))
   return model, meta

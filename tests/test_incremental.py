@@ -87,17 +87,22 @@ def test_stepping_some_rows_leaves_the_others(spec_id):
     out = []
     for k in range(1, spec.num_levels):
       cache = m.step(cache, k, jnp.asarray(rows))
-      out.append((cache.logits, [unit_buffer(c) for c in cache.units]))
+      out.append((cache.logits, [unit_buffer(c) for c in cache.units],
+                  [c[0] if isinstance(c, tuple) else None for c in cache.units]))
     return out
 
   model = built_model(spec_id)
-  for k, (logits, units) in enumerate(jax.device_get(stepped(v, x)), start=1):
+  for k, (logits, units, inners) in enumerate(jax.device_get(stepped(v, x)), start=1):
     assert_close(logits[rows], b['step_logits'][k][rows], RTOL, ATOL, err_msg=f'{spec_id}: level {k}')
     assert_close(logits[others], b['step_logits'][0][others], RTOL, ATOL)
     for unit, buf, ref in zip(model.units, units, b['step_units'][k]):
       e0, e = block_end(unit.conn.out_sizes, 0), block_end(unit.conn.out_sizes, k)
       assert_close(buf[rows][..., :e], ref[rows][..., :e], RTOL, ATOL)
       assert np.isnan(buf[others][..., e0:]).all(), f'{spec_id}: level {k} wrote a row it was not given'
+    for unit, inner in zip(model.units, inners):
+      if inner is not None:                                   # a residual block's inner activation
+        e0 = block_end(unit.conv1.conn.out_sizes, 0)
+        assert np.isnan(inner[others][..., e0:]).all(), f'{spec_id}: level {k} wrote an inner row it was not given'
 
 
 # ------------------------------------------------------------------ one small model

@@ -51,6 +51,14 @@ def test_weight_quantizer_matches_numpy_and_has_at_most_2b_values():
   for o, b in enumerate(bits[:-1]):
     assert len(np.unique(q[..., o])) <= 2 ** b - (b > 1)      # symmetric: 2^b - 1 levels; binary: 2
   np.testing.assert_array_equal(q[..., -1], w[..., -1])        # FLOAT_BITS: untouched
+  # With a connection mask the statistics come from the kept weights only.
+  mask = rng.rand(5, 6) < 0.6
+  qm = np.asarray(quant.quantize_kernel(jnp.asarray(w), jnp.asarray(bits), mask=jnp.asarray(mask)))
+  for o, b in enumerate(bits):
+    kept = w[..., mask[:, o], o]
+    np.testing.assert_allclose(qm[..., mask[:, o], o], _numpy_quantize(kept[..., None], [b])[..., 0],
+                               rtol=1e-6, atol=1e-7)
+    assert not qm[..., ~mask[:, o], o].any()
   # Straight-through: the gradient of <quantized w, c> w.r.t. w is c.
   c = rng.normal(size=w.shape).astype(np.float32)
   g = jax.grad(lambda w: (quant.quantize_kernel(w, jnp.asarray(bits), ste=True) * c).sum())(jnp.asarray(w))
@@ -76,8 +84,11 @@ def test_quantized_model_keeps_the_level_invariant(small):
   q = quant.apply(model, quant.Precision(bits, 4, clips))
   for name, layer in quant.linear_layers(q).items():
     k = np.asarray(layer.kernel[...])
+    mask = np.ones(k.shape[-2:], bool) if name == 'head' else layer.conn.mask
     for o, b in enumerate(bits[name]):
-      assert len(np.unique(k[..., o])) <= 2 ** b
+      kept = k[..., mask[:, o], o]
+      assert len(np.unique(kept)) <= 2 ** b
+      assert not k[..., ~mask[:, o], o].any()                   # masked weights are zero
   net = stepnet_jax.Stepper(q)
   cache = net.start(jnp.asarray(x))
   for level in range(q.num_levels):
