@@ -218,3 +218,32 @@ def test_quantization_aware_gradient_is_the_quantized_networks(small):
   for name, layer in quant.linear_layers(grads).items():
     assert np.abs(np.asarray(ref[name])).max() > 0
     np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(ref[name]), rtol=1e-4, atol=1e-7)
+
+
+def test_bit_planes_reconstruct_and_accumulate_exactly():
+  """Bitwise-binary planes (digits +-1, most significant first) rebuild the n-bit weights
+  exactly, and accumulating plane by plane (bit-serial) equals one convolution with the
+  truncated weights, bit for bit in float32 on integer-valued inputs."""
+  from stepnet_jax import quantizers
+  rng = np.random.RandomState(2)
+  w = jnp.asarray(rng.normal(0, 0.2, (3, 3, 4, 5)).astype(np.float32))
+  n = 6
+  digits, scale = quantizers.bitplanes(w, n)
+  assert set(np.unique(np.asarray(digits))) == {-1.0, 1.0}
+  # numpy: the nearest odd multiple of the scale within +-max|w|, from the digits' integer code
+  top = 2 ** n - 1
+  code = np.clip(np.round((np.asarray(w) / np.asarray(scale) + top) / 2), 0, top) * 2 - top
+  np.testing.assert_array_equal(np.tensordot(2.0 ** (n - 1 - np.arange(n)), np.asarray(digits), axes=1), code)
+  np.testing.assert_allclose(np.asarray(quantizers.bwb_kernel(w, n)), code * np.asarray(scale), rtol=1e-6)
+  x = jnp.asarray(rng.randint(0, 256, (2, 9, 9, 4)).astype(np.float32))
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  acc = jnp.zeros((2, 7, 7, 5), jnp.float32)
+  for b in range(1, n + 1):
+    acc = acc + 2.0 ** (n - b) * conv(x, digits[b - 1])                   # add plane b's partial sums
+    truncated = jnp.tensordot(quantizers.plane_weights(n, b), digits[:b], axes=1)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(conv(x, truncated)))
+    np.testing.assert_allclose(np.asarray(acc * scale), np.asarray(conv(x, quantizers.bwb_kernel(w, n, b))),
+                               rtol=1e-5, atol=1e-4)
