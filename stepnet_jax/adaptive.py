@@ -33,7 +33,7 @@ from absl import flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, compare, data, policies, selection, timing
+from stepnet_jax import anytime, compare, data, evaluation, policies, selection, timing
 from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 
@@ -221,13 +221,7 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
       out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
       val_top = anytime.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)
       out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], cc.tolerance)
-  with open(os.path.join(workdir, 'adaptive.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  md = markdown(out)
-  with open(os.path.join(workdir, 'adaptive.md'), 'w') as f:
-    f.write(md)
-  plot(os.path.join(workdir, 'adaptive.png'), out)
-  print(md)
+  evaluation.write_study(workdir, 'adaptive', out, markdown(out), functools.partial(plot, out=out))
   return out
 
 

@@ -90,20 +90,12 @@ def first_conv_costs(model, x, top: int, repeats: int) -> dict:
   if not isinstance(unit, layers.LevelConv):
     return {}
   features = model.normalize(x)
-  backend = jax.default_backend()
-  saved = layers.TAPS_MAX_CHANNELS.get(backend)
   out = {'layer': model.unit_names[0], 'in_channels': int(features.shape[-1])}
-  try:
-    for name, limit in (('library', (0, 0)), ('taps', (features.shape[-1], unit.kernel.shape[-1]))):
-      layers.TAPS_MAX_CHANNELS[backend] = limit       # read when the jitted functions trace
+  for name, limit in (('library', (0, 0)), ('taps', (features.shape[-1], unit.kernel.shape[-1]))):
+    with layers.conv_rule({jax.default_backend(): limit}):
       out[f'{name}_block_ms'] = [1e3 * median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features,
                                                       repeats=repeats) for k in range(top + 1)]
       out[f'{name}_whole_ms'] = 1e3 * median_seconds(jax.jit(lambda f: unit(f, top).sum()), features, repeats=repeats)
-  finally:
-    if saved is None:
-      layers.TAPS_MAX_CHANNELS.pop(backend)
-    else:
-      layers.TAPS_MAX_CHANNELS[backend] = saved
   return out
 
 

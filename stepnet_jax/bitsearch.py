@@ -27,12 +27,6 @@ from stepnet_jax.model import SteppingModel
 from stepnet_jax.registry import Registry
 
 
-def mean_bits(bits: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray]) -> float:
-  """MAC-weighted mean weight bits over the hidden neurons."""
-  total = sum(float(macs[k].sum()) for k in macs)
-  return sum(float((np.asarray(bits[k]) * macs[k]).sum()) for k in macs) / total
-
-
 def bits_for(z: Mapping[str, np.ndarray], offset: float, slope: float, min_bits: int, max_bits: int
              ) -> dict[str, np.ndarray]:
   return {k: np.clip(np.round(offset + slope * v), min_bits, max_bits).astype(np.int64) for k, v in z.items()}
@@ -43,11 +37,11 @@ def fit_offset(z: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray], budg
   """The bits of the largest offset whose MAC-weighted mean fits ``budget`` (None if even
   the smallest does not)."""
   lo, hi = min_bits - slope - 1.0, max_bits + 1.0
-  if mean_bits(bits_for(z, lo, slope, min_bits, max_bits), macs) > budget + 1e-9:
+  if quant.mean_bits(bits_for(z, lo, slope, min_bits, max_bits), macs) > budget + 1e-9:
     return None
   for _ in range(iterations):
     mid = 0.5 * (lo + hi)
-    if mean_bits(bits_for(z, mid, slope, min_bits, max_bits), macs) <= budget + 1e-9:
+    if quant.mean_bits(bits_for(z, mid, slope, min_bits, max_bits), macs) <= budget + 1e-9:
       lo = mid
     else:
       hi = mid
@@ -76,7 +70,7 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
       continue
     weight_bits = {**{k: tuple(int(b) for b in v) for k, v in bits.items()}, 'head': head}
     acc = float(validation_accuracy(weight_bits))
-    tried.append({'slope': float(slope), 'mean_bits': mean_bits(bits, macs), 'validation_accuracy': acc})
+    tried.append({'slope': float(slope), 'mean_bits': quant.mean_bits(bits, macs), 'validation_accuracy': acc})
     if best is None or acc > best[0]:
       best = (acc, weight_bits, slope)
   if best is None:

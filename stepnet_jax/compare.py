@@ -321,13 +321,9 @@ def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, la
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
                      for name, res in results.items()}}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  md = markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs)
-  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
-    f.write(md)
-  plot(os.path.join(workdir, 'compare.png'), results, f'{common.model.name} on {dataset.name}')
-  print(md)
+  evaluation.write_study(workdir, 'compare', out,
+                         markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
+                         lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'))
   return out
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,6 +58,17 @@ def format_layer_macs(stepper: Stepper) -> str:
   for name, macs in rows:
     lines.append(f'{name:<18}' + ''.join(f'{int(m):>12,}' for m in macs) + f'{int(sum(macs)):>13,}')
   return '\n'.join(lines)
+
+
+def write_study(workdir: str, name: str, out: dict, md: str, plot: Callable[[str], None]) -> None:
+  """A study command's files: ``NAME.json`` (``out``), ``NAME.md`` (``md``, also printed)
+  and ``NAME.png`` (``plot(path)``)."""
+  with open(os.path.join(workdir, f'{name}.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  with open(os.path.join(workdir, f'{name}.md'), 'w') as f:
+    f.write(md)
+  plot(os.path.join(workdir, f'{name}.png'))
+  print(md)
 
 
 def write_json(path: str, rows: list[dict], extra: dict | None = None) -> None:

@@ -16,6 +16,7 @@ Channel axes are last (NHWC for images, [B, C] for vectors).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -67,6 +68,20 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
 # used. Measurements: README, "Where the anytime time goes"; ``scripts/profile_levels.py``;
 # ``python -m stepnet_jax.bench`` section (e). GPU/TPU: the library convolution.
 TAPS_MAX_CHANNELS = {'cpu': (1, 16)}
+
+
+@contextlib.contextmanager
+def conv_rule(rule: dict[str, tuple[int, int]]):
+  """Within the block, ``TAPS_MAX_CHANNELS`` is ``rule`` (read when functions trace; build
+  fresh jitted functions inside); the default is restored after."""
+  saved = dict(TAPS_MAX_CHANNELS)
+  TAPS_MAX_CHANNELS.clear()
+  TAPS_MAX_CHANNELS.update(rule)
+  try:
+    yield
+  finally:
+    TAPS_MAX_CHANNELS.clear()
+    TAPS_MAX_CHANNELS.update(saved)
 
 
 def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.Array:

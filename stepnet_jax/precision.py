@@ -15,7 +15,6 @@ them). Writes ``DIR/precision.json``, ``.md`` (targets) and ``.png``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -103,6 +102,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
+  hidden_macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
   for budget in p.budgets:
     for method in METHODS:
       def val_acc(weight_bits):
@@ -124,8 +124,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
       name = f'{method}_{budget:g}bits'
       _save(os.path.join(workdir, name), tuned, meta, precision)
       ops = quant.bitops(model, weight_bits, p.act_bits)
-      hidden_macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
-      entry = {'avg_bits': bitsearch.mean_bits({k: np.asarray(weight_bits[k]) for k in hidden_macs}, hidden_macs),
+      entry = {'avg_bits': quant.mean_bits(weight_bits, hidden_macs),
                'avg_bits_with_head': quant.mac_weighted_bits(model, weight_bits),
                'budget': float(budget), 'accuracy': float(after[top]), 'accuracy_per_level': [float(a) for a in after],
                'accuracy_before_finetune': float(before[top]), 'bitops': int(ops.sum()),
@@ -135,13 +134,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
       print(f'{method:>12} {budget:g} bits: mean {entry["avg_bits"]:.2f}, test {before[top]:.4f} -> '
             f'{after[top]:.4f} after the fine-tune (float {float_acc[top]:.4f})', flush=True)
   out['seconds'] = time.time() - t0
-  with open(os.path.join(workdir, 'precision.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  md = markdown(out)
-  with open(os.path.join(workdir, 'precision.md'), 'w') as f:
-    f.write(md)
-  plot(os.path.join(workdir, 'precision.png'), out)
-  print(md)
+  evaluation.write_study(workdir, 'precision', out, markdown(out), functools.partial(plot, out=out))
   return out
 
 

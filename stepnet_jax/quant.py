@@ -212,21 +212,25 @@ def bitops_to_reach(model: SteppingModel, weight_bits: Mapping[str, Sequence[int
   return reach if model.reusable else np.cumsum(reach)
 
 
+def mean_bits(bits: Mapping[str, Sequence[int]], macs: Mapping[str, np.ndarray]) -> float:
+  """Weight bits averaged over the MACs of the layers in ``macs`` (layer -> MACs per neuron,
+  ``neuron_macs``): expensive neurons count more."""
+  total = sum(float(m.sum()) for m in macs.values())
+  return sum(float((np.asarray(bits[k]) * m).sum()) for k, m in macs.items()) / total
+
+
 def mac_weighted_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]]) -> float:
-  """Average weight bits over all MACs of the top subnet (expensive neurons count more)."""
-  ones = {name: (1,) * len(b) for name, b in weight_bits.items()}
-  return float(bitops(model, weight_bits, 1, input_bits=1).sum() / bitops(model, ones, 1, input_bits=1).sum())
+  """Average weight bits over all MACs of the top subnet, the head included."""
+  return mean_bits(weight_bits, neuron_macs(model))
 
 
 def describe(model: SteppingModel, precision: Precision) -> str:
   """Per layer: neurons, bit range and MAC-weighted mean weight bits; then bit-ops per level."""
   lines = [f'{"layer":>8} {"neurons":>8} {"bits min..max":>14} {"mean bits":>10}']
-  ones = {name: (1,) * len(b) for name, b in precision.weight_bits.items()}
-  macs = bitops(model, ones, 1, input_bits=1).sum(axis=1)
-  weighted = bitops(model, precision.weight_bits, 1, input_bits=1).sum(axis=1)
-  for name, m, wb in zip(linear_layers(model), macs, weighted):
+  for name, macs in neuron_macs(model).items():
     bits = precision.weight_bits[name]
-    lines.append(f'{name:>8} {len(bits):>8} {min(bits):>7}..{max(bits):<6} {wb / max(m, 1):>10.2f}')
+    lines.append(f'{name:>8} {len(bits):>8} {min(bits):>7}..{max(bits):<6} '
+                 f'{mean_bits({name: bits}, {name: macs}) if macs.sum() else 0.0:>10.2f}')
   act = 'float' if precision.act_bits >= FLOAT_BITS else f'{precision.act_bits} bits'
   lines.append(f'activations: {act}; MAC-weighted mean weight bits {mac_weighted_bits(model, precision.weight_bits):.2f}')
   ops = bitops_to_reach(model, precision.weight_bits, precision.act_bits)
