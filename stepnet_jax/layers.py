@@ -159,7 +159,8 @@ class _LinearUnit(nnx.Module):
   # static, set by ``quant.set_activation_quantization``.
   act_quant: tuple[int, float, bool] | None = None
 
-  def _linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
+  def linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
+    """The layer's linear op (convolution or matmul) of ``x`` with the kernel slice ``w``."""
     raise NotImplementedError
 
   def _post(self, y: jax.Array) -> jax.Array:
@@ -173,7 +174,13 @@ class _LinearUnit(nnx.Module):
 
   def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool, level: int) -> jax.Array:
     in_hi = x.shape[-1]
-    y = self._linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask), train)
+    y = self.linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask), train)
+    return self.finish(y, out_lo, out_hi, train, level)
+
+  def finish(self, y: jax.Array, out_lo: int, out_hi: int, train: bool, level: int) -> jax.Array:
+    """Everything after the linear op (BN, ReLU, pooling, activation quantizer) for the
+    pre-activations ``y`` of output channels ``out_lo:out_hi`` (bit-serial inference
+    accumulates ``y`` itself)."""
     y = self.bn(y, out_lo, out_hi, train, level)
     if self.relu:
       y = jax.nn.relu(y)
@@ -225,7 +232,7 @@ class LevelConv(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
     self.bn = make_batch_norm(conn, switchable_bn)
 
-  def _linear(self, x, w, train):
+  def linear(self, x, w, train):
     if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
       return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
     max_in, max_out = TAPS_MAX_CHANNELS.get(jax.default_backend(), (0, 0))
@@ -269,7 +276,7 @@ class LevelDense(_LinearUnit):
     self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
     self.bn = make_batch_norm(conn, switchable_bn)
 
-  def _linear(self, x, w, train):
+  def linear(self, x, w, train):
     del train
     if 0 in w.shape[-2:]:
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)

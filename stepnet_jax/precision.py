@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from stepnet_jax import bitsearch, data, evaluation, losses, quant, restore, stepping
+from stepnet_jax import bitsearch, data, evaluation, losses, progressive, quant, restore, stepping
 from stepnet_jax import config as config_lib
 from stepnet_jax.training import checkpoints, loop, optim, run
 from stepnet_jax.training import step as step_lib
@@ -133,9 +133,62 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
       out[method].append(entry)
       print(f'{method:>12} {budget:g} bits: mean {entry["avg_bits"]:.2f}, test {before[top]:.4f} -> '
             f'{after[top]:.4f} after the fine-tune (float {float_acc[top]:.4f})', flush=True)
+  if p.get('progressive_planes', 0):
+    out.update(progressive_study(cfg, p, model, train_split, val, test, clips, evaluate, steps_per_epoch,
+                                 meta, workdir))
   out['seconds'] = time.time() - t0
   evaluation.write_study(workdir, 'precision', out, markdown(out), functools.partial(plot, out=out))
   return out
+
+
+def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Dataset, val, test, clips,
+                      evaluate: Evaluator, steps_per_epoch: int, meta: dict, workdir: str) -> dict:
+  """ProgressiveNN on the float network, then level x precision staircases (``progressive``).
+
+  One BWB training run (a quantization-aware fine-tune of the float network at N planes);
+  for every plane count b the BN statistics are re-estimated (``progressive_bn_batches``
+  training batches); accuracy of every (level, b) state on validation (to choose the
+  combined staircase) and test (reported), the top exit also through bit-serial inference.
+  """
+  n, top = int(p.progressive_planes), model.num_levels - 1
+  tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
+                   p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
+  plain = [quant.apply(tuned, progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
+  retrained = [progressive.retrain_bn(q, train_split, cfg, p.progressive_bn_batches) for q in plain]
+  first_kernel = tuned.units[0].kernel[...]
+  serial = progressive.bit_serial_accuracy(first_kernel, retrained, *test, n, cfg.train.eval_batch_size)
+  serial_plain = progressive.bit_serial_accuracy(first_kernel, plain, *test, n, cfg.train.eval_batch_size)
+  val_grid = np.stack([evaluate(q, *val) for q in retrained], axis=1)                  # [K, N]
+  test_grid = np.stack([evaluate(q, *test) for q in retrained], axis=1)
+  costs = progressive.PlaneCosts.of(tuned, n, p.act_bits)
+  bits_only = progressive.walk(progressive.staircase_path('bits_only', None, costs), costs, test_grid)
+  rows = [{'bits': b, 'accuracy': float(serial[b - 1, top]), 'accuracy_no_bn_retrain': float(serial_plain[b - 1, top]),
+           'accuracy_direct': float(test_grid[top, b - 1]), 'compute_fraction': b / n,
+           'bitops_cumulative': bits_only[b - 1]['bitops'], 'bitops_direct': costs.direct(top, b),
+           'bitops_cumulative_fraction': bits_only[b - 1]['bitops'] / costs.direct(top, n)}
+          for b in range(1, n + 1)]
+  stairs = {kind: progressive.walk(progressive.staircase_path(kind, val_grid, costs), costs, test_grid)
+            for kind in ('combined', 'levels_only', 'bits_only')}
+  bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.BatchStat)) for b, q in enumerate(retrained, start=1)}
+  _save(os.path.join(workdir, 'progressive'), tuned, meta, progressive.precision_at(tuned, n, n, p.act_bits, clips))
+  np.savez(os.path.join(workdir, 'progressive', 'bn_stats_per_planes.npz'),
+           **{f'planes{b}/{key}': v for b, stats in bn_stats.items() for key, v in _flat(stats).items()})
+  for r in rows:
+    print(f'progressive {r["bits"]} planes: test {r["accuracy"]:.4f} with BN retraining, '
+          f'{r["accuracy_no_bn_retrain"]:.4f} without; {100 * r["bitops_cumulative_fraction"]:.1f}% of an '
+          f'{n}-plane forward spent so far', flush=True)
+  return {'progressive': rows, 'staircase': stairs,
+          'grid': {'validation': val_grid.tolist(), 'test': test_grid.tolist()},
+          'progressive_settings': {'planes': n, 'epochs': float(p.progressive_epochs),
+                                   'learning_rate': float(p.progressive_learning_rate),
+                                   'bn_batches': int(p.progressive_bn_batches), 'workdir': 'progressive'}}
+
+
+def _flat(tree, prefix: str = '') -> dict[str, np.ndarray]:
+  """A nested dict of arrays as {'a/b/c': array}."""
+  if not isinstance(tree, dict):
+    return {prefix: np.asarray(tree)}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f'{prefix}/{key}' if prefix else str(key)).items()}
 
 
 def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:
@@ -159,6 +212,8 @@ def targets(out: dict) -> list[str]:
       gap = out['float_accuracy'] - entry['accuracy']
       lines.append(f'- 4 bits: class-based within 0.5 point of float ({100 * out["float_accuracy"]:.2f}%): '
                    f'float minus class-based {100 * gap:+.2f} point, {"met" if gap <= 0.005 else "NOT met"}')
+  if 'progressive' in out:
+    lines += progressive_targets(out)
   return lines
 
 
@@ -175,15 +230,57 @@ def markdown(out: dict) -> str:
     for e in out[m]:
       lines.append(f'| {m} | {e["budget"]:g} | {e["avg_bits"]:.2f} | {100 * e["accuracy_before_finetune"]:.2f} / '
                    f'{100 * e["accuracy"]:.2f} | {e["bitops"]:,} | {100 * e["bitops_fraction_of_float32"]:.2f}% |')
+  if 'progressive' in out:
+    lines += [''] + progressive_markdown(out)
   lines += ['', '## Targets', ''] + targets(out)
   return '\n'.join(lines) + '\n'
+
+
+def progressive_markdown(out: dict) -> list[str]:
+  s, rows = out['progressive_settings'], out['progressive']
+  lines = ['## ProgressiveNN: bit-serial inference', '',
+           f'One BWB network ({s["planes"]} planes, a {s["epochs"]:g}-epoch quantization-aware run from the float '
+           f'network at {s["learning_rate"]:g}); BN statistics re-estimated per plane count on {s["bn_batches"]} '
+           'training batches. Accuracy through bit-serial inference (the first layer accumulates planes, later '
+           'layers recompute); "spent" is the cumulative bit-ops of stepping plane by plane, against one forward '
+           'at all planes.', '',
+           '| planes b | b/N | test accuracy, BN retrained | without BN retraining | bit-ops spent | of an N-plane '
+           'forward |', '|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f'| {r["bits"]} | {100 * r["compute_fraction"]:.1f}% | {100 * r["accuracy"]:.2f} | '
+                 f'{100 * r["accuracy_no_bn_retrain"]:.2f} | {r["bitops_cumulative"]:,} | '
+                 f'{100 * r["bitops_cumulative_fraction"]:.1f}% |')
+  lines += ['', '## Level x precision staircases', '',
+            'States (level, planes); the combined staircase is chosen greedily on validation (accuracy gained per '
+            'bit-op), the accuracies are test accuracies.', '']
+  for kind, steps in out['staircase'].items():
+    lines.append(f'- **{kind}**: ' + ' -> '.join(f'({e["state"][0]},{e["state"][1]}) {100 * e["accuracy"]:.2f}% '
+                                                 f'@ {e["bitops"] / 1e6:.3g}M' for e in steps))
+  return lines
+
+
+def progressive_targets(out: dict) -> list[str]:
+  rows = {r['bits']: r for r in out['progressive']}
+  n = max(rows)
+  one = rows[1]
+  gain = one['accuracy'] - one['accuracy_no_bn_retrain']
+  lines = [f'- b = 1 with BN retraining {100 * one["accuracy"]:.2f}% vs without {100 * one["accuracy_no_bn_retrain"]:.2f}%'
+           f' ({100 * gain:+.2f} point; "clearly above" read as at least 2 points): {"met" if gain >= 0.02 else "NOT met"}']
+  worst = min((r for b, r in rows.items() if b >= 4), key=lambda r: r['accuracy'], default=None)
+  if worst is not None:
+    gap = rows[n]['accuracy'] - worst['accuracy']
+    lines.append(f'- b >= 4 within 1 point of b = {n} ({100 * rows[n]["accuracy"]:.2f}%): worst b = {worst["bits"]} at '
+                 f'{100 * worst["accuracy"]:.2f}% ({100 * gap:+.2f} point below), {"met" if gap <= 0.01 else "NOT met"}')
+  return lines
 
 
 def plot(path: str, out: dict) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  panels = 3 if 'progressive' in out else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+  ax = axes[0, 0]
   for m in METHODS:
     pts = out[m]
     ax.plot([e['avg_bits'] for e in pts], [100 * e['accuracy'] for e in pts], 'o-', label=m)
@@ -191,8 +288,24 @@ def plot(path: str, out: dict) -> None:
   ax.set_xlabel('mean weight bits (MAC-weighted)')
   ax.set_ylabel('test accuracy, top exit (%)')
   ax.set_title(f'Per-neuron weight bits, {out["dataset"]}')
-  ax.grid(alpha=0.3)
-  ax.legend()
+  if panels == 3:
+    rows = out['progressive']
+    ax = axes[0, 1]
+    ax.plot([r['bits'] for r in rows], [100 * r['accuracy'] for r in rows], 'o-', label='BN retrained')
+    ax.plot([r['bits'] for r in rows], [100 * r['accuracy_no_bn_retrain'] for r in rows], 's--', label='no BN retraining')
+    ax.set_xlabel('bit-planes used (b)')
+    ax.set_ylabel('test accuracy, top exit (%)')
+    ax.set_title('ProgressiveNN bit-serial inference')
+    ax = axes[0, 2]
+    for kind, steps in out['staircase'].items():
+      ax.plot([e['bitops'] / 1e6 for e in steps], [100 * e['accuracy'] for e in steps], 'o-', label=kind)
+    ax.set_xscale('log')
+    ax.set_xlabel('cumulative bit-ops per input (millions)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title('Level x precision stepping')
+  for ax in axes[0]:
+    ax.grid(alpha=0.3)
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -35,7 +35,7 @@ from flax import nnx
 
 from stepnet_jax import layers
 from stepnet_jax.model import SteppingModel
-from stepnet_jax.quantizers import FLOAT_BITS, quantize_activation, quantize_kernel  # noqa: F401  (re-exported)
+from stepnet_jax.quantizers import FLOAT_BITS, bwb_kernel, quantize_activation, quantize_kernel  # noqa: F401
 
 INPUT_BITS = 8        # the images are 8-bit data
 
@@ -47,21 +47,26 @@ class Precision:
   ``weight_bits``: layer name -> per-output-neuron bits (every linear layer and the head,
   in the layer's stored channel order); ``act_bits``: bits of every hidden activation
   (``FLOAT_BITS`` = float); ``act_clips``: layer name -> clip of its output activation.
+  ``bwb_bits`` = N > 0 switches the weights to ProgressiveNN's bitwise-binary scheme: N
+  planes of digits +-1, of which each neuron uses its first ``weight_bits`` (bit-serial
+  inference after that many planes; ``quantizers.bwb_kernel``).
   """
   weight_bits: Mapping[str, tuple[int, ...]]
   act_bits: int = 8
   act_clips: Mapping[str, float] | None = None
+  bwb_bits: int = 0
 
   def to_json(self) -> dict[str, Any]:
     return {'weight_bits': {k: [int(b) for b in v] for k, v in self.weight_bits.items()},
             'act_bits': int(self.act_bits),
-            'act_clips': None if self.act_clips is None else {k: float(v) for k, v in self.act_clips.items()}}
+            'act_clips': None if self.act_clips is None else {k: float(v) for k, v in self.act_clips.items()},
+            'bwb_bits': int(self.bwb_bits)}
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> Precision:
     clips = d.get('act_clips')
     return cls({k: tuple(int(b) for b in v) for k, v in d['weight_bits'].items()}, int(d.get('act_bits', 8)),
-               None if clips is None else {k: float(v) for k, v in clips.items()})
+               None if clips is None else {k: float(v) for k, v in clips.items()}, int(d.get('bwb_bits', 0)))
 
 
 def linear_layers(model: SteppingModel) -> dict[str, nnx.Module]:
@@ -81,8 +86,9 @@ def uniform_bits(model: SteppingModel, bits: int) -> dict[str, tuple[int, ...]]:
   return {name: (int(bits),) * layer.kernel.shape[-1] for name, layer in linear_layers(model).items()}
 
 
-def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]]) -> None:
-  """Raises a ValueError naming the layer when ``weight_bits`` does not fit ``model``."""
+def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], bwb_bits: int = 0) -> None:
+  """Raises a ValueError naming the layer when ``weight_bits`` does not fit ``model`` (or,
+  for bitwise-binary weights, uses more than ``bwb_bits`` planes)."""
   found = linear_layers(model)
   unknown = sorted(set(weight_bits) - set(found))
   if unknown:
@@ -95,6 +101,8 @@ def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]]) -
       raise ValueError(f'layer {name!r} has {layer.kernel.shape[-1]} neurons, got {b.shape[0] if b.ndim else 0} bits')
     if (b < 1).any():
       raise ValueError(f'layer {name!r}: weight bits must be >= 1, got {b.min()}')
+    if bwb_bits and (b > bwb_bits).any():
+      raise ValueError(f'layer {name!r}: {b.max()} bit-planes asked of {bwb_bits}-plane bitwise-binary weights')
 
 
 def kept_mask(layer: nnx.Module) -> np.ndarray | None:
@@ -104,9 +112,13 @@ def kept_mask(layer: nnx.Module) -> np.ndarray | None:
 
 
 def quantized_kernels(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]],
-                      ste: bool = False) -> dict[str, jax.Array]:
+                      ste: bool = False, bwb_bits: int = 0) -> dict[str, jax.Array]:
   """Layer name -> its fake-quantized kernel (statistics over the kept connections only:
-  masked weights are never used, and may still hold their initial values)."""
+  masked weights are never used, and may still hold their initial values); with
+  ``bwb_bits`` = N, bitwise-binary N-plane weights truncated to ``weight_bits`` planes."""
+  if bwb_bits:
+    return {name: bwb_kernel(layer.kernel[...], bwb_bits, jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
+            for name, layer in linear_layers(model).items()}
   return {name: quantize_kernel(layer.kernel[...], jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
           for name, layer in linear_layers(model).items()}
 
@@ -152,12 +164,12 @@ def calibrate_clips(model: SteppingModel, images: np.ndarray, quantile: float = 
 
 def apply(model: SteppingModel, precision: Precision) -> SteppingModel:
   """A copy of ``model`` with quantized kernels and quantized hidden activations."""
-  check_bits(model, precision.weight_bits)
+  check_bits(model, precision.weight_bits, precision.bwb_bits)
   if precision.act_bits < FLOAT_BITS and precision.act_clips is None:
     raise ValueError('activation quantization needs act_clips (quant.calibrate_clips)')
   graphdef, state = nnx.split(model)
   q = nnx.merge(graphdef, state, copy=True)
-  set_kernels(q, quantized_kernels(q, precision.weight_bits))
+  set_kernels(q, quantized_kernels(q, precision.weight_bits, bwb_bits=precision.bwb_bits))
   set_activation_quantization(q, precision.act_bits, precision.act_clips)
   return q
 
@@ -257,7 +269,7 @@ def quantization_aware(objective: Callable, precision: Precision) -> Callable:
   optimizer keeps, the forward sees what inference will compute. It rewrites the model
   it is given (the train step hands it a fresh copy per step)."""
   def wrapped(model: SteppingModel, batch, rng):
-    set_kernels(model, quantized_kernels(model, precision.weight_bits, ste=True))
+    set_kernels(model, quantized_kernels(model, precision.weight_bits, ste=True, bwb_bits=precision.bwb_bits))
     set_activation_quantization(model, precision.act_bits, precision.act_clips, ste=True)
     return objective(model, batch, rng)
 

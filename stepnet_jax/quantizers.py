@@ -59,10 +59,16 @@ def plane_weights(n: int, planes: int) -> jax.Array:
   return jnp.asarray([2.0 ** (n - 1 - j) for j in range(planes)], jnp.float32)
 
 
-def bwb_kernel(w: jax.Array, n: int, planes: int | None = None, ste: bool = False) -> jax.Array:
-  """``w`` quantized to ``n`` BWB planes and truncated to the first ``planes`` (default all):
-  the weights a bit-serial layer uses after ``planes`` steps."""
-  digits, scale = bitplanes(w, n)
+def bwb_kernel(w: jax.Array, n: int, planes: int | jax.Array | None = None, ste: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
+  """``w`` [..., C_out] quantized to ``n`` BWB planes and truncated to the first ``planes``
+  (an int, or one count per output neuron [C_out]; default all): the weights a bit-serial
+  layer uses after ``planes`` steps. ``mask`` (1 = kept connection) limits the scale's
+  statistics to the kept weights and zeroes the others (BWB itself has no zero)."""
+  keep = jnp.ones_like(w) if mask is None else jnp.broadcast_to(jnp.asarray(mask, w.dtype), w.shape)
+  digits, scale = bitplanes(w * keep, n)
   planes = n if planes is None else planes
-  q = jnp.tensordot(plane_weights(n, planes), digits[:planes], axes=1) * scale
+  used = jnp.arange(n)[:, None] < jnp.reshape(jnp.asarray(planes), (1, -1))            # [n, 1 or C_out]
+  place = jnp.where(used, plane_weights(n, n)[:, None], 0.0)                           # [n, 1 or C_out]
+  q = jnp.sum(digits * place.reshape((n,) + (1,) * (w.ndim - 1) + (-1,)), axis=0) * scale * keep
   return w + jax.lax.stop_gradient(q - w) if ste else q

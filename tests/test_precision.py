@@ -21,15 +21,18 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)
   cc.quick.common.model = dict(width=0.125)
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
+  cc.quick.precision.budgets = (3.0,)
+  cc.quick.precision.progressive_planes = 4
   out = precision.study(cc, str(tmp_path), quick=True)
   saved = json.loads((tmp_path / 'precision.json').read_text())
   assert saved == json.loads(json.dumps(out))
   assert (tmp_path / 'precision.md').exists() and (tmp_path / 'precision.png').read_bytes()[:4] == b'\x89PNG'
-  assert set(saved) >= {'dataset', 'float_accuracy', 'class_based', 'uniform', 'magnitude', 'random'}
+  assert set(saved) >= {'dataset', 'float_accuracy', 'class_based', 'uniform', 'magnitude', 'random', 'progressive',
+                        'staircase'}
   test = data.load_digits()
   for method in precision.METHODS:
     entries = saved[method]
-    assert [e['budget'] for e in entries] == [2.0, 4.0]
+    assert [e['budget'] for e in entries] == [3.0]
     for e in entries:
       assert set(e) >= {'avg_bits', 'accuracy', 'bitops'}
       assert e['avg_bits'] <= e['budget'] + 1e-9
@@ -41,3 +44,39 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
                                      saved['settings']['act_bits']).sum(), e['bitops'])
       top = np.asarray(jax.jit(net.functions.exits)(net.variables, test.test_images))[-1].argmax(-1)
       assert np.isclose((top == test.test_labels).mean(), e['accuracy'])
+
+  # ProgressiveNN: plane counts 1..4, bit-serial == direct forward, cumulative cost grows;
+  # the saved BWB network and its per-plane BN statistics reproduce the reported accuracy.
+  rows = saved['progressive']
+  assert [r['bits'] for r in rows] == [1, 2, 3, 4]
+  assert [r['compute_fraction'] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+  assert all(r['accuracy'] == r['accuracy_direct'] for r in rows)
+  assert np.all(np.diff([r['bitops_cumulative'] for r in rows]) > 0)
+  stairs = saved['staircase']
+  assert set(stairs) == {'combined', 'levels_only', 'bits_only'}
+  levels = len(saved['float_accuracy_per_level'])
+  for kind, steps in stairs.items():
+    assert steps[-1]['state'] == [levels - 1, 4] and np.all(np.diff([s['bitops'] for s in steps]) > 0), kind
+    assert steps[0]['state'] == {'combined': [0, 1], 'levels_only': [0, 4], 'bits_only': [levels - 1, 1]}[kind]
+  model, meta = stepnet_jax.restore.load_variables(str(tmp_path / 'progressive'), apply_precision=False)
+  prec = quant.Precision.from_json(meta['model_meta']['precision'])
+  assert prec.bwb_bits == 4
+  stats = np.load(tmp_path / 'progressive' / 'bn_stats_per_planes.npz')
+  q = quant.apply(model, precision_lib_at(model, 1, prec))
+  for key in stats.files:
+    if key.startswith('planes1/'):
+      _set(q, key.split('/')[1:], stats[key])
+  top = np.asarray(q.exits(test.test_images))[-1].argmax(-1)
+  assert np.isclose((top == test.test_labels).mean(), rows[0]['accuracy'])
+
+
+def precision_lib_at(model, planes, prec):
+  from stepnet_jax import progressive
+  return progressive.precision_at(model, planes, prec.bwb_bits, prec.act_bits, prec.act_clips)
+
+
+def _set(module, path, value):
+  """Writes ``value`` at the pure-dict ``path`` of ``module``'s state."""
+  for key in path[:-1]:
+    module = module[int(key)] if key.isdigit() else getattr(module, key)
+  getattr(module, path[-1])[...] = value

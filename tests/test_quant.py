@@ -212,9 +212,9 @@ def test_quantization_aware_gradient_is_the_quantized_networks(small):
     quant.set_activation_quantization(m, precision.act_bits, precision.act_clips, ste=True)
     return objective(m, batch, jax.random.key(0))[0]
 
-  grads = nnx.merge(graphdef, jax.grad(qat_loss)(params), stats)
+  grads = nnx.merge(graphdef, jax.jit(jax.grad(qat_loss))(params), stats)
   kernels = {name: layer.kernel[...] for name, layer in quant.linear_layers(quant.apply(model, precision)).items()}
-  ref = jax.grad(loss_of_kernels)(kernels)
+  ref = jax.jit(jax.grad(loss_of_kernels))(kernels)
   for name, layer in quant.linear_layers(grads).items():
     assert np.abs(np.asarray(ref[name])).max() > 0
     np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(ref[name]), rtol=1e-4, atol=1e-7)

@@ -1,0 +1,129 @@
+"""ProgressiveNN and level x precision stepping.
+
+References are independent: a numpy re-derivation of per-neuron truncated bitwise-binary
+weights, each plane count's direct forward for bit-serial inference, BN statistics
+recomputed from a plain convolution, bit-op costs from the per-layer MAC counts, and a
+staircase worked out by hand.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stepnet_jax import config, data, models, progressive, quant, quantizers
+from testlib import images
+
+
+@pytest.fixture(scope='module')
+def small():
+  return models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
+                            assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
+
+
+def _numpy_bwb(w, mask, n, planes):
+  """Per output neuron: the nearest odd multiple of max|w|/(2^n - 1), written in n digits
+  +-1 (most significant first), keeping only the neuron's first ``planes[o]`` digits."""
+  w = np.asarray(w, np.float64) * mask
+  top = 2 ** n - 1
+  out = np.zeros_like(w)
+  for o in range(w.shape[-1]):
+    col = w[..., o]
+    scale = np.abs(col).max() / top or 1.0       # a fully masked neuron keeps zeros
+    u = np.clip(np.round((col / scale + top) / 2), 0, top).astype(np.int64)
+    for j in range(planes[o]):
+      out[..., o] += (2 * ((u >> (n - 1 - j)) & 1) - 1) * 2.0 ** (n - 1 - j) * scale
+  return out * mask
+
+
+def test_truncated_planes_per_neuron_match_numpy():
+  rng = np.random.RandomState(3)
+  w = rng.normal(0, 0.3, (3, 3, 4, 5)).astype(np.float32)
+  mask = (rng.rand(4, 5) > 0.3).astype(np.float32)
+  planes = np.asarray([1, 3, 6, 2, 4])
+  got = quantizers.bwb_kernel(jnp.asarray(w), 6, jnp.asarray(planes), mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), _numpy_bwb(w, mask, 6, planes), rtol=1e-5, atol=1e-7)
+  # 1 plane is +-2^(n-1) scale: two values per neuron (and zero where masked)
+  one = np.asarray(quantizers.bwb_kernel(jnp.asarray(w), 6, 1))
+  assert all(len(np.unique(np.abs(one[..., o]))) == 1 for o in range(5))
+
+
+def test_bit_serial_inference_equals_each_plane_counts_direct_forward(small):
+  """Accumulating the first layer's planes and recomputing the rest gives, after every
+  plane step, the logits of the b-plane network's own forward (each with its own BN)."""
+  model, n = small, 5
+  x = images(model.input_shape, batch=6, seed=2)
+  nets = []
+  for b in range(1, n + 1):
+    q = quant.apply(model, progressive.precision_at(model, b, n, quant.FLOAT_BITS, None))
+    for unit in q.units:            # distinct BN statistics per plane count
+      unit.bn.mean[...] = unit.bn.mean[...] + 0.05 * b
+      unit.bn.var[...] = unit.bn.var[...] * (1 + 0.1 * b)
+    nets.append(q)
+  serial = progressive.bit_serial_exits(model.units[0].kernel[...], nets, x, n)
+  assert serial.shape == (n, model.num_levels, 6, 10)
+  for b, q in enumerate(nets):
+    direct = np.asarray(q.exits(x))
+    np.testing.assert_allclose(np.asarray(serial[b]), direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+  with pytest.raises(ValueError, match='6 plane steps asked of 5-plane'):
+    progressive.bit_serial_exits(model.units[0].kernel[...], nets + nets[:1], x, n)
+
+
+def test_bn_retraining_changes_only_bn_statistics(small):
+  """Parameters stay; the statistics become those of the quantized network's own
+  activations (the first layer's: a plain convolution of the normalized images)."""
+  model = small
+  batch_size, batches = 16, 3
+  rng = np.random.RandomState(5)
+  x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
+  y = rng.randint(0, 10, len(x)).astype(np.int32)
+  dataset = data.Dataset('toy', x, y, x[:4], y[:4], 10)
+  cfg = config.from_dict({'model': {'name': 'lenet3c1l'}, 'train': {'batch_size': batch_size}})
+  q = quant.apply(model, progressive.precision_at(model, 2, 8, quant.FLOAT_BITS, None))
+  retrained = progressive.retrain_bn(q, dataset, cfg, batches)
+  before, after = nnx.state(q, nnx.Param), nnx.state(retrained, nnx.Param)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), before, after)
+  first = q.units[0]
+  xn = (x.astype(np.float64) / 255.0 - np.asarray(model.mean)) / np.asarray(model.std)
+  pre = jax.lax.conv_general_dilated(jnp.asarray(xn, jnp.float32), first.kernel[...], (1, 1), first.padding,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(np.asarray(retrained.units[0].bn.mean[...]), np.asarray(pre).mean((0, 1, 2)),
+                             rtol=1e-4, atol=1e-5)
+  assert not np.allclose(np.asarray(retrained.units[1].bn.mean[...]), np.asarray(q.units[1].bn.mean[...]))
+
+
+def test_step_costs_follow_the_layers_macs(small):
+  """A plane step costs one 1-bit plane of the first layer plus every later layer at the
+  new plane count; a level step only the new level's connections; levels stepped one by
+  one cost exactly the direct forward."""
+  model, n, act = small, 4, 6
+  costs = progressive.PlaneCosts.of(model, n, act)
+  shape, macs = model.input_shape, []            # [layer][level] MACs, and the bits each layer reads
+  for unit in list(model.units) + [model.head]:
+    m, shape = unit.delta_macs(shape)
+    macs.append(np.asarray(m, np.int64))
+  reads = [quant.INPUT_BITS] + [act] * len(model.units)
+  top = model.num_levels - 1
+  for k in range(model.num_levels):
+    for b in range(1, n):
+      want = macs[0][:k + 1].sum() * reads[0] + sum(m[:k + 1].sum() * r * (b + 1) for m, r in zip(macs[1:], reads[1:]))
+      assert costs.plane_step(k, b) == want
+    for b in range(1, n + 1):
+      assert costs.direct(k, b) == sum(m[:k + 1].sum() * r * b for m, r in zip(macs, reads))
+  levels = progressive.walk(progressive.staircase_path('levels_only', None, costs), costs, np.zeros((3, n)))
+  assert levels[-1]['bitops'] == costs.direct(top, n)
+  bits = progressive.walk(progressive.staircase_path('bits_only', None, costs), costs, np.zeros((3, n)))
+  assert [s['state'] for s in bits] == [[top, b] for b in range(1, n + 1)]
+  assert bits[-1]['bitops'] > costs.direct(top, n)        # stepping planes recomputes: dearer than one forward
+
+
+def test_combined_staircase_takes_the_best_gain_per_bitop():
+  base = np.asarray([[10, 20], [30, 40]])       # [layers, levels] bit-ops of one plane
+  costs = progressive.PlaneCosts(np.stack([b * base for b in range(4)]), num_levels=2, n=3)
+  acc = np.asarray([[0.1, 0.5, 0.6], [0.3, 0.7, 0.9]])
+  # (0,1): level +0.2 for 60, plane +0.4 for 10 + 2*30 = 70 -> plane
+  # (0,2): level +0.2 for 120, plane +0.1 for 10 + 3*30 = 100 -> level
+  # (1,2): only a plane: (10 + 20) + 3 * (30 + 40) = 240
+  path = progressive.staircase_path('combined', acc, costs)
+  assert path == [(0, 1), (0, 2), (1, 2), (1, 3)]
+  assert [s['bitops'] for s in progressive.walk(path, costs, acc)] == [40, 110, 230, 470]
