@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import methods
+from stepnet_jax import methods, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -21,6 +21,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   cfg = config_lib.from_dict(_CONFIG.value)
+  sharding.initialize()
+  print(f'data parallel: {sharding.describe()}', flush=True)
   result = methods.train(cfg, _WORKDIR.value)
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])
   step = f'step {result["step"]}, ' if 'step' in result else ''

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 
 import jax
@@ -127,6 +128,25 @@ def train_step_costs(model, train_batch: int, input_shape, repeats: int, rng: np
   return out
 
 
+def data_parallel_costs(model_name: str, num_levels: int, width: float, train_batch: int, input_shape,
+                        repeats: int, device_counts) -> list[dict]:
+  """(f): the joint train step data parallel over 1, 2, 4, ... simulated CPU devices, each
+  count in a fresh process (``--xla_force_host_platform_device_count``). The simulated
+  devices share this machine's cores: this measures the overhead of sharding, not a speedup."""
+  import subprocess
+  import sys
+  out = []
+  for d in device_counts:
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={int(d)}'}
+    cmd = [sys.executable, '-m', 'stepnet_jax.bench', '--train_only', f'--model={model_name}', f'--levels={num_levels}',
+           f'--width={width}', f'--train_batch={train_batch}', f'--repeats={repeats}',
+           '--input_shape=' + ','.join(map(str, input_shape))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.append({'devices': int(d), 'step_ms': r['joint_step_ms'], 'images_per_sec': 1e3 * train_batch / r['joint_step_ms']})
+  return out
+
+
 def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, train_batch: int = 128,
         width: float = 1.0, input_shape=(28, 28, 1), repeats: int = 10) -> dict:
   rng = np.random.RandomState(0)
@@ -204,6 +224,10 @@ def format_report(r: dict) -> str:
   if c:
     lines.append(f'(d) {c["layer"]}: level blocks ' + ', '.join(f'{m:.1f}' for m in c['block_ms'])
                  + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})')
+  dp = r.get('data_parallel')
+  if dp:
+    lines.append(f'(f) data-parallel train step, batch {t["batch"]}, simulated CPU devices sharing the same cores: '
+                 + ', '.join(f'{p["devices"]} device(s) {p["images_per_sec"]:.0f} img/s' for p in dp))
   e = r.get('first_conv')
   if e:
     lines.append(f'(e) {e["layer"]} ({e["in_channels"]} input channels), library convolution / tap product: level blocks '
@@ -222,13 +246,22 @@ def _define_flags() -> None:
   flags.DEFINE_list('input_shape', ['28', '28', '1'], 'H,W,C of the (random) images.')
   flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
   flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+  flags.DEFINE_list('devices', [], '(f): also time the data-parallel train step on these numbers of simulated '
+                    'CPU devices (e.g. 1,2,4), each in its own process.')
+  flags.DEFINE_bool('train_only', False, 'Only (a), printed as JSON (what (f) runs per device count).')
 
 
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
   shape = tuple(int(s) for s in f.input_shape)
+  if f.train_only:
+    model = models.build_model(f.model, num_classes=10, input_shape=shape, num_levels=f.levels, width=f.width)
+    print(json.dumps(train_step_costs(model, f.train_batch, shape, f.repeats, np.random.RandomState(0))))
+    return
   r = run(f.model, f.levels, f.batch, f.train_batch, f.width, shape, f.repeats)
+  if f.devices:
+    r['data_parallel'] = data_parallel_costs(f.model, f.levels, f.width, f.train_batch, shape, f.repeats, f.devices)
   print(format_report(r))
   if f.json:
     with open(f.json, 'w') as out:

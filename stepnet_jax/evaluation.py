@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stepnet_jax import feed, timing
+from stepnet_jax import feed, sharding, timing
 from stepnet_jax.api import Stepper
 
 
@@ -20,7 +20,7 @@ def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
   """
   correct, seen = 0, 0
   for batch in feed.evaluation_batches(images, labels, batch_size):
-    pred = np.asarray(exits_fn(variables, batch.images).argmax(-1))[:, :batch.count]   # [K, count]
+    pred = sharding.to_host(exits_fn(variables, batch.images).argmax(-1))[:, :batch.count]   # [K, count]
     correct = correct + (pred == labels[None, seen:seen + batch.count]).sum(axis=1)
     seen += batch.count
   return correct / len(labels)

@@ -3,8 +3,8 @@
 Training, evaluation, importance scoring and BN recalibration all get their batches
 from ``device_batches``: it gathers the examples of each index batch, pads a short
 batch when asked (the padding is zeros and ``Batch.count`` says how many examples are
-real) and transfers the batch to the device. A data-parallel sharding of the batch
-axis belongs in ``_to_device`` and nowhere else.
+real) and transfers the batch to the devices, sharded along the batch axis
+(``sharding.to_device``: the one place data-parallel placement happens).
 
 Which examples form a batch is decided by the index generators below:
 ``training_indices`` (a fresh seeded permutation every epoch, batches addressed by
@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from stepnet_jax import sharding
+
 
 @struct.dataclass
 class Batch:
@@ -33,20 +35,24 @@ class Batch:
   count: int = struct.field(pytree_node=False, default=0)
 
 
-def _to_device(x: np.ndarray) -> jax.Array:
-  return jax.device_put(x)
-
-
 def device_batches(images: np.ndarray, labels: np.ndarray, index_batches: Iterable[np.ndarray], *,
                    pad_to: int | None = None) -> Iterator[Batch]:
-  """One device ``Batch`` per index array; batches shorter than ``pad_to`` are zero-padded to it."""
+  """One device ``Batch`` per index array; batches shorter than ``pad_to`` are zero-padded to it.
+
+  With several devices the batch is sharded along its leading axis (``sharding``), and
+  each host gathers only its own rows of it.
+  """
   for idx in index_batches:
-    x, y = images[idx], labels[idx]
-    n = len(y)
-    if pad_to is not None and n < pad_to:
-      x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], x.dtype)])
-      y = np.concatenate([y, np.zeros((pad_to - n,), y.dtype)])
-    yield Batch(_to_device(x), _to_device(y), n)
+    n = len(idx)
+    size = max(n, pad_to or 0)
+    rows = sharding.local_rows(size)
+    mine = idx[rows]                                      # this host's rows (past n: padding)
+    x, y = images[mine], labels[mine]
+    short = (rows.stop - rows.start) - len(mine)
+    if short:
+      x = np.concatenate([x, np.zeros((short,) + x.shape[1:], x.dtype)])
+      y = np.concatenate([y, np.zeros((short,), y.dtype)])
+    yield Batch(sharding.to_device(x, size), sharding.to_device(y, size), n)
 
 
 @functools.lru_cache(maxsize=2)
@@ -79,6 +85,8 @@ def sequential_indices(num_examples: int, batch_size: int) -> Iterator[np.ndarra
 
 
 def evaluation_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
-  """A split in order; the last batch is padded to the first's size, so all compile once."""
+  """A split in order; the last batch is padded to the first's size, so all compile once
+  (sizes rounded up to a multiple of the device count, the padding not counted)."""
+  batch_size = sharding.padded_size(batch_size)
   return device_batches(images, labels, sequential_indices(len(labels), batch_size),
-                        pad_to=min(batch_size, len(labels)))
+                        pad_to=sharding.padded_size(min(batch_size, len(labels))))

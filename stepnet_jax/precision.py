@@ -10,12 +10,19 @@ validation split (``bitsearch``: one search, the methods differ only in their sc
 ``precision.finetune_epochs`` with straight-through estimators (the config's objective,
 all exits) and reports test accuracy. Each fine-tuned network is saved in
 ``DIR/METHOD_BBITS`` with its bits in the checkpoint (``evaluate.py --workdir`` shows
-them). Writes ``DIR/precision.json``, ``.md`` (targets) and ``.png``.
+them). Then ProgressiveNN (``progressive_study``, skipped when
+``precision.progressive_planes`` is 0): one bitwise-binary network trained at N planes
+(saved in ``DIR/progressive``, its BN statistics per plane count in
+``bn_stats_per_planes.npz``), accuracy of bit-serial inference for b = 1..N planes with
+and without BN retraining, and level x precision staircases (combined, chosen on the
+validation split; levels only; bits only) of accuracy against cumulative bit-ops.
+Writes ``DIR/precision.json``, ``.md`` (targets) and ``.png``.
 """
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 
 import jax
@@ -192,8 +199,10 @@ def _flat(tree, prefix: str = '') -> dict[str, np.ndarray]:
 
 
 def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:
-  """The fine-tuned float weights with the bits beside the level assignment."""
-  os.makedirs(path, exist_ok=True)
+  """The fine-tuned float weights with the bits beside the level assignment (a previous
+  study's network in ``path`` is replaced: the checkpoint manager would keep it)."""
+  shutil.rmtree(path, ignore_errors=True)
+  os.makedirs(path)
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   m = {**meta, 'model_meta': {**meta['model_meta'], 'precision': precision.to_json()}}
   checkpoints.save(checkpoints.manager(path, keep=1), 0, params, stats, m)

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stepnet_jax import models, quant
+from stepnet_jax import models, quant, sharding
 from stepnet_jax.model import SteppingModel
 
 
@@ -49,9 +49,11 @@ def restore_meta(workdir: str, step: int | None = None) -> dict:
 
 
 def restore_item(workdir: str, name: str, target: Any, step: int | None = None) -> Any:
-  """Restores item ``name`` shaped like ``target`` (arrays or ShapeDtypeStructs)."""
+  """Restores item ``name`` shaped like ``target`` (arrays or ShapeDtypeStructs), replicated
+  over this process's mesh (whatever the device count it was saved from)."""
   step = _step(workdir, step)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  replicated = sharding.replicated()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
   mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
   return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -40,6 +41,9 @@ def restore_state(workdir: str, state: TrainState, step: int) -> TrainState:
 
 
 def write_description(workdir: str, meta: dict) -> None:
-  """``config.json``: the run's config, model structure and dataset, for people and tools."""
+  """``config.json``: the run's config, model structure and dataset, for people and tools
+  (written by the first host only)."""
+  if jax.process_index() != 0:
+    return
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(meta, f, indent=2)

@@ -20,10 +20,14 @@ class MetricWriter:
   """Scalars to TensorBoard event files (tensorboardX) and to metrics.jsonl.
 
   ``fresh=True`` starts both anew (a run that restarts from scratch); otherwise they
-  continue (a resumed run).
+  continue (a resumed run). Only the first host writes (the others would race on the
+  same files); elsewhere it is a no-op.
   """
 
   def __init__(self, workdir: str, fresh: bool = False):
+    self.tb = self.jsonl = None
+    if jax.process_index() != 0:
+      return
     from tensorboardX import SummaryWriter
     tb_dir = os.path.join(workdir, 'tensorboard')
     if fresh and os.path.isdir(tb_dir):
@@ -32,14 +36,17 @@ class MetricWriter:
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w' if fresh else 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self.tb is None:
+      return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
     self.jsonl.flush()
 
   def close(self) -> None:
-    self.tb.close()
-    self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+      self.jsonl.close()
 
 
 def per_level(prefix: str, values: Sequence[float], levels: Sequence[int] | None = None) -> dict[str, float]:

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import data, evaluation, losses, models, restore, stepping
+from stepnet_jax import data, evaluation, losses, models, restore, sharding, stepping
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
 from stepnet_jax.training import checkpoints, loop, optim
@@ -29,7 +29,9 @@ RESUMABLE_KEYS = ('train.num_epochs',)
 
 def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
   """The config's dataset (loaded unless given), subset as configured, without its validation
-  examples (``data.validation_examples``), and steps per epoch."""
+  examples (``data.validation_examples``), and steps per epoch. The global batch must
+  split over the devices (checked first: before loading or compiling anything)."""
+  sharding.check_batch_size(cfg.train.batch_size)
   if dataset is None:
     dataset = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
   dataset = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
@@ -107,6 +109,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   tx = optim.make_optimizer(cfg, steps_per_epoch)
   graphdef, state = step_lib.init_state(model, tx)
   saved = check_workdir(workdir, cfg, may_change=RESUMABLE_KEYS, model_meta=meta['model_meta'])
+  sharding.barrier(f'checked {workdir}')
   prior_seconds = 0.0
   if saved is not None:
     start = restore.latest_step(workdir)
@@ -167,7 +170,9 @@ class PhasedRun:
   def open(cls, cfg: Config, workdir: str, dataset: data.Dataset | None, result_name: str) -> PhasedRun:
     dataset, steps_per_epoch = prepare_data(cfg, dataset)
     run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
-    if check_workdir(workdir, cfg) is not None:
+    saved = check_workdir(workdir, cfg)
+    sharding.barrier(f'checked {workdir}')
+    if saved is not None:
       path = os.path.join(workdir, result_name)
       if not os.path.exists(path):
         raise ValueError(f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
@@ -219,8 +224,9 @@ class PhasedRun:
     seconds = time.time() - self.started
     level_macs = [int(m) for m in np.cumsum(model.delta_macs().sum(0))]
     result = {'test_accuracy': [float(a) for a in test_acc], 'level_macs': level_macs, 'seconds': seconds, **extra}
-    with open(os.path.join(self.workdir, self.result_name), 'w') as f:
-      json.dump(result, f, indent=2)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, self.result_name), 'w') as f:
+        json.dump(result, f, indent=2)
     print(f'{label} done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
           + ', MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs) + f', {seconds:.0f} s', flush=True)
     return result

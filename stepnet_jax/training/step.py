@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from stepnet_jax import sharding
 from stepnet_jax.feed import Batch
 from stepnet_jax.losses import Objective
 
@@ -50,7 +51,8 @@ def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective, *,
                     seed: int = 0, augment_images: bool = False):
-  """Jitted ``(state, batch) -> (state, metrics)``; the state is donated.
+  """Jitted ``(state, batch) -> (state, metrics)``; the state is donated. Data parallel over
+  ``sharding.mesh()``: the batch sharded along its leading axis, state and metrics replicated.
 
   The objective gets the train-mode model and a key ``fold_in(key(seed + 1), step)``;
   with ``augment_images`` the batch is first randomly cropped and flipped with
@@ -62,7 +64,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
     loss, aux = objective(model, batch, rng)
     return loss, (aux, nnx.state(model, nnx.BatchStat))
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  replicated = sharding.replicated()
+
+  @functools.partial(jax.jit, donate_argnums=0, in_shardings=(replicated, sharding.batch_sharding()),
+                     out_shardings=(replicated, replicated))
   def train_step(state: TrainState, batch: Batch):
     if augment_images:
       batch = batch.replace(images=augment(batch.images, jax.random.fold_in(jax.random.key(seed), state.step)))

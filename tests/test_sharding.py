@@ -1,0 +1,135 @@
+"""Data parallelism on simulated CPU devices (``--xla_force_host_platform_device_count``),
+each device count in its own process: a 4-device train step equals the 1-device step on
+the same global batch, a short run and its evaluation agree, and a checkpoint written on
+4 devices restores on 1 and on 2.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import stepnet_jax
+from stepnet_jax import config, data, feed, losses, sharding
+from stepnet_jax.training import optim, run
+from stepnet_jax.training import step as step_lib
+
+mode, workdir = sys.argv[1], sys.argv[2]
+out = {'devices': jax.device_count(), 'mesh': sharding.describe()}
+cfg = config.from_dict({'data': {'name': 'digits', 'train_subset': 512, 'test_subset': 202},
+                        'model': {'name': 'mlp', 'width': 0.125, 'num_levels': 3},
+                        'train': {'num_epochs': 2, 'batch_size': 64, 'eval_batch_size': 100, 'progress': False},
+                        'optim': {'name': 'sgd', 'learning_rate': 0.1}})   # Adam's first step is sign(g): too touchy
+if mode == 'train':
+  # One step from the same initial state on the same global batch.
+  dataset, steps = run.prepare_data(cfg)
+  model = run.build_model(cfg, dataset)
+  tx = optim.make_optimizer(cfg, steps)
+  graphdef, state = step_lib.init_state(model, tx)
+  batch = next(feed.device_batches(dataset.train_images, dataset.train_labels, [np.arange(64)]))
+  out['batch_shards'] = len(batch.images.sharding.device_set)
+  state, metrics = run.config_train_step(graphdef, tx, cfg)(state, batch)
+  out['state_devices'] = len(jax.tree.leaves(state.params)[0].sharding.device_set)
+  np.savez(workdir + '.step.npz', *[np.asarray(a) for a in jax.tree.leaves(state)])
+  out['loss'] = float(metrics['loss'])
+  # A short run, evaluated (the test split of 202 is not a multiple of 4: padding).
+  out['result'] = run.train_and_evaluate(cfg, workdir)
+else:
+  net = stepnet_jax.load(workdir)
+  dataset, _ = run.prepare_data(cfg)
+  from stepnet_jax import evaluation
+  out['accuracy'] = evaluation.exit_accuracy(net.functions.exits, net.variables, dataset.test_images,
+                                             dataset.test_labels, 100).tolist()
+  np.savez(workdir + f'.restored{jax.device_count()}.npz', *[np.asarray(a) for a in jax.tree.leaves(net.variables)])
+print('RESULT ' + json.dumps(out))
+'''
+
+
+def _run(devices: int, *args: str) -> dict:
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-c', SCRIPT, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sharding')
+  four = _run(4, 'train', str(root / 'four'))
+  one = _run(1, 'train', str(root / 'one'))
+  return root, four, one
+
+
+def test_four_devices_compute_the_one_device_step(runs):
+  root, four, one = runs
+  assert four['devices'] == 4 and one['devices'] == 1
+  assert 'data=4' in four['mesh']
+  assert four['batch_shards'] == 4 and four['state_devices'] == 4      # batch split, state replicated
+  a, b = np.load(root / 'four.step.npz'), np.load(root / 'one.step.npz')
+  assert a.files == b.files
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert abs(four['loss'] - one['loss']) < 1e-5
+
+
+def test_a_short_run_and_its_evaluation_agree(runs):
+  _, four, one = runs
+  np.testing.assert_allclose(four['result']['test_accuracy'], one['result']['test_accuracy'], atol=1 / 202 + 1e-9)
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_a_four_device_checkpoint_restores_on_fewer(runs, devices):
+  root, four, _ = runs
+  restored = _run(devices, 'restore', str(root / 'four'))
+  assert restored['accuracy'] == four['result']['test_accuracy']
+
+
+def test_a_batch_that_does_not_split_is_refused_before_anything_runs():
+  proc = subprocess.run(
+      [sys.executable, '-c', 'from stepnet_jax import config; from stepnet_jax.training import run; '
+       'run.prepare_data(config.from_dict({"data": {"name": "digits"}, "train": {"batch_size": 30}}))'],
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'},
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'train.batch_size=30 does not divide by the 4 devices' in proc.stderr
+
+
+def test_two_hosts_train_what_one_host_trains(tmp_path):
+  """Two processes on this machine joined by ``jax.distributed`` (each host reads its half
+  of every batch; only the first writes metrics and descriptions, both share the
+  checkpoint) end with the accuracies of a single process."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  args = ['train.py', '--config', 'configs/tiny.py', '--config.train.num_epochs=1', '--config.train.progress=False',
+          '--config.data.train_subset=1024', '--config.data.test_subset=300']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2'}
+  hosts = [subprocess.Popen([sys.executable, *args, '--workdir', str(tmp_path / 'two')], cwd=REPO, text=True,
+                            env={**env, 'JAX_PROCESS_ID': str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i in range(2)]
+  try:
+    outs = [h.communicate(timeout=200) for h in hosts]
+  finally:
+    for h in hosts:
+      h.kill()
+  assert all(h.returncode == 0 for h in hosts), outs[0][1][-3000:]
+  one = subprocess.run([sys.executable, *args, '--workdir', str(tmp_path / 'one')], cwd=REPO, text=True,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  def done(stdout):
+    return [ln for ln in stdout.splitlines() if ln.startswith('done:')][-1].split(', ')[1]
+
+  assert '2 cpu device(s) on 2 host(s)' in outs[0][0]
+  assert done(outs[0][0]) == done(outs[1][0]) == done(one.stdout)
