@@ -11,9 +11,13 @@ from ml_collections import config_flags
 
 from stepnet_jax import config as config_lib
 from stepnet_jax import methods, sharding
+from stepnet_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+_RESTORE_PREVIOUS = flags.DEFINE_bool(
+    'restore_previous', False, 'If the newest checkpoint cannot be read, resume from the newest one that can '
+    '(the unreadable ones are moved to WORKDIR/unreadable_checkpoints, never deleted).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -23,7 +27,11 @@ def main(argv):
   cfg = config_lib.from_dict(_CONFIG.value)
   sharding.initialize()
   print(f'data parallel: {sharding.describe()}', flush=True)
-  result = methods.train(cfg, _WORKDIR.value)
+  try:
+    result = methods.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
+  except loop.Preempted as stopped:
+    print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
+    raise SystemExit(130 if stopped.signal_name == 'SIGINT' else 143) from None
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])
   step = f'step {result["step"]}, ' if 'step' in result else ''
   print(f'done: {step}test accuracy per level {acc}, {result["seconds"]:.0f} s')

@@ -40,6 +40,43 @@ class Stepper:
     self.functions = stepping.make_step_functions(self.graphdef, self.num_levels)
     self._predict: dict[str, Callable] = {}
     self._latency_ms: dict[tuple, list[float]] = {}
+    self._cache_shapes: dict[int, list[tuple[int, ...]]] = {}
+
+  def check_images(self, x) -> None:
+    """Raises a ValueError / TypeError saying what was expected when ``x`` is not a batch of
+    this network's images: [B, H, W, C] uint8 (as stored) or float32 in [0, 1]."""
+    shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
+    if shape is None or dtype is None:
+      raise TypeError(f'expected an array of images [B, {", ".join(map(str, self.input_shape))}], got {type(x).__name__}')
+    if len(shape) != 4:
+      raise ValueError(f'expected images of rank 4 [B, {", ".join(map(str, self.input_shape))}], got shape {tuple(shape)}'
+                       + (' (add a batch axis: x[None])' if tuple(shape) == self.input_shape else ''))
+    if tuple(shape[1:]) != self.input_shape:
+      raise ValueError(f'expected images of shape [B, {", ".join(map(str, self.input_shape))}] (H, W, C), got '
+                       f'{tuple(shape)}')
+    if np.dtype(dtype) not in (np.uint8, np.float32):
+      raise TypeError(f'expected uint8 images (0..255, as stored) or float32 in [0, 1], got {np.dtype(dtype)}')
+
+  def check_level(self, level: int) -> None:
+    if not isinstance(level, (int, np.integer)) or not 0 <= level < self.num_levels:
+      raise ValueError(f'level must be an int in 0..{self.num_levels - 1}, got {level!r}')
+
+  def check_cache(self, cache) -> None:
+    """Raises a ValueError when ``cache`` is not a step cache of this network (another model,
+    a corrupted tree) or its level is the top already."""
+    if not isinstance(cache, StepCache):
+      raise TypeError(f'expected a StepCache from start/advance, got {type(cache).__name__}')
+    batch = cache.logits.shape[0]
+    if batch not in self._cache_shapes:       # traced once per batch size
+      expected = jax.eval_shape(self.functions.start, self.variables,
+                                jax.ShapeDtypeStruct((batch,) + self.input_shape, np.uint8))
+      self._cache_shapes[batch] = [tuple(a.shape) for a in jax.tree.leaves(expected)]
+    got, want = [tuple(a.shape) for a in jax.tree.leaves(cache)], self._cache_shapes[batch]
+    if got != want:
+      raise ValueError(f'this cache was not made by this network (buffer shapes {got} where its start gives {want} '
+                       f'for a batch of {batch})')
+    if not 0 <= cache.level < self.num_levels:
+      raise ValueError(f'cache level {cache.level} outside 0..{self.num_levels - 1}')
 
   @property
   def delta_macs(self) -> tuple[int, ...]:
@@ -57,18 +94,26 @@ class Stepper:
 
   def forward(self, x: jax.Array, level: int) -> jax.Array:
     """Direct logits of subnet ``level`` [B, classes] (the faster variant on this backend)."""
+    self.check_images(x)
+    self.check_level(level)
     return self.functions.forward_fastest(self.variables, x, level)
 
   def exits(self, x: jax.Array) -> jax.Array:
     """Logits of all exits from one pass: [K, B, classes]."""
+    self.check_images(x)
     return self.functions.exits(self.variables, x)
 
   def start(self, x: jax.Array) -> StepCache:
     """Runs level 0 on raw images; returns the cache (``.logits``, ``.level == 0``)."""
+    self.check_images(x)
     return self.functions.start(self.variables, x)
 
   def restart(self, cache: StepCache, x: jax.Array) -> StepCache:
     """Level 0 of new images in the buffers of an old cache (which is consumed)."""
+    self.check_images(x)
+    self.check_cache(cache)
+    if x.shape[0] != cache.logits.shape[0]:
+      raise ValueError(f'restart needs images of the cache\'s batch size {cache.logits.shape[0]}, got {x.shape[0]}')
     return self.functions.restart(self.variables, cache, x)
 
   def advance(self, cache: StepCache) -> StepCache:
@@ -77,6 +122,7 @@ class Stepper:
     The given cache is consumed (its buffers are reused for the result); read what
     you need from it, e.g. ``np.asarray(cache.logits)``, before advancing.
     """
+    self.check_cache(cache)
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
     return self.functions.advance(self.variables, cache)
@@ -90,7 +136,10 @@ class Stepper:
     """Each input's answer under ``policy`` (``stepnet_jax.policies``) from one compiled program:
     ``Prediction(logits [B, classes], exit_level [B], macs [B])``. ``strategy``: 'masked' or
     'compact' (default: the faster one measured on this backend)."""
+    self.check_images(x)
     strategy = strategy or anytime.default_strategy()
+    if strategy not in anytime.STRATEGIES:
+      raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(anytime.STRATEGIES)}')
     if strategy not in self._predict:
       self._predict[strategy] = anytime.make_predict(self.program, strategy)
     return self._predict[strategy](self.variables, x, policy)

@@ -91,6 +91,7 @@ class TrainConfig:
   eval_batch_size: int = 1000
   log_every_steps: int = 50
   keep_checkpoints: int = 2
+  checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0: at epoch ends only)
   progress: bool = True            # tqdm progress bar
 
 
@@ -167,7 +168,8 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
-REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size')
+REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size',
+                  'train.checkpoint_every_steps')
 NOT_TRAINING_SECTIONS = ('selection',)
 
 

@@ -42,7 +42,14 @@ def check(cfg: Config, dataset: data.Dataset) -> None:
   METHODS.get(cfg.method).check(cfg, dataset)
 
 
-def train(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
+def train(cfg: Config, workdir: str, dataset: data.Dataset | None = None, *, restore_previous: bool = False) -> dict:
   """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'
-  (training time of the run, also when it was resumed or found finished)."""
-  return METHODS.get(cfg.method).train(cfg, workdir, dataset)
+  (training time of the run, also when it was resumed or found finished). ``restore_previous``:
+  resume a joint run from its newest readable checkpoint (``run.train_and_evaluate``)."""
+  method = METHODS.get(cfg.method)
+  if restore_previous:
+    if cfg.method != 'joint':
+      raise ValueError(f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
+                       'starts over when it was interrupted')
+    return run.train_and_evaluate(cfg, workdir, dataset, restore_previous=True)
+  return method.train(cfg, workdir, dataset)

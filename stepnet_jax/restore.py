@@ -21,6 +21,10 @@ from stepnet_jax import models, quant, sharding
 from stepnet_jax.model import SteppingModel
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be read (truncated, corrupted, incompatible)."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -30,6 +34,25 @@ def latest_step(workdir: str) -> int | None:
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
+
+
+def all_steps(workdir: str) -> list[int]:
+  """Every checkpoint's step, newest first."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  return sorted(ocp.CheckpointManager(checkpoint_dir(workdir)).all_steps(), reverse=True)
+
+
+def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
+  """``mngr.restore(step, args)`` with any failure reported as a ``CheckpointError`` naming the path."""
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
+  try:
+    return mngr.restore(step, args=args)
+  except Exception as e:  # orbax raises many kinds for a damaged checkpoint
+    path = os.path.join(checkpoint_dir(workdir), str(step))
+    raise CheckpointError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be '
+                          'truncated or corrupted. Nothing was deleted; train.py --restore_previous resumes from '
+                          'the newest readable checkpoint instead') from e
 
 
 def _step(workdir: str, step: int | None) -> int:
@@ -44,8 +67,7 @@ def _step(workdir: str, step: int | None) -> int:
 def restore_meta(workdir: str, step: int | None = None) -> dict:
   """The JSON meta of the latest (or given) checkpoint."""
   step = _step(workdir, step)
-  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
-  return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+  return dict(_read(workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
 
 def restore_item(workdir: str, name: str, target: Any, step: int | None = None) -> Any:
@@ -54,8 +76,7 @@ def restore_item(workdir: str, name: str, target: Any, step: int | None = None) 
   step = _step(workdir, step)
   replicated = sharding.replicated()
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
-  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
-  return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
+  return _read(workdir, step, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
 
 
 def model_item(params: nnx.State, batch_stats: nnx.State) -> dict:

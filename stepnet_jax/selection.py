@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stepnet_jax import data, losses, policies
+from stepnet_jax import data, losses, policies, sharding
 from stepnet_jax.config import Config
 from stepnet_jax.training import loop
 from stepnet_jax.training import step as step_lib
@@ -198,6 +198,7 @@ def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], i
   train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 17)
   split = data.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
   batch_size = min(s.batch_size, len(labels))
+  batch_size -= batch_size % sharding.num_devices()        # the batch splits over the devices
   steps_per_epoch = len(labels) // batch_size
   run_cfg = cfg.replace(**{'train.batch_size': batch_size, 'train.num_epochs': s.epochs})
   state = loop.run_steps(state, train_step, split, run_cfg, first=0, last=s.epochs * steps_per_epoch,

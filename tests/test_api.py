@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import layers, models
+from stepnet_jax import layers, models, policies
 from testlib import (assert_close, brute_mask, built_model, bundle, images, level_array, linear_units,
                      numpy_initializers, randomize)
 
@@ -294,3 +294,33 @@ def test_convolution_by_taps_equals_library_convolution(size, kernel, stride, pa
   w = jnp.asarray(rng.randn(kernel, kernel, cin, cout), jnp.float32)
   ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   assert_close(layers.conv_by_taps(x, w, stride, padding), ref, 1e-5, 1e-5)
+
+
+def test_bad_inputs_are_clear_errors_before_tracing():
+  """Wrong rank, image size, channels or dtype, a level out of range, a cache of another
+  network or batch: each a ValueError / TypeError saying what was expected."""
+  net = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+                                               width=0.25))
+  other = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+                                                 width=0.5))
+  x = images((16, 16, 1), batch=2)
+  with pytest.raises(ValueError, match=r'rank 4 \[B, 16, 16, 1\].*add a batch axis'):
+    net.start(x[0])
+  with pytest.raises(ValueError, match=r'shape \[B, 16, 16, 1\] \(H, W, C\), got \(2, 28, 28, 1\)'):
+    net.forward(jnp.zeros((2, 28, 28, 1), jnp.uint8), 0)
+  with pytest.raises(ValueError, match=r'got \(2, 16, 16, 3\)'):
+    net.exits(jnp.zeros((2, 16, 16, 3), jnp.uint8))
+  with pytest.raises(TypeError, match='uint8 images .* or float32 in \\[0, 1\\], got int32'):
+    net.start(x.astype(jnp.int32))
+  with pytest.raises(TypeError, match='expected an array'):
+    net.start([[0]])
+  with pytest.raises(ValueError, match=r'level must be an int in 0..2, got 3'):
+    net.forward(x, 3)
+  with pytest.raises(ValueError, match='not made by this network'):
+    net.advance(other.start(x))
+  with pytest.raises(ValueError, match="restart needs images of the cache's batch size 2, got 3"):
+    net.restart(net.start(x), images((16, 16, 1), batch=3))
+  with pytest.raises(ValueError, match='already at the top level'):
+    net.advance(net.advance(net.advance(net.start(x))))
+  with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+    net.predict(x, policies.Confidence(0.5), strategy="fast")

@@ -190,6 +190,31 @@ def test_check_workdir_names_what_differs_and_allows_only_what_it_is_told(tmp_pa
                       may_change=run.RESUMABLE_KEYS)
 
 
+def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(tmp_path, capsys):
+  """A truncated newest checkpoint: an error naming it, nothing deleted; with
+  ``restore_previous`` the run resumes from the one before and trains on."""
+  digits = data.load_digits()
+  cfg = _digits_config()
+  spe = len(digits.train_labels) // cfg.train.batch_size
+  workdir = str(tmp_path / 'run')
+  run.train_and_evaluate(cfg, workdir, dataset=digits)
+  newest = os.path.join(restore.checkpoint_dir(workdir), str(2 * spe))
+  for root, _, files in os.walk(os.path.join(newest, 'model')):
+    for name in files:
+      path = os.path.join(root, name)
+      if root.endswith('d') and os.path.getsize(path) > 8:
+        os.truncate(path, os.path.getsize(path) // 2)            # a save cut short
+  longer = cfg.replace(**{'train.num_epochs': 3})
+  with pytest.raises(restore.CheckpointError, match=f'checkpoint {newest} cannot be read'):
+    run.train_and_evaluate(longer, workdir, dataset=digits)
+  assert restore.all_steps(workdir) == [2 * spe, spe]                # nothing deleted
+  capsys.readouterr()
+  out = run.train_and_evaluate(longer, workdir, dataset=digits, restore_previous=True)
+  assert f'Resuming from step {spe} ' in capsys.readouterr().out
+  assert out['step'] == 3 * spe
+  assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', str(2 * spe)))   # kept aside
+
+
 def test_train_and_evaluate_scripts(tmp_path):
   workdir = str(tmp_path / 'run')
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
@@ -370,7 +395,8 @@ def _flat(nested: dict) -> dict:
   """A saved nested config in the flat format of earlier versions (FLAT_TINY's keys)."""
   renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
              'construction.rounds': 'construct_rounds'}
-  later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples')   # keys the flat era lacked
+  later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
+           'train.checkpoint_every_steps')
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
           if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0

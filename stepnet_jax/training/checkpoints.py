@@ -47,3 +47,15 @@ def write_description(workdir: str, meta: dict) -> None:
     return
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(meta, f, indent=2)
+
+
+def set_aside(workdir: str, steps) -> None:
+  """Moves the checkpoints ``steps`` to ``WORKDIR/unreadable_checkpoints`` (first host only):
+  kept for inspection, and out of the manager's way (it never writes a step below its newest)."""
+  if jax.process_index() != 0:
+    return
+  target = os.path.join(workdir, 'unreadable_checkpoints')
+  os.makedirs(target, exist_ok=True)
+  for step in steps:
+    os.replace(os.path.join(restore.checkpoint_dir(workdir), str(step)), os.path.join(target, str(step)))
+    print(f'moved unreadable checkpoint {step} to {target}', flush=True)

@@ -1,17 +1,21 @@
-"""The training loop: feed batches to a train step, log metrics, stop on a non-finite loss."""
+"""The training loop: feed batches to a train step, log metrics, checkpoint mid-epoch and on
+SIGTERM / Ctrl-C, stop on a non-finite loss."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from stepnet_jax import data, feed
+from stepnet_jax import data, feed, sharding
 from stepnet_jax.config import Config
 from stepnet_jax.training.step import TrainState
 
@@ -77,38 +81,93 @@ def progress_bar(enabled: bool) -> Callable:
   return _QuietBar
 
 
+class Preempted(Exception):
+  """Training stopped by SIGTERM or Ctrl-C after saving a checkpoint at ``step``."""
+
+  def __init__(self, step: int, signal_name: str):
+    super().__init__(f'{signal_name} at step {step}: checkpoint saved; run the same command to resume')
+    self.step, self.signal_name = step, signal_name
+
+
+class _StopRequests:
+  """SIGTERM / SIGINT handlers that only record the request (the loop saves, then stops)."""
+
+  def __init__(self):
+    self.signal_name = None
+
+  def __enter__(self):
+    self.previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self.previous[sig] = signal.signal(sig, self._record)
+    return self
+
+  def _record(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def check_finite(metrics: dict, step: int) -> None:
+  """FloatingPointError naming the step and the exits whose loss is not finite."""
+  if np.isfinite(metrics['loss']):
+    return
+  ce = np.asarray(metrics.get('ce', []))
+  bad = [int(k) for k in np.flatnonzero(~np.isfinite(ce))]
+  where = f'exit(s) {bad} have a non-finite cross-entropy' if bad else 'the exits\' losses are finite'
+  raise FloatingPointError(f'loss became {metrics["loss"]} at step {step}: {where}. Training stopped; the last '
+                           'checkpoint (written before this) is untouched and is what a resume starts from.')
+
+
 def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config, *, first: int, last: int,
               steps_per_epoch: int, writer: MetricWriter | None, desc: str,
-              levels: Sequence[int] | None = None) -> TrainState:
+              levels: Sequence[int] | None = None,
+              checkpoint: Callable[[TrainState], None] | None = None) -> TrainState:
   """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
 
   ``state.step`` must equal ``first``; batches depend only on the global step and the
   seed (``feed.training_indices``), so a run split into pieces (resumed, or in
   construction phases) sees the same data. ``levels`` names the exits whose accuracy
-  ``train_step`` reports (default 0, 1, ...), for the logs. A non-finite loss raises.
+  ``train_step`` reports (default 0, 1, ...), for the logs. A non-finite loss raises
+  (``check_finite``) before anything is saved. With ``checkpoint``, the state is saved
+  every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
+  step, after which ``Preempted`` is raised.
   """
   batch_size, log_every = cfg.train.batch_size, cfg.train.log_every_steps
+  save_every = cfg.train.checkpoint_every_steps if checkpoint is not None else 0
+  sharding.check_batch_size(batch_size)
   progress = progress_bar(cfg.train.progress)
   bar = progress(total=last - first, initial=0, desc=desc)
   indices = feed.training_indices(first, last, steps_per_epoch, len(dataset.train_labels), batch_size, cfg.seed)
   batches = feed.device_batches(dataset.train_images, dataset.train_labels, indices)
   window_t, window_n, window_metrics = time.time(), 0, []
-  for step, batch in zip(range(first, last), batches):
-    state, metrics = train_step(state, batch)
-    window_n += batch.count
-    window_metrics.append(metrics)
-    if (step + 1) % log_every == 0 or step == last - 1:
-      m = jax.device_get(window_metrics)
-      if not np.isfinite(m[-1]['loss']):
-        raise FloatingPointError(f'loss became {m[-1]["loss"]} at step {step + 1}')
-      loss = float(np.mean([x['loss'] for x in m]))
-      acc = np.mean([x['accuracy'] for x in m], axis=0)
-      ips = window_n / max(time.time() - window_t, 1e-9)
-      if writer is not None:
-        writer.write(step + 1, {'train/loss': loss, 'train/images_per_sec': ips,
-                                **per_level('train/accuracy', acc, levels)})
-      bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
-      window_t, window_n, window_metrics = time.time(), 0, []
-    bar.update(1)
+  with _StopRequests() if checkpoint is not None else contextlib.nullcontext() as stop:
+    for step, batch in zip(range(first, last), batches):
+      state, metrics = train_step(state, batch)
+      window_n += batch.count
+      window_metrics.append(metrics)
+      done = step + 1
+      stopping = stop is not None and stop.signal_name is not None
+      saving = stopping or (save_every and done % save_every == 0 and done < last)
+      if done % log_every == 0 or done == last or saving:
+        m = jax.device_get(window_metrics)
+        check_finite(m[-1], done)
+        loss = float(np.mean([x['loss'] for x in m]))
+        acc = np.mean([x['accuracy'] for x in m], axis=0)
+        ips = window_n / max(time.time() - window_t, 1e-9)
+        if writer is not None:
+          writer.write(done, {'train/loss': loss, 'train/images_per_sec': ips,
+                              **per_level('train/accuracy', acc, levels)})
+        bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
+        window_t, window_n, window_metrics = time.time(), 0, []
+      bar.update(1)
+      if saving:
+        checkpoint(state)
+      if stopping:
+        bar.close()
+        raise Preempted(done, stop.signal_name)
   bar.close()
   return state

@@ -60,7 +60,7 @@ def run_meta(cfg: Config, model_meta: dict, dataset: data.Dataset, steps_per_epo
 
 
 def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
-                  model_meta: dict | None = None) -> dict | None:
+                  model_meta: dict | None = None, step: int | None = None) -> dict | None:
   """The meta of the run left in ``workdir`` if ``cfg`` may continue or reuse it; None if none is there.
 
   Its saved config must equal ``cfg`` (reporting keys aside; configs saved by older
@@ -70,7 +70,7 @@ def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
   """
   if restore.latest_step(workdir) is None:
     return None
-  saved = restore.restore_meta(workdir)
+  saved = restore.restore_meta(workdir, step)
   differ = [k for k in config_lib.differing_keys(saved['config'], cfg) if k not in may_change]
   if differ:
     raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
@@ -94,13 +94,17 @@ def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config) -
                                                     cfg.train.eval_batch_size)
 
 
-def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
+def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None, *,
+                       restore_previous: bool = False) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 
   A resumed run must have the same settings, except ``train.num_epochs`` (raising it
-  trains on; the schedule then spans the new length). Returns a dict with the final
-  per-level test accuracy, the step, and ``seconds``: the training time of all
-  sessions of the run (saved with every checkpoint).
+  trains on; the schedule then spans the new length). An unreadable newest checkpoint is
+  an error naming it (``restore.CheckpointError``); with ``restore_previous`` the run
+  resumes from the newest readable one instead, and the unreadable ones are moved to
+  ``WORKDIR/unreadable_checkpoints`` (kept, out of the checkpoint manager's way). Returns
+  a dict with the final per-level test accuracy, the step, and ``seconds``: the training
+  time of all sessions of the run (saved with every checkpoint).
   """
   os.makedirs(workdir, exist_ok=True)
   dataset, steps_per_epoch = prepare_data(cfg, dataset)
@@ -108,14 +112,28 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   meta = run_meta(cfg, restore.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
   tx = optim.make_optimizer(cfg, steps_per_epoch)
   graphdef, state = step_lib.init_state(model, tx)
-  saved = check_workdir(workdir, cfg, may_change=RESUMABLE_KEYS, model_meta=meta['model_meta'])
+  saved, start, unreadable = None, None, []
+  for step in restore.all_steps(workdir):
+    try:
+      saved = check_workdir(workdir, cfg, may_change=RESUMABLE_KEYS, model_meta=meta['model_meta'], step=step)
+      state = checkpoints.restore_state(workdir, state, step)
+      start = step
+      break
+    except restore.CheckpointError as e:
+      if not restore_previous:
+        raise
+      print(f'{e}\n-> trying the previous checkpoint', flush=True)
+      unreadable.append(step)
   sharding.barrier(f'checked {workdir}')
+  if unreadable:
+    checkpoints.set_aside(workdir, unreadable)
+    sharding.barrier(f'set aside in {workdir}')
   prior_seconds = 0.0
   if saved is not None:
-    start = restore.latest_step(workdir)
-    state = checkpoints.restore_state(workdir, state, start)
     prior_seconds = float(saved.get('train_seconds', 0.0))
     print(f'Resuming from step {start} of {steps_per_epoch * cfg.train.num_epochs} in {workdir}', flush=True)
+  elif unreadable:
+    print(f'no readable checkpoint in {workdir}: starting over', flush=True)
   checkpoints.write_description(workdir, meta)
   return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds)
 
@@ -130,15 +148,19 @@ def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_ep
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
   epochs = cfg.train.num_epochs
+  def save(state: step_lib.TrainState) -> None:
+    checkpoints.save(mngr, int(state.step), state.params, state.batch_stats,
+                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state)
+
   for epoch in range(step // steps_per_epoch, epochs):
     state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
-                           steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}')
+                           steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
+                           checkpoint=save)
     step = int(state.step)
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
     writer.write(step, {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)})
     print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
-    checkpoints.save(mngr, step, state.params, state.batch_stats,
-                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state)
+    save(state)
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
   writer.close()

@@ -1,0 +1,89 @@
+"""Nothing lost on a crash: real ``train.py`` processes killed with SIGKILL at arbitrary
+points (mid-epoch, possibly mid-save) or stopped with SIGTERM, then restarted with the
+same command, end with bit-identical parameters to an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import stepnet_jax
+from stepnet_jax import restore
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+# 640 digits / 64 = 10 steps per epoch, 2 epochs, a checkpoint every 3 steps.
+ARGS = ['--config.data.name=digits', '--config.model.name=mlp', '--config.model.width=0.125',
+        '--config.data.train_subset=640', '--config.data.test_subset=200', '--config.train.num_epochs=2',
+        '--config.train.checkpoint_every_steps=3', '--config.train.progress=False', '--config.train.log_every_steps=1']
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def _command(workdir):
+  return [sys.executable, os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}', *ARGS]
+
+
+def _finish(workdir) -> subprocess.CompletedProcess:
+  done = subprocess.run(_command(workdir), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
+def _interrupt(workdir, after_step: int, sig: int) -> subprocess.CompletedProcess:
+  """Starts the command and sends ``sig`` once a checkpoint past ``after_step`` exists."""
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      steps = [int(d) for d in os.listdir(restore.checkpoint_dir(workdir)) if d.isdigit()] \
+          if os.path.isdir(restore.checkpoint_dir(workdir)) else []
+      if steps and max(steps) > after_step:
+        proc.send_signal(sig)
+        break
+      time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _leaves(workdir):
+  return [np.asarray(x) for x in jax.tree.leaves(stepnet_jax.load(str(workdir)).variables)]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reliability') / 'whole'
+  _finish(workdir)
+  return _leaves(workdir)
+
+
+def test_sigkill_twice_then_restart_gives_bit_identical_parameters(tmp_path, uninterrupted):
+  workdir = tmp_path / 'killed'
+  first = _interrupt(workdir, 3, signal.SIGKILL)       # during epoch 1
+  assert first.returncode == -signal.SIGKILL
+  second = _interrupt(workdir, 12, signal.SIGKILL)     # during epoch 2, after resuming mid-epoch 1
+  assert second.returncode == -signal.SIGKILL
+  assert 'Resuming from step' in second.stdout
+  _finish(workdir)
+  for a, b in zip(uninterrupted, _leaves(workdir)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_says_how_to_resume(tmp_path, uninterrupted):
+  workdir = tmp_path / 'stopped'
+  stopped = _interrupt(workdir, 4, signal.SIGTERM)
+  assert stopped.returncode == 143, stopped.stderr[-2000:]
+  step = int(stopped.stdout.split('SIGTERM at step ')[1].split(':')[0])
+  assert restore.latest_step(str(workdir)) == step     # saved where it stopped, not at the last multiple of 3
+  assert 'run the same command to resume' in stopped.stdout
+  resumed = _finish(workdir)
+  assert f'Resuming from step {step} ' in resumed.stdout
+  for a, b in zip(uninterrupted, _leaves(workdir)):
+    np.testing.assert_array_equal(a, b)
