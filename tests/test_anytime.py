@@ -334,6 +334,8 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
   cc.quick.steppingnet.construction.rounds = 1
   cc.quick.families = ('steppingnet', 'cascade')
+  cc.quick.lambdas = (0.5,)
+  cc.quick.knobs.confidence = (0.5, 0.9)
   out = adaptive.adaptive(cc, str(tmp_path), quick=True)
   saved = json.loads((tmp_path / 'adaptive.json').read_text())
   assert saved == json.loads(json.dumps(out))

@@ -15,6 +15,9 @@ pytestmark = pytest.mark.slow
 
 def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist, monkeypatch):
   cc = compare_config()
+  # The pipeline with one method of each kind: constructed and reusable, triangular, and
+  # recomputing with private BN (non-uniform and independent nets: test_baselines.py).
+  cc.methods = ('steppingnet', 'awn', 'slimmable')
   monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
 
