@@ -137,6 +137,12 @@ class Stepper:
     ``Prediction(logits [B, classes], exit_level [B], macs [B])``. ``strategy``: 'masked' or
     'compact' (default: the faster one measured on this backend)."""
     self.check_images(x)
+    if not (callable(getattr(policy, 'stop', None)) and callable(getattr(policy, 'init', None))):
+      raise TypeError(f'expected a policy with init and stop (stepnet_jax.policies), got {type(policy).__name__}')
+    levels = getattr(policy, 'num_levels', self.num_levels)
+    if levels != self.num_levels:
+      raise ValueError(f'this {type(policy).__name__} policy was made for {levels} levels; the network has '
+                       f'{self.num_levels}')
     strategy = strategy or anytime.default_strategy()
     if strategy not in anytime.STRATEGIES:
       raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(anytime.STRATEGIES)}')

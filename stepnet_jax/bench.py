@@ -224,15 +224,15 @@ def format_report(r: dict) -> str:
   if c:
     lines.append(f'(d) {c["layer"]}: level blocks ' + ', '.join(f'{m:.1f}' for m in c['block_ms'])
                  + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})')
-  dp = r.get('data_parallel')
-  if dp:
-    lines.append(f'(f) data-parallel train step, batch {t["batch"]}, simulated CPU devices sharing the same cores: '
-                 + ', '.join(f'{p["devices"]} device(s) {p["images_per_sec"]:.0f} img/s' for p in dp))
   e = r.get('first_conv')
   if e:
     lines.append(f'(e) {e["layer"]} ({e["in_channels"]} input channels), library convolution / tap product: level blocks '
                  + ', '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(e['library_block_ms'], e['taps_block_ms']))
                  + f' ms; whole layer {e["library_whole_ms"]:.2f} / {e["taps_whole_ms"]:.2f} ms')
+  dp = r.get('data_parallel')
+  if dp:
+    lines.append(f'(f) data-parallel train step, batch {t["batch"]}, simulated CPU devices sharing the same cores: '
+                 + ', '.join(f'{p["devices"]} device(s) {p["images_per_sec"]:.0f} img/s' for p in dp))
   return '\n'.join(lines)
 
 

@@ -324,3 +324,8 @@ def test_bad_inputs_are_clear_errors_before_tracing():
     net.advance(net.advance(net.advance(net.start(x))))
   with pytest.raises(ValueError, match="unknown strategy 'fast'"):
     net.predict(x, policies.Confidence(0.5), strategy="fast")
+  with pytest.raises(TypeError, match='expected a policy with init and stop'):
+    net.predict(x, 0.5)
+  learned = policies.Learned(policies.init_selector(jax.random.key(0), 10, 4), num_levels=4)
+  with pytest.raises(ValueError, match='made for 4 levels; the network has 3'):
+    net.predict(x, learned)

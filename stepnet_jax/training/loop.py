@@ -90,7 +90,8 @@ class Preempted(Exception):
 
 
 class _StopRequests:
-  """SIGTERM / SIGINT handlers that only record the request (the loop saves, then stops)."""
+  """SIGTERM / SIGINT handlers that only record the request (the loop saves, then stops);
+  a second Ctrl-C interrupts at once."""
 
   def __init__(self):
     self.signal_name = None
@@ -104,6 +105,8 @@ class _StopRequests:
 
   def _record(self, signum, frame):
     del frame
+    if self.signal_name == 'SIGINT' and signum == signal.SIGINT:
+      raise KeyboardInterrupt            # a second Ctrl-C: stop now, without waiting for the save
     self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
