@@ -181,12 +181,12 @@ def base_config() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------ dict plumbing
 
 
-def flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """{'model': {'width': 1}} -> {'model.width': 1}."""
+def flatten(d: Mapping[str, Any], prefix: str = '', sep: str = '.') -> dict[str, Any]:
+  """{'model': {'width': 1}} -> {'model.width': 1} (keys joined by ``sep``)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, (Mapping, ml_collections.ConfigDict)):
-      out.update(flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}{sep}', sep))
     else:
       out[f'{prefix}{k}'] = v
   return out

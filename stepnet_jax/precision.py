@@ -179,7 +179,8 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.BatchStat)) for b, q in enumerate(retrained, start=1)}
   _save(os.path.join(workdir, 'progressive'), tuned, meta, progressive.precision_at(tuned, n, n, p.act_bits, clips))
   np.savez(os.path.join(workdir, 'progressive', 'bn_stats_per_planes.npz'),
-           **{f'planes{b}/{key}': v for b, stats in bn_stats.items() for key, v in _flat(stats).items()})
+           **{f'planes{b}/{key}': np.asarray(v) for b, stats in bn_stats.items()
+              for key, v in config_lib.flatten(stats, sep='/').items()})
   for r in rows:
     print(f'progressive {r["bits"]} planes: test {r["accuracy"]:.4f} with BN retraining, '
           f'{r["accuracy_no_bn_retrain"]:.4f} without; {100 * r["bitops_cumulative_fraction"]:.1f}% of an '
@@ -189,13 +190,6 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
           'progressive_settings': {'planes': n, 'epochs': float(p.progressive_epochs),
                                    'learning_rate': float(p.progressive_learning_rate),
                                    'bn_batches': int(p.progressive_bn_batches), 'workdir': 'progressive'}}
-
-
-def _flat(tree, prefix: str = '') -> dict[str, np.ndarray]:
-  """A nested dict of arrays as {'a/b/c': array}."""
-  if not isinstance(tree, dict):
-    return {prefix: np.asarray(tree)}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f'{prefix}/{key}' if prefix else str(key)).items()}
 
 
 def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:

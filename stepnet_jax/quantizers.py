@@ -11,6 +11,11 @@ import jax.numpy as jnp
 FLOAT_BITS = 32       # a neuron with this many bits (or more) keeps float weights
 
 
+def _kept(w: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """The kept-connection mask (1 = kept) as ``w``'s shape and dtype; all ones without a mask."""
+  return jnp.ones_like(w) if mask is None else jnp.broadcast_to(jnp.asarray(mask, w.dtype), w.shape)
+
+
 def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False, mask: jax.Array | None = None) -> jax.Array:
   """Per-output-neuron symmetric fake quantization of ``w`` [..., C_out] to ``bits`` [C_out]
   bits (traced: one compilation serves every bit assignment). ``b = 1``: sign(w) * mean|w|;
@@ -19,7 +24,7 @@ def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False, mask: jax.
   ``w``; 1 = kept connection) limits the statistics to the kept weights and zeroes the others."""
   bits = jnp.asarray(bits, jnp.int32)
   axes = tuple(range(w.ndim - 1))
-  keep = jnp.ones_like(w) if mask is None else jnp.broadcast_to(jnp.asarray(mask, w.dtype), w.shape)
+  keep = _kept(w, mask)
   w = w * keep
   top = jnp.exp2(bits.astype(jnp.float32) - 1.0) - 1.0                     # 2^(b-1) - 1 (0 for b = 1)
   amax = jnp.max(jnp.abs(w), axis=axes)
@@ -65,7 +70,7 @@ def bwb_kernel(w: jax.Array, n: int, planes: int | jax.Array | None = None, ste:
   (an int, or one count per output neuron [C_out]; default all): the weights a bit-serial
   layer uses after ``planes`` steps. ``mask`` (1 = kept connection) limits the scale's
   statistics to the kept weights and zeroes the others (BWB itself has no zero)."""
-  keep = jnp.ones_like(w) if mask is None else jnp.broadcast_to(jnp.asarray(mask, w.dtype), w.shape)
+  keep = _kept(w, mask)
   digits, scale = bitplanes(w * keep, n)
   planes = n if planes is None else planes
   used = jnp.arange(n)[:, None] < jnp.reshape(jnp.asarray(planes), (1, -1))            # [n, 1 or C_out]
