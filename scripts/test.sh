@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (STEPNET_TEST_WORKERS=0 runs in one process); a file's tests stay on one worker,
+# so its fixtures are built once.
+exec .venv/bin/python -m pytest -q -n "${STEPNET_TEST_WORKERS:-2}" --dist loadfile "$@"

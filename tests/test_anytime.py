@@ -329,7 +329,8 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path):
                                      'adaptive_fashion_mnist.py'))
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
-  cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)
+  # The test split and the choice half (150) share one batch shape: each program compiles once.
+  cc.quick.common.data = dict(train_subset=0, test_subset=150, validation_examples=300)
   cc.quick.common.model = dict(width=0.125)
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
   cc.quick.steppingnet.construction.rounds = 1
