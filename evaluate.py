@@ -1,5 +1,5 @@
-"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--json F] [--plot F.png] [--policy P]
-[--bits B [--act_bits A]].
+"""Per-level evaluation of a trained run: python evaluate.py --workdir DIR [--step N | --best] [--json F]
+[--plot F.png] [--policy P] [--bits B [--act_bits A]].
 
 Prints a table of test accuracy, MACs, delta MACs and measured step latency per level,
 and the delta MACs of every layer at every level; with ``--policy`` (confidence, margin,
@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, config, data, evaluation, policies, quant
+from stepnet_jax import anytime, config, data, evaluation, policies, quant, restore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
 _JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
@@ -32,13 +32,43 @@ _BITS = flags.DEFINE_string('bits', None, 'Evaluate quantized: weight bits of ev
 _ACT_BITS = flags.DEFINE_integer('act_bits', 8, f'With --bits: bits of the hidden activations ({quant.FLOAT_BITS} = float).')
 _CALIBRATION = flags.DEFINE_integer('calibration_images', 1000, 'With --bits: training images that calibrate '
                                     'the activation clips.')
+_STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint (default: the newest).')
+_BEST = flags.DEFINE_bool('best', False, 'Evaluate the checkpoint with the best top-exit validation accuracy '
+                          '(runs trained with data.validation_examples > 0).')
 flags.mark_flag_as_required('workdir')
+
+
+def _checkpoint_step() -> int | None:
+  """The step --step / --best ask for (None: the newest); a usage error names what exists."""
+  if _STEP.value is not None and _BEST.value:
+    raise app.UsageError('give --step or --best, not both')
+  steps = restore.all_steps(_WORKDIR.value)
+  if _BEST.value:
+    best = restore.best_step(_WORKDIR.value)
+    if best is None:
+      raise app.UsageError(f'no checkpoint in {_WORKDIR.value} recorded a validation accuracy (train with '
+                           '--config.data.validation_examples=N to rank checkpoints)')
+    return best
+  if _STEP.value is not None and _STEP.value not in steps:
+    raise app.UsageError(f'no checkpoint {_STEP.value} in {_WORKDIR.value}; it holds steps {sorted(steps)}')
+  return _STEP.value
+
+
+def _check_flags() -> None:
+  """Numeric flags outside their range are usage errors (not a table of nonsense)."""
+  for flag, low in ((_BATCH, 1), (_LAT_BATCH, 1), (_REPEATS, 1), (_TEST_SUBSET, 0), (_CALIBRATION, 1)):
+    if flag.value < low:
+      raise app.UsageError(f'--{flag.name} must be >= {low}, got {flag.value}')
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  net = stepnet_jax.load(_WORKDIR.value)
+  _check_flags()
+  step = _checkpoint_step()
+  net = stepnet_jax.load(_WORKDIR.value, step)
+  if step is not None:
+    print(f'checkpoint {step} of {_WORKDIR.value}')
   source = config.saved_data(net.meta['config'])
   ds = data.subset(data.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
   precision = net.meta['model_meta'].get('precision')

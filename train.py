@@ -6,12 +6,14 @@ given assignment (a workdir that already holds checkpoints resumes from the late
 one), SteppingNet construction under MAC budgets, or the non-uniform baseline (these
 two start over unless the workdir holds their finished run).
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepnet_jax import config as config_lib
 from stepnet_jax import methods, sharding
-from stepnet_jax.training import loop
+from stepnet_jax.training import loop, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -32,6 +34,9 @@ def main(argv):
   except loop.Preempted as stopped:
     print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
     raise SystemExit(130 if stopped.signal_name == 'SIGINT' else 143) from None
+  except (FloatingPointError, loop.Diverged, run.WorkdirBusy) as failed:
+    print(f'error: {failed}', file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])
   step = f'step {result["step"]}, ' if 'step' in result else ''
   print(f'done: {step}test accuracy per level {acc}, {result["seconds"]:.0f} s')

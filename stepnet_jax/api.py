@@ -13,14 +13,31 @@ jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from stepnet_jax import anytime, restore, stepping, timing
+from stepnet_jax import anytime, policies, restore, stepping, timing
 from stepnet_jax.model import StepCache, SteppingModel
+
+
+_TOKENS = itertools.count(1)
+
+
+@jax.jit
+def _unit_range(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x) & (x >= 0) & (x <= 1))
+
+
+def _in_unit_range(x) -> bool:
+  """Whether every value of a float image batch is finite and in [0, 1]."""
+  if isinstance(x, np.ndarray):
+    return bool(np.isfinite(x).all() and x.min(initial=0) >= 0 and x.max(initial=0) <= 1)
+  return bool(_unit_range(x))
 
 
 class Stepper:
@@ -41,6 +58,7 @@ class Stepper:
     self._predict: dict[str, Callable] = {}
     self._latency_ms: dict[tuple, list[float]] = {}
     self._cache_shapes: dict[int, list[tuple[int, ...]]] = {}
+    self._token = next(_TOKENS)              # tags the caches this network makes
 
   def check_images(self, x) -> None:
     """Raises a ValueError / TypeError saying what was expected when ``x`` is not a batch of
@@ -55,10 +73,18 @@ class Stepper:
       raise ValueError(f'expected images of shape [B, {", ".join(map(str, self.input_shape))}] (H, W, C), got '
                        f'{tuple(shape)}')
     if np.dtype(dtype) not in (np.uint8, np.float32):
-      raise TypeError(f'expected uint8 images (0..255, as stored) or float32 in [0, 1], got {np.dtype(dtype)}')
+      raise TypeError(f'expected uint8 images (0..255, as stored) or float32 in [0, 1], got {np.dtype(dtype)}'
+                      + (' (convert 0..255 integers with x.astype(np.uint8))' if np.issubdtype(dtype, np.integer)
+                         else ''))
+    if np.dtype(dtype) == np.float32 and not isinstance(x, jax.core.Tracer) and not _in_unit_range(x):
+      raise ValueError('float32 images must be finite and in [0, 1] (uint8 images are 0..255); got values outside '
+                       '(divide 0..255 floats by 255, or pass uint8)')
 
   def check_level(self, level: int) -> None:
-    if not isinstance(level, (int, np.integer)) or not 0 <= level < self.num_levels:
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
+      raise TypeError(f'level must be a Python int in 0..{self.num_levels - 1} (it selects a compiled program), '
+                      f'got {type(level).__name__} {level!r}' + (' (use int(level))' if hasattr(level, 'shape') else ''))
+    if not 0 <= level < self.num_levels:
       raise ValueError(f'level must be an int in 0..{self.num_levels - 1}, got {level!r}')
 
   def check_cache(self, cache) -> None:
@@ -66,6 +92,9 @@ class Stepper:
     a corrupted tree) or its level is the top already."""
     if not isinstance(cache, StepCache):
       raise TypeError(f'expected a StepCache from start/advance, got {type(cache).__name__}')
+    if cache.owner not in (0, self._token):
+      raise ValueError('this cache was made by another network (another Stepper): its buffers hold that '
+                       "network's activations; start a new one with this network's start()")
     batch = cache.logits.shape[0]
     if batch not in self._cache_shapes:       # traced once per batch size
       expected = jax.eval_shape(self.functions.start, self.variables,
@@ -106,7 +135,7 @@ class Stepper:
   def start(self, x: jax.Array) -> StepCache:
     """Runs level 0 on raw images; returns the cache (``.logits``, ``.level == 0``)."""
     self.check_images(x)
-    return self.functions.start(self.variables, x)
+    return self.functions.start(self.variables, x).replace(owner=self._token)
 
   def restart(self, cache: StepCache, x: jax.Array) -> StepCache:
     """Level 0 of new images in the buffers of an old cache (which is consumed)."""
@@ -114,7 +143,7 @@ class Stepper:
     self.check_cache(cache)
     if x.shape[0] != cache.logits.shape[0]:
       raise ValueError(f'restart needs images of the cache\'s batch size {cache.logits.shape[0]}, got {x.shape[0]}')
-    return self.functions.restart(self.variables, cache, x)
+    return self.functions.restart(self.variables, cache.replace(owner=0), x).replace(owner=self._token)
 
   def advance(self, cache: StepCache) -> StepCache:
     """Runs the next level, reading everything the lower levels computed.
@@ -125,7 +154,7 @@ class Stepper:
     self.check_cache(cache)
     if cache.level >= self.num_levels - 1:
       raise ValueError(f'cache is already at the top level {cache.level}')
-    return self.functions.advance(self.variables, cache)
+    return self.functions.advance(self.variables, cache.replace(owner=0)).replace(owner=self._token)
 
   @property
   def program(self) -> anytime.Program:
@@ -139,6 +168,7 @@ class Stepper:
     self.check_images(x)
     if not (callable(getattr(policy, 'stop', None)) and callable(getattr(policy, 'init', None))):
       raise TypeError(f'expected a policy with init and stop (stepnet_jax.policies), got {type(policy).__name__}')
+    policies.check_knobs(policy)
     levels = getattr(policy, 'num_levels', self.num_levels)
     if levels != self.num_levels:
       raise ValueError(f'this {type(policy).__name__} policy was made for {levels} levels; the network has '

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from stepnet_jax import data
 
@@ -92,6 +93,8 @@ class TrainConfig:
   log_every_steps: int = 50
   keep_checkpoints: int = 2
   checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0: at epoch ends only)
+  divergence_steps: int = 200      # stop when the loss stays above divergence_factor x its best for this many steps (0: never)
+  divergence_factor: float = 3.0
   progress: bool = True            # tqdm progress bar
 
 
@@ -169,7 +172,7 @@ TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at'
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
 REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size',
-                  'train.checkpoint_every_steps')
+                  'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor')
 NOT_TRAINING_SECTIONS = ('selection',)
 
 
@@ -215,7 +218,23 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 def _as_tuple(v) -> tuple:
   if isinstance(v, str):
     v = [s for s in v.replace('(', '').replace(')', '').replace('[', '').replace(']', '').split(',') if s.strip()]
-  return tuple(float(x) for x in v)
+  try:
+    return tuple(float(x) for x in v)
+  except (TypeError, ValueError):
+    raise TypeError(f'expected a sequence of numbers, got {v!r}') from None
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+  """``value`` as the field's type (int, float, bool, str or tuple); TypeError naming the key
+  when it is not one (a bool is not a number here, and 2.5 is not an int)."""
+  ok = {bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, tuple)}[kind]
+  if not ok(value):
+    raise TypeError(f'config key {key} must be {kind.__name__}, got {type(value).__name__} {value!r}')
+  return float(value) if kind is float else int(value) if kind is int else value
 
 
 # ------------------------------------------------------------------ validation
@@ -231,6 +250,8 @@ def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
   values = {**defaults, **given}
   for key in TUPLE_FIELDS:
     values[key] = _as_tuple(values[key])
+  for key, value in values.items():
+    values[key] = _typed(key, value, type(defaults[key]))
   tree = nest(values)
   c = Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in tree.items()})
   _check(c)
@@ -281,7 +302,10 @@ def _check(c: Config) -> None:
 def _check_ranges(c: Config) -> None:
   """Numeric settings outside their meaningful range are errors, not silent no-ops."""
   values = flatten(c.to_dict())
-  minimum = {'train.batch_size': 1, 'train.num_epochs': 0, 'construction.rounds': 1,
+  minimum = {'train.batch_size': 1, 'train.num_epochs': 1, 'train.eval_batch_size': 1, 'train.log_every_steps': 1,
+             'train.keep_checkpoints': 1, 'train.checkpoint_every_steps': 0, 'train.divergence_steps': 0,
+             'data.train_subset': 0, 'data.test_subset': 0, 'optim.momentum': 0, 'optim.weight_decay': 0,
+             'loss.distill_weight': 0, 'construction.rounds': 1,
              'construction.pretrain_epochs': 0, 'construction.round_epochs': 0, 'construction.importance_examples': 1,
              'construction.class_threshold': 0, 'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 0,
              'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0, 'data.validation_examples': 0,
@@ -290,8 +314,20 @@ def _check_ranges(c: Config) -> None:
   for key, low in minimum.items():
     if values[key] < low:
       raise ValueError(f'{key} must be >= {low}, got {values[key]}')
-  if c.construction.widen <= 0:
-    raise ValueError(f'construction.widen must be > 0, got {c.construction.widen}')
+  positive = ('construction.widen', 'model.width', 'optim.learning_rate', 'loss.distill_temperature',
+              'selection.learning_rate', 'train.divergence_factor')
+  for key in positive:
+    if not values[key] > 0:
+      raise ValueError(f'{key} must be > 0, got {values[key]}')
+  if values['optim.momentum'] >= 1:
+    raise ValueError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
+  for key in ('model.level_widths', 'construction.budgets'):
+    v = values[key]
+    if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
+      raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
+  if c.model.level_widths and c.model.level_widths[-1] > 1:
+    raise ValueError(f'model.level_widths are fractions of the full width: the last must be <= 1, got '
+                     f'{c.model.level_widths}')
 
 
 # ------------------------------------------------------------------ saved configs

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
+import re
 import struct
+import zlib
 
 import numpy as np
 
@@ -59,8 +62,18 @@ def _open(path: str):
   return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
 
 
+def _kind(e: BaseException) -> str:
+  """An exception's type for a message: ``EOFError``, ``zlib.error``, ``gzip.BadGzipFile``."""
+  module = type(e).__module__
+  return type(e).__qualname__ if module == 'builtins' else f'{module}.{type(e).__qualname__}'
+
+
 def read_idx(path: str) -> np.ndarray:
-  """Reads one IDX file of unsigned bytes (the MNIST format), plain or gzipped."""
+  """Reads one IDX file of unsigned bytes (the MNIST format), plain or gzipped.
+
+  Anything unreadable (missing, truncated, corrupt gzip, a header that does not match
+  the data) raises ``DatasetError`` naming ``path``.
+  """
   try:
     with _open(path) as f:
       header = f.read(4)
@@ -69,13 +82,21 @@ def read_idx(path: str) -> np.ndarray:
       if header[2] != _IDX_UBYTE:
         raise DatasetError(f'{path}: IDX element type 0x{header[2]:02x} is not unsigned byte (0x08)')
       ndim = header[3]
-      dims = struct.unpack(f'>{ndim}I', f.read(4 * ndim))
+      if ndim == 0:
+        raise DatasetError(f'{path}: IDX header declares 0 dimensions')
+      dim_bytes = f.read(4 * ndim)
+      if len(dim_bytes) != 4 * ndim:
+        raise DatasetError(f'{path}: IDX header truncated: {ndim} dimensions need {4 * ndim} bytes '
+                           f'of sizes, file holds {len(dim_bytes)}')
+      dims = struct.unpack(f'>{ndim}I', dim_bytes)
       data = f.read()
-  except (OSError, EOFError, struct.error) as e:
-    if isinstance(e, FileNotFoundError):
-      raise
-    raise DatasetError(f'{path}: cannot read IDX file ({e})') from e
-  expected = int(np.prod(dims))
+  except FileNotFoundError as e:
+    raise DatasetError(f'{path}: no such IDX file') from e
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # what gzip raises for a bad stream
+    raise DatasetError(f'{path}: corrupt or truncated gzip data ({_kind(e)}: {e})') from e
+  except OSError as e:
+    raise DatasetError(f'{path}: cannot read IDX file ({_kind(e)}: {e})') from e
+  expected = math.prod(dims)  # Python ints: no overflow for absurd headers
   if len(data) != expected:
     raise DatasetError(f'{path}: header promises {dims} = {expected} bytes, file holds {len(data)}')
   return np.frombuffer(data, np.uint8).reshape(dims)
@@ -92,22 +113,41 @@ def _find_idx(directory: str, stem: str) -> str:
 
 
 def load_idx(directory: str) -> Dataset:
-  """MNIST-format dataset from a directory of the four IDX files."""
-  arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
+  """MNIST-format dataset from a directory of the four IDX files.
+
+  Images must be [N, H, W] with N, H, W > 0 and the same H, W in both splits; labels
+  [N] with one per image. ``num_classes`` is max(training label) + 1 (classes without
+  training images are allowed); a test label outside 0..num_classes-1 is an error, not
+  a silently larger ``num_classes``.
+  """
+  paths = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
+  arrays = {key: read_idx(path) for key, path in paths.items()}
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
-    img_path = _find_idx(directory, IDX_FILES[f'{split}_images'])
+    img_path, lab_path = paths[f'{split}_images'], paths[f'{split}_labels']
     if images.ndim != 3:
       raise DatasetError(f'{img_path}: expected a 3-D [N, H, W] image array, got shape {images.shape}')
-    if labels.ndim != 1 or len(labels) != len(images):
-      raise DatasetError(f'{_find_idx(directory, IDX_FILES[f"{split}_labels"])}: {labels.shape[0]} labels '
-                         f'for {len(images)} images in {img_path}')
-  labels = np.concatenate([arrays['train_labels'], arrays['test_labels']])
+    if 0 in images.shape:
+      raise DatasetError(f'{img_path}: no images (shape {images.shape}); every dimension must be > 0')
+    if labels.ndim != 1:
+      raise DatasetError(f'{lab_path}: expected a 1-D [N] label array, got shape {labels.shape}')
+    if len(labels) != len(images):
+      raise DatasetError(f'{lab_path}: {len(labels)} labels for {len(images)} images in {img_path}')
+  if arrays['test_images'].shape[1:] != arrays['train_images'].shape[1:]:
+    raise DatasetError(f'{paths["test_images"]}: images are {arrays["test_images"].shape[1:]} but the training '
+                       f'images in {paths["train_images"]} are {arrays["train_images"].shape[1:]}')
+  num_classes = int(arrays['train_labels'].max()) + 1
+  bad = arrays['test_labels'] >= num_classes
+  if bad.any():
+    raise DatasetError(
+        f'{paths["test_labels"]}: {int(bad.sum())} test labels (e.g. {int(arrays["test_labels"][bad][0])} at index '
+        f'{int(np.argmax(bad))}) are outside the classes 0..{num_classes - 1} of the training labels in '
+        f'{paths["train_labels"]}')
   return Dataset(
       name=f'idx:{directory}',
       train_images=arrays['train_images'][..., None], train_labels=arrays['train_labels'].astype(np.int32),
       test_images=arrays['test_images'][..., None], test_labels=arrays['test_labels'].astype(np.int32),
-      num_classes=int(labels.max()) + 1)
+      num_classes=num_classes)
 
 
 def load_digits() -> Dataset:
@@ -122,15 +162,61 @@ def load_digits() -> Dataset:
   return Dataset('digits', images[tr], labels[tr], images[te], labels[te], 10)
 
 
+# Python modules whose absence stops TFDS from preparing a dataset -> how to install them.
+_TFDS_INSTALL = {
+    'tensorflow': 'pip install ".[tfds]" (TensorFlow, needed to download and convert a TFDS dataset the first time)',
+    'tensorflow_datasets': 'pip install -e . (tensorflow-datasets is a core dependency)',
+    'PIL': 'pip install pillow',
+}
+_OFFLINE = f'--config.data.name={FASHION_MNIST} (or idx:/path/to/mnist-format/dir)'
+
+
+def _import_error(e: BaseException | None) -> ImportError | None:
+  """The ImportError behind ``e`` (``e`` itself or its ``raise ... from`` causes), or None.
+
+  Only explicit causes count: an error raised while handling an ImportError (a fallback
+  for an optional import) is not an import failure.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, ImportError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__
+  return None
+
+
+def _import_failure(name: str, split: str, e: ImportError) -> DatasetError:
+  """DatasetError for a TFDS preparation that failed on an import: which package, how to install it."""
+  prefix = f'TFDS dataset {name!r} ({split}) cannot be prepared'
+  if not isinstance(e, ModuleNotFoundError):
+    return DatasetError(f'{prefix}: a Python import failed ({e}). The installed packages look inconsistent; '
+                        f'reinstall them with pip install -e ".[tfds]". Offline, use {_OFFLINE}.')
+  # TFDS re-raises with a prefixed message (etils.epy.reraise), which loses ``e.name``.
+  match = re.search(r"No module named '([^']+)'", str(e))
+  module = getattr(e, 'name', None) or (match.group(1) if match else None)
+  if module is None:
+    return DatasetError(f'{prefix}: a Python package is not installed ({e}). Install the optional TFDS '
+                        f'dependencies with pip install ".[tfds]". Offline, use {_OFFLINE}.')
+  top = module.split('.')[0]
+  how = _TFDS_INSTALL.get(top, f'pip install {top.replace("_", "-")} (the package providing {module!r})')
+  return DatasetError(f'{prefix}: the Python package {top!r} is not installed ({e}). '
+                      f'Install it with: {how}. Offline, use {_OFFLINE}.')
+
+
 def _tfds_split(name: str, split: str, data_dir: str | None):
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise _import_failure(name, split, e) from e
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; all mean "not available"
+    if (imp := _import_error(e)) is not None:
+      raise _import_failure(name, split, imp) from e
     raise DatasetError(
         f'TFDS dataset {name!r} ({split}) is not available: {e}. Preparing a TFDS dataset needs '
-        'internet access the first time and TensorFlow (pip install ".[tfds]"); offline, use '
-        f'--config.dataset={FASHION_MNIST} or idx:/path/to/mnist-format/dir.') from e
+        f'internet access the first time and TensorFlow (pip install ".[tfds]"); offline, use {_OFFLINE}.') from e
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records]).astype(np.uint8)
   labels = np.asarray([r['label'] for r in records], np.int32)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stepnet_jax import feed
+from stepnet_jax import feed, sharding
 from stepnet_jax.model import SteppingModel
 from stepnet_jax.registry import Registry
 from stepnet_jax.surgery import check_chain
@@ -57,15 +57,17 @@ def _gate_shapes(model: SteppingModel, x: jax.Array) -> list[tuple[int, ...]]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _activation_gradients(graphdef, variables, images, labels, weights):
-  """Per unit, per example and position: a * dL_b/da, shaped like the unit's output."""
+def _activation_gradients(graphdef, variables, images, labels, weights, count):
+  """Per unit, per example and position: a * dL_b/da, shaped like the unit's output; zero
+  for the rows past ``count`` (the feed's padding, which a sum over examples then ignores)."""
   model = nnx.merge(graphdef, variables, copy=True)
   gates = [jnp.ones(s, jnp.float32) for s in _gate_shapes(model, images)]
+  real = (jnp.arange(labels.shape[0]) < count).astype(jnp.float32)
 
   def loss(gates):
     logits = _gated_exits(model, images, gates)                                      # [K, B, C]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :])    # [K, B]
-    return jnp.sum(jnp.asarray(weights, jnp.float32)[:, None] * ce)                  # sum over examples
+    return jnp.sum(jnp.asarray(weights, jnp.float32)[:, None] * ce * real)           # sum over examples
 
   return jax.grad(loss)(gates)
 
@@ -81,8 +83,11 @@ def taylor_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
   check_chain(model)
   graphdef, variables = nnx.split(model)
   sums, n = None, 0
-  for batch in feed.device_batches(images, labels, feed.sequential_indices(len(labels), batch_size)):
-    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights))
+  batches = feed.device_batches(images, labels, feed.sequential_indices(len(labels), batch_size),
+                               pad_to=sharding.padded_size(min(batch_size, len(labels))))   # one shape, sharded
+  for batch in batches:
+    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights),
+                               batch.count)
     s = [np.asarray(jnp.abs(_per_position(a).sum(1)).sum(0)) for a in ag]
     sums = s if sums is None else [a + b for a, b in zip(sums, s)]
     n += batch.count
@@ -99,9 +104,11 @@ def class_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
     if len(idx) == 0:
       raise ValueError(f'no examples of class {c} for the class-based importance')
   per_class = []
-  for batch in feed.device_batches(images, labels, by_class):   # one batch per class
-    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights))
-    per_class.append([np.asarray(jnp.abs(_per_position(a).mean(0)).max(0)) for a in ag])
+  for idx in by_class:   # one batch per class, padded to split over the devices
+    batch = next(feed.device_batches(images, labels, [idx], pad_to=sharding.padded_size(len(idx))))
+    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights),
+                               batch.count)
+    per_class.append([np.asarray(jnp.abs(_per_position(a).sum(0) / batch.count).max(0)) for a in ag])
   return [np.stack([pc[layer] for pc in per_class]) for layer in range(len(per_class[0]))]
 
 

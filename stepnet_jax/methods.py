@@ -45,11 +45,13 @@ def check(cfg: Config, dataset: data.Dataset) -> None:
 def train(cfg: Config, workdir: str, dataset: data.Dataset | None = None, *, restore_previous: bool = False) -> dict:
   """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'
   (training time of the run, also when it was resumed or found finished). ``restore_previous``:
-  resume a joint run from its newest readable checkpoint (``run.train_and_evaluate``)."""
+  resume a joint run from its newest readable checkpoint (``run.train_and_evaluate``). A second
+  process training in the same ``workdir`` is refused (``run.WorkdirBusy``)."""
   method = METHODS.get(cfg.method)
-  if restore_previous:
-    if cfg.method != 'joint':
-      raise ValueError(f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
-                       'starts over when it was interrupted')
-    return run.train_and_evaluate(cfg, workdir, dataset, restore_previous=True)
-  return method.train(cfg, workdir, dataset)
+  if restore_previous and cfg.method != 'joint':
+    raise ValueError(f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
+                     'starts over when it was interrupted')
+  with run.lock_workdir(workdir):      # one trainer per workdir
+    if restore_previous:
+      return run.train_and_evaluate(cfg, workdir, dataset, restore_previous=True)
+    return method.train(cfg, workdir, dataset)

@@ -26,11 +26,14 @@ class StepCache:
       filled up to channel ``end(level)``; the rest is still zero.
     logits: logits of subnet ``level`` [B, classes].
     level: the last level computed (static; -1 before the first step).
+    owner: the ``Stepper`` that made it (static; 0 for caches made by the pure functions),
+      so a cache is never advanced by another network whose buffers happen to fit.
   """
   inputs: jax.Array
   units: tuple
   logits: jax.Array
   level: int = struct.field(pytree_node=False, default=-1)
+  owner: int = struct.field(pytree_node=False, default=0)
 
 
 class SteppingModel(nnx.Module):

@@ -86,6 +86,9 @@ class MacBudget(_Stateless):
   def __post_init__(self):
     if not self.macs_to_reach:
       raise ValueError('MacBudget needs macs_to_reach: the MACs spent to reach each level (Stepper.macs_to_reach)')
+    m = self.macs_to_reach
+    if any(not isinstance(v, (int, np.integer)) or v < 0 for v in m) or any(b < a for a, b in zip(m, m[1:])):
+      raise ValueError(f'macs_to_reach must be non-negative, non-decreasing integers (one per level), got {m}')
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
     nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]   # MACs after one more step
@@ -143,6 +146,10 @@ class Learned:
   history: bool = struct.field(pytree_node=False, default=True)
   threshold: float | jax.Array = 0.5
 
+  def __post_init__(self):
+    if not isinstance(self.num_levels, (int, np.integer)) or self.num_levels < 1:
+      raise ValueError(f'Learned needs the network\'s number of levels (>= 1), got {self.num_levels!r}')
+
   def init(self, batch_size: int, num_classes: int) -> PolicyState:
     return jnp.zeros((batch_size, num_classes), jnp.float32)
 
@@ -162,6 +169,21 @@ HEURISTICS.register('confidence', lambda knob, macs: Confidence(knob))
 HEURISTICS.register('margin', lambda knob, macs: Margin(knob))
 HEURISTICS.register('entropy', lambda knob, macs: Entropy(knob))
 HEURISTICS.register('macs', lambda knob, macs: MacBudget(knob, tuple(int(m) for m in macs)))
+
+
+def check_knobs(policy) -> None:
+  """TypeError / ValueError unless every knob of ``policy`` (its pytree leaves: thresholds,
+  budgets, a module's weights) is a number or a numeric array, and finite where concrete.
+  Not in the constructors: pytree operations rebuild policies with other leaves."""
+  for leaf in jax.tree.leaves(policy, is_leaf=lambda v: v is None):   # a None knob is no leaf otherwise
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None and not isinstance(leaf, (int, float, np.number)) or isinstance(leaf, bool):
+      raise TypeError(f'{type(policy).__name__}: knobs must be numbers or numeric arrays, got {leaf!r}')
+    if dtype is not None and not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+      raise TypeError(f'{type(policy).__name__}: knobs must be numbers or numeric arrays, got dtype {dtype}')
+    if not isinstance(leaf, jax.core.Tracer) and np.issubdtype(np.asarray(leaf).dtype, np.inexact) \
+        and np.isnan(np.asarray(leaf)).any():
+      raise ValueError(f'{type(policy).__name__}: a knob is NaN')
 
 
 def heuristic(name: str, knob: float, macs_to_reach: Sequence[int] = ()):

@@ -60,9 +60,11 @@ def _exits(graphdef):
 def finetune(cfg: config_lib.Config, model, precision: quant.Precision, dataset: data.Dataset, epochs: float,
              learning_rate: float, steps_per_epoch: int, desc: str):
   """Quantization-aware fine-tune of a copy of ``model`` (float weights kept by the optimizer)."""
-  ft_cfg = cfg.replace(**{'optim.learning_rate': learning_rate, 'train.num_epochs': epochs})
   steps = max(1, int(round(epochs * steps_per_epoch)))
-  tx = optim.make_optimizer(ft_cfg, steps_per_epoch)
+  # The schedule spans the fine-tune's steps: one "epoch" of ``steps`` (epochs may be fractional).
+  ft_cfg = cfg.replace(**{'optim.learning_rate': learning_rate, 'train.num_epochs': 1,
+                          'optim.warmup_epochs': cfg.optim.warmup_epochs * steps_per_epoch / steps})
+  tx = optim.make_optimizer(ft_cfg, steps)
   graphdef, state = step_lib.init_state(model, tx)
   state = jax.tree.map(jnp.copy, state)          # the step donates its state; ``model`` keeps its arrays
   train_step = step_lib.make_train_step(graphdef, tx, quant.quantization_aware(losses.objective_for(cfg), precision),
@@ -199,7 +201,7 @@ def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:
   os.makedirs(path)
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   m = {**meta, 'model_meta': {**meta['model_meta'], 'precision': precision.to_json()}}
-  checkpoints.save(checkpoints.manager(path, keep=1), 0, params, stats, m)
+  checkpoints.save_final(path, 1, 0, params, stats, m)
   checkpoints.write_description(path, m)
 
 

@@ -43,6 +43,18 @@ def all_steps(workdir: str) -> list[int]:
   return sorted(ocp.CheckpointManager(checkpoint_dir(workdir)).all_steps(), reverse=True)
 
 
+def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
+  """The step of the checkpoint with the highest ``metric`` (recorded by runs with a
+  validation split, ``data.validation_examples``), or None when no checkpoint has it."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m[metric], best_mode='max', create=False)
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  scores = {step: (mngr.metrics(step) or {}).get(metric) for step in mngr.all_steps()}
+  scored = [(score, step) for step, score in scores.items() if score is not None]
+  return max(scored)[1] if scored else None   # ties: the later step
+
+
 def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
   """``mngr.restore(step, args)`` with any failure reported as a ``CheckpointError`` naming the path."""
   mngr = ocp.CheckpointManager(checkpoint_dir(workdir))

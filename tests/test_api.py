@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import layers, models, policies
+from stepnet_jax import layers, models, policies, stepping
 from testlib import (assert_close, brute_mask, built_model, bundle, images, level_array, linear_units,
                      numpy_initializers, randomize)
 
@@ -316,8 +316,27 @@ def test_bad_inputs_are_clear_errors_before_tracing():
     net.start([[0]])
   with pytest.raises(ValueError, match=r'level must be an int in 0..2, got 3'):
     net.forward(x, 3)
-  with pytest.raises(ValueError, match='not made by this network'):
-    net.advance(other.start(x))
+  with pytest.raises(TypeError, match=r'level must be a Python int .* got .*Array.*use int\(level\)'):
+    net.forward(x, jnp.int32(1))
+  with pytest.raises(ValueError, match='not made by this network'):      # a pure-function cache of another net
+    net.advance(stepping.start(other.graphdef, other.variables, x))
+  # Same structure and shapes, other weights: the buffers fit, so only the cache's tag tells.
+  twin = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+                                                width=0.25, seed=7))
+  with pytest.raises(ValueError, match='made by another network'):
+    net.advance(twin.start(x))
+  with pytest.raises(ValueError, match='made by another network'):
+    net.restart(twin.start(x), x)
+  assert_close(net.advance(net.start(x)).logits, net.forward(x, 1))   # its own cache steps
+  # Floats must be in [0, 1] and finite; integers other than uint8 are refused with a hint.
+  for bad in (x.astype(jnp.float32), jnp.full(x.shape, jnp.nan), jnp.full(x.shape, jnp.inf),
+              np.asarray(x, np.float32) / 255 - 0.5):
+    with pytest.raises(ValueError, match=r'finite and in \[0, 1\]'):
+      net.start(bad)
+  for dtype in (jnp.bool_, np.int64, np.float64):
+    with pytest.raises(TypeError, match=r'uint8 images'):
+      net.exits(np.asarray(x).astype(dtype))
+  assert_close(net.exits(np.asarray(x, np.float32) / 255), net.exits(x))   # the documented float range
   with pytest.raises(ValueError, match="restart needs images of the cache's batch size 2, got 3"):
     net.restart(net.start(x), images((16, 16, 1), batch=3))
   with pytest.raises(ValueError, match='already at the top level'):
@@ -329,3 +348,12 @@ def test_bad_inputs_are_clear_errors_before_tracing():
   learned = policies.Learned(policies.init_selector(jax.random.key(0), 10, 4), num_levels=4)
   with pytest.raises(ValueError, match='made for 4 levels; the network has 3'):
     net.predict(x, learned)
+  for knob in ('0.9', None):
+    with pytest.raises(TypeError, match='Confidence: knobs must be numbers'):
+      net.predict(x, policies.Confidence(knob))
+  with pytest.raises(ValueError, match='Entropy: a knob is NaN'):
+    net.predict(x, policies.Entropy(float('nan')))
+  with pytest.raises(ValueError, match='non-decreasing'):
+    policies.MacBudget(1e6, (300, 200, 400))
+  with pytest.raises(ValueError, match='number of levels'):
+    policies.Learned(learned.params, num_levels=0)

@@ -157,7 +157,7 @@ def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
   meta = {'model_meta': {**restore.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
           'config': {}}
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  checkpoints.save(checkpoints.manager(str(tmp_path)), 1, params, stats, meta)
+  checkpoints.save_final(str(tmp_path), 2, 1, params, stats, meta)
   net = stepnet_jax.load(str(tmp_path))
   assert quant.Precision.from_json(net.meta['model_meta']['precision']) == precision
   expected = stepnet_jax.Stepper(quant.apply(model, precision)).forward(jnp.asarray(x), 2)

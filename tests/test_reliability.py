@@ -34,10 +34,43 @@ def _finish(workdir) -> subprocess.CompletedProcess:
   return done
 
 
+# Runs train.py (argv[1:]) with hooks set by environment variables:
+# STEP_SLEEP: seconds of sleep after each train step (a tiny run would finish before a
+#   polling test can signal it; the sleep changes no number);
+# KILL_AT: orbax's atomic rename (the last act of a save) is replaced by SIGKILL for that
+#   step's checkpoint: the process dies with it fully written to its temporary directory
+#   but not committed.
+_DRIVER = '''
+import os, runpy, signal, sys, time
+from orbax.checkpoint._src.path import atomicity
+from stepnet_jax.training import step
+commit, make = atomicity.AtomicRenameTemporaryPath.finalize, step.make_train_step
+async def finalize(self, *args, **kwargs):
+  if self.get_final().name == os.environ.get('KILL_AT'):
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await commit(self, *args, **kwargs)
+def slow(*args, **kwargs):
+  train_step = make(*args, **kwargs)
+  def stepped(*a):
+    out = train_step(*a)
+    time.sleep(float(os.environ.get('STEP_SLEEP', 0)))
+    return out
+  return stepped
+atomicity.AtomicRenameTemporaryPath.finalize, step.make_train_step = finalize, slow
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def _driven(workdir, **env) -> list:
+  return [sys.executable, '-c', _DRIVER, *_command(workdir)[1:]], dict(ENV, **env)
+
+
 def _interrupt(workdir, after_step: int, sig: int) -> subprocess.CompletedProcess:
-  """Starts the command and sends ``sig`` once a checkpoint past ``after_step`` exists."""
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  """Starts the command (each step slowed to 50 ms) and sends ``sig`` once a checkpoint past
+  ``after_step`` exists."""
+  command, env = _driven(workdir, STEP_SLEEP='0.05')
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   try:
     while time.time() < deadline and proc.poll() is None:
@@ -85,5 +118,21 @@ def test_sigterm_saves_the_current_step_and_says_how_to_resume(tmp_path, uninter
   assert 'run the same command to resume' in stopped.stdout
   resumed = _finish(workdir)
   assert f'Resuming from step {step} ' in resumed.stdout
+  for a, b in zip(uninterrupted, _leaves(workdir)):
+    np.testing.assert_array_equal(a, b)
+
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_identical(tmp_path, uninterrupted):
+  workdir = tmp_path / 'killed_saving'
+  command, env = _driven(workdir, KILL_AT='6')
+  killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  leftovers = os.listdir(restore.checkpoint_dir(workdir))
+  assert any(name.startswith('6') and 'tmp' in name for name in leftovers), leftovers   # step 6 half-saved
+  assert restore.all_steps(str(workdir)) == [3]          # the previous checkpoint is the newest one
+  restore.restore_meta(str(workdir))                     # and it reads
+  resumed = _finish(workdir)
+  assert 'Resuming from step 3 ' in resumed.stdout
   for a, b in zip(uninterrupted, _leaves(workdir)):
     np.testing.assert_array_equal(a, b)

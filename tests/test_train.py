@@ -300,7 +300,18 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'model.no_such_key': 1}, r"unknown config keys: \['model.no_such_key'\]"),
     ({'num_epochs': 3}, r"unknown config keys: \['num_epochs'\]"),    # the flat spelling of older versions
     ({'train.batch_size': 0}, 'train.batch_size must be >= 1'),
-    ({'train.num_epochs': -1}, 'train.num_epochs must be >= 0'),
+    ({'train.num_epochs': 0}, 'train.num_epochs must be >= 1'),
+    ({'optim.learning_rate': -0.1}, 'optim.learning_rate must be > 0'),
+    ({'model.width': 0.0}, 'model.width must be > 0'),
+    ({'data.train_subset': -5}, 'data.train_subset must be >= 0'),
+    ({'train.log_every_steps': 0}, 'train.log_every_steps must be >= 1'),
+    ({'train.eval_batch_size': 0}, 'train.eval_batch_size must be >= 1'),
+    ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints must be >= 1'),
+    ({'optim.momentum': 1.0}, 'optim.momentum must be < 1'),
+    ({'loss.distill_temperature': 0.0}, 'distill_temperature must be > 0'),
+    ({'model.level_widths': (0.5, 0.4, 1.0)}, 'level_widths must be positive and strictly increasing'),
+    ({'model.level_widths': (0.5, 0.75, 1.5)}, 'the last must be <= 1'),
+    ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.6, 0.3)}, 'budgets must be positive and strictly'),
     ({'construction.widen': 0.0}, 'construction.widen must be > 0'),
     ({'construction.rounds': 0}, 'construction.rounds must be >= 1'),
     ({'construction.pretrain_epochs': -0.5}, 'pretrain_epochs must be >= 0'),
@@ -396,7 +407,7 @@ def _flat(nested: dict) -> dict:
   renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
              'construction.rounds': 'construct_rounds'}
   later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
-           'train.checkpoint_every_steps')
+           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor')
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
           if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0

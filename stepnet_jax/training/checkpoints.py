@@ -7,6 +7,7 @@ and the JSON ``meta``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -18,19 +19,56 @@ from stepnet_jax import restore
 from stepnet_jax.training.step import TrainState
 
 
-def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+# The metric that picks the best checkpoint: the top exit's accuracy on the validation split
+# (``data.validation_examples``); checkpoints saved without it are kept only while recent.
+BEST_METRIC = 'validation_accuracy'
+
+
+class _NoMetricsNote(logging.Filter):
+  """Drops orbax's warning for a save without metrics: mid-epoch checkpoints have no
+  validation accuracy by design (they are kept while recent)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_NoMetricsNote())
+
+
+def manager(workdir: str, keep: int = 2, track_best: bool = False) -> ocp.CheckpointManager:
+  """Orbax manager of a run's checkpoints. Saves are asynchronous (training goes on while
+  the bytes are written; a step directory gets its name only once complete). Retention
+  keeps the ``keep`` newest, and with ``track_best`` also the best by ``BEST_METRIC``."""
+  if keep < 1:
+    raise ValueError(f'keep_checkpoints must be >= 1 (0 would delete every checkpoint), got {keep}')
+  latest = ocp.checkpoint_managers.LatestN(n=keep)
+  if not track_best:
+    return ocp.CheckpointManager(restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+        preservation_policy=latest, enable_async_checkpointing=True, create=True))
+  best = lambda metrics: metrics[BEST_METRIC]
+  retention = ocp.checkpoint_managers.AnyPreservationPolicy([latest, ocp.checkpoint_managers.BestN(
+      get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManager(restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+      best_fn=best, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict,
-         state: TrainState | None = None) -> None:
-  """Saves the model (and, given ``state``, its optimizer state and step) with ``meta``; blocks until written."""
+         state: TrainState | None = None, metrics: dict[str, float] | None = None) -> None:
+  """Starts saving the model (and, given ``state``, its optimizer state and step) with ``meta``
+  and ``metrics`` (e.g. ``{BEST_METRIC: accuracy}``). Returns once the arrays are copied off the
+  devices; ``mngr.wait_until_finished()`` waits for the files (the next save waits too)."""
   items = {'model': ocp.args.StandardSave(restore.model_item(params, batch_stats))}
   if state is not None:
     items['train'] = ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step})
-  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics)
+
+
+def save_final(workdir: str, keep: int, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict) -> None:
+  """A model-only checkpoint of a finished run (no optimizer state), written before returning."""
+  mngr = manager(workdir, keep)
+  save(mngr, step, params, batch_stats, meta)
   mngr.wait_until_finished()
+  mngr.close()
 
 
 def restore_state(workdir: str, state: TrainState, step: int) -> TrainState:

@@ -114,28 +114,79 @@ class _StopRequests:
       signal.signal(sig, handler)
 
 
-def check_finite(metrics: dict, step: int) -> None:
-  """FloatingPointError naming the step and the exits whose loss is not finite."""
-  if np.isfinite(metrics['loss']):
-    return
-  ce = np.asarray(metrics.get('ce', []))
-  bad = [int(k) for k in np.flatnonzero(~np.isfinite(ce))]
-  where = f'exit(s) {bad} have a non-finite cross-entropy' if bad else 'the exits\' losses are finite'
-  raise FloatingPointError(f'loss became {metrics["loss"]} at step {step}: {where}. Training stopped; the last '
-                           'checkpoint (written before this) is untouched and is what a resume starts from.')
+def check_finite(window: Sequence[dict], last_step: int) -> None:
+  """FloatingPointError naming the first step of ``window`` (the metrics of the steps ending
+  at ``last_step``) whose loss is not finite, and the exits whose loss went bad."""
+  for i, metrics in enumerate(window):
+    if np.isfinite(metrics['loss']):
+      continue
+    step = last_step - len(window) + i + 1
+    ce = np.asarray(metrics.get('ce', []))
+    bad = [int(k) for k in np.flatnonzero(~np.isfinite(ce))]
+    where = f'exit(s) {bad} have a non-finite cross-entropy' if bad else 'the exits\' losses are finite'
+    raise FloatingPointError(f'loss became {metrics["loss"]} at step {step}: {where}. Training stopped; the last '
+                             'checkpoint (written before this) is untouched and is what a resume starts from.')
+
+
+class Diverged(RuntimeError):
+  """The loss stayed far above its best for many steps (a finite divergence)."""
+
+
+class DivergenceGuard:
+  """Raises ``Diverged`` when the smoothed loss (an exponential average over about 20 steps)
+  stays above ``factor`` x a reference for ``steps`` steps in a row (``steps=0``: never).
+
+  The reference is the lower of the loss's best value so far and ``chance``, the loss of a
+  uniform guess (ln of the class count: the objectives are weighted means of
+  cross-entropies), but at least ``chance / 10`` (near zero, a loss that triples is noise,
+  not divergence). It catches what the non-finite check cannot: a learning rate so high
+  that the loss stays finite, far above chance from the first step or back at chance after
+  training had learned. Surgery between phases raises the loss for a while; each
+  ``run_steps`` call starts a new guard.
+  """
+
+  def __init__(self, steps: int, factor: float, chance: float, smoothing: float = 0.05, warmup: int = 20):
+    self.steps, self.factor, self.smoothing, self.warmup = steps, factor, smoothing, warmup
+    self.average, self.best, self.seen, self.above = None, float(chance), 0, 0
+    self.floor = 0.1 * float(chance)
+
+  def update(self, losses: Sequence[float], last_step: int) -> None:
+    """Takes the losses of the steps ending at ``last_step``."""
+    if not self.steps:
+      return
+    for loss in losses:
+      self.average = loss if self.average is None else (1 - self.smoothing) * self.average + self.smoothing * loss
+      self.seen += 1
+      if self.seen < self.warmup:
+        continue
+      self.best = min(self.best, self.average)
+      self.above = self.above + 1 if self.average > self.factor * max(self.best, self.floor) else 0
+    if self.above >= self.steps:
+      raise Diverged(f'training diverged: at step {last_step} the loss (smoothed {self.average:.4g}) has stayed above '
+                     f'{self.factor:g} x min(its best, chance level) = {self.factor * max(self.best, self.floor):.4g} for {self.above} '
+                     'steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
+                     '--best picks the best one when the run has a validation split); '
+                     '--config.train.divergence_steps=0 turns this check off.')
+
+
+def divergence_guard(cfg: Config, dataset: data.Dataset) -> DivergenceGuard:
+  """The config's divergence guard (``train.divergence_steps`` / ``divergence_factor``)."""
+  return DivergenceGuard(cfg.train.divergence_steps, cfg.train.divergence_factor, float(np.log(dataset.num_classes)))
 
 
 def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config, *, first: int, last: int,
               steps_per_epoch: int, writer: MetricWriter | None, desc: str,
               levels: Sequence[int] | None = None,
-              checkpoint: Callable[[TrainState], None] | None = None) -> TrainState:
+              checkpoint: Callable[[TrainState], None] | None = None,
+              guard: DivergenceGuard | None = None) -> TrainState:
   """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
 
   ``state.step`` must equal ``first``; batches depend only on the global step and the
   seed (``feed.training_indices``), so a run split into pieces (resumed, or in
   construction phases) sees the same data. ``levels`` names the exits whose accuracy
-  ``train_step`` reports (default 0, 1, ...), for the logs. A non-finite loss raises
-  (``check_finite``) before anything is saved. With ``checkpoint``, the state is saved
+  ``train_step`` reports (default 0, 1, ...), for the logs. A non-finite loss
+  (``check_finite``) or a divergence (``guard``, a new one unless given) raises before anything
+  is saved. With ``checkpoint``, the state is saved
   every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
   step, after which ``Preempted`` is raised.
   """
@@ -147,6 +198,7 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   indices = feed.training_indices(first, last, steps_per_epoch, len(dataset.train_labels), batch_size, cfg.seed)
   batches = feed.device_batches(dataset.train_images, dataset.train_labels, indices)
   window_t, window_n, window_metrics = time.time(), 0, []
+  guard = guard or divergence_guard(cfg, dataset)
   with _StopRequests() if checkpoint is not None else contextlib.nullcontext() as stop:
     for step, batch in zip(range(first, last), batches):
       state, metrics = train_step(state, batch)
@@ -157,7 +209,8 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
       saving = stopping or (save_every and done % save_every == 0 and done < last)
       if done % log_every == 0 or done == last or saving:
         m = jax.device_get(window_metrics)
-        check_finite(m[-1], done)
+        check_finite(m, done)
+        guard.update([float(x['loss']) for x in m], done)
         loss = float(np.mean([x['loss'] for x in m]))
         acc = np.mean([x['accuracy'] for x in m], axis=0)
         ips = window_n / max(time.time() - window_t, 1e-9)

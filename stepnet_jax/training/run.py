@@ -4,12 +4,14 @@ of whether a workdir's run may be continued or reused under a config (``check_wo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +27,33 @@ from stepnet_jax.training import step as step_lib
 
 # Settings a resumed joint run may change: more epochs continue training.
 RESUMABLE_KEYS = ('train.num_epochs',)
+
+
+class WorkdirBusy(RuntimeError):
+  """Another process is training in the workdir."""
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on the workdir while a run trains in it: a second process
+  (another ``train.py`` on the same directory) is refused instead of interleaving
+  checkpoints. The lock is ``flock`` on the directory itself, so nothing is written into it
+  and the kernel releases it when the process ends, however it ends. The first host locks;
+  the others share its directory or have their own."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(workdir, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusy(f'another process is training in {workdir} (it holds the workdir lock); wait for it to '
+                        'finish or stop it, or use another --workdir') from None
+    yield
+  finally:
+    os.close(fd)     # closing releases the lock
 
 
 def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
@@ -87,11 +116,13 @@ def config_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
                                   augment_images=cfg.data.augment)
 
 
-def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config) -> Callable[..., np.ndarray]:
-  """``variables -> [K]`` test accuracy of every exit (the exits compiled once)."""
+def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config,
+                   split: tuple[np.ndarray, np.ndarray] | None = None) -> Callable[..., np.ndarray]:
+  """``variables -> [K]`` accuracy of every exit on the test split (or on ``split``: images,
+  labels), the exits compiled once."""
   exits = jax.jit(functools.partial(stepping.exits, graphdef))
-  return lambda variables: evaluation.exit_accuracy(exits, variables, dataset.test_images, dataset.test_labels,
-                                                    cfg.train.eval_batch_size)
+  images, labels = split if split is not None else (dataset.test_images, dataset.test_labels)
+  return lambda variables: evaluation.exit_accuracy(exits, variables, images, labels, cfg.train.eval_batch_size)
 
 
 def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None, *,
@@ -106,8 +137,10 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   a dict with the final per-level test accuracy, the step, and ``seconds``: the training
   time of all sessions of the run (saved with every checkpoint).
   """
-  os.makedirs(workdir, exist_ok=True)
-  dataset, steps_per_epoch = prepare_data(cfg, dataset)
+  sharding.check_batch_size(cfg.train.batch_size)
+  full = dataset if dataset is not None else data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+  dataset, steps_per_epoch = prepare_data(cfg, full)
+  validation = held_out(cfg, full)
   model = build_model(cfg, dataset)
   meta = run_meta(cfg, restore.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
   tx = optim.make_optimizer(cfg, steps_per_epoch)
@@ -125,6 +158,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
       print(f'{e}\n-> trying the previous checkpoint', flush=True)
       unreadable.append(step)
   sharding.barrier(f'checked {workdir}')
+  os.makedirs(workdir, exist_ok=True)
   if unreadable:
     checkpoints.set_aside(workdir, unreadable)
     sharding.barrier(f'set aside in {workdir}')
@@ -135,32 +169,56 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   elif unreadable:
     print(f'no readable checkpoint in {workdir}: starting over', flush=True)
   checkpoints.write_description(workdir, meta)
-  return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds)
+  return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds, validation)
+
+
+def held_out(cfg: Config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+  """(images, labels) of the validation split ``prepare_data`` keeps out of ``dataset``
+  (loaded, not yet subset), or None without ``data.validation_examples``."""
+  if not cfg.data.validation_examples:
+    return None
+  ds = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  _, held = data.split_validation(ds, cfg.data.validation_examples, cfg.seed)
+  return ds.train_images[held], ds.train_labels[held]
 
 
 def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
                   tx: optax.GradientTransformation, state: step_lib.TrainState, meta: dict,
-                  prior_seconds: float) -> dict:
-  """The epochs left to train: train, evaluate every exit on the test split, checkpoint."""
+                  prior_seconds: float, validation: tuple[np.ndarray, np.ndarray] | None) -> dict:
+  """The epochs left to train: train, evaluate every exit on the test split (and the top exit's
+  validation accuracy, which ranks the checkpoints for retention), checkpoint."""
   train_step = config_train_step(graphdef, tx, cfg)
   evaluate = exit_evaluator(graphdef, dataset, cfg)
-  mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints)
+  evaluate_validation = validation and exit_evaluator(graphdef, dataset, cfg, split=validation)
+  mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints, track_best=validation is not None)
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
   epochs = cfg.train.num_epochs
-  def save(state: step_lib.TrainState) -> None:
-    checkpoints.save(mngr, int(state.step), state.params, state.batch_stats,
-                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state)
+  guard = loop.divergence_guard(cfg, dataset)    # one for all epochs
 
-  for epoch in range(step // steps_per_epoch, epochs):
-    state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
-                           steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
-                           checkpoint=save)
-    step = int(state.step)
-    test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
-    writer.write(step, {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)})
-    print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
-    save(state)
+  def save(state: step_lib.TrainState, metrics: dict[str, float] | None = None) -> None:
+    checkpoints.save(mngr, int(state.step), state.params, state.batch_stats,
+                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state, metrics)
+
+  try:
+    for epoch in range(step // steps_per_epoch, epochs):
+      state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
+                             steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
+                             checkpoint=save, guard=guard)
+      step = int(state.step)
+      variables = nnx.merge_state(state.params, state.batch_stats)
+      test_acc = evaluate(variables)
+      scalars, metrics = {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)}, None
+      if evaluate_validation:
+        val_acc = evaluate_validation(variables)
+        scalars.update(loop.per_level('validation/accuracy', val_acc))
+        metrics = {checkpoints.BEST_METRIC: float(val_acc[-1])}
+      writer.write(step, scalars)
+      print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
+      save(state, metrics)
+  finally:
+    mngr.wait_until_finished()   # nothing is left half-written by an exception either
+    mngr.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
   writer.close()
@@ -239,7 +297,7 @@ class PhasedRun:
     test_acc = exit_evaluator(graphdef, self.dataset, cfg)(variables)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     meta = run_meta(cfg, model_meta, self.dataset, self.steps_per_epoch)
-    checkpoints.save(checkpoints.manager(self.workdir, cfg.train.keep_checkpoints), step, params, stats, meta)
+    checkpoints.save_final(self.workdir, cfg.train.keep_checkpoints, step, params, stats, meta)
     checkpoints.write_description(self.workdir, meta)
     self.writer.write(step, loop.per_level('test/accuracy', test_acc))
     self.writer.close()

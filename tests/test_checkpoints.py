@@ -1,0 +1,121 @@
+"""Checkpoint retention (the newest and the best), the validation metric that ranks them, the
+workdir lock, the divergence guard, and malformed configs refused before anything is written."""
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import stepnet_jax
+from stepnet_jax import config, data, methods, models, restore
+from stepnet_jax.training import checkpoints, loop, run
+
+
+def _digits_config(**kw):
+  return config.from_dict({'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125, 'model.num_levels': 2,
+                           'train.num_epochs': 3, 'train.batch_size': 64, 'optim.learning_rate': 3e-3,
+                           'train.progress': False, 'train.log_every_steps': 5, **kw})
+
+
+def _model_state():
+  model = models.build_model('mlp', num_classes=10, input_shape=(8, 8, 1), num_levels=2, width=0.125)
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return params, stats
+
+
+@pytest.mark.parametrize('track_best', [True, False])
+def test_retention_keeps_the_newest_and_the_best(tmp_path, track_best):
+  params, stats = _model_state()
+  mngr = checkpoints.manager(str(tmp_path), keep=2, track_best=track_best)
+  scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}     # None: a mid-epoch save, no validation
+  for step, score in scores.items():
+    metrics = None if score is None or not track_best else {checkpoints.BEST_METRIC: score}
+    checkpoints.save(mngr, step, params, stats, {'step': step}, metrics=metrics)
+  mngr.wait_until_finished()
+  mngr.close()
+  assert restore.all_steps(str(tmp_path)) == ([6, 5, 2] if track_best else [6, 5])
+  assert restore.best_step(str(tmp_path)) == (2 if track_best else None)
+  assert restore.restore_meta(str(tmp_path), 2 if track_best else 5)['step'] == (2 if track_best else 5)
+  with pytest.raises(ValueError, match='would delete every checkpoint'):
+    checkpoints.manager(str(tmp_path), keep=0)
+
+
+def test_the_validation_accuracy_that_ranks_checkpoints_is_the_top_exits(tmp_path):
+  """Each kept checkpoint's recorded metric equals the top exit's accuracy on the held-out
+  images, recomputed from the loaded checkpoint on the split rebuilt by hand."""
+  cfg = _digits_config(**{'data.validation_examples': 300, 'train.keep_checkpoints': 1})
+  run.train_and_evaluate(cfg, str(tmp_path))
+  full = data.load_digits()
+  held = np.sort(np.random.RandomState(cfg.seed + 12345).permutation(len(full.train_labels))[:300])
+  x, y = full.train_images[held], full.train_labels[held]
+  steps = restore.all_steps(str(tmp_path))
+  best = restore.best_step(str(tmp_path))
+  assert steps[0] == 3 * ((len(full.train_labels) - 300) // 64) and best in steps and len(steps) <= 2
+  recorded = checkpoints.manager(str(tmp_path), keep=1, track_best=True).metrics(best)[checkpoints.BEST_METRIC]
+  net = stepnet_jax.load(str(tmp_path), best)
+  assert recorded == pytest.approx(float((np.asarray(net.forward(x, 1)).argmax(-1) == y).mean()))
+
+
+def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with run.lock_workdir(workdir):          # as another train.py would hold it
+    with pytest.raises(run.WorkdirBusy, match='another process is training in'):
+      methods.train(_digits_config(), workdir)
+  assert os.listdir(workdir) == []         # nothing written
+  with run.lock_workdir(workdir):          # released: taken again
+    pass
+
+
+def test_divergence_guard_on_loss_curves():
+  """A healthy noisy curve (down to near zero) never trips it; back at chance, or far above
+  chance from the start, trips it after ``steps`` steps (plus the average's lag)."""
+  rng = np.random.RandomState(0)
+  t = np.arange(3000)
+  healthy = 2.3 * np.exp(-t / 150) + 0.01 + 0.02 * rng.rand(len(t)) * (1 + np.sin(t / 7))
+  relapse = np.where(t < 1000, healthy, 2.3 + 0.1 * rng.randn(len(t)))
+  exploding = 1e4 / (1 + t / 50.0)
+  for curve, trips in ((healthy, None), (relapse, (1200, 1300)), (exploding, (200, 250))):
+    guard, tripped = loop.DivergenceGuard(200, 3.0, chance=np.log(10)), None
+    try:
+      for end in range(10, len(t) + 1, 10):          # fed in windows, as the loop logs
+        guard.update(curve[end - 10:end], end)
+    except loop.Diverged as e:
+      tripped = end
+      assert 'training diverged' in str(e)
+    assert (tripped is None) if trips is None else trips[0] <= tripped <= trips[1], tripped
+  off = loop.DivergenceGuard(0, 3.0, chance=np.log(10))
+  off.update(list(exploding), len(exploding))       # steps=0 never checks
+
+
+def test_a_finite_divergence_stops_training(tmp_path):
+  with pytest.raises(loop.Diverged, match='training diverged'):
+    run.train_and_evaluate(_digits_config(**{'optim.learning_rate': 1e6, 'train.num_epochs': 6,
+                                             'train.divergence_steps': 40}), str(tmp_path))
+
+
+GOOD = {'train.batch_size': 64, 'optim.learning_rate': 1e-3, 'model.width': 0.5, 'train.num_epochs': 2,
+        'loss.exit_weights': (1.0, 1.0, 1.0), 'construction.budgets': (0.1, 0.3, 0.6), 'train.progress': False}
+BAD_VALUES = [-1, 0, -0.5, float('nan'), 'abc', True, 2.5, (), (1.0,), None, [0.3, 0.1, 0.2]]
+
+
+def test_malformed_configs_are_refused_with_the_documented_errors(tmp_path):
+  """Seeded fuzz: a valid config with one field replaced by a bad value, or an unknown key,
+  is a ValueError or TypeError from ``config.from_dict`` (before anything is built or
+  written), and a value accepted is really valid (it survives a second validation)."""
+  rng = np.random.RandomState(0)
+  refused = 0
+  for _ in range(120):
+    key = list(GOOD)[rng.randint(len(GOOD))]
+    value = BAD_VALUES[rng.randint(len(BAD_VALUES))]
+    overrides = {'model.num_levels': 3, 'method': 'steppingnet', **GOOD, key: value}
+    if rng.rand() < 0.1:
+      overrides[f'train.no_such_key_{rng.randint(9)}'] = 1
+    try:
+      cfg = config.from_dict(overrides)
+    except (ValueError, TypeError) as e:
+      assert str(e), overrides
+      refused += 1
+      continue
+    assert config.from_dict(cfg.to_dict()) == cfg
+  assert refused > 80
+  assert not os.listdir(tmp_path)
