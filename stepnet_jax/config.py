@@ -407,17 +407,43 @@ def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
   return '--config.' + '.'.join(parents + [new]) + sep + value
 
 
+def unknown_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
+  """For a ``--config.KEY=V`` override of a run's config (under one of ``run_roots``) whose
+  KEY is no field, a hint naming the closest fields; None otherwise."""
+  if not arg.startswith('--config.'):
+    return None
+  key = arg[len('--config.'):].partition('=')[0]
+  for root in sorted(run_roots, key=len, reverse=True):
+    prefix = f'{root}.' if root else ''
+    if key.startswith(prefix):
+      field = key[len(prefix):]
+      break
+  else:
+    return None
+  known = flatten(Config().to_dict())
+  if field in known or field in SECTIONS or any(k.startswith(field + '.') for k in known):
+    return None
+  import difflib
+  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or \
+      [k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]]
+  return (f'{key} is not a config key' + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')
+          + '; every field and its default: stepnet_jax/config.py')
+
+
 def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) -> list[str]:
-  """absl flags parser for the commands: a flags error exits with absl's message, and an
-  override in the flat spelling of earlier versions also with its new spelling."""
+  """absl flags parser for the commands: a flags error exits with absl's message, plus the
+  new spelling of an override in the flat spelling of earlier versions, or the closest
+  fields to an unknown key."""
   from absl import flags
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError, flags.Error) as e:
     hints = [f'{a} is now spelled {renamed_override(a, run_roots)}' for a in argv if renamed_override(a, run_roots)]
+    unknown = [unknown_override(a, run_roots) for a in argv if not renamed_override(a, run_roots)]
     message = f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.'
     if hints:
       message += '\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)
+    message += ''.join(f'\n{u}' for u in unknown if u)
     raise SystemExit(message) from e
 
 

@@ -66,6 +66,17 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
     pass
 
 
+def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path):
+  digits = data.subset(data.load_digits(), train=128)
+  cfg = _digits_config(**{'train.num_epochs': 2})
+  run.train_and_evaluate(cfg, str(tmp_path), dataset=digits)
+  before = {name: os.path.getmtime(tmp_path / name) for name in ('config.json', 'metrics.jsonl')}
+  with pytest.raises(ValueError, match=r'trained to step 4 \(2 epochs\); train.num_epochs=1 ends at step 2'):
+    run.train_and_evaluate(cfg.replace(**{'train.num_epochs': 1}), str(tmp_path), dataset=digits)
+  assert before == {name: os.path.getmtime(tmp_path / name) for name in before}
+  assert restore.all_steps(str(tmp_path)) == [4, 2]
+
+
 def test_divergence_guard_on_loss_curves():
   """A healthy noisy curve (down to near zero) never trips it; back at chance, or far above
   chance from the start, trips it after ``steps`` steps (plus the average's lag)."""

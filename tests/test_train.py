@@ -255,14 +255,20 @@ def test_train_and_evaluate_scripts(tmp_path):
   quantized = subprocess.run(
       [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
        '--test_subset=200', '--batch_size=100', '--latency_repeats=1', '--bits=4', '--act_bits=8',
-       '--calibration_images=200'],
+       '--calibration_images=200', '--step=8'],
       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert quantized.returncode == 0, quantized.stderr[-3000:]
+  assert f'checkpoint 8 of {workdir}' in quantized.stdout
   assert 'MAC-weighted mean weight bits 4.00' in quantized.stdout, quantized.stdout[-2000:]
   with open(out_json) as f:
     result = json.load(f)
   assert result['precision']['act_bits'] == 8
   assert [r['bitops_to_reach'] for r in result['levels']] == [32 * r['macs'] for r in result['levels']]
+  # Usage errors: a run without a validation split has no best checkpoint; a batch of 0.
+  for flag, message in (('--best', 'recorded a validation accuracy'), ('--latency_batch=0', 'must be >= 1, got 0')):
+    bad = subprocess.run([sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', flag],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
 def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_digits_run):
@@ -390,6 +396,18 @@ COMPARE_ROOTS = ('common', 'steppingnet', 'nonuniform')
 ])
 def test_flat_command_line_overrides_get_their_new_spelling(arg, roots, new):
   assert config.renamed_override(arg, roots) == new
+
+
+@pytest.mark.parametrize('arg,roots,hint', [
+    ('--config.train.num_epoch=1', ('',), 'did you mean train.num_epochs'),
+    ('--config.nosuchkey=1', ('',), 'nosuchkey is not a config key; every field'),
+    ('--config.common.optim.learning_rat=0.1', COMPARE_ROOTS, 'did you mean common.optim.learning_rate'),
+    ('--config.train.num_epochs=1', ('',), None), ('--config.train=x', ('',), None),
+    ('--config.awn.widen=2', COMPARE_ROOTS, None), ('--workdir=x', ('',), None),
+])
+def test_unknown_command_line_keys_get_the_closest_fields(arg, roots, hint):
+  got = config.unknown_override(arg, roots)
+  assert (got is None) if hint is None else hint in got, got
 
 
 def test_flat_configs_of_earlier_versions_load():

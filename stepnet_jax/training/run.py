@@ -162,10 +162,15 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   if unreadable:
     checkpoints.set_aside(workdir, unreadable)
     sharding.barrier(f'set aside in {workdir}')
+  total = steps_per_epoch * cfg.train.num_epochs
+  if start is not None and start > total:
+    raise ValueError(f'{workdir} holds a run trained to step {start} ({start / steps_per_epoch:g} epochs); '
+                     f'train.num_epochs={cfg.train.num_epochs} ends at step {total}. Ask for at least '
+                     f'{-(-start // steps_per_epoch)} epochs (more trains on), or use another --workdir')
   prior_seconds = 0.0
   if saved is not None:
     prior_seconds = float(saved.get('train_seconds', 0.0))
-    print(f'Resuming from step {start} of {steps_per_epoch * cfg.train.num_epochs} in {workdir}', flush=True)
+    print(f'Resuming from step {start} of {total} in {workdir}', flush=True)
   elif unreadable:
     print(f'no readable checkpoint in {workdir}: starting over', flush=True)
   checkpoints.write_description(workdir, meta)
