@@ -61,9 +61,14 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   with run.lock_workdir(workdir):          # as another train.py would hold it
     with pytest.raises(run.WorkdirBusy, match='another process is training in'):
       methods.train(_digits_config(), workdir)
-  assert os.listdir(workdir) == []         # nothing written
+    assert os.listdir(workdir) == []       # nothing written
+  assert not os.path.exists(workdir)       # the directory made for the lock is gone again
   with run.lock_workdir(workdir):          # released: taken again
     pass
+  missing = str(tmp_path / 'missing_dataset')      # refused before writing: no directory is left
+  with pytest.raises(data.DatasetError):
+    methods.train(_digits_config(**{'data.name': f'idx:{tmp_path}/nowhere'}), missing)
+  assert not os.path.exists(missing)
 
 
 def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path):

@@ -38,11 +38,13 @@ def lock_workdir(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on the workdir while a run trains in it: a second process
   (another ``train.py`` on the same directory) is refused instead of interleaving
   checkpoints. The lock is ``flock`` on the directory itself, so nothing is written into it
-  and the kernel releases it when the process ends, however it ends. The first host locks;
-  the others share its directory or have their own."""
+  and the kernel releases it when the process ends, however it ends; a directory created
+  for the lock is removed again if the run stops before writing into it. The first host
+  locks; the others share its directory or have their own."""
   if jax.process_index() != 0:
     yield
     return
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(workdir, os.O_RDONLY)
   try:
@@ -53,6 +55,8 @@ def lock_workdir(workdir: str) -> Iterator[None]:
                         'finish or stop it, or use another --workdir') from None
     yield
   finally:
+    if created and not os.listdir(workdir):   # refused before writing anything: leave no trace
+      os.rmdir(workdir)
     os.close(fd)     # closing releases the lock
 
 
