@@ -30,6 +30,9 @@ def get_config():
   # Also available (compare.ENTRIES): 'awn_sandwich' (AWN trained with the sandwich rule), 'steppingnet_tri'.
   c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
   c.extra_budgets = (0.15, 0.42)
+  # () trains each method once (common.seed); --config.seeds=0,1,2 once per seed, in
+  # WORKDIR/seedS, with mean and standard deviation per level in WORKDIR/compare.json.
+  c.seeds = ()
   c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
                                          sandwich_widths=2))
   # A method's section overrides `common` for that method (nested like `common`).

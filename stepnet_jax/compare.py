@@ -20,7 +20,8 @@ DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 * independent: one plain network per budget, the widest uniform plan that fits it.
 
 Budgets: the AWN points (as fractions of the dense base network at ``common.model.width``)
-plus ``extra_budgets``.
+plus ``extra_budgets``. ``--config.seeds=0,1,2`` repeats everything per seed and reports
+mean and standard deviation per level.
 """
 from __future__ import annotations
 
@@ -249,18 +250,22 @@ def targets(results: dict[str, dict]) -> list[str]:
   return lines
 
 
-def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int) -> str:
-  """compare.md: per-level table of every method, training times, and the targets checked."""
-  lines = [f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method)', '',
+def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int,
+             seeds: tuple[int, ...] = ()) -> str:
+  """compare.md: per-level table of every method, training times, and the targets checked
+  (with ``seeds``: mean ± standard deviation over them, targets on the means)."""
+  over = f', mean ± std over seeds {", ".join(map(str, seeds))}' if seeds else ''
+  lines = [f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method{over})', '',
            f'Budgets (fractions of the dense base network, {base:,} MACs): '
            + ', '.join(f'{b:.4f}' for b in budgets), '',
            '| method | level | MACs | MACs to reach | accuracy (%) | step latency (ms, B=1) |',
            '|---|---:|---:|---:|---:|---:|']
   for name, res in results.items():
     for r in res['levels']:
+      acc = f'{100 * r["accuracy"]:.2f}' + (f' ± {100 * r["accuracy_std"]:.2f}' if 'accuracy_std' in r else '')
       lines.append(f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | '
-                   f'{100 * r["accuracy"]:.2f} | {r["latency_ms"]:.3f} |')
-  lines += ['', '| method | reusable | train seconds |', '|---|---|---:|']
+                   f'{acc} | {r["latency_ms"]:.3f} |')
+  lines += ['', f'| method | reusable | train seconds{" per seed" if seeds else ""} |', '|---|---|---:|']
   for name, res in results.items():
     lines.append(f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} |')
   lines += ['', '## Targets', ''] + targets(results)
@@ -275,8 +280,10 @@ def plot(path: str, results: dict[str, dict], title: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for name, res in results.items():
     acc = [100 * r['accuracy'] for r in res['levels']]
-    axes[0].plot([r['macs'] / 1e6 for r in res['levels']], acc, marker='o', label=name)
-    axes[1].plot([r['macs_to_reach'] / 1e6 for r in res['levels']], acc, marker='o', label=name)
+    err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]     # seeds' standard deviation, if any
+    axes[0].errorbar([r['macs'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name)
+    axes[1].errorbar([r['macs_to_reach'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3,
+                     label=name)
   axes[0].set_xlabel('MACs of the subnet (millions per image)')
   axes[1].set_xlabel('MACs spent stepping from level 0 to this level (millions)')
   for ax in axes:
@@ -297,12 +304,77 @@ def resolve(cc: ml_collections.ConfigDict, quick: bool = False) -> ml_collection
   cc.methods = tuple(m.strip() for item in names for m in item.split(',') if m.strip())
   for name in cc.methods:
     ENTRIES.get(name)
+  seeds = cc.get('seeds', ())
+  seeds = [seeds] if isinstance(seeds, (int, str)) else seeds
+  with cc.ignore_type():
+    cc.seeds = tuple(int(x) for item in seeds for x in str(item).split(',') if x.strip())
+  if len(set(cc.seeds)) != len(cc.seeds):
+    raise ValueError(f'seeds repeat: {cc.seeds}')
   return cc
 
 
 def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, latency_repeats: int = 10) -> dict:
-  """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict."""
+  """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict.
+
+  With ``cc.seeds`` (e.g. ``--config.seeds=0,1,2``) every method is trained once per seed
+  (``common.seed``), each seed's comparison in ``workdir/seedS``, and ``workdir/compare.json``
+  holds the mean over seeds per level (``aggregate_seeds``).
+  """
   cc = resolve(cc, quick)
+  if cc.seeds:
+    return compare_seeds(cc, workdir, latency_repeats)
+  return _compare_one(cc, workdir, latency_repeats)
+
+
+def compare_seeds(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: int) -> dict:
+  """The comparison once per seed of ``cc.seeds`` (resolved), then their mean and spread."""
+  per_seed, results = {}, {}
+  for seed in cc.seeds:
+    one = ml_collections.ConfigDict(cc.to_dict())
+    one.seeds = ()
+    one.common.seed = seed
+    print(f'##### seed {seed} #####', flush=True)
+    per_seed[seed] = _compare_one(one, os.path.join(workdir, f'seed{seed}'), latency_repeats)
+    for name in cc.methods:
+      with open(os.path.join(workdir, f'seed{seed}', name, 'result.json')) as f:
+        results.setdefault(name, []).append(json.load(f))
+  first = per_seed[cc.seeds[0]]
+  merged = {name: aggregate_seeds(runs) for name, runs in results.items()}
+  out = {**{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')}, 'seeds': list(cc.seeds),
+         'methods': {name: {'levels': [{k: r[k] for k in ('level', 'macs', 'accuracy', 'accuracy_std', 'accuracies',
+                                                          'macs_to_reach')} for r in res['levels']],
+                            'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
+                     for name, res in merged.items()}}
+  os.makedirs(workdir, exist_ok=True)
+  title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
+  evaluation.write_study(workdir, 'compare', out,
+                         markdown(merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'],
+                                  seeds=cc.seeds),
+                         lambda path: plot(path, merged, title))
+  return out
+
+
+def aggregate_seeds(runs: list[dict]) -> dict:
+  """One method's results over seeds: per level the mean accuracy, its sample standard
+  deviation (ddof 1; 0 for one seed) and every seed's accuracy; MACs are the largest of any
+  seed (construction may land a few MACs apart), step latency the mean; training seconds
+  the mean per seed."""
+  levels = []
+  for rows in zip(*[r['levels'] for r in runs]):
+    acc = np.array([r['accuracy'] for r in rows])
+    levels.append({'level': rows[0]['level'], 'macs': max(r['macs'] for r in rows),
+                   'macs_to_reach': max(r['macs_to_reach'] for r in rows),
+                   'accuracy': float(acc.mean()), 'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                   'accuracies': [float(a) for a in acc],
+                   'latency_ms': float(np.mean([r['latency_ms'] for r in rows]))})
+  if len({len(r['levels']) for r in runs}) != 1:
+    raise ValueError('the seeds of one method have different level counts')
+  return {'levels': levels, 'train_seconds': float(np.mean([r['train_seconds'] for r in runs])),
+          'reusable': all(r['reusable'] for r in runs)}
+
+
+def _compare_one(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: int) -> dict:
+  """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
   common = config_lib.from_dict(cc.common)
   full = data.load_dataset(common.data.name, common.data.data_dir or None)
   dataset = data.subset(full, common.data.train_subset, common.data.test_subset, common.seed)  # what every method sees

@@ -52,3 +52,22 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   monkeypatch.setattr(compare.methods, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert again['methods'] == out['methods']
+
+
+def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashion_mnist, monkeypatch):
+  cc = compare_config()
+  cc.methods = ('awn',)
+  cc.seeds = (3, 4)                                 # --config.seeds=3,4
+  monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
+  out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
+  assert out['seeds'] == [3, 4]
+  per_seed = [json.loads((tmp_path / f'seed{s}' / 'compare.json').read_text()) for s in (3, 4)]
+  configs = [json.loads((tmp_path / f'seed{s}' / 'awn' / 'config.json').read_text())['config'] for s in (3, 4)]
+  assert [c['seed'] for c in configs] == [3, 4]
+  acc = np.array([[r['accuracy'] for r in p['methods']['awn']['levels']] for p in per_seed])   # [seeds, levels]
+  rows = out['methods']['awn']['levels']
+  np.testing.assert_allclose([r['accuracy'] for r in rows], acc.mean(0))
+  np.testing.assert_allclose([r['accuracy_std'] for r in rows], acc.std(0, ddof=1))
+  assert [r['accuracies'] for r in rows] == acc.T.tolist()
+  assert json.loads((tmp_path / 'compare.json').read_text()) == json.loads(json.dumps(out))
+  assert '±' in (tmp_path / 'compare.md').read_text() and (tmp_path / 'compare.png').stat().st_size > 0
