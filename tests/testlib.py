@@ -294,3 +294,30 @@ def bundle(spec_id: str):
   out = jax.device_get(everything(variables, x))
   out.update(x=x, step_levels=step_levels, graphdef=graphdef, variables=variables, functions=fns)
   return out
+
+
+def step_each_alone(net, x, policy):
+  """Reference: each input stepped alone (batch 1) with start/advance, the policy asked in Python."""
+  logits, levels = [], []
+  for i in range(x.shape[0]):
+    xi = x[i:i + 1]
+    state = policy.init(1, net.functions.exits(net.variables, xi).shape[-1])
+    if net.reusable:
+      cache = net.start(xi)
+      out = cache.logits
+    else:
+      out = net.forward(xi, 0)
+    level = 0
+    while True:
+      stop, state = policy.stop(out, jnp.int32(level), state)
+      if bool(stop[0]) or level == net.num_levels - 1:
+        break
+      level += 1
+      if net.reusable:
+        cache = net.advance(cache)
+        out = cache.logits
+      else:
+        out = net.forward(xi, level)
+    logits.append(np.asarray(out[0]))
+    levels.append(level)
+  return np.stack(logits), np.asarray(levels)

@@ -1,0 +1,61 @@
+"""The anytime study command end to end (``python -m stepnet_jax.adaptive``) on the digits."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import stepnet_jax
+from stepnet_jax import anytime
+
+
+def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
+  """The whole study on the digits with tiny settings: files, format, the validation split
+  kept apart from what the networks trained on, and the points' bookkeeping. (It runs the
+  masked program, which compiles in a fraction of the compact one's time; both give the
+  same answers, tested above.)"""
+  monkeypatch.setitem(anytime.DEFAULT_STRATEGY, jax.default_backend(), 'masked')
+  import json
+  import os
+  from stepnet_jax import adaptive, config, data, restore
+  cc = config.load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                                     'adaptive_fashion_mnist.py'))
+  cc.common.data.name = 'digits'
+  cc.common.model.name = 'mlp'
+  # The test split and the choice half (150) share one batch shape: each program compiles once.
+  cc.quick.common.data = dict(train_subset=0, test_subset=150, validation_examples=300)
+  cc.quick.common.model = dict(width=0.125)
+  cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
+  cc.quick.steppingnet.construction.rounds = 1
+  cc.quick.families = ('steppingnet', 'cascade')
+  cc.quick.lambdas = (0.5,)
+  cc.quick.knobs.confidence = (0.5, 0.9)
+  out = adaptive.adaptive(cc, str(tmp_path), quick=True)
+  saved = json.loads((tmp_path / 'adaptive.json').read_text())
+  assert saved == json.loads(json.dumps(out))
+  assert set(saved['methods']) == {'steppingnet_confidence', 'steppingnet_entropy', 'steppingnet_learned',
+                                   'cascade_confidence', 'cascade_learned'}
+  for name, res in saved['methods'].items():
+    levels = len(saved['static'][name.split('_')[0]])
+    reach = [r['macs_to_reach'] for r in saved['static'][name.split('_')[0]]]
+    for p in res['points']:
+      assert set(p) == {'knob', 'avg_macs', 'accuracy', 'exit_fraction'}
+      assert len(p['exit_fraction']) == levels and abs(sum(p['exit_fraction']) - 1) < 1e-6
+      np.testing.assert_allclose(p['avg_macs'], np.dot(p['exit_fraction'], reach), rtol=1e-6)
+  # The networks trained on exactly the training images minus the 300 held out (counted by
+  # image content), and the cascade's MACs are its networks' own MACs added up.
+  import collections
+  from stepnet_jax.training import run
+  full = data.load_digits()
+  held = np.load(tmp_path / 'validation_indices.npy')
+  assert len(np.unique(held)) == 300 and saved['validation']['examples'] == 300
+  trained_on, _ = run.prepare_data(config.from_saved(restore.restore_meta(str(tmp_path / 'steppingnet'))['config']),
+                                   full)
+  count = lambda images: collections.Counter(x.tobytes() for x in images)
+  assert count(full.train_images) - count(trained_on.train_images) == count(full.train_images[held])
+  own = [stepnet_jax.load(str(tmp_path / 'independent' / f'budget{k}')).level_macs[0]
+         for k in range(len(saved['static']['cascade']))]
+  assert [r['macs_to_reach'] for r in saved['static']['cascade']] == list(np.cumsum(own))
+  for name in ('adaptive.md', 'adaptive.png'):
+    assert (tmp_path / name).stat().st_size > 0
+  assert 'Targets' in (tmp_path / 'adaptive.md').read_text()
+
