@@ -60,19 +60,30 @@ def lock_workdir(workdir: str) -> Iterator[None]:
     os.close(fd)     # closing releases the lock
 
 
-def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
+def prepare_splits(cfg: Config, dataset: data.Dataset | None = None
+                   ) -> tuple[data.Dataset, tuple[np.ndarray, np.ndarray] | None, int]:
   """The config's dataset (loaded unless given), subset as configured, without its validation
-  examples (``data.validation_examples``), and steps per epoch. The global batch must
-  split over the devices (checked first: before loading or compiling anything)."""
+  examples; those examples ((images, labels), or None without ``data.validation_examples``);
+  and steps per epoch. The global batch must split over the devices (checked first: before
+  loading or compiling anything)."""
   sharding.check_batch_size(cfg.train.batch_size)
   if dataset is None:
     dataset = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
   dataset = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  validation = None
   if cfg.data.validation_examples:
-    dataset, _ = data.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
+    whole = dataset
+    dataset, held = data.split_validation(whole, cfg.data.validation_examples, cfg.seed)
+    validation = whole.train_images[held], whole.train_labels[held]
   steps_per_epoch = len(dataset.train_labels) // cfg.train.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size {cfg.train.batch_size} exceeds the {len(dataset.train_labels)} training images')
+  return dataset, validation, steps_per_epoch
+
+
+def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
+  """``prepare_splits`` without the validation examples: (training data, steps per epoch)."""
+  dataset, _, steps_per_epoch = prepare_splits(cfg, dataset)
   return dataset, steps_per_epoch
 
 
@@ -141,10 +152,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   a dict with the final per-level test accuracy, the step, and ``seconds``: the training
   time of all sessions of the run (saved with every checkpoint).
   """
-  sharding.check_batch_size(cfg.train.batch_size)
-  full = dataset if dataset is not None else data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
-  dataset, steps_per_epoch = prepare_data(cfg, full)
-  validation = held_out(cfg, full)
+  dataset, validation, steps_per_epoch = prepare_splits(cfg, dataset)
   model = build_model(cfg, dataset)
   meta = run_meta(cfg, restore.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
   tx = optim.make_optimizer(cfg, steps_per_epoch)
@@ -161,16 +169,16 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
         raise
       print(f'{e}\n-> trying the previous checkpoint', flush=True)
       unreadable.append(step)
-  sharding.barrier(f'checked {workdir}')
-  os.makedirs(workdir, exist_ok=True)
-  if unreadable:
-    checkpoints.set_aside(workdir, unreadable)
-    sharding.barrier(f'set aside in {workdir}')
   total = steps_per_epoch * cfg.train.num_epochs
   if start is not None and start > total:
     raise ValueError(f'{workdir} holds a run trained to step {start} ({start / steps_per_epoch:g} epochs); '
                      f'train.num_epochs={cfg.train.num_epochs} ends at step {total}. Ask for at least '
                      f'{-(-start // steps_per_epoch)} epochs (more trains on), or use another --workdir')
+  sharding.barrier(f'checked {workdir}')
+  os.makedirs(workdir, exist_ok=True)
+  if unreadable:
+    checkpoints.set_aside(workdir, unreadable)
+    sharding.barrier(f'set aside in {workdir}')
   prior_seconds = 0.0
   if saved is not None:
     prior_seconds = float(saved.get('train_seconds', 0.0))
@@ -181,16 +189,6 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds, validation)
 
 
-def held_out(cfg: Config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
-  """(images, labels) of the validation split ``prepare_data`` keeps out of ``dataset``
-  (loaded, not yet subset), or None without ``data.validation_examples``."""
-  if not cfg.data.validation_examples:
-    return None
-  ds = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
-  _, held = data.split_validation(ds, cfg.data.validation_examples, cfg.seed)
-  return ds.train_images[held], ds.train_labels[held]
-
-
 def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
                   tx: optax.GradientTransformation, state: step_lib.TrainState, meta: dict,
                   prior_seconds: float, validation: tuple[np.ndarray, np.ndarray] | None) -> dict:
@@ -198,7 +196,7 @@ def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_ep
   validation accuracy, which ranks the checkpoints for retention), checkpoint."""
   train_step = config_train_step(graphdef, tx, cfg)
   evaluate = exit_evaluator(graphdef, dataset, cfg)
-  evaluate_validation = validation and exit_evaluator(graphdef, dataset, cfg, split=validation)
+  evaluate_validation = exit_evaluator(graphdef, dataset, cfg, split=validation) if validation is not None else None
   mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints, track_best=validation is not None)
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
