@@ -136,3 +136,31 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_ide
   assert 'Resuming from step 3 ' in resumed.stdout
   for a, b in zip(uninterrupted, _leaves(workdir)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_stops_a_construction_cleanly_and_the_rerun_starts_it_over(tmp_path):
+  """A run trained in phases (SteppingNet construction) cannot resume mid-way: SIGTERM ends
+  it with exit 143 and a message saying the same command starts it over, which it does."""
+  workdir = tmp_path / 'construction'
+  extra = ['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
+           '--config.construction.rounds=1', '--config.construction.pretrain_epochs=0.5',
+           '--config.construction.round_epochs=0.5', '--config.construction.importance_examples=64']
+  command, env = _driven(workdir, STEP_SLEEP='0.05')
+  proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / 'metrics.jsonl'
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:   # inside a training phase
+        proc.send_signal(signal.SIGTERM)
+        break
+      time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err[-2000:]
+  assert 'cannot resume mid-way; the same command starts it over' in out
+  again = subprocess.run(_command(workdir) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'construction done' in again.stdout and restore.latest_step(str(workdir)) is not None

@@ -82,11 +82,14 @@ def progress_bar(enabled: bool) -> Callable:
 
 
 class Preempted(Exception):
-  """Training stopped by SIGTERM or Ctrl-C after saving a checkpoint at ``step``."""
+  """Training stopped by SIGTERM or Ctrl-C at ``step``: after saving a checkpoint there
+  (``saved``), or, for a run trained in phases (construction, non-uniform), without one."""
 
-  def __init__(self, step: int, signal_name: str):
-    super().__init__(f'{signal_name} at step {step}: checkpoint saved; run the same command to resume')
-    self.step, self.signal_name = step, signal_name
+  def __init__(self, step: int, signal_name: str, saved: bool = True):
+    what = ('checkpoint saved; run the same command to resume' if saved else
+            'this run is trained in phases and cannot resume mid-way; the same command starts it over')
+    super().__init__(f'{signal_name} at step {step}: {what}')
+    self.step, self.signal_name, self.saved = step, signal_name, saved
 
 
 class _StopRequests:
@@ -178,7 +181,7 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
               steps_per_epoch: int, writer: MetricWriter | None, desc: str,
               levels: Sequence[int] | None = None,
               checkpoint: Callable[[TrainState], None] | None = None,
-              guard: DivergenceGuard | None = None) -> TrainState:
+              guard: DivergenceGuard | None = None, interruptible: bool = False) -> TrainState:
   """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
 
   ``state.step`` must equal ``first``; batches depend only on the global step and the
@@ -188,7 +191,8 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   (``check_finite``) or a divergence (``guard``, a new one unless given) raises before anything
   is saved. With ``checkpoint``, the state is saved
   every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
-  step, after which ``Preempted`` is raised.
+  step, after which ``Preempted`` is raised. Without ``checkpoint`` but ``interruptible``,
+  SIGTERM / Ctrl-C raise ``Preempted`` (nothing saved) at the next step instead of killing.
   """
   batch_size, log_every = cfg.train.batch_size, cfg.train.log_every_steps
   save_every = cfg.train.checkpoint_every_steps if checkpoint is not None else 0
@@ -199,7 +203,7 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   batches = feed.device_batches(dataset.train_images, dataset.train_labels, indices)
   window_t, window_n, window_metrics = time.time(), 0, []
   guard = guard or divergence_guard(cfg, dataset)
-  with _StopRequests() if checkpoint is not None else contextlib.nullcontext() as stop:
+  with _StopRequests() if checkpoint is not None or interruptible else contextlib.nullcontext() as stop:
     for step, batch in zip(range(first, last), batches):
       state, metrics = train_step(state, batch)
       window_n += batch.count
@@ -220,10 +224,10 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
         bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
         window_t, window_n, window_metrics = time.time(), 0, []
       bar.update(1)
-      if saving:
+      if saving and checkpoint is not None:
         checkpoint(state)
       if stopping:
         bar.close()
-        raise Preempted(done, stop.signal_name)
+        raise Preempted(done, stop.signal_name, saved=checkpoint is not None)
   bar.close()
   return state

@@ -294,7 +294,8 @@ class PhasedRun:
                 levels: Sequence[int] | None = None, cfg: Config | None = None) -> step_lib.TrainState:
     """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
     return loop.run_steps(state, train_step, self.dataset, cfg or self.cfg, first=first, last=last,
-                          steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels)
+                          steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels,
+                          interruptible=True)
 
   def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
     """Evaluates every exit, saves the final checkpoint and ``result_name``; returns the result:
