@@ -222,35 +222,50 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
   Returns {'test_accuracy', 'level_macs', 'seconds', 'budget_macs', 'base_macs', 'rounds': [...]};
   the same is written to ``workdir/construction.json``.
   """
-  run = PhasedRun.open(cfg, workdir, dataset, 'construction.json')
-  if run.finished is not None:
-    return run.finished
-  model = level0_network(cfg, run.dataset)
-  surgery.check_chain(model)
-  base, targets = budget_macs(cfg, run.dataset, model)   # before any training
-  plan = Plan.of(cfg, run.steps_per_epoch)
-  meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
-  run.begin()
-  model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
-  model, meta, log, step = _rounds(run, model, meta, targets, plan)
-  if step < plan.total:
-    distill = cfg.construction.finetune_distill_weight or cfg.loss.distill_weight
-    model = run.train(model, step, plan.total, 'fine-tune', cfg=cfg.replace(**{'loss.distill_weight': distill}))
-  return run.finish(model, meta, 'construction', {'budget_macs': [float(t) for t in targets], 'base_macs': base,
-                                                   'rounds': log})
+  with PhasedRun.open(cfg, workdir, dataset, 'construction.json') as run:
+    if run.finished is not None:
+      return run.finished
+    resumed = run.resume()
+    if resumed is None:
+      model = level0_network(cfg, run.dataset)
+      surgery.check_chain(model)
+      base, targets = budget_macs(cfg, run.dataset, model)   # before any training
+      plan = Plan.of(cfg, run.steps_per_epoch)
+      meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+      run.begin()
+      model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
+      step = plan.pretrain_end
+      progress = {'base_macs': int(base), 'budget_macs': [float(t) for t in targets], 'start_macs': None,
+                  'rounds': []}
+      run.save_phase(step, model, meta, progress)
+    else:
+      step, model, meta, progress = resumed
+      plan = Plan.of(cfg, run.steps_per_epoch)
+    model, meta, step = _rounds(run, model, meta, plan, step, progress)
+    if step < plan.total:
+      distill = cfg.construction.finetune_distill_weight or cfg.loss.distill_weight
+      model = run.train(model, step, plan.total, 'fine-tune', cfg=cfg.replace(**{'loss.distill_weight': distill}))
+    return run.finish(model, meta, 'construction', {'budget_macs': progress['budget_macs'],
+                                                     'base_macs': progress['base_macs'], 'rounds': progress['rounds']})
 
 
-def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, targets: np.ndarray,
-            plan: Plan) -> tuple[SteppingModel, dict, list[dict], int]:
-  """The construction rounds: importance, re-levelling towards this round's targets, retraining.
+def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: int,
+            progress: dict) -> tuple[SteppingModel, dict, int]:
+  """The construction rounds not done by global ``step``: importance, re-levelling towards
+  the round's targets, retraining, a phase checkpoint.
 
-  Returns the model, its model_meta, one log entry per round and the global step reached.
+  ``progress`` (JSON, saved with every phase checkpoint) holds the budgets, the MACs the
+  rounds started from and one log entry per round done; it is updated in place. Returns
+  the model, its model_meta and the global step reached.
   """
   cfg, con = run.cfg, run.cfg.construction
-  step, start_macs, log = plan.pretrain_end, None, []
+  targets = np.asarray(progress['budget_macs'])
   for r, end in enumerate(plan.round_ends, start=1):
-    start_macs = subnet_macs(model) if start_macs is None else start_macs
-    goal = round_targets(start_macs, targets, r, con.rounds)
+    if end <= step:           # done before an interruption
+      continue
+    if progress['start_macs'] is None:
+      progress['start_macs'] = [int(m) for m in subnet_macs(model)]
+    goal = round_targets(np.asarray(progress['start_macs']), targets, r, con.rounds)
     x, y = _sample(run.dataset, cfg, r)
     scores = importance.importance(model, x, y, method=con.importance, weights=cfg.exit_weights,
                                    num_classes=run.dataset.num_classes, class_threshold=con.class_threshold)
@@ -258,10 +273,11 @@ def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, targets: np.ndarra
                                per_mac=con.rank_per_mac, allocation=con.allocation)
     model, meta = surgery.relevel(model, meta, new_levels)
     macs = subnet_macs(model)
-    log.append({'round': r, 'step': step, 'targets': [float(t) for t in goal], 'macs': [int(m) for m in macs],
-                'assignment': models.assignment_of(model)})
+    progress['rounds'].append({'round': r, 'step': step, 'targets': [float(t) for t in goal],
+                               'macs': [int(m) for m in macs], 'assignment': models.assignment_of(model)})
     print(f'round {r}/{con.rounds}: subnet MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
           + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
     model = run.train(model, step, end, f'round {r}/{con.rounds} retrain')
     step = end
-  return model, meta, log, step
+    run.save_phase(step, model, meta, progress)
+  return model, meta, step

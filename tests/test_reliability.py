@@ -138,29 +138,40 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_ide
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_stops_a_construction_cleanly_and_the_rerun_starts_it_over(tmp_path):
-  """A run trained in phases (SteppingNet construction) cannot resume mid-way: SIGTERM ends
-  it with exit 143 and a message saying the same command starts it over, which it does."""
-  workdir = tmp_path / 'construction'
-  extra = ['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
-           '--config.construction.rounds=1', '--config.construction.pretrain_epochs=0.5',
-           '--config.construction.round_epochs=0.5', '--config.construction.importance_examples=64']
-  command, env = _driven(workdir, STEP_SLEEP='0.05')
-  proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+CONSTRUCTION = ['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
+                '--config.construction.rounds=2', '--config.construction.pretrain_epochs=0.5',
+                '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64']
+
+
+def test_a_construction_stopped_mid_phase_goes_on_from_its_last_phase_bit_identical(tmp_path):
+  """SteppingNet construction (phases of different structure: pretrain to step 5, rounds to
+  steps 8 and 11, fine-tune to 20) is checkpointed at phase ends. SIGTERM inside round 1
+  exits 143 saying so; the same command goes on from the pretrain checkpoint and ends with
+  the parameters of an uninterrupted construction, bit for bit."""
+  whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
+  done = subprocess.run(_command(whole) + CONSTRUCTION, cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  command, env = _driven(stopped, STEP_SLEEP='0.05')
+  proc = subprocess.Popen(command + CONSTRUCTION, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-  metrics = workdir / 'metrics.jsonl'
+  first_phase = stopped / 'phases' / 'checkpoints' / '5'
   try:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:   # inside a training phase
+      if first_phase.exists():          # committed: the run is in round 1 now
         proc.send_signal(signal.SIGTERM)
         break
-      time.sleep(0.05)
+      time.sleep(0.02)
     out, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
   assert proc.returncode == 143, err[-2000:]
-  assert 'cannot resume mid-way; the same command starts it over' in out
-  again = subprocess.run(_command(workdir) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert 'goes on from its last phase checkpoint' in out
+  again = subprocess.run(_command(stopped) + CONSTRUCTION, cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert 'construction done' in again.stdout and restore.latest_step(str(workdir)) is not None
+  assert 'resuming from the phase checkpoint at step 5' in again.stdout and 'construction done' in again.stdout
+  assert not (stopped / 'phases').exists()           # superseded by the final checkpoint
+  for a, b in zip(_leaves(whole), _leaves(stopped)):
+    np.testing.assert_array_equal(a, b)

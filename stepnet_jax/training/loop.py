@@ -87,14 +87,15 @@ class Preempted(Exception):
 
   def __init__(self, step: int, signal_name: str, saved: bool = True):
     what = ('checkpoint saved; run the same command to resume' if saved else
-            'this run is trained in phases and cannot resume mid-way; the same command starts it over')
+            'this run is trained in phases: the same command goes on from its last phase checkpoint, or starts '
+            'it over if it saved none')
     super().__init__(f'{signal_name} at step {step}: {what}')
     self.step, self.signal_name, self.saved = step, signal_name, saved
 
 
-class _StopRequests:
-  """SIGTERM / SIGINT handlers that only record the request (the loop saves, then stops);
-  a second Ctrl-C interrupts at once."""
+class StopRequests:
+  """SIGTERM / SIGINT handlers, while entered, that only record the request (the loop saves,
+  then stops); a second Ctrl-C interrupts at once. Outside the main thread: no handlers."""
 
   def __init__(self):
     self.signal_name = None
@@ -181,7 +182,7 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
               steps_per_epoch: int, writer: MetricWriter | None, desc: str,
               levels: Sequence[int] | None = None,
               checkpoint: Callable[[TrainState], None] | None = None,
-              guard: DivergenceGuard | None = None, interruptible: bool = False) -> TrainState:
+              guard: DivergenceGuard | None = None, stop: StopRequests | None = None) -> TrainState:
   """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
 
   ``state.step`` must equal ``first``; batches depend only on the global step and the
@@ -191,8 +192,9 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   (``check_finite``) or a divergence (``guard``, a new one unless given) raises before anything
   is saved. With ``checkpoint``, the state is saved
   every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
-  step, after which ``Preempted`` is raised. Without ``checkpoint`` but ``interruptible``,
-  SIGTERM / Ctrl-C raise ``Preempted`` (nothing saved) at the next step instead of killing.
+  step, after which ``Preempted`` is raised. ``stop``: the caller's entered ``StopRequests``
+  (a run trained in phases holds one throughout); without ``checkpoint``, a request raises
+  ``Preempted`` (nothing saved) at the next step.
   """
   batch_size, log_every = cfg.train.batch_size, cfg.train.log_every_steps
   save_every = cfg.train.checkpoint_every_steps if checkpoint is not None else 0
@@ -203,7 +205,9 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   batches = feed.device_batches(dataset.train_images, dataset.train_labels, indices)
   window_t, window_n, window_metrics = time.time(), 0, []
   guard = guard or divergence_guard(cfg, dataset)
-  with _StopRequests() if checkpoint is not None or interruptible else contextlib.nullcontext() as stop:
+  own = StopRequests() if checkpoint is not None and stop is None else contextlib.nullcontext()
+  with own as entered:
+    stop = stop or entered
     for step, batch in zip(range(first, last), batches):
       state, metrics = train_step(state, batch)
       window_n += batch.count

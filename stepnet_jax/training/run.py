@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -238,11 +239,16 @@ class PhasedRun:
   """The shared start and end of a method trained in phases whose structure changes
   between them (construction, non-uniform).
 
-  Such a run cannot resume mid-way: an interrupted one starts over. A finished one
-  (its final checkpoint and ``result_name`` written) is reused: ``open`` sets
-  ``finished`` to its result. Otherwise call ``begin`` once every check has passed
-  (nothing is written before), ``train`` per phase, and ``finish`` at the end, which
-  saves a standard checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read.
+  Use it as a context manager (``with PhasedRun.open(...) as run:``: see ``__enter__``).
+  A finished run (its final checkpoint and ``result_name`` written) is reused: ``open``
+  sets ``finished`` to its result. Otherwise call ``resume`` (a method that saves phase
+  checkpoints), else ``begin`` once every check has passed (nothing is written before);
+  then ``train`` per phase (``save_phase`` after each, if the method resumes), and
+  ``finish`` at the end, which saves a standard checkpoint that ``stepnet_jax.load`` and
+  ``evaluate.py`` read. Such a run resumes only at phase boundaries: a phase interrupted
+  mid-way is trained again from its start, with the same result (data order and random
+  keys depend only on the seed and the global step); a method that saves no phase
+  checkpoints starts over.
   """
   cfg: Config
   workdir: str
@@ -252,6 +258,16 @@ class PhasedRun:
   finished: dict | None = None
   writer: loop.MetricWriter | None = None
   started: float = 0.0
+  stop: loop.StopRequests = dataclasses.field(default_factory=loop.StopRequests)
+
+  def __enter__(self) -> PhasedRun:
+    """SIGTERM / Ctrl-C are recorded for the whole run (between phases too) and stop it at the
+    next step or phase checkpoint (``loop.Preempted``)."""
+    self.stop.__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stop.__exit__(*exc)
 
   @classmethod
   def open(cls, cfg: Config, workdir: str, dataset: data.Dataset | None, result_name: str) -> PhasedRun:
@@ -279,6 +295,36 @@ class PhasedRun:
     self.writer = loop.MetricWriter(self.workdir, fresh=True)
     self.started = time.time()
 
+  @property
+  def phase_dir(self) -> str:
+    """Where phase-boundary checkpoints go (a workdir of its own: ``WORKDIR/phases/checkpoints``)."""
+    return os.path.join(self.workdir, 'phases')
+
+  def save_phase(self, step: int, model: SteppingModel, model_meta: dict, progress: dict) -> None:
+    """Checkpoints the end of a phase at global ``step``: the model with its structure, the
+    method's JSON ``progress`` (what it needs to go on) and the training time so far. The
+    next phase starts with fresh optimizer moments, so nothing else is needed to resume."""
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    meta = {**run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch), 'progress': progress,
+            'train_seconds': time.time() - self.started}
+    checkpoints.save_final(self.phase_dir, 1, step, params, stats, meta)
+    if self.stop.signal_name is not None:
+      raise loop.Preempted(step, self.stop.signal_name)
+
+  def resume(self) -> tuple[int, SteppingModel, dict, dict] | None:
+    """(step, model, model_meta, progress) of the last phase boundary an interrupted run of these
+    settings saved (its metric files continue, its clock goes on), or None: call ``begin``.
+    A phase checkpoint of other settings is refused like a workdir of another config."""
+    saved = check_workdir(self.phase_dir, self.cfg)
+    if saved is None:
+      return None
+    step = restore.latest_step(self.phase_dir)
+    model, meta = restore.load_variables(self.phase_dir, step, apply_precision=False)
+    self.writer = loop.MetricWriter(self.workdir)
+    self.started = time.time() - float(saved['train_seconds'])
+    print(f'{self.workdir}: resuming from the phase checkpoint at step {step}', flush=True)
+    return step, model, meta['model_meta'], saved['progress']
+
   def train(self, model: SteppingModel, first: int, last: int, desc: str, *, cfg: Config | None = None,
             objective: losses.Objective | None = None, levels: Sequence[int] | None = None) -> SteppingModel:
     """Trains ``model`` for global steps ``[first, last)`` with fresh optimizer moments; the
@@ -295,7 +341,7 @@ class PhasedRun:
     """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
     return loop.run_steps(state, train_step, self.dataset, cfg or self.cfg, first=first, last=last,
                           steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels,
-                          interruptible=True)
+                          stop=self.stop)
 
   def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
     """Evaluates every exit, saves the final checkpoint and ``result_name``; returns the result:
@@ -315,6 +361,7 @@ class PhasedRun:
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, self.result_name), 'w') as f:
         json.dump(result, f, indent=2)
+      shutil.rmtree(self.phase_dir, ignore_errors=True)    # the final checkpoint supersedes them
     print(f'{label} done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
           + ', MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs) + f', {seconds:.0f} s', flush=True)
     return result
