@@ -114,30 +114,41 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
     if run.finished is not None:
       return run.finished
     k_levels = cfg.model.num_levels
-    model, mac_model, base, targets = _start(cfg, run.dataset)
     pre, total = int(round(cfg.construction.pretrain_epochs * run.steps_per_epoch)), run.total_steps
-    if pre > total:
-      raise ValueError(f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
-                       f'{cfg.train.num_epochs}')
-    meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
-    run.begin()
-    model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1, cfg.exit_weights[-1]),
-                      levels=(k_levels - 1,))
-    levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
-    model, meta = surgery.relevel(model, meta, levels)
-    print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
+    resumed, step = run.resume(), pre
+    if resumed is None:
+      model, mac_model, base, targets = _start(cfg, run.dataset)
+      if pre > total:
+        raise ValueError(f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
+                         f'{cfg.train.num_epochs}')
+      meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+      run.begin()
+      model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1, cfg.exit_weights[-1]),
+                        levels=(k_levels - 1,))
+      levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
+      model, meta = surgery.relevel(model, meta, levels)
+      print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
+      progress = {'budget_macs': [float(t) for t in targets], 'base_macs': int(base), 'turn': 0}
+      run.save_phase(pre, model, meta, progress)
+    else:
+      step, model, meta, progress = resumed
     # One optimizer state for all turns (the structure no longer changes); one
     # compiled train step per subnet.
     tx = optim.make_optimizer(cfg, run.steps_per_epoch, step_offset=pre)
     graphdef, state = step_lib.init_state(model, tx, pre)
-    step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k, cfg.exit_weights[k])) for k in range(k_levels)]
     turns = k_levels * cfg.baseline.nonuniform_cycles
     bounds = np.linspace(pre, total, turns + 1).astype(int)
-    for t in range(turns):
+    if step > pre:                 # resumed after a turn: its optimizer state goes on
+      state = run.restore_state(state, step)
+    step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k, cfg.exit_weights[k])) for k in range(k_levels)]
+    for t in range(progress['turn'], turns):
       level = t % k_levels
       if bounds[t + 1] > bounds[t]:
         state = run.run_steps(state, step_fns[level], int(bounds[t]), int(bounds[t + 1]),
                               f'subnet {level} ({t + 1}/{turns})', levels=(level,))
+        progress['turn'] = t + 1
+        run.save_phase(int(bounds[t + 1]), None, meta, progress, state)
     model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), run.dataset, cfg)
-    return run.finish(model, meta, 'non-uniform', {'budget_macs': [float(t) for t in targets], 'base_macs': base,
+    return run.finish(model, meta, 'non-uniform', {'budget_macs': progress['budget_macs'],
+                                                    'base_macs': progress['base_macs'],
                                                     'assignment': models.assignment_of(model)})

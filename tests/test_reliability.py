@@ -138,28 +138,36 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_ide
     np.testing.assert_array_equal(a, b)
 
 
-CONSTRUCTION = ['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
-                '--config.construction.rounds=2', '--config.construction.pretrain_epochs=0.5',
-                '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64']
+PHASED = {
+    # Construction: pretrain to step 5, rounds to steps 8 and 11, fine-tune to 20; stopped in round 1.
+    'construction': (['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
+                      '--config.construction.rounds=2', '--config.construction.pretrain_epochs=0.5',
+                      '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64'], 5),
+    # Non-uniform: the full network to step 5, then one turn per subnet to 10, 15 and 20 with one
+    # optimizer state; stopped in the second turn (its state is restored with the phase).
+    'non-uniform': (['--config.method=nonuniform', '--config.construction.budgets=0.2,0.5,1.0',
+                     '--config.construction.pretrain_epochs=0.5', '--config.baseline.nonuniform_cycles=1',
+                     '--config.baseline.recalibrate_batches=2'], 10),
+}
 
 
-def test_a_construction_stopped_mid_phase_goes_on_from_its_last_phase_bit_identical(tmp_path):
-  """SteppingNet construction (phases of different structure: pretrain to step 5, rounds to
-  steps 8 and 11, fine-tune to 20) is checkpointed at phase ends. SIGTERM inside round 1
-  exits 143 saying so; the same command goes on from the pretrain checkpoint and ends with
-  the parameters of an uninterrupted construction, bit for bit."""
+@pytest.mark.parametrize('method', sorted(PHASED))
+def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identical(tmp_path, method):
+  """Methods trained in phases of different structure are checkpointed at phase ends. SIGTERM
+  inside a phase exits 143 saying so; the same command goes on from the last phase end and
+  ends with the parameters of an uninterrupted run, bit for bit."""
+  extra, phase_end = PHASED[method]
   whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
-  done = subprocess.run(_command(whole) + CONSTRUCTION, cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run(_command(whole) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   command, env = _driven(stopped, STEP_SLEEP='0.05')
-  proc = subprocess.Popen(command + CONSTRUCTION, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-  first_phase = stopped / 'phases' / 'checkpoints' / '5'
+  committed = stopped / 'phases' / 'checkpoints' / str(phase_end)
   try:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-      if first_phase.exists():          # committed: the run is in round 1 now
+      if committed.exists():            # the run is in the next phase now
         proc.send_signal(signal.SIGTERM)
         break
       time.sleep(0.02)
@@ -168,10 +176,10 @@ def test_a_construction_stopped_mid_phase_goes_on_from_its_last_phase_bit_identi
     proc.kill()
   assert proc.returncode == 143, err[-2000:]
   assert 'goes on from its last phase checkpoint' in out
-  again = subprocess.run(_command(stopped) + CONSTRUCTION, cwd=REPO, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+  again = subprocess.run(_command(stopped) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert 'resuming from the phase checkpoint at step 5' in again.stdout and 'construction done' in again.stdout
+  assert f'resuming from the phase checkpoint at step {phase_end}' in again.stdout
+  assert f'{method} done' in again.stdout
   assert not (stopped / 'phases').exists()           # superseded by the final checkpoint
   for a, b in zip(_leaves(whole), _leaves(stopped)):
     np.testing.assert_array_equal(a, b)

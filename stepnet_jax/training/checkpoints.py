@@ -63,10 +63,12 @@ def save(mngr: ocp.CheckpointManager, step: int, params: nnx.State, batch_stats:
   mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics)
 
 
-def save_final(workdir: str, keep: int, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict) -> None:
-  """A model-only checkpoint of a finished run (no optimizer state), written before returning."""
+def save_final(workdir: str, keep: int, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict,
+               state: TrainState | None = None) -> None:
+  """A checkpoint written before returning: model-only for a finished run, or with the
+  optimizer state of ``state`` (a phase boundary that continues with it)."""
   mngr = manager(workdir, keep)
-  save(mngr, step, params, batch_stats, meta)
+  save(mngr, step, params, batch_stats, meta, state)
   mngr.wait_until_finished()
   mngr.close()
 

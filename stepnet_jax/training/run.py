@@ -300,14 +300,20 @@ class PhasedRun:
     """Where phase-boundary checkpoints go (a workdir of its own: ``WORKDIR/phases/checkpoints``)."""
     return os.path.join(self.workdir, 'phases')
 
-  def save_phase(self, step: int, model: SteppingModel, model_meta: dict, progress: dict) -> None:
+  def save_phase(self, step: int, model: SteppingModel | None, model_meta: dict, progress: dict,
+                 state: step_lib.TrainState | None = None) -> None:
     """Checkpoints the end of a phase at global ``step``: the model with its structure, the
-    method's JSON ``progress`` (what it needs to go on) and the training time so far. The
-    next phase starts with fresh optimizer moments, so nothing else is needed to resume."""
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    method's JSON ``progress`` (what it needs to go on), the training time so far and, for a
+    method whose next phase goes on with the same optimizer, its ``state`` (``restore_state``;
+    ``model`` may then be None); otherwise the next phase starts with fresh optimizer moments
+    and needs nothing else."""
+    if state is not None:
+      params, stats = state.params, state.batch_stats
+    else:
+      _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     meta = {**run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch), 'progress': progress,
             'train_seconds': time.time() - self.started}
-    checkpoints.save_final(self.phase_dir, 1, step, params, stats, meta)
+    checkpoints.save_final(self.phase_dir, 1, step, params, stats, meta, state)
     if self.stop.signal_name is not None:
       raise loop.Preempted(step, self.stop.signal_name)
 
@@ -324,6 +330,10 @@ class PhasedRun:
     self.started = time.time() - float(saved['train_seconds'])
     print(f'{self.workdir}: resuming from the phase checkpoint at step {step}', flush=True)
     return step, model, meta['model_meta'], saved['progress']
+
+  def restore_state(self, state: step_lib.TrainState, step: int) -> step_lib.TrainState:
+    """The train state saved with the phase checkpoint ``step``, shaped like ``state``."""
+    return checkpoints.restore_state(self.phase_dir, state, step)
 
   def train(self, model: SteppingModel, first: int, last: int, desc: str, *, cfg: Config | None = None,
             objective: losses.Objective | None = None, levels: Sequence[int] | None = None) -> SteppingModel:
