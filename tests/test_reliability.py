@@ -160,7 +160,7 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
   done = subprocess.run(_command(whole) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  command, env = _driven(stopped, STEP_SLEEP='0.05')
+  command, env = _driven(stopped, STEP_SLEEP='0.1')
   proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   committed = stopped / 'phases' / 'checkpoints' / str(phase_end)
@@ -175,11 +175,13 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   finally:
     proc.kill()
   assert proc.returncode == 143, err[-2000:]
-  assert 'goes on from its last phase checkpoint' in out
+  # Mostly the signal lands inside the next phase; on a loaded machine it may land as that
+  # phase ends, and the phase checkpoint it writes is where the rerun goes on.
+  assert 'goes on from its last phase checkpoint' in out or 'checkpoint saved' in out, out[-2000:]
   again = subprocess.run(_command(stopped) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert f'resuming from the phase checkpoint at step {phase_end}' in again.stdout
-  assert f'{method} done' in again.stdout
+  resumed_at = int(again.stdout.split('resuming from the phase checkpoint at step ')[1].split()[0])
+  assert resumed_at >= phase_end and f'{method} done' in again.stdout
   assert not (stopped / 'phases').exists()           # superseded by the final checkpoint
   for a, b in zip(_leaves(whole), _leaves(stopped)):
     np.testing.assert_array_equal(a, b)
