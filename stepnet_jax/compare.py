@@ -43,6 +43,10 @@ from stepnet_jax.registry import Registry
 from stepnet_jax.training import run
 
 
+# The per-level fields of compare.json (``validation_accuracy`` only with a validation split).
+LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy')
+
+
 def _config(common: dict, section: ml_collections.ConfigDict | None, fixed: dict) -> Config:
   """The common settings, then a method's config ``section``, then the dotted keys the
   comparison ``fixed`` for that method (a section may not set those), validated."""
@@ -157,11 +161,18 @@ def _independent(s: Setup) -> list[Config]:
                                    'loss.exit_weights': (), 'model.level_widths': ()}) for w, _ in s.plans]
 
 
-def _evaluate(workdir: str, dataset: data.Dataset, latency_repeats: int) -> tuple[list[dict], bool]:
-  """(evaluate.py's rows of the run in ``workdir``, whether it steps by reuse)."""
+def _evaluate(workdir: str, dataset: data.Dataset, latency_repeats: int,
+              validation: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[dict], bool]:
+  """(evaluate.py's rows of the run in ``workdir``, whether it steps by reuse); with
+  ``validation`` (images, labels held out of training) each row also has its
+  ``validation_accuracy``, the number settings are chosen on."""
   net = stepnet_jax.load(workdir)
   rows = evaluation.evaluate_levels(net, dataset.test_images, dataset.test_labels, batch_size=1000,
                                     latency_batch=1, latency_repeats=latency_repeats)
+  if validation is not None:
+    acc = evaluation.exit_accuracy(net.functions.exits, net.variables, *validation, 1000)
+    for row, a in zip(rows, acc):
+      row['validation_accuracy'] = float(a)
   return rows, net.reusable
 
 
@@ -179,7 +190,8 @@ def _as_levels(rows: list[list[dict]]) -> list[dict]:
 
 
 def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
-               dataset: data.Dataset, latency_repeats: int) -> dict:
+               dataset: data.Dataset, latency_repeats: int,
+               validation: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
 
   A result (``workdir/result.json``) is reused when it comes from as many runs as these
@@ -206,7 +218,7 @@ def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
   for sub, cfg in zip(subs, cfgs):
     seconds += methods.train(cfg, sub, full)['seconds']
-    r, net_reusable = _evaluate(sub, dataset, latency_repeats)
+    r, net_reusable = _evaluate(sub, dataset, latency_repeats, validation)
     rows.append(r)
     reusable = reusable and net_reusable
   levels = rows[0] if len(cfgs) == 1 else _as_levels(rows)
@@ -341,8 +353,8 @@ def compare_seeds(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: 
   first = per_seed[cc.seeds[0]]
   merged = {name: aggregate_seeds(runs) for name, runs in results.items()}
   out = {**{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')}, 'seeds': list(cc.seeds),
-         'methods': {name: {'levels': [{k: r[k] for k in ('level', 'macs', 'accuracy', 'accuracy_std', 'accuracies',
-                                                          'macs_to_reach')} for r in res['levels']],
+         'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r}
+                                       for r in res['levels']],
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
                      for name, res in merged.items()}}
   os.makedirs(workdir, exist_ok=True)
@@ -367,6 +379,8 @@ def aggregate_seeds(runs: list[dict]) -> dict:
                    'accuracy': float(acc.mean()), 'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                    'accuracies': [float(a) for a in acc],
                    'latency_ms': float(np.mean([r['latency_ms'] for r in rows]))})
+    if all('validation_accuracy' in r for r in rows):
+      levels[-1]['validation_accuracy'] = float(np.mean([r['validation_accuracy'] for r in rows]))
   if len({len(r['levels']) for r in runs}) != 1:
     raise ValueError('the seeds of one method have different level counts')
   return {'levels': levels, 'train_seconds': float(np.mean([r['train_seconds'] for r in runs])),
@@ -384,12 +398,12 @@ def _compare_one(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: i
     for cfg in c:
       methods.check(cfg, dataset)
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
-  results = {name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats)
+  validation = run.prepare_splits(common, full)[1]     # the images every method held out, if any
+  results = {name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation)
              for name, c in cfgs.items()}
   out = {'dataset': dataset.name, 'epochs': common.train.num_epochs, 'base_macs': setup.base,
          'budgets': list(setup.budgets),
-         'methods': {name: {'levels': [{k: r[k] for k in ('level', 'macs', 'accuracy', 'macs_to_reach')}
-                                       for r in res['levels']],
+         'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
                      for name, res in results.items()}}
   os.makedirs(workdir, exist_ok=True)

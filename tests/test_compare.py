@@ -58,6 +58,7 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   cc = compare_config()
   cc.methods = ('awn',)
   cc.seeds = (3, 4)                                 # --config.seeds=3,4
+  cc.quick.common.data.validation_examples = 100    # held out of the 512 training images
   monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
   assert out['seeds'] == [3, 4]
@@ -71,3 +72,14 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   assert [r['accuracies'] for r in rows] == acc.T.tolist()
   assert json.loads((tmp_path / 'compare.json').read_text()) == json.loads(json.dumps(out))
   assert '±' in (tmp_path / 'compare.md').read_text() and (tmp_path / 'compare.png').stat().st_size > 0
+  # Validation accuracy per level: each seed's net on the images its run held out (rebuilt
+  # here: the seed's subset of the training split, then its held-out choice), level by level.
+  import stepnet_jax
+  from stepnet_jax import data
+  for seed, p in zip((3, 4), per_seed):
+    subset = data.subset(fashion_mnist, 512, 300, seed)
+    held = np.sort(np.random.RandomState(seed + 12345).permutation(512)[:100])
+    net = stepnet_jax.load(str(tmp_path / f'seed{seed}' / 'awn'))
+    for r in p['methods']['awn']['levels']:
+      pred = np.asarray(net.forward(subset.train_images[held], r['level'])).argmax(-1)
+      assert r['validation_accuracy'] == pytest.approx(float((pred == subset.train_labels[held]).mean()))
