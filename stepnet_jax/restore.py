@@ -48,7 +48,8 @@ def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
   validation split, ``data.validation_examples``), or None when no checkpoint has it."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
-  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m[metric], best_mode='max', create=False)
+  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m.get(metric, float('-inf')), best_mode='max',
+                                         create=False)
   mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
   scores = {step: (mngr.metrics(step) or {}).get(metric) for step in mngr.all_steps()}
   scored = [(score, step) for step, score in scores.items() if score is not None]
