@@ -93,8 +93,8 @@ class TrainConfig:
   log_every_steps: int = 50
   keep_checkpoints: int = 2
   checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0: at epoch ends only)
-  divergence_steps: int = 200      # stop when the loss stays above divergence_factor x its best for this many steps (0: never)
-  divergence_factor: float = 3.0
+  divergence_steps: int = 200      # stop when the smoothed loss stays this many steps above (0: never) ...
+  divergence_factor: float = 3.0   # ... this x min(its best, chance level): loop.DivergenceGuard
   progress: bool = True            # tqdm progress bar
 
 

@@ -59,6 +59,7 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   cc.methods = ('awn',)
   cc.seeds = (3, 4)                                 # --config.seeds=3,4
   cc.quick.common.data.validation_examples = 100    # held out of the 512 training images
+  cc.quick.common.train.num_epochs = 1
   monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
   assert out['seeds'] == [3, 4]

@@ -1,7 +1,7 @@
 """Data parallelism on simulated CPU devices (``--xla_force_host_platform_device_count``),
 each device count in its own process: a 4-device train step (and importance scores, whose
-batches are padded) equals the 1-device one on the same global batch, a short run and its evaluation agree, and a checkpoint written on
-4 devices restores on 1 and on 2.
+batches are padded) equals the 1-device one on the same global batch, a short run and its
+evaluation agree, and a checkpoint written on 4 devices restores on 1 and on 2.
 """
 import json
 import os
