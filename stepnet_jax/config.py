@@ -69,6 +69,7 @@ class LossConfig:
   exit_weights: tuple[float, ...] = ()   # () = all ones
   distill_weight: float = 0.0      # KL from the top exit to every lower exit
   distill_temperature: float = 4.0
+  distill_mode: str = 'add'        # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
   sandwich_widths: int = 0         # 'sandwich' (AWN): smallest + largest + this many random widths
 
 
@@ -294,6 +295,8 @@ def _check(c: Config) -> None:
   if c.method == 'steppingnet' and con.allocation == 'uniform' and con.rank_per_mac:
     raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
                      "layer's share, so the two do not combine: use construction.allocation='global'")
+  if loss.distill_mode not in losses.DISTILL_MODES:
+    raise ValueError(f'unknown loss.distill_mode {loss.distill_mode!r}; choose from {", ".join(losses.DISTILL_MODES)}')
   if c.selection.baseline not in ('running', 'none'):
     raise ValueError(f'unknown selection.baseline {c.selection.baseline!r}; choose running or none')
   _check_ranges(c)

@@ -22,13 +22,21 @@ if TYPE_CHECKING:
   from stepnet_jax.model import SteppingModel
 
 
+DISTILL_MODES = ('add', 'replace')
+
+
 def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence[float],
-                    distill_weight: float = 0.0, temperature: float = 1.0
+                    distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add'
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Loss over all exits of one forward pass.
 
-  loss = sum_k w_k CE_k / sum_k w_k
-         + distill_weight * mean_{k<K-1} T^2 KL(softmax(z_top / T) || softmax(z_k / T))
+  mode 'add':
+    loss = sum_k w_k CE_k / sum_k w_k
+           + distill_weight * mean_{k<K-1} T^2 KL(softmax(z_top / T) || softmax(z_k / T))
+  mode 'replace' (in-place distillation, as universally slimmable networks train their
+  subnets; ``distill_weight`` unused):
+    loss = (w_top CE_top + sum_{k<K-1} w_k T^2 KL(softmax(z_top / T) || softmax(z_k / T))) / sum_k w_k
+  so only the top exit sees the labels and every lower exit learns the top's soft labels.
 
   The teacher (top exit) is held fixed in the distillation term (stop-gradient), so
   it only pulls the lower exits towards the top one.
@@ -38,22 +46,27 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
     labels: int [B].
     exit_weights: K non-negative weights (static).
   Returns:
-    (scalar loss, {'ce': [K] per-exit cross-entropy, 'distill': scalar}).
+    (scalar loss, {'ce': [K] per-exit cross-entropy, 'distill': scalar mean T^2 KL of the
+    lower exits (0 when not computed)}).
   """
   k = logits.shape[0]
   w = jnp.asarray(exit_weights, jnp.float32)
   if w.shape != (k,):
     raise ValueError(f'{len(exit_weights)} exit weights for {k} exits')
+  if mode not in DISTILL_MODES:
+    raise ValueError(f'unknown distillation mode {mode!r}; choose from {", ".join(DISTILL_MODES)}')
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :]).mean(axis=1)  # [K]
-  loss = jnp.sum(w * ce) / jnp.sum(w)
-  distill = jnp.zeros((), jnp.float32)
-  if distill_weight and k > 1:
+  distill, kl = jnp.zeros((), jnp.float32), None
+  if k > 1 and (distill_weight or mode == 'replace'):
     t = float(temperature)
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits[-1]) / t)
     student = jax.nn.log_softmax(logits[:-1] / t)
-    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1).mean(axis=-1)  # [K-1]
-    distill = (t * t) * kl.mean()
-    loss = loss + distill_weight * distill
+    kl = (t * t) * jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1).mean(axis=-1)  # [K-1]
+    distill = kl.mean()
+  if mode == 'replace' and kl is not None:
+    loss = (jnp.sum(w[:-1] * kl) + w[-1] * ce[-1]) / jnp.sum(w)
+  else:
+    loss = jnp.sum(w * ce) / jnp.sum(w) + (distill_weight * distill if distill_weight else 0.0)
   return loss, {'ce': ce, 'distill': distill}
 
 
@@ -69,14 +82,14 @@ Objective = Callable[['SteppingModel', 'Batch', jax.Array], tuple[jax.Array, dic
 
 
 def multi_exit(weights: Sequence[float], distill_weight: float = 0.0, temperature: float = 1.0,
-               levels: Sequence[int] | None = None) -> Objective:
+               levels: Sequence[int] | None = None, mode: str = 'add') -> Objective:
   """``multi_exit_loss`` over the exits ``levels`` (default all) of ONE full-width pass."""
   levels = None if levels is None else tuple(levels)
 
   def objective(model, batch, rng):
     del rng
     logits = model.exits(batch.images, train=True, levels=levels)   # [len(levels), B, classes]
-    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature)
+    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature, mode)
     return loss, {'logits': logits, **aux}
   return objective
 
@@ -97,7 +110,7 @@ def single_exit() -> Objective:
   return objective
 
 
-def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0) -> Objective:
+def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add') -> Objective:
   """Any-Width Networks' sandwich rule: the smallest and the largest subnet plus
   ``num_random`` random widths (prefixes of the last layer's features), all from one pass."""
   def objective(model, batch, rng):
@@ -105,7 +118,7 @@ def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 
     widths = jax.random.randint(rng, (num_random,), smallest, widest + 1)
     logits, random_logits = model.sandwich_exits(batch.images, widths, train=True)
     trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
-    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature)
+    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode)
     return loss, {'logits': logits, **aux}
   return objective
 
@@ -113,9 +126,9 @@ def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 
 # name -> (config) -> objective; ``loss.objective`` picks one.
 OBJECTIVES: Registry[Callable[['Config'], Objective]] = Registry('objective')
 OBJECTIVES.register('multi_exit', lambda cfg: multi_exit(cfg.exit_weights, cfg.loss.distill_weight,
-                                                        cfg.loss.distill_temperature))
+                                                        cfg.loss.distill_temperature, mode=cfg.loss.distill_mode))
 OBJECTIVES.register('sandwich', lambda cfg: sandwich(cfg.loss.sandwich_widths, cfg.loss.distill_weight,
-                                                    cfg.loss.distill_temperature))
+                                                    cfg.loss.distill_temperature, cfg.loss.distill_mode))
 
 
 def objective_for(cfg: Config) -> Objective:

@@ -48,6 +48,30 @@ def test_multi_exit_loss_matches_numpy(weights, distill_weight, t):
   np.testing.assert_allclose(float(aux['distill']), distill, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize('weights,t', [((1.0, 1.0, 1.0), 1.0), ((0.5, 2.0, 1.5), 3.0)])
+def test_in_place_distillation_replaces_the_lower_exits_labels(weights, t):
+  """mode 'replace': (w_top CE_top + sum_k w_k T^2 KL_k) / sum w, by numpy; the top exit's
+  gradient is its own weighted cross-entropy's only (the teacher is held fixed)."""
+  rng = np.random.RandomState(3)
+  logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
+  labels = rng.randint(0, 5, 6)
+  loss, aux = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, 0.0, t, 'replace')
+  _, ce, _ = reference_loss(logits, labels, weights, 0.0, t)
+  p = np.exp(_log_softmax(np.asarray(logits[-1], np.float64) / t))
+  kls = [t * t * np.mean(np.sum(p * (np.log(p) - _log_softmax(np.asarray(logits[j], np.float64) / t)), -1))
+         for j in range(2)]
+  w = np.asarray(weights)
+  np.testing.assert_allclose(float(loss), (w[0] * kls[0] + w[1] * kls[1] + w[2] * ce[2]) / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(aux['distill']), np.mean(kls), rtol=1e-5)
+  grad = jax.grad(lambda z: losses.multi_exit_loss(z, jnp.asarray(labels), weights, 0.0, t, 'replace')[0])(
+      jnp.asarray(logits))
+  top_ce = jax.grad(lambda z: w[2] / w.sum() * losses.multi_exit_loss(z[None], jnp.asarray(labels), (1.0,))[0])(
+      jnp.asarray(logits[-1]))
+  assert_close(grad[-1], top_ce)
+  with pytest.raises(ValueError, match='unknown distillation mode'):
+    losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, 0.0, t, 'mix')
+
+
 def test_single_exit_distillation_is_zero():
   logits = jnp.asarray(np.random.RandomState(1).normal(size=(1, 4, 3)), jnp.float32)
   labels = jnp.asarray([0, 1, 2, 0])

@@ -332,6 +332,7 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'method': 'nonuniform', 'construction.budgets': (0.1, 0.3, 0.6), 'loss.exit_weights': (1.0, 0.0, 1.0)},
      'every exit weight must be positive'),
     ({'selection.baseline': 'learned'}, "unknown selection.baseline 'learned'"),
+    ({'loss.distill_mode': 'mix'}, "unknown loss.distill_mode 'mix'; choose from add, replace"),
     ({'data.validation_examples': -1}, 'validation_examples must be >= 0'),
     ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3, 0.6), 'construction.allocation': 'uniform',
       'construction.rank_per_mac': True}, 'do not combine'),
@@ -425,7 +426,7 @@ def _flat(nested: dict) -> dict:
   renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
              'construction.rounds': 'construct_rounds'}
   later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
-           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor')
+           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor', 'loss.distill_mode')
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
           if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0
