@@ -261,7 +261,7 @@ def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: 
   cfg, con = run.cfg, run.cfg.construction
   targets = np.asarray(progress['budget_macs'])
   for r, end in enumerate(plan.round_ends, start=1):
-    if end <= step:           # done before an interruption
+    if r <= len(progress['rounds']):     # done before an interruption
       continue
     if progress['start_macs'] is None:
       progress['start_macs'] = [int(m) for m in subnet_macs(model)]

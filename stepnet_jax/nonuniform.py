@@ -139,7 +139,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
     turns = k_levels * cfg.baseline.nonuniform_cycles
     bounds = np.linspace(pre, total, turns + 1).astype(int)
     if step > pre:                 # resumed after a turn: its optimizer state goes on
-      state = run.restore_state(state, step)
+      state = run.restore_state(state)
     step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k, cfg.exit_weights[k])) for k in range(k_levels)]
     for t in range(progress['turn'], turns):
       level = t % k_levels

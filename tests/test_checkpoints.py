@@ -65,6 +65,12 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   assert not os.path.exists(workdir)       # the directory made for the lock is gone again
   with run.lock_workdir(workdir):          # released: taken again
     pass
+  fresh = str(tmp_path / 'fresh')                  # made for A's lock: B's refusal must not remove it
+  with run.lock_workdir(fresh):
+    with pytest.raises(run.WorkdirBusy):
+      with run.lock_workdir(fresh):
+        pass
+    assert os.path.isdir(fresh)
   missing = str(tmp_path / 'missing_dataset')      # refused before writing: no directory is left
   with pytest.raises(data.DatasetError):
     methods.train(_digits_config(**{'data.name': f'idx:{tmp_path}/nowhere'}), missing)
@@ -80,6 +86,41 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path):
     run.train_and_evaluate(cfg.replace(**{'train.num_epochs': 1}), str(tmp_path), dataset=digits)
   assert before == {name: os.path.getmtime(tmp_path / name) for name in before}
   assert restore.all_steps(str(tmp_path)) == [4, 2]
+
+
+def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path, monkeypatch):
+  """A stop request arriving during the last step of epoch 1 lets the epoch end as usual
+  (evaluated, saved with its validation accuracy), then stops before epoch 2."""
+  import signal
+  cfg = _digits_config(**{'data.validation_examples': 300, 'train.num_epochs': 2})
+  steps_per_epoch = (len(data.load_digits().train_labels) - 300) // 64
+  make = run.config_train_step
+
+  def signalling(*args, **kwargs):
+    train_step = make(*args, **kwargs)
+
+    def stepped(state, batch):
+      if int(state.step) == steps_per_epoch - 1:
+        os.kill(os.getpid(), signal.SIGTERM)       # recorded by the loop's handler, not fatal
+      return train_step(state, batch)
+    return stepped
+  monkeypatch.setattr(run, 'config_train_step', signalling)
+  with pytest.raises(loop.Preempted) as stopped:
+    run.train_and_evaluate(cfg, str(tmp_path))
+  assert stopped.value.step == steps_per_epoch and stopped.value.signal_name == 'SIGTERM'
+  assert restore.all_steps(str(tmp_path)) == [steps_per_epoch]
+  assert restore.best_step(str(tmp_path)) == steps_per_epoch       # ranked: its validation accuracy was saved
+  assert '"epoch": 1' in (tmp_path / 'metrics.jsonl').read_text()
+
+
+def test_distillation_replacing_the_labels_does_not_look_like_divergence(tmp_path):
+  """In-place distillation: the KL terms grow as the top exit sharpens, so the total loss
+  rises while training is healthy; the guard watches the top exit's cross-entropy. (Watching
+  the total loss, this run was stopped at step 215.)"""
+  cfg = _digits_config(**{'model.num_levels': 4, 'loss.distill_mode': 'replace', 'loss.distill_temperature': 4.0,
+                          'optim.learning_rate': 3e-3, 'train.num_epochs': 12, 'train.divergence_steps': 40})
+  result = run.train_and_evaluate(cfg, str(tmp_path))
+  assert result['test_accuracy'][-1] > 0.8
 
 
 def test_divergence_guard_on_loss_curves():

@@ -264,6 +264,19 @@ def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   assert np.all(np.asarray(acc) >= [0.33, 0.50, 0.82]) and acc[0] < acc[1] < acc[2], acc
 
 
+def test_rounds_without_retraining_still_relevel(tmp_path):
+  """``round_epochs=0``: every round ends at the pretraining's step; each still re-levels
+  (two rounds logged) and the budgets are met."""
+  cfg = config.from_dict({
+      'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125,
+      'model.num_levels': 2, 'construction.budgets': (0.2, 0.6), 'train.num_epochs': 1, 'train.batch_size': 64,
+      'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.0, 'construction.rounds': 2,
+      'construction.importance_examples': 64, 'train.progress': False})
+  result = construct.construct(cfg, str(tmp_path), data.subset(data.load_dataset('digits'), train=640))
+  assert [r['round'] for r in result['rounds']] == [1, 2]
+  assert np.all(np.asarray(result['level_macs']) <= np.asarray(result['budget_macs']))
+
+
 def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, monkeypatch):
   ds = data.load_dataset('digits')
   kw = {'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.0625,

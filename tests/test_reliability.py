@@ -142,12 +142,13 @@ PHASED = {
     # Construction: pretrain to step 5, rounds to steps 8 and 11, fine-tune to 20; stopped in round 1.
     'construction': (['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
                       '--config.construction.rounds=2', '--config.construction.pretrain_epochs=0.5',
-                      '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64'], 5),
+                      '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64'],
+                     1, 5),
     # Non-uniform: the full network to step 5, then one turn per subnet to 10, 15 and 20 with one
     # optimizer state; stopped in the second turn (its state is restored with the phase).
     'non-uniform': (['--config.method=nonuniform', '--config.construction.budgets=0.2,0.5,1.0',
                      '--config.construction.pretrain_epochs=0.5', '--config.baseline.nonuniform_cycles=1',
-                     '--config.baseline.recalibrate_batches=2'], 10),
+                     '--config.baseline.recalibrate_batches=2'], 2, 10),
 }
 
 
@@ -156,14 +157,14 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   """Methods trained in phases of different structure are checkpointed at phase ends. SIGTERM
   inside a phase exits 143 saying so; the same command goes on from the last phase end and
   ends with the parameters of an uninterrupted run, bit for bit."""
-  extra, phase_end = PHASED[method]
+  extra, phase, phase_end = PHASED[method]      # the phase checkpoint to wait for, and its global step
   whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
   done = subprocess.run(_command(whole) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   command, env = _driven(stopped, STEP_SLEEP='0.1')
   proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-  committed = stopped / 'phases' / 'checkpoints' / str(phase_end)
+  committed = stopped / 'phases' / 'checkpoints' / str(phase)
   try:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -60,7 +60,9 @@ def save(mngr: ocp.CheckpointManager, step: int, params: nnx.State, batch_stats:
   items = {'model': ocp.args.StandardSave(restore.model_item(params, batch_stats))}
   if state is not None:
     items['train'] = ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step})
-  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics)
+  if not mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics):
+    raise RuntimeError(f'checkpoint {step} in {mngr.directory} was not written (orbax skips a step it already '
+                       'holds or one below its newest)')
 
 
 def save_final(workdir: str, keep: int, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict,

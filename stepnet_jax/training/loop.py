@@ -140,10 +140,11 @@ class DivergenceGuard:
   """Raises ``Diverged`` when the smoothed loss (an exponential average over about 20 steps)
   stays above ``factor`` x a reference for ``steps`` steps in a row (``steps=0``: never).
 
-  The reference is the lower of the loss's best value so far and ``chance``, the loss of a
-  uniform guess (ln of the class count: the objectives are weighted means of
-  cross-entropies), but at least ``chance / 10`` (near zero, a loss that triples is noise,
-  not divergence). It catches what the non-finite check cannot: a learning rate so high
+  The loop feeds it the top trained exit's cross-entropy (every objective trains that exit
+  on the labels; a distillation term may grow as the teacher sharpens, so the total loss
+  is not watched). The reference is the lower of its best value so far and ``chance``, the
+  cross-entropy of a uniform guess (ln of the class count), but at least ``chance / 10``
+  (near zero, a loss that triples is noise, not divergence). It catches what the non-finite check cannot: a learning rate so high
   that the loss stays finite, far above chance from the first step or back at chance after
   training had learned. Surgery between phases raises the loss for a while; each
   ``run_steps`` call starts a new guard.
@@ -193,8 +194,9 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
   is saved. With ``checkpoint``, the state is saved
   every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
   step, after which ``Preempted`` is raised. ``stop``: the caller's entered ``StopRequests``
-  (a run trained in phases holds one throughout); without ``checkpoint``, a request raises
-  ``Preempted`` (nothing saved) at the next step.
+  (held for a whole run); without ``checkpoint``, a request raises ``Preempted`` (nothing
+  saved) at the next step. A request at the range's last step is left to the caller, which
+  ends the range itself (evaluates and saves the epoch, or checkpoints the phase) and then stops.
   """
   batch_size, log_every = cfg.train.batch_size, cfg.train.log_every_steps
   save_every = cfg.train.checkpoint_every_steps if checkpoint is not None else 0
@@ -214,11 +216,13 @@ def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config,
       window_metrics.append(metrics)
       done = step + 1
       stopping = stop is not None and stop.signal_name is not None
+      if stopping and done == last and own is not stop:
+        stopping = False        # the caller's stop: it ends the range itself (epoch evaluation, phase save)
       saving = stopping or (save_every and done % save_every == 0 and done < last)
       if done % log_every == 0 or done == last or saving:
         m = jax.device_get(window_metrics)
         check_finite(m, done)
-        guard.update([float(x['loss']) for x in m], done)
+        guard.update([float(np.asarray(x['ce'])[-1]) if 'ce' in x else float(x['loss']) for x in m], done)
         loss = float(np.mean([x['loss'] for x in m]))
         acc = np.mean([x['accuracy'] for x in m], axis=0)
         ips = window_n / max(time.time() - window_t, 1e-9)

@@ -47,16 +47,19 @@ def lock_workdir(workdir: str) -> Iterator[None]:
     return
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  fd = os.open(workdir, os.O_RDONLY)
+  fd, locked = os.open(workdir, os.O_RDONLY), False
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
     except BlockingIOError:
       raise WorkdirBusy(f'another process is training in {workdir} (it holds the workdir lock); wait for it to '
                         'finish or stop it, or use another --workdir') from None
+    except OSError as e:     # e.g. a network filesystem without flock on directories
+      print(f'warning: cannot lock {workdir} ({e}); nothing stops a second trainer there', flush=True)
     yield
   finally:
-    if created and not os.listdir(workdir):   # refused before writing anything: leave no trace
+    if created and locked and not os.listdir(workdir):   # stopped before writing anything: leave no trace
       os.rmdir(workdir)
     os.close(fd)     # closing releases the lock
 
@@ -208,25 +211,28 @@ def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_ep
     checkpoints.save(mngr, int(state.step), state.params, state.batch_stats,
                      {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state, metrics)
 
-  try:
-    for epoch in range(step // steps_per_epoch, epochs):
-      state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
-                             steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
-                             checkpoint=save, guard=guard)
-      step = int(state.step)
-      variables = nnx.merge_state(state.params, state.batch_stats)
-      test_acc = evaluate(variables)
-      scalars, metrics = {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)}, None
-      if evaluate_validation:
-        val_acc = evaluate_validation(variables)
-        scalars.update(loop.per_level('validation/accuracy', val_acc))
-        metrics = {checkpoints.BEST_METRIC: float(val_acc[-1])}
-      writer.write(step, scalars)
-      print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
-      save(state, metrics)
-  finally:
-    mngr.wait_until_finished()   # nothing is left half-written by an exception either
-    mngr.close()
+  with loop.StopRequests() as stop:      # SIGTERM / Ctrl-C during an epoch's evaluation too
+    try:
+      for epoch in range(step // steps_per_epoch, epochs):
+        state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
+                               steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
+                               checkpoint=save, guard=guard, stop=stop)
+        step = int(state.step)
+        variables = nnx.merge_state(state.params, state.batch_stats)
+        test_acc = evaluate(variables)
+        scalars, metrics = {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)}, None
+        if evaluate_validation:
+          val_acc = evaluate_validation(variables)
+          scalars.update(loop.per_level('validation/accuracy', val_acc))
+          metrics = {checkpoints.BEST_METRIC: float(val_acc[-1])}
+        writer.write(step, scalars)
+        print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
+        save(state, metrics)
+        if stop.signal_name is not None and epoch + 1 < epochs:
+          raise loop.Preempted(step, stop.signal_name)
+    finally:
+      mngr.wait_until_finished()   # nothing is left half-written by an exception either
+      mngr.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
   writer.close()
@@ -259,6 +265,7 @@ class PhasedRun:
   writer: loop.MetricWriter | None = None
   started: float = 0.0
   stop: loop.StopRequests = dataclasses.field(default_factory=loop.StopRequests)
+  phases_saved: int = 0        # phase checkpoints are numbered 1, 2, ... (two phases may end at one step)
 
   def __enter__(self) -> PhasedRun:
     """SIGTERM / Ctrl-C are recorded for the whole run (between phases too) and stop it at the
@@ -297,7 +304,8 @@ class PhasedRun:
 
   @property
   def phase_dir(self) -> str:
-    """Where phase-boundary checkpoints go (a workdir of its own: ``WORKDIR/phases/checkpoints``)."""
+    """Where phase-boundary checkpoints go (a workdir of its own: ``WORKDIR/phases/checkpoints/N``
+    for the N-th phase end; the global step is in the meta, ``phase_step``)."""
     return os.path.join(self.workdir, 'phases')
 
   def save_phase(self, step: int, model: SteppingModel | None, model_meta: dict, progress: dict,
@@ -312,8 +320,9 @@ class PhasedRun:
     else:
       _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     meta = {**run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch), 'progress': progress,
-            'train_seconds': time.time() - self.started}
-    checkpoints.save_final(self.phase_dir, 1, step, params, stats, meta, state)
+            'phase_step': step, 'train_seconds': time.time() - self.started}
+    self.phases_saved += 1
+    checkpoints.save_final(self.phase_dir, 1, self.phases_saved, params, stats, meta, state)
     if self.stop.signal_name is not None:
       raise loop.Preempted(step, self.stop.signal_name)
 
@@ -324,16 +333,17 @@ class PhasedRun:
     saved = check_workdir(self.phase_dir, self.cfg)
     if saved is None:
       return None
-    step = restore.latest_step(self.phase_dir)
-    model, meta = restore.load_variables(self.phase_dir, step, apply_precision=False)
+    self.phases_saved = restore.latest_step(self.phase_dir)
+    model, meta = restore.load_variables(self.phase_dir, self.phases_saved, apply_precision=False)
+    step = int(saved['phase_step'])
     self.writer = loop.MetricWriter(self.workdir)
     self.started = time.time() - float(saved['train_seconds'])
     print(f'{self.workdir}: resuming from the phase checkpoint at step {step}', flush=True)
     return step, model, meta['model_meta'], saved['progress']
 
-  def restore_state(self, state: step_lib.TrainState, step: int) -> step_lib.TrainState:
-    """The train state saved with the phase checkpoint ``step``, shaped like ``state``."""
-    return checkpoints.restore_state(self.phase_dir, state, step)
+  def restore_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
+    """The train state saved with the phase checkpoint ``resume`` went on from, shaped like ``state``."""
+    return checkpoints.restore_state(self.phase_dir, state, self.phases_saved)
 
   def train(self, model: SteppingModel, first: int, last: int, desc: str, *, cfg: Config | None = None,
             objective: losses.Objective | None = None, levels: Sequence[int] | None = None) -> SteppingModel:
