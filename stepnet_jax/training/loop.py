@@ -167,7 +167,8 @@ class DivergenceGuard:
       self.best = min(self.best, self.average)
       self.above = self.above + 1 if self.average > self.factor * max(self.best, self.floor) else 0
     if self.above >= self.steps:
-      raise Diverged(f'training diverged: at step {last_step} the loss (smoothed {self.average:.4g}) has stayed above '
+      raise Diverged(f'training diverged: at step {last_step} the top exit\'s cross-entropy (smoothed '
+                     f'{self.average:.4g}) has stayed above '
                      f'{self.factor:g} x min(its best, chance level) = {self.factor * max(self.best, self.floor):.4g} for {self.above} '
                      'steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
                      '--best picks the best one when the run has a validation split); '
