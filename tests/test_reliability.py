@@ -66,24 +66,30 @@ def _driven(workdir, **env) -> list:
   return [sys.executable, '-c', _DRIVER, *_command(workdir)[1:]], dict(ENV, **env)
 
 
-def _interrupt(workdir, after_step: int, sig: int) -> subprocess.CompletedProcess:
-  """Starts the command (each step slowed to 50 ms) and sends ``sig`` once a checkpoint past
-  ``after_step`` exists."""
-  command, env = _driven(workdir, STEP_SLEEP='0.05')
+def _signal_when(command, env, ready, sig: int) -> subprocess.CompletedProcess:
+  """Runs ``command`` and sends ``sig`` as soon as ``ready()`` holds."""
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   try:
     while time.time() < deadline and proc.poll() is None:
-      steps = [int(d) for d in os.listdir(restore.checkpoint_dir(workdir)) if d.isdigit()] \
-          if os.path.isdir(restore.checkpoint_dir(workdir)) else []
-      if steps and max(steps) > after_step:
+      if ready():
         proc.send_signal(sig)
         break
-      time.sleep(0.05)
+      time.sleep(0.02)
     out, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
   return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _interrupt(workdir, after_step: int, sig: int) -> subprocess.CompletedProcess:
+  """Starts the command (each step slowed to 50 ms) and sends ``sig`` once a checkpoint past
+  ``after_step`` exists."""
+  def ready():
+    root = restore.checkpoint_dir(workdir)
+    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
+    return bool(steps) and max(steps) > after_step
+  return _signal_when(*_driven(workdir, STEP_SLEEP='0.05'), ready, sig)
 
 
 def _leaves(workdir):
@@ -162,19 +168,9 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   done = subprocess.run(_command(whole) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   command, env = _driven(stopped, STEP_SLEEP='0.1')
-  proc = subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  committed = stopped / 'phases' / 'checkpoints' / str(phase)
-  try:
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      if committed.exists():            # the run is in the next phase now
-        proc.send_signal(signal.SIGTERM)
-        break
-      time.sleep(0.02)
-    out, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
+  committed = stopped / 'phases' / 'checkpoints' / str(phase)       # then the run is in the next phase
+  proc = _signal_when(command + extra, env, committed.exists, signal.SIGTERM)
+  out, err = proc.stdout, proc.stderr
   assert proc.returncode == 143, err[-2000:]
   # Mostly the signal lands inside the next phase; on a loaded machine it may land as that
   # phase ends, and the phase checkpoint it writes is where the rerun goes on.

@@ -41,13 +41,11 @@ def manager(workdir: str, keep: int = 2, track_best: bool = False) -> ocp.Checkp
   keeps the ``keep`` newest, and with ``track_best`` also the best by ``BEST_METRIC``."""
   if keep < 1:
     raise ValueError(f'keep_checkpoints must be >= 1 (0 would delete every checkpoint), got {keep}')
-  latest = ocp.checkpoint_managers.LatestN(n=keep)
-  if not track_best:
-    return ocp.CheckpointManager(restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-        preservation_policy=latest, enable_async_checkpointing=True, create=True))
-  best = lambda metrics: metrics[BEST_METRIC]
-  retention = ocp.checkpoint_managers.AnyPreservationPolicy([latest, ocp.checkpoint_managers.BestN(
-      get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False)])
+  retention, best = ocp.checkpoint_managers.LatestN(n=keep), None
+  if track_best:
+    best = lambda metrics: metrics[BEST_METRIC]
+    retention = ocp.checkpoint_managers.AnyPreservationPolicy([retention, ocp.checkpoint_managers.BestN(
+        get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False)])
   return ocp.CheckpointManager(restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
       best_fn=best, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True))
 

@@ -144,8 +144,8 @@ class DivergenceGuard:
   on the labels; a distillation term may grow as the teacher sharpens, so the total loss
   is not watched). The reference is the lower of its best value so far and ``chance``, the
   cross-entropy of a uniform guess (ln of the class count), but at least ``chance / 10``
-  (near zero, a loss that triples is noise, not divergence). It catches what the non-finite check cannot: a learning rate so high
-  that the loss stays finite, far above chance from the first step or back at chance after
+  (near zero, a loss that triples is noise, not divergence). It catches what the non-finite
+  check cannot: a learning rate so high that the loss stays finite, far above chance from the first step or back at chance after
   training had learned. Surgery between phases raises the loss for a while; each
   ``run_steps`` call starts a new guard.
   """
@@ -154,6 +154,11 @@ class DivergenceGuard:
     self.steps, self.factor, self.smoothing, self.warmup = steps, factor, smoothing, warmup
     self.average, self.best, self.seen, self.above = None, float(chance), 0, 0
     self.floor = 0.1 * float(chance)
+
+  @property
+  def threshold(self) -> float:
+    """The smoothed loss above which a step counts towards divergence."""
+    return self.factor * max(self.best, self.floor)
 
   def update(self, losses: Sequence[float], last_step: int) -> None:
     """Takes the losses of the steps ending at ``last_step``."""
@@ -165,12 +170,11 @@ class DivergenceGuard:
       if self.seen < self.warmup:
         continue
       self.best = min(self.best, self.average)
-      self.above = self.above + 1 if self.average > self.factor * max(self.best, self.floor) else 0
+      self.above = self.above + 1 if self.average > self.threshold else 0
     if self.above >= self.steps:
       raise Diverged(f'training diverged: at step {last_step} the top exit\'s cross-entropy (smoothed '
-                     f'{self.average:.4g}) has stayed above '
-                     f'{self.factor:g} x min(its best, chance level) = {self.factor * max(self.best, self.floor):.4g} for {self.above} '
-                     'steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
+                     f'{self.average:.4g}) has stayed above {self.factor:g} x min(its best, chance level) = '
+                     f'{self.threshold:.4g} for {self.above} steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
                      '--best picks the best one when the run has a validation split); '
                      '--config.train.divergence_steps=0 turns this check off.')
 
