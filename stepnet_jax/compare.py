@@ -229,6 +229,64 @@ def run_method(name: str, cfgs: list[Config], workdir: str, full: data.Dataset,
   return result
 
 
+# The peers SteppingNet must lead at AWN's MAC points, and by how much (accuracy points).
+LEAD_PEERS = ('awn', 'awn_sandwich', 'slimmable')
+LEAD_TARGET = 0.5
+
+
+def _best_at(levels: list[dict], macs: int) -> dict | None:
+  """The most accurate level whose subnet costs at most ``macs`` (None if none does)."""
+  fits = [r for r in levels if r['macs'] <= macs]
+  return max(fits, key=lambda r: r['accuracy']) if fits else None
+
+
+def leads(results: dict[str, dict]) -> list[dict]:
+  """SteppingNet's lead over its best peer (``LEAD_PEERS`` present in ``results``) at each
+  of AWN's MAC points: at each point, SteppingNet's and each peer's most accurate level at
+  or below it; the lead is SteppingNet's accuracy minus the best peer's, in points. With
+  seeds (``accuracies`` per level) also the per-seed paired leads and their standard
+  deviation. [] without steppingnet or awn."""
+  if 'steppingnet' not in results or 'awn' not in results:
+    return []
+  out = []
+  for point in results['awn']['levels']:
+    s = _best_at(results['steppingnet']['levels'], point['macs'])
+    peers = {name: _best_at(results[name]['levels'], point['macs']) for name in LEAD_PEERS if name in results}
+    peers = {name: r for name, r in peers.items() if r is not None}
+    if s is None or not peers:
+      out.append({'awn_level': point['level'], 'awn_macs': point['macs'], 'lead': None})
+      continue
+    best = max(peers, key=lambda name: peers[name]['accuracy'])
+    row = {'awn_level': point['level'], 'awn_macs': point['macs'], 'steppingnet_level': s['level'],
+           'steppingnet_macs': s['macs'], 'steppingnet_accuracy': s['accuracy'], 'best_peer': best,
+           'best_peer_macs': peers[best]['macs'], 'best_peer_accuracy': peers[best]['accuracy'],
+           'lead': 100 * (s['accuracy'] - peers[best]['accuracy'])}
+    if 'accuracies' in s and 'accuracies' in peers[best]:
+      paired = 100 * (np.asarray(s['accuracies']) - np.asarray(peers[best]['accuracies']))
+      row['seed_leads'] = paired.tolist()
+      row['lead_std'] = float(paired.std(ddof=1)) if len(paired) > 1 else 0.0
+    out.append(row)
+  return out
+
+
+def lead_lines(rows: list[dict]) -> list[str]:
+  """One target line per AWN point: SteppingNet at least ``LEAD_TARGET`` points above its best peer."""
+  lines = []
+  for r in rows:
+    if r['lead'] is None:
+      lines.append(f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): no SteppingNet level or peer '
+                   'at or below it: NOT met')
+      continue
+    spread = (f' (per seed {", ".join(f"{x:+.2f}" for x in r["seed_leads"])}; std {r["lead_std"]:.2f})'
+              if 'seed_leads' in r else '')
+    ok = r['lead'] >= LEAD_TARGET - 1e-9
+    lines.append(f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): SteppingNet '
+                 f'{100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
+                 f'{r["best_peer"]} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
+                 f'{r["lead"]:+.2f} pt{spread}: {"met" if ok else "NOT met"} (target: >= {LEAD_TARGET} pt)')
+  return lines
+
+
 def targets(results: dict[str, dict]) -> list[str]:
   """The issue's targets, checked on the measured numbers (one line each)."""
   lines = []
@@ -250,6 +308,7 @@ def targets(results: dict[str, dict]) -> list[str]:
       ok = s['accuracy'] >= a['accuracy']
       lines.append(f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
                    f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}')
+  lines += lead_lines(leads(results))
   if 'independent' in results:
     for s, i in zip(s_levels, results['independent']['levels']):
       gap = 100 * (i['accuracy'] - s['accuracy'])
@@ -356,7 +415,8 @@ def compare_seeds(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: 
          'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r}
                                        for r in res['levels']],
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
-                     for name, res in merged.items()}}
+                     for name, res in merged.items()},
+         'leads': leads(merged)}
   os.makedirs(workdir, exist_ok=True)
   title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
   evaluation.write_study(workdir, 'compare', out,
@@ -405,7 +465,8 @@ def _compare_one(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: i
          'budgets': list(setup.budgets),
          'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
                             'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
-                     for name, res in results.items()}}
+                     for name, res in results.items()},
+         'leads': leads(results)}
   os.makedirs(workdir, exist_ok=True)
   evaluation.write_study(workdir, 'compare', out,
                          markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),

@@ -108,7 +108,8 @@ class ConstructionConfig:
   importance: str = 'taylor'       # taylor | class
   importance_examples: int = 512   # training examples (per class for 'class') per importance evaluation
   class_threshold: float = 0.5     # class-based: score > this x the layer's mean counts a class
-  allocation: str = 'global'       # global: lowest importance anywhere goes first; uniform: layers shrink alike
+  allocation: str = 'global'       # global: lowest importance anywhere goes first; uniform: layers shrink alike;
+                                   # uniform_fill: uniform, then the slack filled by any layer's neurons
   rank_per_mac: bool = False       # move the lowest importance per MAC saved first (else lowest importance)
   rounds: int = 4                  # importance -> move neurons -> retrain rounds
   pretrain_epochs: float = 1.0     # epochs of the full network before the levels are made
@@ -169,6 +170,8 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
             if f.default_factory is not dataclasses.MISSING}
+# construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
+ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
@@ -289,10 +292,10 @@ def _check(c: Config) -> None:
     raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
                      'method joint')
   con = c.construction
-  if con.allocation not in ('global', 'uniform'):
-    raise ValueError(f'unknown allocation {con.allocation!r}; choose global or uniform')
+  if con.allocation not in ALLOCATIONS:
+    raise ValueError(f'unknown allocation {con.allocation!r}; choose one of {", ".join(ALLOCATIONS)}')
   importance.METHODS.get(con.importance)
-  if c.method == 'steppingnet' and con.allocation == 'uniform' and con.rank_per_mac:
+  if c.method == 'steppingnet' and con.allocation != 'global' and con.rank_per_mac:
     raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
                      "layer's share, so the two do not combine: use construction.allocation='global'")
   if loss.distill_mode not in losses.DISTILL_MODES:

@@ -60,12 +60,16 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
     its channels, so every layer shrinks at the same rate (the base network's
     proportions, as in AWN and slimmable nets); importance decides only which of the
     layer's neurons go (its least important).
+  * ``allocation='uniform_fill'``: as ``'uniform'``, then the slack the equal shares
+    leave is filled too (below).
 
   Then the slack the last move left is filled: the moved neurons, in the reverse order
   of their moves (within a layer, the most important first), go back to level k
   wherever subnet k still fits (with ``'uniform'``, and no layer's share grows past the
   widest other layer's), so no moved neuron can be put back without breaking the
-  target (or, uniform, the equal shares).
+  target (or, uniform, the equal shares). ``'uniform_fill'`` then makes a second such
+  pass without the share limit, so no moved neuron fits back at all: a neuron of a
+  cheap layer can use MACs that no whole neuron of every layer would fit in.
 
   ``levels``: per layer, per neuron level (-1 = removed). Returns new arrays; neurons
   only move up. Raises if a target cannot be met (the budget checks prevent that).
@@ -87,7 +91,7 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
           continue
         i = queues[li][heads[li]]
         key = float(scores[n][i])
-        if allocation == 'uniform':
+        if allocation in ('uniform', 'uniform_fill'):
           key = (-float(np.sum(counts[li][:k + 1])) / len(new[n]), key)
         elif per_mac:
           counts[li][k] -= 1
@@ -103,25 +107,29 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
       moved.append((best, i))
       _move(new, counts, names[best], best, i, k, k + 1 if k + 1 < num_levels else surgery.REMOVED)
       macs = int(mac_model.subnet_macs(counts)[k])
-    _fill_back(new, counts, moved, k, mac_model, targets[k], allocation)
+    _fill_back(new, counts, moved, k, mac_model, targets[k], equal_shares=allocation != 'global')
+    if allocation == 'uniform_fill':
+      _fill_back(new, counts, moved, k, mac_model, targets[k], equal_shares=False)
   return new
 
 
 def _fill_back(new: dict[str, np.ndarray], counts: list[np.ndarray], moved: Sequence[tuple[int, int]], k: int,
-               mac_model: budgets_lib.MacModel, target: float, allocation: str) -> None:
+               mac_model: budgets_lib.MacModel, target: float, equal_shares: bool) -> None:
   """Fills the slack the last move out of level k left, in place: moved neurons (layer index,
   neuron) go back to level k, last moved first, wherever subnet k still fits ``target``.
-  Afterwards no moved neuron fits back. With uniform allocation a layer may not grow past
-  the widest other layer's share."""
+  Afterwards no moved neuron fits back. With ``equal_shares`` a layer may not grow past
+  the widest other layer's share. Neurons already back at level k are skipped."""
   names, num_levels = mac_model.names, len(counts[0])
   sizes = [len(new[n]) for n in names]
   for li, i in reversed(moved):
+    if new[names[li]][i] == k:
+      continue
     back = [c.copy() for c in counts]
     back[li][k] += 1
     if k + 1 < num_levels:
       back[li][k + 1] -= 1
     share = [np.sum(c[:k + 1]) / s for c, s in zip(back, sizes)]
-    if allocation == 'uniform' and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
+    if equal_shares and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
       continue
     if mac_model.subnet_macs(back)[k] <= target:
       _move(new, counts, names[li], li, i, int(new[names[li]][i]), k)

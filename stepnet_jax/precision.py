@@ -144,20 +144,23 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
             f'{after[top]:.4f} after the fine-tune (float {float_acc[top]:.4f})', flush=True)
   if p.get('progressive_planes', 0):
     out.update(progressive_study(cfg, p, model, train_split, val, test, clips, evaluate, steps_per_epoch,
-                                 meta, workdir))
+                                 meta, workdir, scores.get('class_based')))
   out['seconds'] = time.time() - t0
   evaluation.write_study(workdir, 'precision', out, markdown(out), functools.partial(plot, out=out))
   return out
 
 
 def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Dataset, val, test, clips,
-                      evaluate: Evaluator, steps_per_epoch: int, meta: dict, workdir: str) -> dict:
+                      evaluate: Evaluator, steps_per_epoch: int, meta: dict, workdir: str,
+                      class_score: dict[str, np.ndarray] | None = None) -> dict:
   """ProgressiveNN on the float network, then level x precision staircases (``progressive``).
 
   One BWB training run (a quantization-aware fine-tune of the float network at N planes);
   for every plane count b the BN statistics are re-estimated (``progressive_bn_batches``
   training batches); accuracy of every (level, b) state on validation (to choose the
   combined staircase) and test (reported), the top exit also through bit-serial inference.
+  With ``class_score`` the same BWB weights also step on a class-based plane ladder
+  (``class_ladder_study``): the staircases ``combined_class`` and ``bits_only_class``.
   """
   n, top = int(p.progressive_planes), model.num_levels - 1
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
@@ -178,6 +181,10 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
           for b in range(1, n + 1)]
   stairs = {kind: progressive.walk(progressive.staircase_path(kind, val_grid, costs), costs, test_grid)
             for kind in ('combined', 'levels_only', 'bits_only')}
+  extra = {}
+  if class_score is not None:
+    extra = class_ladder_study(cfg, p, tuned, train_split, val, test, clips, evaluate, class_score)
+    stairs.update(extra.pop('staircase'))
   bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.BatchStat)) for b, q in enumerate(retrained, start=1)}
   _save(os.path.join(workdir, 'progressive'), tuned, meta, progressive.precision_at(tuned, n, n, p.act_bits, clips))
   np.savez(os.path.join(workdir, 'progressive', 'bn_stats_per_planes.npz'),
@@ -187,11 +194,46 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
     print(f'progressive {r["bits"]} planes: test {r["accuracy"]:.4f} with BN retraining, '
           f'{r["accuracy_no_bn_retrain"]:.4f} without; {100 * r["bitops_cumulative_fraction"]:.1f}% of an '
           f'{n}-plane forward spent so far', flush=True)
-  return {'progressive': rows, 'staircase': stairs,
+  return {'progressive': rows, 'staircase': stairs, **extra,
           'grid': {'validation': val_grid.tolist(), 'test': test_grid.tolist()},
           'progressive_settings': {'planes': n, 'epochs': float(p.progressive_epochs),
                                    'learning_rate': float(p.progressive_learning_rate),
                                    'bn_batches': int(p.progressive_bn_batches), 'workdir': 'progressive'}}
+
+
+def class_ladder_study(cfg: config_lib.Config, p, tuned, train_split: data.Dataset, val, test, clips,
+                       evaluate: Evaluator, class_score: dict[str, np.ndarray]) -> dict:
+  """The BWB network ``tuned`` stepped on class-based plane ladders (``progressive.class_ladder``).
+
+  For each slope of ``precision.slopes`` a ladder, its BN statistics re-estimated per rung
+  and its (level, rung) grid on validation; the slope with the best mean validation
+  accuracy over the grid is kept. Reports that ladder's rungs (mean planes, top-exit test
+  accuracy through bit-serial inference) and its staircases: ``combined_class`` (chosen on
+  validation like ``combined``) and ``bits_only_class`` (the top level, rung by rung).
+  """
+  n = int(p.progressive_planes)
+  top = tuned.num_levels - 1
+  hidden = {k: v for k, v in quant.neuron_macs(tuned).items() if k != 'head'}
+  best = None
+  for slope in p.slopes:
+    ladder = progressive.class_ladder(tuned, class_score, n, float(slope))
+    nets = [progressive.retrain_bn(quant.apply(tuned, quant.Precision(rung, p.act_bits, clips, bwb_bits=n)),
+                                   train_split, cfg, p.progressive_bn_batches) for rung in ladder]
+    grid = np.stack([evaluate(q, *val) for q in nets], axis=1)                          # [K, N]
+    print(f'class ladder slope {slope:g}: mean validation accuracy over (level, rung) {grid.mean():.4f}', flush=True)
+    if best is None or grid.mean() > best[0]:
+      best = (float(grid.mean()), float(slope), ladder, nets, grid)
+  _, slope, ladder, nets, val_grid = best
+  test_grid = np.stack([evaluate(q, *test) for q in nets], axis=1)
+  first_name = tuned.unit_names[0]
+  serial = progressive.bit_serial_accuracy(tuned.units[0].kernel[...], nets, *test, n, cfg.train.eval_batch_size,
+                                           first_planes=[rung[first_name] for rung in ladder])
+  costs = progressive.PlaneCosts.of(tuned, n, p.act_bits, ladder)
+  rungs = [{'rung': b, 'mean_planes': quant.mean_bits(rung, hidden), 'accuracy': float(serial[b - 1, top]),
+            'bitops_direct': costs.direct(top, b)} for b, rung in enumerate(ladder, start=1)]
+  return {'class_ladder': {'slope': slope, 'rungs': rungs},
+          'staircase': {f'{kind}_class': progressive.walk(progressive.staircase_path(kind, val_grid, costs), costs,
+                                                          test_grid) for kind in ('combined', 'bits_only')}}
 
 
 def _save(path: str, model, meta: dict, precision: quant.Precision) -> None:
@@ -261,6 +303,16 @@ def progressive_markdown(out: dict) -> list[str]:
   for kind, steps in out['staircase'].items():
     lines.append(f'- **{kind}**: ' + ' -> '.join(f'({e["state"][0]},{e["state"][1]}) {100 * e["accuracy"]:.2f}% '
                                                  f'@ {e["bitops"] / 1e6:.3g}M' for e in steps))
+  if 'class_ladder' in out:
+    c = out['class_ladder']
+    lines += ['', f'The `_class` staircases step the same BWB weights on a class-based plane ladder: at rung b every '
+              f'hidden neuron has its own plane count from its class importance (slope {c["slope"]:g}, chosen on '
+              'validation), MAC-weighted mean at most b, head at b; rung 1 and rung N are uniform. Top exit through '
+              'bit-serial inference per rung:', '',
+              '| rung b | mean planes (hidden, MAC-weighted) | test accuracy | bit-ops of a direct forward |',
+              '|---:|---:|---:|---:|']
+    lines += [f'| {r["rung"]} | {r["mean_planes"]:.2f} | {100 * r["accuracy"]:.2f} | {r["bitops_direct"]:,} |'
+              for r in c['rungs']]
   return lines
 
 

@@ -15,6 +15,12 @@
   only level k+1's connections at b planes) and plane steps (the recomputation above, on
   the subnet of levels <= k). ``staircase`` picks steps greedily by validation accuracy
   gained per bit-op.
+* Class-based planes (``class_ladder``): rung b of the plane ladder need not give every
+  neuron b planes. Class-based quantization's map from class importance to bits, fit to
+  a MAC-weighted mean of b planes, gives each neuron its own count at every rung; counts
+  never fall from one rung to the next, so a plane step still only adds planes (the
+  first layer accumulates each neuron's new planes; later layers recompute at the rung's
+  counts). Rung 1 is every neuron at 1 plane, rung N every neuron at N.
 
 Bit-operations are MACs x weight bits x activation bits (``quant.bitops``); a bit-plane
 is a 1-bit weight.
@@ -30,10 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import data, feed, layers, nonuniform, quant
+from stepnet_jax import bitsearch, data, feed, layers, nonuniform, quant
 from stepnet_jax.config import Config
 from stepnet_jax.model import SteppingModel
-from stepnet_jax.quantizers import bitplanes
+from stepnet_jax.quantizers import bitplanes, plane_weights
+
+# Weight bits (here: bitwise-binary planes) of every neuron of every layer, head included.
+Bits = dict[str, tuple[int, ...]]
 
 
 def precision_at(model: SteppingModel, planes: int, n: int, act_bits: int, clips) -> quant.Precision:
@@ -41,6 +50,43 @@ def precision_at(model: SteppingModel, planes: int, n: int, act_bits: int, clips
   if not 1 <= planes <= n:
     raise ValueError(f'planes must be in 1..{n}, got {planes}')
   return quant.Precision(quant.uniform_bits(model, planes), act_bits, clips, bwb_bits=n)
+
+
+def uniform_ladder(model: SteppingModel, n: int) -> list[Bits]:
+  """Rung b (b = 1..n): every neuron at b planes."""
+  return [quant.uniform_bits(model, b) for b in range(1, n + 1)]
+
+
+def class_ladder(model: SteppingModel, score: dict[str, np.ndarray], n: int, slope: float) -> list[Bits]:
+  """Rung b (b = 1..n): hidden neurons at ``bitsearch.bits_for(score, offset_b, slope)``
+  planes, offset_b the largest whose MAC-weighted mean fits b planes (``bitsearch.fit_offset``);
+  the head (not searched, as in class-based quantization) at b planes. ``score`` maps each
+  hidden layer to its neurons' importance (``bitsearch.SCORES``). A neuron's count never
+  decreases from rung to rung, so rungs form a plane ladder (checked)."""
+  z = bitsearch.scaled({k: v for k, v in score.items() if k != 'head'})
+  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  ladder = []
+  for b in range(1, n + 1):
+    bits = bitsearch.fit_offset(z, macs, float(b), slope, 1, n)
+    ladder.append({**{k: tuple(int(x) for x in v) for k, v in bits.items()},
+                   'head': (b,) * model.head.kernel.shape[-1]})
+  check_ladder(model, ladder, n)
+  return ladder
+
+
+def check_ladder(model: SteppingModel, ladder: Sequence[Bits], n: int) -> None:
+  """Raises a ValueError unless ``ladder`` has n rungs of valid plane counts (1..n) that
+  never decrease for any neuron, starting with every neuron at 1 plane."""
+  if len(ladder) != n:
+    raise ValueError(f'a ladder of {n} planes needs {n} rungs, got {len(ladder)}')
+  for rung in ladder:
+    quant.check_bits(model, rung, n)
+  if any(np.any(np.asarray(v) != 1) for v in ladder[0].values()):
+    raise ValueError('rung 1 must hold every neuron at 1 plane (bit-serial inference starts from one plane)')
+  for b, (low, high) in enumerate(zip(ladder, ladder[1:]), start=1):
+    for name in low:
+      if np.any(np.asarray(high[name]) < np.asarray(low[name])):
+        raise ValueError(f'layer {name!r} loses planes from rung {b} to rung {b + 1}: a plane step only adds planes')
 
 
 def retrain_bn(model: SteppingModel, dataset: data.Dataset, cfg: Config, batches: int) -> SteppingModel:
@@ -59,9 +105,9 @@ def _first_unit(model: SteppingModel) -> layers._LinearUnit:
 @functools.lru_cache(maxsize=4)
 def _bit_serial_fn(graphdef, n: int):
   @jax.jit
-  def run(first_kernel, states, images):
-    acc, out = None, []
-    for b, state in enumerate(states, start=1):
+  def run(first_kernel, first_planes, states, images):
+    acc, out, used = None, [], jnp.zeros((n, first_kernel.shape[-1]), bool)
+    for state, planes in zip(states, first_planes):
       m = nnx.merge(graphdef, state)
       first = _first_unit(m)
       if acc is None:
@@ -70,7 +116,11 @@ def _bit_serial_fn(graphdef, n: int):
         keep = 1.0 if mask is None else jnp.asarray(mask)
         digits, scale = bitplanes(first_kernel * keep, n)
         acc = jnp.zeros((), jnp.float32)
-      acc = acc + 2.0 ** (n - b) * first.linear(x, digits[b - 1] * keep, False)     # plane b's partial sums
+      now = jnp.arange(n)[:, None] < planes[None, :]                                 # [n, C_out] planes in use
+      place = jnp.where(now & ~used, plane_weights(n, n)[:, None], 0.0)            # the planes this step adds
+      added = jnp.sum(digits * place.reshape((n,) + (1,) * (digits.ndim - 2) + (-1,)), axis=0)
+      acc = acc + first.linear(x, added * keep, False)                             # their partial sums
+      used = now
       h = first.finish(scale * acc, 0, first.kernel.shape[-1], False, m.top)
       for unit in m.units[1:]:
         h = unit(h, m.top)                                                         # recomputed at b planes
@@ -81,36 +131,48 @@ def _bit_serial_fn(graphdef, n: int):
 
 
 def bit_serial_exits(first_kernel: jax.Array, models: Sequence[SteppingModel], images: jax.Array,
-                     n: int) -> jax.Array:
+                     n: int, first_planes: Sequence[Sequence[int]] | None = None) -> jax.Array:
   """All exits after each of ``len(models)`` plane steps of ABS inference: [b, K, B, classes].
 
-  ``models[b-1]`` is the network at b of ``n`` planes (``quant.apply(model,
-  precision_at(b))``, with its own BN statistics); ``first_kernel`` is the first layer's
-  float kernel, whose planes the first layer accumulates one per step. Equals each
-  model's direct forward (to float rounding; exactly on integer-valued data, see the tests).
+  ``models[b-1]`` is the network at rung b of an ``n``-plane ladder (``quant.apply`` with
+  that rung's planes, with its own BN statistics); ``first_kernel`` is the first layer's
+  float kernel, whose planes the first layer accumulates step by step: at rung b each of
+  its neurons adds the planes it gained (``first_planes[b-1]``, its plane count per
+  neuron at rung b; default b for every neuron). Equals each model's direct forward (to
+  float rounding; exactly on integer-valued data, see the tests).
   """
   if len(models) > n:
     raise ValueError(f'{len(models)} plane steps asked of {n}-plane weights')
+  width = int(np.shape(first_kernel)[-1])
+  if first_planes is None:
+    first_planes = [[b] * width for b in range(1, len(models) + 1)]
+  first_planes = np.asarray(first_planes, np.int32)
+  if first_planes.shape != (len(models), width) or np.any(np.diff(first_planes, axis=0) < 0):
+    raise ValueError(f'first_planes must be non-decreasing plane counts [{len(models)}, {width}], '
+                     f'got shape {first_planes.shape}')
   graphdef = nnx.graphdef(models[0])
   states = [nnx.state(m) for m in models]
-  return _bit_serial_fn(graphdef, int(n))(jnp.asarray(first_kernel), states, images)
+  return _bit_serial_fn(graphdef, int(n))(jnp.asarray(first_kernel), jnp.asarray(first_planes), states, images)
 
 
 @dataclasses.dataclass(frozen=True)
 class PlaneCosts:
-  """Bit-ops per input of every step between (level, planes) states of one network.
+  """Bit-ops per input of every step between (level, rung) states of one network.
 
-  ``ops[b]`` [layers, K] is ``quant.bitops`` with every neuron at b planes (row 0 the
-  first layer, the last row the head)."""
+  ``ops[b]`` [layers, K] is ``quant.bitops`` at rung b of the plane ladder (row 0 the
+  first layer, the last row the head); bit-ops are linear in each neuron's planes, so
+  ``ops[b + 1][0] - ops[b][0]`` is what the first layer's added planes cost."""
   ops: np.ndarray          # [N + 1, layers, K], ops[0] = 0
   num_levels: int
   n: int
 
   @classmethod
-  def of(cls, model: SteppingModel, n: int, act_bits: int) -> PlaneCosts:
-    zero = np.zeros_like(quant.bitops(model, quant.uniform_bits(model, 1), act_bits))
-    ops = [zero] + [quant.bitops(model, quant.uniform_bits(model, b), act_bits) for b in range(1, n + 1)]
-    return cls(np.stack(ops), model.num_levels, n)
+  def of(cls, model: SteppingModel, n: int, act_bits: int, ladder: Sequence[Bits] | None = None) -> PlaneCosts:
+    """Costs on ``ladder`` (``uniform_ladder`` by default: rung b = b planes everywhere)."""
+    ladder = uniform_ladder(model, n) if ladder is None else ladder
+    check_ladder(model, ladder, n)
+    ops = [quant.bitops(model, rung, act_bits) for rung in ladder]
+    return cls(np.stack([np.zeros_like(ops[0])] + ops), model.num_levels, n)
 
   def direct(self, level: int, planes: int) -> int:
     """A forward of subnet ``level`` at ``planes`` planes from scratch."""
@@ -121,9 +183,11 @@ class PlaneCosts:
     return int(self.ops[planes][:, level + 1].sum())
 
   def plane_step(self, level: int, planes: int) -> int:
-    """(level, planes) -> (level, planes + 1): one 1-bit plane of the first layer's
-    connections (accumulated), then every later layer of the subnet recomputed."""
-    return int(self.ops[1][0, :level + 1].sum() + self.ops[planes + 1][1:, :level + 1].sum())
+    """(level, rung b) -> (level, rung b + 1): the planes the first layer's neurons gain
+    (accumulated: one 1-bit plane each on the uniform ladder), then every later layer of
+    the subnet recomputed at rung b + 1."""
+    first = self.ops[planes + 1][0, :level + 1] - self.ops[planes][0, :level + 1]
+    return int(first.sum() + self.ops[planes + 1][1:, :level + 1].sum())
 
   def step(self, state: tuple[int, int], to: tuple[int, int]) -> int:
     (k, b), (k2, b2) = state, to
@@ -169,11 +233,14 @@ def walk(path: Sequence[tuple[int, int]], costs: PlaneCosts, accuracy: np.ndarra
 
 
 def bit_serial_accuracy(first_kernel: jax.Array, models: Sequence[SteppingModel], images: np.ndarray,
-                        labels: np.ndarray, n: int, batch_size: int = 1000) -> np.ndarray:
-  """Accuracy of every exit after every plane step of ABS inference: [b, K]."""
+                        labels: np.ndarray, n: int, batch_size: int = 1000,
+                        first_planes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+  """Accuracy of every exit after every plane step of ABS inference: [b, K]
+  (``first_planes`` as in ``bit_serial_exits``)."""
   correct, seen = 0, 0
   for batch in feed.evaluation_batches(images, labels, batch_size):
-    pred = np.asarray(bit_serial_exits(first_kernel, models, batch.images, n).argmax(-1))[..., :batch.count]
+    exits = bit_serial_exits(first_kernel, models, batch.images, n, first_planes)
+    pred = np.asarray(exits.argmax(-1))[..., :batch.count]
     correct = correct + (pred == labels[None, None, seen:seen + batch.count]).sum(axis=-1)
     seen += batch.count
   return correct / len(labels)

@@ -84,3 +84,29 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
     for r in p['methods']['awn']['levels']:
       pred = np.asarray(net.forward(subset.train_images[held], r['level'])).argmax(-1)
       assert r['validation_accuracy'] == pytest.approx(float((pred == subset.train_labels[held]).mean()))
+
+
+def _levels(points):
+  return [{'level': i, 'macs': m, 'accuracy': a, 'accuracies': seeds} for i, (m, a, seeds) in enumerate(points)]
+
+
+def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
+  # Hand-made table: at AWN's 100-MAC point SteppingNet's level 1 (90 MACs) counts and its
+  # 110-MAC level does not; slimmable's cheaper level 0 beats its level 1 there.
+  results = {
+      'awn': {'levels': _levels([(100, 0.80, [0.79, 0.81]), (300, 0.90, [0.90, 0.90])])},
+      'steppingnet': {'levels': _levels([(50, 0.70, [0.70, 0.70]), (90, 0.815, [0.81, 0.82]),
+                                         (110, 0.99, [0.99, 0.99]), (290, 0.91, [0.92, 0.90])])},
+      'slimmable': {'levels': _levels([(60, 0.81, [0.80, 0.82]), (95, 0.805, [0.80, 0.81]),
+                                       (400, 0.99, [0.99, 0.99])])},
+  }
+  rows = compare.leads(results)
+  assert [r['steppingnet_level'] for r in rows] == [1, 2]     # the most accurate that fits, not the largest
+  assert [(r['best_peer'], r['best_peer_macs']) for r in rows] == [('slimmable', 60), ('awn', 300)]
+  assert rows[0]['lead'] == pytest.approx(0.5) and rows[1]['lead'] == pytest.approx(9.0)
+  assert rows[0]['seed_leads'] == pytest.approx([1.0, 0.0]) and rows[0]['lead_std'] == pytest.approx(2 ** 0.5 / 2)
+  lines = compare.lead_lines(rows)
+  assert lines[0].endswith('met (target: >= 0.5 pt)') and 'NOT' not in ''.join(lines)
+  results['steppingnet']['levels'][1]['accuracy'] = 0.8149
+  assert compare.lead_lines(compare.leads(results))[0].endswith('NOT met (target: >= 0.5 pt)')
+  assert compare.leads({'awn': results['awn']}) == []

@@ -54,15 +54,15 @@ def _meta(model):
   return restore.model_meta(model, 'lenet3c1l', 10)
 
 
-@pytest.mark.parametrize('triangular', [False, True])
-def test_assign_levels_meets_every_budget_within_one_neuron(triangular):
+@pytest.mark.parametrize('triangular,allocation', [(False, 'global'), (True, 'global'), (False, 'uniform_fill')])
+def test_assign_levels_meets_every_budget_within_one_neuron(triangular, allocation):
   k = 4
   model, mm, full = _level0_lenet(k, 12, triangular=triangular)
   targets = np.array([0.05, 0.2, 0.45, 0.8]) * full
   rng = np.random.RandomState(0)
   scores = {n: rng.uniform(size=12) for n in testlib.LENET3}
   start = surgery.neuron_levels(model)
-  new = construct.assign_levels(start, scores, mm, targets)
+  new = construct.assign_levels(start, scores, mm, targets, allocation=allocation)
   rebuilt, _ = surgery.relevel(model, _meta(model), new)
   macs = _macs_by_layers(rebuilt)   # counted by the layers' masks, not by MacModel
   assert np.all(macs <= targets), (macs, targets)
@@ -304,6 +304,11 @@ def test_uniform_allocation_shrinks_layers_alike():
   for n in testlib.LENET3:   # inside a layer, importance decides: level-0 neurons outrank the rest
     if np.any(new[n] > 0):
       assert scores[n][new[n] == 0].min() >= scores[n][(new[n] > 0) | (new[n] < 0)].max()
+  # uniform_fill starts from the same equal shares and only adds level-0 neurons into the slack
+  filled = construct.assign_levels(surgery.neuron_levels(model), scores, mm, targets, allocation='uniform_fill')
+  macs, filled_macs = mm.subnet_macs(mm.counts_of(new, k)), mm.subnet_macs(mm.counts_of(filled, k))
+  assert np.all(filled_macs <= targets) and filled_macs[0] >= macs[0]
+  assert all(np.all(filled[n][new[n] == 0] == 0) for n in testlib.LENET3)
 
 
 def test_saved_configs_match_with_defaults_for_new_keys():

@@ -53,11 +53,22 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   assert all(r['accuracy'] == r['accuracy_direct'] for r in rows)
   assert np.all(np.diff([r['bitops_cumulative'] for r in rows]) > 0)
   stairs = saved['staircase']
-  assert set(stairs) == {'combined', 'levels_only', 'bits_only'}
+  assert set(stairs) == {'combined', 'levels_only', 'bits_only', 'combined_class', 'bits_only_class'}
   levels = len(saved['float_accuracy_per_level'])
   for kind, steps in stairs.items():
     assert steps[-1]['state'] == [levels - 1, 4] and np.all(np.diff([s['bitops'] for s in steps]) > 0), kind
-    assert steps[0]['state'] == {'combined': [0, 1], 'levels_only': [0, 4], 'bits_only': [levels - 1, 1]}[kind]
+    assert steps[0]['state'] == {'combined': [0, 1], 'levels_only': [0, 4], 'bits_only': [levels - 1, 1],
+                                 'combined_class': [0, 1], 'bits_only_class': [levels - 1, 1]}[kind]
+  # The class ladder: rungs 1 and N uniform (same state, same cost and accuracy as the
+  # uniform ladder's), the middle rungs at most b planes on the MAC-weighted mean.
+  ladder = saved['class_ladder']
+  assert ladder['slope'] in (1.0, 4.0)
+  assert [r['rung'] for r in ladder['rungs']] == [1, 2, 3, 4]
+  assert all(r['mean_planes'] <= r['rung'] + 1e-9 for r in ladder['rungs'])
+  assert ladder['rungs'][0]['mean_planes'] == 1.0 and ladder['rungs'][-1]['mean_planes'] == 4.0
+  for b in (0, 3):
+    assert stairs['bits_only_class'][b]['accuracy'] == stairs['bits_only'][b]['accuracy']
+  assert stairs['bits_only_class'][0]['bitops'] == stairs['bits_only'][0]['bitops']
   model, meta = stepnet_jax.restore.load_variables(str(tmp_path / 'progressive'), apply_precision=False)
   prec = quant.Precision.from_json(meta['model_meta']['precision'])
   assert prec.bwb_bits == 4

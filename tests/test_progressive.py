@@ -127,3 +127,74 @@ def test_combined_staircase_takes_the_best_gain_per_bitop():
   path = progressive.staircase_path('combined', acc, costs)
   assert path == [(0, 1), (0, 2), (1, 2), (1, 3)]
   assert [s['bitops'] for s in progressive.walk(path, costs, acc)] == [40, 110, 230, 470]
+
+
+def _score(model, seed=0):
+  rng = np.random.RandomState(seed)
+  return {name: rng.uniform(size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
+
+
+def test_class_ladder_rungs_fit_their_mean_planes_and_follow_the_score(small):
+  """Every rung's MAC-weighted mean planes (hidden neurons) is at most b and within a
+  neuron's worth of it; within a layer a higher score never has fewer planes; counts
+  never fall between rungs; rung 1 and rung N are uniform."""
+  model, n = small, 6
+  score = _score(model)
+  ladder = progressive.class_ladder(model, score, n, slope=4.0)
+  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  assert ladder[0] == quant.uniform_bits(model, 1) and ladder[-1] == quant.uniform_bits(model, n)
+  biggest = max(float(m.max()) for m in macs.values()) / sum(float(m.sum()) for m in macs.values())
+  for b, rung in enumerate(ladder, start=1):
+    mean = sum((np.asarray(rung[k]) * m).sum() for k, m in macs.items()) / sum(m.sum() for m in macs.values())
+    assert b - (n - 1) * biggest - 1e-9 <= mean <= b + 1e-9
+    assert rung['head'] == (b,) * model.head.kernel.shape[-1]
+    for k, v in score.items():
+      order = np.argsort(v)
+      assert np.all(np.diff(np.asarray(rung[k])[order]) >= 0)
+  assert any(len(set(rung[k])) > 1 for rung in ladder for k in score)       # the score does shape the planes
+  bad = [dict(r) for r in ladder]
+  bad[3] = {**bad[3], 'conv2': (1,) * len(bad[3]['conv2'])}
+  with pytest.raises(ValueError, match="'conv2' loses planes from rung 3 to rung 4"):
+    progressive.check_ladder(model, bad, n)
+
+
+def test_bit_serial_on_a_class_ladder_equals_each_rungs_direct_forward(small):
+  """Per-neuron plane counts in the first layer: adding each neuron's new planes to the
+  cached sums gives the rung's own network, exactly on integer-valued inputs."""
+  model, n = small, 5
+  ladder = progressive.class_ladder(model, _score(model, 1), n, slope=8.0)
+  assert len(set(ladder[2]['conv1'])) > 1       # conv1's neurons differ at rung 3
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randint(0, 256, (5,) + model.input_shape).astype(np.uint8))
+  nets = [quant.apply(model, quant.Precision(rung, quant.FLOAT_BITS, None, bwb_bits=n)) for rung in ladder]
+  serial = progressive.bit_serial_exits(model.units[0].kernel[...], nets, x, n,
+                                        first_planes=[rung['conv1'] for rung in ladder])
+  for b, q in enumerate(nets):
+    direct = np.asarray(q.exits(x))
+    np.testing.assert_allclose(np.asarray(serial[b]), direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+  with pytest.raises(ValueError, match='non-decreasing'):
+    progressive.bit_serial_exits(model.units[0].kernel[...], nets[:2], x, n,
+                                 first_planes=[ladder[1]['conv1'], ladder[0]['conv1']])
+
+
+def test_class_ladder_step_costs_count_each_neurons_planes(small):
+  """Brute force per neuron: a plane step pays the first layer's added planes (its MACs
+  per neuron x planes gained x input bits) and every later neuron of the subnet at its new
+  count; levels stepped at one rung add up to that rung's direct forward."""
+  model, n, act = small, 4, 6
+  ladder = progressive.class_ladder(model, _score(model, 2), n, slope=4.0)
+  costs = progressive.PlaneCosts.of(model, n, act, ladder)
+  names = list(model.unit_names) + ['head']
+  for k in range(model.num_levels):
+    for b in range(1, n):
+      lo = quant.bitops(model, ladder[b - 1], act)[:, :k + 1].sum(axis=1)       # [layers] at rung b
+      hi = quant.bitops(model, ladder[b], act)[:, :k + 1].sum(axis=1)           # at rung b + 1
+      assert costs.plane_step(k, b) == (hi[0] - lo[0]) + hi[1:].sum()
+    assert costs.direct(0, n) + sum(costs.level_step(j, n) for j in range(k)) == costs.direct(k, n)
+  # the first layer's per-neuron count by hand: MACs per neuron x planes gained x 8 input bits
+  first = np.asarray(ladder[2][names[0]]) - np.asarray(ladder[1][names[0]])
+  top = model.num_levels - 1
+  assert costs.ops[3][0, :].sum() - costs.ops[2][0, :].sum() == int(
+      (quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS
+  assert costs.plane_step(top, 2) == int((quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS + \
+      sum(int((quant.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:])
