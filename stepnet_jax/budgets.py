@@ -51,6 +51,7 @@ class MacModel:
   input_channels: int
   mask_rule: bool = True
   triangular: tuple[bool, ...] = ()
+  private_heads: bool = False
 
   @classmethod
   def of(cls, model: SteppingModel) -> MacModel:
@@ -60,9 +61,9 @@ class MacModel:
     for row, unit in zip(macs, model.units):
       kept = int(unit.conn.mask.sum())
       factors.append(int(row.sum()) // kept if kept else 0)
-    c_last = sum(model.head.in_sizes)
-    return cls(tuple(model.unit_names), tuple(factors), int(macs[-1].sum()) // c_last,
-               model.input_shape[-1], model.reusable, tuple(u.conn.triangular for u in model.units))
+    return cls(tuple(model.unit_names), tuple(factors), model.head.spatial * model.head.num_classes,
+               model.input_shape[-1], model.reusable, tuple(u.conn.triangular for u in model.units),
+               model.head.private)
 
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
     """Cumulative MACs of subnets 0..K-1 given each layer's neurons per level: int64 [K]."""
@@ -83,7 +84,10 @@ class MacModel:
         pairs = np.cumsum(lower + own)
       total += f * pairs
       prev = n
-    return total + self.head_factor * np.cumsum(prev)
+    # The shared head reads each level's features once; exit k's private head all of levels <= k,
+    # and a stepped subnet k has run the private heads of every exit up to k.
+    head_inputs = np.cumsum(np.cumsum(prev)) if self.private_heads else np.cumsum(prev)
+    return total + self.head_factor * head_inputs
 
   def counts_of(self, levels: Mapping[str, np.ndarray], num_levels: int) -> list[np.ndarray]:
     """Per-layer neurons per level from per-neuron levels (-1 = removed, not counted)."""

@@ -49,6 +49,7 @@ class ModelConfig:
   level_widths: tuple[float, ...] = ()   # cumulative channel fractions per level; () = (k+1)/K
   triangular: bool = False         # Any-Width-Networks per-channel triangles inside level blocks
   mask_rule: bool = True           # False: slimmable prefix subnets, private BN each, not reusable
+  exit_heads: str = 'shared'       # shared: one additive classifier; private: one per exit (layers.Head)
   assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
 
   def assignment_dict(self) -> dict[str, list[int]]:
@@ -291,6 +292,12 @@ def _check(c: Config) -> None:
   if loss.objective == 'sandwich' and (not m.triangular or c.method != 'joint'):
     raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
                      'method joint')
+  from stepnet_jax.layers import EXIT_HEADS
+  if m.exit_heads not in EXIT_HEADS:
+    raise ValueError(f'unknown model.exit_heads {m.exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
+  if m.exit_heads == 'private' and loss.objective == 'sandwich':
+    raise ValueError("the 'sandwich' objective reads random widths off one shared classifier: it needs "
+                     "model.exit_heads='shared'")
   con = c.construction
   if con.allocation not in ALLOCATIONS:
     raise ValueError(f'unknown allocation {con.allocation!r}; choose one of {", ".join(ALLOCATIONS)}')

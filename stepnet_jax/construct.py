@@ -184,7 +184,8 @@ def level0_network(cfg: Config, dataset: data.Dataset, *, mask_rule: bool = True
   mean, std = dataset.channel_stats()
   return models.build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                             num_levels=k, assignment={n: lv.level0_sizes(c, k) for n, c in channels.items()},
-                            triangular=cfg.model.triangular, mask_rule=mask_rule, mean=mean, std=std, seed=cfg.seed)
+                            triangular=cfg.model.triangular, mask_rule=mask_rule, exit_heads=cfg.model.exit_heads,
+                            mean=mean, std=std, seed=cfg.seed)
 
 
 def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:

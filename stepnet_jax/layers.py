@@ -341,19 +341,52 @@ class ResidualBlock(nnx.Module):
     return m, out_shape
 
 
+EXIT_HEADS = ('shared', 'private')
+
+
 class Head(nnx.Module):
-  """Shared additive classifier: logits(k) = bias + sum over features of level <= k.
+  """The exits' linear classifier over the last hidden features.
+
+  ``exit_heads='shared'``: one additive classifier, logits(k) = bias + sum over the
+  features of levels <= k (kernel [S, C, classes]); step k adds the level-k features'
+  contribution to the cached logits.
+  ``exit_heads='private'``: exit k has its own classifier over all features of levels
+  <= k (kernel [K, S, C, classes], the entries of higher-level features held at zero;
+  bias [K, classes]). Its outputs are level-k neurons whose inputs all have level <= k,
+  so the mask rule holds; step k computes exit k's classifier whole (S x end_k x classes
+  MACs) and replaces the cached logits.
 
   ``pool='avg'`` averages a feature map over space first (ResNet); ``'flatten'``
-  keeps every position (kernel [S, C, classes]).
+  keeps every position.
   """
 
-  def __init__(self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten', rngs: nnx.Rngs):
+  def __init__(self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten',
+               exit_heads: str = 'shared', rngs: nnx.Rngs):
+    if exit_heads not in EXIT_HEADS:
+      raise ValueError(f'unknown exit_heads {exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
     self.in_sizes, self.num_classes, self.pool = tuple(in_sizes), num_classes, pool
+    self.private = exit_heads == 'private'
     self.spatial = 1 if pool == 'avg' else spatial
     init = jax.nn.initializers.lecun_normal()
-    self.kernel = nnx.Param(init(rngs.params(), (self.spatial, sum(in_sizes), num_classes), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32))
+    k, features = len(self.in_sizes), sum(self.in_sizes)
+    if self.private:
+      kernel = init(rngs.params(), (k, self.spatial, features, num_classes), jnp.float32)
+      self.kernel = nnx.Param(kernel * jnp.asarray(self.exit_mask()))
+      self.bias = nnx.Param(jnp.zeros((k, num_classes), jnp.float32))
+    else:
+      self.kernel = nnx.Param(init(rngs.params(), (self.spatial, features, num_classes), jnp.float32))
+      self.bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32))
+
+  def exit_mask(self) -> np.ndarray:
+    """Private heads: 1 where exit k may read feature c (level(c) <= k), [K, 1, C, 1]."""
+    ends = np.asarray([lv.end(self.in_sizes, k) for k in range(len(self.in_sizes))])
+    return (np.arange(sum(self.in_sizes))[None, :] < ends[:, None]).astype(np.float32)[:, None, :, None]
+
+  def level_inputs(self) -> np.ndarray:
+    """Features the head reads at each level's step: the level's own (shared) or every
+    feature of levels <= k (private)."""
+    sizes = np.asarray(self.in_sizes, np.int64)
+    return np.cumsum(sizes) if self.private else sizes
 
   def _flat(self, x):
     if self.pool == 'avg' and x.ndim == 4:
@@ -361,28 +394,47 @@ class Head(nnx.Module):
     return x.reshape(x.shape[0], self.spatial, x.shape[-1])
 
   def contribution(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
-    """Logit contribution of the level-``level`` features (no bias), of the batch rows ``rows``
-    (all when None). x: features of levels <= level."""
+    """Shared head: logit contribution of the level-``level`` features (no bias), of the
+    batch rows ``rows`` (all when None). x: features of levels <= level."""
     lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
     x = self._flat(take_rows(x, rows, lo, hi))
     return jnp.einsum('bsi,sio->bo', x, self.kernel[:, lo:hi])
 
+  def step_logits(self, logits: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """The cached ``logits`` [B, classes] after step ``level`` (of the rows ``rows``, all when
+    None), from the features ``x`` of levels <= level: the shared head adds the level's
+    contribution, a private head replaces them with exit ``level``'s classifier."""
+    if self.private:
+      new = self(take_rows(x, rows, 0, lv.end(self.in_sizes, level)), level)
+      return new if rows is None else logits.at[rows].set(new, unique_indices=True)
+    delta = self.contribution(x, level, rows)
+    if level == 0:
+      delta = delta + self.bias[...]
+    return logits + delta if rows is None else logits.at[rows].add(delta, unique_indices=True)
+
   def __call__(self, x, level):
     hi = lv.end(self.in_sizes, level)
+    if self.private:
+      return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[level, :, :hi]) + self.bias[level]
     return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[:, :hi]) + self.bias[...]
 
   def exits(self, x: jax.Array) -> jax.Array:
-    """All K exits from full-width features: [K, B, classes], cumulative over levels."""
+    """All K exits from full-width features: [K, B, classes] (shared: cumulative over levels)."""
+    if self.private:
+      kernel = self.kernel[...] * jnp.asarray(self.exit_mask())
+      return jnp.einsum('bsc,ksco->kbo', self._flat(x), kernel) + self.bias[...][:, None, :]
     deltas = jnp.stack([self.contribution(x, k) for k in range(len(self.in_sizes))])
     return jnp.cumsum(deltas, axis=0) + self.bias[...]
 
   def prefix_logits(self, x: jax.Array, counts: jax.Array) -> jax.Array:
     """Logits from only the first ``counts[r]`` features of full-width ``x``: [R, B, classes].
 
-    ``counts`` may be traced (random widths in AWN's sandwich rule).
+    ``counts`` may be traced (random widths in AWN's sandwich rule). Shared head only.
     """
+    if self.private:
+      raise ValueError('random-width logits (the sandwich rule) need the shared head: exit_heads=shared')
     per_feature = jnp.einsum('bsc,sco->cbo', self._flat(x), self.kernel[...])
     return jnp.cumsum(per_feature, axis=0)[counts - 1] + self.bias[...]
 
   def delta_macs(self, in_shape):
-    return np.asarray(self.in_sizes, np.int64) * self.spatial * self.num_classes, (self.num_classes,)
+    return self.level_inputs() * self.spatial * self.num_classes, (self.num_classes,)

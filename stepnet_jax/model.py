@@ -153,10 +153,7 @@ class SteppingModel(nnx.Module):
       c = unit.step(c, x, level, rows)
       new_units.append(c)
       x = unit.output(c)
-    delta = self.head.contribution(x, level, rows)
-    if level == 0:
-      delta = delta + self.head.bias[...]
-    logits = cache.logits + delta if rows is None else cache.logits.at[rows].add(delta, unique_indices=True)
+    logits = self.head.step_logits(cache.logits, x, level, rows)
     return StepCache(inputs=cache.inputs, units=tuple(new_units), logits=logits, level=level)
 
   def start(self, x: jax.Array) -> StepCache:

@@ -34,6 +34,7 @@ class _Builder:
   switchable_bn: bool
   rngs: nnx.Rngs
   shape: tuple[int, ...]
+  exit_heads: str = 'shared'
   units: list = dataclasses.field(default_factory=list)
   names: list = dataclasses.field(default_factory=list)
   resolved: dict = dataclasses.field(default_factory=dict)
@@ -83,7 +84,7 @@ class _Builder:
                               rngs=self.rngs), out)
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
-    return Head(self.sizes, num_classes, self.spatial, pool=pool, rngs=self.rngs)
+    return Head(self.sizes, num_classes, self.spatial, pool=pool, exit_heads=self.exit_heads, rngs=self.rngs)
 
 
 # name -> (builder, num_classes) -> head: adds the model's units to the builder.
@@ -157,7 +158,7 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_levels: int,
                 width: float = 1.0, level_widths: Sequence[float] | None = None,
                 assignment: Assignment | None = None, triangular: bool = False,
-                mask_rule: bool = True,
+                mask_rule: bool = True, exit_heads: str = 'shared',
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 seed: int = 0) -> SteppingModel:
   """Builds a level-structured model with freshly initialised parameters.
@@ -188,7 +189,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   if triangular and not mask_rule:
     raise ValueError('triangular masks need the mask rule')
   b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, not mask_rule,
-               nnx.Rngs(seed), input_shape)
+               nnx.Rngs(seed), input_shape, exit_heads)
   head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)
   if unknown:

@@ -107,6 +107,8 @@ def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], b
 
 def kept_mask(layer: nnx.Module) -> np.ndarray | None:
   """The layer's static connection mask shaped to broadcast against its kernel (None: all kept)."""
+  if getattr(layer, 'private', False):     # private exit heads: exit k reads only levels <= k
+    return layer.exit_mask()
   conn = getattr(layer, 'conn', None)
   return None if conn is None or conn.mask.all() else conn.mask.astype(np.float32)
 
@@ -185,7 +187,7 @@ def neuron_macs(model: SteppingModel) -> dict[str, np.ndarray]:
     out[name] = unit.conn.mask.sum(axis=0).astype(np.int64) * per_connection
     shape = next_shape
   head = model.head
-  out['head'] = np.full(head.num_classes, head.spatial * sum(head.in_sizes), np.int64)
+  out['head'] = np.full(head.num_classes, head.spatial * int(head.level_inputs().sum()), np.int64)
   return out
 
 
@@ -201,7 +203,7 @@ def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_b
     bits = np.asarray(weight_bits[name], np.int64)
     if name == 'head':
       spatial = unit.spatial
-      per_level = np.asarray([spatial * unit.in_sizes[k] * bits.sum() for k in range(len(unit.in_sizes))], np.int64)
+      per_level = spatial * unit.level_inputs() * int(bits.sum())
     else:
       conn = unit.conn
       kept = conn.kept_connections()

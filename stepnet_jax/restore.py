@@ -106,6 +106,7 @@ def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
       'num_levels': model.num_levels,
       'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
       'mask_rule': model.reusable,
+      'exit_heads': 'private' if model.head.private else 'shared',
       'assignment': models.assignment_of(model),
       'mean': list(model.mean),
       'std': list(model.std),
@@ -117,7 +118,7 @@ def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
   return models.build_model(
       meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
       num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
-      mask_rule=meta.get('mask_rule', True),
+      mask_rule=meta.get('mask_rule', True), exit_heads=meta.get('exit_heads', 'shared'),
       mean=meta['mean'], std=meta['std'], seed=seed)
 
 

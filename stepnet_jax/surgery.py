@@ -99,7 +99,9 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
     new['units'][i]['kernel'] = kernel[..., in_idx, :][..., out_idx]
     new['units'][i]['bn'] = _relevel_bn(src['bn'], out_idx, new_model.units[i].bn, sizes[name])
     in_idx = out_idx
-  new['head']['kernel'] = np.asarray(old['head']['kernel'])[:, in_idx]
+  new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), in_idx, axis=-2)   # [(K,) S, C, classes]
+  if new_model.head.private:     # a feature that moved above level k leaves exit k's classifier
+    new['head']['kernel'] = new['head']['kernel'] * new_model.head.exit_mask()
   new['head']['bias'] = np.asarray(old['head']['bias'])
   state = nnx.state(new_model)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, new))
