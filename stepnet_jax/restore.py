@@ -113,12 +113,23 @@ def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
   }
 
 
+# Model-meta keys added after checkpoints were first written, and what their absence meant.
+MODEL_META_DEFAULTS = {'mask_rule': True, 'exit_heads': 'shared'}
+
+
+def same_model(a: dict, b: dict) -> bool:
+  """Whether two ``model_meta`` describe the same structure (a key an older checkpoint
+  lacks counts as its default)."""
+  return {**MODEL_META_DEFAULTS, **a} == {**MODEL_META_DEFAULTS, **b}
+
+
 def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
   """A freshly initialised model of the structure ``model_meta`` describes."""
   return models.build_model(
       meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
       num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
-      mask_rule=meta.get('mask_rule', True), exit_heads=meta.get('exit_heads', 'shared'),
+      mask_rule=meta.get('mask_rule', MODEL_META_DEFAULTS['mask_rule']),
+      exit_heads=meta.get('exit_heads', MODEL_META_DEFAULTS['exit_heads']),
       mean=meta['mean'], std=meta['std'], seed=seed)
 
 

@@ -94,3 +94,13 @@ def test_private_heads_refuse_the_sandwich_rule():
                       'loss': {'objective': 'sandwich', 'sandwich_widths': 1}})
   with pytest.raises(ValueError, match='unknown model.exit_heads'):
     config.from_dict({'model': {'exit_heads': 'own'}})
+
+
+def test_checkpoints_from_before_exit_heads_read_as_shared(private):
+  """A model meta written before ``exit_heads`` existed describes a shared head: resuming
+  such a run is not refused, and a private-head meta still differs from it."""
+  meta = restore.model_meta(private, 'lenet3c1l', 5)
+  older = {k: v for k, v in meta.items() if k != 'exit_heads'}
+  assert restore.same_model(older, {**meta, 'exit_heads': 'shared'})
+  assert not restore.same_model(older, meta)
+  assert not restore.build_from_meta(older).head.private

@@ -123,7 +123,7 @@ def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
   if differ:
     raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
                      'use a new --workdir or delete it')
-  if model_meta is not None and saved['model_meta'] != model_meta:
+  if model_meta is not None and not restore.same_model(saved['model_meta'], model_meta):
     raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
   return saved
 
