@@ -426,7 +426,8 @@ def _flat(nested: dict) -> dict:
   renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
              'construction.rounds': 'construct_rounds'}
   later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
-           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor', 'loss.distill_mode')
+           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor', 'loss.distill_mode',
+           'model.exit_heads')
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
           if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0
