@@ -295,6 +295,8 @@ def _check(c: Config) -> None:
   from stepnet_jax.layers import EXIT_HEADS
   if m.exit_heads not in EXIT_HEADS:
     raise ValueError(f'unknown model.exit_heads {m.exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
+  if m.exit_heads == 'private' and not m.mask_rule:
+    raise ValueError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
   if m.exit_heads == 'private' and loss.objective == 'sandwich':
     raise ValueError("the 'sandwich' objective reads random widths off one shared classifier: it needs "
                      "model.exit_heads='shared'")

@@ -188,6 +188,8 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   input_shape = tuple(int(s) for s in input_shape)
   if triangular and not mask_rule:
     raise ValueError('triangular masks need the mask rule')
+  if exit_heads == 'private' and not mask_rule:
+    raise ValueError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
   b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, not mask_rule,
                nnx.Rngs(seed), input_shape, exit_heads)
   head = architecture(b, num_classes)

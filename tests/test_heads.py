@@ -92,6 +92,8 @@ def test_private_heads_refuse_the_sandwich_rule():
   with pytest.raises(ValueError, match="needs model.exit_heads='shared'"):
     config.from_dict({'model': {'triangular': True, 'exit_heads': 'private'},
                       'loss': {'objective': 'sandwich', 'sandwich_widths': 1}})
+  with pytest.raises(ValueError, match='needs model.mask_rule=True'):
+    config.from_dict({'model': {'mask_rule': False, 'exit_heads': 'private'}})
   with pytest.raises(ValueError, match='unknown model.exit_heads'):
     config.from_dict({'model': {'exit_heads': 'own'}})
 
