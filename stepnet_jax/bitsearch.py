@@ -60,7 +60,7 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
            max_bits: int = 8, head_bits: int = 8, slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
            ) -> tuple[dict[str, tuple[int, ...]], dict]:
   """(weight bits of every layer, a record of the search) for the best slope on validation."""
-  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  macs = quant.hidden_neuron_macs(model)
   z = scaled(scores)
   head = (int(head_bits),) * model.head.kernel.shape[-1]
   best, tried = None, []

@@ -111,7 +111,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
-  hidden_macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  hidden_macs = quant.hidden_neuron_macs(model)
   for budget in p.budgets:
     for method in METHODS:
       def val_acc(weight_bits):
@@ -213,7 +213,7 @@ def class_ladder_study(cfg: config_lib.Config, p, tuned, train_split: data.Datas
   """
   n = int(p.progressive_planes)
   top = tuned.num_levels - 1
-  hidden = {k: v for k, v in quant.neuron_macs(tuned).items() if k != 'head'}
+  hidden = quant.hidden_neuron_macs(tuned)
   best = None
   for slope in p.slopes:
     ladder = progressive.class_ladder(tuned, class_score, n, float(slope))

@@ -64,7 +64,7 @@ def class_ladder(model: SteppingModel, score: dict[str, np.ndarray], n: int, slo
   hidden layer to its neurons' importance (``bitsearch.SCORES``). A neuron's count never
   decreases from rung to rung, so rungs form a plane ladder (checked)."""
   z = bitsearch.scaled({k: v for k, v in score.items() if k != 'head'})
-  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  macs = quant.hidden_neuron_macs(model)
   ladder = []
   for b in range(1, n + 1):
     bits = bitsearch.fit_offset(z, macs, float(b), slope, 1, n)

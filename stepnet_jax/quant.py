@@ -191,6 +191,11 @@ def neuron_macs(model: SteppingModel) -> dict[str, np.ndarray]:
   return out
 
 
+def hidden_neuron_macs(model: SteppingModel) -> dict[str, np.ndarray]:
+  """``neuron_macs`` without the head: the neurons whose bits are searched and averaged."""
+  return {k: v for k, v in neuron_macs(model).items() if k != 'head'}
+
+
 def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_bits: int,
            input_bits: int = INPUT_BITS) -> np.ndarray:
   """Exact bit-operations per input of each level's new connections, int64 [layers, K]:
