@@ -58,17 +58,20 @@ def _exits(graphdef):
 
 
 def finetune(cfg: config_lib.Config, model, precision: quant.Precision, dataset: data.Dataset, epochs: float,
-             learning_rate: float, steps_per_epoch: int, desc: str):
-  """Quantization-aware fine-tune of a copy of ``model`` (float weights kept by the optimizer)."""
+             learning_rate: float, steps_per_epoch: int, desc: str, seed_offset: int = 0):
+  """Quantization-aware fine-tune of a copy of ``model`` (float weights kept by the optimizer).
+
+  ``seed_offset`` shifts the seed of the batch order and augmentation (0: the config's).
+  """
   steps = max(1, int(round(epochs * steps_per_epoch)))
   # The schedule spans the fine-tune's steps: one "epoch" of ``steps`` (epochs may be fractional).
-  ft_cfg = cfg.replace(**{'optim.learning_rate': learning_rate, 'train.num_epochs': 1,
+  ft_cfg = cfg.replace(**{'optim.learning_rate': learning_rate, 'train.num_epochs': 1, 'seed': cfg.seed + seed_offset,
                           'optim.warmup_epochs': cfg.optim.warmup_epochs * steps_per_epoch / steps})
   tx = optim.make_optimizer(ft_cfg, steps)
   graphdef, state = step_lib.init_state(model, tx)
   state = jax.tree.map(jnp.copy, state)          # the step donates its state; ``model`` keeps its arrays
   train_step = step_lib.make_train_step(graphdef, tx, quant.quantization_aware(losses.objective_for(cfg), precision),
-                                        seed=cfg.seed + 29, augment_images=cfg.data.augment)
+                                        seed=ft_cfg.seed + 29, augment_images=cfg.data.augment)
   state = loop.run_steps(state, train_step, dataset, ft_cfg, first=0, last=steps, steps_per_epoch=steps_per_epoch,
                          writer=None, desc=desc)
   return nnx.merge(graphdef, state.params, state.batch_stats)
@@ -108,10 +111,16 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
          'settings': {'act_bits': int(p.act_bits), 'bit_range': [int(p.min_bits), int(p.max_bits)],
                       'head_bits': int(p.head_bits), 'finetune_epochs': float(p.finetune_epochs),
                       'finetune_learning_rate': float(p.finetune_learning_rate),
+                      'finetune_seeds': [int(o) for o in p.get('finetune_seeds', (0,))],
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
   hidden_macs = quant.hidden_neuron_macs(model)
+  # Every assignment is fine-tuned once per seed offset; the accuracy is the mean over them.
+  seeds = tuple(int(o) for o in p.get('finetune_seeds', (0,)))
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {seeds}')
+  tuned_accuracy, saved_as = {}, {}
   for budget in p.budgets:
     for method in METHODS:
       def val_acc(weight_bits):
@@ -127,21 +136,33 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
                                                slopes=tuple(p.slopes))
       precision = quant.Precision(weight_bits, p.act_bits, clips)
       before = evaluate(quant.apply(model, precision), *test)
-      tuned = finetune(cfg, model, precision, train_split, p.finetune_epochs, p.finetune_learning_rate,
-                       steps_per_epoch, desc=f'{method} {budget:g} bits')
-      after = evaluate(quant.apply(tuned, precision), *test)
       name = f'{method}_{budget:g}bits'
-      _save(os.path.join(workdir, name), tuned, meta, precision)
+      key = tuple(sorted(weight_bits.items()))
+      afters = []
+      for offset in seeds:
+        if (key, offset) not in tuned_accuracy:      # another method's search found the same bits: same run
+          tuned = finetune(cfg, model, precision, train_split, p.finetune_epochs, p.finetune_learning_rate,
+                           steps_per_epoch, desc=f'{method} {budget:g} bits, seed offset {offset}', seed_offset=offset)
+          tuned_accuracy[key, offset] = evaluate(quant.apply(tuned, precision), *test)
+          if offset == seeds[0]:
+            _save(os.path.join(workdir, name), tuned, meta, precision)
+        elif offset == seeds[0]:
+          shutil.copytree(os.path.join(workdir, saved_as[key]), os.path.join(workdir, name), dirs_exist_ok=True)
+        afters.append(tuned_accuracy[key, offset])
+      saved_as.setdefault(key, name)
+      after = np.mean(afters, axis=0)
       ops = quant.bitops(model, weight_bits, p.act_bits)
       entry = {'avg_bits': quant.mean_bits(weight_bits, hidden_macs),
                'avg_bits_with_head': quant.mac_weighted_bits(model, weight_bits),
                'budget': float(budget), 'accuracy': float(after[top]), 'accuracy_per_level': [float(a) for a in after],
+               'accuracy_per_seed': [float(a[top]) for a in afters],
+               'accuracy_std': float(np.std([a[top] for a in afters])),
                'accuracy_before_finetune': float(before[top]), 'bitops': int(ops.sum()),
                'bitops_fraction_of_float32': float(ops.sum() / (float_macs * 32 * 32)), 'search': record,
                'workdir': name}
       out[method].append(entry)
       print(f'{method:>12} {budget:g} bits: mean {entry["avg_bits"]:.2f}, test {before[top]:.4f} -> '
-            f'{after[top]:.4f} after the fine-tune (float {float_acc[top]:.4f})', flush=True)
+            f'{after[top]:.4f} after the fine-tune (mean of {len(seeds)}; float {float_acc[top]:.4f})', flush=True)
   if p.get('progressive_planes', 0):
     out.update(progressive_study(cfg, p, model, train_split, val, test, clips, evaluate, steps_per_epoch,
                                  meta, workdir, scores.get('class_based')))
@@ -266,17 +287,21 @@ def targets(out: dict) -> list[str]:
 
 def markdown(out: dict) -> str:
   s = out['settings']
+  n_seeds = len(s.get('finetune_seeds', [0]))
+  seeds_note = (f', run {n_seeds} times (seed offsets {s["finetune_seeds"]}): accuracy after it is the mean '
+                '+- std over the runs' if n_seeds > 1 else '')
   lines = [f'# Precision study ({out["dataset"]})', '',
            f'Float network: top exit {100 * out["float_accuracy"]:.2f}%. Weight bits per neuron in '
            f'{s["bit_range"][0]}..{s["bit_range"][1]} (head {s["head_bits"]} bits), activations {s["act_bits"]} bits; '
-           f'quantization-aware fine-tune {s["finetune_epochs"]:g} epoch(s) at {s["finetune_learning_rate"]:g}; '
-           f'bits searched on {s["validation_examples"]} held-out training images.', '',
+           f'quantization-aware fine-tune {s["finetune_epochs"]:g} epoch(s) at {s["finetune_learning_rate"]:g}'
+           f'{seeds_note}; bits searched on {s["validation_examples"]} held-out training images.', '',
            '| method | budget | mean bits (hidden, MAC-weighted) | test accuracy before / after fine-tune | '
            'bit-ops per input | of float32 |', '|---|---:|---:|---:|---:|---:|']
   for m in METHODS:
     for e in out[m]:
+      spread = f' +- {100 * e["accuracy_std"]:.2f}' if n_seeds > 1 else ''
       lines.append(f'| {m} | {e["budget"]:g} | {e["avg_bits"]:.2f} | {100 * e["accuracy_before_finetune"]:.2f} / '
-                   f'{100 * e["accuracy"]:.2f} | {e["bitops"]:,} | {100 * e["bitops_fraction_of_float32"]:.2f}% |')
+                   f'{100 * e["accuracy"]:.2f}{spread} | {e["bitops"]:,} | {100 * e["bitops_fraction_of_float32"]:.2f}% |')
   if 'progressive' in out:
     lines += [''] + progressive_markdown(out)
   lines += ['', '## Targets', ''] + targets(out)
