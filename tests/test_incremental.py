@@ -199,14 +199,17 @@ def _flops(compiled):
   return float(ca['flops'])
 
 
-def test_step_k_costs_only_level_k_macs():
+@pytest.mark.parametrize('exit_heads', ['shared', 'private'])
+def test_step_k_costs_only_level_k_macs(exit_heads):
   """XLA's cost analysis of compiled step k ~ 2 * delta MACs of level k (not the cumulative).
 
+  With private heads, delta MACs include exit k's whole classifier, which step k computes.
   Batch 1: XLA:CPU may lower a batched convolution to a while loop over the batch, whose
   body cost analysis counts once.
   """
   with numpy_initializers(0):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4)
+    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4,
+                               exit_heads=exit_heads)
   graphdef, variables = stepping.split(model)
   fns = stepping.make_step_functions(graphdef, 4)
   delta = model.delta_macs().sum(axis=0)
