@@ -37,11 +37,12 @@ def get_config():
                                          sandwich_widths=2))
   # A method's section overrides `common` for that method (nested like `common`).
   # SteppingNet's own structural choices (picked on a validation split: README, "How the
-  # SteppingNet settings were chosen"): one classifier per exit, and the equal layer shares
-  # of each level topped up with whatever neurons still fit its budget.
+  # SteppingNet settings were chosen"): one classifier per exit, the equal layer shares
+  # of each level topped up with whatever neurons still fit its budget, and a supernet
+  # three times as wide as the base to choose the neurons from.
   c.steppingnet = ml_collections.ConfigDict(dict(
       model=dict(exit_heads='private'),
-      construction=dict(widen=2.0, importance='taylor', importance_examples=512, class_threshold=0.5,
+      construction=dict(widen=3.0, importance='taylor', importance_examples=512, class_threshold=0.5,
                         allocation='uniform_fill', rank_per_mac=False, rounds=4, pretrain_epochs=0.25,
                         round_epochs=0.0625, finetune_distill_weight=0.0)))
   c.nonuniform = ml_collections.ConfigDict(dict(construction=dict(pretrain_epochs=1.0),
@@ -52,7 +53,7 @@ def get_config():
       common=dict(model=dict(width=0.25), data=dict(train_subset=512, test_subset=300),
                   train=dict(num_epochs=2, batch_size=64, eval_batch_size=300, progress=False)),
       extra_budgets=(),
-      steppingnet=dict(construction=dict(rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)),
+      steppingnet=dict(construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)),
       nonuniform=dict(construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1,
                                                                               recalibrate_batches=5))))
   return c
