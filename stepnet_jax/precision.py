@@ -147,7 +147,8 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
           if offset == seeds[0]:
             _save(os.path.join(workdir, name), tuned, meta, precision)
         elif offset == seeds[0]:
-          shutil.copytree(os.path.join(workdir, saved_as[key]), os.path.join(workdir, name), dirs_exist_ok=True)
+          shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+          shutil.copytree(os.path.join(workdir, saved_as[key]), os.path.join(workdir, name))
         afters.append(tuned_accuracy[key, offset])
       saved_as.setdefault(key, name)
       after = np.mean(afters, axis=0)
