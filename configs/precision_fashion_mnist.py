@@ -31,6 +31,7 @@ def get_config():
       finetune_epochs=1.0,
       finetune_learning_rate=2e-4,
       finetune_seeds=(0, 1, 2),         # each assignment fine-tuned with these seed offsets; accuracy = mean
+      search_finetune_epochs=0.25,      # each searched candidate is ranked after this short fine-tune (0: without)
       # ProgressiveNN: N bitwise-binary planes from one quantization-aware run, BN
       # statistics re-estimated per plane count; 0 planes skips it (and the staircases)
       progressive_planes=8,
@@ -41,5 +42,6 @@ def get_config():
       common=dict(model=dict(width=0.25), data=dict(train_subset=640, test_subset=300, validation_examples=128),
                   train=dict(num_epochs=1, batch_size=64, eval_batch_size=300, progress=False)),
       precision=dict(budgets=(2.0, 4.0), slopes=(1.0, 4.0), calibration_images=128, importance_examples=300,
-                     finetune_epochs=0.5, finetune_seeds=(0,), progressive_epochs=0.5, progressive_bn_batches=5)))
+                     finetune_epochs=0.5, finetune_seeds=(0,), search_finetune_epochs=0.0, progressive_epochs=0.5,
+                     progressive_bn_batches=5)))
   return c

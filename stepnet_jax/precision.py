@@ -6,7 +6,8 @@ Trains (or reuses) the float network of ``common`` in ``DIR/float`` without a he
 validation split of the training images; calibrates the activation clips; then, for
 every average weight-bit budget and every method, searches per-neuron bits on the
 validation split (``bitsearch``: one search, the methods differ only in their score;
-``uniform`` is every neuron at the budget), fine-tunes the quantized network for
+``uniform`` is every neuron at the budget; with ``precision.search_finetune_epochs`` each
+candidate is ranked after a short fine-tune), fine-tunes the quantized network for
 ``precision.finetune_epochs`` with straight-through estimators (the config's objective,
 all exits) and reports test accuracy. Each fine-tuned network is saved in
 ``DIR/METHOD_BBITS`` with its bits in the checkpoint (``evaluate.py --workdir`` shows
@@ -112,6 +113,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
                       'head_bits': int(p.head_bits), 'finetune_epochs': float(p.finetune_epochs),
                       'finetune_learning_rate': float(p.finetune_learning_rate),
                       'finetune_seeds': [int(o) for o in p.get('finetune_seeds', (0,))],
+                      'search_finetune_epochs': float(p.get('search_finetune_epochs', 0.0)),
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
@@ -124,7 +126,12 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
   for budget in p.budgets:
     for method in METHODS:
       def val_acc(weight_bits):
-        return evaluate(quant.apply(model, quant.Precision(weight_bits, p.act_bits, clips)), *val)[top]
+        candidate = quant.Precision(weight_bits, p.act_bits, clips)
+        searched = model
+        if p.get('search_finetune_epochs', 0):      # rank the candidate as it will be used: fine-tuned
+          searched = finetune(cfg, model, candidate, train_split, p.search_finetune_epochs,
+                              p.finetune_learning_rate, steps_per_epoch, desc=f'{method} {budget:g} bits, search')
+        return evaluate(quant.apply(searched, candidate), *val)[top]
 
       if method == 'uniform':
         weight_bits = {**quant.uniform_bits(model, int(budget)),
