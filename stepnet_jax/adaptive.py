@@ -225,10 +225,16 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
   return out
 
 
+# At batch 1 each input's program time is the median of this many calls (one call of a
+# few milliseconds is at the mercy of the scheduler).
+CALLS_PER_INPUT = 5
+
+
 def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: int, repeats: int = 20) -> dict:
   """Wall time of the compiled anytime program under ``policy`` (each strategy) against the
   faster direct top-level forward, at ``batch``. At batch 1 the program's time is the mean over
-  ``repeats`` different inputs (each stops where the policy says), the forward's the median.
+  ``repeats`` different inputs (each stops where the policy says) of each input's median over
+  ``CALLS_PER_INPUT`` calls; the forward's is the median of ``repeats`` calls.
   """
   top = net.num_levels - 1
   xs = [jnp.asarray(images[i * batch:(i + 1) * batch]) for i in range(repeats if batch == 1 else 1)]
@@ -240,7 +246,7 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
          'direct_top_ms': 1e3 * direct}
   for strategy in anytime.STRATEGIES:
     fn = anytime.make_predict(net.program, strategy)
-    per_input = [timing.median_seconds(fn, net.variables, x, policy, repeats=1 if batch == 1 else repeats)
+    per_input = [timing.median_seconds(fn, net.variables, x, policy, repeats=CALLS_PER_INPUT if batch == 1 else repeats)
                  for x in xs]
     out[f'{strategy}_ms'] = 1e3 * float(np.mean(per_input))
     out[f'{strategy}_ratio'] = out[f'{strategy}_ms'] / out['direct_top_ms']
