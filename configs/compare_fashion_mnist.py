@@ -53,7 +53,8 @@ def get_config():
       common=dict(model=dict(width=0.25), data=dict(train_subset=512, test_subset=300),
                   train=dict(num_epochs=2, batch_size=64, eval_batch_size=300, progress=False)),
       extra_budgets=(),
-      steppingnet=dict(construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)),
+      steppingnet=dict(construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5,
+                                         importance_examples=128)),
       nonuniform=dict(construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1,
                                                                               recalibrate_batches=5))))
   return c

@@ -309,7 +309,8 @@ def markdown(out: dict) -> str:
     for e in out[m]:
       spread = f' +- {100 * e["accuracy_std"]:.2f}' if n_seeds > 1 else ''
       lines.append(f'| {m} | {e["budget"]:g} | {e["avg_bits"]:.2f} | {100 * e["accuracy_before_finetune"]:.2f} / '
-                   f'{100 * e["accuracy"]:.2f}{spread} | {e["bitops"]:,} | {100 * e["bitops_fraction_of_float32"]:.2f}% |')
+                   f'{100 * e["accuracy"]:.2f}{spread} | {e["bitops"]:,} | '
+                   f'{100 * e["bitops_fraction_of_float32"]:.2f}% |')
   if 'progressive' in out:
     lines += [''] + progressive_markdown(out)
   lines += ['', '## Targets', ''] + targets(out)
