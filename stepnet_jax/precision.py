@@ -107,29 +107,29 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
             for m in METHODS if m in SCORE_OF}
   steps_per_epoch = len(train_split.train_labels) // cfg.train.batch_size
   top = model.num_levels - 1
+  # Every assignment is fine-tuned once per seed offset; the accuracy is the mean over them.
+  seeds = tuple(int(o) for o in p.get('finetune_seeds', (0,)))
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {seeds}')
+  search_epochs = float(p.get('search_finetune_epochs', 0.0))
   out = {'dataset': dataset.name, 'float_accuracy': float(float_acc[top]),
          'float_accuracy_per_level': [float(a) for a in float_acc],
          'settings': {'act_bits': int(p.act_bits), 'bit_range': [int(p.min_bits), int(p.max_bits)],
                       'head_bits': int(p.head_bits), 'finetune_epochs': float(p.finetune_epochs),
                       'finetune_learning_rate': float(p.finetune_learning_rate),
-                      'finetune_seeds': [int(o) for o in p.get('finetune_seeds', (0,))],
-                      'search_finetune_epochs': float(p.get('search_finetune_epochs', 0.0)),
+                      'finetune_seeds': list(seeds), 'search_finetune_epochs': search_epochs,
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
   hidden_macs = quant.hidden_neuron_macs(model)
-  # Every assignment is fine-tuned once per seed offset; the accuracy is the mean over them.
-  seeds = tuple(int(o) for o in p.get('finetune_seeds', (0,)))
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {seeds}')
   tuned_accuracy, saved_as = {}, {}
   for budget in p.budgets:
     for method in METHODS:
       def val_acc(weight_bits):
         candidate = quant.Precision(weight_bits, p.act_bits, clips)
         searched = model
-        if p.get('search_finetune_epochs', 0):      # rank the candidate as it will be used: fine-tuned
-          searched = finetune(cfg, model, candidate, train_split, p.search_finetune_epochs,
+        if search_epochs:      # rank the candidate as it will be used: fine-tuned
+          searched = finetune(cfg, model, candidate, train_split, search_epochs,
                               p.finetune_learning_rate, steps_per_epoch, desc=f'{method} {budget:g} bits, search')
         return evaluate(quant.apply(searched, candidate), *val)[top]
 
