@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -33,7 +34,7 @@ from absl import flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, compare, data, evaluation, policies, selection, timing
+from stepnet_jax import anytime, compare, data, evaluation, policies, selection
 from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 
@@ -225,39 +226,94 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
   return out
 
 
-# At batch 1 each input's program time is the median of this many calls (one call of a
-# few milliseconds is at the mercy of the scheduler).
+# At batch 1 the program is timed on this many test inputs (each stops where the policy
+# says, so the average needs many), each input's time the median of ``CALLS_PER_INPUT``
+# calls (one call of a few milliseconds is at the mercy of the scheduler).
+BATCH1_INPUTS = 200
 CALLS_PER_INPUT = 5
 
 
 def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: int, repeats: int = 20) -> dict:
   """Wall time of the compiled anytime program under ``policy`` (each strategy) against the
-  faster direct top-level forward, at ``batch``. At batch 1 the program's time is the mean over
-  ``repeats`` different inputs (each stops where the policy says) of each input's median over
-  ``CALLS_PER_INPUT`` calls; the forward's is the median of ``repeats`` calls.
+  faster direct top-level forward, at ``batch``.
+
+  The program and the forwards are timed interleaved, call after call on the same input,
+  so a slow spell of the machine hits them alike. Batch 1: each of ``BATCH1_INPUTS`` test
+  inputs is called ``CALLS_PER_INPUT`` times in turn by every function; a function's time
+  is the mean over inputs of each input's median. Batch 256: the median of ``repeats``
+  interleaved rounds on one batch.
   """
   top = net.num_levels - 1
-  xs = [jnp.asarray(images[i * batch:(i + 1) * batch]) for i in range(repeats if batch == 1 else 1)]
-  # The faster of the two direct forwards (masked full width, level blocks) on this network.
-  direct = min(timing.median_seconds(lambda x, f=f: f(net.variables, x, top), xs[0], repeats=repeats)
-               for f in (net.functions.forward, net.functions.forward_blocked))
-  macs = np.concatenate([np.asarray(net.predict(x, policy).macs) for x in xs])
-  out = {'batch': batch, 'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
-         'direct_top_ms': 1e3 * direct}
+  if batch == 1:
+    xs, calls = [jnp.asarray(images[i:i + 1]) for i in range(min(BATCH1_INPUTS, len(images)))], CALLS_PER_INPUT
+  else:
+    xs, calls = [jnp.asarray(images[:batch])], repeats
+  # The direct forwards (masked full width, level blocks): the faster one is the reference.
+  fns = {'forward': lambda x: net.functions.forward(net.variables, x, top),
+         'forward_blocked': lambda x: net.functions.forward_blocked(net.variables, x, top)}
   for strategy in anytime.STRATEGIES:
-    fn = anytime.make_predict(net.program, strategy)
-    per_input = [timing.median_seconds(fn, net.variables, x, policy, repeats=CALLS_PER_INPUT if batch == 1 else repeats)
-                 for x in xs]
-    out[f'{strategy}_ms'] = 1e3 * float(np.mean(per_input))
+    fns[strategy] = functools.partial(anytime.make_predict(net.program, strategy), net.variables, policy=policy)
+  seconds = {name: [] for name in fns}
+  for x in xs:
+    for fn in fns.values():                  # compile, and warm this input's buffers
+      jax.block_until_ready(fn(x))
+    per_call = {name: [] for name in fns}
+    for _ in range(calls):
+      for name, fn in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        per_call[name].append(time.perf_counter() - t)
+    for name, t in per_call.items():
+      seconds[name].append(np.median(t))
+  mean_ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
+  macs = np.concatenate([np.asarray(fns[anytime.STRATEGIES[0]](x).macs) for x in xs])
+  out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs), 'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
+         'direct_top_ms': min(mean_ms['forward'], mean_ms['forward_blocked'])}
+  for strategy in anytime.STRATEGIES:
+    out[f'{strategy}_ms'] = mean_ms[strategy]
     out[f'{strategy}_ratio'] = out[f'{strategy}_ms'] / out['direct_top_ms']
   return out
+
+
+TIMING_SELECTOR = 'timing_selector.npz'
+
+
+def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policies.Learned) -> None:
+  """Keeps the operating point's selection module, so a second ``--timing`` (a fresh
+  process, which times more steadily than one that just trained) reuses it. Not with
+  ``selection.joint``: that also changes the exits, which are not saved here."""
+  if not cfg.selection.joint:
+    np.savez(os.path.join(workdir, TIMING_SELECTOR), cost_weight=lam, seed=cfg.seed, history=policy.history,
+             num_levels=policy.num_levels, threshold=np.asarray(policy.threshold),
+             **{k: np.asarray(v) for k, v in policy.params.items()})
+
+
+def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int) -> policies.Learned | None:
+  """The module ``_save_timing_selector`` kept for this lambda, these settings and this
+  network, or None."""
+  path = os.path.join(workdir, TIMING_SELECTOR)
+  if cfg.selection.joint or not os.path.exists(path):
+    return None
+  meta = ('cost_weight', 'seed', 'history', 'num_levels', 'threshold')
+  with np.load(path) as saved:
+    if (float(saved['cost_weight']) != lam or int(saved['seed']) != cfg.seed
+        or bool(saved['history']) != cfg.selection.history
+        or int(saved['num_levels']) != num_levels or saved['w1'].shape[1] != cfg.selection.hidden):
+      return None
+    params = {k: jnp.asarray(saved[k]) for k in saved.files if k not in meta}
+    threshold = float(saved['threshold'])
+  logging.info('%s: reusing the selection module trained for lambda %g', path, lam)
+  return policies.Learned(params, num_levels, cfg.selection.history, threshold)
 
 
 def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, repeats: int = 20) -> dict:
   """Times SteppingNet's program at the learned policy's 50%-MAC point of a finished study in
   ``workdir`` (the lambda whose validation MACs are closest to half the top level's; its
-  selection module retrained, deterministically) and at the confidence threshold with the
-  closest validation MACs, at batch 1 and 256; writes DIR/timing.json."""
+  selection module retrained, deterministically, and kept in DIR/timing_selector.npz for
+  the next ``--timing``) and at the confidence threshold with the closest validation MACs,
+  at batch 1 and 256; writes DIR/timing.json. Time in a process that did not just train
+  (run ``--timing`` twice) and without allocator tweaks such as MALLOC_ARENA_MAX=1, which
+  slowed the batch-1 program by about 10% here."""
   cc = compare.resolve(cc, quick)
   common = config_lib.from_dict(cc.common)
   with open(os.path.join(workdir, 'adaptive.json')) as f:
@@ -270,10 +326,13 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
   fit, _ = validation_halves(np.load(os.path.join(workdir, 'validation_indices.npy')), common.seed)
   net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
   lam = learned_point['knob']
-  learned, variables = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
-                                                dataset.train_images[fit], dataset.train_labels[fit],
-                                                dataset.num_classes, cost_weight=lam)
-  net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)   # fine-tuned exits with selection.joint
+  learned = _load_timing_selector(workdir, lam, common, net.num_levels)
+  if learned is None:
+    learned, variables = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
+                                                  dataset.train_images[fit], dataset.train_labels[fit],
+                                                  dataset.num_classes, cost_weight=lam)
+    net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)   # fine-tuned exits with selection.joint
+    _save_timing_selector(workdir, lam, common, learned)
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
   target = learned_point['avg_macs']
   conf = min(study['methods']['steppingnet_confidence']['validation_points'],

@@ -59,3 +59,21 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
     assert (tmp_path / name).stat().st_size > 0
   assert 'Targets' in (tmp_path / 'adaptive.md').read_text()
 
+
+  # --timing on the finished study: trains the operating point's selection module once and
+  # keeps it; a second --timing reuses it (no training) and times the same policy.
+  monkeypatch.setattr(adaptive, 'BATCH1_INPUTS', 3)
+  first = adaptive.timing_study(cc, str(tmp_path), quick=True, repeats=2)
+  assert (tmp_path / adaptive.TIMING_SELECTOR).exists()
+  from stepnet_jax import selection
+
+  def no_training(*args, **kwargs):
+    raise AssertionError('the kept selection module should have been reused')
+  monkeypatch.setattr(selection, 'train_selector', no_training)
+  second = adaptive.timing_study(cc, str(tmp_path), quick=True, repeats=2)
+  assert json.loads((tmp_path / 'timing.json').read_text()) == json.loads(json.dumps(second))
+  assert [(r['policy'], r['batch'], r['inputs']) for r in second['results']] == \
+      [('learned', 1, 3), ('learned', 150, 150), ('confidence', 1, 3), ('confidence', 150, 150)]
+  for a, b in zip(first['results'], second['results']):   # the same decisions, so the same MACs
+    assert a['avg_macs_fraction'] == b['avg_macs_fraction']
+    assert all(b[f'{s}_ms'] > 0 and b[f'{s}_ratio'] > 0 for s in anytime.STRATEGIES)
