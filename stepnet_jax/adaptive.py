@@ -237,11 +237,12 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
   """Wall time of the compiled anytime program under ``policy`` (each strategy) against the
   faster direct top-level forward, at ``batch``.
 
-  The program and the forwards are timed interleaved, call after call on the same input,
-  so a slow spell of the machine hits them alike. Batch 1: each of ``BATCH1_INPUTS`` test
-  inputs is called ``CALLS_PER_INPUT`` times in turn by every function; a function's time
-  is the mean over inputs of each input's median. Batch 256: the median of ``repeats``
-  interleaved rounds on one batch.
+  The program and the forwards take turns input by input, so a slow spell of the machine
+  (the batch-1 forward's median drifted between 3.6 and 5.4 ms within minutes here) hits
+  them alike; each function is timed warm (a call first, then consecutive calls, as a
+  device serving one model runs). Batch 1: on each of ``BATCH1_INPUTS`` test inputs every
+  function in turn is called ``CALLS_PER_INPUT`` times; its time is the mean over inputs
+  of each input's median. Batch 256: each function's median of ``repeats`` calls on one batch.
   """
   top = net.num_levels - 1
   if batch == 1:
@@ -255,16 +256,14 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
     fns[strategy] = functools.partial(anytime.make_predict(net.program, strategy), net.variables, policy=policy)
   seconds = {name: [] for name in fns}
   for x in xs:
-    for fn in fns.values():                  # compile, and warm this input's buffers
-      jax.block_until_ready(fn(x))
-    per_call = {name: [] for name in fns}
-    for _ in range(calls):
-      for name, fn in fns.items():
+    for name, fn in fns.items():
+      jax.block_until_ready(fn(x))           # compile; warm this function's code and weights
+      per_call = []
+      for _ in range(calls):
         t = time.perf_counter()
         jax.block_until_ready(fn(x))
-        per_call[name].append(time.perf_counter() - t)
-    for name, t in per_call.items():
-      seconds[name].append(np.median(t))
+        per_call.append(time.perf_counter() - t)
+      seconds[name].append(np.median(per_call))
   mean_ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
   macs = np.concatenate([np.asarray(fns[anytime.STRATEGIES[0]](x).macs) for x in xs])
   out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs), 'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
