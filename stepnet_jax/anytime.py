@@ -47,8 +47,8 @@ from stepnet_jax.model import StepCache
 STRATEGIES = ('masked', 'compact')
 # The strategy ``predict`` uses when none is given, per backend. CPU: measured with
 # ``python -m stepnet_jax.adaptive --timing`` (README, 2 cores, batch 256): the study's
-# SteppingNet, compact 97.6 vs masked 160.9 ms (learned policy, 39.5% of the top MACs),
-# 94.6 vs 143.5 ms (confidence, 35.3%); at width 4, 369.5 vs 575.1 ms (learned, 54.9%).
+# SteppingNet, compact 144.2 vs masked 166.9 ms (learned policy, 52.0% of the top MACs),
+# 111.4 vs 188.4 ms (confidence, 46.5%); at width 4, 429.6 vs 656.0 ms (learned, 54.9%).
 # GPU and TPU: not measured; compact until someone does.
 DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
