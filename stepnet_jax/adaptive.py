@@ -266,7 +266,8 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
       seconds[name].append(np.median(per_call))
   mean_ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
   macs = np.concatenate([np.asarray(fns[anytime.STRATEGIES[0]](x).macs) for x in xs])
-  out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs), 'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
+  out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs),
+         'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
          'direct_top_ms': min(mean_ms['forward'], mean_ms['forward_blocked'])}
   for strategy in anytime.STRATEGIES:
     out[f'{strategy}_ms'] = mean_ms[strategy]

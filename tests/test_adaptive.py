@@ -59,7 +59,6 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
     assert (tmp_path / name).stat().st_size > 0
   assert 'Targets' in (tmp_path / 'adaptive.md').read_text()
 
-
   # --timing on the finished study: trains the operating point's selection module once and
   # keeps it; a second --timing reuses it (no training) and times the same policy.
   monkeypatch.setattr(adaptive, 'BATCH1_INPUTS', 3)
