@@ -279,9 +279,10 @@ TIMING_SELECTOR = 'timing_selector.npz'
 
 
 def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policies.Learned) -> None:
-  """Keeps the operating point's selection module, so a second ``--timing`` (a fresh
-  process, which times more steadily than one that just trained) reuses it. Not with
-  ``selection.joint``: that also changes the exits, which are not saved here."""
+  """Keeps the operating point's selection module, so that a later ``--timing`` (another
+  run to see the spread, or another allocator) reuses it instead of retraining it (about
+  10 minutes at width 4 here). Not with ``selection.joint``: that also changes the exits,
+  which are not saved here."""
   if not cfg.selection.joint:
     np.savez(os.path.join(workdir, TIMING_SELECTOR), cost_weight=lam, seed=cfg.seed, history=policy.history,
              num_levels=policy.num_levels, threshold=np.asarray(policy.threshold),
@@ -311,9 +312,8 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
   ``workdir`` (the lambda whose validation MACs are closest to half the top level's; its
   selection module retrained, deterministically, and kept in DIR/timing_selector.npz for
   the next ``--timing``) and at the confidence threshold with the closest validation MACs,
-  at batch 1 and 256; writes DIR/timing.json. Time in a process that did not just train
-  (run ``--timing`` twice) and without allocator tweaks such as MALLOC_ARENA_MAX=1, which
-  slowed the batch-1 program by about 10% here."""
+  at batch 1 and 256; writes DIR/timing.json. The allocator moves the numbers (README,
+  "time following MACs"): time with the one a deployment uses."""
   cc = compare.resolve(cc, quick)
   common = config_lib.from_dict(cc.common)
   with open(os.path.join(workdir, 'adaptive.json')) as f:
