@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -492,7 +493,19 @@ def define_study_flags(what: str) -> None:
 
 
 def run_study(main, run_roots: Sequence[str] = ('common',)) -> None:
-  """``absl.app.run(main)`` with the flags parser that names renamed overrides."""
+  """``absl.app.run(main)`` with the flags parser that names renamed overrides; a training
+  stopped by SIGTERM or Ctrl-C ends the command with its one-line message and exit status
+  143 or 130 (as ``train.py`` does), not a traceback."""
   import functools
   from absl import app
-  app.run(main, flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))
+  app.run(functools.partial(_stop_quietly, main),
+          flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))
+
+
+def _stop_quietly(main, argv):
+  from stepnet_jax.training import loop   # imported here: the training code imports this module
+  try:
+    return main(argv)
+  except loop.Preempted as stopped:
+    print(f'stopped: {stopped}', file=sys.stderr, flush=True)
+    raise SystemExit(130 if stopped.signal_name == 'SIGINT' else 143) from None
