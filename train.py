@@ -33,7 +33,7 @@ def main(argv):
     result = methods.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
   except loop.Preempted as stopped:
     print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
-    raise SystemExit(130 if stopped.signal_name == 'SIGINT' else 143) from None
+    raise SystemExit(stopped.exit_status) from None
   except (FloatingPointError, loop.Diverged, run.WorkdirBusy) as failed:
     print(f'error: {failed}', file=sys.stderr, flush=True)
     raise SystemExit(1) from None

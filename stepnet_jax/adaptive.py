@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -34,7 +33,7 @@ from absl import flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, compare, data, evaluation, policies, selection
+from stepnet_jax import anytime, compare, data, evaluation, policies, selection, timing
 from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 
@@ -256,14 +255,8 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
     fns[strategy] = functools.partial(anytime.make_predict(net.program, strategy), net.variables, policy=policy)
   seconds = {name: [] for name in fns}
   for x in xs:
-    for name, fn in fns.items():
-      jax.block_until_ready(fn(x))           # compile; warm this function's code and weights
-      per_call = []
-      for _ in range(calls):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        per_call.append(time.perf_counter() - t)
-      seconds[name].append(np.median(per_call))
+    for name, fn in fns.items():             # the warm-up call compiles, and warms code and weights
+      seconds[name].append(timing.median_seconds(fn, x, repeats=calls, warmup=1))
   mean_ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
   macs = np.concatenate([np.asarray(fns[anytime.STRATEGIES[0]](x).macs) for x in xs])
   out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs),

@@ -508,4 +508,4 @@ def _stop_quietly(main, argv):
     return main(argv)
   except loop.Preempted as stopped:
     print(f'stopped: {stopped}', file=sys.stderr, flush=True)
-    raise SystemExit(130 if stopped.signal_name == 'SIGINT' else 143) from None
+    raise SystemExit(stopped.exit_status) from None

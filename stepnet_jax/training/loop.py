@@ -92,6 +92,11 @@ class Preempted(Exception):
     super().__init__(f'{signal_name} at step {step}: {what}')
     self.step, self.signal_name, self.saved = step, signal_name, saved
 
+  @property
+  def exit_status(self) -> int:
+    """The shell's status for a command ended by this signal: 130 (Ctrl-C), 143 (SIGTERM)."""
+    return 130 if self.signal_name == 'SIGINT' else 143
+
 
 class StopRequests:
   """SIGTERM / SIGINT handlers, while entered, that only record the request (the loop saves,
