@@ -40,8 +40,9 @@ def get_config():
   # SteppingNet settings were chosen"): one classifier per exit, the equal layer shares
   # of each level topped up with whatever neurons still fit its budget, and a supernet
   # three times as wide as the base to choose the neurons from.
+  # loss.exit_weights: one weight per budget (() = 1 for every exit).
   c.steppingnet = ml_collections.ConfigDict(dict(
-      model=dict(exit_heads='private'),
+      model=dict(exit_heads='private'), loss=dict(exit_weights=()),
       construction=dict(widen=3.0, importance='taylor', importance_examples=512, class_threshold=0.5,
                         allocation='uniform_fill', rank_per_mac=False, rounds=4, pretrain_epochs=0.25,
                         round_epochs=0.0625, finetune_distill_weight=0.0)))

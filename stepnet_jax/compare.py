@@ -119,8 +119,13 @@ ENTRIES: Registry[Callable[[Setup], list[Config]]] = Registry('comparison method
 
 @ENTRIES.register('steppingnet')
 def _steppingnet(s: Setup) -> list[Config]:
-  return [_config(s.common, s.cc.steppingnet, {'method': 'steppingnet', 'model.num_levels': len(s.budgets),
-                                               'construction.budgets': s.budgets, 'loss.exit_weights': ()})]
+  # Exit weights are a SteppingNet lever of its own section (one per budget); the common
+  # ones are for another level count, so without the section's every exit weighs 1.
+  section = s.cc.steppingnet.to_dict()
+  weights = tuple(section.get('loss', {}).pop('exit_weights', ()))
+  return [_config(s.common, ml_collections.ConfigDict(section),
+                  {'method': 'steppingnet', 'model.num_levels': len(s.budgets), 'construction.budgets': s.budgets,
+                   'loss.exit_weights': weights})]
 
 
 @ENTRIES.register('steppingnet_tri')

@@ -277,3 +277,23 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
   assert 'gap -5.00 pt: met' in lines[3]
   assert lines[4].startswith('- training time') and '2 s vs 3 independent networks 2 s' in lines[4]
   assert compare.targets({'awn': rows([0.9])}) == []      # nothing to judge without SteppingNet
+
+
+def test_steppingnet_exit_weights_come_from_its_own_section_only():
+  """The common exit weights (for another level count) never reach a comparison method;
+  SteppingNet's section may set one weight per budget, checked against the level count."""
+  ds = data.load_dataset('digits')
+  cc = compare_config()
+  cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
+  cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()
+  cc.common.loss.exit_weights = (1.0, 9.0, 9.0)
+  setup = compare.Setup.of(cc, ds)
+  assert len(setup.budgets) == 2
+  assert compare.ENTRIES.get('steppingnet')(setup)[0].exit_weights == (1.0, 1.0)
+  assert compare.ENTRIES.get('awn')(setup)[0].exit_weights == (1.0, 1.0)
+  cc.steppingnet.loss.exit_weights = (1.0, 3.0)
+  assert compare.ENTRIES.get('steppingnet')(compare.Setup.of(cc, ds))[0].exit_weights == (1.0, 3.0)
+  assert compare.ENTRIES.get('slimmable')(compare.Setup.of(cc, ds))[0].exit_weights == (1.0, 1.0)
+  cc.steppingnet.loss.exit_weights = (1.0, 2.0, 3.0)
+  with pytest.raises(ValueError, match='exit_weights has 3 entries for 2 levels'):
+    compare.ENTRIES.get('steppingnet')(compare.Setup.of(cc, ds))
