@@ -329,18 +329,23 @@ def targets(results: dict[str, dict]) -> list[str]:
 def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int,
              seeds: tuple[int, ...] = ()) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
-  (with ``seeds``: mean ± standard deviation over them, targets on the means)."""
+  (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
+  runs held images out of training, their validation accuracy (the number to choose
+  settings on) has a column before the test accuracy."""
   over = f', mean ± std over seeds {", ".join(map(str, seeds))}' if seeds else ''
+  held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
+  val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
   lines = [f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method{over})', '',
            f'Budgets (fractions of the dense base network, {base:,} MACs): '
            + ', '.join(f'{b:.4f}' for b in budgets), '',
-           '| method | level | MACs | MACs to reach | accuracy (%) | step latency (ms, B=1) |',
-           '|---|---:|---:|---:|---:|---:|']
+           f'| method | level | MACs | MACs to reach | {val_head}test accuracy (%) | step latency (ms, B=1) |',
+           f'|---|---:|---:|---:|{val_rule}---:|---:|']
   for name, res in results.items():
     for r in res['levels']:
       acc = f'{100 * r["accuracy"]:.2f}' + (f' ± {100 * r["accuracy_std"]:.2f}' if 'accuracy_std' in r else '')
+      val = (f'{100 * r["validation_accuracy"]:.2f} | ' if 'validation_accuracy' in r else '- | ') if held_out else ''
       lines.append(f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | '
-                   f'{acc} | {r["latency_ms"]:.3f} |')
+                   f'{val}{acc} | {r["latency_ms"]:.3f} |')
   lines += ['', f'| method | reusable | train seconds{" per seed" if seeds else ""} |', '|---|---|---:|']
   for name, res in results.items():
     lines.append(f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} |')

@@ -44,6 +44,7 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
       assert np.all(macs <= budgets + 1e-6), name
   for name in ('compare.md', 'compare.png'):
     assert os.path.getsize(tmp_path / name) > 0
+  assert 'validation accuracy' not in (tmp_path / 'compare.md').read_text()   # nothing was held out
   for name in cc.methods:   # evaluate.py's per-level JSON for every method
     with open(tmp_path / name / 'levels.json') as f:
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
@@ -84,6 +85,12 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
     for r in p['methods']['awn']['levels']:
       pred = np.asarray(net.forward(subset.train_images[held], r['level'])).argmax(-1)
       assert r['validation_accuracy'] == pytest.approx(float((pred == subset.train_labels[held]).mean()))
+  # compare.md shows the seeds' mean validation accuracy beside the test accuracy.
+  md = (tmp_path / 'compare.md').read_text()
+  assert '| validation accuracy (%) | test accuracy (%) |' in md
+  for r in rows:
+    val = np.mean([p['methods']['awn']['levels'][r['level']]['validation_accuracy'] for p in per_seed])
+    assert f'| awn | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | {100 * val:.2f} | ' in md
 
 
 def _levels(points):
