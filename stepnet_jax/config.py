@@ -73,6 +73,7 @@ class LossConfig:
   distill_temperature: float = 4.0
   distill_mode: str = 'add'        # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
   sandwich_widths: int = 0         # 'sandwich' (AWN): smallest + largest + this many random widths
+  label_smoothing: float = 0.0     # every exit's cross-entropy against (1 - e) one_hot + e / classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +336,8 @@ def _check_ranges(c: Config) -> None:
   for key in positive:
     if not values[key] > 0:
       raise ValueError(f'{key} must be > 0, got {values[key]}')
+  if not 0 <= values['loss.label_smoothing'] < 1:
+    raise ValueError(f'loss.label_smoothing must be in [0, 1), got {values["loss.label_smoothing"]}')
   if values['optim.momentum'] >= 1:
     raise ValueError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
   for key in ('model.level_widths', 'construction.budgets'):

@@ -26,8 +26,8 @@ DISTILL_MODES = ('add', 'replace')
 
 
 def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence[float],
-                    distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add'
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add',
+                    label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Loss over all exits of one forward pass.
 
   mode 'add':
@@ -39,7 +39,9 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
   so only the top exit sees the labels and every lower exit learns the top's soft labels.
 
   The teacher (top exit) is held fixed in the distillation term (stop-gradient), so
-  it only pulls the lower exits towards the top one.
+  it only pulls the lower exits towards the top one. With ``label_smoothing`` = e every
+  CE_k is against the smoothed labels (1 - e) one_hot + e / classes (a regulariser of
+  the recipe: every method's objective takes the same e).
 
   Args:
     logits: [K, B, classes].
@@ -55,7 +57,13 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
     raise ValueError(f'{len(exit_weights)} exit weights for {k} exits')
   if mode not in DISTILL_MODES:
     raise ValueError(f'unknown distillation mode {mode!r}; choose from {", ".join(DISTILL_MODES)}')
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :]).mean(axis=1)  # [K]
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, targets[None]).mean(axis=1)                     # [K]
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :]).mean(axis=1)  # [K]
   distill, kl = jnp.zeros((), jnp.float32), None
   if k > 1 and (distill_weight or mode == 'replace'):
     t = float(temperature)
@@ -82,22 +90,22 @@ Objective = Callable[['SteppingModel', 'Batch', jax.Array], tuple[jax.Array, dic
 
 
 def multi_exit(weights: Sequence[float], distill_weight: float = 0.0, temperature: float = 1.0,
-               levels: Sequence[int] | None = None, mode: str = 'add') -> Objective:
+               levels: Sequence[int] | None = None, mode: str = 'add', label_smoothing: float = 0.0) -> Objective:
   """``multi_exit_loss`` over the exits ``levels`` (default all) of ONE full-width pass."""
   levels = None if levels is None else tuple(levels)
 
   def objective(model, batch, rng):
     del rng
     logits = model.exits(batch.images, train=True, levels=levels)   # [len(levels), B, classes]
-    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature, mode)
+    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature, mode, label_smoothing)
     return loss, {'logits': logits, **aux}
   return objective
 
 
-def subnet(level: int, weight: float = 1.0) -> Objective:
+def subnet(level: int, weight: float = 1.0, label_smoothing: float = 0.0) -> Objective:
   """The cross-entropy of subnet ``level`` alone (``multi_exit_loss`` of that exit with its
   ``weight``, which divides out): one turn of the non-uniform baseline."""
-  return multi_exit((weight,), levels=(level,))
+  return multi_exit((weight,), levels=(level,), label_smoothing=label_smoothing)
 
 
 def single_exit() -> Objective:
@@ -110,7 +118,8 @@ def single_exit() -> Objective:
   return objective
 
 
-def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add') -> Objective:
+def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add',
+             label_smoothing: float = 0.0) -> Objective:
   """Any-Width Networks' sandwich rule: the smallest and the largest subnet plus
   ``num_random`` random widths (prefixes of the last layer's features), all from one pass."""
   def objective(model, batch, rng):
@@ -118,7 +127,8 @@ def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 
     widths = jax.random.randint(rng, (num_random,), smallest, widest + 1)
     logits, random_logits = model.sandwich_exits(batch.images, widths, train=True)
     trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
-    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode)
+    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode,
+                                label_smoothing)
     return loss, {'logits': logits, **aux}
   return objective
 
@@ -126,9 +136,11 @@ def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 
 # name -> (config) -> objective; ``loss.objective`` picks one.
 OBJECTIVES: Registry[Callable[['Config'], Objective]] = Registry('objective')
 OBJECTIVES.register('multi_exit', lambda cfg: multi_exit(cfg.exit_weights, cfg.loss.distill_weight,
-                                                        cfg.loss.distill_temperature, mode=cfg.loss.distill_mode))
+                                                        cfg.loss.distill_temperature, mode=cfg.loss.distill_mode,
+                                                        label_smoothing=cfg.loss.label_smoothing))
 OBJECTIVES.register('sandwich', lambda cfg: sandwich(cfg.loss.sandwich_widths, cfg.loss.distill_weight,
-                                                    cfg.loss.distill_temperature, cfg.loss.distill_mode))
+                                                    cfg.loss.distill_temperature, cfg.loss.distill_mode,
+                                                    cfg.loss.label_smoothing))
 
 
 def objective_for(cfg: Config) -> Objective:

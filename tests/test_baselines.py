@@ -279,6 +279,20 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
   assert compare.targets({'awn': rows([0.9])}) == []      # nothing to judge without SteppingNet
 
 
+def test_the_common_recipe_reaches_every_comparison_method():
+  """Issue 12's fairness rule: a recipe setting of ``common`` (label smoothing, augmentation,
+  optimiser) is in the config of every run of every method, SteppingNet's included."""
+  ds = data.load_dataset('digits')
+  cc = compare_config()
+  cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
+  cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()
+  cc.common.loss.label_smoothing, cc.common.data.augment, cc.common.optim.weight_decay = 0.1, True, 1e-4
+  setup = compare.Setup.of(cc, ds)
+  for name in compare.ENTRIES.names():
+    for cfg in compare.ENTRIES.get(name)(setup):
+      assert (cfg.loss.label_smoothing, cfg.data.augment, cfg.optim.weight_decay) == (0.1, True, 1e-4), name
+
+
 def test_steppingnet_exit_weights_come_from_its_own_section_only():
   """The common exit weights (for another level count) never reach a comparison method;
   SteppingNet's section may set one weight per budget, checked against the level count."""

@@ -1,10 +1,12 @@
 """multi_exit_loss against a hand-written numpy computation, and one-pass exits."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stepnet_jax import losses
+from stepnet_jax import config, losses
 from testlib import assert_close, built_model, bundle
 
 
@@ -70,6 +72,40 @@ def test_in_place_distillation_replaces_the_lower_exits_labels(weights, t):
   assert_close(grad[-1], top_ce)
   with pytest.raises(ValueError, match='unknown distillation mode'):
     losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, 0.0, t, 'mix')
+
+
+@pytest.mark.parametrize('e', [0.1, 0.4])
+def test_label_smoothing_mixes_the_labels_with_the_uniform_distribution(e):
+  """CE against (1 - e) one_hot + e / C, written out in numpy per example: (1 - e) times the
+  label's -log p plus e times the mean over classes of -log p; the config's objective and
+  the non-uniform baseline's per-subnet objective take the config's e."""
+  rng = np.random.RandomState(5)
+  logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
+  labels = rng.randint(0, 5, 6)
+  logp = np.stack([[_log_softmax(np.asarray(logits[j, n], np.float64)) for n in range(6)] for j in range(3)])
+  ce = np.array([np.mean([-(1 - e) * logp[j, n, labels[n]] - e * logp[j, n].mean() for n in range(6)])
+                 for j in range(3)])
+  weights = (0.5, 1.0, 2.0)
+  loss, aux = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, label_smoothing=e)
+  np.testing.assert_allclose(np.asarray(aux['ce']), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), (np.asarray(weights) * ce).sum() / sum(weights), rtol=1e-5)
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match='label_smoothing'):
+      losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, label_smoothing=bad)
+    with pytest.raises(ValueError, match='loss.label_smoothing'):
+      config.from_dict(config.merge(config.base_config().to_dict(), {'loss': {'label_smoothing': bad}}))
+
+  class Exits:                      # a model whose exits are the logits above
+    def exits(self, images, train, levels=None):
+      return jnp.asarray(logits if levels is None else logits[np.asarray(levels)])
+  batch = types.SimpleNamespace(images=None, labels=jnp.asarray(labels))
+  cfg = config.from_dict(config.merge(config.base_config().to_dict(),
+                                      {'model': {'num_levels': 3}, 'loss': {'exit_weights': weights,
+                                                                             'label_smoothing': e}}))
+  loss_cfg, _ = losses.objective_for(cfg)(Exits(), batch, None)
+  np.testing.assert_allclose(float(loss_cfg), (np.asarray(weights) * ce).sum() / sum(weights), rtol=1e-5)
+  loss_1, _ = losses.subnet(1, 2.0, e)(Exits(), batch, None)
+  np.testing.assert_allclose(float(loss_1), ce[1], rtol=1e-5)
 
 
 def test_single_exit_distillation_is_zero():
