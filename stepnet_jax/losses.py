@@ -146,3 +146,9 @@ OBJECTIVES.register('sandwich', lambda cfg: sandwich(cfg.loss.sandwich_widths, c
 def objective_for(cfg: Config) -> Objective:
   """The objective the config names, with its settings."""
   return OBJECTIVES.get(cfg.loss.objective)(cfg)
+
+
+def subnet_for(cfg: Config, level: int) -> Objective:
+  """``subnet(level)`` with the config's exit weight and recipe (label smoothing): the
+  non-uniform baseline's turns train under the same loss settings as every other method."""
+  return subnet(level, cfg.exit_weights[level], cfg.loss.label_smoothing)

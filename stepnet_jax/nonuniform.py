@@ -123,7 +123,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
                          f'{cfg.train.num_epochs}')
       meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
       run.begin()
-      model = run.train(model, 0, pre, 'full network', objective=losses.subnet(k_levels - 1, cfg.exit_weights[-1], cfg.loss.label_smoothing),
+      model = run.train(model, 0, pre, 'full network', objective=losses.subnet_for(cfg, k_levels - 1),
                         levels=(k_levels - 1,))
       levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
       model, meta = surgery.relevel(model, meta, levels)
@@ -140,7 +140,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
     bounds = np.linspace(pre, total, turns + 1).astype(int)
     if step > pre:                 # resumed after a turn: its optimizer state goes on
       state = run.restore_state(state)
-    step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet(k, cfg.exit_weights[k], cfg.loss.label_smoothing)) for k in range(k_levels)]
+    step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet_for(cfg, k)) for k in range(k_levels)]
     for t in range(progress['turn'], turns):
       level = t % k_levels
       if bounds[t + 1] > bounds[t]:

@@ -104,7 +104,7 @@ def test_label_smoothing_mixes_the_labels_with_the_uniform_distribution(e):
                                                                              'label_smoothing': e}}))
   loss_cfg, _ = losses.objective_for(cfg)(Exits(), batch, None)
   np.testing.assert_allclose(float(loss_cfg), (np.asarray(weights) * ce).sum() / sum(weights), rtol=1e-5)
-  loss_1, _ = losses.subnet(1, 2.0, e)(Exits(), batch, None)
+  loss_1, _ = losses.subnet_for(cfg, 1)(Exits(), batch, None)
   np.testing.assert_allclose(float(loss_1), ce[1], rtol=1e-5)
 
 
