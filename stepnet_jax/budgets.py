@@ -62,7 +62,7 @@ class MacModel:
       kept = int(unit.conn.mask.sum())
       factors.append(int(row.sum()) // kept if kept else 0)
     return cls(tuple(model.unit_names), tuple(factors), model.head.spatial * model.head.num_classes,
-               model.input_shape[-1], model.reusable, tuple(u.conn.triangular for u in model.units),
+               model.input_shape[-1], model.mask_rule, tuple(u.conn.triangular for u in model.units),
                model.head.private)
 
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:

@@ -50,8 +50,13 @@ class ModelConfig:
   level_widths: tuple[float, ...] = ()   # cumulative channel fractions per level; () = (k+1)/K
   triangular: bool = False         # Any-Width-Networks per-channel triangles inside level blocks
   mask_rule: bool = True           # False: slimmable prefix subnets, private BN each, not reusable
+  batch_norm: str = 'auto'         # auto (per subnet exactly without the mask rule) | shared | per_subnet
   exit_heads: str = 'shared'       # shared: one additive classifier; private: one per exit (layers.Head)
   assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
+
+  def switchable_bn(self) -> bool:
+    """Whether every subnet has its own BatchNorm (``batch_norm``; auto: without the mask rule)."""
+    return {'auto': not self.mask_rule, 'shared': False, 'per_subnet': True}[self.batch_norm]
 
   def assignment_dict(self) -> dict[str, list[int]]:
     """``assignment`` (JSON text or a path to a JSON file) as {layer: level sizes}; {} if unset."""
@@ -175,6 +180,7 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
             if f.default_factory is not dataclasses.MISSING}
 # construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
 ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
+BATCH_NORMS = ('auto', 'shared', 'per_subnet')
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
@@ -299,6 +305,11 @@ def _check(c: Config) -> None:
     raise ValueError(f'unknown model.exit_heads {m.exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
   if m.exit_heads == 'private' and not m.mask_rule:
     raise ValueError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
+  if m.batch_norm not in BATCH_NORMS:
+    raise ValueError(f'unknown model.batch_norm {m.batch_norm!r}; choose one of {", ".join(BATCH_NORMS)}')
+  if m.batch_norm != 'auto' and c.method != 'joint':
+    raise ValueError(f"model.batch_norm={m.batch_norm!r} is an option of method joint; method {c.method} "
+                     "chooses its batch norm itself (keep model.batch_norm='auto')")
   if m.exit_heads == 'private' and loss.objective == 'sandwich':
     raise ValueError("the 'sandwich' objective reads random widths off one shared classifier: it needs "
                      "model.exit_heads='shared'")

@@ -46,7 +46,8 @@ class SteppingModel(nnx.Module):
   def __init__(self, units: Sequence[nnx.Module], unit_names: Sequence[str], head: Head, *,
                input_shape: tuple[int, int, int], num_levels: int,
                mean: Sequence[float], std: Sequence[float],
-               assignment: dict[str, tuple[int, ...]] | None = None, reusable: bool = True):
+               assignment: dict[str, tuple[int, ...]] | None = None, mask_rule: bool = True,
+               switchable_bn: bool | None = None):
     if len(units) != len(unit_names):
       raise ValueError('one name per unit')
     self.units = nnx.List(list(units))
@@ -58,8 +59,14 @@ class SteppingModel(nnx.Module):
     self.std = tuple(float(s) for s in std)
     # (layer name, level sizes) pairs: the plain data that rebuilds this structure.
     self.assignment = tuple((k, tuple(v)) for k, v in (assignment or {}).items())
-    # False for slimmable-style models (no mask rule): each subnet is recomputed from scratch.
-    self.reusable = bool(reusable)
+    # mask_rule: connections only from lower-or-equal levels. switchable_bn: one batch norm
+    # per subnet (default: exactly when the mask rule is off, as slimmable networks do).
+    self.mask_rule = bool(mask_rule)
+    self.switchable_bn = (not self.mask_rule) if switchable_bn is None else bool(switchable_bn)
+    # Reusable: a neuron's value is the same in every subnet, so one pass gives every exit and
+    # a step computes only the new level. Without the rule, or with a batch norm per subnet,
+    # each subnet is recomputed from scratch.
+    self.reusable = self.mask_rule and not self.switchable_bn
 
   @property
   def top(self) -> int:

@@ -158,7 +158,7 @@ def _resnet20(b: _Builder, num_classes: int) -> Head:
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_levels: int,
                 width: float = 1.0, level_widths: Sequence[float] | None = None,
                 assignment: Assignment | None = None, triangular: bool = False,
-                mask_rule: bool = True, exit_heads: str = 'shared',
+                mask_rule: bool = True, switchable_bn: bool | None = None, exit_heads: str = 'shared',
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 seed: int = 0) -> SteppingModel:
   """Builds a level-structured model with freshly initialised parameters.
@@ -176,6 +176,10 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
     mask_rule: False builds slimmable-style prefix subnets: every connection among a
       subnet's channels is kept and each subnet has a private BatchNorm, so a wider
       subnet recomputes everything (not reusable).
+    switchable_bn: one BatchNorm per subnet; None = exactly when ``mask_rule`` is False.
+      With the mask rule it keeps the rule's connectivity but gives every subnet its own
+      statistics and affine parameters, so neuron values differ between subnets and the
+      model recomputes each subnet (a diagnostic of what shared BN costs, not a stepping net).
     mean, std: per-channel normalisation of [0, 1] inputs (default 0 and 1).
   """
   architecture = MODELS.get(name)
@@ -190,7 +194,8 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
     raise ValueError('triangular masks need the mask rule')
   if exit_heads == 'private' and not mask_rule:
     raise ValueError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
-  b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, not mask_rule,
+  switchable_bn = (not mask_rule) if switchable_bn is None else bool(switchable_bn)
+  b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, switchable_bn,
                nnx.Rngs(seed), input_shape, exit_heads)
   head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)
@@ -199,7 +204,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   channels = input_shape[-1]
   return SteppingModel(b.units, b.names, head, input_shape=input_shape, num_levels=num_levels,
                        mean=mean or (0.0,) * channels, std=std or (1.0,) * channels,
-                       assignment=b.resolved, reusable=mask_rule)
+                       assignment=b.resolved, mask_rule=mask_rule, switchable_bn=switchable_bn)
 
 
 def assignment_of(model: SteppingModel) -> dict[str, list[int]]:

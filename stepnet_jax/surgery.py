@@ -68,14 +68,16 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
     model_meta: its ``restore.model_meta`` (architecture, normalisation, ...).
     new_levels: for every hidden layer, one level per current neuron.
     num_levels: level count of the new model (default: unchanged).
-    mask_rule: of the new model (default: unchanged). A per-subnet batch norm of a new
-      non-reusable model starts from the old model's top-level statistics.
+    mask_rule: of the new model (default: unchanged; a new value also gives the new model
+      the batch norm that goes with it: one per subnet exactly without the rule). A
+      per-subnet batch norm new to the model starts from the old model's top-level statistics.
   Returns:
     (new model carrying the trained weights, its model_meta).
   """
   check_chain(model)
   num_levels = model.num_levels if num_levels is None else int(num_levels)
-  mask_rule = model.reusable if mask_rule is None else bool(mask_rule)
+  switchable_bn = model.switchable_bn if mask_rule is None else not mask_rule
+  mask_rule = model.mask_rule if mask_rule is None else bool(mask_rule)
   missing = set(model.unit_names) - set(new_levels)
   if missing:
     raise ValueError(f'new levels missing for layers {sorted(missing)}')
@@ -87,7 +89,7 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
     sizes[name], index[name] = _order(lvls, num_levels)
 
   meta = dict(model_meta, assignment={k: list(v) for k, v in sizes.items()}, num_levels=num_levels,
-              mask_rule=mask_rule)
+              mask_rule=mask_rule, switchable_bn=switchable_bn)
   new_model = nnx.eval_shape(lambda: restore.build_from_meta(meta))
   old = nnx.to_pure_dict(nnx.state(model))
   new = nnx.to_pure_dict(nnx.state(new_model))

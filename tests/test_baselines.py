@@ -11,7 +11,7 @@ from flax import nnx
 
 import stepnet_jax
 import testlib
-from stepnet_jax import budgets, compare, config, construct, data, levels, methods, models, nonuniform, surgery
+from stepnet_jax import budgets, compare, config, construct, data, levels, methods, models, nonuniform, restore, surgery
 from stepnet_jax.api import Stepper
 from stepnet_jax.training import optim
 
@@ -73,6 +73,40 @@ def test_slimmable_macs_and_recompute_flag():
   assert net.macs_to_reach == tuple(np.cumsum(expected))
   with pytest.raises(ValueError, match='cannot be stepped'):
     net.start(jnp.zeros((1, 28, 28, 1), jnp.uint8))
+
+
+def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statistics():
+  """model.batch_norm='per_subnet' on a mask-rule model (the shared-BN diagnostic): subnet
+  k equals the reusable shared-BN network with the same kernels and subnet k's private BN
+  values, in eval and train mode; it recomputes, so it is not reusable."""
+  with testlib.numpy_initializers(3):
+    per = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                             assignment=SLIM, mask_rule=True, switchable_bn=True, exit_heads='private',
+                             mean=(0.3,), std=(0.3,))
+    shared = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+                                assignment=SLIM, exit_heads='private', mean=(0.3,), std=(0.3,))
+  per = testlib.randomize(per, 5)
+  assert (per.mask_rule, per.switchable_bn, per.reusable) == (True, True, False)
+  x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=6))
+  for k in range(3):
+    for su, pu in zip(shared.units, per.units):
+      np.testing.assert_array_equal(su.conn.mask, pu.conn.mask)   # the rule's connectivity
+      su.kernel[...] = pu.kernel[...]
+      end = levels.end(su.conn.out_sizes, k)
+      for attr in ('scale', 'bias', 'mean', 'var'):
+        getattr(su.bn, attr)[:end] = getattr(pu.bn.per_level[k], attr)[...]
+    shared.head.kernel[...], shared.head.bias[...] = per.head.kernel[...], per.head.bias[...]
+    testlib.assert_close(per.exits(x)[k], shared.exits(x)[k])
+    testlib.assert_close(per.exits(x, train=True)[k], nnx.clone(shared).exits(x, train=True)[k])
+  assert Stepper(per).macs_to_reach == tuple(np.cumsum(Stepper(shared).level_macs))
+  meta = restore.model_meta(per, 'lenet3c1l', 10)
+  assert restore.build_from_meta(meta).switchable_bn and restore.same_model(restore.model_meta(
+      restore.build_from_meta(meta), 'lenet3c1l', 10), meta)
+  old = {k: v for k, v in restore.model_meta(shared, 'lenet3c1l', 10).items() if k != 'switchable_bn'}
+  assert not restore.build_from_meta(old).switchable_bn     # a checkpoint from before the key: shared BN
+  with pytest.raises(ValueError, match='option of method joint'):
+    config.from_dict({'method': 'steppingnet', 'model.batch_norm': 'per_subnet',
+                      'construction.budgets': (0.2, 0.4, 0.6, 0.8)})
 
 
 def test_awn_config_reproduces_the_published_width_macs():

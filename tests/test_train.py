@@ -427,7 +427,7 @@ def _flat(nested: dict) -> dict:
              'construction.rounds': 'construct_rounds'}
   later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
            'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor', 'loss.distill_mode',
-           'model.exit_heads', 'loss.label_smoothing')
+           'model.exit_heads', 'loss.label_smoothing', 'model.batch_norm')
   flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
           if k not in later and not k.startswith('selection.')}
   flat['sandwich_widths'] = 0

@@ -98,7 +98,8 @@ def build_model(cfg: Config, dataset: data.Dataset) -> SteppingModel:
   return models.build_model(
       m.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape, num_levels=m.num_levels,
       width=m.width, level_widths=m.level_widths or None, assignment=m.assignment_dict(),
-      triangular=m.triangular, mask_rule=m.mask_rule, exit_heads=m.exit_heads, mean=mean, std=std, seed=cfg.seed)
+      triangular=m.triangular, mask_rule=m.mask_rule, switchable_bn=m.switchable_bn(), exit_heads=m.exit_heads,
+      mean=mean, std=std, seed=cfg.seed)
 
 
 def run_meta(cfg: Config, model_meta: dict, dataset: data.Dataset, steps_per_epoch: int) -> dict:
