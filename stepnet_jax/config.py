@@ -54,9 +54,10 @@ class ModelConfig:
   exit_heads: str = 'shared'       # shared: one additive classifier; private: one per exit (layers.Head)
   assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
 
-  def switchable_bn(self) -> bool:
-    """Whether every subnet has its own BatchNorm (``batch_norm``; auto: without the mask rule)."""
-    return {'auto': not self.mask_rule, 'shared': False, 'per_subnet': True}[self.batch_norm]
+  def switchable_bn(self) -> bool | None:
+    """Whether every subnet has its own BatchNorm; None for ``auto`` (``models.build_model``
+    decides: exactly without the mask rule)."""
+    return {'auto': None, 'shared': False, 'per_subnet': True}[self.batch_norm]
 
   def assignment_dict(self) -> dict[str, list[int]]:
     """``assignment`` (JSON text or a path to a JSON file) as {layer: level sizes}; {} if unset."""

@@ -47,7 +47,7 @@ class SteppingModel(nnx.Module):
                input_shape: tuple[int, int, int], num_levels: int,
                mean: Sequence[float], std: Sequence[float],
                assignment: dict[str, tuple[int, ...]] | None = None, mask_rule: bool = True,
-               switchable_bn: bool | None = None):
+               switchable_bn: bool = False):
     if len(units) != len(unit_names):
       raise ValueError('one name per unit')
     self.units = nnx.List(list(units))
@@ -60,9 +60,9 @@ class SteppingModel(nnx.Module):
     # (layer name, level sizes) pairs: the plain data that rebuilds this structure.
     self.assignment = tuple((k, tuple(v)) for k, v in (assignment or {}).items())
     # mask_rule: connections only from lower-or-equal levels. switchable_bn: one batch norm
-    # per subnet (default: exactly when the mask rule is off, as slimmable networks do).
+    # per subnet (``models.build_model`` decides its default).
     self.mask_rule = bool(mask_rule)
-    self.switchable_bn = (not self.mask_rule) if switchable_bn is None else bool(switchable_bn)
+    self.switchable_bn = bool(switchable_bn)
     # Reusable: a neuron's value is the same in every subnet, so one pass gives every exit and
     # a step computes only the new level. Without the rule, or with a batch norm per subnet,
     # each subnet is recomputed from scratch.
