@@ -137,7 +137,9 @@ def data_parallel_costs(model_name: str, num_levels: int, width: float, train_ba
   import sys
   out = []
   for d in device_counts:
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={int(d)}'}
+    # Appended, so flags the caller set (e.g. the test suite's optimisation level) still apply.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={int(d)}".strip()
+    env = {**os.environ, 'XLA_FLAGS': flags}
     cmd = [sys.executable, '-m', 'stepnet_jax.bench', '--train_only', f'--model={model_name}', f'--levels={num_levels}',
            f'--width={width}', f'--train_batch={train_batch}', f'--repeats={repeats}',
            '--input_shape=' + ','.join(map(str, input_shape))]

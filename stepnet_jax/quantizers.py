@@ -38,11 +38,14 @@ def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False, mask: jax.
 
 def quantize_activation(y: jax.Array, bits: int, clip: float, ste: bool = False) -> jax.Array:
   """Unsigned uniform fake quantization of ``y`` to ``bits`` bits on [0, clip]; with ``ste``
-  the gradient is the identity inside [0, clip] and zero outside."""
+  the gradient is the identity strictly inside (0, clip) and zero elsewhere, the boundaries
+  included (stated, not left to how a compiler resolves ``clip``'s ties)."""
   step = clip / (2 ** bits - 1)
-  clipped = jnp.clip(y, 0.0, clip)
-  q = jnp.round(clipped / step) * step
-  return clipped + jax.lax.stop_gradient(q - clipped) if ste else q
+  q = jnp.round(jnp.clip(y, 0.0, clip) / step) * step
+  if not ste:
+    return q
+  inside = (y > 0) & (y < clip)
+  return jax.lax.stop_gradient(q) + jnp.where(inside, y - jax.lax.stop_gradient(y), 0.0)
 
 
 def bitplanes(w: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

@@ -67,7 +67,7 @@ ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': jax.co
 
 
 def _run(devices: int, *args: str) -> dict:
-  env = {**ENV, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = {**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
   proc = subprocess.run([sys.executable, '-c', SCRIPT, *args], env=env, cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_runs():
   proc = subprocess.run(
       [sys.executable, '-c', 'from stepnet_jax import config; from stepnet_jax.training import run; '
        'run.prepare_data(config.from_dict({"data": {"name": "digits"}, "train": {"batch_size": 30}}))'],
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'},
+      env={**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"},
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert 'train.batch_size=30 does not divide by the 4 devices' in proc.stderr
