@@ -66,8 +66,13 @@ ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': jax.co
        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
+def _with_devices(devices: int) -> dict:
+  """ENV with ``devices`` simulated CPU devices, appended to the session's XLA_FLAGS."""
+  return {**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+
+
 def _run(devices: int, *args: str) -> dict:
-  env = {**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+  env = _with_devices(devices)
   proc = subprocess.run([sys.executable, '-c', SCRIPT, *args], env=env, cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +120,7 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_runs():
   proc = subprocess.run(
       [sys.executable, '-c', 'from stepnet_jax import config; from stepnet_jax.training import run; '
        'run.prepare_data(config.from_dict({"data": {"name": "digits"}, "train": {"batch_size": 30}}))'],
-      env={**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"},
+      env=_with_devices(4),
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert 'train.batch_size=30 does not divide by the 4 devices' in proc.stderr
