@@ -32,6 +32,7 @@ def get_config():
       finetune_learning_rate=2e-4,
       finetune_seeds=(0, 1, 2),         # each assignment fine-tuned with these seed offsets; accuracy = mean
       search_finetune_epochs=0.25,      # each searched candidate is ranked after this short fine-tune (0: without)
+      search_rank_by='loss',            # candidates ranked by the top exit's validation 'loss' or 'accuracy'
       # ProgressiveNN: N bitwise-binary planes from one quantization-aware run, BN
       # statistics re-estimated per plane count; 0 planes skips it (and the staircases)
       progressive_planes=8,

@@ -7,13 +7,18 @@ construction's class-based importance), ``magnitude`` (the L1 norm of the neuron
 kernel column, over its layer's mean) and ``random``.
 
 The search: with the score z scaled to [0, 1], ``bits = clip(round(offset + slope * z),
-min_bits, max_bits)``. For each slope of a small grid (slope 0 is uniform bits), the
-largest offset whose MAC-weighted mean bits fit the budget is found by bisection; the
-candidate with the best validation accuracy wins. Slope 0 would be uniform bits, the
-``uniform`` baseline; the default grid starts at 1 so a score always shapes the bits. The map is non-decreasing in the
-score, so a more important neuron never gets fewer bits. The classifier (head) is
-not searched: it keeps ``head_bits`` for every method (it holds about 0.1% of the MACs)
-and is left out of the average.
+min_bits, max_bits)``. For each slope of a small grid, the largest offset whose
+MAC-weighted mean bits fit the budget is found by bisection, and the candidates are
+ranked on the validation split by ``rank_by``: the top exit's cross-entropy (``loss``,
+the default: a continuous score, steadier than the accuracy when candidates differ by
+a few tenths of a point) or its ``accuracy``. Slope 0 would be uniform bits (the
+``uniform`` baseline) and the default grid starts at 1; at an even whole-bit budget,
+though, slope 1 fits as uniform bits too (at offset budget - 0.5 every z in [0, 1]
+rounds to the budget, numpy rounding halves to even), so the search can find that no
+shaping beats uniform; the record marks such candidates. The map is
+non-decreasing in the score, so a more important neuron never gets fewer bits. The
+classifier (head) is not searched: it keeps ``head_bits`` for every method (it holds
+about 0.1% of the MACs) and is left out of the average.
 """
 from __future__ import annotations
 
@@ -55,11 +60,21 @@ def scaled(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: (np.asarray(v, np.float64) - lo) / span if span > 0 else np.zeros(len(v)) for k, v in scores.items()}
 
 
+RANK_BY = {'loss': -1.0, 'accuracy': 1.0}      # validation metric -> sign (higher signed value wins)
+
+
 def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float,
-           validation_accuracy: Callable[[dict[str, tuple[int, ...]]], float], *, min_bits: int = 1,
-           max_bits: int = 8, head_bits: int = 8, slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
-           ) -> tuple[dict[str, tuple[int, ...]], dict]:
-  """(weight bits of every layer, a record of the search) for the best slope on validation."""
+           validate: Callable[[dict[str, tuple[int, ...]]], Mapping[str, float]], *, min_bits: int = 1,
+           max_bits: int = 8, head_bits: int = 8, slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+           rank_by: str = 'loss') -> tuple[dict[str, tuple[int, ...]], dict]:
+  """(weight bits of every layer, a record of the search) for the best slope on validation.
+
+  ``validate(weight_bits)`` returns the top exit's validation metrics (at least the
+  ``rank_by`` one: ``loss``, lower is better, or ``accuracy``); every metric it returns
+  is recorded per candidate.
+  """
+  if rank_by not in RANK_BY:
+    raise ValueError(f'rank_by must be one of {sorted(RANK_BY)}, got {rank_by!r}')
   macs = quant.hidden_neuron_macs(model)
   z = scaled(scores)
   head = (int(head_bits),) * model.head.kernel.shape[-1]
@@ -69,13 +84,18 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
     if bits is None:
       continue
     weight_bits = {**{k: tuple(int(b) for b in v) for k, v in bits.items()}, 'head': head}
-    acc = float(validation_accuracy(weight_bits))
-    tried.append({'slope': float(slope), 'mean_bits': quant.mean_bits(bits, macs), 'validation_accuracy': acc})
-    if best is None or acc > best[0]:
-      best = (acc, weight_bits, slope)
+    metrics = {k: float(v) for k, v in validate(weight_bits).items()}
+    if rank_by not in metrics:
+      raise ValueError(f'validate returned {sorted(metrics)}, without the ranking metric {rank_by!r}')
+    tried.append({'slope': float(slope), 'mean_bits': quant.mean_bits(bits, macs),
+                  'uniform': len(set(np.concatenate(list(bits.values())).tolist())) == 1,
+                  **{f'validation_{k}': v for k, v in metrics.items()}})
+    signed = RANK_BY[rank_by] * metrics[rank_by]
+    if best is None or signed > best[0]:
+      best = (signed, weight_bits, slope)
   if best is None:
     raise ValueError(f'no bit assignment within [{min_bits}, {max_bits}] fits a mean of {budget} bits')
-  return best[1], {'slope': best[2], 'tried': tried}
+  return best[1], {'slope': best[2], 'rank_by': rank_by, 'tried': tried}
 
 
 # name -> (model, images, labels, num_classes, seed) -> {hidden layer: score per neuron}

@@ -49,8 +49,12 @@ class Evaluator:
     self.batch_size = batch_size
 
   def __call__(self, model, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return self.metrics(model, images, labels)['accuracy']
+
+  def metrics(self, model, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy and cross-entropy of every exit: {'accuracy': [K], 'loss': [K]}."""
     graphdef, variables = nnx.split(model)
-    return evaluation.exit_accuracy(_exits(graphdef), variables, images, labels, self.batch_size)
+    return evaluation.exit_metrics(_exits(graphdef), variables, images, labels, self.batch_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,12 +116,16 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {seeds}')
   search_epochs = float(p.get('search_finetune_epochs', 0.0))
+  search_rank_by = str(p.get('search_rank_by', 'loss'))
+  if search_rank_by not in bitsearch.RANK_BY:
+    raise ValueError(f'precision.search_rank_by must be one of {sorted(bitsearch.RANK_BY)}, got {search_rank_by!r}')
   out = {'dataset': dataset.name, 'float_accuracy': float(float_acc[top]),
          'float_accuracy_per_level': [float(a) for a in float_acc],
          'settings': {'act_bits': int(p.act_bits), 'bit_range': [int(p.min_bits), int(p.max_bits)],
                       'head_bits': int(p.head_bits), 'finetune_epochs': float(p.finetune_epochs),
                       'finetune_learning_rate': float(p.finetune_learning_rate),
                       'finetune_seeds': list(seeds), 'search_finetune_epochs': search_epochs,
+                      'search_rank_by': search_rank_by,
                       'validation_examples': int(len(held)), 'clips': clips},
          **{m: [] for m in METHODS}}
   float_macs = int(model.delta_macs().sum())
@@ -125,22 +133,22 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
   tuned_accuracy, saved_as = {}, {}
   for budget in p.budgets:
     for method in METHODS:
-      def val_acc(weight_bits):
+      def validate(weight_bits):
         candidate = quant.Precision(weight_bits, p.act_bits, clips)
         searched = model
         if search_epochs:      # rank the candidate as it will be used: fine-tuned
           searched = finetune(cfg, model, candidate, train_split, search_epochs,
                               p.finetune_learning_rate, steps_per_epoch, desc=f'{method} {budget:g} bits, search')
-        return evaluate(quant.apply(searched, candidate), *val)[top]
+        return {k: v[top] for k, v in evaluate.metrics(quant.apply(searched, candidate), *val).items()}
 
       if method == 'uniform':
         weight_bits = {**quant.uniform_bits(model, int(budget)),
                        'head': (int(p.head_bits),) * model.head.kernel.shape[-1]}
         record = {}
       else:
-        weight_bits, record = bitsearch.search(model, scores[method], float(budget), val_acc,
+        weight_bits, record = bitsearch.search(model, scores[method], float(budget), validate,
                                                min_bits=p.min_bits, max_bits=p.max_bits, head_bits=p.head_bits,
-                                               slopes=tuple(p.slopes))
+                                               slopes=tuple(p.slopes), rank_by=search_rank_by)
       precision = quant.Precision(weight_bits, p.act_bits, clips)
       before = evaluate(quant.apply(model, precision), *test)
       name = f'{method}_{budget:g}bits'
@@ -311,10 +319,34 @@ def markdown(out: dict) -> str:
       lines.append(f'| {m} | {e["budget"]:g} | {e["avg_bits"]:.2f} | {100 * e["accuracy_before_finetune"]:.2f} / '
                    f'{100 * e["accuracy"]:.2f}{spread} | {e["bitops"]:,} | '
                    f'{100 * e["bitops_fraction_of_float32"]:.2f}% |')
+  lines += [''] + search_markdown(out)
   if 'progressive' in out:
     lines += [''] + progressive_markdown(out)
   lines += ['', '## Targets', ''] + targets(out)
   return '\n'.join(lines) + '\n'
+
+
+def search_markdown(out: dict) -> list[str]:
+  """The slope candidates of every searched assignment with their validation metrics."""
+  s = out['settings']
+  rank_by = s.get('search_rank_by', 'accuracy')
+  tuned = (f' after a {s["search_finetune_epochs"]:g}-epoch fine-tune' if s.get('search_finetune_epochs') else '')
+  lines = ['## Bit search', '',
+           f'Candidates per slope (bits = clip(round(offset + slope * score)), offset fit to the budget), each scored on '
+           f'the {s["validation_examples"]} held-out images{tuned}; ranked by the top exit\'s validation {rank_by}; '
+           'the chosen one in bold.', '',
+           '| method | budget | slope: validation loss / accuracy (%) |', '|---|---:|---|']
+  for m in METHODS:
+    for e in out[m]:
+      if not e['search']:
+        continue
+      cells = []
+      for t in e['search']['tried']:
+        loss = f'{t["validation_loss"]:.4f}' if 'validation_loss' in t else '-'
+        cell = f'{t["slope"]:g}{" (uniform)" if t.get("uniform") else ""}: {loss} / {100 * t["validation_accuracy"]:.2f}'
+        cells.append(f'**{cell}**' if t['slope'] == e['search']['slope'] else cell)
+      lines.append(f'| {m} | {e["budget"]:g} | {"; ".join(cells)} |')
+  return lines
 
 
 def progressive_markdown(out: dict) -> list[str]:

@@ -30,6 +30,11 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   saved = json.loads((tmp_path / 'precision.json').read_text())
   assert saved == json.loads(json.dumps(out))
   assert (tmp_path / 'precision.md').exists() and (tmp_path / 'precision.png').read_bytes()[:4] == b'\x89PNG'
+  assert '## Bit search' in (tmp_path / 'precision.md').read_text()
+  for method in ('class_based', 'magnitude', 'random'):      # ranked by the validation loss, both metrics kept
+    search = saved[method][0]['search']
+    assert search['rank_by'] == 'loss' and all({'validation_loss', 'validation_accuracy'} <= set(t)
+                                                for t in search['tried'])
   assert set(saved) >= {'dataset', 'float_accuracy', 'class_based', 'uniform', 'magnitude', 'random', 'progressive',
                         'staircase'}
   test = data.load_digits()

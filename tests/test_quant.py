@@ -171,12 +171,16 @@ def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
   scores = {name: rng.gamma(2.0, size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
   macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
 
-  def validation_accuracy(weight_bits):               # prefers the steepest slope it is offered
+  def validate(weight_bits):            # accuracy prefers the steepest slope offered, loss the flattest
     spread = np.concatenate([np.asarray(weight_bits[k]) for k in macs]).std()
-    return spread
+    return {'accuracy': spread, 'loss': spread}
 
+  for rank_by, steepest in (('loss', False), ('accuracy', True)):
+    _, record = bitsearch.search(model, scores, 3.0, validate, slopes=(1.0, 4.0), rank_by=rank_by)
+    assert record['slope'] == (4.0 if steepest else 1.0) and record['rank_by'] == rank_by
+    assert [t['validation_loss'] for t in record['tried']] == [t['validation_accuracy'] for t in record['tried']]
   for budget in (1.5, 3.0, 5.0):
-    bits, record = bitsearch.search(model, scores, budget, validation_accuracy, slopes=(1.0, 4.0))
+    bits, record = bitsearch.search(model, scores, budget, validate, slopes=(1.0, 4.0), rank_by='accuracy')
     assert record['slope'] == 4.0 and len(record['tried']) == 2
     flat_bits = np.concatenate([np.asarray(bits[k]) for k in macs])
     flat_scores = np.concatenate([scores[k] for k in macs])
@@ -188,7 +192,13 @@ def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
     assert np.all(np.diff(flat_bits[order]) >= 0)             # more important: never fewer bits
     assert bits['head'] == (8,) * 10
   with pytest.raises(ValueError, match='fits a mean of 0.5 bits'):
-    bitsearch.search(model, scores, 0.5, validation_accuracy)
+    bitsearch.search(model, scores, 0.5, validate)
+  with pytest.raises(ValueError, match='rank_by must be one of'):
+    bitsearch.search(model, scores, 3.0, validate, rank_by='f1')
+  # Slope 1 at an even whole-bit budget fits as every neuron at the budget, and is marked so.
+  _, record = bitsearch.search(model, scores, 4.0, validate, slopes=(1.0,))
+  bits_at_4 = bitsearch.fit_offset(bitsearch.scaled(scores), macs, 4.0, 1.0, 1, 8)
+  assert record['tried'][0]['uniform'] and all(np.all(v == 4) for v in bits_at_4.values())
 
 
 def test_quantization_aware_gradient_is_the_quantized_networks(small):

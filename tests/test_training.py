@@ -160,8 +160,14 @@ def test_exit_accuracy_pads_the_last_batch_and_does_not_count_the_padding():
 
   got = evaluation.exit_accuracy(exits, variables, x, y, batch_size=10)
   assert shapes == [10, 10, 10, 10]                       # 37 = 3 x 10 + 7 padded to 10
-  by_hand = (np.asarray(model.exits(jnp.asarray(x))).argmax(-1) == y[None]).mean(axis=1)
+  logits = np.asarray(model.exits(jnp.asarray(x)))
+  by_hand = (logits.argmax(-1) == y[None]).mean(axis=1)
   np.testing.assert_allclose(got, by_hand)
+  # The cross-entropy of every exit, padding left out, against optax on the whole split at once.
+  metrics = evaluation.exit_metrics(exits, variables, x, y, batch_size=10)
+  np.testing.assert_allclose(metrics['accuracy'], by_hand)
+  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(y)[None]).mean(axis=1)
+  np.testing.assert_allclose(metrics['loss'], np.asarray(ce), rtol=1e-5)
   # A predictor that answers 0 for everything, padding included, on labels all 0: exactly 1.
   always_zero = lambda v, images: jnp.zeros((2, images.shape[0], 10)).at[..., 0].set(1.0)
   np.testing.assert_array_equal(evaluation.exit_accuracy(always_zero, None, x, np.zeros(37, np.int32), 10), [1, 1])
