@@ -290,8 +290,12 @@ def targets(out: dict) -> list[str]:
     b = entry['budget']
     others = {m: out[m][i]['accuracy'] for m in METHODS if m != 'class_based'}
     ok = all(entry['accuracy'] >= a for a in others.values())
+    chosen = [t for t in entry['search'].get('tried', []) if t['slope'] == entry['search'].get('slope')]
+    kept_uniform = ' (the search kept uniform bits: no shaped candidate ranked better)' if (
+        chosen and chosen[0].get('uniform')) else ''
     lines.append(f'- {b:g} bits: class-based {100 * entry["accuracy"]:.2f}% >= every baseline ('
-                 + ', '.join(f'{m} {100 * a:.2f}%' for m, a in others.items()) + f'): {"met" if ok else "NOT met"}')
+                 + ', '.join(f'{m} {100 * a:.2f}%' for m, a in others.items())
+                 + f'){kept_uniform}: {"met" if ok else "NOT met"}')
     if b == 4:
       gap = out['float_accuracy'] - entry['accuracy']
       lines.append(f'- 4 bits: class-based within 0.5 point of float ({100 * out["float_accuracy"]:.2f}%): '

@@ -102,3 +102,16 @@ def _set(module, path, value):
   for key in path[:-1]:
     module = module[int(key)] if key.isdigit() else getattr(module, key)
   getattr(module, path[-1])[...] = value
+
+
+def test_targets_say_when_the_class_based_search_kept_uniform_bits():
+  def entry(acc, slope=None, uniform=False):
+    search = {'slope': slope, 'tried': [{'slope': 1.0, 'uniform': uniform}, {'slope': 4.0, 'uniform': False}]}
+    return {'budget': 4.0, 'accuracy': acc, 'search': search if slope else {}}
+  out = {'float_accuracy': 0.90, 'class_based': [entry(0.901, 1.0, uniform=True)], 'uniform': [entry(0.901)],
+         'magnitude': [entry(0.899, 4.0)], 'random': [entry(0.902, 4.0)]}
+  first = precision.targets(out)[0]
+  assert 'kept uniform bits' in first and first.endswith('NOT met')     # random is above it
+  out['class_based'] = [entry(0.903, 4.0)]
+  first = precision.targets(out)[0]
+  assert 'kept uniform' not in first and first.endswith(': met')
