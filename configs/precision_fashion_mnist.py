@@ -38,7 +38,9 @@ def get_config():
       progressive_planes=8,
       progressive_epochs=1.0,
       progressive_learning_rate=2e-4,
-      progressive_bn_batches=50))
+      progressive_bn_batches=50,
+      progressive_bn_affine_steps=0,    # >0: BN scale and bias also trained per plane count (Adam, all else frozen)
+      progressive_bn_affine_learning_rate=1e-3))
   c.quick = ml_collections.ConfigDict(dict(
       common=dict(model=dict(width=0.25), data=dict(train_subset=640, test_subset=300, validation_examples=128),
                   train=dict(num_epochs=1, batch_size=64, eval_batch_size=300, progress=False)),

@@ -203,7 +203,12 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
                    p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
   plain = [quant.apply(tuned, progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
-  retrained = [progressive.retrain_bn(q, train_split, cfg, p.progressive_bn_batches) for q in plain]
+  def retrain(precision: quant.Precision):    # the BWB weights at ``precision``, BN retrained for it
+    return progressive.retrain_bn_at(tuned, precision, train_split, cfg, p.progressive_bn_batches,
+                                     int(p.get('progressive_bn_affine_steps', 0)),
+                                     float(p.get('progressive_bn_affine_learning_rate', 1e-3)))
+
+  retrained = [retrain(progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
   first_kernel = tuned.units[0].kernel[...]
   serial = progressive.bit_serial_accuracy(first_kernel, retrained, *test, n, cfg.train.eval_batch_size)
   serial_plain = progressive.bit_serial_accuracy(first_kernel, plain, *test, n, cfg.train.eval_batch_size)
@@ -220,9 +225,11 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
             for kind in ('combined', 'levels_only', 'bits_only')}
   extra = {}
   if class_score is not None:
-    extra = class_ladder_study(cfg, p, tuned, train_split, val, test, clips, evaluate, class_score)
+    extra = class_ladder_study(cfg, p, tuned, val, test, clips, evaluate, class_score, retrain)
     stairs.update(extra.pop('staircase'))
-  bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.BatchStat)) for b, q in enumerate(retrained, start=1)}
+  # Per plane count: BN statistics, and BN's scale and bias when they were retrained too.
+  bn_of = nnx.All(nnx.Param, nnx.PathContains('bn')) if p.get('progressive_bn_affine_steps', 0) else nnx.Nothing()
+  bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.Any(nnx.BatchStat, bn_of))) for b, q in enumerate(retrained, 1)}
   _save(os.path.join(workdir, 'progressive'), tuned, meta, progressive.precision_at(tuned, n, n, p.act_bits, clips))
   np.savez(os.path.join(workdir, 'progressive', 'bn_stats_per_planes.npz'),
            **{f'planes{b}/{key}': np.asarray(v) for b, stats in bn_stats.items()
@@ -235,15 +242,17 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
           'grid': {'validation': val_grid.tolist(), 'test': test_grid.tolist()},
           'progressive_settings': {'planes': n, 'epochs': float(p.progressive_epochs),
                                    'learning_rate': float(p.progressive_learning_rate),
-                                   'bn_batches': int(p.progressive_bn_batches), 'workdir': 'progressive'}}
+                                   'bn_batches': int(p.progressive_bn_batches),
+                                   'bn_affine_steps': int(p.get('progressive_bn_affine_steps', 0)),
+                                   'workdir': 'progressive'}}
 
 
-def class_ladder_study(cfg: config_lib.Config, p, tuned, train_split: data.Dataset, val, test, clips,
-                       evaluate: Evaluator, class_score: dict[str, np.ndarray]) -> dict:
+def class_ladder_study(cfg: config_lib.Config, p, tuned, val, test, clips, evaluate: Evaluator,
+                       class_score: dict[str, np.ndarray], retrain) -> dict:
   """The BWB network ``tuned`` stepped on class-based plane ladders (``progressive.class_ladder``).
 
-  For each slope of ``precision.slopes`` a ladder, its BN statistics re-estimated per rung
-  and its (level, rung) grid on validation; the slope with the best mean validation
+  For each slope of ``precision.slopes`` a ladder, its BN retrained per rung (``retrain``,
+  as for the uniform ladder) and its (level, rung) grid on validation; the slope with the best mean validation
   accuracy over the grid is kept. Reports that ladder's rungs (mean planes, top-exit test
   accuracy through bit-serial inference) and its staircases: ``combined_class`` (chosen on
   validation like ``combined``) and ``bits_only_class`` (the top level, rung by rung).
@@ -254,8 +263,7 @@ def class_ladder_study(cfg: config_lib.Config, p, tuned, train_split: data.Datas
   best = None
   for slope in p.slopes:
     ladder = progressive.class_ladder(tuned, class_score, n, float(slope))
-    nets = [progressive.retrain_bn(quant.apply(tuned, quant.Precision(rung, p.act_bits, clips, bwb_bits=n)),
-                                   train_split, cfg, p.progressive_bn_batches) for rung in ladder]
+    nets = [retrain(quant.Precision(rung, p.act_bits, clips, bwb_bits=n)) for rung in ladder]
     grid = np.stack([evaluate(q, *val) for q in nets], axis=1)                          # [K, N]
     print(f'class ladder slope {slope:g}: mean validation accuracy over (level, rung) {grid.mean():.4f}', flush=True)
     if best is None or grid.mean() > best[0]:
@@ -358,7 +366,9 @@ def progressive_markdown(out: dict) -> list[str]:
   lines = ['## ProgressiveNN: bit-serial inference', '',
            f'One BWB network ({s["planes"]} planes, a {s["epochs"]:g}-epoch quantization-aware run from the float '
            f'network at {s["learning_rate"]:g}); BN statistics re-estimated per plane count on {s["bn_batches"]} '
-           'training batches. Accuracy through bit-serial inference (the first layer accumulates planes, later '
+           'training batches'
+           + (f', and BN scale and bias trained {s["bn_affine_steps"]} steps per plane count (all other weights '
+              'shared)' if s.get('bn_affine_steps') else '') + '. Accuracy through bit-serial inference (the first layer accumulates planes, later '
            'layers recompute); "spent" is the cumulative bit-ops of stepping plane by plane, against one forward '
            'at all planes.', '',
            '| planes b | b/N | test accuracy, BN retrained | without BN retraining | bit-ops spent | of an N-plane '

@@ -10,7 +10,8 @@
   new inputs and is recomputed with its b-plane weights; that is what a plane step costs
   (``PlaneCosts``), not b/N of a forward.
 * BN retraining (``retrain_bn``): BatchNorm statistics re-estimated on training images
-  for every plane count; the weights are shared.
+  for every plane count, optionally BN's affine parameters trained per plane count too;
+  the convolution and classifier weights are shared.
 * Level x precision: a state (level k, planes b) is reached by level steps (exact reuse,
   only level k+1's connections at b planes) and plane steps (the recomputation above, on
   the subnet of levels <= k). ``staircase`` picks steps greedily by validation accuracy
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from stepnet_jax import bitsearch, data, feed, layers, nonuniform, quant
@@ -93,6 +95,35 @@ def retrain_bn(model: SteppingModel, dataset: data.Dataset, cfg: Config, batches
   """``model`` (already quantized) with its BN statistics re-estimated over ``batches``
   training batches; parameters untouched."""
   return nonuniform.recalibrate(model, dataset, cfg.replace(**{'baseline.recalibrate_batches': int(batches)}))
+
+
+def retrain_bn_at(model: SteppingModel, precision: quant.Precision, dataset: data.Dataset, cfg: Config,
+                  batches: int, affine_steps: int = 0, learning_rate: float = 1e-3) -> SteppingModel:
+  """``model`` (float) quantized at ``precision`` with its BN retrained: with ``affine_steps``
+  BN's scale and bias are first trained for that many steps through the quantization-aware
+  objective (straight-through, Adam at ``learning_rate``, every kernel and the classifier
+  frozen: the paper's optional affine retraining); then the statistics are re-estimated
+  (``retrain_bn``)."""
+  if affine_steps:
+    from stepnet_jax import losses                                     # (training imports stay local)
+    from stepnet_jax.training import loop
+    from stepnet_jax.training import step as step_lib
+
+    def label(path, _):        # a Param leaf's path ends in its variable's '.value'
+      names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+      return 'bn' if 'bn' in names and names[-1] in ('scale', 'bias') else 'frozen'
+
+    tx = optax.multi_transform({'bn': optax.adam(learning_rate), 'frozen': optax.set_to_zero()},
+                               lambda params: jax.tree_util.tree_map_with_path(label, params))
+    graphdef, state = step_lib.init_state(model, tx)
+    state = jax.tree.map(jnp.copy, state)                              # the step donates its state
+    objective = quant.quantization_aware(losses.objective_for(cfg), precision)
+    train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 31)
+    steps_per_epoch = max(1, len(dataset.train_labels) // cfg.train.batch_size)
+    state = loop.run_steps(state, train_step, dataset, cfg.replace(**{'train.progress': False}), first=0,
+                           last=int(affine_steps), steps_per_epoch=steps_per_epoch, writer=None, desc='BN affine')
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+  return retrain_bn(quant.apply(model, precision), dataset, cfg, batches)
 
 
 def _first_unit(model: SteppingModel) -> layers._LinearUnit:

@@ -23,6 +23,7 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
   cc.quick.precision.budgets = (3.0,)
   cc.quick.precision.progressive_planes = 4
+  cc.quick.precision.progressive_bn_affine_steps = 2   # BN scale/bias per plane count too: saved and reloaded below
   cc.quick.precision.finetune_seeds = (0, 1)
   cc.quick.precision.search_finetune_epochs = 0.1   # candidates ranked after a few fine-tune steps
   cc.quick.precision.slopes = (4.0,)                # (choosing among slopes: test_quant)
@@ -84,6 +85,8 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   prec = quant.Precision.from_json(meta['model_meta']['precision'])
   assert prec.bwb_bits == 4
   stats = np.load(tmp_path / 'progressive' / 'bn_stats_per_planes.npz')
+  assert saved['progressive_settings']['bn_affine_steps'] == 2
+  assert any(k.startswith('planes1/') and k.endswith('bn/scale') for k in stats.files)
   q = quant.apply(model, precision_lib_at(model, 1, prec))
   for key in stats.files:
     if key.startswith('planes1/'):

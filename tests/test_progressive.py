@@ -198,3 +198,33 @@ def test_class_ladder_step_costs_count_each_neurons_planes(small):
       (quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS
   assert costs.plane_step(top, 2) == int((quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS + \
       sum(int((quant.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:])
+
+
+def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
+  """With ``affine_steps`` only BN's scale and bias move (every quantized kernel, the
+  classifier included, stays bit-for-bit), gradients reach them through quantized
+  activations (straight-through), and the statistics are those of the retrained network:
+  a plain statistics pass over the result leaves them unchanged. Without steps it is
+  the statistics-only retraining of the quantized network."""
+  model = small
+  batch_size, batches = 16, 3
+  rng = np.random.RandomState(6)
+  x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
+  y = rng.randint(0, 10, len(x)).astype(np.int32)
+  dataset = data.Dataset('toy', x, y, x[:4], y[:4], 10)
+  cfg = config.from_dict({'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels},
+                          'train': {'batch_size': batch_size}})
+  precision = progressive.precision_at(model, 2, 8, 6, quant.calibrate_clips(model, x))   # 6-bit activations
+  q = quant.apply(model, precision)
+  tuned = progressive.retrain_bn_at(model, precision, dataset, cfg, batches, affine_steps=4, learning_rate=1e-2)
+  before = nnx.to_flat_state(nnx.state(q, nnx.Param))
+  after = dict(nnx.to_flat_state(nnx.state(tuned, nnx.Param)))
+  moved = {path for path, v in before if not np.array_equal(np.asarray(v[...]), np.asarray(after[path][...]))}
+  assert moved and all('bn' in path and path[-1] in ('scale', 'bias') for path in moved), moved
+  assert {p[-1] for p in moved} == {'scale', 'bias'} and {p[1] for p in moved} == set(range(len(model.units)))
+  again = progressive.retrain_bn(tuned, dataset, cfg, batches)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+               nnx.state(tuned, nnx.BatchStat), nnx.state(again, nnx.BatchStat))
+  plain = progressive.retrain_bn_at(model, precision, dataset, cfg, batches)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               nnx.state(plain), nnx.state(progressive.retrain_bn(q, dataset, cfg, batches)))
