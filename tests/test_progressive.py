@@ -69,16 +69,22 @@ def test_bit_serial_inference_equals_each_plane_counts_direct_forward(small):
     progressive.bit_serial_exits(model.units[0].kernel[...], nets + nets[:1], x, n)
 
 
+def _toy_training(model, batches: int, seed: int, batch_size: int = 16):
+  """(random images for ``batches`` batches, a config training ``model``'s exits on them)."""
+  rng = np.random.RandomState(seed)
+  x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
+  y = rng.randint(0, 10, len(x)).astype(np.int32)
+  cfg = config.from_dict({'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels},
+                          'train': {'batch_size': batch_size}})
+  return data.Dataset('toy', x, y, x[:4], y[:4], 10), cfg
+
+
 def test_bn_retraining_changes_only_bn_statistics(small):
   """Parameters stay; the statistics become those of the quantized network's own
   activations (the first layer's: a plain convolution of the normalized images)."""
-  model = small
-  batch_size, batches = 16, 3
-  rng = np.random.RandomState(5)
-  x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
-  y = rng.randint(0, 10, len(x)).astype(np.int32)
-  dataset = data.Dataset('toy', x, y, x[:4], y[:4], 10)
-  cfg = config.from_dict({'model': {'name': 'lenet3c1l'}, 'train': {'batch_size': batch_size}})
+  model, batches = small, 3
+  dataset, cfg = _toy_training(model, batches, seed=5)
+  x = dataset.train_images
   q = quant.apply(model, progressive.precision_at(model, 2, 8, quant.FLOAT_BITS, None))
   retrained = progressive.retrain_bn(q, dataset, cfg, batches)
   before, after = nnx.state(q, nnx.Param), nnx.state(retrained, nnx.Param)
@@ -206,14 +212,9 @@ def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
   activations (straight-through), and the statistics are those of the retrained network:
   a plain statistics pass over the result leaves them unchanged. Without steps it is
   the statistics-only retraining of the quantized network."""
-  model = small
-  batch_size, batches = 16, 3
-  rng = np.random.RandomState(6)
-  x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
-  y = rng.randint(0, 10, len(x)).astype(np.int32)
-  dataset = data.Dataset('toy', x, y, x[:4], y[:4], 10)
-  cfg = config.from_dict({'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels},
-                          'train': {'batch_size': batch_size}})
+  model, batches = small, 3
+  dataset, cfg = _toy_training(model, batches, seed=6)
+  x = dataset.train_images
   precision = progressive.precision_at(model, 2, 8, 6, quant.calibrate_clips(model, x))   # 6-bit activations
   q = quant.apply(model, precision)
   tuned = progressive.retrain_bn_at(model, precision, dataset, cfg, batches, affine_steps=4, learning_rate=1e-2)
