@@ -203,6 +203,7 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
                    p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
   plain = [quant.apply(tuned, progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
+
   def retrain(precision: quant.Precision):    # the BWB weights at ``precision``, BN retrained for it
     return progressive.retrain_bn_at(tuned, precision, train_split, cfg, p.progressive_bn_batches,
                                      int(p.get('progressive_bn_affine_steps', 0)),
@@ -252,8 +253,8 @@ def class_ladder_study(cfg: config_lib.Config, p, tuned, val, test, clips, evalu
   """The BWB network ``tuned`` stepped on class-based plane ladders (``progressive.class_ladder``).
 
   For each slope of ``precision.slopes`` a ladder, its BN retrained per rung (``retrain``,
-  as for the uniform ladder) and its (level, rung) grid on validation; the slope with the best mean validation
-  accuracy over the grid is kept. Reports that ladder's rungs (mean planes, top-exit test
+  as for the uniform ladder) and its (level, rung) grid on validation; the slope with the
+  best mean validation accuracy over the grid is kept. Reports that ladder's rungs (mean planes, top-exit test
   accuracy through bit-serial inference) and its staircases: ``combined_class`` (chosen on
   validation like ``combined``) and ``bits_only_class`` (the top level, rung by rung).
   """
