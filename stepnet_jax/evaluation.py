@@ -5,36 +5,44 @@ import json
 import os
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stepnet_jax import feed, sharding, timing
 from stepnet_jax.api import Stepper
 
 
-def exit_metrics(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
-                 batch_size: int = 1000) -> dict[str, np.ndarray]:
-  """Eval-mode accuracy and mean cross-entropy of every exit over a split: {'accuracy': [K], 'loss': [K]}.
+def exit_metrics(exits_fn, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000,
+                 loss: bool = True) -> dict[str, np.ndarray]:
+  """Eval-mode accuracy (and with ``loss`` mean cross-entropy) of every exit over a split:
+  {'accuracy': [K], 'loss': [K]}.
 
   ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``; the
-  feed pads the last batch (one compiled shape) and its padding is not counted. The
-  loss is a lower-variance ranking signal than the accuracy when candidates are close.
+  feed pads the last batch (one compiled shape) and its padding is not counted. Only
+  [K, B] predictions (and per-example losses) leave the device. The loss is a
+  lower-variance ranking signal than the accuracy when candidates are close.
   """
   correct, nll, seen = 0, 0.0, 0
   for batch in feed.evaluation_batches(images, labels, batch_size):
-    logits = np.asarray(sharding.to_host(exits_fn(variables, batch.images)), np.float64)[:, :batch.count]  # [K, n, C]
-    y = labels[seen:seen + batch.count]
-    correct = correct + (logits.argmax(-1) == y[None]).sum(axis=1)
-    top = logits.max(-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]                 # [K, n]
-    nll = nll + (log_norm - np.take_along_axis(logits, y[None, :, None], -1)[..., 0]).sum(axis=1)
+    logits = exits_fn(variables, batch.images)                                      # [K, B, C] on device
+    pred = sharding.to_host(logits.argmax(-1))[:, :batch.count]                       # [K, count]
+    correct = correct + (pred == labels[None, seen:seen + batch.count]).sum(axis=1)
+    if loss:
+      log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      picked = jnp.take_along_axis(log_p, batch.labels[None, :, None].astype(jnp.int32), axis=-1)[..., 0]
+      nll = nll - sharding.to_host(picked)[:, :batch.count].astype(np.float64).sum(axis=1)
     seen += batch.count
-  return {'accuracy': correct / len(labels), 'loss': nll / len(labels)}
+  out = {'accuracy': correct / len(labels)}
+  if loss:
+    out['loss'] = nll / len(labels)
+  return out
 
 
 def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray,
                   batch_size: int = 1000) -> np.ndarray:
   """Eval-mode accuracy of every exit over a dataset split: [K] (see ``exit_metrics``)."""
-  return exit_metrics(exits_fn, variables, images, labels, batch_size)['accuracy']
+  return exit_metrics(exits_fn, variables, images, labels, batch_size, loss=False)['accuracy']
 
 
 def evaluate_levels(stepper: Stepper, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,

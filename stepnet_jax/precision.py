@@ -202,14 +202,15 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   n, top = int(p.progressive_planes), model.num_levels - 1
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
                    p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
-  plain = [quant.apply(tuned, progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
+  affine_steps = int(p.get('progressive_bn_affine_steps', 0))
+  at_planes = [progressive.precision_at(tuned, b, n, p.act_bits, clips) for b in range(1, n + 1)]
+  plain = [quant.apply(tuned, precision) for precision in at_planes]
 
   def retrain(precision: quant.Precision):    # the BWB weights at ``precision``, BN retrained for it
-    return progressive.retrain_bn_at(tuned, precision, train_split, cfg, p.progressive_bn_batches,
-                                     int(p.get('progressive_bn_affine_steps', 0)),
+    return progressive.retrain_bn_at(tuned, precision, train_split, cfg, p.progressive_bn_batches, affine_steps,
                                      float(p.get('progressive_bn_affine_learning_rate', 1e-3)))
 
-  retrained = [retrain(progressive.precision_at(tuned, b, n, p.act_bits, clips)) for b in range(1, n + 1)]
+  retrained = [retrain(precision) for precision in at_planes]
   first_kernel = tuned.units[0].kernel[...]
   serial = progressive.bit_serial_accuracy(first_kernel, retrained, *test, n, cfg.train.eval_batch_size)
   serial_plain = progressive.bit_serial_accuracy(first_kernel, plain, *test, n, cfg.train.eval_batch_size)
@@ -229,7 +230,7 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
     extra = class_ladder_study(cfg, p, tuned, val, test, clips, evaluate, class_score, retrain)
     stairs.update(extra.pop('staircase'))
   # Per plane count: BN statistics, and BN's scale and bias when they were retrained too.
-  bn_of = nnx.All(nnx.Param, nnx.PathContains('bn')) if p.get('progressive_bn_affine_steps', 0) else nnx.Nothing()
+  bn_of = nnx.All(nnx.Param, nnx.PathContains('bn')) if affine_steps else nnx.Nothing()
   bn_stats = {b: nnx.to_pure_dict(nnx.state(q, nnx.Any(nnx.BatchStat, bn_of))) for b, q in enumerate(retrained, 1)}
   _save(os.path.join(workdir, 'progressive'), tuned, meta, progressive.precision_at(tuned, n, n, p.act_bits, clips))
   np.savez(os.path.join(workdir, 'progressive', 'bn_stats_per_planes.npz'),
@@ -244,7 +245,7 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
           'progressive_settings': {'planes': n, 'epochs': float(p.progressive_epochs),
                                    'learning_rate': float(p.progressive_learning_rate),
                                    'bn_batches': int(p.progressive_bn_batches),
-                                   'bn_affine_steps': int(p.get('progressive_bn_affine_steps', 0)),
+                                   'bn_affine_steps': affine_steps,
                                    'workdir': 'progressive'}}
 
 
