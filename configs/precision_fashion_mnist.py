@@ -39,12 +39,12 @@ def get_config():
       progressive_epochs=1.0,
       progressive_learning_rate=2e-4,
       progressive_bn_batches=50,
-      progressive_bn_affine_steps=0,    # >0: BN scale and bias also trained per plane count (Adam, all else frozen)
+      progressive_bn_affine_steps=100,  # BN scale and bias also trained per plane count (Adam, all else frozen); 0: statistics only
       progressive_bn_affine_learning_rate=1e-3))
   c.quick = ml_collections.ConfigDict(dict(
       common=dict(model=dict(width=0.25), data=dict(train_subset=640, test_subset=300, validation_examples=128),
                   train=dict(num_epochs=1, batch_size=64, eval_batch_size=300, progress=False)),
       precision=dict(budgets=(2.0, 4.0), slopes=(1.0, 4.0), calibration_images=128, importance_examples=300,
                      finetune_epochs=0.5, finetune_seeds=(0,), search_finetune_epochs=0.0, progressive_epochs=0.5,
-                     progressive_bn_batches=5)))
+                     progressive_bn_batches=5, progressive_bn_affine_steps=5)))
   return c
