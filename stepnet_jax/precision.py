@@ -202,7 +202,7 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   n, top = int(p.progressive_planes), model.num_levels - 1
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
                    p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
-  affine_steps = int(p.get('progressive_bn_affine_steps', 0))
+  affine_steps = int(p.get('progressive_bn_affine_steps', 100))   # the config's default
   at_planes = [progressive.precision_at(tuned, b, n, p.act_bits, clips) for b in range(1, n + 1)]
   plain = [quant.apply(tuned, precision) for precision in at_planes]
 
