@@ -202,13 +202,14 @@ def progressive_study(cfg: config_lib.Config, p, model, train_split: data.Datase
   n, top = int(p.progressive_planes), model.num_levels - 1
   tuned = finetune(cfg, model, progressive.precision_at(model, n, n, p.act_bits, clips), train_split,
                    p.progressive_epochs, p.progressive_learning_rate, steps_per_epoch, desc=f'BWB {n} planes')
-  affine_steps = int(p.get('progressive_bn_affine_steps', 100))   # the config's default
+  affine_steps = int(p.get('progressive_bn_affine_steps', 100))   # the config's defaults
+  affine_learning_rate = float(p.get('progressive_bn_affine_learning_rate', 1e-3))
   at_planes = [progressive.precision_at(tuned, b, n, p.act_bits, clips) for b in range(1, n + 1)]
   plain = [quant.apply(tuned, precision) for precision in at_planes]
 
   def retrain(precision: quant.Precision):    # the BWB weights at ``precision``, BN retrained for it
     return progressive.retrain_bn_at(tuned, precision, train_split, cfg, p.progressive_bn_batches, affine_steps,
-                                     float(p.get('progressive_bn_affine_learning_rate', 1e-3)))
+                                     affine_learning_rate)
 
   retrained = [retrain(precision) for precision in at_planes]
   first_kernel = tuned.units[0].kernel[...]
