@@ -13,7 +13,12 @@ from absl import app, flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import anytime, config, data, evaluation, policies, quant, restore
+from stepnet_jax import config
+from stepnet_jax.core import anytime
+from stepnet_jax.data import datasets
+from stepnet_jax.inference import evaluation, policies, restore, sweeps
+from stepnet_jax.models import quantized
+from stepnet_jax.studies import reports
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
 _JSON = flags.DEFINE_string('json', None, 'Write the per-level results to this JSON file.')
@@ -29,7 +34,7 @@ _KNOBS = flags.DEFINE_list('knobs', None, 'The policy\'s thresholds (per-input M
 _BITS = flags.DEFINE_string('bits', None, 'Evaluate quantized: weight bits of every neuron (an integer), or a '
                             'JSON file {layer: [bits per neuron]} (of a quant.Precision JSON only its weight_bits '
                             'are read: activations follow --act_bits, with fresh clips).')
-_ACT_BITS = flags.DEFINE_integer('act_bits', 8, f'With --bits: bits of the hidden activations ({quant.FLOAT_BITS} = float).')
+_ACT_BITS = flags.DEFINE_integer('act_bits', 8, f'With --bits: bits of the hidden activations ({quantized.FLOAT_BITS} = float).')
 _CALIBRATION = flags.DEFINE_integer('calibration_images', 1000, 'With --bits: training images that calibrate '
                                     'the activation clips.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint (default: the newest).')
@@ -70,27 +75,27 @@ def main(argv):
   if step is not None:
     print(f'checkpoint {step} of {_WORKDIR.value}')
   source = config.saved_data(net.meta['config'])
-  ds = data.subset(data.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
+  ds = datasets.subset(datasets.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
   precision = net.meta['model_meta'].get('precision')
   if _BITS.value:
     if precision:
       raise app.UsageError('this run is already quantized (its checkpoint records a precision); drop --bits')
     model = nnx.merge(net.graphdef, net.variables)
-    bits = quant.load_bits(_BITS.value, model)
-    clips = (quant.calibrate_clips(model, ds.train_images[:_CALIBRATION.value])
-             if _ACT_BITS.value < quant.FLOAT_BITS else None)
-    precision = quant.Precision(bits, _ACT_BITS.value, clips).to_json()
-    net = stepnet_jax.Stepper(quant.apply(model, quant.Precision.from_json(precision)), net.meta)
+    bits = quantized.load_bits(_BITS.value, model)
+    clips = (quantized.calibrate_clips(model, ds.train_images[:_CALIBRATION.value])
+             if _ACT_BITS.value < quantized.FLOAT_BITS else None)
+    precision = quantized.Precision(bits, _ACT_BITS.value, clips).to_json()
+    net = stepnet_jax.Stepper(quantized.apply(model, quantized.Precision.from_json(precision)), net.meta)
   rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
                                     latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
   print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
         f'{len(ds.test_labels)} test images, {net.num_levels} levels')
   print(evaluation.format_table(rows, _LAT_BATCH.value))
   if precision:
-    model, p = nnx.merge(net.graphdef, net.variables), quant.Precision.from_json(precision)
+    model, p = nnx.merge(net.graphdef, net.variables), quantized.Precision.from_json(precision)
     print('\nprecision (quantized weights and activations):')
-    print(quant.describe(model, p))
-    reach = quant.bitops_to_reach(model, p.weight_bits, p.act_bits)
+    print(quantized.describe(model, p))
+    reach = quantized.bitops_to_reach(model, p.weight_bits, p.act_bits)
     for row, ops in zip(rows, reach):
       row['bitops_to_reach'] = int(ops)
   print('\nMACs per image by layer (BN, ReLU, pooling and additions are not MACs):')
@@ -99,16 +104,16 @@ def main(argv):
     name, reach = _POLICY.value, net.macs_to_reach
     knobs = [float(k) for k in _KNOBS.value] if _KNOBS.value else policies.default_knobs(name, reach)
     predict = anytime.make_predict(net.program, anytime.default_strategy())
-    points = anytime.sweep(predict, net.variables, net.num_levels, lambda k: policies.heuristic(name, k, reach), knobs,
+    points = sweeps.sweep(predict, net.variables, net.num_levels, lambda k: policies.heuristic(name, k, reach), knobs,
                            ds.test_images, ds.test_labels)
     print(f'\npolicy {name} ({anytime.default_strategy()} program), test set:')
-    print(anytime.format_sweep(points, reach[-1]))
+    print(sweeps.format_sweep(points, reach[-1]))
   if _JSON.value:
-    evaluation.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
+    reports.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
                                               'latency_batch': _LAT_BATCH.value, 'precision': precision})
     print(f'wrote {_JSON.value}')
   if _PLOT.value:
-    evaluation.plot_accuracy_vs_macs(_PLOT.value, {net.meta['model_meta']['model']: rows},
+    reports.plot_accuracy_vs_macs(_PLOT.value, {net.meta['model_meta']['model']: rows},
                                      title=f'{net.meta["model_meta"]["model"]} on {ds.name}')
     print(f'wrote {_PLOT.value}')
 

@@ -11,8 +11,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from stepnet_jax import cli
 from stepnet_jax import config as config_lib
-from stepnet_jax import methods, sharding
+from stepnet_jax.data import sharding
+from stepnet_jax.methods import trainers
 from stepnet_jax.training import loop, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -26,11 +28,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  cfg = config_lib.from_dict(_CONFIG.value)
+  cfg = trainers.validate(config_lib.from_dict(_CONFIG.value))
   sharding.initialize()
   print(f'data parallel: {sharding.describe()}', flush=True)
   try:
-    result = methods.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
+    result = trainers.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
   except loop.Preempted as stopped:
     print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
     raise SystemExit(stopped.exit_status) from None
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags_with_hints)
+  app.run(main, flags_parser=cli.parse_flags_with_hints)

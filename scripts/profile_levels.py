@@ -21,12 +21,13 @@ import numpy as np
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import data, layers
-from stepnet_jax.timing import median_seconds, step_latencies
+from stepnet_jax.core import layers
+from stepnet_jax.data import datasets
+from stepnet_jax.inference.timing import median_seconds, step_latencies
 
 
 def main(workdir: str, batch: int = 256) -> None:
-  x = jnp.asarray(data.load_dataset('idx:' + data.FASHION_MNIST_DIR).test_images[:batch])
+  x = jnp.asarray(datasets.load_dataset('idx:' + datasets.FASHION_MNIST_DIR).test_images[:batch])
   for label, rule in (('library convolution everywhere', {}),
                       ('tap products for narrow blocks (default)', dict(layers.TAPS_MAX_CHANNELS))):
     with layers.conv_rule(rule):

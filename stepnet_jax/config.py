@@ -20,20 +20,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from stepnet_jax import data
+# The default dataset: Debian's dataset-fashion-mnist package (``data.datasets`` reads it).
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
+
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where the images come from (``data.py``)."""
-  name: str = data.FASHION_MNIST   # idx:DIR, digits, or a TFDS name
+  """Where the images come from (``datasets.py``)."""
+  name: str = FASHION_MNIST         # idx:DIR, digits, or a TFDS name
   data_dir: str = ''               # TFDS data_dir ('' = TFDS default)
   train_subset: int = 0            # use only this many training images (0 = all)
   test_subset: int = 0             # use only this many test images (0 = all)
@@ -43,7 +45,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture and level assignment (``models.py``)."""
+  """Architecture and level assignment (``zoo.py``)."""
   name: str = 'lenet3c1l'          # a name in models.MODELS
   width: float = 1.0               # channel multiplier
   num_levels: int = 4
@@ -55,7 +57,7 @@ class ModelConfig:
   assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
 
   def switchable_bn(self) -> bool | None:
-    """Whether every subnet has its own BatchNorm; None for ``auto`` (``models.build_model``
+    """Whether every subnet has its own BatchNorm; None for ``auto`` (``zoo.build_model``
     decides: exactly without the mask rule)."""
     return {'auto': None, 'shared': False, 'per_subnet': True}[self.batch_norm]
 
@@ -152,7 +154,7 @@ class SelectionConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A validated, hashable run configuration."""
-  method: str = 'joint'            # how the levels are made: a name in methods.METHODS
+  method: str = 'joint'            # how the levels are made: a name in methods.trainers.TRAINERS
   seed: int = 0
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -182,6 +184,7 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
 # construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
 ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
 BATCH_NORMS = ('auto', 'shared', 'per_subnet')
+SELECTION_BASELINES = ('running', 'none')  # methods.selection
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
@@ -273,58 +276,22 @@ def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 
 
 def _check(c: Config) -> None:
-  """Cross-field checks; names are looked up in their registries."""
-  # Imported here, not at the top: methods imports the trainers, which import this module
-  # (a cycle), and inference reads saved configs with ``saved_data``, which needs none of them.
-  from stepnet_jax import importance, losses, methods, models
-  from stepnet_jax.training import optim
+  """Cross-field checks that need no registry; the names (model, method, optimizer, ...)
+  and the method combinations are checked next to their tables, ``methods.trainers.validate``."""
   m, loss = c.model, c.loss
   if m.num_levels < 1:
     raise ValueError('num_levels must be >= 1')
-  models.MODELS.get(m.name)
   if loss.exit_weights and len(loss.exit_weights) != m.num_levels:
     raise ValueError(f'exit_weights has {len(loss.exit_weights)} entries for {m.num_levels} levels')
   if any(w < 0 for w in c.exit_weights) or sum(c.exit_weights) <= 0:
     raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
   if m.level_widths and len(m.level_widths) != m.num_levels:
     raise ValueError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
-  optim.OPTIMIZERS.get(c.optim.name)
-  optim.SCHEDULES.get(c.optim.schedule)
-  losses.OBJECTIVES.get(loss.objective)
-  method = methods.METHODS.get(c.method)
-  if method.needs_budgets and len(c.construction.budgets) != m.num_levels:
-    raise ValueError(f'method {c.method} needs one budget per level: {len(c.construction.budgets)} budgets, '
-                     f'{m.num_levels} levels')
-  if c.method == 'nonuniform' and min(c.exit_weights) <= 0:
-    raise ValueError('the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
-                     f'got {c.exit_weights}')
-  if loss.objective == 'sandwich' and (not m.triangular or c.method != 'joint'):
-    raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
-                     'method joint')
-  from stepnet_jax.layers import EXIT_HEADS
-  if m.exit_heads not in EXIT_HEADS:
-    raise ValueError(f'unknown model.exit_heads {m.exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
-  if m.exit_heads == 'private' and not m.mask_rule:
-    raise ValueError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
-  if m.batch_norm not in BATCH_NORMS:
-    raise ValueError(f'unknown model.batch_norm {m.batch_norm!r}; choose one of {", ".join(BATCH_NORMS)}')
-  if m.batch_norm != 'auto' and c.method != 'joint':
-    raise ValueError(f"model.batch_norm={m.batch_norm!r} is an option of method joint; method {c.method} "
-                     "chooses its batch norm itself (keep model.batch_norm='auto')")
-  if m.exit_heads == 'private' and loss.objective == 'sandwich':
-    raise ValueError("the 'sandwich' objective reads random widths off one shared classifier: it needs "
-                     "model.exit_heads='shared'")
-  con = c.construction
-  if con.allocation not in ALLOCATIONS:
-    raise ValueError(f'unknown allocation {con.allocation!r}; choose one of {", ".join(ALLOCATIONS)}')
-  importance.METHODS.get(con.importance)
-  if c.method == 'steppingnet' and con.allocation != 'global' and con.rank_per_mac:
-    raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
-                     "layer's share, so the two do not combine: use construction.allocation='global'")
-  if loss.distill_mode not in losses.DISTILL_MODES:
-    raise ValueError(f'unknown loss.distill_mode {loss.distill_mode!r}; choose from {", ".join(losses.DISTILL_MODES)}')
-  if c.selection.baseline not in ('running', 'none'):
-    raise ValueError(f'unknown selection.baseline {c.selection.baseline!r}; choose running or none')
+  for key, value, choices in (('model.batch_norm', m.batch_norm, BATCH_NORMS),
+                              ('construction.allocation', c.construction.allocation, ALLOCATIONS),
+                              ('selection.baseline', c.selection.baseline, SELECTION_BASELINES)):
+    if value not in choices:
+      raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
   _check_ranges(c)
 
 
@@ -371,7 +338,7 @@ _RENAMED = {'model': 'model.name', 'dataset': 'data.name', 'optimizer': 'optim.n
 _FLAT_ERA = ('method', 'seed', 'data', 'model', 'loss', 'optim', 'train', 'construction', 'baseline')
 
 
-def _flat_paths() -> dict[str, str]:
+def flat_paths() -> dict[str, str]:
   """Flat (pre-section) key -> dotted key. Leaf names were the flat names, except _RENAMED."""
   keys = [k for k in flatten(Config().to_dict()) if k.split('.')[0] in _FLAT_ERA and not k.endswith('.name')]
   paths = {key.rsplit('.', 1)[-1]: key for key in keys}
@@ -388,7 +355,7 @@ def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   saved = dict(saved)
   if not isinstance(saved.get('model'), str):   # flat configs had the model's name at the top
     return saved
-  paths = _flat_paths()
+  paths = flat_paths()
   unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
   if unknown:
     raise ValueError(f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; '
@@ -422,62 +389,6 @@ def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
                 and a[k] != b[k])
 
 
-def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
-  """For a command-line override in the flat spelling of earlier versions
-  (``--config.num_epochs=2``), the same override spelled for the sections
-  (``--config.train.num_epochs=2``); None for anything else. ``run_roots``: the config
-  paths that hold a run's config ('' for train.py; ``common`` and the method sections
-  for the comparison), so other sections' fields get no hint."""
-  if not arg.startswith('--config.'):
-    return None
-  key, sep, value = arg[len('--config.'):].partition('=')
-  *parents, leaf = key.split('.')
-  new = _flat_paths().get(leaf)
-  if new is None or '.' not in new or '.'.join(parents) not in run_roots:
-    return None
-  return '--config.' + '.'.join(parents + [new]) + sep + value
-
-
-def unknown_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
-  """For a ``--config.KEY=V`` override of a run's config (under one of ``run_roots``) whose
-  KEY is no field, a hint naming the closest fields; None otherwise."""
-  if not arg.startswith('--config.'):
-    return None
-  key = arg[len('--config.'):].partition('=')[0]
-  for root in sorted(run_roots, key=len, reverse=True):
-    prefix = f'{root}.' if root else ''
-    if key.startswith(prefix):
-      field = key[len(prefix):]
-      break
-  else:
-    return None
-  known = flatten(Config().to_dict())
-  if field in known or field in SECTIONS or any(k.startswith(field + '.') for k in known):
-    return None
-  import difflib
-  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or \
-      [k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]]
-  return (f'{key} is not a config key' + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')
-          + '; every field and its default: stepnet_jax/config.py')
-
-
-def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) -> list[str]:
-  """absl flags parser for the commands: a flags error exits with absl's message, plus the
-  new spelling of an override in the flat spelling of earlier versions, or the closest
-  fields to an unknown key."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError, flags.Error) as e:
-    hints = [f'{a} is now spelled {renamed_override(a, run_roots)}' for a in argv if renamed_override(a, run_roots)]
-    unknown = [unknown_override(a, run_roots) for a in argv if not renamed_override(a, run_roots)]
-    message = f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.'
-    if hints:
-      message += '\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)
-    message += ''.join(f'\n{u}' for u in unknown if u)
-    raise SystemExit(message) from e
-
-
 def load_file(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file ``path`` (for configs and tests building on another)."""
   import importlib.util
@@ -494,33 +405,3 @@ def with_quick(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.Con
   if quick:
     cc = ml_collections.ConfigDict(merge(cc.to_dict(), cc.quick.to_dict()))
   return cc
-
-
-def define_study_flags(what: str) -> None:
-  """The flags every study command takes: --config FILE, --workdir DIR, --quick (defined only
-  when run as the command: importing a module defines none)."""
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, f'{what} configuration file.', lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
-  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def run_study(main, run_roots: Sequence[str] = ('common',)) -> None:
-  """``absl.app.run(main)`` with the flags parser that names renamed overrides; a training
-  stopped by SIGTERM or Ctrl-C ends the command with its one-line message and exit status
-  143 or 130 (as ``train.py`` does), not a traceback."""
-  import functools
-  from absl import app
-  app.run(functools.partial(_stop_quietly, main),
-          flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))
-
-
-def _stop_quietly(main, argv):
-  from stepnet_jax.training import loop   # imported here: the training code imports this module
-  try:
-    return main(argv)
-  except loop.Preempted as stopped:
-    print(f'stopped: {stopped}', file=sys.stderr, flush=True)
-    raise SystemExit(stopped.exit_status) from None

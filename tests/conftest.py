@@ -64,6 +64,6 @@ def _float32_and_seeded():
 
 @pytest.fixture(scope='session')
 def fashion_mnist():
-  from stepnet_jax import data
+  from stepnet_jax.data import datasets
   # scripts/setup.sh installs Debian's dataset-fashion-mnist: a missing copy is an error.
-  return data.load_dataset(f'idx:{FASHION_MNIST_DIR}')
+  return datasets.load_dataset(f'idx:{FASHION_MNIST_DIR}')

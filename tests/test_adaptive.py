@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 import stepnet_jax
-from stepnet_jax import anytime
+from stepnet_jax.core import anytime
 
 
 def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
@@ -16,8 +16,12 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   monkeypatch.setitem(anytime.DEFAULT_STRATEGY, jax.default_backend(), 'masked')
   import json
   import os
-  from stepnet_jax import adaptive, config, data, restore
-  cc = config.load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+
+  from stepnet_jax import cli, config
+  from stepnet_jax.data import datasets
+  from stepnet_jax.inference import restore
+  from stepnet_jax.studies import stopping
+  cc = cli.load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                                      'adaptive_fashion_mnist.py'))
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
@@ -29,7 +33,7 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   cc.quick.families = ('steppingnet', 'cascade')
   cc.quick.lambdas = (0.5,)
   cc.quick.knobs.confidence = (0.5, 0.9)
-  out = adaptive.adaptive(cc, str(tmp_path), quick=True)
+  out = stopping.adaptive(cc, str(tmp_path), quick=True)
   saved = json.loads((tmp_path / 'adaptive.json').read_text())
   assert saved == json.loads(json.dumps(out))
   assert set(saved['methods']) == {'steppingnet_confidence', 'steppingnet_entropy', 'steppingnet_learned',
@@ -44,8 +48,9 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   # The networks trained on exactly the training images minus the 300 held out (counted by
   # image content), and the cascade's MACs are its networks' own MACs added up.
   import collections
+
   from stepnet_jax.training import run
-  full = data.load_digits()
+  full = datasets.load_digits()
   held = np.load(tmp_path / 'validation_indices.npy')
   assert len(np.unique(held)) == 300 and saved['validation']['examples'] == 300
   trained_on, _ = run.prepare_data(config.from_saved(restore.restore_meta(str(tmp_path / 'steppingnet'))['config']),
@@ -61,15 +66,15 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
 
   # --timing on the finished study: trains the operating point's selection module once and
   # keeps it; a second --timing reuses it (no training) and times the same policy.
-  monkeypatch.setattr(adaptive, 'BATCH1_INPUTS', 3)
-  first = adaptive.timing_study(cc, str(tmp_path), quick=True, repeats=2)
-  assert (tmp_path / adaptive.TIMING_SELECTOR).exists()
-  from stepnet_jax import selection
+  monkeypatch.setattr(stopping, 'BATCH1_INPUTS', 3)
+  first = stopping.timing_study(cc, str(tmp_path), quick=True, repeats=2)
+  assert (tmp_path / stopping.TIMING_SELECTOR).exists()
+  from stepnet_jax.methods import selection
 
   def no_training(*args, **kwargs):
     raise AssertionError('the kept selection module should have been reused')
   monkeypatch.setattr(selection, 'train_selector', no_training)
-  second = adaptive.timing_study(cc, str(tmp_path), quick=True, repeats=2)
+  second = stopping.timing_study(cc, str(tmp_path), quick=True, repeats=2)
   assert json.loads((tmp_path / 'timing.json').read_text()) == json.loads(json.dumps(second))
   assert [(r['policy'], r['batch'], r['inputs']) for r in second['results']] == \
       [('learned', 1, 3), ('learned', 150, 150), ('confidence', 1, 3), ('confidence', 150, 150)]

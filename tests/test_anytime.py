@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testlib
 
 import stepnet_jax
-import testlib
-from stepnet_jax import anytime, models, policies
+from stepnet_jax.core import anytime
+from stepnet_jax.inference import policies
+from stepnet_jax.models import zoo
 
 
 def _softmax(z):
@@ -56,7 +58,7 @@ def test_bucket_sizes():
 def nets():
   reusable = stepnet_jax.Stepper(testlib.built_model('lenet3c1l'))
   with testlib.numpy_initializers(3):
-    slim = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    slim = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                               assignment={'conv1': (3, 2, 3), 'conv2': (3, 3, 2), 'conv3': (2, 3, 3)},
                               mask_rule=False, mean=(0.3,), std=(0.3,))
   return {'reusable': reusable, 'recompute': stepnet_jax.Stepper(testlib.randomize(slim, 3))}
@@ -150,7 +152,8 @@ def test_exported_chain_runs_without_the_library_and_matches_every_level(tmp_pat
   import json
   import subprocess
   import sys
-  from stepnet_jax import export
+
+  from stepnet_jax.inference import export
   net = nets['reusable']
   manifest = export.save(net, str(tmp_path / 'art'))
   assert manifest['platforms'] == ['cpu', 'cuda'] and len(manifest['steps']) == net.num_levels - 1
@@ -183,7 +186,7 @@ assert not [k for k in sys.modules if k.startswith('stepnet_jax')]
 def test_pure_predict_and_run_until(nets, monkeypatch):
   """stepping.predict(graphdef, variables, ...) is the Stepper's program; run_until steps while
   the measured next step fits the deadline."""
-  from stepnet_jax import stepping
+  from stepnet_jax.core import stepping
   net = nets['reusable']
   x = testlib.images(testlib.MNIST_SHAPE, batch=6, seed=10)
   policy = _policy_with_varied_exits(net, x)

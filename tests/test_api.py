@@ -8,11 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testlib import (
+  assert_close,
+  brute_mask,
+  built_model,
+  bundle,
+  images,
+  level_array,
+  linear_units,
+  numpy_initializers,
+  randomize,
+)
 
 import stepnet_jax
-from stepnet_jax import layers, models, policies, stepping
-from testlib import (assert_close, brute_mask, built_model, bundle, images, level_array, linear_units,
-                     numpy_initializers, randomize)
+from stepnet_jax.core import layers, stepping
+from stepnet_jax.inference import policies
+from stepnet_jax.models import zoo
 
 BN_EPS = 1e-5  # documented BN epsilon
 
@@ -177,12 +188,12 @@ def test_build_model_rejects_bad_arguments(kwargs):
   name = args.pop('name')
   with numpy_initializers(0):
     with pytest.raises(ValueError):
-      models.build_model(name, **args)
+      zoo.build_model(name, **args)
 
 
 def test_assignment_and_widths_fix_channel_counts():
   with numpy_initializers(0):
-    model = models.build_model('lenet5', num_classes=10, input_shape=(32, 32, 1), num_levels=2, width=0.5,
+    model = zoo.build_model('lenet5', num_classes=10, input_shape=(32, 32, 1), num_levels=2, width=0.5,
                                level_widths=(0.25, 1.0), assignment={'fc1': (7, 1)})
   sizes = dict(model.assignment)
   assert sizes['conv1'] == (1, 2)          # round(6 * 0.5) = 3 channels, round(0.75) = 1 in level 0
@@ -194,7 +205,7 @@ def test_assignment_and_widths_fix_channel_counts():
 
 def test_single_level_network():
   with numpy_initializers(0):
-    model = randomize(models.build_model('mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=1, width=0.05))
+    model = randomize(zoo.build_model('mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=1, width=0.05))
   net = stepnet_jax.Stepper(model)
   x = images((28, 28, 1), batch=3, seed=25)
   cache = net.start(x)
@@ -279,9 +290,9 @@ def test_inference_imports_no_training_code():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   loaded = eval(out.stdout)
-  assert 'stepnet_jax.api' in loaded and 'stepnet_jax.restore' in loaded
+  assert 'stepnet_jax.inference.stepper' in loaded and 'stepnet_jax.inference.restore' in loaded
   assert not [m for m in loaded if m.startswith('stepnet_jax.training') or m in (
-      'stepnet_jax.losses', 'stepnet_jax.methods', 'stepnet_jax.construct')], loaded
+      'stepnet_jax.training.losses', 'stepnet_jax.methods.trainers', 'stepnet_jax.methods.construct')], loaded
 
 
 @pytest.mark.parametrize('size,kernel,stride,padding,cin,cout', [
@@ -299,9 +310,9 @@ def test_convolution_by_taps_equals_library_convolution(size, kernel, stride, pa
 def test_bad_inputs_are_clear_errors_before_tracing():
   """Wrong rank, image size, channels or dtype, a level out of range, a cache of another
   network or batch: each a ValueError / TypeError saying what was expected."""
-  net = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+  net = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
                                                width=0.25))
-  other = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+  other = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
                                                  width=0.5))
   x = images((16, 16, 1), batch=2)
   with pytest.raises(ValueError, match=r'rank 4 \[B, 16, 16, 1\].*add a batch axis'):
@@ -321,7 +332,7 @@ def test_bad_inputs_are_clear_errors_before_tracing():
   with pytest.raises(ValueError, match='not made by this network'):      # a pure-function cache of another net
     net.advance(stepping.start(other.graphdef, other.variables, x))
   # Same structure and shapes, other weights: the buffers fit, so only the cache's tag tells.
-  twin = stepnet_jax.Stepper(models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
+  twin = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
                                                 width=0.25, seed=7))
   with pytest.raises(ValueError, match='made by another network'):
     net.advance(twin.start(x))

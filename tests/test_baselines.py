@@ -7,19 +7,24 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testlib
 from flax import nnx
 
 import stepnet_jax
-import testlib
-from stepnet_jax import budgets, compare, config, construct, data, levels, methods, models, nonuniform, restore, surgery
-from stepnet_jax.api import Stepper
+from stepnet_jax import cli, config
+from stepnet_jax.core import levels
+from stepnet_jax.data import datasets
+from stepnet_jax.inference.stepper import Stepper
+from stepnet_jax.methods import construct, nonuniform, trainers
+from stepnet_jax.models import budgets, structure, surgery, zoo
+from stepnet_jax.studies import compare
 from stepnet_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compare_config():
-  return config.load_file(os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
+  return cli.load_file(os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
 
 
 SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
@@ -27,7 +32,7 @@ SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
 
 def _slimmable(seed=0):
   with testlib.numpy_initializers(seed):
-    m = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    m = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                            assignment=SLIM, mask_rule=False, mean=(0.3,), std=(0.3,), seed=seed)
   return testlib.randomize(m, seed)
 
@@ -36,7 +41,7 @@ def _plain_prefix(slim, level):
   """A plain single-level network holding subnet ``level``'s prefix weights and private BN."""
   ends = {n: levels.end(s, level) for n, s in SLIM.items()}
   with testlib.numpy_initializers(9):
-    plain = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=1,
+    plain = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=1,
                                assignment={n: [c] for n, c in ends.items()}, mean=(0.3,), std=(0.3,))
   c_in = 1
   for su, pu, n in zip(slim.units, plain.units, ('conv1', 'conv2', 'conv3')):
@@ -80,10 +85,10 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
   k equals the reusable shared-BN network with the same kernels and subnet k's private BN
   values, in eval and train mode; it recomputes, so it is not reusable."""
   with testlib.numpy_initializers(3):
-    per = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    per = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                              assignment=SLIM, mask_rule=True, switchable_bn=True, exit_heads='private',
                              mean=(0.3,), std=(0.3,))
-    shared = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    shared = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                                 assignment=SLIM, exit_heads='private', mean=(0.3,), std=(0.3,))
   per = testlib.randomize(per, 5)
   assert (per.mask_rule, per.switchable_bn, per.reusable) == (True, True, False)
@@ -99,11 +104,11 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
     testlib.assert_close(per.exits(x)[k], shared.exits(x)[k])
     testlib.assert_close(per.exits(x, train=True)[k], nnx.clone(shared).exits(x, train=True)[k])
   assert Stepper(per).macs_to_reach == tuple(np.cumsum(Stepper(shared).level_macs))
-  meta = restore.model_meta(per, 'lenet3c1l', 10)
-  assert restore.build_from_meta(meta).switchable_bn and restore.same_model(restore.model_meta(
-      restore.build_from_meta(meta), 'lenet3c1l', 10), meta)
-  old = {k: v for k, v in restore.model_meta(shared, 'lenet3c1l', 10).items() if k != 'switchable_bn'}
-  assert not restore.build_from_meta(old).switchable_bn     # a checkpoint from before the key: shared BN
+  meta = structure.model_meta(per, 'lenet3c1l', 10)
+  assert structure.build_from_meta(meta).switchable_bn and structure.same_model(structure.model_meta(
+      structure.build_from_meta(meta), 'lenet3c1l', 10), meta)
+  old = {k: v for k, v in structure.model_meta(shared, 'lenet3c1l', 10).items() if k != 'switchable_bn'}
+  assert not structure.build_from_meta(old).switchable_bn     # a checkpoint from before the key: shared BN
   with pytest.raises(ValueError, match='option of method joint'):
     config.from_dict({'method': 'steppingnet', 'model.batch_norm': 'per_subnet',
                       'construction.budgets': (0.2, 0.4, 0.6, 0.8)})
@@ -112,7 +117,7 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
 def test_awn_config_reproduces_the_published_width_macs():
   cc = compare_config()
   awn = compare.awn_config(cc).model
-  model = nnx.eval_shape(lambda: models.build_model(
+  model = nnx.eval_shape(lambda: zoo.build_model(
       awn.name, num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=awn.num_levels, width=awn.width,
       level_widths=awn.level_widths, triangular=awn.triangular))
   assert dict(model.assignment)['conv2'] == (11, 12, 11, 11)       # 45 filters at 0.25/0.5/0.75/1
@@ -137,7 +142,7 @@ def test_width_for_budget_is_the_widest_fitting_plan():
 def test_channel_norm_levels_are_nested_prefixes_within_budget():
   k = 3
   with testlib.numpy_initializers(3):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=k,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=k,
                                mask_rule=False, assignment={n: levels.level0_sizes(10, k) for n in testlib.LENET3})
   norms = nonuniform.channel_norms(model)
   for n, u in zip(model.unit_names, model.units):
@@ -158,12 +163,12 @@ def test_channel_norm_levels_are_nested_prefixes_within_budget():
 
 
 def checkpoint_meta(model):
-  from stepnet_jax import restore
-  return restore.model_meta(model, 'lenet3c1l', 10)
+  from stepnet_jax.models import structure
+  return structure.model_meta(model, 'lenet3c1l', 10)
 
 
 def test_nonuniform_end_to_end(tmp_path, monkeypatch):
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   cfg = config.from_dict({
       'method': 'nonuniform', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 3,
       'construction.budgets': (0.2, 0.5, 1.0), 'construction.widen': 1.0, 'train.num_epochs': 3,
@@ -187,7 +192,7 @@ def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
   never read channels >= m, so their logits ignore whatever the other channels do."""
   sizes = (3, 3, 2)
   with testlib.numpy_initializers(4):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                                triangular=True, assignment={n: sizes for n in testlib.LENET3},
                                mean=(0.3,), std=(0.3,))
   model = testlib.randomize(model, 4)
@@ -206,12 +211,13 @@ def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
 
 
 def test_sandwich_train_step_runs():
-  from stepnet_jax import feed, losses
+  from stepnet_jax.data import feed
+  from stepnet_jax.training import losses
   from stepnet_jax.training import step as step_lib
   cfg = config.from_dict({'model.width': 0.25, 'model.num_levels': 3, 'model.triangular': True,
                           'loss.objective': 'sandwich', 'loss.sandwich_widths': 2, 'train.batch_size': 8})
   with testlib.numpy_initializers(0):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
                                width=0.25, triangular=True)
   tx = optim.make_optimizer(cfg, 10)
   g, state = step_lib.init_state(model, tx)
@@ -226,10 +232,10 @@ def test_sandwich_train_step_runs():
 def test_recalibrate_averages_each_batchs_statistics():
   """Subnet k's first-layer BN statistics after recalibration == the mean over the
   batches of each batch's mean / variance of the pre-BN activations, computed by hand."""
-  ds = data.subset(data.load_dataset('digits'), train=256)
+  ds = datasets.subset(datasets.load_dataset('digits'), train=256)
   sizes = {'fc1': (3, 2, 4), 'fc2': (2, 2, 2)}
   with testlib.numpy_initializers(1):
-    model = models.build_model('mlp', num_classes=10, input_shape=ds.input_shape, num_levels=3, assignment=sizes,
+    model = zoo.build_model('mlp', num_classes=10, input_shape=ds.input_shape, num_levels=3, assignment=sizes,
                                mask_rule=False, mean=(0.3,), std=(0.4,))
   model = testlib.randomize(model, 1)
   for bn in model.units[0].bn.per_level:   # stale statistics that must not survive
@@ -254,7 +260,7 @@ def test_recalibrate_averages_each_batchs_statistics():
 
 
 def test_infeasible_budgets_are_caught_before_training():
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   common = {'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 2,
             'train.num_epochs': 1, 'train.batch_size': 32}
 
@@ -263,16 +269,16 @@ def test_infeasible_budgets_are_caught_before_training():
 
   too_big = cfg('steppingnet', (0.2, 5.0), 2.0)
   with pytest.raises(ValueError, match='exceeds the widened network'):
-    methods.check(too_big, ds)
+    trainers.check(too_big, ds)
   tiny = cfg('nonuniform', (1e-6, 1.0), 1.0)
   with pytest.raises(ValueError, match='one neuron per layer'):
-    methods.check(tiny, ds)
+    trainers.check(tiny, ds)
   # The non-uniform full network is the widest plan under the top budget: a top budget
   # at or below the next one after that clamp is named as such.
   clamped = cfg('nonuniform', (0.6, 3.0), 0.5)
   with pytest.raises(ValueError, match='not above budget 0'):
-    methods.check(clamped, ds)
-  methods.check(cfg('steppingnet', (0.2, 1.0), 2.0), ds)
+    trainers.check(clamped, ds)
+  trainers.check(cfg('steppingnet', (0.2, 1.0), 2.0), ds)
 
 
 def test_width_for_budget_refuses_budgets_beyond_its_range():
@@ -316,7 +322,7 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
 def test_the_common_recipe_reaches_every_comparison_method():
   """Issue 12's fairness rule: a recipe setting of ``common`` (label smoothing, augmentation,
   optimiser) is in the config of every run of every method, SteppingNet's included."""
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   cc = compare_config()
   cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
   cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()
@@ -330,7 +336,7 @@ def test_the_common_recipe_reaches_every_comparison_method():
 def test_steppingnet_exit_weights_come_from_its_own_section_only():
   """The common exit weights (for another level count) never reach a comparison method;
   SteppingNet's section may set one weight per budget, checked against the level count."""
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   cc = compare_config()
   cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
   cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()

@@ -1,7 +1,7 @@
 """The benchmark runs end to end on a tiny model and reports what it claims."""
 import numpy as np
 
-from stepnet_jax import bench
+from stepnet_jax.studies import bench
 
 
 def test_bench_runs_and_counts_only_each_levels_work():
@@ -30,8 +30,10 @@ def test_valid_tap_macs_match_a_convolution_of_ones():
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from stepnet_jax import layers, models
-  model = nnx.eval_shape(lambda: models.build_model('vgg16', num_classes=10, input_shape=(32, 32, 3), num_levels=1,
+
+  from stepnet_jax.core import layers
+  from stepnet_jax.models import zoo
+  model = nnx.eval_shape(lambda: zoo.build_model('vgg16', num_classes=10, input_shape=(32, 32, 3), num_levels=1,
                                                     width=0.0625))
   expected, shape = 0, (32, 32, 3)
   for unit in model.units:
@@ -57,12 +59,13 @@ def test_bench_command_line(tmp_path):
   import os
   import subprocess
   import sys
+
   from absl import flags
   assert 'json' not in flags.FLAGS and 'model' not in flags.FLAGS
   out = tmp_path / 'bench.json'
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.run([sys.executable, '-m', 'stepnet_jax.bench', '--model', 'mlp', '--levels', '2', '--width',
+  proc = subprocess.run([sys.executable, '-m', 'stepnet_jax.studies.bench', '--model', 'mlp', '--levels', '2', '--width',
                          '0.25', '--batch', '2', '--train_batch', '2', '--repeats', '1', f'--json={out}'],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]

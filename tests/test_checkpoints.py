@@ -7,7 +7,11 @@ import pytest
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import config, data, methods, models, restore
+from stepnet_jax import config
+from stepnet_jax.data import datasets
+from stepnet_jax.inference import restore
+from stepnet_jax.methods import trainers
+from stepnet_jax.models import zoo
 from stepnet_jax.training import checkpoints, loop, run
 
 
@@ -18,7 +22,7 @@ def _digits_config(**kw):
 
 
 def _model_state():
-  model = models.build_model('mlp', num_classes=10, input_shape=(8, 8, 1), num_levels=2, width=0.125)
+  model = zoo.build_model('mlp', num_classes=10, input_shape=(8, 8, 1), num_levels=2, width=0.125)
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return params, stats
 
@@ -45,7 +49,7 @@ def test_the_validation_accuracy_that_ranks_checkpoints_is_the_top_exits(tmp_pat
   images, recomputed from the loaded checkpoint on the split rebuilt by hand."""
   cfg = _digits_config(**{'data.validation_examples': 300, 'train.keep_checkpoints': 1})
   run.train_and_evaluate(cfg, str(tmp_path))
-  full = data.load_digits()
+  full = datasets.load_digits()
   held = np.sort(np.random.RandomState(cfg.seed + 12345).permutation(len(full.train_labels))[:300])
   x, y = full.train_images[held], full.train_labels[held]
   steps = restore.all_steps(str(tmp_path))
@@ -60,7 +64,7 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   workdir = str(tmp_path / 'run')
   with run.lock_workdir(workdir):          # as another train.py would hold it
     with pytest.raises(run.WorkdirBusy, match='another process is training in'):
-      methods.train(_digits_config(), workdir)
+      trainers.train(_digits_config(), workdir)
     assert os.listdir(workdir) == []       # nothing written
   assert not os.path.exists(workdir)       # the directory made for the lock is gone again
   with run.lock_workdir(workdir):          # released: taken again
@@ -72,13 +76,13 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
         pass
     assert os.path.isdir(fresh)
   missing = str(tmp_path / 'missing_dataset')      # refused before writing: no directory is left
-  with pytest.raises(data.DatasetError):
-    methods.train(_digits_config(**{'data.name': f'idx:{tmp_path}/nowhere'}), missing)
+  with pytest.raises(datasets.DatasetError):
+    trainers.train(_digits_config(**{'data.name': f'idx:{tmp_path}/nowhere'}), missing)
   assert not os.path.exists(missing)
 
 
 def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path):
-  digits = data.subset(data.load_digits(), train=128)
+  digits = datasets.subset(datasets.load_digits(), train=128)
   cfg = _digits_config(**{'train.num_epochs': 2})
   run.train_and_evaluate(cfg, str(tmp_path), dataset=digits)
   before = {name: os.path.getmtime(tmp_path / name) for name in ('config.json', 'metrics.jsonl')}
@@ -93,7 +97,7 @@ def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path,
   (evaluated, saved with its validation accuracy), then stops before epoch 2."""
   import signal
   cfg = _digits_config(**{'data.validation_examples': 300, 'train.num_epochs': 2})
-  steps_per_epoch = (len(data.load_digits().train_labels) - 300) // 64
+  steps_per_epoch = (len(datasets.load_digits().train_labels) - 300) // 64
   make = run.config_train_step
 
   def signalling(*args, **kwargs):

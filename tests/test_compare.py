@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
-
-from stepnet_jax import compare
 from test_baselines import compare_config
+
+from stepnet_jax.studies import compare
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +79,9 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   # Validation accuracy per level: each seed's net on the images its run held out (rebuilt
   # here: the seed's subset of the training split, then its held-out choice), level by level.
   import stepnet_jax
-  from stepnet_jax import data
+  from stepnet_jax.data import datasets
   for seed, p in zip((3, 4), per_seed):
-    subset = data.subset(fashion_mnist, 512, 300, seed)
+    subset = datasets.subset(fashion_mnist, 512, 300, seed)
     held = np.sort(np.random.RandomState(seed + 12345).permutation(512)[:100])
     net = stepnet_jax.load(str(tmp_path / f'seed{seed}' / 'awn'))
     for r in p['methods']['awn']['levels']:

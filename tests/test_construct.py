@@ -8,10 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import testlib
 from flax import nnx
 
-import testlib
-from stepnet_jax import budgets, config, construct, data, importance, levels, models, restore, surgery
+from stepnet_jax import config
+from stepnet_jax.core import levels
+from stepnet_jax.data import datasets
+from stepnet_jax.methods import construct, importance
+from stepnet_jax.models import budgets, structure, surgery, zoo
 from stepnet_jax.training import run
 
 
@@ -28,7 +32,7 @@ def _macs_by_layers(model):
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, seed):
   assignment = dict(testlib.random_assignment(layers, 4, seed=seed, low=1, high=7, allow_zero=True))
-  model = nnx.eval_shape(lambda: models.build_model(name, num_classes=10, input_shape=testlib.MNIST_SHAPE,
+  model = nnx.eval_shape(lambda: zoo.build_model(name, num_classes=10, input_shape=testlib.MNIST_SHAPE,
                                                     num_levels=4, assignment=assignment, mask_rule=mask_rule,
                                                     triangular=triangular))
   mm = budgets.MacModel.of(model)
@@ -38,7 +42,7 @@ def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, see
 
 def _lenet(num_levels, sizes, seed=0, triangular=False):
   with testlib.numpy_initializers(seed):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
                                assignment=sizes, triangular=triangular, mean=(0.3,), std=(0.3,), seed=seed)
   return testlib.randomize(model, seed)
 
@@ -51,7 +55,7 @@ def _level0_lenet(k, channels, triangular=False):
 
 
 def _meta(model):
-  return restore.model_meta(model, 'lenet3c1l', 10)
+  return structure.model_meta(model, 'lenet3c1l', 10)
 
 
 @pytest.mark.parametrize('triangular,allocation', [(False, 'global'), (True, 'global'), (False, 'uniform_fill')])
@@ -117,7 +121,7 @@ def test_check_budgets_rejects_infeasible():
 
 
 def test_construct_rejects_infeasible_budgets_before_training(tmp_path, monkeypatch):
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   cfg = config.from_dict({'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.1,
                           'model.num_levels': 2, 'construction.budgets': (0.2, 5.0), 'construction.widen': 2.0,
                           'train.num_epochs': 1, 'train.batch_size': 32, 'train.progress': False})
@@ -241,7 +245,7 @@ def test_round_targets_reach_budgets_geometrically():
 
 def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   import stepnet_jax
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   cfg = config.from_dict({
       'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125,
       'model.num_levels': 3, 'construction.budgets': (0.15, 0.4, 0.9), 'construction.widen': 2.0,
@@ -275,13 +279,13 @@ def test_rounds_without_retraining_still_relevel(tmp_path):
       'model.num_levels': 2, 'construction.budgets': (0.2, 0.6), 'train.num_epochs': 1, 'train.batch_size': 64,
       'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.0, 'construction.rounds': 2,
       'construction.importance_examples': 64, 'train.progress': False})
-  result = construct.construct(cfg, str(tmp_path), data.subset(data.load_dataset('digits'), train=640))
+  result = construct.construct(cfg, str(tmp_path), datasets.subset(datasets.load_dataset('digits'), train=640))
   assert [r['round'] for r in result['rounds']] == [1, 2]
   assert np.all(np.asarray(result['level_macs']) <= np.asarray(result['budget_macs']))
 
 
 def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, monkeypatch):
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   kw = {'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.0625,
         'model.num_levels': 2, 'construction.budgets': (0.3, 0.9), 'construction.widen': 2.0, 'train.num_epochs': 1,
         'train.batch_size': 128, 'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.25,

@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from stepnet_jax import data
-from stepnet_jax.data import DatasetError
+from stepnet_jax.data import datasets
+from stepnet_jax.data.datasets import DatasetError
 
 FMNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -37,7 +37,7 @@ def make_idx_dir(root, n_train=7, n_test=3, h=5, w=4, gz=(), names=None, seed=0)
       'test_labels': rng.randint(0, 4, n_test).astype(np.uint8),
   }
   arrays['train_labels'][0] = 3  # 4 classes
-  names = names or data.IDX_FILES
+  names = names or datasets.IDX_FILES
   os.makedirs(root, exist_ok=True)
   for key, arr in arrays.items():
     write(os.path.join(root, names[key] + ('.gz' if key in gz else '')), idx_bytes(arr))
@@ -72,18 +72,18 @@ def test_fashion_mnist_from_debian_package(fashion_mnist):
 
 
 def test_read_idx_real_labels():
-  labels = data.read_idx(f'{FMNIST}/t10k-labels-idx1-ubyte.gz')
+  labels = datasets.read_idx(f'{FMNIST}/t10k-labels-idx1-ubyte.gz')
   assert labels.shape == (10000,) and labels.dtype == np.uint8
   assert labels.min() == 0 and labels.max() == 9
 
 
 def test_channel_stats_and_subset(fashion_mnist):
-  small = data.subset(fashion_mnist, train=300, test=50, seed=3)
+  small = datasets.subset(fashion_mnist, train=300, test=50, seed=3)
   assert small.train_images.shape == (300, 28, 28, 1) and small.test_labels.shape == (50,)
   assert len(np.unique(small.train_labels)) == 10   # class-mixed
-  again = data.subset(fashion_mnist, train=300, test=50, seed=3)
+  again = datasets.subset(fashion_mnist, train=300, test=50, seed=3)
   np.testing.assert_array_equal(small.train_images, again.train_images)
-  other = data.subset(fashion_mnist, train=300, test=50, seed=4)
+  other = datasets.subset(fashion_mnist, train=300, test=50, seed=4)
   assert not np.array_equal(small.train_labels, other.train_labels)
   # Every picked image is an original image with its own label.
   flat = fashion_mnist.test_images.reshape(10000, -1)
@@ -91,7 +91,7 @@ def test_channel_stats_and_subset(fashion_mnist):
     idx = np.where((flat == img.reshape(-1)).all(axis=1))[0]
     assert len(idx) >= 1 and lab in fashion_mnist.test_labels[idx]
   # 0 keeps a split whole.
-  whole = data.subset(fashion_mnist, train=0, test=20)
+  whole = datasets.subset(fashion_mnist, train=0, test=20)
   assert len(whole.train_labels) == 60000 and len(whole.test_labels) == 20
   mean, std = small.channel_stats()
   x = small.train_images.astype(np.float64) / 255.0
@@ -102,10 +102,10 @@ def test_channel_stats_and_subset(fashion_mnist):
 # ------------------------------------------------------------------ hand-written IDX files
 
 
-@pytest.mark.parametrize('gz', [(), ('train_images', 'test_labels'), tuple(data.IDX_FILES)])
+@pytest.mark.parametrize('gz', [(), ('train_images', 'test_labels'), tuple(datasets.IDX_FILES)])
 def test_idx_round_trip(tmp_path, gz):
   arrays = make_idx_dir(tmp_path, gz=gz)
-  ds = data.load_dataset(f'idx:{tmp_path}')
+  ds = datasets.load_dataset(f'idx:{tmp_path}')
   np.testing.assert_array_equal(ds.train_images[..., 0], arrays['train_images'])
   np.testing.assert_array_equal(ds.test_images[..., 0], arrays['test_images'])
   np.testing.assert_array_equal(ds.train_labels, arrays['train_labels'])
@@ -116,9 +116,9 @@ def test_idx_round_trip(tmp_path, gz):
 
 def test_idx_dotted_file_names(tmp_path):
   """MNIST mirrors also name the files train-images.idx3-ubyte (a dot instead of a dash)."""
-  names = {k: v.replace('-idx', '.idx') for k, v in data.IDX_FILES.items()}
+  names = {k: v.replace('-idx', '.idx') for k, v in datasets.IDX_FILES.items()}
   arrays = make_idx_dir(tmp_path, names=names, gz=('test_images',))
-  ds = data.load_idx(str(tmp_path))
+  ds = datasets.load_idx(str(tmp_path))
   np.testing.assert_array_equal(ds.test_images[..., 0], arrays['test_images'])
 
 
@@ -127,7 +127,7 @@ def test_read_idx_round_trip_any_rank(tmp_path):
     arr = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape)
     for suffix in ('', '.gz'):
       p = write(tmp_path / f'a{len(shape)}{suffix}', idx_bytes(arr))
-      out = data.read_idx(p)
+      out = datasets.read_idx(p)
       assert out.dtype == np.uint8
       np.testing.assert_array_equal(out, arr)
 
@@ -144,21 +144,21 @@ def test_bad_magic(tmp_path, suffix):
   payload[0] = 0x1f
   p = write(tmp_path / f'bad{suffix}', bytes(payload))
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p, 'magic')
 
 
 def test_empty_file(tmp_path):
   p = write(tmp_path / 'empty', b'')
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
 def test_wrong_element_type(tmp_path):
   p = write(tmp_path / 'floats', idx_bytes(np.zeros((2, 2)), type_code=0x0D))
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
@@ -167,21 +167,21 @@ def test_truncated_data(tmp_path, suffix):
   payload = idx_bytes(np.ones((4, 5, 5)))
   p = write(tmp_path / f'short{suffix}', payload[:-7])
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
 def test_trailing_garbage(tmp_path):
   p = write(tmp_path / 'long', idx_bytes(np.ones((4, 5))) + b'\x01\x02')
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
 def test_truncated_header(tmp_path):
   p = write(tmp_path / 'header', idx_bytes(np.ones((4, 5, 5)))[:9])
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
@@ -193,48 +193,48 @@ def test_truncated_gzip_stream(tmp_path):
   with open(p, 'wb') as f:
     f.write(raw[:len(raw) // 2])
   with pytest.raises(DatasetError) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
 def test_label_count_mismatch(tmp_path):
   make_idx_dir(tmp_path)
-  labels = tmp_path / data.IDX_FILES['test_labels']
+  labels = tmp_path / datasets.IDX_FILES['test_labels']
   write(labels, idx_bytes(np.zeros(5)))       # 5 labels for 3 images
   with pytest.raises(DatasetError) as e:
-    data.load_idx(str(tmp_path))
+    datasets.load_idx(str(tmp_path))
   _assert_names(e, labels)
 
 
 def test_images_not_3d(tmp_path):
   make_idx_dir(tmp_path)
-  images = tmp_path / data.IDX_FILES['train_images']
+  images = tmp_path / datasets.IDX_FILES['train_images']
   write(images, idx_bytes(np.zeros((7, 20))))
   with pytest.raises(DatasetError) as e:
-    data.load_idx(str(tmp_path))
+    datasets.load_idx(str(tmp_path))
   _assert_names(e, images)
 
 
-@pytest.mark.parametrize('key', list(data.IDX_FILES))
+@pytest.mark.parametrize('key', list(datasets.IDX_FILES))
 def test_missing_file_names_the_path(tmp_path, key):
   make_idx_dir(tmp_path)
-  os.remove(tmp_path / data.IDX_FILES[key])
+  os.remove(tmp_path / datasets.IDX_FILES[key])
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(f'idx:{tmp_path}')
-  _assert_names(e, os.path.join(str(tmp_path), data.IDX_FILES[key]))
+    datasets.load_dataset(f'idx:{tmp_path}')
+  _assert_names(e, os.path.join(str(tmp_path), datasets.IDX_FILES[key]))
 
 
 def test_read_idx_missing_path(tmp_path):
   p = str(tmp_path / 'nope')
   with pytest.raises((FileNotFoundError, DatasetError)) as e:
-    data.read_idx(p)
+    datasets.read_idx(p)
   _assert_names(e, p)
 
 
 def test_nonexistent_idx_dir(tmp_path):
   p = str(tmp_path / 'no-such-dir')
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(f'idx:{p}')
+    datasets.load_dataset(f'idx:{p}')
   _assert_names(e, p)
 
 
@@ -242,7 +242,7 @@ def test_nonexistent_idx_dir(tmp_path):
 
 
 def test_digits():
-  ds = data.load_dataset('digits')
+  ds = datasets.load_dataset('digits')
   assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
   assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
   assert ds.train_images.max() == 255 and ds.num_classes == 10
@@ -259,7 +259,7 @@ def test_digits():
 def test_tfds_mocked(name, shape):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    ds = data.load_dataset(name)
+    ds = datasets.load_dataset(name)
   assert ds.train_images.shape == (6,) + shape and ds.test_images.shape == (6,) + shape
   assert ds.train_images.dtype == np.uint8 and ds.test_images.dtype == np.uint8
   assert ds.train_labels.shape == (6,) and ds.train_labels.dtype == np.int32
@@ -271,4 +271,4 @@ def test_tfds_mocked(name, shape):
 def test_tfds_unknown_dataset_raises_dataset_error(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   with pytest.raises(DatasetError):
-    data.load_dataset('no_such_dataset_xyz', data_dir=str(tmp_path))
+    datasets.load_dataset('no_such_dataset_xyz', data_dir=str(tmp_path))

@@ -15,10 +15,10 @@ import zlib
 import numpy as np
 import pytest
 
-from stepnet_jax import data
-from stepnet_jax.data import DatasetError
+from stepnet_jax.data import datasets
+from stepnet_jax.data.datasets import DatasetError
 
-KEYS = tuple(data.IDX_FILES)
+KEYS = tuple(datasets.IDX_FILES)
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -58,7 +58,7 @@ def write_set(root, gzipped: bool = False, files: dict[str, bytes | None] | None
   arrays = valid_arrays()
   os.makedirs(root, exist_ok=True)
   paths = {}
-  for key, stem in data.IDX_FILES.items():
+  for key, stem in datasets.IDX_FILES.items():
     path = os.path.join(str(root), stem + ('.gz' if gzipped else ''))
     paths[key] = path
     raw = files[key] if key in files else (gz if gzipped else bytes)(idx_bytes(arrays[key]))
@@ -68,7 +68,7 @@ def write_set(root, gzipped: bool = False, files: dict[str, bytes | None] | None
   return paths
 
 
-def assert_consistent(ds: data.Dataset):
+def assert_consistent(ds: datasets.Dataset):
   """A loaded dataset: uint8 [N, H, W, 1] images, one int32 label in range per image."""
   for images, labels in ((ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)):
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 1 and len(images) > 0
@@ -84,7 +84,7 @@ def assert_consistent(ds: data.Dataset):
 def test_valid_set_loads(tmp_path, gzipped):
   """The base set loads exactly (so every failure below is caused by the corruption)."""
   write_set(tmp_path, gzipped)
-  ds = data.load_dataset(f'idx:{tmp_path}')
+  ds = datasets.load_dataset(f'idx:{tmp_path}')
   arrays = valid_arrays()
   for key in KEYS:
     got = getattr(ds, key)
@@ -153,7 +153,7 @@ def test_malformed_file_raises_dataset_error(tmp_path, key, gzipped, raw, what):
   """One broken file: a DatasetError naming that file and what is wrong."""
   paths = write_set(tmp_path, gzipped, {key: raw})
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(f'idx:{tmp_path}')
+    datasets.load_dataset(f'idx:{tmp_path}')
   msg = str(e.value)
   assert paths[key] in msg and what in msg, msg
 
@@ -165,7 +165,7 @@ def test_both_files_of_a_split_empty(tmp_path):
     paths = write_set(root, files={f'{split}_images': idx_bytes(np.zeros((0, 28, 28))),
                                    f'{split}_labels': idx_bytes(np.zeros(0))})
     with pytest.raises(DatasetError, match='no images') as e:
-      data.load_dataset(f'idx:{root}')
+      datasets.load_dataset(f'idx:{root}')
     assert paths[f'{split}_images'] in str(e.value)
 
 
@@ -175,8 +175,8 @@ def test_missing_file(tmp_path, key, gzipped):
   """Any one of the four files missing: the error names the file that was looked for."""
   write_set(tmp_path, gzipped, {key: None})
   with pytest.raises(DatasetError, match='missing IDX file') as e:
-    data.load_dataset(f'idx:{tmp_path}')
-  assert os.path.join(str(tmp_path), data.IDX_FILES[key]) in str(e.value)
+    datasets.load_dataset(f'idx:{tmp_path}')
+  assert os.path.join(str(tmp_path), datasets.IDX_FILES[key]) in str(e.value)
 
 
 def test_directory_in_place_of_a_file(tmp_path):
@@ -184,7 +184,7 @@ def test_directory_in_place_of_a_file(tmp_path):
   paths = write_set(tmp_path, files={'train_labels': None})
   os.mkdir(paths['train_labels'])
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(f'idx:{tmp_path}')
+    datasets.load_dataset(f'idx:{tmp_path}')
   assert paths['train_labels'] in str(e.value)
 
 
@@ -192,14 +192,14 @@ def test_directory_in_place_of_a_file(tmp_path):
 def test_read_idx_errors_are_dataset_errors(tmp_path, gzipped):
   """read_idx on its own: a missing path and a zlib-level corruption are DatasetErrors too."""
   with pytest.raises(DatasetError, match='no such IDX file'):
-    data.read_idx(str(tmp_path / ('nope.gz' if gzipped else 'nope')))
+    datasets.read_idx(str(tmp_path / ('nope.gz' if gzipped else 'nope')))
   path = str(tmp_path / 'bad.gz')
   with open(path, 'wb') as f:
     f.write(bytes(_DEFLATE_BAD_BLOCK))
   with pytest.raises(zlib.error):  # what gzip itself raises for this file
     gzip.decompress(bytes(_DEFLATE_BAD_BLOCK))
   with pytest.raises(DatasetError, match=r'corrupt or truncated gzip data \(zlib\.error'):
-    data.read_idx(path)
+    datasets.read_idx(path)
 
 
 # ------------------------------------------------------------------ labels and num_classes
@@ -212,7 +212,7 @@ def test_test_label_outside_training_classes(tmp_path, bad):
   labels[4] = bad
   paths = write_set(tmp_path, files={'test_labels': idx_bytes(labels)})
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(f'idx:{tmp_path}')
+    datasets.load_dataset(f'idx:{tmp_path}')
   msg = str(e.value)
   assert paths['test_labels'] in msg and f'{bad} at index 4' in msg and '0..9' in msg, msg
 
@@ -222,14 +222,14 @@ def test_num_classes_from_training_labels(tmp_path):
   train = np.array([i % 5 for i in range(20)], np.uint8)      # classes 0..4
   test = np.array([4, 3, 2, 1, 0, 0, 1, 2, 3, 4], np.uint8)
   write_set(tmp_path / 'five', files={'train_labels': idx_bytes(train), 'test_labels': idx_bytes(test)})
-  ds = data.load_dataset(f'idx:{tmp_path / "five"}')
+  ds = datasets.load_dataset(f'idx:{tmp_path / "five"}')
   assert ds.num_classes == 5
   np.testing.assert_array_equal(ds.test_labels, test)
 
   gap = np.array([(i % 9) + (i % 9 >= 3) for i in range(20)], np.uint8)  # 0..9 without 3
   assert 3 not in gap and gap.max() == 9
   write_set(tmp_path / 'gap', files={'train_labels': idx_bytes(gap)})  # test labels still hold a 3
-  ds = data.load_dataset(f'idx:{tmp_path / "gap"}')
+  ds = datasets.load_dataset(f'idx:{tmp_path / "gap"}')
   assert ds.num_classes == 10
   np.testing.assert_array_equal(ds.train_labels, gap)
 
@@ -299,7 +299,7 @@ def load_corrupted(root, seed: int) -> str:
   paths = write_set(root, gzipped, {key: raw})
   parsed = parse_idx(raw, gzipped)
   try:
-    ds = data.load_dataset(f'idx:{root}')
+    ds = datasets.load_dataset(f'idx:{root}')
   except DatasetError as e:
     assert expected != 'load', f'seed {seed}: {kind} of {key} should load: {e}'
     assert paths[key] in str(e), str(e)
@@ -409,7 +409,7 @@ def test_tfds_failures_name_their_cause(tmp_path, failing_tfds, make, expected):
   (present, absent), (failure, calls) = expected, failing_tfds
   failure.append(make)
   with pytest.raises(DatasetError) as e:
-    data.load_dataset('mnist', data_dir=str(tmp_path))
+    datasets.load_dataset('mnist', data_dir=str(tmp_path))
   msg = str(e.value)
   assert calls == ['mnist'], calls
   assert all(p in msg for p in present) and not any(a in msg for a in absent), msg
@@ -419,6 +419,6 @@ def test_tfds_package_itself_missing(monkeypatch):
   """Without tensorflow-datasets the error is a DatasetError naming it, not a bare ImportError."""
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
   with pytest.raises(DatasetError) as e:
-    data.load_dataset('mnist')
+    datasets.load_dataset('mnist')
   msg = str(e.value)
   assert "'tensorflow_datasets' is not installed" in msg and 'pip install -e .' in msg, msg

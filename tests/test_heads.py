@@ -5,13 +5,13 @@ References are independent: a numpy classifier per exit over the last hidden fea
 (with the kernel entries of higher-level features filled with noise, so a head that read
 them would show), the layers' MAC count per level by hand, and an identity re-levelling.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from stepnet_jax import budgets, config, models, quant, restore, surgery
 from testlib import LENET3, images, numpy_initializers, poison, randomize
+
+from stepnet_jax import config
+from stepnet_jax.models import budgets, quantized, structure, surgery, zoo
 
 SIZES = {'conv1': (3, 2, 3), 'conv2': (2, 0, 4), 'conv3': (2, 3, 2)}     # an empty level block in conv2
 
@@ -19,7 +19,7 @@ SIZES = {'conv1': (3, 2, 3), 'conv2': (2, 0, 4), 'conv3': (2, 3, 2)}     # an em
 @pytest.fixture(scope='module')
 def private():
   with numpy_initializers(1):
-    model = models.build_model('lenet3c1l', num_classes=5, input_shape=(16, 16, 1), num_levels=3, assignment=SIZES,
+    model = zoo.build_model('lenet3c1l', num_classes=5, input_shape=(16, 16, 1), num_levels=3, assignment=SIZES,
                                exit_heads='private', mean=(0.3,), std=(0.2,), seed=1)
   model = randomize(model, seed=2)
   rng = np.random.RandomState(3)
@@ -65,17 +65,17 @@ def test_private_head_macs_count_every_exit_up_to_k(private):
   mm = budgets.MacModel.of(model)
   counts = [np.asarray(SIZES[n]) for n in LENET3]
   np.testing.assert_array_equal(mm.subnet_macs(counts), np.cumsum(model.delta_macs().sum(0)))
-  shared = models.build_model('lenet3c1l', num_classes=5, input_shape=(16, 16, 1), num_levels=3, assignment=SIZES)
+  shared = zoo.build_model('lenet3c1l', num_classes=5, input_shape=(16, 16, 1), num_levels=3, assignment=SIZES)
   np.testing.assert_array_equal(model.delta_macs()[:-1], shared.delta_macs()[:-1])     # only the head differs
-  assert quant.bitops(model, quant.uniform_bits(model, 1), 1, input_bits=1)[-1].tolist() == head.tolist()
+  assert quantized.bitops(model, quantized.uniform_bits(model, 1), 1, input_bits=1)[-1].tolist() == head.tolist()
 
 
 def test_relevel_and_restore_keep_private_heads(private):
   """Identity re-levelling gives the same exits; moving a last-layer neuron up takes it out
   of the lower exits' classifiers (their kernel entries zeroed); the meta rebuilds the kind."""
   model, x = private, images((16, 16, 1), batch=2, seed=5)
-  meta = restore.model_meta(model, 'lenet3c1l', 5)
-  assert meta['exit_heads'] == 'private' and restore.build_from_meta(meta).head.private
+  meta = structure.model_meta(model, 'lenet3c1l', 5)
+  assert meta['exit_heads'] == 'private' and structure.build_from_meta(meta).head.private
   levels = surgery.neuron_levels(model)
   same, _ = surgery.relevel(model, meta, levels)
   np.testing.assert_allclose(np.asarray(same.exits(x))[-1], np.asarray(model.exits(x))[-1], rtol=1e-5, atol=1e-4)
@@ -101,8 +101,8 @@ def test_private_heads_refuse_the_sandwich_rule():
 def test_checkpoints_from_before_exit_heads_read_as_shared(private):
   """A model meta written before ``exit_heads`` existed describes a shared head: resuming
   such a run is not refused, and a private-head meta still differs from it."""
-  meta = restore.model_meta(private, 'lenet3c1l', 5)
+  meta = structure.model_meta(private, 'lenet3c1l', 5)
   older = {k: v for k, v in meta.items() if k != 'exit_heads'}
-  assert restore.same_model(older, {**meta, 'exit_heads': 'shared'})
-  assert not restore.same_model(older, meta)
-  assert not restore.build_from_meta(older).head.private
+  assert structure.same_model(older, {**meta, 'exit_heads': 'shared'})
+  assert not structure.same_model(older, meta)
+  assert not structure.build_from_meta(older).head.private

@@ -11,11 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testlib import (
+  SPEC_BY_ID,
+  SPEC_IDS,
+  assert_close,
+  block_end,
+  built_model,
+  bundle,
+  images,
+  numpy_initializers,
+  poison,
+  unit_buffer,
+)
 
 import stepnet_jax
-from stepnet_jax import models, stepping
-from testlib import (SPEC_BY_ID, SPEC_IDS, assert_close, block_end, built_model, bundle, images, numpy_initializers,
-                     poison, unit_buffer)
+from stepnet_jax.core import stepping
+from stepnet_jax.models import zoo
 
 RTOL, ATOL = 1e-5, 1e-4
 
@@ -208,7 +219,7 @@ def test_step_k_costs_only_level_k_macs(exit_heads):
   body cost analysis counts once.
   """
   with numpy_initializers(0):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4,
                                exit_heads=exit_heads)
   graphdef, variables = stepping.split(model)
   fns = stepping.make_step_functions(graphdef, 4)

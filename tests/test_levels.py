@@ -1,9 +1,9 @@
 """Static level metadata (levels.py) against brute-force reference computations."""
 import numpy as np
 import pytest
-
-from stepnet_jax import levels as lv
 from testlib import brute_mask, level_array
+
+from stepnet_jax.core import levels as lv
 
 SIZE_CASES = [
     ((3,), (4,)),

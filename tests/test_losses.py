@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from stepnet_jax import config, losses
 from testlib import assert_close, built_model, bundle
+
+from stepnet_jax import config
+from stepnet_jax.training import losses
 
 
 def _log_softmax(z):

@@ -7,11 +7,11 @@ subnet k costs its features of levels <= k times spatial positions times classes
 import numpy as np
 import pytest
 from flax import nnx
-
-from stepnet_jax import models
-from stepnet_jax.layers import Head, LevelConv, LevelDense
-from stepnet_jax.levels import Connectivity
 from testlib import brute_mask, level_array, numpy_initializers
+
+from stepnet_jax.core.layers import Head, LevelConv, LevelDense
+from stepnet_jax.core.levels import Connectivity
+from stepnet_jax.models import zoo
 
 RNGS = nnx.Rngs(0)
 
@@ -120,7 +120,7 @@ def test_small_lenet3c1l_brute_force():
   k = 3
   a = {'conv1': (2, 3, 1), 'conv2': (3, 1, 2), 'conv3': (2, 2, 3)}
   with numpy_initializers(0):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=k,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=k,
                                assignment=a, triangular=True)
   got = model.delta_macs()
   assert got.shape == (4, k) and got.dtype == np.int64
@@ -144,7 +144,7 @@ def test_resnet20_delta_macs_by_formula():
   names = ['stage1', 'stage2', 'stage3'] + [f'stage{s}.block{m}.mid' for s in (1, 2, 3) for m in range(3)]
   a = {n: tuple(int(v) for v in rng.randint(1, 4, size=k)) for n in names}
   with numpy_initializers(0):
-    model = models.build_model('resnet20', num_classes=10, input_shape=(32, 32, 3), num_levels=k, assignment=a)
+    model = zoo.build_model('resnet20', num_classes=10, input_shape=(32, 32, 3), num_levels=k, assignment=a)
   rows = [_formula_conv((3, 0, 0), a['stage1'], False, 3, 32, 32)]
   sizes, hw = a['stage1'], 32
   for s in (1, 2, 3):
@@ -166,7 +166,7 @@ def test_mlp_and_lenet5_delta_macs_by_formula():
   k = 2
   a = {'fc1': (3, 2), 'fc2': (1, 4)}
   with numpy_initializers(0):
-    mlp = models.build_model('mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
+    mlp = zoo.build_model('mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
   expected = np.stack([brute_dense_macs((1, 0), a['fc1'], False, 784),
                        brute_dense_macs(a['fc1'], a['fc2'], False, 1),
                        brute_head_macs(a['fc2'], 1, 10)])
@@ -174,7 +174,7 @@ def test_mlp_and_lenet5_delta_macs_by_formula():
 
   a = {'conv1': (2, 1), 'conv2': (3, 2), 'fc1': (4, 4), 'fc2': (2, 3)}
   with numpy_initializers(0):
-    lenet5 = models.build_model('lenet5', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
+    lenet5 = zoo.build_model('lenet5', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
   expected = np.stack([
       _formula_conv((1, 0), a['conv1'], False, 5, 28, 28),          # SAME on 28x28, pool -> 14
       _formula_conv(a['conv1'], a['conv2'], False, 5, 10, 10),      # VALID -> 10, pool -> 5
@@ -186,7 +186,7 @@ def test_mlp_and_lenet5_delta_macs_by_formula():
 
 def test_dense_lenet3c1l_is_7146624_macs():
   with numpy_initializers(0):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=1)
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=1)
   macs = model.delta_macs()
   assert macs.shape == (4, 1)
   # conv1 1*32*9*26*26 + conv2 32*32*9*24*24 + conv3 32*32*25*8*8 + head 32*16*10
@@ -204,7 +204,7 @@ def test_awn_triangular_widened_lenet3c1l(how):
   else:
     kw.update(assignment={f'conv{i}': (11, 12, 11, 11) for i in (1, 2, 3)})
   with numpy_initializers(0):
-    model = models.build_model('lenet3c1l', **kw)
+    model = zoo.build_model('lenet3c1l', **kw)
   cumulative = np.cumsum(model.delta_macs().sum(axis=0))
   expected = []
   for n in (11, 23, 34, 45):     # channels of subnet k in every layer

@@ -11,10 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testlib import (
+  MASK_SPEC_IDS,
+  SPEC_BY_ID,
+  assert_close,
+  block_end,
+  block_start,
+  brute_mask,
+  built_model,
+  bundle,
+  images,
+  level_array,
+  linear_units,
+  numpy_initializers,
+)
 
-from stepnet_jax import layers, losses, models
-from testlib import (MASK_SPEC_IDS, SPEC_BY_ID, assert_close, block_end, block_start, brute_mask, built_model, bundle,
-                     images, level_array, linear_units, numpy_initializers)
+from stepnet_jax.core import layers
+from stepnet_jax.models import zoo
+from stepnet_jax.training import losses
 
 
 @pytest.fixture(scope='module', params=MASK_SPEC_IDS)
@@ -277,7 +291,7 @@ def test_triangular_option_reaches_every_hidden_layer(name, shape):
   """triangular=True: every linear layer that reads hidden neurons uses the AWN triangle
   inside its level blocks (only the image-reading first layer is plain)."""
   with numpy_initializers(0):
-    model = models.build_model(name, num_classes=10, input_shape=shape, num_levels=2, width=0.25,
+    model = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=2, width=0.25,
                                triangular=True)
   plain = []
   for unit_name, unit, hidden in linear_units(model):

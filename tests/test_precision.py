@@ -8,14 +8,17 @@ import jax
 import numpy as np
 
 import stepnet_jax
-from stepnet_jax import config, data, precision, quant
+from stepnet_jax import cli
+from stepnet_jax.data import datasets
+from stepnet_jax.models import quantized
+from stepnet_jax.studies import precision
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                       'precision_fashion_mnist.py')
 
 
 def test_precision_study_end_to_end_on_digits(tmp_path):
-  cc = config.load_file(CONFIG)
+  cc = cli.load_file(CONFIG)
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
   cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)
@@ -38,8 +41,8 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
                                                 for t in search['tried'])
   assert set(saved) >= {'dataset', 'float_accuracy', 'class_based', 'uniform', 'magnitude', 'random', 'progressive',
                         'staircase'}
-  test = data.load_digits()
-  for method in precision.METHODS:
+  test = datasets.load_digits()
+  for method in precision.BIT_ASSIGNMENTS:
     entries = saved[method]
     assert [e['budget'] for e in entries] == [3.0]
     for e in entries:
@@ -48,8 +51,8 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
       if method == 'uniform':
         assert e['avg_bits'] == e['budget']
       net = stepnet_jax.load(str(tmp_path / e['workdir']))
-      bits = quant.Precision.from_json(net.meta['model_meta']['precision']).weight_bits
-      assert np.isclose(quant.bitops(stepnet_jax.restore.load_variables(str(tmp_path / e['workdir']))[0], bits,
+      bits = quantized.Precision.from_json(net.meta['model_meta']['precision']).weight_bits
+      assert np.isclose(quantized.bitops(stepnet_jax.restore.load_variables(str(tmp_path / e['workdir']))[0], bits,
                                      saved['settings']['act_bits']).sum(), e['bitops'])
       # The saved network is the first seed's fine-tune; the reported accuracy is the seeds' mean.
       top = np.asarray(jax.jit(net.functions.exits)(net.variables, test.test_images))[-1].argmax(-1)
@@ -82,12 +85,12 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
     assert stairs['bits_only_class'][b]['accuracy'] == stairs['bits_only'][b]['accuracy']
   assert stairs['bits_only_class'][0]['bitops'] == stairs['bits_only'][0]['bitops']
   model, meta = stepnet_jax.restore.load_variables(str(tmp_path / 'progressive'), apply_precision=False)
-  prec = quant.Precision.from_json(meta['model_meta']['precision'])
+  prec = quantized.Precision.from_json(meta['model_meta']['precision'])
   assert prec.bwb_bits == 4
   stats = np.load(tmp_path / 'progressive' / 'bn_stats_per_planes.npz')
   assert saved['progressive_settings']['bn_affine_steps'] == 2
   assert any(k.startswith('planes1/') and k.endswith('bn/scale') for k in stats.files)
-  q = quant.apply(model, precision_lib_at(model, 1, prec))
+  q = quantized.apply(model, precision_lib_at(model, 1, prec))
   for key in stats.files:
     if key.startswith('planes1/'):
       _set(q, key.split('/')[1:], stats[key])
@@ -96,7 +99,7 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
 
 
 def precision_lib_at(model, planes, prec):
-  from stepnet_jax import progressive
+  from stepnet_jax.methods import progressive
   return progressive.precision_at(model, planes, prec.bwb_bits, prec.act_bits, prec.act_clips)
 
 

@@ -10,14 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from stepnet_jax import config, data, models, progressive, quant, quantizers
 from testlib import images
+
+from stepnet_jax import config
+from stepnet_jax.core import quantizers
+from stepnet_jax.data import datasets
+from stepnet_jax.methods import progressive, staircase
+from stepnet_jax.models import quantized, zoo
 
 
 @pytest.fixture(scope='module')
 def small():
-  return models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
+  return zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
                             assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
 
 
@@ -55,7 +59,7 @@ def test_bit_serial_inference_equals_each_plane_counts_direct_forward(small):
   x = images(model.input_shape, batch=6, seed=2)
   nets = []
   for b in range(1, n + 1):
-    q = quant.apply(model, progressive.precision_at(model, b, n, quant.FLOAT_BITS, None))
+    q = quantized.apply(model, progressive.precision_at(model, b, n, quantized.FLOAT_BITS, None))
     for unit in q.units:            # distinct BN statistics per plane count
       unit.bn.mean[...] = unit.bn.mean[...] + 0.05 * b
       unit.bn.var[...] = unit.bn.var[...] * (1 + 0.1 * b)
@@ -76,7 +80,7 @@ def _toy_training(model, batches: int, seed: int, batch_size: int = 16):
   y = rng.randint(0, 10, len(x)).astype(np.int32)
   cfg = config.from_dict({'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels},
                           'train': {'batch_size': batch_size}})
-  return data.Dataset('toy', x, y, x[:4], y[:4], 10), cfg
+  return datasets.Dataset('toy', x, y, x[:4], y[:4], 10), cfg
 
 
 def test_bn_retraining_changes_only_bn_statistics(small):
@@ -85,7 +89,7 @@ def test_bn_retraining_changes_only_bn_statistics(small):
   model, batches = small, 3
   dataset, cfg = _toy_training(model, batches, seed=5)
   x = dataset.train_images
-  q = quant.apply(model, progressive.precision_at(model, 2, 8, quant.FLOAT_BITS, None))
+  q = quantized.apply(model, progressive.precision_at(model, 2, 8, quantized.FLOAT_BITS, None))
   retrained = progressive.retrain_bn(q, dataset, cfg, batches)
   before, after = nnx.state(q, nnx.Param), nnx.state(retrained, nnx.Param)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), before, after)
@@ -103,12 +107,12 @@ def test_step_costs_follow_the_layers_macs(small):
   new plane count; a level step only the new level's connections; levels stepped one by
   one cost exactly the direct forward."""
   model, n, act = small, 4, 6
-  costs = progressive.PlaneCosts.of(model, n, act)
+  costs = staircase.PlaneCosts.of(model, n, act)
   shape, macs = model.input_shape, []            # [layer][level] MACs, and the bits each layer reads
   for unit in list(model.units) + [model.head]:
     m, shape = unit.delta_macs(shape)
     macs.append(np.asarray(m, np.int64))
-  reads = [quant.INPUT_BITS] + [act] * len(model.units)
+  reads = [quantized.INPUT_BITS] + [act] * len(model.units)
   top = model.num_levels - 1
   for k in range(model.num_levels):
     for b in range(1, n):
@@ -116,23 +120,23 @@ def test_step_costs_follow_the_layers_macs(small):
       assert costs.plane_step(k, b) == want
     for b in range(1, n + 1):
       assert costs.direct(k, b) == sum(m[:k + 1].sum() * r * b for m, r in zip(macs, reads))
-  levels = progressive.walk(progressive.staircase_path('levels_only', None, costs), costs, np.zeros((3, n)))
+  levels = staircase.walk(staircase.staircase_path('levels_only', None, costs), costs, np.zeros((3, n)))
   assert levels[-1]['bitops'] == costs.direct(top, n)
-  bits = progressive.walk(progressive.staircase_path('bits_only', None, costs), costs, np.zeros((3, n)))
+  bits = staircase.walk(staircase.staircase_path('bits_only', None, costs), costs, np.zeros((3, n)))
   assert [s['state'] for s in bits] == [[top, b] for b in range(1, n + 1)]
   assert bits[-1]['bitops'] > costs.direct(top, n)        # stepping planes recomputes: dearer than one forward
 
 
 def test_combined_staircase_takes_the_best_gain_per_bitop():
   base = np.asarray([[10, 20], [30, 40]])       # [layers, levels] bit-ops of one plane
-  costs = progressive.PlaneCosts(np.stack([b * base for b in range(4)]), num_levels=2, n=3)
+  costs = staircase.PlaneCosts(np.stack([b * base for b in range(4)]), num_levels=2, n=3)
   acc = np.asarray([[0.1, 0.5, 0.6], [0.3, 0.7, 0.9]])
   # (0,1): level +0.2 for 60, plane +0.4 for 10 + 2*30 = 70 -> plane
   # (0,2): level +0.2 for 120, plane +0.1 for 10 + 3*30 = 100 -> level
   # (1,2): only a plane: (10 + 20) + 3 * (30 + 40) = 240
-  path = progressive.staircase_path('combined', acc, costs)
+  path = staircase.staircase_path('combined', acc, costs)
   assert path == [(0, 1), (0, 2), (1, 2), (1, 3)]
-  assert [s['bitops'] for s in progressive.walk(path, costs, acc)] == [40, 110, 230, 470]
+  assert [s['bitops'] for s in staircase.walk(path, costs, acc)] == [40, 110, 230, 470]
 
 
 def _score(model, seed=0):
@@ -147,8 +151,8 @@ def test_class_ladder_rungs_fit_their_mean_planes_and_follow_the_score(small):
   model, n = small, 6
   score = _score(model)
   ladder = progressive.class_ladder(model, score, n, slope=4.0)
-  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
-  assert ladder[0] == quant.uniform_bits(model, 1) and ladder[-1] == quant.uniform_bits(model, n)
+  macs = {k: v for k, v in quantized.neuron_macs(model).items() if k != 'head'}
+  assert ladder[0] == quantized.uniform_bits(model, 1) and ladder[-1] == quantized.uniform_bits(model, n)
   biggest = max(float(m.max()) for m in macs.values()) / sum(float(m.sum()) for m in macs.values())
   for b, rung in enumerate(ladder, start=1):
     mean = sum((np.asarray(rung[k]) * m).sum() for k, m in macs.items()) / sum(m.sum() for m in macs.values())
@@ -172,7 +176,7 @@ def test_bit_serial_on_a_class_ladder_equals_each_rungs_direct_forward(small):
   assert len(set(ladder[2]['conv1'])) > 1       # conv1's neurons differ at rung 3
   rng = np.random.RandomState(4)
   x = jnp.asarray(rng.randint(0, 256, (5,) + model.input_shape).astype(np.uint8))
-  nets = [quant.apply(model, quant.Precision(rung, quant.FLOAT_BITS, None, bwb_bits=n)) for rung in ladder]
+  nets = [quantized.apply(model, quantized.Precision(rung, quantized.FLOAT_BITS, None, bwb_bits=n)) for rung in ladder]
   serial = progressive.bit_serial_exits(model.units[0].kernel[...], nets, x, n,
                                         first_planes=[rung['conv1'] for rung in ladder])
   for b, q in enumerate(nets):
@@ -189,21 +193,21 @@ def test_class_ladder_step_costs_count_each_neurons_planes(small):
   count; levels stepped at one rung add up to that rung's direct forward."""
   model, n, act = small, 4, 6
   ladder = progressive.class_ladder(model, _score(model, 2), n, slope=4.0)
-  costs = progressive.PlaneCosts.of(model, n, act, ladder)
+  costs = staircase.PlaneCosts.of(model, n, act, ladder)
   names = list(model.unit_names) + ['head']
   for k in range(model.num_levels):
     for b in range(1, n):
-      lo = quant.bitops(model, ladder[b - 1], act)[:, :k + 1].sum(axis=1)       # [layers] at rung b
-      hi = quant.bitops(model, ladder[b], act)[:, :k + 1].sum(axis=1)           # at rung b + 1
+      lo = quantized.bitops(model, ladder[b - 1], act)[:, :k + 1].sum(axis=1)       # [layers] at rung b
+      hi = quantized.bitops(model, ladder[b], act)[:, :k + 1].sum(axis=1)           # at rung b + 1
       assert costs.plane_step(k, b) == (hi[0] - lo[0]) + hi[1:].sum()
     assert costs.direct(0, n) + sum(costs.level_step(j, n) for j in range(k)) == costs.direct(k, n)
   # the first layer's per-neuron count by hand: MACs per neuron x planes gained x 8 input bits
   first = np.asarray(ladder[2][names[0]]) - np.asarray(ladder[1][names[0]])
   top = model.num_levels - 1
   assert costs.ops[3][0, :].sum() - costs.ops[2][0, :].sum() == int(
-      (quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS
-  assert costs.plane_step(top, 2) == int((quant.neuron_macs(model)[names[0]] * first).sum()) * quant.INPUT_BITS + \
-      sum(int((quant.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:])
+      (quantized.neuron_macs(model)[names[0]] * first).sum()) * quantized.INPUT_BITS
+  assert costs.plane_step(top, 2) == int((quantized.neuron_macs(model)[names[0]] * first).sum()) * quantized.INPUT_BITS + \
+      sum(int((quantized.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:])
 
 
 def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
@@ -215,8 +219,8 @@ def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
   model, batches = small, 3
   dataset, cfg = _toy_training(model, batches, seed=6)
   x = dataset.train_images
-  precision = progressive.precision_at(model, 2, 8, 6, quant.calibrate_clips(model, x))   # 6-bit activations
-  q = quant.apply(model, precision)
+  precision = progressive.precision_at(model, 2, 8, 6, quantized.calibrate_clips(model, x))   # 6-bit activations
+  q = quantized.apply(model, precision)
   tuned = progressive.retrain_bn_at(model, precision, dataset, cfg, batches, affine_steps=4, learning_rate=1e-2)
   before = nnx.to_flat_state(nnx.state(q, nnx.Param))
   after = dict(nnx.to_flat_state(nnx.state(tuned, nnx.Param)))

@@ -10,19 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testlib import brute_mask, images
 
 import stepnet_jax
-from stepnet_jax import models, quant
-from testlib import brute_mask, images
+from stepnet_jax.models import quantized, zoo
 
 
 @pytest.fixture(scope='module')
 def small():
-  model = models.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
+  model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
                              assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
   rng = np.random.RandomState(0)
   bits = {name: tuple(int(b) for b in rng.randint(1, 9, layer.kernel.shape[-1]))
-          for name, layer in quant.linear_layers(model).items()}
+          for name, layer in quantized.linear_layers(model).items()}
   return model, bits
 
 
@@ -31,7 +31,7 @@ def _numpy_quantize(w, bits):
   out = np.empty_like(w, dtype=np.float64)
   for o, b in enumerate(bits):
     col = w[..., o].astype(np.float64)
-    if b >= quant.FLOAT_BITS:
+    if b >= quantized.FLOAT_BITS:
       out[..., o] = col
     elif b == 1:
       out[..., o] = np.where(col >= 0, 1.0, -1.0) * np.abs(col).mean()
@@ -46,14 +46,14 @@ def test_weight_quantizer_matches_numpy_and_has_at_most_2b_values():
   rng = np.random.RandomState(1)
   w = rng.normal(0, 0.3, (3, 3, 5, 6)).astype(np.float32)
   bits = np.asarray([1, 2, 3, 4, 8, 32])
-  q = np.asarray(quant.quantize_kernel(jnp.asarray(w), jnp.asarray(bits)))
+  q = np.asarray(quantized.quantize_kernel(jnp.asarray(w), jnp.asarray(bits)))
   np.testing.assert_allclose(q, _numpy_quantize(w, bits), rtol=1e-6, atol=1e-7)
   for o, b in enumerate(bits[:-1]):
     assert len(np.unique(q[..., o])) <= 2 ** b - (b > 1)      # symmetric: 2^b - 1 levels; binary: 2
   np.testing.assert_array_equal(q[..., -1], w[..., -1])        # FLOAT_BITS: untouched
   # With a connection mask the statistics come from the kept weights only.
   mask = rng.rand(5, 6) < 0.6
-  qm = np.asarray(quant.quantize_kernel(jnp.asarray(w), jnp.asarray(bits), mask=jnp.asarray(mask)))
+  qm = np.asarray(quantized.quantize_kernel(jnp.asarray(w), jnp.asarray(bits), mask=jnp.asarray(mask)))
   for o, b in enumerate(bits):
     kept = w[..., mask[:, o], o]
     np.testing.assert_allclose(qm[..., mask[:, o], o], _numpy_quantize(kept[..., None], [b])[..., 0],
@@ -61,17 +61,17 @@ def test_weight_quantizer_matches_numpy_and_has_at_most_2b_values():
     assert not qm[..., ~mask[:, o], o].any()
   # Straight-through: the gradient of <quantized w, c> w.r.t. w is c.
   c = rng.normal(size=w.shape).astype(np.float32)
-  g = jax.grad(lambda w: (quant.quantize_kernel(w, jnp.asarray(bits), ste=True) * c).sum())(jnp.asarray(w))
+  g = jax.grad(lambda w: (quantized.quantize_kernel(w, jnp.asarray(bits), ste=True) * c).sum())(jnp.asarray(w))
   np.testing.assert_allclose(np.asarray(g), c, rtol=1e-6)
 
 
 def test_activation_quantizer_grid_and_straight_through():
   y = jnp.linspace(-1.0, 3.0, 401)
-  q = np.asarray(quant.quantize_activation(y, 3, 2.0))
+  q = np.asarray(quantized.quantize_activation(y, 3, 2.0))
   grid = np.arange(8) * (2.0 / 7)
   assert np.abs(q[:, None] - grid[None]).min(axis=1).max() < 1e-6     # on the 8-value grid of [0, 2]
   assert np.abs(q - np.clip(np.asarray(y), 0, 2)).max() <= 1.0 / 7 + 1e-6
-  g = np.asarray(jax.grad(lambda y: quant.quantize_activation(y, 3, 2.0, ste=True).sum())(y))
+  g = np.asarray(jax.grad(lambda y: quantized.quantize_activation(y, 3, 2.0, ste=True).sum())(y))
   np.testing.assert_array_equal(g, ((np.asarray(y) > 0) & (np.asarray(y) < 2)).astype(np.float32))
 
 
@@ -80,9 +80,9 @@ def test_quantized_model_keeps_the_level_invariant(small):
   are on the activation grid, and each neuron's weights take at most 2^b values."""
   model, bits = small
   x = images(model.input_shape, batch=8, seed=3)
-  clips = quant.calibrate_clips(model, x)
-  q = quant.apply(model, quant.Precision(bits, 4, clips))
-  for name, layer in quant.linear_layers(q).items():
+  clips = quantized.calibrate_clips(model, x)
+  q = quantized.apply(model, quantized.Precision(bits, 4, clips))
+  for name, layer in quantized.linear_layers(q).items():
     k = np.asarray(layer.kernel[...])
     mask = np.ones(k.shape[-2:], bool) if name == 'head' else layer.conn.mask
     for o, b in enumerate(bits[name]):
@@ -109,7 +109,7 @@ def test_bitops_match_a_brute_force_count(small):
   model, bits = small
   act_bits = 5
   expected = np.zeros((len(model.units) + 1, model.num_levels), np.int64)
-  h, w, in_bits = model.input_shape[0], model.input_shape[1], quant.INPUT_BITS
+  h, w, in_bits = model.input_shape[0], model.input_shape[1], quantized.INPUT_BITS
   for row, unit in enumerate(model.units):
     c = unit.conn
     mask = brute_mask(c.in_sizes, c.out_sizes)
@@ -127,49 +127,49 @@ def test_bitops_match_a_brute_force_count(small):
   feature_level = np.repeat(np.arange(len(head.in_sizes)), head.in_sizes)
   for j in range(sum(head.in_sizes)):
     expected[-1, feature_level[j]] += head.spatial * sum(bits['head']) * act_bits
-  np.testing.assert_array_equal(quant.bitops(model, bits, act_bits), expected)
+  np.testing.assert_array_equal(quantized.bitops(model, bits, act_bits), expected)
   # With every neuron at 1 bit and 1-bit inputs, bit-ops are the MACs.
   ones = {n: (1,) * len(b) for n, b in bits.items()}
-  np.testing.assert_array_equal(quant.bitops(model, ones, 1, input_bits=1), model.delta_macs())
+  np.testing.assert_array_equal(quantized.bitops(model, ones, 1, input_bits=1), model.delta_macs())
 
 
 def test_bad_bits_are_refused_by_name(small):
   model, bits = small
   with pytest.raises(ValueError, match="no weight bits for layer 'head'"):
-    quant.check_bits(model, {k: v for k, v in bits.items() if k != 'head'})
+    quantized.check_bits(model, {k: v for k, v in bits.items() if k != 'head'})
   with pytest.raises(ValueError, match="layer 'conv1' has 8 neurons, got 3 bits"):
-    quant.check_bits(model, {**bits, 'conv1': (4, 4, 4)})
+    quantized.check_bits(model, {**bits, 'conv1': (4, 4, 4)})
   with pytest.raises(ValueError, match='must be >= 1'):
-    quant.check_bits(model, {**bits, 'conv2': (0,) * 8})
+    quantized.check_bits(model, {**bits, 'conv2': (0,) * 8})
   with pytest.raises(ValueError, match='unknown layers'):
-    quant.check_bits(model, {**bits, 'fc9': (4,)})
+    quantized.check_bits(model, {**bits, 'fc9': (4,)})
   with pytest.raises(ValueError, match='act_clips'):
-    quant.apply(model, quant.Precision(bits, 8, None))
+    quantized.apply(model, quantized.Precision(bits, 8, None))
 
 
 def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
   """A run whose model_meta records a precision loads as the quantized model."""
-  from stepnet_jax import restore
+  from stepnet_jax.models import structure
   from stepnet_jax.training import checkpoints
   model, bits = small
   x = images(model.input_shape, batch=8, seed=4)
-  precision = quant.Precision(bits, 6, quant.calibrate_clips(model, x))
-  meta = {'model_meta': {**restore.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
+  precision = quantized.Precision(bits, 6, quantized.calibrate_clips(model, x))
+  meta = {'model_meta': {**structure.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
           'config': {}}
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   checkpoints.save_final(str(tmp_path), 2, 1, params, stats, meta)
   net = stepnet_jax.load(str(tmp_path))
-  assert quant.Precision.from_json(net.meta['model_meta']['precision']) == precision
-  expected = stepnet_jax.Stepper(quant.apply(model, precision)).forward(jnp.asarray(x), 2)
+  assert quantized.Precision.from_json(net.meta['model_meta']['precision']) == precision
+  expected = stepnet_jax.Stepper(quantized.apply(model, precision)).forward(jnp.asarray(x), 2)
   np.testing.assert_allclose(np.asarray(net.forward(jnp.asarray(x), 2)), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
 def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
-  from stepnet_jax import bitsearch
+  from stepnet_jax.methods import bitsearch
   model, _ = small
   rng = np.random.RandomState(5)
   scores = {name: rng.gamma(2.0, size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
-  macs = {k: v for k, v in quant.neuron_macs(model).items() if k != 'head'}
+  macs = {k: v for k, v in quantized.neuron_macs(model).items() if k != 'head'}
 
   def validate(weight_bits):            # accuracy prefers the steepest slope offered, loss the flattest
     spread = np.concatenate([np.asarray(weight_bits[k]) for k in macs]).std()
@@ -204,28 +204,29 @@ def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
 def test_quantization_aware_gradient_is_the_quantized_networks(small):
   """Straight-through: the QAT objective's gradient w.r.t. the float kernels equals the
   gradient of the same loss w.r.t. the kernels of the quantized network taken as inputs."""
-  from stepnet_jax import feed, losses
+  from stepnet_jax.data import feed
+  from stepnet_jax.training import losses
   model, bits = small
   x = images(model.input_shape, batch=6, seed=7)
   batch = feed.Batch(jnp.asarray(x), jnp.asarray(np.arange(6) % 10, jnp.int32), 6)
-  precision = quant.Precision(bits, 5, quant.calibrate_clips(model, x))
+  precision = quantized.Precision(bits, 5, quantized.calibrate_clips(model, x))
   objective = losses.multi_exit((1.0,) * model.num_levels)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  qat_objective = quant.quantization_aware(objective, precision)
+  qat_objective = quantized.quantization_aware(objective, precision)
 
   def qat_loss(params):
     return qat_objective(nnx.merge(graphdef, params, stats, copy=True), batch, jax.random.key(0))[0]
 
   def loss_of_kernels(kernels):
     m = nnx.merge(graphdef, params, stats, copy=True)
-    quant.set_kernels(m, kernels)
-    quant.set_activation_quantization(m, precision.act_bits, precision.act_clips, ste=True)
+    quantized.set_kernels(m, kernels)
+    quantized.set_activation_quantization(m, precision.act_bits, precision.act_clips, ste=True)
     return objective(m, batch, jax.random.key(0))[0]
 
   grads = nnx.merge(graphdef, jax.jit(jax.grad(qat_loss))(params), stats)
-  kernels = {name: layer.kernel[...] for name, layer in quant.linear_layers(quant.apply(model, precision)).items()}
+  kernels = {name: layer.kernel[...] for name, layer in quantized.linear_layers(quantized.apply(model, precision)).items()}
   ref = jax.jit(jax.grad(loss_of_kernels))(kernels)
-  for name, layer in quant.linear_layers(grads).items():
+  for name, layer in quantized.linear_layers(grads).items():
     assert np.abs(np.asarray(ref[name])).max() > 0
     np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(ref[name]), rtol=1e-4, atol=1e-7)
 
@@ -234,7 +235,7 @@ def test_bit_planes_reconstruct_and_accumulate_exactly():
   """Bitwise-binary planes (digits +-1, most significant first) rebuild the n-bit weights
   exactly, and accumulating plane by plane (bit-serial) equals one convolution with the
   truncated weights, bit for bit in float32 on integer-valued inputs."""
-  from stepnet_jax import quantizers
+  from stepnet_jax.core import quantizers
   rng = np.random.RandomState(2)
   w = jnp.asarray(rng.normal(0, 0.2, (3, 3, 4, 5)).astype(np.float32))
   n = 6

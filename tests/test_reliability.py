@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import restore
+from stepnet_jax.inference import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -187,7 +187,7 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
 def test_study_command_stopped_by_a_signal_ends_with_its_message_and_status(capsys):
   """A study command (compare, adaptive, precision) whose training is stopped prints the
   one-line resume message and exits with 143 (SIGTERM) or 130 (Ctrl-C), not a traceback."""
-  from stepnet_jax import config
+  from stepnet_jax import cli
   from stepnet_jax.training import loop
 
   def stopped(signal_name):
@@ -196,9 +196,9 @@ def test_study_command_stopped_by_a_signal_ends_with_its_message_and_status(caps
     return main
   for signal_name, status in (('SIGTERM', 143), ('SIGINT', 130)):
     with pytest.raises(SystemExit) as ended:
-      config._stop_quietly(stopped(signal_name), ['prog'])
+      cli._stop_quietly(stopped(signal_name), ['prog'])
     assert ended.value.code == status
     err = capsys.readouterr().err
     assert f'{signal_name} at step 12: checkpoint saved; run the same command to resume' in err
     assert 'Traceback' not in err
-  assert config._stop_quietly(lambda argv: 'done', ['prog']) == 'done'    # a normal run is untouched
+  assert cli._stop_quietly(lambda argv: 'done', ['prog']) == 'done'    # a normal run is untouched

@@ -7,31 +7,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testlib
 
 import stepnet_jax
-import testlib
-from stepnet_jax import anytime, policies
+from stepnet_jax.core import anytime
+from stepnet_jax.inference import policies
 
 
 @pytest.fixture(scope='module')
 def digits_net(tmp_path_factory):
   """A 3-level MLP trained for 3 epochs on the digits, 300 training images held out."""
-  from stepnet_jax import config, data
+  from stepnet_jax import config
+  from stepnet_jax.data import datasets
   from stepnet_jax.training import run
   cfg = config.from_dict({'data.name': 'digits', 'data.validation_examples': 300, 'model.name': 'mlp',
                           'model.width': 0.25, 'model.num_levels': 3, 'train.num_epochs': 3, 'train.batch_size': 64,
                           'optim.learning_rate': 3e-3, 'train.progress': False, 'selection.epochs': 25,
                           'selection.batch_size': 100, 'selection.learning_rate': 1e-2})
   workdir = str(tmp_path_factory.mktemp('digits_net'))
-  full = data.load_digits()
+  full = datasets.load_digits()
   run.train_and_evaluate(cfg, workdir, dataset=full)
-  _, held = data.split_validation(full, 300, cfg.seed)
+  _, held = datasets.split_validation(full, 300, cfg.seed)
   return cfg, stepnet_jax.load(workdir), full.train_images[held], full.train_labels[held], full
 
 
 def test_a_stateful_learned_policy_in_the_program(digits_net):
   """The selection module with history: its state (the previous exit's probabilities) is per input."""
-  from stepnet_jax import selection
+  from stepnet_jax.methods import selection
   net, x = digits_net[1], jnp.asarray(digits_net[4].test_images[:12])
   params = policies.init_selector(jax.random.key(0), 10, net.num_levels, hidden=8)
   params['w2'] = jax.random.normal(jax.random.key(1), (8,)) * 3.0
@@ -57,7 +59,7 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
   """On a tiny problem (4 inputs, 3 levels, fixed exits) the mean of many REINFORCE
   estimates equals the exact gradient of the expected reward, with and without a
   (decision-independent) baseline."""
-  from stepnet_jax import selection
+  from stepnet_jax.methods import selection
   rng = np.random.RandomState(0)
   logits = jnp.asarray(rng.normal(0, 2, (3, 4, 5)), jnp.float32)
   labels = jnp.asarray([0, 1, 2, 3])
@@ -88,7 +90,8 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
 def test_frozen_selection_updates_only_the_selector():
   """The frozen network's optimizer slot is zero whatever its gradient; the selector's is Adam."""
   from flax import nnx
-  from stepnet_jax import selection
+
+  from stepnet_jax.methods import selection
   net = testlib.built_model('mlp')
   model = selection.PolicyNet(net, selection.Selector(10, net.num_levels, 4, True, 0))
   _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -104,8 +107,9 @@ def test_frozen_selection_updates_only_the_selector():
 def test_selection_module_trades_accuracy_for_macs(digits_net):
   """A high MAC price stops inputs earlier than a free one; the frozen network is untouched,
   and the learned policy runs in the compiled program."""
-  from stepnet_jax import selection
   from flax import nnx
+
+  from stepnet_jax.methods import selection
   cfg, net, x_val, y_val, full = digits_net
   graph_model = nnx.merge(net.graphdef, net.variables)
   before = jax.tree.map(np.asarray, nnx.state(graph_model))
@@ -122,7 +126,8 @@ def test_selection_module_trades_accuracy_for_macs(digits_net):
 
 def test_joint_selection_fine_tunes_the_exits(digits_net):
   from flax import nnx
-  from stepnet_jax import selection
+
+  from stepnet_jax.methods import selection
   cfg, net, x_val, y_val, _ = digits_net
   cfg = cfg.replace(**{'selection.joint': True, 'selection.epochs': 2})
   model = nnx.merge(net.graphdef, net.variables)

@@ -19,7 +19,12 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 import stepnet_jax
-from stepnet_jax import config, data, feed, losses, sharding
+from stepnet_jax import cli
+from stepnet_jax import config
+from stepnet_jax.data import datasets
+from stepnet_jax.data import feed
+from stepnet_jax.training import losses
+from stepnet_jax.data import sharding
 from stepnet_jax.training import optim, run
 from stepnet_jax.training import step as step_lib
 
@@ -35,7 +40,7 @@ if mode == 'train':
   model = run.build_model(cfg, dataset)
   # Importance scores: class batches of ~51 and a last Taylor batch of 12 do not split over
   # 4 devices, so they are padded (and the padding must not count).
-  from stepnet_jax import importance
+  from stepnet_jax.methods import importance
   x, y = dataset.train_images[:412], dataset.train_labels[:412]
   scores = {m: importance.importance(model, x, y, method=m, weights=(1.0, 1.0, 1.0), num_classes=10,
                                         batch_size=100) for m in ('taylor', 'class')}
@@ -53,7 +58,8 @@ if mode == 'train':
 else:
   net = stepnet_jax.load(workdir)
   dataset, _ = run.prepare_data(cfg)
-  from stepnet_jax import evaluation
+  from stepnet_jax.inference import evaluation
+  from stepnet_jax.studies import reports
   out['accuracy'] = evaluation.exit_accuracy(net.functions.exits, net.variables, dataset.test_images,
                                              dataset.test_labels, 100).tolist()
   np.savez(workdir + f'.restored{jax.device_count()}.npz', *[np.asarray(a) for a in jax.tree.leaves(net.variables)])

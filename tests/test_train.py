@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import config, data, restore
+from stepnet_jax import cli, config
+from stepnet_jax.data import datasets
+from stepnet_jax.inference import restore
 from stepnet_jax.training import optim, run
 from stepnet_jax.training import step as step_lib
 
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(**overrides):
-  c = config.load_file(TINY)
+  c = cli.load_file(TINY)
   c.train.progress = False
   return config.from_dict(config.merge(c.to_dict(), config.nest(overrides)))
 
@@ -54,7 +56,7 @@ def test_checkpoint_round_trip(tiny_run, fashion_mnist):
   net = stepnet_jax.load(workdir)
   assert net.num_levels == 3
   assert config.from_saved(net.meta['config']) == cfg
-  test = data.subset(fashion_mnist, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+  test = datasets.subset(fashion_mnist, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   assert len(test.test_labels) == 1000
   correct = np.zeros(3)
   for i in range(0, 1000, 500):
@@ -87,7 +89,7 @@ class _Interrupt(Exception):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
   """Interrupted after epoch 1, then restarted: identical to an uninterrupted run."""
-  digits = data.load_digits()
+  digits = datasets.load_digits()
   cfg = _digits_config()
   spe = len(digits.train_labels) // cfg.train.batch_size
 
@@ -126,7 +128,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_resume_with_more_epochs(tmp_path):
   """Run 1 epoch, then ask for 2 in the same workdir: training continues from step spe."""
-  digits = data.subset(data.load_digits(), train=640)
+  digits = datasets.subset(datasets.load_digits(), train=640)
   workdir = str(tmp_path / 'run')
   first = run.train_and_evaluate(_digits_config(**{'train.num_epochs': 1}), workdir, dataset=digits)
   spe = 640 // 64
@@ -151,7 +153,7 @@ def test_resume_with_more_epochs(tmp_path):
 @pytest.fixture(scope='module')
 def one_epoch_digits_run(tmp_path_factory):
   """A finished 1-epoch run on 128 digits; tests copy its workdir before touching it."""
-  digits = data.subset(data.load_digits(), train=128)
+  digits = datasets.subset(datasets.load_digits(), train=128)
   workdir = str(tmp_path_factory.mktemp('digits_run'))
   run.train_and_evaluate(_digits_config(**{'train.num_epochs': 1}), workdir, dataset=digits)
   return digits, workdir
@@ -193,7 +195,7 @@ def test_check_workdir_names_what_differs_and_allows_only_what_it_is_told(tmp_pa
 def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(tmp_path, capsys):
   """A truncated newest checkpoint: an error naming it, nothing deleted; with
   ``restore_previous`` the run resumes from the one before and trains on."""
-  digits = data.load_digits()
+  digits = datasets.load_digits()
   cfg = _digits_config()
   spe = len(digits.train_labels) // cfg.train.batch_size
   workdir = str(tmp_path / 'run')
@@ -396,7 +398,7 @@ COMPARE_ROOTS = ('common', 'steppingnet', 'nonuniform')
     ('--config.methods=awn', COMPARE_ROOTS, None),
 ])
 def test_flat_command_line_overrides_get_their_new_spelling(arg, roots, new):
-  assert config.renamed_override(arg, roots) == new
+  assert cli.renamed_override(arg, roots) == new
 
 
 @pytest.mark.parametrize('arg,roots,hint', [
@@ -407,7 +409,7 @@ def test_flat_command_line_overrides_get_their_new_spelling(arg, roots, new):
     ('--config.awn.widen=2', COMPARE_ROOTS, None), ('--workdir=x', ('',), None),
 ])
 def test_unknown_command_line_keys_get_the_closest_fields(arg, roots, hint):
-  got = config.unknown_override(arg, roots)
+  got = cli.unknown_override(arg, roots)
   assert (got is None) if hint is None else hint in got, got
 
 

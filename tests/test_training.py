@@ -11,20 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-
 import testlib
-from stepnet_jax import bench, config, data, evaluation, feed, losses, models
-from stepnet_jax.training import loop, optim
-from stepnet_jax.training import step as step_lib
+from flax import nnx
 from test_losses import reference_loss
+
+from stepnet_jax import config
+from stepnet_jax.data import datasets, feed
+from stepnet_jax.inference import evaluation
+from stepnet_jax.models import zoo
+from stepnet_jax.studies import bench
+from stepnet_jax.training import loop, losses, optim
+from stepnet_jax.training import step as step_lib
 
 K = 4
 
 
 def _model(width=0.25, num_levels=K, seed=0):
   with testlib.numpy_initializers(seed):
-    model = models.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
                                width=width, mean=(0.3,), std=(0.3,), seed=seed)
   return testlib.randomize(model, seed)
 
@@ -124,7 +128,7 @@ def test_each_epoch_has_its_own_permutation():
   n, batch_size, seed, epochs = 70, 16, 5, 3
   spe = n // batch_size
   images = np.zeros((n, 8, 8, 1), np.uint8)
-  ds = data.Dataset('ids', images, np.arange(n, dtype=np.int32), images[:1], np.zeros(1, np.int32), 10)
+  ds = datasets.Dataset('ids', images, np.arange(n, dtype=np.int32), images[:1], np.zeros(1, np.int32), 10)
   cfg = config.from_dict({'seed': seed, 'train.batch_size': batch_size, 'train.progress': False,
                           'train.log_every_steps': 1000})
   rec = _Recorder()

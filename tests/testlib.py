@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import layers, models
+from stepnet_jax.core import layers
+from stepnet_jax.models import zoo
 
 # --------------------------------------------------------------------------- levels
 
@@ -74,7 +75,7 @@ class Spec:
 
   def build(self, seed=0, mean=None, std=None, fast_init=True):
     with numpy_initializers(seed) if fast_init else contextlib.nullcontext():
-      return models.build_model(self.name, num_classes=self.num_classes, input_shape=self.input_shape,
+      return zoo.build_model(self.name, num_classes=self.num_classes, input_shape=self.input_shape,
                                 num_levels=self.num_levels, width=self.width,
                                 assignment=dict(self.assignment) or None, triangular=self.triangular,
                                 mean=mean, std=std, seed=seed)
@@ -263,7 +264,7 @@ def bundle(spec_id: str):
     step_levels[k]: its (static) level; exits: [K, B, classes].
   The separately compiled functions are exercised in test_incremental / test_api.
   """
-  from stepnet_jax import stepping
+  from stepnet_jax.core import stepping
   spec = SPEC_BY_ID[spec_id]
   model = built_model(spec_id)
   graphdef, variables = stepping.split(model)

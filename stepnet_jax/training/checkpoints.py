@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stepnet_jax import restore
+from stepnet_jax.inference import restore
 from stepnet_jax.training.step import TrainState
-
 
 # The metric that picks the best checkpoint: the top exit's accuracy on the validation split
 # (``data.validation_examples``); checkpoints saved without it are kept only while recent.

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from stepnet_jax import data, feed, sharding
 from stepnet_jax.config import Config
+from stepnet_jax.data import datasets, feed, sharding
 from stepnet_jax.training.step import TrainState
 
 
@@ -184,12 +184,12 @@ class DivergenceGuard:
                      '--config.train.divergence_steps=0 turns this check off.')
 
 
-def divergence_guard(cfg: Config, dataset: data.Dataset) -> DivergenceGuard:
+def divergence_guard(cfg: Config, dataset: datasets.Dataset) -> DivergenceGuard:
   """The config's divergence guard (``train.divergence_steps`` / ``divergence_factor``)."""
   return DivergenceGuard(cfg.train.divergence_steps, cfg.train.divergence_factor, float(np.log(dataset.num_classes)))
 
 
-def run_steps(state: TrainState, train_step, dataset: data.Dataset, cfg: Config, *, first: int, last: int,
+def run_steps(state: TrainState, train_step, dataset: datasets.Dataset, cfg: Config, *, first: int, last: int,
               steps_per_epoch: int, writer: MetricWriter | None, desc: str,
               levels: Sequence[int] | None = None,
               checkpoint: Callable[[TrainState], None] | None = None,

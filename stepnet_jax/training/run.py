@@ -20,10 +20,13 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax import data, evaluation, losses, models, restore, sharding, stepping
 from stepnet_jax.config import Config
-from stepnet_jax.model import SteppingModel
-from stepnet_jax.training import checkpoints, loop, optim
+from stepnet_jax.core import stepping
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import datasets, sharding
+from stepnet_jax.inference import evaluation, restore
+from stepnet_jax.models import structure, zoo
+from stepnet_jax.training import checkpoints, loop, losses, optim
 from stepnet_jax.training import step as step_lib
 
 # Settings a resumed joint run may change: more epochs continue training.
@@ -64,20 +67,20 @@ def lock_workdir(workdir: str) -> Iterator[None]:
     os.close(fd)     # closing releases the lock
 
 
-def prepare_splits(cfg: Config, dataset: data.Dataset | None = None
-                   ) -> tuple[data.Dataset, tuple[np.ndarray, np.ndarray] | None, int]:
+def prepare_splits(cfg: Config, dataset: datasets.Dataset | None = None
+                   ) -> tuple[datasets.Dataset, tuple[np.ndarray, np.ndarray] | None, int]:
   """The config's dataset (loaded unless given), subset as configured, without its validation
-  examples; those examples ((images, labels), or None without ``data.validation_examples``);
+  examples; those examples ((images, labels), or None without ``datasets.validation_examples``);
   and steps per epoch. The global batch must split over the devices (checked first: before
   loading or compiling anything)."""
   sharding.check_batch_size(cfg.train.batch_size)
   if dataset is None:
-    dataset = data.load_dataset(cfg.data.name, cfg.data.data_dir or None)
-  dataset = data.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
+    dataset = datasets.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+  dataset = datasets.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   validation = None
   if cfg.data.validation_examples:
     whole = dataset
-    dataset, held = data.split_validation(whole, cfg.data.validation_examples, cfg.seed)
+    dataset, held = datasets.split_validation(whole, cfg.data.validation_examples, cfg.seed)
     validation = whole.train_images[held], whole.train_labels[held]
   steps_per_epoch = len(dataset.train_labels) // cfg.train.batch_size
   if steps_per_epoch == 0:
@@ -85,24 +88,24 @@ def prepare_splits(cfg: Config, dataset: data.Dataset | None = None
   return dataset, validation, steps_per_epoch
 
 
-def prepare_data(cfg: Config, dataset: data.Dataset | None = None) -> tuple[data.Dataset, int]:
+def prepare_data(cfg: Config, dataset: datasets.Dataset | None = None) -> tuple[datasets.Dataset, int]:
   """``prepare_splits`` without the validation examples: (training data, steps per epoch)."""
   dataset, _, steps_per_epoch = prepare_splits(cfg, dataset)
   return dataset, steps_per_epoch
 
 
-def build_model(cfg: Config, dataset: data.Dataset) -> SteppingModel:
+def build_model(cfg: Config, dataset: datasets.Dataset) -> SteppingModel:
   """The config's model for the dataset's images and classes, normalised by its statistics."""
   mean, std = dataset.channel_stats()
   m = cfg.model
-  return models.build_model(
+  return zoo.build_model(
       m.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape, num_levels=m.num_levels,
       width=m.width, level_widths=m.level_widths or None, assignment=m.assignment_dict(),
       triangular=m.triangular, mask_rule=m.mask_rule, switchable_bn=m.switchable_bn(), exit_heads=m.exit_heads,
       mean=mean, std=std, seed=cfg.seed)
 
 
-def run_meta(cfg: Config, model_meta: dict, dataset: data.Dataset, steps_per_epoch: int) -> dict:
+def run_meta(cfg: Config, model_meta: dict, dataset: datasets.Dataset, steps_per_epoch: int) -> dict:
   """The checkpoint meta and ``config.json`` of a run."""
   return {'config': cfg.to_dict(), 'model_meta': model_meta, 'dataset': dataset.name,
           'steps_per_epoch': steps_per_epoch}
@@ -124,7 +127,7 @@ def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
   if differ:
     raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
                      'use a new --workdir or delete it')
-  if model_meta is not None and not restore.same_model(saved['model_meta'], model_meta):
+  if model_meta is not None and not structure.same_model(saved['model_meta'], model_meta):
     raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
   return saved
 
@@ -136,7 +139,7 @@ def config_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
                                   augment_images=cfg.data.augment)
 
 
-def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config,
+def exit_evaluator(graphdef: nnx.GraphDef, dataset: datasets.Dataset, cfg: Config,
                    split: tuple[np.ndarray, np.ndarray] | None = None) -> Callable[..., np.ndarray]:
   """``variables -> [K]`` accuracy of every exit on the test split (or on ``split``: images,
   labels), the exits compiled once."""
@@ -145,7 +148,7 @@ def exit_evaluator(graphdef: nnx.GraphDef, dataset: data.Dataset, cfg: Config,
   return lambda variables: evaluation.exit_accuracy(exits, variables, images, labels, cfg.train.eval_batch_size)
 
 
-def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None = None, *,
+def train_and_evaluate(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None, *,
                        restore_previous: bool = False) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 
@@ -159,7 +162,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   """
   dataset, validation, steps_per_epoch = prepare_splits(cfg, dataset)
   model = build_model(cfg, dataset)
-  meta = run_meta(cfg, restore.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
+  meta = run_meta(cfg, structure.model_meta(model, cfg.model.name, dataset.num_classes), dataset, steps_per_epoch)
   tx = optim.make_optimizer(cfg, steps_per_epoch)
   graphdef, state = step_lib.init_state(model, tx)
   saved, start, unreadable = None, None, []
@@ -194,7 +197,7 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: data.Dataset | None =
   return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds, validation)
 
 
-def _train_epochs(cfg: Config, workdir: str, dataset: data.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
+def _train_epochs(cfg: Config, workdir: str, dataset: datasets.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
                   tx: optax.GradientTransformation, state: step_lib.TrainState, meta: dict,
                   prior_seconds: float, validation: tuple[np.ndarray, np.ndarray] | None) -> dict:
   """The epochs left to train: train, evaluate every exit on the test split (and the top exit's
@@ -259,7 +262,7 @@ class PhasedRun:
   """
   cfg: Config
   workdir: str
-  dataset: data.Dataset
+  dataset: datasets.Dataset
   steps_per_epoch: int
   result_name: str
   finished: dict | None = None
@@ -278,7 +281,7 @@ class PhasedRun:
     self.stop.__exit__(*exc)
 
   @classmethod
-  def open(cls, cfg: Config, workdir: str, dataset: data.Dataset | None, result_name: str) -> PhasedRun:
+  def open(cls, cfg: Config, workdir: str, dataset: datasets.Dataset | None, result_name: str) -> PhasedRun:
     dataset, steps_per_epoch = prepare_data(cfg, dataset)
     run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
     saved = check_workdir(workdir, cfg)

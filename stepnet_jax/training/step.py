@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from stepnet_jax import sharding
-from stepnet_jax.feed import Batch
-from stepnet_jax.losses import Objective
+from stepnet_jax.data import sharding
+from stepnet_jax.data.feed import Batch
+from stepnet_jax.training.losses import Objective
 
 
 @struct.dataclass

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepnet_jax import anytime, policies, restore, stepping, timing
-from stepnet_jax.model import StepCache, SteppingModel
-
+from stepnet_jax.core import anytime, stepping
+from stepnet_jax.core.model import StepCache, SteppingModel
+from stepnet_jax.inference import policies, restore, timing
 
 _TOKENS = itertools.count(1)
 

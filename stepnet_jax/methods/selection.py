@@ -31,9 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stepnet_jax import data, losses, policies, sharding
 from stepnet_jax.config import Config
-from stepnet_jax.training import loop
+from stepnet_jax.data import datasets, sharding
+from stepnet_jax.inference import policies
+from stepnet_jax.training import loop, losses
 from stepnet_jax.training import step as step_lib
 
 
@@ -54,17 +55,6 @@ class Selector(nnx.Module):
   def policy(self) -> policies.Learned:
     """The trained module as a stopping policy."""
     return policies.Learned(self.params(), self.num_levels, self.history)
-
-
-class Cascade(nnx.Module):
-  """Independent networks as the levels of one model (Guan et al.'s cascade): level k is
-  network k's answer, computed from scratch."""
-
-  def __init__(self, nets: Sequence[nnx.Module]):
-    self.nets = nnx.List(list(nets))
-
-  def exits(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return jnp.stack([net(x, train=train) for net in self.nets])     # [K, B, classes]
 
 
 class PolicyNet(nnx.Module):
@@ -196,7 +186,7 @@ def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], i
                         use_baseline=s.baseline == 'running', joint=s.joint, ce_weight=s.ce_weight,
                         samples=s.samples)
   train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 17)
-  split = data.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
+  split = datasets.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
   batch_size = min(s.batch_size, len(labels))
   batch_size -= batch_size % sharding.num_devices()        # the batch splits over the devices
   steps_per_epoch = len(labels) // batch_size

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import layers
-from stepnet_jax.model import SteppingModel
-from stepnet_jax.quantizers import FLOAT_BITS, bwb_kernel, quantize_activation, quantize_kernel  # noqa: F401
+from stepnet_jax.core import layers
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.core.quantizers import FLOAT_BITS, bwb_kernel, quantize_activation, quantize_kernel  # noqa: F401
 
 INPUT_BITS = 8        # the images are 8-bit data
 

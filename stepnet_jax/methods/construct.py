@@ -38,11 +38,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import budgets as budgets_lib
-from stepnet_jax import data, importance, models, restore, surgery
-from stepnet_jax import levels as lv
 from stepnet_jax.config import Config
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core import levels as lv
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import datasets
+from stepnet_jax.methods import importance
+from stepnet_jax.models import budgets as budgets_lib
+from stepnet_jax.models import structure, surgery, zoo
 from stepnet_jax.training.run import PhasedRun
 
 
@@ -174,7 +176,7 @@ class Plan:
     return cls(pre, ends, total)
 
 
-def level0_network(cfg: Config, dataset: data.Dataset, *, mask_rule: bool = True) -> SteppingModel:
+def level0_network(cfg: Config, dataset: datasets.Dataset, *, mask_rule: bool = True) -> SteppingModel:
   """The base network widened by ``construction.widen`` with every neuron at level 0: where
   construction (and, without the mask rule, the non-uniform baseline) starts."""
   k = cfg.model.num_levels
@@ -182,13 +184,13 @@ def level0_network(cfg: Config, dataset: data.Dataset, *, mask_rule: bool = True
                                         num_classes=dataset.num_classes,
                                         width=cfg.model.width * cfg.construction.widen)
   mean, std = dataset.channel_stats()
-  return models.build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
+  return zoo.build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                             num_levels=k, assignment={n: lv.level0_sizes(c, k) for n, c in channels.items()},
                             triangular=cfg.model.triangular, mask_rule=mask_rule, exit_heads=cfg.model.exit_heads,
                             mean=mean, std=std, seed=cfg.seed)
 
 
-def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:
+def budget_macs(cfg: Config, dataset: datasets.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:
   """(dense base MACs, budgets in MACs), after checking the budgets are feasible."""
   budgets = cfg.construction.budgets
   if len(budgets) != cfg.model.num_levels:
@@ -199,14 +201,14 @@ def budget_macs(cfg: Config, dataset: data.Dataset, model: SteppingModel) -> tup
   return base, budgets_lib.check_budgets(budgets, base, budgets_lib.MacModel.of(model), channels)
 
 
-def check(cfg: Config, dataset: data.Dataset) -> None:
+def check(cfg: Config, dataset: datasets.Dataset) -> None:
   """Raises if ``cfg`` cannot be constructed on ``dataset`` (model kind, budgets); trains nothing."""
   model = nnx.eval_shape(lambda: level0_network(cfg, dataset))
   surgery.check_chain(model)
   budget_macs(cfg, dataset, model)
 
 
-def _sample(dataset: data.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample(dataset: datasets.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
   """Training examples for importance: ``importance_examples`` in all, or that many per class."""
   con = cfg.construction
   rng = np.random.RandomState(cfg.seed + 1000 + rnd)
@@ -225,7 +227,7 @@ def subnet_macs(model: SteppingModel) -> np.ndarray:
   return mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), model.num_levels))
 
 
-def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
+def construct(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None) -> dict:
   """Builds, trains and saves a SteppingNet in ``workdir`` (standard checkpoint format).
 
   Returns {'test_accuracy', 'level_macs', 'seconds', 'budget_macs', 'base_macs', 'rounds': [...]};
@@ -240,7 +242,7 @@ def construct(cfg: Config, workdir: str, dataset: data.Dataset | None = None) ->
       surgery.check_chain(model)
       base, targets = budget_macs(cfg, run.dataset, model)   # before any training
       plan = Plan.of(cfg, run.steps_per_epoch)
-      meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+      meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)
       run.begin()
       model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
       step = plan.pretrain_end
@@ -283,7 +285,7 @@ def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: 
     model, meta = surgery.relevel(model, meta, new_levels)
     macs = subnet_macs(model)
     progress['rounds'].append({'round': r, 'step': step, 'targets': [float(t) for t in goal],
-                               'macs': [int(m) for m in macs], 'assignment': models.assignment_of(model)})
+                               'macs': [int(m) for m in macs], 'assignment': zoo.assignment_of(model)})
     print(f'round {r}/{con.rounds}: subnet MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
           + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
     model = run.train(model, step, end, f'round {r}/{con.rounds} retrain')

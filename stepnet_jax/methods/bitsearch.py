@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from stepnet_jax import importance as importance_lib
-from stepnet_jax import quant
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.methods import importance as importance_lib
+from stepnet_jax.models import quantized
 from stepnet_jax.registry import Registry
 
 
@@ -42,11 +42,11 @@ def fit_offset(z: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray], budg
   """The bits of the largest offset whose MAC-weighted mean fits ``budget`` (None if even
   the smallest does not)."""
   lo, hi = min_bits - slope - 1.0, max_bits + 1.0
-  if quant.mean_bits(bits_for(z, lo, slope, min_bits, max_bits), macs) > budget + 1e-9:
+  if quantized.mean_bits(bits_for(z, lo, slope, min_bits, max_bits), macs) > budget + 1e-9:
     return None
   for _ in range(iterations):
     mid = 0.5 * (lo + hi)
-    if quant.mean_bits(bits_for(z, mid, slope, min_bits, max_bits), macs) <= budget + 1e-9:
+    if quantized.mean_bits(bits_for(z, mid, slope, min_bits, max_bits), macs) <= budget + 1e-9:
       lo = mid
     else:
       hi = mid
@@ -75,7 +75,7 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
   """
   if rank_by not in RANK_BY:
     raise ValueError(f'rank_by must be one of {sorted(RANK_BY)}, got {rank_by!r}')
-  macs = quant.hidden_neuron_macs(model)
+  macs = quantized.hidden_neuron_macs(model)
   z = scaled(scores)
   head = (int(head_bits),) * model.head.kernel.shape[-1]
   best, tried = None, []
@@ -87,7 +87,7 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
     metrics = {k: float(v) for k, v in validate(weight_bits).items()}
     if rank_by not in metrics:
       raise ValueError(f'validate returned {sorted(metrics)}, without the ranking metric {rank_by!r}')
-    tried.append({'slope': float(slope), 'mean_bits': quant.mean_bits(bits, macs),
+    tried.append({'slope': float(slope), 'mean_bits': quantized.mean_bits(bits, macs),
                   'uniform': len(set(np.concatenate(list(bits.values())).tolist())) == 1,
                   **{f'validation_{k}': v for k, v in metrics.items()}})
     signed = RANK_BY[rank_by] * metrics[rank_by]

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import restore
-from stepnet_jax import levels as lv
-from stepnet_jax.layers import LevelConv, LevelDense, SwitchableBatchNorm
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core import levels as lv
+from stepnet_jax.core.layers import LevelConv, LevelDense, SwitchableBatchNorm
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.models import structure
 
 REMOVED = -1
 
@@ -65,7 +65,7 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
 
   Args:
     model: a trained chain model.
-    model_meta: its ``restore.model_meta`` (architecture, normalisation, ...).
+    model_meta: its ``structure.model_meta`` (architecture, normalisation, ...).
     new_levels: for every hidden layer, one level per current neuron.
     num_levels: level count of the new model (default: unchanged).
     mask_rule: of the new model (default: unchanged; a new value also gives the new model
@@ -90,7 +90,7 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
 
   meta = dict(model_meta, assignment={k: list(v) for k, v in sizes.items()}, num_levels=num_levels,
               mask_rule=mask_rule, switchable_bn=switchable_bn)
-  new_model = nnx.eval_shape(lambda: restore.build_from_meta(meta))
+  new_model = nnx.eval_shape(lambda: structure.build_from_meta(meta))
   old = nnx.to_pure_dict(nnx.state(model))
   new = nnx.to_pure_dict(nnx.state(new_model))
   in_idx = np.arange(model.input_shape[-1])

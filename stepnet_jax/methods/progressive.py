@@ -2,7 +2,7 @@
 
 * Bitwise-binary (BWB) weights: every weight is ``scale * sum_j d_j 2^(N-1-j)`` with
   digits d_j in {-1, +1}, most significant plane first (``quantizers.bitplanes``); one
-  training run at N planes (``quant.quantization_aware`` with ``precision_at(N)``) gives
+  training run at N planes (``quantized.quantization_aware`` with ``precision_at(N)``) gives
   the one parameter set every plane count uses.
 * Accumulative bit-serial (ABS) inference (``bit_serial_exits``): the first layer adds
   plane b's partial sums to the cached sums of planes 1..b-1, so its step costs one
@@ -23,12 +23,11 @@
   first layer accumulates each neuron's new planes; later layers recompute at the rung's
   counts). Rung 1 is every neuron at 1 plane, rung N every neuron at N.
 
-Bit-operations are MACs x weight bits x activation bits (``quant.bitops``); a bit-plane
+Bit-operations are MACs x weight bits x activation bits (``quantized.bitops``); a bit-plane
 is a 1-bit weight.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -38,25 +37,28 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stepnet_jax import bitsearch, data, feed, layers, nonuniform, quant
 from stepnet_jax.config import Config
-from stepnet_jax.model import SteppingModel
-from stepnet_jax.quantizers import bitplanes, plane_weights
+from stepnet_jax.core import layers
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.core.quantizers import bitplanes, plane_weights
+from stepnet_jax.data import datasets, feed
+from stepnet_jax.methods import bitsearch, nonuniform
+from stepnet_jax.models import quantized
 
 # Weight bits (here: bitwise-binary planes) of every neuron of every layer, head included.
 Bits = dict[str, tuple[int, ...]]
 
 
-def precision_at(model: SteppingModel, planes: int, n: int, act_bits: int, clips) -> quant.Precision:
+def precision_at(model: SteppingModel, planes: int, n: int, act_bits: int, clips) -> quantized.Precision:
   """Every neuron using its first ``planes`` of ``n`` bitwise-binary planes."""
   if not 1 <= planes <= n:
     raise ValueError(f'planes must be in 1..{n}, got {planes}')
-  return quant.Precision(quant.uniform_bits(model, planes), act_bits, clips, bwb_bits=n)
+  return quantized.Precision(quantized.uniform_bits(model, planes), act_bits, clips, bwb_bits=n)
 
 
 def uniform_ladder(model: SteppingModel, n: int) -> list[Bits]:
   """Rung b (b = 1..n): every neuron at b planes."""
-  return [quant.uniform_bits(model, b) for b in range(1, n + 1)]
+  return [quantized.uniform_bits(model, b) for b in range(1, n + 1)]
 
 
 def class_ladder(model: SteppingModel, score: dict[str, np.ndarray], n: int, slope: float) -> list[Bits]:
@@ -66,7 +68,7 @@ def class_ladder(model: SteppingModel, score: dict[str, np.ndarray], n: int, slo
   hidden layer to its neurons' importance (``bitsearch.SCORES``). A neuron's count never
   decreases from rung to rung, so rungs form a plane ladder (checked)."""
   z = bitsearch.scaled({k: v for k, v in score.items() if k != 'head'})
-  macs = quant.hidden_neuron_macs(model)
+  macs = quantized.hidden_neuron_macs(model)
   ladder = []
   for b in range(1, n + 1):
     bits = bitsearch.fit_offset(z, macs, float(b), slope, 1, n)
@@ -82,7 +84,7 @@ def check_ladder(model: SteppingModel, ladder: Sequence[Bits], n: int) -> None:
   if len(ladder) != n:
     raise ValueError(f'a ladder of {n} planes needs {n} rungs, got {len(ladder)}')
   for rung in ladder:
-    quant.check_bits(model, rung, n)
+    quantized.check_bits(model, rung, n)
   if any(np.any(np.asarray(v) != 1) for v in ladder[0].values()):
     raise ValueError('rung 1 must hold every neuron at 1 plane (bit-serial inference starts from one plane)')
   for b, (low, high) in enumerate(zip(ladder, ladder[1:]), start=1):
@@ -91,13 +93,13 @@ def check_ladder(model: SteppingModel, ladder: Sequence[Bits], n: int) -> None:
         raise ValueError(f'layer {name!r} loses planes from rung {b} to rung {b + 1}: a plane step only adds planes')
 
 
-def retrain_bn(model: SteppingModel, dataset: data.Dataset, cfg: Config, batches: int) -> SteppingModel:
+def retrain_bn(model: SteppingModel, dataset: datasets.Dataset, cfg: Config, batches: int) -> SteppingModel:
   """``model`` (already quantized) with its BN statistics re-estimated over ``batches``
   training batches; parameters untouched."""
   return nonuniform.recalibrate(model, dataset, cfg.replace(**{'baseline.recalibrate_batches': int(batches)}))
 
 
-def retrain_bn_at(model: SteppingModel, precision: quant.Precision, dataset: data.Dataset, cfg: Config,
+def retrain_bn_at(model: SteppingModel, precision: quantized.Precision, dataset: datasets.Dataset, cfg: Config,
                   batches: int, affine_steps: int = 0, learning_rate: float = 1e-3) -> SteppingModel:
   """``model`` (float) quantized at ``precision`` with its BN retrained: with ``affine_steps``
   BN's scale and bias are first trained for that many steps through the quantization-aware
@@ -105,8 +107,10 @@ def retrain_bn_at(model: SteppingModel, precision: quant.Precision, dataset: dat
   frozen: the paper's optional affine retraining); then the statistics are re-estimated
   (``retrain_bn``)."""
   if affine_steps:
-    from stepnet_jax import losses                                     # (training imports stay local)
-    from stepnet_jax.training import loop
+    from stepnet_jax.training import (
+      loop,
+      losses,  # (training imports stay local)
+    )
     from stepnet_jax.training import step as step_lib
 
     def label(path, _):        # a Param leaf's path ends in its variable's '.value'
@@ -117,13 +121,13 @@ def retrain_bn_at(model: SteppingModel, precision: quant.Precision, dataset: dat
                                lambda params: jax.tree_util.tree_map_with_path(label, params))
     graphdef, state = step_lib.init_state(model, tx)
     state = jax.tree.map(jnp.copy, state)                              # the step donates its state
-    objective = quant.quantization_aware(losses.objective_for(cfg), precision)
+    objective = quantized.quantization_aware(losses.objective_for(cfg), precision)
     train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 31)
     steps_per_epoch = max(1, len(dataset.train_labels) // cfg.train.batch_size)
     state = loop.run_steps(state, train_step, dataset, cfg.replace(**{'train.progress': False}), first=0,
                            last=int(affine_steps), steps_per_epoch=steps_per_epoch, writer=None, desc='BN affine')
     model = nnx.merge(graphdef, state.params, state.batch_stats)
-  return retrain_bn(quant.apply(model, precision), dataset, cfg, batches)
+  return retrain_bn(quantized.apply(model, precision), dataset, cfg, batches)
 
 
 def _first_unit(model: SteppingModel) -> layers._LinearUnit:
@@ -143,7 +147,7 @@ def _bit_serial_fn(graphdef, n: int):
       first = _first_unit(m)
       if acc is None:
         x = m.normalize(images)
-        mask = quant.kept_mask(first)
+        mask = quantized.kept_mask(first)
         keep = 1.0 if mask is None else jnp.asarray(mask)
         digits, scale = bitplanes(first_kernel * keep, n)
         acc = jnp.zeros((), jnp.float32)
@@ -165,7 +169,7 @@ def bit_serial_exits(first_kernel: jax.Array, models: Sequence[SteppingModel], i
                      n: int, first_planes: Sequence[Sequence[int]] | None = None) -> jax.Array:
   """All exits after each of ``len(models)`` plane steps of ABS inference: [b, K, B, classes].
 
-  ``models[b-1]`` is the network at rung b of an ``n``-plane ladder (``quant.apply`` with
+  ``models[b-1]`` is the network at rung b of an ``n``-plane ladder (``quantized.apply`` with
   that rung's planes, with its own BN statistics); ``first_kernel`` is the first layer's
   float kernel, whose planes the first layer accumulates step by step: at rung b each of
   its neurons adds the planes it gained (``first_planes[b-1]``, its plane count per
@@ -184,83 +188,6 @@ def bit_serial_exits(first_kernel: jax.Array, models: Sequence[SteppingModel], i
   graphdef = nnx.graphdef(models[0])
   states = [nnx.state(m) for m in models]
   return _bit_serial_fn(graphdef, int(n))(jnp.asarray(first_kernel), jnp.asarray(first_planes), states, images)
-
-
-@dataclasses.dataclass(frozen=True)
-class PlaneCosts:
-  """Bit-ops per input of every step between (level, rung) states of one network.
-
-  ``ops[b]`` [layers, K] is ``quant.bitops`` at rung b of the plane ladder (row 0 the
-  first layer, the last row the head); bit-ops are linear in each neuron's planes, so
-  ``ops[b + 1][0] - ops[b][0]`` is what the first layer's added planes cost."""
-  ops: np.ndarray          # [N + 1, layers, K], ops[0] = 0
-  num_levels: int
-  n: int
-
-  @classmethod
-  def of(cls, model: SteppingModel, n: int, act_bits: int, ladder: Sequence[Bits] | None = None) -> PlaneCosts:
-    """Costs on ``ladder`` (``uniform_ladder`` by default: rung b = b planes everywhere)."""
-    ladder = uniform_ladder(model, n) if ladder is None else ladder
-    check_ladder(model, ladder, n)
-    ops = [quant.bitops(model, rung, act_bits) for rung in ladder]
-    return cls(np.stack([np.zeros_like(ops[0])] + ops), model.num_levels, n)
-
-  def direct(self, level: int, planes: int) -> int:
-    """A forward of subnet ``level`` at ``planes`` planes from scratch."""
-    return int(self.ops[planes][:, :level + 1].sum())
-
-  def level_step(self, level: int, planes: int) -> int:
-    """(level, planes) -> (level + 1, planes): only the new level's connections."""
-    return int(self.ops[planes][:, level + 1].sum())
-
-  def plane_step(self, level: int, planes: int) -> int:
-    """(level, rung b) -> (level, rung b + 1): the planes the first layer's neurons gain
-    (accumulated: one 1-bit plane each on the uniform ladder), then every later layer of
-    the subnet recomputed at rung b + 1."""
-    first = self.ops[planes + 1][0, :level + 1] - self.ops[planes][0, :level + 1]
-    return int(first.sum() + self.ops[planes + 1][1:, :level + 1].sum())
-
-  def step(self, state: tuple[int, int], to: tuple[int, int]) -> int:
-    (k, b), (k2, b2) = state, to
-    if (k2, b2) == (k + 1, b):
-      return self.level_step(k, b)
-    if (k2, b2) == (k, b + 1):
-      return self.plane_step(k, b)
-    raise ValueError(f'no single step from {state} to {to}')
-
-
-def staircase_path(kind: str, accuracy: np.ndarray | None, costs: PlaneCosts) -> list[tuple[int, int]]:
-  """The states (level, planes) a staircase visits, first to last.
-
-  ``levels_only``: every level at N planes; ``bits_only``: the top level, plane by plane;
-  ``combined``: from (0, 1), at each state the level or plane step with the most
-  validation accuracy gained per bit-op (``accuracy`` [K, N], planes 1..N), up to (K-1, N).
-  """
-  top, n = costs.num_levels - 1, costs.n
-  if kind == 'levels_only':
-    return [(k, n) for k in range(top + 1)]
-  if kind == 'bits_only':
-    return [(top, b) for b in range(1, n + 1)]
-  if kind != 'combined':
-    raise ValueError(f'unknown staircase {kind!r}')
-  state, path = (0, 1), [(0, 1)]
-  while state != (top, n):
-    k, b = state
-    options = [s for s in ((k + 1, b), (k, b + 1)) if s[0] <= top and s[1] <= n]
-    state = max(options, key=lambda s: (accuracy[s[0], s[1] - 1] - accuracy[k, b - 1]) / costs.step((k, b), s))
-    path.append(state)
-  return path
-
-
-def walk(path: Sequence[tuple[int, int]], costs: PlaneCosts, accuracy: np.ndarray) -> list[dict]:
-  """``[{"state", "bitops" (cumulative), "accuracy"}]`` along ``path`` (its first state
-  reached by a direct forward)."""
-  spent, out = costs.direct(*path[0]), []
-  for i, (k, b) in enumerate(path):
-    if i:
-      spent += costs.step(path[i - 1], (k, b))
-    out.append({'state': [int(k), int(b)], 'bitops': int(spent), 'accuracy': float(accuracy[k, b - 1])})
-  return out
 
 
 def bit_serial_accuracy(first_kernel: jax.Array, models: Sequence[SteppingModel], images: np.ndarray,

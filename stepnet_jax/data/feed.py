@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from stepnet_jax import sharding
+from stepnet_jax.data import sharding
 
 
 @struct.dataclass

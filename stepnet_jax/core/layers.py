@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import levels as lv
-from stepnet_jax.levels import Connectivity
-from stepnet_jax.quantizers import quantize_activation
+from stepnet_jax.core import levels as lv
+from stepnet_jax.core.levels import Connectivity
+from stepnet_jax.core.quantizers import quantize_activation
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5

@@ -23,8 +23,8 @@ import zlib
 
 import numpy as np
 
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
+from stepnet_jax.config import FASHION_MNIST, FASHION_MNIST_DIR  # noqa: F401  (re-exported)
+
 IDX_FILES = {
     'train_images': 'train-images-idx3-ubyte',
     'train_labels': 'train-labels-idx1-ubyte',

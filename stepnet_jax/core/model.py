@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from stepnet_jax.layers import Head
+from stepnet_jax.core.layers import Head
 
 
 @struct.dataclass

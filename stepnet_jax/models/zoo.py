@@ -13,17 +13,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 from flax import nnx
 
-from stepnet_jax import levels as lv
-from stepnet_jax.layers import Head, LevelConv, LevelDense, ResidualBlock
-from stepnet_jax.levels import Connectivity, LevelSizes
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core import levels as lv
+from stepnet_jax.core.layers import Head, LevelConv, LevelDense, ResidualBlock
+from stepnet_jax.core.levels import Connectivity, LevelSizes
+from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.registry import Registry
 
 Assignment = Mapping[str, Sequence[int]]
 
 
 @dataclasses.dataclass
-class _Builder:
+class Builder:
   """Collects units while tracking level sizes and the activation shape."""
   num_levels: int
   width: float
@@ -88,18 +88,18 @@ class _Builder:
 
 
 # name -> (builder, num_classes) -> head: adds the model's units to the builder.
-MODELS: Registry[Callable[[_Builder, int], Head]] = Registry('model')
+MODELS: Registry[Callable[[Builder, int], Head]] = Registry('model')
 
 
 @MODELS.register('mlp')
-def _mlp(b: _Builder, num_classes: int) -> Head:
+def _mlp(b: Builder, num_classes: int) -> Head:
   b.dense('fc1', 256)
   b.dense('fc2', 256)
   return b.head(num_classes)
 
 
 @MODELS.register('lenet3c1l')
-def _lenet3c1l(b: _Builder, num_classes: int) -> Head:
+def _lenet3c1l(b: Builder, num_classes: int) -> Head:
   """conv3x3-conv3x3-pool-conv5x5-pool-linear, 32 filters (Any-Width Networks' LeNet)."""
   b.conv('conv1', 32, 3, padding='VALID')
   b.conv('conv2', 32, 3, padding='VALID', pool=2)
@@ -108,7 +108,7 @@ def _lenet3c1l(b: _Builder, num_classes: int) -> Head:
 
 
 @MODELS.register('lenet5')
-def _lenet5(b: _Builder, num_classes: int) -> Head:
+def _lenet5(b: Builder, num_classes: int) -> Head:
   """LeNet-5 with BN; 28x28 inputs are padded so the maps match the 32x32 original."""
   b.conv('conv1', 6, 5, padding='SAME' if b.shape[0] == 28 else 'VALID', pool=2)
   b.conv('conv2', 16, 5, padding='VALID', pool=2)
@@ -121,7 +121,7 @@ VGG16_PLAN = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M'
 
 
 @MODELS.register('vgg16')
-def _vgg16(b: _Builder, num_classes: int) -> Head:
+def _vgg16(b: Builder, num_classes: int) -> Head:
   """CIFAR VGG-16 with BN: 13 conv3x3 layers, 5 max-pools, one linear classifier."""
   if b.shape[0] < 32:
     raise ValueError('vgg16 needs inputs of at least 32x32 (five 2x2 poolings)')
@@ -135,7 +135,7 @@ def _vgg16(b: _Builder, num_classes: int) -> Head:
 
 
 @MODELS.register('resnet20')
-def _resnet20(b: _Builder, num_classes: int) -> Head:
+def _resnet20(b: Builder, num_classes: int) -> Head:
   """CIFAR ResNet-20: stem, 3 stages x 3 basic blocks (16/32/64 channels), avg-pool, linear.
 
   Each stage's residual stream has one level assignment ("stageN") shared by all its
@@ -195,7 +195,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   if exit_heads == 'private' and not mask_rule:
     raise ValueError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
   switchable_bn = (not mask_rule) if switchable_bn is None else bool(switchable_bn)
-  b = _Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, switchable_bn,
+  b = Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, switchable_bn,
                nnx.Rngs(seed), input_shape, exit_heads)
   head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)

@@ -31,11 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import budgets as budgets_lib
-from stepnet_jax import construct, data, feed, importance, layers, losses, models, restore, surgery
 from stepnet_jax.config import Config
-from stepnet_jax.model import SteppingModel
-from stepnet_jax.training import optim
+from stepnet_jax.core import layers
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import datasets, feed
+from stepnet_jax.methods import construct, importance
+from stepnet_jax.models import budgets as budgets_lib
+from stepnet_jax.models import structure, surgery, zoo
+from stepnet_jax.training import losses, optim
 from stepnet_jax.training import step as step_lib
 from stepnet_jax.training.run import PhasedRun, config_train_step
 
@@ -49,7 +52,7 @@ def channel_norms(model: SteppingModel) -> dict[str, np.ndarray]:
   return out
 
 
-def recalibrate(model: SteppingModel, dataset: data.Dataset, cfg: Config) -> SteppingModel:
+def recalibrate(model: SteppingModel, dataset: datasets.Dataset, cfg: Config) -> SteppingModel:
   """Re-estimates every subnet's BN statistics: their average over ``baseline.recalibrate_batches``
   training batches in train mode (weights unchanged; the old statistics are discarded).
 
@@ -79,7 +82,7 @@ def recalibrate(model: SteppingModel, dataset: data.Dataset, cfg: Config) -> Ste
   return nnx.merge(graphdef, params, mean)
 
 
-def _start(cfg: Config, dataset: data.Dataset) -> tuple[SteppingModel, budgets_lib.MacModel, int, np.ndarray]:
+def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budgets_lib.MacModel, int, np.ndarray]:
   """(full network, its MAC model, dense base MACs, budgets in MACs), budgets checked.
 
   The full network is the widest uniform plan under the top budget (``width x widen``),
@@ -103,12 +106,12 @@ def _start(cfg: Config, dataset: data.Dataset) -> tuple[SteppingModel, budgets_l
   return model, mac_model, base, targets
 
 
-def check(cfg: Config, dataset: data.Dataset) -> None:
+def check(cfg: Config, dataset: datasets.Dataset) -> None:
   """Raises if the budgets of ``cfg`` are infeasible for its network; trains nothing."""
   nnx.eval_shape(lambda: _start(cfg, dataset)[0])
 
 
-def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = None) -> dict:
+def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None) -> dict:
   """Trains and saves the non-uniform subnets in ``workdir`` (standard checkpoint format)."""
   with PhasedRun.open(cfg, workdir, dataset, 'nonuniform.json') as run:
     if run.finished is not None:
@@ -121,13 +124,13 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
       if pre > total:
         raise ValueError(f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
                          f'{cfg.train.num_epochs}')
-      meta = restore.model_meta(model, cfg.model.name, run.dataset.num_classes)
+      meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)
       run.begin()
       model = run.train(model, 0, pre, 'full network', objective=losses.subnet_for(cfg, k_levels - 1),
                         levels=(k_levels - 1,))
       levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
       model, meta = surgery.relevel(model, meta, levels)
-      print('non-uniform subnets by channel norm: ' + json.dumps(models.assignment_of(model)), flush=True)
+      print('non-uniform subnets by channel norm: ' + json.dumps(zoo.assignment_of(model)), flush=True)
       progress = {'budget_macs': [float(t) for t in targets], 'base_macs': int(base), 'turn': 0}
       run.save_phase(pre, model, meta, progress)
     else:
@@ -151,4 +154,4 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: data.Dataset | None = N
     model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), run.dataset, cfg)
     return run.finish(model, meta, 'non-uniform', {'budget_macs': progress['budget_macs'],
                                                     'base_macs': progress['base_macs'],
-                                                    'assignment': models.assignment_of(model)})
+                                                    'assignment': zoo.assignment_of(model)})

@@ -5,7 +5,7 @@ holds the item ``model`` (parameters and batch statistics as plain nested dicts,
 ``model_item``), for a training run also ``train`` (optimizer state and step), and
 ``meta``: JSON with everything needed to rebuild the model's structure (``model_meta``:
 architecture, level assignment, normalisation, and for a quantized run its ``precision``,
-see ``quant.Precision``) and the run's config. Inference needs
+see ``quantized.Precision``) and the run's config. Inference needs
 only this module; nothing here writes.
 """
 from __future__ import annotations
@@ -17,8 +17,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stepnet_jax import models, quant, sharding
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import sharding
+from stepnet_jax.models import quantized
+from stepnet_jax.models.structure import build_from_meta
 
 
 class CheckpointError(ValueError):
@@ -97,51 +99,6 @@ def model_item(params: nnx.State, batch_stats: nnx.State) -> dict:
   return {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(batch_stats)}
 
 
-def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
-  """JSON-able description that ``build_from_meta`` turns back into the same structure."""
-  return {
-      'model': name,
-      'num_classes': num_classes,
-      'input_shape': list(model.input_shape),
-      'num_levels': model.num_levels,
-      'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
-      'mask_rule': model.mask_rule,
-      'switchable_bn': model.switchable_bn,
-      'exit_heads': 'private' if model.head.private else 'shared',
-      'assignment': models.assignment_of(model),
-      'mean': list(model.mean),
-      'std': list(model.std),
-  }
-
-
-# Model-meta keys added after checkpoints were first written, and what their absence meant.
-MODEL_META_DEFAULTS = {'mask_rule': True, 'exit_heads': 'shared'}
-
-
-def with_defaults(meta: dict) -> dict:
-  """``meta`` with the keys an older checkpoint lacks filled in as their absence meant
-  (before ``switchable_bn`` was stored, a model had a BN per subnet exactly without the rule)."""
-  meta = {**MODEL_META_DEFAULTS, **meta}
-  meta.setdefault('switchable_bn', not meta['mask_rule'])
-  return meta
-
-
-def same_model(a: dict, b: dict) -> bool:
-  """Whether two ``model_meta`` describe the same structure (a key an older checkpoint
-  lacks counts as its default)."""
-  return with_defaults(a) == with_defaults(b)
-
-
-def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
-  """A freshly initialised model of the structure ``model_meta`` describes."""
-  meta = with_defaults(meta)
-  return models.build_model(
-      meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
-      num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
-      mask_rule=meta['mask_rule'], switchable_bn=meta['switchable_bn'], exit_heads=meta['exit_heads'],
-      mean=meta['mean'], std=meta['std'], seed=seed)
-
-
 def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, step: int | None = None) -> None:
   """Fills ``params`` and ``batch_stats`` (in place) from the checkpoint's ``model`` item."""
   restored = restore_item(workdir, 'model', model_item(params, batch_stats), step)
@@ -160,5 +117,5 @@ def load_variables(workdir: str, step: int | None = None, apply_precision: bool 
   restore_model_item(workdir, params, stats, step)
   nnx.update(model, params, stats)
   if apply_precision and meta['model_meta'].get('precision'):    # a quantized run: its bits beside the levels
-    model = quant.apply(model, quant.Precision.from_json(meta['model_meta']['precision']))
+    model = quantized.apply(model, quantized.Precision.from_json(meta['model_meta']['precision']))
   return model, meta

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stepnet_jax import levels as lv
+from stepnet_jax.core import levels as lv
 from stepnet_jax.registry import Registry
 
 if TYPE_CHECKING:
   from stepnet_jax.config import Config
-  from stepnet_jax.feed import Batch
-  from stepnet_jax.model import SteppingModel
+  from stepnet_jax.core.model import SteppingModel
+  from stepnet_jax.data.feed import Batch
 
 
 DISTILL_MODES = ('add', 'replace')

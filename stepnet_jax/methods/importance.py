@@ -31,11 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stepnet_jax import feed, sharding
-from stepnet_jax.model import SteppingModel
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import feed, sharding
+from stepnet_jax.models.surgery import check_chain
 from stepnet_jax.registry import Registry
-from stepnet_jax.surgery import check_chain
-
 
 
 def _gated_exits(model: SteppingModel, x: jax.Array, gates: Sequence[jax.Array]) -> jax.Array:
@@ -135,9 +134,9 @@ def _class(model, images, labels, weights, num_classes, class_threshold, batch_s
 
 
 # name -> (model, images, labels, weights, num_classes, class_threshold, batch_size) -> per-layer scores.
-METHODS: Registry[Callable[..., list[np.ndarray]]] = Registry('importance')
-METHODS.register('taylor', _taylor)
-METHODS.register('class', _class)
+IMPORTANCE_SCORES: Registry[Callable[..., list[np.ndarray]]] = Registry('importance')
+IMPORTANCE_SCORES.register('taylor', _taylor)
+IMPORTANCE_SCORES.register('class', _class)
 
 
 def importance(model: SteppingModel, images: np.ndarray, labels: np.ndarray, *, method: str,
@@ -147,5 +146,5 @@ def importance(model: SteppingModel, images: np.ndarray, labels: np.ndarray, *, 
 
   ``images``/``labels`` are training examples; for ``'class'`` they must contain every class.
   """
-  scores = METHODS.get(method)(model, images, labels, weights, num_classes, class_threshold, batch_size)
+  scores = IMPORTANCE_SCORES.get(method)(model, images, labels, weights, num_classes, class_threshold, batch_size)
   return dict(zip(model.unit_names, scores))

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from stepnet_jax import models
-from stepnet_jax.model import SteppingModel
-from stepnet_jax.surgery import check_chain
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.models import zoo
+from stepnet_jax.models.surgery import check_chain
 
 
 def triangle_pairs(a: int, b: int) -> int:
@@ -97,14 +97,14 @@ class MacModel:
 
 def dense_macs(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float = 1.0) -> int:
   """MACs of a plain single-level network at ``width`` (every connection kept)."""
-  model = nnx.eval_shape(lambda: models.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
+  model = nnx.eval_shape(lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
                                                      num_levels=1, width=width))
   return int(model.delta_macs().sum())
 
 
 def layer_channels(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float) -> dict[str, int]:
   """Channels of every hidden layer of ``model_name`` at ``width``."""
-  model = nnx.eval_shape(lambda: models.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
+  model = nnx.eval_shape(lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
                                                      num_levels=1, width=width))
   return {name: int(sum(sizes)) for name, sizes in model.assignment}
 
