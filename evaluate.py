@@ -9,6 +9,7 @@ evaluated quantized (``stepnet_jax.quant``: per-neuron weight bits, ``--act_bits
 hidden activations with clips calibrated on training images); a run that recorded its
 precision is shown with it.
 """
+
 from absl import app, flags, logging
 from flax import nnx
 
@@ -27,19 +28,35 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Batch size for accuracy.')
 _LAT_BATCH = flags.DEFINE_integer('latency_batch', 1, 'Batch size for the per-step latency.')
 _REPEATS = flags.DEFINE_integer('latency_repeats', 50, 'Timed calls per step (median reported).')
 _TEST_SUBSET = flags.DEFINE_integer('test_subset', 0, 'Evaluate on this many test images (0 = all).')
-_POLICY = flags.DEFINE_enum('policy', None, ['confidence', 'margin', 'entropy', 'macs'],
-                            'Also sweep this stopping policy through the compiled anytime program.')
-_KNOBS = flags.DEFINE_list('knobs', None, 'The policy\'s thresholds (per-input MAC budgets for macs); '
-                           'default: policies.default_knobs.')
-_BITS = flags.DEFINE_string('bits', None, 'Evaluate quantized: weight bits of every neuron (an integer), or a '
-                            'JSON file {layer: [bits per neuron]} (of a quant.Precision JSON only its weight_bits '
-                            'are read: activations follow --act_bits, with fresh clips).')
-_ACT_BITS = flags.DEFINE_integer('act_bits', 8, f'With --bits: bits of the hidden activations ({quantized.FLOAT_BITS} = float).')
-_CALIBRATION = flags.DEFINE_integer('calibration_images', 1000, 'With --bits: training images that calibrate '
-                                    'the activation clips.')
+_POLICY = flags.DEFINE_enum(
+  'policy',
+  None,
+  ['confidence', 'margin', 'entropy', 'macs'],
+  'Also sweep this stopping policy through the compiled anytime program.',
+)
+_KNOBS = flags.DEFINE_list(
+  'knobs', None, "The policy's thresholds (per-input MAC budgets for macs); default: policies.default_knobs."
+)
+_BITS = flags.DEFINE_string(
+  'bits',
+  None,
+  'Evaluate quantized: weight bits of every neuron (an integer), or a '
+  'JSON file {layer: [bits per neuron]} (of a quant.Precision JSON only its weight_bits '
+  'are read: activations follow --act_bits, with fresh clips).',
+)
+_ACT_BITS = flags.DEFINE_integer(
+  'act_bits', 8, f'With --bits: bits of the hidden activations ({quantized.FLOAT_BITS} = float).'
+)
+_CALIBRATION = flags.DEFINE_integer(
+  'calibration_images', 1000, 'With --bits: training images that calibrate the activation clips.'
+)
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint (default: the newest).')
-_BEST = flags.DEFINE_bool('best', False, 'Evaluate the checkpoint with the best top-exit validation accuracy '
-                          '(runs trained with data.validation_examples > 0).')
+_BEST = flags.DEFINE_bool(
+  'best',
+  False,
+  'Evaluate the checkpoint with the best top-exit validation accuracy '
+  '(runs trained with data.validation_examples > 0).',
+)
 flags.mark_flag_as_required('workdir')
 
 
@@ -51,8 +68,10 @@ def _checkpoint_step() -> int | None:
   if _BEST.value:
     best = restore.best_step(_WORKDIR.value)
     if best is None:
-      raise app.UsageError(f'no checkpoint in {_WORKDIR.value} recorded a validation accuracy (train with '
-                           '--config.data.validation_examples=N to rank checkpoints)')
+      raise app.UsageError(
+        f'no checkpoint in {_WORKDIR.value} recorded a validation accuracy (train with '
+        '--config.data.validation_examples=N to rank checkpoints)'
+      )
     return best
   if _STEP.value is not None and _STEP.value not in steps:
     raise app.UsageError(f'no checkpoint {_STEP.value} in {_WORKDIR.value}; it holds steps {sorted(steps)}')
@@ -82,14 +101,25 @@ def main(argv):
       raise app.UsageError('this run is already quantized (its checkpoint records a precision); drop --bits')
     model = nnx.merge(net.graphdef, net.variables)
     bits = quantized.load_bits(_BITS.value, model)
-    clips = (quantized.calibrate_clips(model, ds.train_images[:_CALIBRATION.value])
-             if _ACT_BITS.value < quantized.FLOAT_BITS else None)
+    clips = (
+      quantized.calibrate_clips(model, ds.train_images[: _CALIBRATION.value])
+      if _ACT_BITS.value < quantized.FLOAT_BITS
+      else None
+    )
     precision = quantized.Precision(bits, _ACT_BITS.value, clips).to_json()
     net = stepnet_jax.Stepper(quantized.apply(model, quantized.Precision.from_json(precision)), net.meta)
-  rows = evaluation.evaluate_levels(net, ds.test_images, ds.test_labels, batch_size=_BATCH.value,
-                                    latency_batch=_LAT_BATCH.value, latency_repeats=_REPEATS.value)
-  print(f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
-        f'{len(ds.test_labels)} test images, {net.num_levels} levels')
+  rows = evaluation.evaluate_levels(
+    net,
+    ds.test_images,
+    ds.test_labels,
+    batch_size=_BATCH.value,
+    latency_batch=_LAT_BATCH.value,
+    latency_repeats=_REPEATS.value,
+  )
+  print(
+    f'{_WORKDIR.value}: {net.meta["model_meta"]["model"]} on {ds.name}, '
+    f'{len(ds.test_labels)} test images, {net.num_levels} levels'
+  )
   print(evaluation.format_table(rows, _LAT_BATCH.value))
   if precision:
     model, p = nnx.merge(net.graphdef, net.variables), quantized.Precision.from_json(precision)
@@ -104,17 +134,28 @@ def main(argv):
     name, reach = _POLICY.value, net.macs_to_reach
     knobs = [float(k) for k in _KNOBS.value] if _KNOBS.value else policies.default_knobs(name, reach)
     predict = anytime.make_predict(net.program, anytime.default_strategy())
-    points = sweeps.sweep(predict, net.variables, net.num_levels, lambda k: policies.heuristic(name, k, reach), knobs,
-                           ds.test_images, ds.test_labels)
+    points = sweeps.sweep(
+      predict,
+      net.variables,
+      net.num_levels,
+      lambda k: policies.heuristic(name, k, reach),
+      knobs,
+      ds.test_images,
+      ds.test_labels,
+    )
     print(f'\npolicy {name} ({anytime.default_strategy()} program), test set:')
     print(sweeps.format_sweep(points, reach[-1]))
   if _JSON.value:
-    reports.write_json(_JSON.value, rows, {'workdir': _WORKDIR.value, 'dataset': ds.name,
-                                              'latency_batch': _LAT_BATCH.value, 'precision': precision})
+    reports.write_json(
+      _JSON.value,
+      rows,
+      {'workdir': _WORKDIR.value, 'dataset': ds.name, 'latency_batch': _LAT_BATCH.value, 'precision': precision},
+    )
     print(f'wrote {_JSON.value}')
   if _PLOT.value:
-    reports.plot_accuracy_vs_macs(_PLOT.value, {net.meta['model_meta']['model']: rows},
-                                     title=f'{net.meta["model_meta"]["model"]} on {ds.name}')
+    reports.plot_accuracy_vs_macs(
+      _PLOT.value, {net.meta['model_meta']['model']: rows}, title=f'{net.meta["model_meta"]["model"]} on {ds.name}'
+    )
     print(f'wrote {_PLOT.value}')
 
 

@@ -6,6 +6,7 @@ given assignment (a workdir that already holds checkpoints resumes from the late
 one), SteppingNet construction under MAC budgets, or the non-uniform baseline (these
 two start over unless the workdir holds their finished run).
 """
+
 import sys
 
 from absl import app, flags, logging
@@ -20,8 +21,11 @@ from stepnet_jax.training import loop, run
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 _RESTORE_PREVIOUS = flags.DEFINE_bool(
-    'restore_previous', False, 'If the newest checkpoint cannot be read, resume from the newest one that can '
-    '(the unreadable ones are moved to WORKDIR/unreadable_checkpoints, never deleted).')
+  'restore_previous',
+  False,
+  'If the newest checkpoint cannot be read, resume from the newest one that can '
+  '(the unreadable ones are moved to WORKDIR/unreadable_checkpoints, never deleted).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -8,6 +8,7 @@ the same budgets), trained without a validation split of 5,000 training images o
 the thresholds' operating points are chosen and the selection module is trained (one
 module per MAC price lambda). Results: see the README's anytime section.
 """
+
 import os
 
 import ml_collections
@@ -19,13 +20,17 @@ def get_config():
   c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compare_fashion_mnist.py'))
   c.common.data.validation_examples = 5000
   c.families = ('steppingnet', 'awn', 'cascade')
-  c.heuristics = ml_collections.ConfigDict({'steppingnet': ('confidence', 'entropy'), 'awn': ('confidence',),
-                                            'cascade': ('confidence',)})
-  c.knobs = ml_collections.ConfigDict({
+  c.heuristics = ml_collections.ConfigDict(
+    {'steppingnet': ('confidence', 'entropy'), 'awn': ('confidence',), 'cascade': ('confidence',)}
+  )
+  c.knobs = ml_collections.ConfigDict(
+    {
       'confidence': (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999),
-      'entropy': (2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.07, 0.04, 0.02, 0.01)})
+      'entropy': (2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.07, 0.04, 0.02, 0.01),
+    }
+  )
   c.lambdas = (0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8)
-  c.tolerance = 0.003          # "within 0.3 point of the top exit", judged on the validation split
+  c.tolerance = 0.003  # "within 0.3 point of the top exit", judged on the validation split
   c.quick.common.data = ml_collections.ConfigDict(dict(train_subset=640, test_subset=300, validation_examples=128))
   c.quick.common.selection = ml_collections.ConfigDict(dict(epochs=3, batch_size=64))
   c.quick.knobs = ml_collections.ConfigDict(dict(confidence=(0.3, 0.6, 0.9), entropy=(1.5, 0.5)))

@@ -10,6 +10,7 @@ its sqrt(2)-widened triangular network plus 0.15 and 0.42. Every method trains f
 method keep the full run within 90 minutes on 2 CPU cores (measured: 70.6 min). Expected
 and measured results: see the README's comparison section.
 """
+
 import math
 
 import ml_collections
@@ -33,29 +34,52 @@ def get_config():
   # () trains each method once (common.seed); --config.seeds=0,1,2 once per seed, in
   # WORKDIR/seedS, with mean and standard deviation per level in WORKDIR/compare.json.
   c.seeds = ()
-  c.awn = ml_collections.ConfigDict(dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common',
-                                         sandwich_widths=2))
+  c.awn = ml_collections.ConfigDict(
+    dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common', sandwich_widths=2)
+  )
   # A method's section overrides `common` for that method (nested like `common`).
   # SteppingNet's own structural choices (picked on a validation split: README, "How the
   # SteppingNet settings were chosen"): one classifier per exit, the equal layer shares
   # of each level topped up with whatever neurons still fit its budget, and a supernet
   # three times as wide as the base to choose the neurons from.
   # loss.exit_weights: one weight per budget (() = 1 for every exit).
-  c.steppingnet = ml_collections.ConfigDict(dict(
-      model=dict(exit_heads='private'), loss=dict(exit_weights=()),
-      construction=dict(widen=3.0, importance='taylor', importance_examples=512, class_threshold=0.5,
-                        allocation='uniform_fill', rank_per_mac=False, rounds=4, pretrain_epochs=0.25,
-                        round_epochs=0.0625, finetune_distill_weight=0.0)))
-  c.nonuniform = ml_collections.ConfigDict(dict(construction=dict(pretrain_epochs=1.0),
-                                                baseline=dict(nonuniform_cycles=2, recalibrate_batches=50)))
+  c.steppingnet = ml_collections.ConfigDict(
+    dict(
+      model=dict(exit_heads='private'),
+      loss=dict(exit_weights=()),
+      construction=dict(
+        widen=3.0,
+        importance='taylor',
+        importance_examples=512,
+        class_threshold=0.5,
+        allocation='uniform_fill',
+        rank_per_mac=False,
+        rounds=4,
+        pretrain_epochs=0.25,
+        round_epochs=0.0625,
+        finetune_distill_weight=0.0,
+      ),
+    )
+  )
+  c.nonuniform = ml_collections.ConfigDict(
+    dict(construction=dict(pretrain_epochs=1.0), baseline=dict(nonuniform_cycles=2, recalibrate_batches=50))
+  )
   # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
   # Its fields override the ones above (sections merge field by field).
-  c.quick = ml_collections.ConfigDict(dict(
-      common=dict(model=dict(width=0.25), data=dict(train_subset=512, test_subset=300),
-                  train=dict(num_epochs=2, batch_size=64, eval_batch_size=300, progress=False)),
+  c.quick = ml_collections.ConfigDict(
+    dict(
+      common=dict(
+        model=dict(width=0.25),
+        data=dict(train_subset=512, test_subset=300),
+        train=dict(num_epochs=2, batch_size=64, eval_batch_size=300, progress=False),
+      ),
       extra_budgets=(),
-      steppingnet=dict(construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5,
-                                         importance_examples=128)),
-      nonuniform=dict(construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1,
-                                                                              recalibrate_batches=5))))
+      steppingnet=dict(
+        construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)
+      ),
+      nonuniform=dict(
+        construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1, recalibrate_batches=5)
+      ),
+    )
+  )
   return c

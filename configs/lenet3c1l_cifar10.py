@@ -7,6 +7,7 @@
 Expected: roughly 65-70% top-exit test accuracy (Any-Width Networks report about 70%
 for the dense LeNet). Not measured on the development machine, which has no internet.
 """
+
 from stepnet_jax.config import base_config
 
 

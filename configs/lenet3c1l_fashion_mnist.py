@@ -8,6 +8,7 @@ minutes on 2 CPU cores. Measured (bash scripts/main.sh, 2 CPU cores, AMD EPYC, 2
 85.82 / 88.92 / 89.64 / 90.16% for levels 0-3 at 0.48 / 1.40 / 2.75 / 4.54 M MACs, 145 s
 of training (an Intel Xeon gave 85.83 / 88.74 / 89.72 / 90.10% in 296 s).
 """
+
 from stepnet_jax.config import base_config
 
 

@@ -8,6 +8,7 @@ Expected: about 90% top-exit test accuracy on a GPU in 160 epochs (dense ResNet-
 91.3%, He et al.); lower exits trade accuracy for MACs. Not measured on the
 development machine (no internet, CPU only).
 """
+
 from stepnet_jax.config import base_config
 
 
@@ -16,7 +17,7 @@ def get_config():
   c.data.name = 'cifar10'
   c.data.augment = True
   c.model.name = 'resnet20'
-  c.model.width = 1.5        # widen to win back connections the mask rule removes
+  c.model.width = 1.5  # widen to win back connections the mask rule removes
   c.model.num_levels = 4
   c.optim.name = 'sgd'
   c.optim.learning_rate = 0.1

@@ -9,6 +9,7 @@ points on its sqrt(2)-widened LeNet-3C1L plus 0.15 and 0.42, as fractions of the
 `python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py`; its measured
 accuracies are in the README's comparison section.
 """
+
 from stepnet_jax.config import base_config
 
 

@@ -9,6 +9,7 @@ README's "Where the top's 0.45 point goes"): the comparison's common recipe, 20 
 The optional argument is ``model.batch_norm`` (default 'shared': the reusable network;
 'per_subnet' gives every subnet its own BatchNorm and recomputes each one).
 """
+
 from stepnet_jax.config import base_config
 
 # Neurons per level of conv1 / conv2 / conv3 after construction in

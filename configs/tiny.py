@@ -5,6 +5,7 @@
 Runs in well under a minute on 2 CPU cores; only checks that the pipeline learns
 (every exit well above the 10% chance level).
 """
+
 from stepnet_jax.config import base_config
 
 

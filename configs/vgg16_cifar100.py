@@ -8,6 +8,7 @@ Expected: about 70% top-exit test accuracy on a GPU in ~200 epochs (a dense CIFA
 VGG-16 reaches ~72%); the mask rule costs some accuracy at equal width. Not measured
 on the development machine (no internet, CPU only).
 """
+
 from stepnet_jax.config import base_config
 
 

@@ -12,6 +12,7 @@ generic ``anytime`` path), the row-restricted step (``SteppingModel.step(..., ro
 the default for stepping networks), and a plain step of a batch that size (no gather).
 Test images of Fashion-MNIST (Debian's dataset-fashion-mnist).
 """
+
 import dataclasses
 import sys
 
@@ -28,17 +29,23 @@ from stepnet_jax.inference.timing import median_seconds, step_latencies
 
 def main(workdir: str, batch: int = 256) -> None:
   x = jnp.asarray(datasets.load_dataset('idx:' + datasets.FASHION_MNIST_DIR).test_images[:batch])
-  for label, rule in (('library convolution everywhere', {}),
-                      ('tap products for narrow blocks (default)', dict(layers.TAPS_MAX_CHANNELS))):
+  for label, rule in (
+    ('library convolution everywhere', {}),
+    ('tap products for narrow blocks (default)', dict(layers.TAPS_MAX_CHANNELS)),
+  ):
     with layers.conv_rule(rule):
-      net = stepnet_jax.load(workdir)                     # fresh jitted functions, traced under this rule
+      net = stepnet_jax.load(workdir)  # fresh jitted functions, traced under this rule
       model = nnx.merge(net.graphdef, net.variables)
       top = net.num_levels - 1
       masked = median_seconds(lambda x: net.functions.forward(net.variables, x, top), x)
       blocked = median_seconds(lambda x: net.functions.forward_blocked(net.variables, x, top), x)
       steps = step_latencies(net, np.asarray(x))
-      print(f'{label}: direct top forward masked {1e3 * masked:.1f} ms, level blocks {1e3 * blocked:.1f} ms; steps '
-            + ', '.join(f'{1e3 * s:.1f}' for s in steps) + f' ms (sum {1e3 * sum(steps):.1f})', flush=True)
+      print(
+        f'{label}: direct top forward masked {1e3 * masked:.1f} ms, level blocks {1e3 * blocked:.1f} ms; steps '
+        + ', '.join(f'{1e3 * s:.1f}' for s in steps)
+        + f' ms (sum {1e3 * sum(steps):.1f})',
+        flush=True,
+      )
       feats, macs = model.normalize(x), model.delta_macs()
       for i, unit in enumerate(model.units):
         inputs, feats = feats, unit(feats, top)
@@ -47,9 +54,12 @@ def main(workdir: str, batch: int = 256) -> None:
         t0 = median_seconds(jax.jit(lambda f, u=unit: u.block(f, 0)), inputs)
         tt = median_seconds(jax.jit(lambda f, u=unit: u(f, top)), inputs)
         m0, mt = macs[i, 0] * batch, macs[i].sum() * batch
-        print(f'  {model.unit_names[i]:>6}: level-0 block {1e3 * t0:6.2f} ms ({m0 / 1e6:7.1f} MMAC, '
-              f'{2 * m0 / t0 / 1e9:5.1f} GFLOP/s); whole layer {1e3 * tt:6.2f} ms ({mt / 1e6:7.1f} MMAC, '
-              f'{2 * mt / tt / 1e9:5.1f} GFLOP/s)', flush=True)
+        print(
+          f'  {model.unit_names[i]:>6}: level-0 block {1e3 * t0:6.2f} ms ({m0 / 1e6:7.1f} MMAC, '
+          f'{2 * m0 / t0 / 1e9:5.1f} GFLOP/s); whole layer {1e3 * tt:6.2f} ms ({mt / 1e6:7.1f} MMAC, '
+          f'{2 * mt / tt / 1e9:5.1f} GFLOP/s)',
+          flush=True,
+        )
   program = net.program
   generic = dataclasses.replace(program, step_rows=None)
   carry = jax.jit(program.start)(net.variables, x)

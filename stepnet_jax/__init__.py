@@ -4,6 +4,7 @@ One network holds K nested subnets ("levels"); a connection i -> o exists only i
 level(i) <= level(o), so every neuron has one value in all subnets, all exits come
 from one pass, and stepping to level k computes only the level-k neurons.
 """
+
 from stepnet_jax.core.model import StepCache, SteppingModel
 from stepnet_jax.inference.stepper import Stepper, load
 from stepnet_jax.models.zoo import build_model

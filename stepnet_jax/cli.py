@@ -6,6 +6,7 @@ flags parser that names the new spelling of an override written for an older con
 layout (or the closest fields to a misspelt key), and ends a training stopped by SIGTERM
 or Ctrl-C with its one-line message and the shell's status (143 / 130).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -28,7 +29,7 @@ def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
   for the comparison), so other sections' fields get no hint."""
   if not arg.startswith('--config.'):
     return None
-  key, sep, value = arg[len('--config.'):].partition('=')
+  key, sep, value = arg[len('--config.') :].partition('=')
   *parents, leaf = key.split('.')
   new = flat_paths().get(leaf)
   if new is None or '.' not in new or '.'.join(parents) not in run_roots:
@@ -41,21 +42,25 @@ def unknown_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
   KEY is no field, a hint naming the closest fields; None otherwise."""
   if not arg.startswith('--config.'):
     return None
-  key = arg[len('--config.'):].partition('=')[0]
+  key = arg[len('--config.') :].partition('=')[0]
   for root in sorted(run_roots, key=len, reverse=True):
     prefix = f'{root}.' if root else ''
     if key.startswith(prefix):
-      field = key[len(prefix):]
+      field = key[len(prefix) :]
       break
   else:
     return None
   known = flatten(Config().to_dict())
   if field in known or field in SECTIONS or any(k.startswith(field + '.') for k in known):
     return None
-  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or \
-      [k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]]
-  return (f'{key} is not a config key' + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')
-          + '; every field and its default: stepnet_jax/config.py')
+  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or [
+    k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]
+  ]
+  return (
+    f'{key} is not a config key'
+    + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')
+    + '; every field and its default: stepnet_jax/config.py'
+  )
 
 
 def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) -> list[str]:
@@ -78,13 +83,18 @@ def define_study_flags(what: str) -> None:
   """The flags every study command takes: --config FILE, --workdir DIR, --quick (defined only
   when run as the command: importing a module defines none)."""
   config_flags.DEFINE_config_file('config', None, f'{what} configuration file.', lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Directory for the trained networks and the study\'s files.')
-  flags.DEFINE_bool('quick', False, 'Tiny settings (the config\'s `quick` overrides) for a smoke run.')
+  flags.DEFINE_string('workdir', None, "Directory for the trained networks and the study's files.")
+  flags.DEFINE_bool('quick', False, "Tiny settings (the config's `quick` overrides) for a smoke run.")
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def run_study(what: str, study: Callable[[flags.FlagValues], object], *,
-              extra_flags: Callable[[], None] | None = None, run_roots: Sequence[str] = ('common',)) -> None:
+def run_study(
+  what: str,
+  study: Callable[[flags.FlagValues], object],
+  *,
+  extra_flags: Callable[[], None] | None = None,
+  run_roots: Sequence[str] = ('common',),
+) -> None:
   """The one entry point of every study command: defines the study flags (``define_study_flags``)
   and ``extra_flags``, parses them with the parser that names renamed or misspelt overrides
   (``run_roots``: the config sections that hold a run's config), and calls ``study(FLAGS)``
@@ -98,10 +108,28 @@ def run_study(what: str, study: Callable[[flags.FlagValues], object], *,
   def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    try:
-      study(flags.FLAGS)
-    except loop.Preempted as stopped:
-      print(f'stopped: {stopped}', file=sys.stderr, flush=True)
-      raise SystemExit(stopped.exit_status) from None
+    study(flags.FLAGS)
 
-  app.run(main, flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))
+  show_in_help(__name__, study.__module__, getattr(extra_flags, '__module__', __name__))
+  app.run(
+    functools.partial(_stop_quietly, main), flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots)
+  )
+
+
+def show_in_help(*module_names: str) -> None:
+  """Lists the flags those modules define under ``--helpshort`` of the running command, whose
+  main module is a thin alias (``python -m stepnet_jax.compare``) that defines none itself."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  for name in dict.fromkeys(module_names):
+    for flag in by_module.get(name, []):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def _stop_quietly(main: Callable[[list[str]], object], argv: list[str]) -> object:
+  """``main(argv)``; a training stopped by SIGTERM or Ctrl-C (``loop.Preempted``) ends the
+  process with its one-line message and the shell's status instead of a traceback."""
+  try:
+    return main(argv)
+  except loop.Preempted as stopped:
+    print(f'stopped: {stopped}', file=sys.stderr, flush=True)
+    raise SystemExit(stopped.exit_status) from None

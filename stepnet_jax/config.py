@@ -15,6 +15,7 @@ compiled or written. Configs saved by versions before the sections existed were 
 (``num_epochs`` for ``train.num_epochs``); ``from_saved`` reads both, so their workdirs
 load, resume and are reused as before.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,30 +32,31 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the images come from (``datasets.py``)."""
-  name: str = FASHION_MNIST         # idx:DIR, digits, or a TFDS name
-  data_dir: str = ''               # TFDS data_dir ('' = TFDS default)
-  train_subset: int = 0            # use only this many training images (0 = all)
-  test_subset: int = 0             # use only this many test images (0 = all)
-  validation_examples: int = 0     # hold out this many training images (never trained on): data.split_validation
-  augment: bool = False            # random crop (pad 4) + horizontal flip, on device
+
+  name: str = FASHION_MNIST  # idx:DIR, digits, or a TFDS name
+  data_dir: str = ''  # TFDS data_dir ('' = TFDS default)
+  train_subset: int = 0  # use only this many training images (0 = all)
+  test_subset: int = 0  # use only this many test images (0 = all)
+  validation_examples: int = 0  # hold out this many training images (never trained on): data.split_validation
+  augment: bool = False  # random crop (pad 4) + horizontal flip, on device
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and level assignment (``zoo.py``)."""
-  name: str = 'lenet3c1l'          # a name in models.MODELS
-  width: float = 1.0               # channel multiplier
+
+  name: str = 'lenet3c1l'  # a name in models.MODELS
+  width: float = 1.0  # channel multiplier
   num_levels: int = 4
-  level_widths: tuple[float, ...] = ()   # cumulative channel fractions per level; () = (k+1)/K
-  triangular: bool = False         # Any-Width-Networks per-channel triangles inside level blocks
-  mask_rule: bool = True           # False: slimmable prefix subnets, private BN each, not reusable
-  batch_norm: str = 'auto'         # auto (per subnet exactly without the mask rule) | shared | per_subnet
-  exit_heads: str = 'shared'       # shared: one additive classifier; private: one per exit (layers.Head)
-  assignment: str = ''             # JSON text or file: {layer: [sizes per level]}
+  level_widths: tuple[float, ...] = ()  # cumulative channel fractions per level; () = (k+1)/K
+  triangular: bool = False  # Any-Width-Networks per-channel triangles inside level blocks
+  mask_rule: bool = True  # False: slimmable prefix subnets, private BN each, not reusable
+  batch_norm: str = 'auto'  # auto (per subnet exactly without the mask rule) | shared | per_subnet
+  exit_heads: str = 'shared'  # shared: one additive classifier; private: one per exit (layers.Head)
+  assignment: str = ''  # JSON text or file: {layer: [sizes per level]}
 
   def switchable_bn(self) -> bool | None:
     """Whether every subnet has its own BatchNorm; None for ``auto`` (``zoo.build_model``
@@ -75,86 +77,93 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """The training objective (``losses.py``)."""
-  objective: str = 'multi_exit'    # a name in losses.OBJECTIVES: multi_exit | sandwich
-  exit_weights: tuple[float, ...] = ()   # () = all ones
-  distill_weight: float = 0.0      # KL from the top exit to every lower exit
+
+  objective: str = 'multi_exit'  # a name in losses.OBJECTIVES: multi_exit | sandwich
+  exit_weights: tuple[float, ...] = ()  # () = all ones
+  distill_weight: float = 0.0  # KL from the top exit to every lower exit
   distill_temperature: float = 4.0
-  distill_mode: str = 'add'        # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
-  sandwich_widths: int = 0         # 'sandwich' (AWN): smallest + largest + this many random widths
-  label_smoothing: float = 0.0     # every exit's cross-entropy against (1 - e) one_hot + e / classes
+  distill_mode: str = 'add'  # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
+  sandwich_widths: int = 0  # 'sandwich' (AWN): smallest + largest + this many random widths
+  label_smoothing: float = 0.0  # every exit's cross-entropy against (1 - e) one_hot + e / classes
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimizer and learning-rate schedule (``training/optim.py``)."""
-  name: str = 'adam'               # a name in optim.OPTIMIZERS: adam | adamw | sgd
+
+  name: str = 'adam'  # a name in optim.OPTIMIZERS: adam | adamw | sgd
   learning_rate: float = 1e-3
-  momentum: float = 0.9            # sgd only
+  momentum: float = 0.9  # sgd only
   weight_decay: float = 0.0
-  schedule: str = 'cosine'         # a name in optim.SCHEDULES: cosine | step | constant
-  step_decay_at: tuple[float, ...] = (0.5, 0.75)   # fractions of training where 'step' multiplies lr by 0.1
+  schedule: str = 'cosine'  # a name in optim.SCHEDULES: cosine | step | constant
+  step_decay_at: tuple[float, ...] = (0.5, 0.75)  # fractions of training where 'step' multiplies lr by 0.1
   warmup_epochs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Length of training, batches, logging and checkpoints (``training/``)."""
+
   num_epochs: int = 5
   batch_size: int = 128
   eval_batch_size: int = 1000
   log_every_steps: int = 50
   keep_checkpoints: int = 2
   checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0: at epoch ends only)
-  divergence_steps: int = 200      # stop when the smoothed loss stays this many steps above (0: never) ...
-  divergence_factor: float = 3.0   # ... this x min(its best, chance level): loop.DivergenceGuard
-  progress: bool = True            # tqdm progress bar
+  divergence_steps: int = 200  # stop when the smoothed loss stays this many steps above (0: never) ...
+  divergence_factor: float = 3.0  # ... this x min(its best, chance level): loop.DivergenceGuard
+  progress: bool = True  # tqdm progress bar
 
 
 @dataclasses.dataclass(frozen=True)
 class ConstructionConfig:
   """Levels made under MAC budgets: SteppingNet construction (``construct.py``); the
   non-uniform baseline uses ``budgets``, ``widen`` and ``pretrain_epochs`` too."""
+
   budgets: tuple[float, ...] = ()  # cumulative MAC budgets, fractions of the dense base network at model.width
-  widen: float = 2.0               # widening factor of the base network before construction
-  importance: str = 'taylor'       # taylor | class
-  importance_examples: int = 512   # training examples (per class for 'class') per importance evaluation
-  class_threshold: float = 0.5     # class-based: score > this x the layer's mean counts a class
-  allocation: str = 'global'       # global: lowest importance anywhere goes first; uniform: layers shrink alike;
-                                   # uniform_fill: uniform, then the slack filled by any layer's neurons
-  rank_per_mac: bool = False       # move the lowest importance per MAC saved first (else lowest importance)
-  rounds: int = 4                  # importance -> move neurons -> retrain rounds
-  pretrain_epochs: float = 1.0     # epochs of the full network before the levels are made
-  round_epochs: float = 0.25       # retraining after each round; the rest of train.num_epochs fine-tunes
-  finetune_distill_weight: float = 0.0   # distillation while fine-tuning (0 = loss.distill_weight)
+  widen: float = 2.0  # widening factor of the base network before construction
+  importance: str = 'taylor'  # taylor | class
+  importance_examples: int = 512  # training examples (per class for 'class') per importance evaluation
+  class_threshold: float = 0.5  # class-based: score > this x the layer's mean counts a class
+  allocation: str = 'global'  # global: lowest importance anywhere goes first; uniform: layers shrink alike;
+  # uniform_fill: uniform, then the slack filled by any layer's neurons
+  rank_per_mac: bool = False  # move the lowest importance per MAC saved first (else lowest importance)
+  rounds: int = 4  # importance -> move neurons -> retrain rounds
+  pretrain_epochs: float = 1.0  # epochs of the full network before the levels are made
+  round_epochs: float = 0.25  # retraining after each round; the rest of train.num_epochs fine-tunes
+  finetune_distill_weight: float = 0.0  # distillation while fine-tuning (0 = loss.distill_weight)
 
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
   """Settings of the peer methods that are not a level assignment (``nonuniform.py``)."""
-  nonuniform_cycles: int = 2       # round-robin passes over the subnets after the channel ranking
-  recalibrate_batches: int = 50    # train-mode batches that re-estimate each subnet's BN statistics
+
+  nonuniform_cycles: int = 2  # round-robin passes over the subnets after the channel ranking
+  recalibrate_batches: int = 50  # train-mode batches that re-estimate each subnet's BN statistics
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
   """Guan et al.'s selection module, trained by REINFORCE on the validation split (``selection.py``)."""
-  cost_weight: float = 0.5         # lambda: reward = correct - lambda * MACs spent / top-level MACs
-  hidden: int = 32                 # hidden units of the selection MLP
-  history: bool = True             # also read the previous exit's probabilities
-  epochs: int = 60                 # passes over the half of the validation split it is fitted on
+
+  cost_weight: float = 0.5  # lambda: reward = correct - lambda * MACs spent / top-level MACs
+  hidden: int = 32  # hidden units of the selection MLP
+  history: bool = True  # also read the previous exit's probabilities
+  epochs: int = 60  # passes over the half of the validation split it is fitted on
   batch_size: int = 256
-  learning_rate: float = 1e-2      # Adam
-  entropy_weight: float = 0.01     # bonus on the stop decisions' entropy
-  samples: int = 8                 # episodes per input and step; > 1: leave-one-out baseline
-  baseline: str = 'running'        # with 1 sample: running per-level mean of the reward, or none
-  joint: bool = False              # also fine-tune the exits (Guan et al.); default: the network is frozen
-  ce_weight: float = 1.0           # joint: weight of the cross-entropy of the exit each episode stopped at
+  learning_rate: float = 1e-2  # Adam
+  entropy_weight: float = 0.01  # bonus on the stop decisions' entropy
+  samples: int = 8  # episodes per input and step; > 1: leave-one-out baseline
+  baseline: str = 'running'  # with 1 sample: running per-level mean of the reward, or none
+  joint: bool = False  # also fine-tune the exits (Guan et al.); default: the network is frozen
+  ce_weight: float = 1.0  # joint: weight of the cross-entropy of the exit each episode stopped at
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A validated, hashable run configuration."""
-  method: str = 'joint'            # how the levels are made: a name in methods.trainers.TRAINERS
+
+  method: str = 'joint'  # how the levels are made: a name in methods.trainers.TRAINERS
   seed: int = 0
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -179,8 +188,9 @@ class Config:
     return from_dict(merge(self.to_dict(), nest(changes)))
 
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
-            if f.default_factory is not dataclasses.MISSING}
+SECTIONS = {
+  f.name: f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING
+}
 # construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
 ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
 BATCH_NORMS = ('auto', 'shared', 'per_subnet')
@@ -188,8 +198,15 @@ SELECTION_BASELINES = ('running', 'none')  # methods.selection
 TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
-REPORTING_KEYS = ('train.progress', 'train.log_every_steps', 'train.keep_checkpoints', 'train.eval_batch_size',
-                  'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor')
+REPORTING_KEYS = (
+  'train.progress',
+  'train.log_every_steps',
+  'train.keep_checkpoints',
+  'train.eval_batch_size',
+  'train.checkpoint_every_steps',
+  'train.divergence_steps',
+  'train.divergence_factor',
+)
 NOT_TRAINING_SECTIONS = ('selection',)
 
 
@@ -244,11 +261,13 @@ def _as_tuple(v) -> tuple:
 def _typed(key: str, value: Any, kind: type) -> Any:
   """``value`` as the field's type (int, float, bool, str or tuple); TypeError naming the key
   when it is not one (a bool is not a number here, and 2.5 is not an int)."""
-  ok = {bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        tuple: lambda v: isinstance(v, tuple)}[kind]
+  ok = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    tuple: lambda v: isinstance(v, tuple),
+  }[kind]
   if not ok(value):
     raise TypeError(f'config key {key} must be {kind.__name__}, got {type(value).__name__} {value!r}')
   return float(value) if kind is float else int(value) if kind is int else value
@@ -287,9 +306,11 @@ def _check(c: Config) -> None:
     raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
   if m.level_widths and len(m.level_widths) != m.num_levels:
     raise ValueError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
-  for key, value, choices in (('model.batch_norm', m.batch_norm, BATCH_NORMS),
-                              ('construction.allocation', c.construction.allocation, ALLOCATIONS),
-                              ('selection.baseline', c.selection.baseline, SELECTION_BASELINES)):
+  for key, value, choices in (
+    ('model.batch_norm', m.batch_norm, BATCH_NORMS),
+    ('construction.allocation', c.construction.allocation, ALLOCATIONS),
+    ('selection.baseline', c.selection.baseline, SELECTION_BASELINES),
+  ):
     if value not in choices:
       raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
   _check_ranges(c)
@@ -298,20 +319,48 @@ def _check(c: Config) -> None:
 def _check_ranges(c: Config) -> None:
   """Numeric settings outside their meaningful range are errors, not silent no-ops."""
   values = flatten(c.to_dict())
-  minimum = {'train.batch_size': 1, 'train.num_epochs': 1, 'train.eval_batch_size': 1, 'train.log_every_steps': 1,
-             'train.keep_checkpoints': 1, 'train.checkpoint_every_steps': 0, 'train.divergence_steps': 0,
-             'data.train_subset': 0, 'data.test_subset': 0, 'optim.momentum': 0, 'optim.weight_decay': 0,
-             'loss.distill_weight': 0, 'construction.rounds': 1,
-             'construction.pretrain_epochs': 0, 'construction.round_epochs': 0, 'construction.importance_examples': 1,
-             'construction.class_threshold': 0, 'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 0,
-             'loss.sandwich_widths': 0, 'optim.warmup_epochs': 0, 'data.validation_examples': 0,
-             'selection.hidden': 1, 'selection.epochs': 1, 'selection.samples': 1, 'selection.batch_size': 1, 'selection.cost_weight': 0,
-             'selection.entropy_weight': 0, 'selection.ce_weight': 0}
+  minimum = {
+    'train.batch_size': 1,
+    'train.num_epochs': 1,
+    'train.eval_batch_size': 1,
+    'train.log_every_steps': 1,
+    'train.keep_checkpoints': 1,
+    'train.checkpoint_every_steps': 0,
+    'train.divergence_steps': 0,
+    'data.train_subset': 0,
+    'data.test_subset': 0,
+    'optim.momentum': 0,
+    'optim.weight_decay': 0,
+    'loss.distill_weight': 0,
+    'construction.rounds': 1,
+    'construction.pretrain_epochs': 0,
+    'construction.round_epochs': 0,
+    'construction.importance_examples': 1,
+    'construction.class_threshold': 0,
+    'baseline.nonuniform_cycles': 1,
+    'baseline.recalibrate_batches': 0,
+    'loss.sandwich_widths': 0,
+    'optim.warmup_epochs': 0,
+    'data.validation_examples': 0,
+    'selection.hidden': 1,
+    'selection.epochs': 1,
+    'selection.samples': 1,
+    'selection.batch_size': 1,
+    'selection.cost_weight': 0,
+    'selection.entropy_weight': 0,
+    'selection.ce_weight': 0,
+  }
   for key, low in minimum.items():
     if values[key] < low:
       raise ValueError(f'{key} must be >= {low}, got {values[key]}')
-  positive = ('construction.widen', 'model.width', 'optim.learning_rate', 'loss.distill_temperature',
-              'selection.learning_rate', 'train.divergence_factor')
+  positive = (
+    'construction.widen',
+    'model.width',
+    'optim.learning_rate',
+    'loss.distill_temperature',
+    'selection.learning_rate',
+    'train.divergence_factor',
+  )
   for key in positive:
     if not values[key] > 0:
       raise ValueError(f'{key} must be > 0, got {values[key]}')
@@ -324,8 +373,9 @@ def _check_ranges(c: Config) -> None:
     if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
       raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
   if c.model.level_widths and c.model.level_widths[-1] > 1:
-    raise ValueError(f'model.level_widths are fractions of the full width: the last must be <= 1, got '
-                     f'{c.model.level_widths}')
+    raise ValueError(
+      f'model.level_widths are fractions of the full width: the last must be <= 1, got {c.model.level_widths}'
+    )
 
 
 # ------------------------------------------------------------------ saved configs
@@ -333,8 +383,12 @@ def _check_ranges(c: Config) -> None:
 
 # Flat keys of configs saved before the sections existed whose leaf name changed, and the
 # sections their fields went to (sections added later, like ``selection``, had no flat keys).
-_RENAMED = {'model': 'model.name', 'dataset': 'data.name', 'optimizer': 'optim.name',
-            'construct_rounds': 'construction.rounds'}
+_RENAMED = {
+  'model': 'model.name',
+  'dataset': 'data.name',
+  'optimizer': 'optim.name',
+  'construct_rounds': 'construction.rounds',
+}
 _FLAT_ERA = ('method', 'seed', 'data', 'model', 'loss', 'optim', 'train', 'construction', 'baseline')
 
 
@@ -343,7 +397,7 @@ def flat_paths() -> dict[str, str]:
   keys = [k for k in flatten(Config().to_dict()) if k.split('.')[0] in _FLAT_ERA and not k.endswith('.name')]
   paths = {key.rsplit('.', 1)[-1]: key for key in keys}
   if len(paths) != len(keys):
-    raise AssertionError('two fields of the flat-era sections share a name')   # the conversion would be ambiguous
+    raise AssertionError('two fields of the flat-era sections share a name')  # the conversion would be ambiguous
   return {**paths, **_RENAMED}
 
 
@@ -353,13 +407,14 @@ def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   A flat config's ``sandwich_widths > 0`` meant the sandwich objective.
   """
   saved = dict(saved)
-  if not isinstance(saved.get('model'), str):   # flat configs had the model's name at the top
+  if not isinstance(saved.get('model'), str):  # flat configs had the model's name at the top
     return saved
   paths = flat_paths()
   unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
   if unknown:
-    raise ValueError(f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; '
-                     'retrain in a new --workdir')
+    raise ValueError(
+      f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; retrain in a new --workdir'
+    )
   widths = int(saved.pop('sandwich_widths', 0))
   nested = nest({paths[k]: v for k, v in saved.items()})
   if widths:
@@ -385,13 +440,15 @@ def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
   Keys added since the config was saved take their defaults.
   """
   a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
-  return sorted(k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS
-                and a[k] != b[k])
+  return sorted(
+    k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS and a[k] != b[k]
+  )
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file ``path`` (for configs and tests building on another)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -1,4 +1,5 @@
 """Stopping policies for the compiled anytime program. Public name of ``stepnet_jax.inference.policies``: this module *is* that one."""
+
 import sys
 
 from stepnet_jax.inference import policies as _module

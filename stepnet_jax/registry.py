@@ -3,6 +3,7 @@
 A config names what it wants; the registry turns the name into the object, and an
 unknown name is an error that lists the known ones, never a silent default.
 """
+
 from __future__ import annotations
 
 from typing import Generic, TypeVar
@@ -27,11 +28,13 @@ class Registry(Generic[T]):
 
   def register(self, name: str, entry: T | None = None):
     """Adds ``entry`` under ``name``; without ``entry``, a decorator that adds what it decorates."""
+
     def add(obj: T) -> T:
       if name in self._entries:
         raise ValueError(f'{self.kind} {name!r} is registered twice')
       self._entries[name] = obj
       return obj
+
     return add if entry is None else add(entry)
 
   def get(self, name: str) -> T:
@@ -42,4 +45,3 @@ class Registry(Generic[T]):
 
   def names(self) -> tuple[str, ...]:
     return tuple(self._entries)
-

@@ -6,6 +6,7 @@ broadcasting (e.g. ``(x - mean)`` with x [B, H, W, C] and mean [C] in
 ``multi_exit_loss``), so ``jax_numpy_rank_promotion='raise'`` would reject every
 forward pass. Set STEPNET_STRICT_RANK=1 to run the suite with 'raise' anyway.
 """
+
 import os
 import shutil
 import sys
@@ -16,7 +17,9 @@ import tempfile
 # counts and every tested number keep their meaning, and it made compile-bound files about
 # a third faster (test_heads.py + test_losses.py: 64-66 s -> 41-45 s; test_quant.py: 49 ->
 # 32 s). Subprocesses inherit it. STEPNET_TEST_XLA_OPT=1 keeps XLA's default optimisation.
-if not os.environ.get('STEPNET_TEST_XLA_OPT') and 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+if not os.environ.get('STEPNET_TEST_XLA_OPT') and 'xla_backend_optimization_level' not in os.environ.get(
+  'XLA_FLAGS', ''
+):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
 import jax  # noqa: E402
@@ -65,5 +68,6 @@ def _float32_and_seeded():
 @pytest.fixture(scope='session')
 def fashion_mnist():
   from stepnet_jax.data import datasets
+
   # scripts/setup.sh installs Debian's dataset-fashion-mnist: a missing copy is an error.
   return datasets.load_dataset(f'idx:{FASHION_MNIST_DIR}')

@@ -1,4 +1,5 @@
 """The anytime study command end to end (``python -m stepnet_jax.adaptive``) on the digits."""
+
 from __future__ import annotations
 
 import jax
@@ -17,12 +18,14 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   import json
   import os
 
-  from stepnet_jax import cli, config
+  from stepnet_jax import config
   from stepnet_jax.data import datasets
   from stepnet_jax.inference import restore
   from stepnet_jax.studies import stopping
-  cc = cli.load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                                     'adaptive_fashion_mnist.py'))
+
+  cc = config.load_file(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'adaptive_fashion_mnist.py')
+  )
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
   # The test split and the choice half (150) share one batch shape: each program compiles once.
@@ -36,8 +39,13 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   out = stopping.adaptive(cc, str(tmp_path), quick=True)
   saved = json.loads((tmp_path / 'adaptive.json').read_text())
   assert saved == json.loads(json.dumps(out))
-  assert set(saved['methods']) == {'steppingnet_confidence', 'steppingnet_entropy', 'steppingnet_learned',
-                                   'cascade_confidence', 'cascade_learned'}
+  assert set(saved['methods']) == {
+    'steppingnet_confidence',
+    'steppingnet_entropy',
+    'steppingnet_learned',
+    'cascade_confidence',
+    'cascade_learned',
+  }
   for name, res in saved['methods'].items():
     levels = len(saved['static'][name.split('_')[0]])
     reach = [r['macs_to_reach'] for r in saved['static'][name.split('_')[0]]]
@@ -50,15 +58,19 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   import collections
 
   from stepnet_jax.training import run
+
   full = datasets.load_digits()
   held = np.load(tmp_path / 'validation_indices.npy')
   assert len(np.unique(held)) == 300 and saved['validation']['examples'] == 300
-  trained_on, _ = run.prepare_data(config.from_saved(restore.restore_meta(str(tmp_path / 'steppingnet'))['config']),
-                                   full)
+  trained_on, _ = run.prepare_data(
+    config.from_saved(restore.restore_meta(str(tmp_path / 'steppingnet'))['config']), full
+  )
   count = lambda images: collections.Counter(x.tobytes() for x in images)
   assert count(full.train_images) - count(trained_on.train_images) == count(full.train_images[held])
-  own = [stepnet_jax.load(str(tmp_path / 'independent' / f'budget{k}')).level_macs[0]
-         for k in range(len(saved['static']['cascade']))]
+  own = [
+    stepnet_jax.load(str(tmp_path / 'independent' / f'budget{k}')).level_macs[0]
+    for k in range(len(saved['static']['cascade']))
+  ]
   assert [r['macs_to_reach'] for r in saved['static']['cascade']] == list(np.cumsum(own))
   for name in ('adaptive.md', 'adaptive.png'):
     assert (tmp_path / name).stat().st_size > 0
@@ -73,11 +85,16 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
 
   def no_training(*args, **kwargs):
     raise AssertionError('the kept selection module should have been reused')
+
   monkeypatch.setattr(selection, 'train_selector', no_training)
   second = stopping.timing_study(cc, str(tmp_path), quick=True, repeats=2)
   assert json.loads((tmp_path / 'timing.json').read_text()) == json.loads(json.dumps(second))
-  assert [(r['policy'], r['batch'], r['inputs']) for r in second['results']] == \
-      [('learned', 1, 3), ('learned', 150, 150), ('confidence', 1, 3), ('confidence', 150, 150)]
-  for a, b in zip(first['results'], second['results']):   # the same decisions, so the same MACs
+  assert [(r['policy'], r['batch'], r['inputs']) for r in second['results']] == [
+    ('learned', 1, 3),
+    ('learned', 150, 150),
+    ('confidence', 1, 3),
+    ('confidence', 150, 150),
+  ]
+  for a, b in zip(first['results'], second['results']):  # the same decisions, so the same MACs
     assert a['avg_macs_fraction'] == b['avg_macs_fraction']
     assert all(b[f'{s}_ms'] > 0 and b[f'{s}_ratio'] > 0 for s in anytime.STRATEGIES)

@@ -4,6 +4,7 @@ The numpy references recompute the whole network from the raw parameters (masks 
 testlib.brute_mask, BN in eval mode, VALID convolutions as sums of shifted matrix
 products, 2x2 max-pooling, a row-major flatten into the additive head).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,8 +92,9 @@ def test_meta_defaults_and_missing_checkpoint(tmp_path, mlp_net):
 
 
 def _bn(y, bn):
-  return ((y - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + BN_EPS) * np.asarray(bn.scale[...])
-          + np.asarray(bn.bias[...]))
+  return (y - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + BN_EPS) * np.asarray(
+    bn.scale[...]
+  ) + np.asarray(bn.bias[...])
 
 
 def _conv_valid(x, w):
@@ -102,14 +104,14 @@ def _conv_valid(x, w):
   out = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
   for a in range(kh):
     for b in range(kw):
-      out += x[:, a:a + ho, b:b + wo, :] @ w[a, b]
+      out += x[:, a : a + ho, b : b + wo, :] @ w[a, b]
   return out
 
 
 def _maxpool2(x):
   b, h, w, c = x.shape
   h2, w2 = h // 2, w // 2
-  return x[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c).max(axis=(2, 4))
+  return x[:, : 2 * h2, : 2 * w2].reshape(b, h2, 2, w2, 2, c).max(axis=(2, 4))
 
 
 def _masked_kernel(unit, triangular):
@@ -119,7 +121,7 @@ def _masked_kernel(unit, triangular):
 
 def _head_exits(model, feats):
   b = feats.shape[0]
-  flat = feats.reshape(b, -1, feats.shape[-1])                  # [B, positions (row-major), C]
+  flat = feats.reshape(b, -1, feats.shape[-1])  # [B, positions (row-major), C]
   lvl = level_array(model.head.in_sizes)
   w = np.asarray(model.head.kernel[...], np.float64)
   out = []
@@ -139,9 +141,9 @@ def test_mlp_matches_numpy_reference(spec_id):
   tri = spec_id.endswith('_tri')
   x = b['x']
   n = x.shape[0]
-  h = _normalise(model, x).reshape(n, -1, model.input_shape[-1])   # [B, 784, 1]
+  h = _normalise(model, x).reshape(n, -1, model.input_shape[-1])  # [B, 784, 1]
   for idx, (_, unit, _) in enumerate(linear_units(model)):
-    w = _masked_kernel(unit, tri and idx > 0)                          # [S, Ci, Co]
+    w = _masked_kernel(unit, tri and idx > 0)  # [S, Ci, Co]
     h = np.maximum(_bn(np.einsum('bsi,sio->bo', h.reshape(n, unit.spatial, -1), w), unit.bn), 0)
   ref = _head_exits(model, h)
   assert_close(b['exits'], ref, rtol=1e-4, atol=1e-4)
@@ -171,17 +173,20 @@ def test_lenet3c1l_matches_numpy_reference(spec_id):
 # ------------------------------------------------------------------ construction
 
 
-@pytest.mark.parametrize('kwargs', [
+@pytest.mark.parametrize(
+  'kwargs',
+  [
     dict(name='nope'),
     dict(num_levels=0),
-    dict(level_widths=(0.5, 1.0)),                            # 2 widths for 3 levels
-    dict(level_widths=(0.5, 0.4, 1.0)),                       # not increasing
-    dict(assignment={'fc9': (1, 1, 1)}),                      # no such layer
-    dict(assignment={'fc1': (1, 1)}),                         # 2 sizes for 3 levels
-    dict(assignment={'fc1': (0, 0, 0)}),                      # no channels
-    dict(assignment={'fc1': (2, -1, 3)}),                     # negative size
-    dict(name='vgg16'),                                       # needs 32x32 inputs
-])
+    dict(level_widths=(0.5, 1.0)),  # 2 widths for 3 levels
+    dict(level_widths=(0.5, 0.4, 1.0)),  # not increasing
+    dict(assignment={'fc9': (1, 1, 1)}),  # no such layer
+    dict(assignment={'fc1': (1, 1)}),  # 2 sizes for 3 levels
+    dict(assignment={'fc1': (0, 0, 0)}),  # no channels
+    dict(assignment={'fc1': (2, -1, 3)}),  # negative size
+    dict(name='vgg16'),  # needs 32x32 inputs
+  ],
+)
 def test_build_model_rejects_bad_arguments(kwargs):
   args = dict(name='mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=3)
   args.update(kwargs)
@@ -193,13 +198,20 @@ def test_build_model_rejects_bad_arguments(kwargs):
 
 def test_assignment_and_widths_fix_channel_counts():
   with numpy_initializers(0):
-    model = zoo.build_model('lenet5', num_classes=10, input_shape=(32, 32, 1), num_levels=2, width=0.5,
-                               level_widths=(0.25, 1.0), assignment={'fc1': (7, 1)})
+    model = zoo.build_model(
+      'lenet5',
+      num_classes=10,
+      input_shape=(32, 32, 1),
+      num_levels=2,
+      width=0.5,
+      level_widths=(0.25, 1.0),
+      assignment={'fc1': (7, 1)},
+    )
   sizes = dict(model.assignment)
-  assert sizes['conv1'] == (1, 2)          # round(6 * 0.5) = 3 channels, round(0.75) = 1 in level 0
-  assert sizes['conv2'] == (2, 6)          # 8 channels, 2 in level 0
-  assert sizes['fc1'] == (7, 1)            # assigned: overrides the width
-  assert sizes['fc2'] == (11, 31)          # round(84 * 0.5) = 42, round(10.5) = 11
+  assert sizes['conv1'] == (1, 2)  # round(6 * 0.5) = 3 channels, round(0.75) = 1 in level 0
+  assert sizes['conv2'] == (2, 6)  # 8 channels, 2 in level 0
+  assert sizes['fc1'] == (7, 1)  # assigned: overrides the width
+  assert sizes['fc2'] == (11, 31)  # round(84 * 0.5) = 42, round(10.5) = 11
   assert model.head.in_sizes == (11, 31)
 
 
@@ -226,7 +238,7 @@ def _conv_same(x, w, stride):
   res = np.zeros((x.shape[0], out, out, w.shape[-1]))
   for a in range(kh):
     for b in range(kh):
-      res += xp[:, a:a + stride * out:stride, b:b + stride * out:stride, :] @ w[a, b]
+      res += xp[:, a : a + stride * out : stride, b : b + stride * out : stride, :] @ w[a, b]
   return res
 
 
@@ -263,7 +275,7 @@ def test_batchnorm_train_mode_and_running_statistics():
   bn.scale[...] = jnp.asarray(rng.uniform(0.5, 2, 6), jnp.float32)
   bn.bias[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
   old_mean, old_var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
-  y = rng.normal(2.0, 3.0, (5, 3, 4, 3))                       # channels 2..4 of the layer
+  y = rng.normal(2.0, 3.0, (5, 3, 4, 3))  # channels 2..4 of the layer
   out = np.asarray(bn(jnp.asarray(y, jnp.float32), 2, 5, train=True))
   mu, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
   scale, bias = np.asarray(bn.scale[...])[2:5], np.asarray(bn.bias[...])[2:5]
@@ -275,8 +287,9 @@ def test_batchnorm_train_mode_and_running_statistics():
   np.testing.assert_array_equal(np.delete(new_var, [2, 3, 4]), np.delete(old_var, [2, 3, 4]))
   # Eval mode uses the running statistics.
   out = np.asarray(bn(jnp.asarray(y, jnp.float32), 2, 5, train=False))
-  np.testing.assert_allclose(out, (y - new_mean[2:5]) / np.sqrt(new_var[2:5] + BN_EPS) * scale + bias,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    out, (y - new_mean[2:5]) / np.sqrt(new_var[2:5] + BN_EPS) * scale + bias, rtol=1e-4, atol=1e-4
+  )
 
 
 def test_inference_imports_no_training_code():
@@ -284,20 +297,31 @@ def test_inference_imports_no_training_code():
   neither the trainers nor the losses."""
   import subprocess
   import sys
-  code = ('import sys, stepnet_jax, stepnet_jax.evaluation, stepnet_jax.config as c; '
-          'c.saved_data({"model": "mlp", "dataset": "digits"}); '
-          'print(sorted(m for m in sys.modules if m.startswith("stepnet_jax")))')
+
+  code = (
+    'import sys, stepnet_jax, stepnet_jax.inference.evaluation, stepnet_jax.inference.sweeps, '
+    'stepnet_jax.stepping, stepnet_jax.policies, stepnet_jax.export, stepnet_jax.config as c; '
+    'c.saved_data({"model": "mlp", "dataset": "digits"}); '
+    'print(sorted(m for m in sys.modules if m.startswith("stepnet_jax")))'
+  )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   loaded = eval(out.stdout)
   assert 'stepnet_jax.inference.stepper' in loaded and 'stepnet_jax.inference.restore' in loaded
-  assert not [m for m in loaded if m.startswith('stepnet_jax.training') or m in (
-      'stepnet_jax.training.losses', 'stepnet_jax.methods.trainers', 'stepnet_jax.methods.construct')], loaded
+  assert not [m for m in loaded if m.split('.')[1:2] in (['training'], ['methods'], ['studies'], ['cli'])], loaded
 
 
-@pytest.mark.parametrize('size,kernel,stride,padding,cin,cout', [
-    (28, 3, 1, 'VALID', 1, 8), (28, 5, 1, 'SAME', 1, 6), (9, 3, 2, 'SAME', 2, 3), (10, 5, 2, 'VALID', 1, 4),
-    (8, 1, 2, 'SAME', 2, 3), (7, 3, 2, 'SAME', 3, 2)])
+@pytest.mark.parametrize(
+  'size,kernel,stride,padding,cin,cout',
+  [
+    (28, 3, 1, 'VALID', 1, 8),
+    (28, 5, 1, 'SAME', 1, 6),
+    (9, 3, 2, 'SAME', 2, 3),
+    (10, 5, 2, 'VALID', 1, 4),
+    (8, 1, 2, 'SAME', 2, 3),
+    (7, 3, 2, 'SAME', 3, 2),
+  ],
+)
 def test_convolution_by_taps_equals_library_convolution(size, kernel, stride, padding, cin, cout):
   """The tap-sum formulation used for narrow-input convolutions against lax's convolution."""
   rng = np.random.RandomState(size + kernel + cin)
@@ -310,10 +334,12 @@ def test_convolution_by_taps_equals_library_convolution(size, kernel, stride, pa
 def test_bad_inputs_are_clear_errors_before_tracing():
   """Wrong rank, image size, channels or dtype, a level out of range, a cache of another
   network or batch: each a ValueError / TypeError saying what was expected."""
-  net = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
-                                               width=0.25))
-  other = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
-                                                 width=0.5))
+  net = stepnet_jax.Stepper(
+    zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25)
+  )
+  other = stepnet_jax.Stepper(
+    zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.5)
+  )
   x = images((16, 16, 1), batch=2)
   with pytest.raises(ValueError, match=r'rank 4 \[B, 16, 16, 1\].*add a batch axis'):
     net.start(x[0])
@@ -329,31 +355,36 @@ def test_bad_inputs_are_clear_errors_before_tracing():
     net.forward(x, 3)
   with pytest.raises(TypeError, match=r'level must be a Python int .* got .*Array.*use int\(level\)'):
     net.forward(x, jnp.int32(1))
-  with pytest.raises(ValueError, match='not made by this network'):      # a pure-function cache of another net
+  with pytest.raises(ValueError, match='not made by this network'):  # a pure-function cache of another net
     net.advance(stepping.start(other.graphdef, other.variables, x))
   # Same structure and shapes, other weights: the buffers fit, so only the cache's tag tells.
-  twin = stepnet_jax.Stepper(zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3,
-                                                width=0.25, seed=7))
+  twin = stepnet_jax.Stepper(
+    zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25, seed=7)
+  )
   with pytest.raises(ValueError, match='made by another network'):
     net.advance(twin.start(x))
   with pytest.raises(ValueError, match='made by another network'):
     net.restart(twin.start(x), x)
-  assert_close(net.advance(net.start(x)).logits, net.forward(x, 1))   # its own cache steps
+  assert_close(net.advance(net.start(x)).logits, net.forward(x, 1))  # its own cache steps
   # Floats must be in [0, 1] and finite; integers other than uint8 are refused with a hint.
-  for bad in (x.astype(jnp.float32), jnp.full(x.shape, jnp.nan), jnp.full(x.shape, jnp.inf),
-              np.asarray(x, np.float32) / 255 - 0.5):
+  for bad in (
+    x.astype(jnp.float32),
+    jnp.full(x.shape, jnp.nan),
+    jnp.full(x.shape, jnp.inf),
+    np.asarray(x, np.float32) / 255 - 0.5,
+  ):
     with pytest.raises(ValueError, match=r'finite and in \[0, 1\]'):
       net.start(bad)
   for dtype in (jnp.bool_, np.int64, np.float64):
     with pytest.raises(TypeError, match=r'uint8 images'):
       net.exits(np.asarray(x).astype(dtype))
-  assert_close(net.exits(np.asarray(x, np.float32) / 255), net.exits(x))   # the documented float range
+  assert_close(net.exits(np.asarray(x, np.float32) / 255), net.exits(x))  # the documented float range
   with pytest.raises(ValueError, match="restart needs images of the cache's batch size 2, got 3"):
     net.restart(net.start(x), images((16, 16, 1), batch=3))
   with pytest.raises(ValueError, match='already at the top level'):
     net.advance(net.advance(net.advance(net.start(x))))
   with pytest.raises(ValueError, match="unknown strategy 'fast'"):
-    net.predict(x, policies.Confidence(0.5), strategy="fast")
+    net.predict(x, policies.Confidence(0.5), strategy='fast')
   with pytest.raises(TypeError, match='expected a policy with init and stop'):
     net.predict(x, 0.5)
   learned = policies.Learned(policies.init_selector(jax.random.key(0), 10, 4), num_levels=4)

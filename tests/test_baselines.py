@@ -1,5 +1,6 @@
 """The peer methods as options of the shared machinery: slimmable prefix subnets with a
 private BN per width (not reusable), AWN's triangular widths, non-uniform subnets."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import testlib
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import cli, config
+from stepnet_jax import config
 from stepnet_jax.core import levels
 from stepnet_jax.data import datasets
 from stepnet_jax.inference.stepper import Stepper
@@ -24,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compare_config():
-  return cli.load_file(os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
+  return config.load_file(os.path.join(REPO, 'configs', 'compare_fashion_mnist.py'))
 
 
 SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
@@ -32,8 +33,17 @@ SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
 
 def _slimmable(seed=0):
   with testlib.numpy_initializers(seed):
-    m = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
-                           assignment=SLIM, mask_rule=False, mean=(0.3,), std=(0.3,), seed=seed)
+    m = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=3,
+      assignment=SLIM,
+      mask_rule=False,
+      mean=(0.3,),
+      std=(0.3,),
+      seed=seed,
+    )
   return testlib.randomize(m, seed)
 
 
@@ -41,11 +51,18 @@ def _plain_prefix(slim, level):
   """A plain single-level network holding subnet ``level``'s prefix weights and private BN."""
   ends = {n: levels.end(s, level) for n, s in SLIM.items()}
   with testlib.numpy_initializers(9):
-    plain = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=1,
-                               assignment={n: [c] for n, c in ends.items()}, mean=(0.3,), std=(0.3,))
+    plain = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=1,
+      assignment={n: [c] for n, c in ends.items()},
+      mean=(0.3,),
+      std=(0.3,),
+    )
   c_in = 1
   for su, pu, n in zip(slim.units, plain.units, ('conv1', 'conv2', 'conv3')):
-    pu.kernel[...] = su.kernel[...][..., :c_in, :ends[n]]
+    pu.kernel[...] = su.kernel[...][..., :c_in, : ends[n]]
     bn = su.bn.per_level[level]
     for attr in ('scale', 'bias', 'mean', 'var'):
       getattr(pu.bn, attr)[...] = getattr(bn, attr)[...]
@@ -72,8 +89,13 @@ def test_slimmable_macs_and_recompute_flag():
   net = Stepper(slim)
   assert not net.reusable
   ends = [{n: levels.end(s, k) for n, s in SLIM.items()} for k in range(3)]
-  expected = [9 * 1 * e['conv1'] * 26 * 26 + 9 * e['conv1'] * e['conv2'] * 24 * 24
-              + 25 * e['conv2'] * e['conv3'] * 8 * 8 + e['conv3'] * 16 * 10 for e in ends]
+  expected = [
+    9 * 1 * e['conv1'] * 26 * 26
+    + 9 * e['conv1'] * e['conv2'] * 24 * 24
+    + 25 * e['conv2'] * e['conv3'] * 8 * 8
+    + e['conv3'] * 16 * 10
+    for e in ends
+  ]
   assert net.level_macs == tuple(expected)
   assert net.macs_to_reach == tuple(np.cumsum(expected))
   with pytest.raises(ValueError, match='cannot be stepped'):
@@ -85,17 +107,34 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
   k equals the reusable shared-BN network with the same kernels and subnet k's private BN
   values, in eval and train mode; it recomputes, so it is not reusable."""
   with testlib.numpy_initializers(3):
-    per = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
-                             assignment=SLIM, mask_rule=True, switchable_bn=True, exit_heads='private',
-                             mean=(0.3,), std=(0.3,))
-    shared = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
-                                assignment=SLIM, exit_heads='private', mean=(0.3,), std=(0.3,))
+    per = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=3,
+      assignment=SLIM,
+      mask_rule=True,
+      switchable_bn=True,
+      exit_heads='private',
+      mean=(0.3,),
+      std=(0.3,),
+    )
+    shared = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=3,
+      assignment=SLIM,
+      exit_heads='private',
+      mean=(0.3,),
+      std=(0.3,),
+    )
   per = testlib.randomize(per, 5)
   assert (per.mask_rule, per.switchable_bn, per.reusable) == (True, True, False)
   x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=6))
   for k in range(3):
     for su, pu in zip(shared.units, per.units):
-      np.testing.assert_array_equal(su.conn.mask, pu.conn.mask)   # the rule's connectivity
+      np.testing.assert_array_equal(su.conn.mask, pu.conn.mask)  # the rule's connectivity
       su.kernel[...] = pu.kernel[...]
       end = levels.end(su.conn.out_sizes, k)
       for attr in ('scale', 'bias', 'mean', 'var'):
@@ -105,22 +144,34 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
     testlib.assert_close(per.exits(x, train=True)[k], nnx.clone(shared).exits(x, train=True)[k])
   assert Stepper(per).macs_to_reach == tuple(np.cumsum(Stepper(shared).level_macs))
   meta = structure.model_meta(per, 'lenet3c1l', 10)
-  assert structure.build_from_meta(meta).switchable_bn and structure.same_model(structure.model_meta(
-      structure.build_from_meta(meta), 'lenet3c1l', 10), meta)
+  assert structure.build_from_meta(meta).switchable_bn and structure.same_model(
+    structure.model_meta(structure.build_from_meta(meta), 'lenet3c1l', 10), meta
+  )
   old = {k: v for k, v in structure.model_meta(shared, 'lenet3c1l', 10).items() if k != 'switchable_bn'}
-  assert not structure.build_from_meta(old).switchable_bn     # a checkpoint from before the key: shared BN
+  assert not structure.build_from_meta(old).switchable_bn  # a checkpoint from before the key: shared BN
   with pytest.raises(ValueError, match='option of method joint'):
-    config.from_dict({'method': 'steppingnet', 'model.batch_norm': 'per_subnet',
-                      'construction.budgets': (0.2, 0.4, 0.6, 0.8)})
+    trainers.validate(
+      config.from_dict(
+        {'method': 'steppingnet', 'model.batch_norm': 'per_subnet', 'construction.budgets': (0.2, 0.4, 0.6, 0.8)}
+      )
+    )
 
 
 def test_awn_config_reproduces_the_published_width_macs():
   cc = compare_config()
   awn = compare.awn_config(cc).model
-  model = nnx.eval_shape(lambda: zoo.build_model(
-      awn.name, num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=awn.num_levels, width=awn.width,
-      level_widths=awn.level_widths, triangular=awn.triangular))
-  assert dict(model.assignment)['conv2'] == (11, 12, 11, 11)       # 45 filters at 0.25/0.5/0.75/1
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(
+      awn.name,
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=awn.num_levels,
+      width=awn.width,
+      level_widths=awn.level_widths,
+      triangular=awn.triangular,
+    )
+  )
+  assert dict(model.assignment)['conv2'] == (11, 12, 11, 11)  # 45 filters at 0.25/0.5/0.75/1
   assert [u.conn.triangular for u in model.units] == [False, True, True]
   # Any-Width Networks' figures: about 0.52 / 2.02 / 4.25 / 7.30 M MACs
   np.testing.assert_allclose(np.cumsum(model.delta_macs().sum(0)) / 1e6, [0.52, 2.02, 4.25, 7.30], atol=0.005)
@@ -134,16 +185,24 @@ def test_width_for_budget_is_the_widest_fitting_plan():
     ch = budgets.layer_channels('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10, width=w)
     c = ch['conv2']
     assert set(ch.values()) == {c}
+
     def dense(c):
       return 9 * c * 676 + 9 * c * c * 576 + 25 * c * c * 64 + c * 160
+
     assert macs == dense(c) <= frac * base < dense(c + 1)
 
 
 def test_channel_norm_levels_are_nested_prefixes_within_budget():
   k = 3
   with testlib.numpy_initializers(3):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=k,
-                               mask_rule=False, assignment={n: levels.level0_sizes(10, k) for n in testlib.LENET3})
+    model = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=k,
+      mask_rule=False,
+      assignment={n: levels.level0_sizes(10, k) for n in testlib.LENET3},
+    )
   norms = nonuniform.channel_norms(model)
   for n, u in zip(model.unit_names, model.units):
     w = np.abs(np.asarray(u.kernel[...])).reshape(-1, 10).sum(0)
@@ -155,7 +214,7 @@ def test_channel_norm_levels_are_nested_prefixes_within_budget():
   rebuilt, _ = surgery.relevel(model, checkpoint_meta(model), new)
   macs = np.cumsum(rebuilt.delta_macs().sum(0))
   assert np.all(macs <= targets)
-  for n in testlib.LENET3:   # within a layer, a kept lower-level channel never has a smaller norm
+  for n in testlib.LENET3:  # within a layer, a kept lower-level channel never has a smaller norm
     for a in range(k):
       for b in range(a + 1, k):
         if np.any(new[n] == a) and np.any(new[n] == b):
@@ -164,26 +223,40 @@ def test_channel_norm_levels_are_nested_prefixes_within_budget():
 
 def checkpoint_meta(model):
   from stepnet_jax.models import structure
+
   return structure.model_meta(model, 'lenet3c1l', 10)
 
 
 def test_nonuniform_end_to_end(tmp_path, monkeypatch):
   ds = datasets.load_dataset('digits')
-  cfg = config.from_dict({
-      'method': 'nonuniform', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 3,
-      'construction.budgets': (0.2, 0.5, 1.0), 'construction.widen': 1.0, 'train.num_epochs': 3,
-      'train.batch_size': 64, 'optim.learning_rate': 3e-3, 'construction.pretrain_epochs': 1.0,
-      'baseline.nonuniform_cycles': 1, 'baseline.recalibrate_batches': 5, 'train.progress': False})
+  cfg = config.from_dict(
+    {
+      'method': 'nonuniform',
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.25,
+      'model.num_levels': 3,
+      'construction.budgets': (0.2, 0.5, 1.0),
+      'construction.widen': 1.0,
+      'train.num_epochs': 3,
+      'train.batch_size': 64,
+      'optim.learning_rate': 3e-3,
+      'construction.pretrain_epochs': 1.0,
+      'baseline.nonuniform_cycles': 1,
+      'baseline.recalibrate_batches': 5,
+      'train.progress': False,
+    }
+  )
   optimizers = []
   real = optim.make_optimizer
   monkeypatch.setattr(optim, 'make_optimizer', lambda *a, **k: optimizers.append(1) or real(*a, **k))
   result = nonuniform.train_nonuniform(cfg, str(tmp_path), ds)
-  assert len(optimizers) == 2   # the full network's, then one state for every subnet's turns
+  assert len(optimizers) == 2  # the full network's, then one state for every subnet's turns
   net = stepnet_jax.load(str(tmp_path))
   assert not net.reusable
   assert np.all(np.asarray(net.level_macs) <= np.asarray(result['budget_macs']))
   assert net.macs_to_reach == tuple(np.cumsum(net.level_macs))
-  acc = result['test_accuracy']      # observed 0.622 / 0.775 / 0.903
+  acc = result['test_accuracy']  # observed 0.622 / 0.775 / 0.903
   assert np.all(np.asarray(acc) >= [0.57, 0.72, 0.87]) and acc[0] < acc[1] < acc[2], acc
 
 
@@ -192,9 +265,16 @@ def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
   never read channels >= m, so their logits ignore whatever the other channels do."""
   sizes = (3, 3, 2)
   with testlib.numpy_initializers(4):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
-                               triangular=True, assignment={n: sizes for n in testlib.LENET3},
-                               mean=(0.3,), std=(0.3,))
+    model = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=3,
+      triangular=True,
+      assignment={n: sizes for n in testlib.LENET3},
+      mean=(0.3,),
+      std=(0.3,),
+    )
   model = testlib.randomize(model, 4)
   x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
   for m in (1, 4, 5, 8):
@@ -203,7 +283,7 @@ def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
     by_hand = jnp.einsum('bsc,sco->bo', feats[..., :m].reshape(3, -1, m), model.head.kernel[...][:, :m])
     testlib.assert_close(got[0], by_hand + model.head.bias[...])
     scrambled = nnx.clone(model)
-    for u in scrambled.units:   # change every weight into channels >= m
+    for u in scrambled.units:  # change every weight into channels >= m
       k = np.asarray(u.kernel[...]).copy()
       k[..., m:] = np.random.RandomState(m).normal(size=k[..., m:].shape)
       u.kernel[...] = jnp.asarray(k)
@@ -214,11 +294,21 @@ def test_sandwich_train_step_runs():
   from stepnet_jax.data import feed
   from stepnet_jax.training import losses
   from stepnet_jax.training import step as step_lib
-  cfg = config.from_dict({'model.width': 0.25, 'model.num_levels': 3, 'model.triangular': True,
-                          'loss.objective': 'sandwich', 'loss.sandwich_widths': 2, 'train.batch_size': 8})
+
+  cfg = config.from_dict(
+    {
+      'model.width': 0.25,
+      'model.num_levels': 3,
+      'model.triangular': True,
+      'loss.objective': 'sandwich',
+      'loss.sandwich_widths': 2,
+      'train.batch_size': 8,
+    }
+  )
   with testlib.numpy_initializers(0):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3,
-                               width=0.25, triangular=True)
+    model = zoo.build_model(
+      'lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3, width=0.25, triangular=True
+    )
   tx = optim.make_optimizer(cfg, 10)
   g, state = step_lib.init_state(model, tx)
   step = step_lib.make_train_step(g, tx, losses.objective_for(cfg))
@@ -226,7 +316,7 @@ def test_sandwich_train_step_runs():
   state, metrics = step(state, batch)
   assert np.isfinite(float(metrics['loss'])) and metrics['accuracy'].shape == (3,)
   with pytest.raises(ValueError, match='triangular'):
-    config.from_dict({'loss.objective': 'sandwich'})
+    trainers.validate(config.from_dict({'loss.objective': 'sandwich'}))
 
 
 def test_recalibrate_averages_each_batchs_statistics():
@@ -235,21 +325,36 @@ def test_recalibrate_averages_each_batchs_statistics():
   ds = datasets.subset(datasets.load_dataset('digits'), train=256)
   sizes = {'fc1': (3, 2, 4), 'fc2': (2, 2, 2)}
   with testlib.numpy_initializers(1):
-    model = zoo.build_model('mlp', num_classes=10, input_shape=ds.input_shape, num_levels=3, assignment=sizes,
-                               mask_rule=False, mean=(0.3,), std=(0.4,))
+    model = zoo.build_model(
+      'mlp',
+      num_classes=10,
+      input_shape=ds.input_shape,
+      num_levels=3,
+      assignment=sizes,
+      mask_rule=False,
+      mean=(0.3,),
+      std=(0.4,),
+    )
   model = testlib.randomize(model, 1)
-  for bn in model.units[0].bn.per_level:   # stale statistics that must not survive
+  for bn in model.units[0].bn.per_level:  # stale statistics that must not survive
     bn.mean[...] = bn.mean[...] + 5.0
-  cfg = config.from_dict({'data.name': 'digits', 'model.name': 'mlp', 'model.num_levels': 3, 'train.batch_size': 32,
-                          'baseline.recalibrate_batches': 3})
+  cfg = config.from_dict(
+    {
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.num_levels': 3,
+      'train.batch_size': 32,
+      'baseline.recalibrate_batches': 3,
+    }
+  )
   new = nonuniform.recalibrate(model, ds, cfg)
-  kernel = np.asarray(model.units[0].kernel[...], np.float64)        # [S, 1, C]
-  order = np.random.RandomState(cfg.seed + 7).permutation(256)       # documented: the first epoch of seed + 7
+  kernel = np.asarray(model.units[0].kernel[...], np.float64)  # [S, 1, C]
+  order = np.random.RandomState(cfg.seed + 7).permutation(256)  # documented: the first epoch of seed + 7
   for k in range(3):
     end = levels.end(sizes['fc1'], k)
     means, variances = [], []
     for step in range(3):
-      idx = np.sort(order[32 * step:32 * (step + 1)])
+      idx = np.sort(order[32 * step : 32 * (step + 1)])
       x = (ds.train_images[idx].astype(np.float64) / 255.0 - 0.3) / 0.4
       y = x.reshape(len(idx), -1) @ kernel[:, 0, :end]
       means.append(y.mean(0))
@@ -261,8 +366,14 @@ def test_recalibrate_averages_each_batchs_statistics():
 
 def test_infeasible_budgets_are_caught_before_training():
   ds = datasets.load_dataset('digits')
-  common = {'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 2,
-            'train.num_epochs': 1, 'train.batch_size': 32}
+  common = {
+    'data.name': 'digits',
+    'model.name': 'mlp',
+    'model.width': 0.25,
+    'model.num_levels': 2,
+    'train.num_epochs': 1,
+    'train.batch_size': 32,
+  }
 
   def cfg(method, budgets, widen):
     return config.from_dict({**common, 'method': method, 'construction.budgets': budgets, 'construction.widen': widen})
@@ -291,11 +402,13 @@ def test_width_for_budget_refuses_budgets_beyond_its_range():
 
 def test_compare_targets_check_every_awn_variant_at_equal_or_higher_macs():
   def rows(pairs):
-    return {'levels': [{'level': i, 'macs': m, 'accuracy': a} for i, (m, a) in enumerate(pairs)],
-            'train_seconds': 1.0}
-  results = {'steppingnet': rows([(100, 0.80), (200, 0.85), (400, 0.90)]),
-             'awn': rows([(110, 0.79), (390, 0.84)]),            # SteppingNet at 100 and 200 answer these
-             'awn_sandwich': rows([(150, 0.81), (50, 0.5)])}     # 0.80 < 0.81; nothing at or below 50 MACs
+    return {'levels': [{'level': i, 'macs': m, 'accuracy': a} for i, (m, a) in enumerate(pairs)], 'train_seconds': 1.0}
+
+  results = {
+    'steppingnet': rows([(100, 0.80), (200, 0.85), (400, 0.90)]),
+    'awn': rows([(110, 0.79), (390, 0.84)]),  # SteppingNet at 100 and 200 answer these
+    'awn_sandwich': rows([(150, 0.81), (50, 0.5)]),
+  }  # 0.80 < 0.81; nothing at or below 50 MACs
   lines = compare.targets(results)
   assert 'strictly increasing: yes' in lines[0]
   assert [line.endswith(': met') for line in lines[1:3]] == [True, True]
@@ -306,9 +419,13 @@ def test_compare_targets_check_every_awn_variant_at_equal_or_higher_macs():
 def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
   """gap = independent - SteppingNet (points): met up to +1.0, not met above; a SteppingNet
   ahead of the independent net gives a negative gap. Exits must increase strictly."""
+
   def rows(accs):
-    return {'levels': [{'level': i, 'macs': 100 * (i + 1), 'accuracy': a} for i, a in enumerate(accs)],
-            'train_seconds': 2.0}
+    return {
+      'levels': [{'level': i, 'macs': 100 * (i + 1), 'accuracy': a} for i, a in enumerate(accs)],
+      'train_seconds': 2.0,
+    }
+
   results = {'steppingnet': rows([0.80, 0.85, 0.85]), 'independent': rows([0.82, 0.855, 0.80])}
   lines = compare.targets(results)
   assert 'strictly increasing: NO' in lines[0]
@@ -316,7 +433,7 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
   assert 'gap +0.50 pt: met' in lines[2]
   assert 'gap -5.00 pt: met' in lines[3]
   assert lines[4].startswith('- training time') and '2 s vs 3 independent networks 2 s' in lines[4]
-  assert compare.targets({'awn': rows([0.9])}) == []      # nothing to judge without SteppingNet
+  assert compare.targets({'awn': rows([0.9])}) == []  # nothing to judge without SteppingNet
 
 
 def test_the_common_recipe_reaches_every_comparison_method():

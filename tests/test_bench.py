@@ -1,4 +1,5 @@
 """The benchmark runs end to end on a tiny model and reports what it claims."""
+
 import numpy as np
 
 from stepnet_jax.studies import bench
@@ -14,14 +15,14 @@ def test_bench_runs_and_counts_only_each_levels_work():
   # Each compiled step's FLOPs are its own level's multiply-adds, within the README's target
   # 0.9 .. 1.2 (BN, ReLU and pooling add a little; observed 1.11 / 1.04 / 1.03 here).
   assert all(0.9 <= x <= 1.2 for x in r['flops']['ratio']), r['flops']['ratio']
-  assert r['train']['flops_ratio'] <= 1.15, r['train']          # joint vs single-exit train step
+  assert r['train']['flops_ratio'] <= 1.15, r['train']  # joint vs single-exit train step
   assert r['flops']['masked_top_forward_ratio_to_kept'] > 1.0  # the masked forward computes the zeros
   assert len(r['conv_layer']['block_ms']) == 3
   assert r['train']['images_per_sec'] > 0
   report = bench.format_report(r)
   assert all(f'L{k} ' in report for k in range(3)) and '(d) conv2' in report and '(e) conv1' in report
   assert len(r['first_conv']['taps_block_ms']) == len(r['first_conv']['library_block_ms']) == 3
-  assert bench.layers.TAPS_MAX_CHANNELS == taps_rule           # the timing put the default back
+  assert bench.layers.TAPS_MAX_CHANNELS == taps_rule  # the timing put the default back
 
 
 def test_valid_tap_macs_match_a_convolution_of_ones():
@@ -33,21 +34,27 @@ def test_valid_tap_macs_match_a_convolution_of_ones():
 
   from stepnet_jax.core import layers
   from stepnet_jax.models import zoo
-  model = nnx.eval_shape(lambda: zoo.build_model('vgg16', num_classes=10, input_shape=(32, 32, 3), num_levels=1,
-                                                    width=0.0625))
+
+  model = nnx.eval_shape(
+    lambda: zoo.build_model('vgg16', num_classes=10, input_shape=(32, 32, 3), num_levels=1, width=0.0625)
+  )
   expected, shape = 0, (32, 32, 3)
   for unit in model.units:
     macs, out_shape = unit.delta_macs(shape)
     if isinstance(unit, layers.LevelConv):
       k = unit.kernel_size
-      taps = jax.lax.conv_general_dilated(jnp.ones((1, shape[0], shape[1], 1)), jnp.ones((k, k, 1, 1)),
-                                          (unit.stride, unit.stride), unit.padding,
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      taps = jax.lax.conv_general_dilated(
+        jnp.ones((1, shape[0], shape[1], 1)),
+        jnp.ones((k, k, 1, 1)),
+        (unit.stride, unit.stride),
+        unit.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
       expected += float(taps.sum()) * int(unit.conn.kept_connections().sum())
     else:
       expected += float(macs.sum())
     shape = out_shape
-  expected += float(model.delta_macs()[-1].sum())   # the head
+  expected += float(model.delta_macs()[-1].sum())  # the head
   got = bench.valid_tap_macs(model)
   assert np.isclose(got.sum(), expected) and got.sum() < model.delta_macs().sum()
 
@@ -61,13 +68,35 @@ def test_bench_command_line(tmp_path):
   import sys
 
   from absl import flags
+
   assert 'json' not in flags.FLAGS and 'model' not in flags.FLAGS
   out = tmp_path / 'bench.json'
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.run([sys.executable, '-m', 'stepnet_jax.studies.bench', '--model', 'mlp', '--levels', '2', '--width',
-                         '0.25', '--batch', '2', '--train_batch', '2', '--repeats', '1', f'--json={out}'],
-                        capture_output=True, text=True, env=env, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'stepnet_jax.studies.bench',
+      '--model',
+      'mlp',
+      '--levels',
+      '2',
+      '--width',
+      '0.25',
+      '--batch',
+      '2',
+      '--train_batch',
+      '2',
+      '--repeats',
+      '1',
+      f'--json={out}',
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(out.read_text())
   assert r['model'] == 'mlp' and r['num_levels'] == 2 and len(r['stepping']['step_ms']) == 2

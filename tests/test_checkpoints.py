@@ -1,5 +1,6 @@
 """Checkpoint retention (the newest and the best), the validation metric that ranks them, the
 workdir lock, the divergence guard, and malformed configs refused before anything is written."""
+
 import os
 
 import numpy as np
@@ -16,9 +17,20 @@ from stepnet_jax.training import checkpoints, loop, run
 
 
 def _digits_config(**kw):
-  return config.from_dict({'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125, 'model.num_levels': 2,
-                           'train.num_epochs': 3, 'train.batch_size': 64, 'optim.learning_rate': 3e-3,
-                           'train.progress': False, 'train.log_every_steps': 5, **kw})
+  return config.from_dict(
+    {
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.125,
+      'model.num_levels': 2,
+      'train.num_epochs': 3,
+      'train.batch_size': 64,
+      'optim.learning_rate': 3e-3,
+      'train.progress': False,
+      'train.log_every_steps': 5,
+      **kw,
+    }
+  )
 
 
 def _model_state():
@@ -31,7 +43,7 @@ def _model_state():
 def test_retention_keeps_the_newest_and_the_best(tmp_path, track_best):
   params, stats = _model_state()
   mngr = checkpoints.manager(str(tmp_path), keep=2, track_best=track_best)
-  scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}     # None: a mid-epoch save, no validation
+  scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}  # None: a mid-epoch save, no validation
   for step, score in scores.items():
     metrics = None if score is None or not track_best else {checkpoints.BEST_METRIC: score}
     checkpoints.save(mngr, step, params, stats, {'step': step}, metrics=metrics)
@@ -62,20 +74,20 @@ def test_the_validation_accuracy_that_ranks_checkpoints_is_the_top_exits(tmp_pat
 
 def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   workdir = str(tmp_path / 'run')
-  with run.lock_workdir(workdir):          # as another train.py would hold it
+  with run.lock_workdir(workdir):  # as another train.py would hold it
     with pytest.raises(run.WorkdirBusy, match='another process is training in'):
       trainers.train(_digits_config(), workdir)
-    assert os.listdir(workdir) == []       # nothing written
-  assert not os.path.exists(workdir)       # the directory made for the lock is gone again
-  with run.lock_workdir(workdir):          # released: taken again
+    assert os.listdir(workdir) == []  # nothing written
+  assert not os.path.exists(workdir)  # the directory made for the lock is gone again
+  with run.lock_workdir(workdir):  # released: taken again
     pass
-  fresh = str(tmp_path / 'fresh')                  # made for A's lock: B's refusal must not remove it
+  fresh = str(tmp_path / 'fresh')  # made for A's lock: B's refusal must not remove it
   with run.lock_workdir(fresh):
     with pytest.raises(run.WorkdirBusy):
       with run.lock_workdir(fresh):
         pass
     assert os.path.isdir(fresh)
-  missing = str(tmp_path / 'missing_dataset')      # refused before writing: no directory is left
+  missing = str(tmp_path / 'missing_dataset')  # refused before writing: no directory is left
   with pytest.raises(datasets.DatasetError):
     trainers.train(_digits_config(**{'data.name': f'idx:{tmp_path}/nowhere'}), missing)
   assert not os.path.exists(missing)
@@ -96,6 +108,7 @@ def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path,
   """A stop request arriving during the last step of epoch 1 lets the epoch end as usual
   (evaluated, saved with its validation accuracy), then stops before epoch 2."""
   import signal
+
   cfg = _digits_config(**{'data.validation_examples': 300, 'train.num_epochs': 2})
   steps_per_epoch = (len(datasets.load_digits().train_labels) - 300) // 64
   make = run.config_train_step
@@ -105,15 +118,17 @@ def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path,
 
     def stepped(state, batch):
       if int(state.step) == steps_per_epoch - 1:
-        os.kill(os.getpid(), signal.SIGTERM)       # recorded by the loop's handler, not fatal
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded by the loop's handler, not fatal
       return train_step(state, batch)
+
     return stepped
+
   monkeypatch.setattr(run, 'config_train_step', signalling)
   with pytest.raises(loop.Preempted) as stopped:
     run.train_and_evaluate(cfg, str(tmp_path))
   assert stopped.value.step == steps_per_epoch and stopped.value.signal_name == 'SIGTERM'
   assert restore.all_steps(str(tmp_path)) == [steps_per_epoch]
-  assert restore.best_step(str(tmp_path)) == steps_per_epoch       # ranked: its validation accuracy was saved
+  assert restore.best_step(str(tmp_path)) == steps_per_epoch  # ranked: its validation accuracy was saved
   assert '"epoch": 1' in (tmp_path / 'metrics.jsonl').read_text()
 
 
@@ -121,8 +136,16 @@ def test_distillation_replacing_the_labels_does_not_look_like_divergence(tmp_pat
   """In-place distillation: the KL terms grow as the top exit sharpens, so the total loss
   rises while training is healthy; the guard watches the top exit's cross-entropy. (Watching
   the total loss, this run was stopped at step 215.)"""
-  cfg = _digits_config(**{'model.num_levels': 4, 'loss.distill_mode': 'replace', 'loss.distill_temperature': 4.0,
-                          'optim.learning_rate': 3e-3, 'train.num_epochs': 12, 'train.divergence_steps': 40})
+  cfg = _digits_config(
+    **{
+      'model.num_levels': 4,
+      'loss.distill_mode': 'replace',
+      'loss.distill_temperature': 4.0,
+      'optim.learning_rate': 3e-3,
+      'train.num_epochs': 12,
+      'train.divergence_steps': 40,
+    }
+  )
   result = run.train_and_evaluate(cfg, str(tmp_path))
   assert result['test_accuracy'][-1] > 0.8
 
@@ -138,24 +161,32 @@ def test_divergence_guard_on_loss_curves():
   for curve, trips in ((healthy, None), (relapse, (1200, 1300)), (exploding, (200, 250))):
     guard, tripped = loop.DivergenceGuard(200, 3.0, chance=np.log(10)), None
     try:
-      for end in range(10, len(t) + 1, 10):          # fed in windows, as the loop logs
-        guard.update(curve[end - 10:end], end)
+      for end in range(10, len(t) + 1, 10):  # fed in windows, as the loop logs
+        guard.update(curve[end - 10 : end], end)
     except loop.Diverged as e:
       tripped = end
       assert 'training diverged' in str(e)
     assert (tripped is None) if trips is None else trips[0] <= tripped <= trips[1], tripped
   off = loop.DivergenceGuard(0, 3.0, chance=np.log(10))
-  off.update(list(exploding), len(exploding))       # steps=0 never checks
+  off.update(list(exploding), len(exploding))  # steps=0 never checks
 
 
 def test_a_finite_divergence_stops_training(tmp_path):
   with pytest.raises(loop.Diverged, match='training diverged'):
-    run.train_and_evaluate(_digits_config(**{'optim.learning_rate': 1e6, 'train.num_epochs': 6,
-                                             'train.divergence_steps': 40}), str(tmp_path))
+    run.train_and_evaluate(
+      _digits_config(**{'optim.learning_rate': 1e6, 'train.num_epochs': 6, 'train.divergence_steps': 40}), str(tmp_path)
+    )
 
 
-GOOD = {'train.batch_size': 64, 'optim.learning_rate': 1e-3, 'model.width': 0.5, 'train.num_epochs': 2,
-        'loss.exit_weights': (1.0, 1.0, 1.0), 'construction.budgets': (0.1, 0.3, 0.6), 'train.progress': False}
+GOOD = {
+  'train.batch_size': 64,
+  'optim.learning_rate': 1e-3,
+  'model.width': 0.5,
+  'train.num_epochs': 2,
+  'loss.exit_weights': (1.0, 1.0, 1.0),
+  'construction.budgets': (0.1, 0.3, 0.6),
+  'train.progress': False,
+}
 BAD_VALUES = [-1, 0, -0.5, float('nan'), 'abc', True, 2.5, (), (1.0,), None, [0.3, 0.1, 0.2]]
 
 

@@ -1,4 +1,5 @@
 """A tiny end-to-end run of ``python -m stepnet_jax.compare --quick`` on real Fashion-MNIST."""
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,15 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
     macs = np.array([r['macs'] for r in rows])
     reach = np.array([r['macs_to_reach'] for r in rows])
     assert np.all(np.diff(macs) >= 0), name
-    assert res['reusable'] == (name in ('steppingnet', 'awn')), name   # the others recompute every subnet
+    assert res['reusable'] == (name in ('steppingnet', 'awn')), name  # the others recompute every subnet
     np.testing.assert_array_equal(reach, macs if res['reusable'] else np.cumsum(macs), err_msg=name)
     assert res['train_seconds'] > 0
     assert len(rows) == len(budgets)
     assert np.all(macs <= budgets + 1e-6), name
   for name in ('compare.md', 'compare.png'):
     assert os.path.getsize(tmp_path / name) > 0
-  assert 'validation accuracy' not in (tmp_path / 'compare.md').read_text()   # nothing was held out
-  for name in cc.methods:   # evaluate.py's per-level JSON for every method
+  assert 'validation accuracy' not in (tmp_path / 'compare.md').read_text()  # nothing was held out
+  for name in cc.methods:  # evaluate.py's per-level JSON for every method
     with open(tmp_path / name / 'levels.json') as f:
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
 
@@ -56,20 +57,20 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
 def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashion_mnist, monkeypatch):
   cc = compare_config()
   cc.methods = ('awn',)
-  cc.seeds = (3, 4)                                 # --config.seeds=3,4
-  cc.quick.common.data.validation_examples = 100    # held out of the 512 training images
+  cc.seeds = (3, 4)  # --config.seeds=3,4
+  cc.quick.common.data.validation_examples = 100  # held out of the 512 training images
   cc.quick.common.train.num_epochs = 1
   monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
   assert out['seeds'] == [3, 4]
-  awn = out['methods']['awn']          # triangular and reusable; its widths define four of the budget points
+  awn = out['methods']['awn']  # triangular and reusable; its widths define four of the budget points
   macs = np.array([r['macs'] for r in awn['levels']])
   assert awn['reusable'] and [r['macs_to_reach'] for r in awn['levels']] == macs.tolist()
   assert set(np.round(macs / out['base_macs'], 6)) <= set(out['budgets'])
   per_seed = [json.loads((tmp_path / f'seed{s}' / 'compare.json').read_text()) for s in (3, 4)]
   configs = [json.loads((tmp_path / f'seed{s}' / 'awn' / 'config.json').read_text())['config'] for s in (3, 4)]
   assert [c['seed'] for c in configs] == [3, 4]
-  acc = np.array([[r['accuracy'] for r in p['methods']['awn']['levels']] for p in per_seed])   # [seeds, levels]
+  acc = np.array([[r['accuracy'] for r in p['methods']['awn']['levels']] for p in per_seed])  # [seeds, levels]
   rows = out['methods']['awn']['levels']
   np.testing.assert_allclose([r['accuracy'] for r in rows], acc.mean(0))
   np.testing.assert_allclose([r['accuracy_std'] for r in rows], acc.std(0, ddof=1))
@@ -80,6 +81,7 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   # here: the seed's subset of the training split, then its held-out choice), level by level.
   import stepnet_jax
   from stepnet_jax.data import datasets
+
   for seed, p in zip((3, 4), per_seed):
     subset = datasets.subset(fashion_mnist, 512, 300, seed)
     held = np.sort(np.random.RandomState(seed + 12345).permutation(512)[:100])
@@ -103,17 +105,19 @@ def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
   # Hand-made table: at AWN's 100-MAC point SteppingNet's level 1 (90 MACs) counts and its
   # 110-MAC level does not; slimmable's cheaper level 0 beats its level 1 there.
   results = {
-      'awn': {'levels': _levels([(100, 0.80, [0.79, 0.81]), (300, 0.90, [0.90, 0.90])])},
-      'steppingnet': {'levels': _levels([(50, 0.70, [0.70, 0.70]), (90, 0.815, [0.81, 0.82]),
-                                         (110, 0.99, [0.99, 0.99]), (290, 0.91, [0.92, 0.90])])},
-      'slimmable': {'levels': _levels([(60, 0.81, [0.80, 0.82]), (95, 0.805, [0.80, 0.81]),
-                                       (400, 0.99, [0.99, 0.99])])},
+    'awn': {'levels': _levels([(100, 0.80, [0.79, 0.81]), (300, 0.90, [0.90, 0.90])])},
+    'steppingnet': {
+      'levels': _levels(
+        [(50, 0.70, [0.70, 0.70]), (90, 0.815, [0.81, 0.82]), (110, 0.99, [0.99, 0.99]), (290, 0.91, [0.92, 0.90])]
+      )
+    },
+    'slimmable': {'levels': _levels([(60, 0.81, [0.80, 0.82]), (95, 0.805, [0.80, 0.81]), (400, 0.99, [0.99, 0.99])])},
   }
   rows = compare.leads(results)
-  assert [r['steppingnet_level'] for r in rows] == [1, 2]     # the most accurate that fits, not the largest
+  assert [r['steppingnet_level'] for r in rows] == [1, 2]  # the most accurate that fits, not the largest
   assert [(r['best_peer'], r['best_peer_macs']) for r in rows] == [('slimmable', 60), ('awn', 300)]
   assert rows[0]['lead'] == pytest.approx(0.5) and rows[1]['lead'] == pytest.approx(9.0)
-  assert rows[0]['seed_leads'] == pytest.approx([1.0, 0.0]) and rows[0]['lead_std'] == pytest.approx(2 ** 0.5 / 2)
+  assert rows[0]['seed_leads'] == pytest.approx([1.0, 0.0]) and rows[0]['lead_std'] == pytest.approx(2**0.5 / 2)
   lines = compare.lead_lines(rows)
   assert lines[0].endswith('met (target: >= 0.5 pt)') and 'NOT' not in ''.join(lines)
   results['steppingnet']['levels'][1]['accuracy'] = 0.8149

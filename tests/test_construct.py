@@ -1,5 +1,6 @@
 """SteppingNet construction: MAC counts from level counts, budgets, the greedy fill,
 re-levelling trained weights, and importance scores against finite differences."""
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,32 @@ def _macs_by_layers(model):
   return np.cumsum(model.delta_macs().sum(0))
 
 
-@pytest.mark.parametrize('name,layers,mask_rule,triangular', [
-    ('lenet3c1l', testlib.LENET3, True, False), ('lenet5', testlib.LENET5, True, False),
-    ('mlp', ('fc1', 'fc2'), True, False), ('lenet3c1l', testlib.LENET3, False, False),
-    ('lenet5', testlib.LENET5, False, False), ('lenet3c1l', testlib.LENET3, True, True),
-    ('lenet5', testlib.LENET5, True, True)])
+@pytest.mark.parametrize(
+  'name,layers,mask_rule,triangular',
+  [
+    ('lenet3c1l', testlib.LENET3, True, False),
+    ('lenet5', testlib.LENET5, True, False),
+    ('mlp', ('fc1', 'fc2'), True, False),
+    ('lenet3c1l', testlib.LENET3, False, False),
+    ('lenet5', testlib.LENET5, False, False),
+    ('lenet3c1l', testlib.LENET3, True, True),
+    ('lenet5', testlib.LENET5, True, True),
+  ],
+)
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, seed):
   assignment = dict(testlib.random_assignment(layers, 4, seed=seed, low=1, high=7, allow_zero=True))
-  model = nnx.eval_shape(lambda: zoo.build_model(name, num_classes=10, input_shape=testlib.MNIST_SHAPE,
-                                                    num_levels=4, assignment=assignment, mask_rule=mask_rule,
-                                                    triangular=triangular))
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(
+      name,
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=4,
+      assignment=assignment,
+      mask_rule=mask_rule,
+      triangular=triangular,
+    )
+  )
   mm = budgets.MacModel.of(model)
   got = mm.subnet_macs([assignment[n] for n in mm.names])
   np.testing.assert_array_equal(got, _macs_by_layers(model))
@@ -42,8 +58,17 @@ def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, see
 
 def _lenet(num_levels, sizes, seed=0, triangular=False):
   with testlib.numpy_initializers(seed):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
-                               assignment=sizes, triangular=triangular, mean=(0.3,), std=(0.3,), seed=seed)
+    model = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=num_levels,
+      assignment=sizes,
+      triangular=triangular,
+      mean=(0.3,),
+      std=(0.3,),
+      seed=seed,
+    )
   return testlib.randomize(model, seed)
 
 
@@ -68,7 +93,7 @@ def test_assign_levels_meets_every_budget_within_one_neuron(triangular, allocati
   start = surgery.neuron_levels(model)
   new = construct.assign_levels(start, scores, mm, targets, allocation=allocation)
   rebuilt, _ = surgery.relevel(model, _meta(model), new)
-  macs = _macs_by_layers(rebuilt)   # counted by the layers' masks, not by MacModel
+  macs = _macs_by_layers(rebuilt)  # counted by the layers' masks, not by MacModel
   assert np.all(macs <= targets), (macs, targets)
   for n in testlib.LENET3:
     assert np.all((new[n] >= start[n]) | (new[n] == surgery.REMOVED)), 'neurons only move up'
@@ -79,8 +104,12 @@ def test_assign_levels_meets_every_budget_within_one_neuron(triangular, allocati
   # brute force over the layers' masks, not by MacModel).
   checked = 0
   for lvl in range(k):
-    moved = [(n, i) for n in testlib.LENET3 for i in range(12)
-             if start[n][i] <= lvl and (new[n][i] == surgery.REMOVED or new[n][i] > lvl)]
+    moved = [
+      (n, i)
+      for n in testlib.LENET3
+      for i in range(12)
+      if start[n][i] <= lvl and (new[n][i] == surgery.REMOVED or new[n][i] > lvl)
+    ]
     for n, i in moved:
       undo = {m: v.copy() for m, v in new.items()}
       undo[n][i] = lvl
@@ -94,7 +123,7 @@ def test_assign_levels_per_mac_meets_budgets_and_spares_cheap_neurons():
   k = 3
   model, mm, full = _level0_lenet(k, 12)
   targets = np.array([0.1, 0.4, 0.8]) * full
-  scores = {n: np.ones(12) for n in testlib.LENET3}    # equal importance: cost decides
+  scores = {n: np.ones(12) for n in testlib.LENET3}  # equal importance: cost decides
   start = surgery.neuron_levels(model)
   plain = construct.assign_levels(start, scores, mm, targets)
   per_mac = construct.assign_levels(start, scores, mm, targets, per_mac=True)
@@ -122,14 +151,24 @@ def test_check_budgets_rejects_infeasible():
 
 def test_construct_rejects_infeasible_budgets_before_training(tmp_path, monkeypatch):
   ds = datasets.load_dataset('digits')
-  cfg = config.from_dict({'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.1,
-                          'model.num_levels': 2, 'construction.budgets': (0.2, 5.0), 'construction.widen': 2.0,
-                          'train.num_epochs': 1, 'train.batch_size': 32, 'train.progress': False})
+  cfg = config.from_dict(
+    {
+      'method': 'steppingnet',
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.1,
+      'model.num_levels': 2,
+      'construction.budgets': (0.2, 5.0),
+      'construction.widen': 2.0,
+      'train.num_epochs': 1,
+      'train.batch_size': 32,
+      'train.progress': False,
+    }
+  )
   monkeypatch.setattr(run.PhasedRun, 'train', lambda *a, **k: pytest.fail('trained'))
   with pytest.raises(ValueError, match='exceeds the widened network'):
     construct.construct(cfg, str(tmp_path), ds)
   assert not (tmp_path / 'metrics.jsonl').exists(), 'wrote to the workdir before the checks'
-
 
 
 def test_relevel_unchanged_levels_is_identity():
@@ -174,13 +213,13 @@ def test_relevel_move_up_equals_hand_zeroed_connections():
     head[:, removed] = 0.0
   ref.head.kernel[...] = jnp.asarray(head)
   x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
-  testlib.assert_close(rebuilt(x), ref(x))   # top-level logits
+  testlib.assert_close(rebuilt(x), ref(x))  # top-level logits
 
 
 def _per_example_loss(model, x, y, weights):
   logits = model.exits(x)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[None, :])
-  return (jnp.asarray(weights)[:, None] * ce).sum(0)   # [B]
+  return (jnp.asarray(weights)[:, None] * ce).sum(0)  # [B]
 
 
 def _finite_difference(model, x, y, weights, layer, channel, eps=1e-3):
@@ -209,8 +248,9 @@ def test_taylor_scores_match_finite_differences(spec_id):
     c_count = got[layer].shape[0]
     for c in sorted({0, c_count // 2, c_count - 1}):
       fd = _finite_difference(model, xj, yj, w, layer, c)
-      np.testing.assert_allclose(got[layer][c], np.abs(fd).mean(), rtol=2e-2, atol=1e-6,
-                                 err_msg=f'layer {layer} channel {c}')
+      np.testing.assert_allclose(
+        got[layer][c], np.abs(fd).mean(), rtol=2e-2, atol=1e-6, err_msg=f'layer {layer} channel {c}'
+      )
 
 
 def test_class_based_importance_counts_classes_above_threshold():
@@ -239,19 +279,34 @@ def test_round_targets_reach_budgets_geometrically():
   cur = np.array([100.0, 100.0])
   b = np.array([10.0, 40.0])
   t1 = construct.round_targets(cur, b, 1, 2)
-  np.testing.assert_allclose(t1, np.floor([100 * (0.1 ** 0.5), 100 * (0.4 ** 0.5)]))
+  np.testing.assert_allclose(t1, np.floor([100 * (0.1**0.5), 100 * (0.4**0.5)]))
   np.testing.assert_array_equal(construct.round_targets(cur, b, 2, 2), b)
 
 
 def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   import stepnet_jax
+
   ds = datasets.load_dataset('digits')
-  cfg = config.from_dict({
-      'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125,
-      'model.num_levels': 3, 'construction.budgets': (0.15, 0.4, 0.9), 'construction.widen': 2.0,
-      'train.num_epochs': 3, 'train.batch_size': 64, 'optim.learning_rate': 3e-3, 'construction.pretrain_epochs': 1.0,
-      'construction.round_epochs': 0.5, 'construction.rounds': 2, 'construction.importance_examples': 128,
-      'train.progress': False, 'train.log_every_steps': 5})
+  cfg = config.from_dict(
+    {
+      'method': 'steppingnet',
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.125,
+      'model.num_levels': 3,
+      'construction.budgets': (0.15, 0.4, 0.9),
+      'construction.widen': 2.0,
+      'train.num_epochs': 3,
+      'train.batch_size': 64,
+      'optim.learning_rate': 3e-3,
+      'construction.pretrain_epochs': 1.0,
+      'construction.round_epochs': 0.5,
+      'construction.rounds': 2,
+      'construction.importance_examples': 128,
+      'train.progress': False,
+      'train.log_every_steps': 5,
+    }
+  )
   result = construct.construct(cfg, str(tmp_path), ds)
   net = stepnet_jax.load(str(tmp_path))
   macs = np.asarray(net.level_macs)
@@ -261,7 +316,7 @@ def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
   # stepping the constructed net gives the direct subnet logits
   x = jnp.asarray(ds.test_images[:8])
   cache = net.start(x)
-  for lvl in range(1, net.num_levels):
+  for _lvl in range(1, net.num_levels):
     cache = net.advance(cache)
   testlib.assert_close(cache.logits, net.forward(x, net.num_levels - 1))
   # Observed 0.386 / 0.547 / 0.856 on an AMD EPYC and 0.331 / 0.483 / 0.858 on an Intel Xeon
@@ -274,11 +329,23 @@ def test_construct_end_to_end_meets_budgets_and_loads(tmp_path):
 def test_rounds_without_retraining_still_relevel(tmp_path):
   """``round_epochs=0``: every round ends at the pretraining's step; each still re-levels
   (two rounds logged) and the budgets are met."""
-  cfg = config.from_dict({
-      'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125,
-      'model.num_levels': 2, 'construction.budgets': (0.2, 0.6), 'train.num_epochs': 1, 'train.batch_size': 64,
-      'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.0, 'construction.rounds': 2,
-      'construction.importance_examples': 64, 'train.progress': False})
+  cfg = config.from_dict(
+    {
+      'method': 'steppingnet',
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.125,
+      'model.num_levels': 2,
+      'construction.budgets': (0.2, 0.6),
+      'train.num_epochs': 1,
+      'train.batch_size': 64,
+      'construction.pretrain_epochs': 0.5,
+      'construction.round_epochs': 0.0,
+      'construction.rounds': 2,
+      'construction.importance_examples': 64,
+      'train.progress': False,
+    }
+  )
   result = construct.construct(cfg, str(tmp_path), datasets.subset(datasets.load_dataset('digits'), train=640))
   assert [r['round'] for r in result['rounds']] == [1, 2]
   assert np.all(np.asarray(result['level_macs']) <= np.asarray(result['budget_macs']))
@@ -286,10 +353,22 @@ def test_rounds_without_retraining_still_relevel(tmp_path):
 
 def test_finished_construction_is_reused_and_other_settings_refused(tmp_path, monkeypatch):
   ds = datasets.load_dataset('digits')
-  kw = {'method': 'steppingnet', 'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.0625,
-        'model.num_levels': 2, 'construction.budgets': (0.3, 0.9), 'construction.widen': 2.0, 'train.num_epochs': 1,
-        'train.batch_size': 128, 'construction.pretrain_epochs': 0.5, 'construction.round_epochs': 0.25,
-        'construction.rounds': 1, 'construction.importance_examples': 64, 'train.progress': False}
+  kw = {
+    'method': 'steppingnet',
+    'data.name': 'digits',
+    'model.name': 'mlp',
+    'model.width': 0.0625,
+    'model.num_levels': 2,
+    'construction.budgets': (0.3, 0.9),
+    'construction.widen': 2.0,
+    'train.num_epochs': 1,
+    'train.batch_size': 128,
+    'construction.pretrain_epochs': 0.5,
+    'construction.round_epochs': 0.25,
+    'construction.rounds': 1,
+    'construction.importance_examples': 64,
+    'train.progress': False,
+  }
   first = construct.construct(config.from_dict(kw), str(tmp_path), ds)
   monkeypatch.setattr(run.PhasedRun, 'train', lambda *a, **k: pytest.fail('retrained'))
   assert construct.construct(config.from_dict(kw), str(tmp_path), ds) == first
@@ -307,8 +386,8 @@ def test_uniform_allocation_shrinks_layers_alike():
   assert np.all(mm.subnet_macs(mm.counts_of(new, k)) <= targets)
   for lvl in range(k):
     kept = [np.sum((new[n] >= 0) & (new[n] <= lvl)) for n in testlib.LENET3]
-    assert max(kept) - min(kept) <= 1, (lvl, kept)     # equal widths (all layers have 16 channels)
-  for n in testlib.LENET3:   # inside a layer, importance decides: level-0 neurons outrank the rest
+    assert max(kept) - min(kept) <= 1, (lvl, kept)  # equal widths (all layers have 16 channels)
+  for n in testlib.LENET3:  # inside a layer, importance decides: level-0 neurons outrank the rest
     if np.any(new[n] > 0):
       assert scores[n][new[n] == 0].min() >= scores[n][(new[n] > 0) | (new[n] < 0)].max()
   # uniform_fill starts from the same equal shares and only adds level-0 neurons into the slack
@@ -321,8 +400,8 @@ def test_uniform_allocation_shrinks_layers_alike():
 def test_saved_configs_match_with_defaults_for_new_keys():
   cfg = config.from_dict({'train.num_epochs': 2})
   saved = json.loads(json.dumps(cfg.to_dict()))
-  del saved['construction']['allocation']                 # a key added after the config was saved
+  del saved['construction']['allocation']  # a key added after the config was saved
   assert config.differing_keys(saved, cfg) == []
   assert config.differing_keys(config.merge(saved, {'train': {'num_epochs': 3}}), cfg) == ['train.num_epochs']
-  assert config.differing_keys(config.merge(saved, {'train': {'progress': False}}), cfg) == []   # reporting only
-  assert config.differing_keys(config.merge(saved, {'selection': {'epochs': 3}}), cfg) == []     # not the network's
+  assert config.differing_keys(config.merge(saved, {'train': {'progress': False}}), cfg) == []  # reporting only
+  assert config.differing_keys(config.merge(saved, {'selection': {'epochs': 3}}), cfg) == []  # not the network's

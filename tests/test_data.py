@@ -1,4 +1,5 @@
 """Dataset loading: IDX files (real Fashion-MNIST and hand-written ones), digits, TFDS (mocked)."""
+
 import gzip
 import os
 import struct
@@ -31,10 +32,10 @@ def make_idx_dir(root, n_train=7, n_test=3, h=5, w=4, gz=(), names=None, seed=0)
   """Four IDX files in ``root``; the keys in ``gz`` are gzipped."""
   rng = np.random.RandomState(seed)
   arrays = {
-      'train_images': rng.randint(0, 256, (n_train, h, w)).astype(np.uint8),
-      'train_labels': rng.randint(0, 4, n_train).astype(np.uint8),
-      'test_images': rng.randint(0, 256, (n_test, h, w)).astype(np.uint8),
-      'test_labels': rng.randint(0, 4, n_test).astype(np.uint8),
+    'train_images': rng.randint(0, 256, (n_train, h, w)).astype(np.uint8),
+    'train_labels': rng.randint(0, 4, n_train).astype(np.uint8),
+    'test_images': rng.randint(0, 256, (n_test, h, w)).astype(np.uint8),
+    'test_labels': rng.randint(0, 4, n_test).astype(np.uint8),
   }
   arrays['train_labels'][0] = 3  # 4 classes
   names = names or datasets.IDX_FILES
@@ -50,8 +51,8 @@ def make_idx_dir(root, n_train=7, n_test=3, h=5, w=4, gz=(), names=None, seed=0)
 def _parse_gz_by_hand(path):
   raw = gzip.open(path, 'rb').read()
   ndim = raw[3]
-  dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
-  return np.frombuffer(raw[4 + 4 * ndim:], np.uint8).reshape(dims)
+  dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)]
+  return np.frombuffer(raw[4 + 4 * ndim :], np.uint8).reshape(dims)
 
 
 def test_fashion_mnist_from_debian_package(fashion_mnist):
@@ -80,7 +81,7 @@ def test_read_idx_real_labels():
 def test_channel_stats_and_subset(fashion_mnist):
   small = datasets.subset(fashion_mnist, train=300, test=50, seed=3)
   assert small.train_images.shape == (300, 28, 28, 1) and small.test_labels.shape == (50,)
-  assert len(np.unique(small.train_labels)) == 10   # class-mixed
+  assert len(np.unique(small.train_labels)) == 10  # class-mixed
   again = datasets.subset(fashion_mnist, train=300, test=50, seed=3)
   np.testing.assert_array_equal(small.train_images, again.train_images)
   other = datasets.subset(fashion_mnist, train=300, test=50, seed=4)
@@ -141,7 +142,7 @@ def _assert_names(excinfo, *parts):
 @pytest.mark.parametrize('suffix', ['', '.gz'])
 def test_bad_magic(tmp_path, suffix):
   payload = bytearray(idx_bytes(np.zeros((2, 2))))
-  payload[0] = 0x1f
+  payload[0] = 0x1F
   p = write(tmp_path / f'bad{suffix}', bytes(payload))
   with pytest.raises(DatasetError) as e:
     datasets.read_idx(p)
@@ -191,7 +192,7 @@ def test_truncated_gzip_stream(tmp_path):
   raw = good.read_bytes()
   p = write(tmp_path / 'cut.gz', b'')
   with open(p, 'wb') as f:
-    f.write(raw[:len(raw) // 2])
+    f.write(raw[: len(raw) // 2])
   with pytest.raises(DatasetError) as e:
     datasets.read_idx(p)
   _assert_names(e, p)
@@ -200,7 +201,7 @@ def test_truncated_gzip_stream(tmp_path):
 def test_label_count_mismatch(tmp_path):
   make_idx_dir(tmp_path)
   labels = tmp_path / datasets.IDX_FILES['test_labels']
-  write(labels, idx_bytes(np.zeros(5)))       # 5 labels for 3 images
+  write(labels, idx_bytes(np.zeros(5)))  # 5 labels for 3 images
   with pytest.raises(DatasetError) as e:
     datasets.load_idx(str(tmp_path))
   _assert_names(e, labels)
@@ -248,6 +249,7 @@ def test_digits():
   assert ds.train_images.max() == 255 and ds.num_classes == 10
   assert set(np.unique(ds.test_labels)) == set(range(10))
   from sklearn.datasets import load_digits
+
   d = load_digits()
   # Every image is a rescaled sklearn image with its label.
   ref = {tuple(np.round(im * 255 / 16).astype(np.uint8).ravel()): int(t) for im, t in zip(d.images, d.target)}

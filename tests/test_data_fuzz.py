@@ -6,6 +6,7 @@ images, labels 0..9, plain or gzipped), breaks one file, and checks that
 exception type and never a silently accepted dataset. The seeded fuzz cases check each
 outcome against an independent parse of the bytes written.
 """
+
 import gzip
 import os
 import struct
@@ -41,10 +42,10 @@ def valid_arrays() -> dict[str, np.ndarray]:
   """20 train + 10 test random 28x28 images; labels cover 0..9 (each twice in train)."""
   rng = np.random.default_rng(1234)
   return {
-      'train_images': rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-      'train_labels': np.array([i % 10 for i in range(20)], np.uint8),
-      'test_images': rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
-      'test_labels': np.array([9, 0, 1, 2, 3, 4, 5, 6, 7, 8], np.uint8),
+    'train_images': rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+    'train_labels': np.array([i % 10 for i in range(20)], np.uint8),
+    'test_images': rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+    'test_labels': np.array([9, 0, 1, 2, 3, 4, 5, 6, 7, 8], np.uint8),
   }
 
 
@@ -104,47 +105,46 @@ _CRC_BAD[-8] ^= 0xFF
 
 # (id, file to break, gzipped set, raw bytes of that file (None: missing), message fragment)
 MALFORMED = [
-    ('empty-plain', 'train_images', False, b'', 'magic'),
-    ('empty-gz-file', 'test_labels', True, b'', 'magic'),
-    ('empty-gz-stream', 'train_labels', True, gz(b''), 'magic'),
-    ('magic-only', 'train_images', False, _TRAIN[:4], 'header truncated'),
-    ('header-cut', 'train_images', False, _TRAIN[:9], 'header truncated'),
-    ('truncated-1', 'train_images', False, _TRAIN[:-1], 'header promises'),
-    ('truncated-half', 'test_images', False, idx_bytes(_A['test_images'])[:3000], 'header promises'),
-    ('truncated-labels', 'train_labels', False, idx_bytes(_A['train_labels'])[:-3], 'header promises'),
-    ('truncated-payload-gz', 'train_images', True, gz(_TRAIN[:-100]), 'header promises'),
-    ('trailing-bytes', 'test_labels', False, idx_bytes(_A['test_labels']) + b'\0', 'header promises'),
-    ('header-more', 'train_images', False, header(3, 21, 28, 28) + _A['train_images'].tobytes(), 'header promises'),
-    ('header-less', 'train_images', False, header(3, 19, 28, 28) + _A['train_images'].tobytes(), 'header promises'),
-    ('header-huge', 'train_images', False, header(3, 2**32 - 1, 2**32 - 1, 2**32 - 1), 'header promises'),
-    ('header-int64-wrap', 'train_images', False, header(3, 2**31, 2**31, 4), 'header promises'),
-    ('magic-byte0', 'train_images', False, b'\x01' + _TRAIN[1:], 'magic'),
-    ('magic-gzip-id', 'test_images', False, b'\x1f\x8b' + idx_bytes(_A['test_images'])[2:], 'magic'),
-    ('type-float32', 'train_images', False, idx_bytes(_A['train_images'], 0x0D), 'element type'),
-    ('type-int8', 'train_labels', False, idx_bytes(_A['train_labels'], 0x09), 'element type'),
-    ('type-int32-gz', 'test_labels', True, gz(idx_bytes(_A['test_labels'], 0x0C)), 'element type'),
-    ('ndim-0', 'test_labels', False, header(0) + b'\x05', '0 dimensions'),
-    ('ndim-255', 'train_images', False, header(255) + b'\0' * 64, 'header truncated'),
-    ('images-2d', 'train_images', False, idx_bytes(_A['train_images'].reshape(20, 784)), '3-D'),
-    ('images-1d', 'test_images', False, idx_bytes(_A['test_images'].reshape(-1)), '3-D'),
-    ('images-4d', 'train_images', False, idx_bytes(_A['train_images'][..., None]), '3-D'),
-    ('labels-2d', 'train_labels', False, idx_bytes(_A['train_labels'].reshape(2, 10)), '1-D'),
-    ('labels-2d-column', 'test_labels', True, gz(idx_bytes(_A['test_labels'][:, None])), '1-D'),
-    ('labels-fewer', 'train_labels', False, idx_bytes(_A['train_labels'][:19]), '19 labels for 20 images'),
-    ('labels-more', 'test_labels', False, idx_bytes(np.zeros(11)), '11 labels for 10 images'),
-    ('images-fewer', 'test_images', False, idx_bytes(_A['test_images'][:9]), '10 labels for 9 images'),
-    ('images-n0', 'train_images', False, idx_bytes(np.zeros((0, 28, 28))), 'no images'),
-    ('images-h0', 'train_images', False, idx_bytes(np.zeros((20, 0, 28))), 'no images'),
-    ('images-w0-gz', 'test_images', True, gz(idx_bytes(np.zeros((10, 28, 0)))), 'no images'),
-    ('image-size-mismatch', 'test_images', False, idx_bytes(np.zeros((10, 27, 28))), '(27, 28)'),
-    ('gz-not-gzip', 'train_images', True, _TRAIN, 'corrupt or truncated gzip'),
-    ('gz-random-bytes', 'test_labels', True, np.random.default_rng(5).bytes(300), 'corrupt or truncated gzip'),
-    ('gz-truncated-stream', 'train_images', True, gz(_TRAIN)[:200], 'corrupt or truncated gzip'),
-    ('gz-no-trailer', 'train_images', True, gz(_TRAIN)[:-8], 'corrupt or truncated gzip'),
-    ('gz-bad-block', 'train_images', True, bytes(_DEFLATE_BAD_BLOCK), 'corrupt or truncated gzip'),
-    ('gz-bad-crc', 'train_images', True, bytes(_CRC_BAD), 'corrupt or truncated gzip'),
-    ('gz-trailing-garbage', 'test_images', True, gz(idx_bytes(_A['test_images'])) + b'junk',
-     'corrupt or truncated gzip'),
+  ('empty-plain', 'train_images', False, b'', 'magic'),
+  ('empty-gz-file', 'test_labels', True, b'', 'magic'),
+  ('empty-gz-stream', 'train_labels', True, gz(b''), 'magic'),
+  ('magic-only', 'train_images', False, _TRAIN[:4], 'header truncated'),
+  ('header-cut', 'train_images', False, _TRAIN[:9], 'header truncated'),
+  ('truncated-1', 'train_images', False, _TRAIN[:-1], 'header promises'),
+  ('truncated-half', 'test_images', False, idx_bytes(_A['test_images'])[:3000], 'header promises'),
+  ('truncated-labels', 'train_labels', False, idx_bytes(_A['train_labels'])[:-3], 'header promises'),
+  ('truncated-payload-gz', 'train_images', True, gz(_TRAIN[:-100]), 'header promises'),
+  ('trailing-bytes', 'test_labels', False, idx_bytes(_A['test_labels']) + b'\0', 'header promises'),
+  ('header-more', 'train_images', False, header(3, 21, 28, 28) + _A['train_images'].tobytes(), 'header promises'),
+  ('header-less', 'train_images', False, header(3, 19, 28, 28) + _A['train_images'].tobytes(), 'header promises'),
+  ('header-huge', 'train_images', False, header(3, 2**32 - 1, 2**32 - 1, 2**32 - 1), 'header promises'),
+  ('header-int64-wrap', 'train_images', False, header(3, 2**31, 2**31, 4), 'header promises'),
+  ('magic-byte0', 'train_images', False, b'\x01' + _TRAIN[1:], 'magic'),
+  ('magic-gzip-id', 'test_images', False, b'\x1f\x8b' + idx_bytes(_A['test_images'])[2:], 'magic'),
+  ('type-float32', 'train_images', False, idx_bytes(_A['train_images'], 0x0D), 'element type'),
+  ('type-int8', 'train_labels', False, idx_bytes(_A['train_labels'], 0x09), 'element type'),
+  ('type-int32-gz', 'test_labels', True, gz(idx_bytes(_A['test_labels'], 0x0C)), 'element type'),
+  ('ndim-0', 'test_labels', False, header(0) + b'\x05', '0 dimensions'),
+  ('ndim-255', 'train_images', False, header(255) + b'\0' * 64, 'header truncated'),
+  ('images-2d', 'train_images', False, idx_bytes(_A['train_images'].reshape(20, 784)), '3-D'),
+  ('images-1d', 'test_images', False, idx_bytes(_A['test_images'].reshape(-1)), '3-D'),
+  ('images-4d', 'train_images', False, idx_bytes(_A['train_images'][..., None]), '3-D'),
+  ('labels-2d', 'train_labels', False, idx_bytes(_A['train_labels'].reshape(2, 10)), '1-D'),
+  ('labels-2d-column', 'test_labels', True, gz(idx_bytes(_A['test_labels'][:, None])), '1-D'),
+  ('labels-fewer', 'train_labels', False, idx_bytes(_A['train_labels'][:19]), '19 labels for 20 images'),
+  ('labels-more', 'test_labels', False, idx_bytes(np.zeros(11)), '11 labels for 10 images'),
+  ('images-fewer', 'test_images', False, idx_bytes(_A['test_images'][:9]), '10 labels for 9 images'),
+  ('images-n0', 'train_images', False, idx_bytes(np.zeros((0, 28, 28))), 'no images'),
+  ('images-h0', 'train_images', False, idx_bytes(np.zeros((20, 0, 28))), 'no images'),
+  ('images-w0-gz', 'test_images', True, gz(idx_bytes(np.zeros((10, 28, 0)))), 'no images'),
+  ('image-size-mismatch', 'test_images', False, idx_bytes(np.zeros((10, 27, 28))), '(27, 28)'),
+  ('gz-not-gzip', 'train_images', True, _TRAIN, 'corrupt or truncated gzip'),
+  ('gz-random-bytes', 'test_labels', True, np.random.default_rng(5).bytes(300), 'corrupt or truncated gzip'),
+  ('gz-truncated-stream', 'train_images', True, gz(_TRAIN)[:200], 'corrupt or truncated gzip'),
+  ('gz-no-trailer', 'train_images', True, gz(_TRAIN)[:-8], 'corrupt or truncated gzip'),
+  ('gz-bad-block', 'train_images', True, bytes(_DEFLATE_BAD_BLOCK), 'corrupt or truncated gzip'),
+  ('gz-bad-crc', 'train_images', True, bytes(_CRC_BAD), 'corrupt or truncated gzip'),
+  ('gz-trailing-garbage', 'test_images', True, gz(idx_bytes(_A['test_images'])) + b'junk', 'corrupt or truncated gzip'),
 ]
 
 
@@ -162,8 +162,9 @@ def test_both_files_of_a_split_empty(tmp_path):
   """0 images with 0 labels is consistent but useless: refused, not a dataset with an empty split."""
   for split in ('train', 'test'):
     root = tmp_path / split
-    paths = write_set(root, files={f'{split}_images': idx_bytes(np.zeros((0, 28, 28))),
-                                   f'{split}_labels': idx_bytes(np.zeros(0))})
+    paths = write_set(
+      root, files={f'{split}_images': idx_bytes(np.zeros((0, 28, 28))), f'{split}_labels': idx_bytes(np.zeros(0))}
+    )
     with pytest.raises(DatasetError, match='no images') as e:
       datasets.load_dataset(f'idx:{root}')
     assert paths[f'{split}_images'] in str(e.value)
@@ -219,7 +220,7 @@ def test_test_label_outside_training_classes(tmp_path, bad):
 
 def test_num_classes_from_training_labels(tmp_path):
   """num_classes = max training label + 1; gaps in the training labels are allowed."""
-  train = np.array([i % 5 for i in range(20)], np.uint8)      # classes 0..4
+  train = np.array([i % 5 for i in range(20)], np.uint8)  # classes 0..4
   test = np.array([4, 3, 2, 1, 0, 0, 1, 2, 3, 4], np.uint8)
   write_set(tmp_path / 'five', files={'train_labels': idx_bytes(train), 'test_labels': idx_bytes(test)})
   ds = datasets.load_dataset(f'idx:{tmp_path / "five"}')
@@ -247,8 +248,8 @@ def parse_idx(raw: bytes, gzipped: bool) -> np.ndarray | None:
   if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 8 or raw[3] == 0 or len(raw) < 4 + 4 * raw[3]:
     return None
   ndim = raw[3]
-  dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
-  body = raw[4 + 4 * ndim:]
+  dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)]
+  body = raw[4 + 4 * ndim :]
   if len(body) != int(np.prod(dims, dtype=object)):
     return None
   return np.frombuffer(body, np.uint8).reshape(dims)
@@ -273,7 +274,7 @@ def corrupt(seed: int) -> tuple[str, str, bool, bytes, str]:
   expected = 'either'
   if kind == 'truncate':
     full = gz(bytes(payload)) if gzipped else bytes(payload)
-    return kind, key, gzipped, full[:int(rng.integers(len(full)))], 'fail'
+    return kind, key, gzipped, full[: int(rng.integers(len(full)))], 'fail'
   if kind == 'header_flip':  # random bits, or an off-by-one (ndim 2 or 4, one image too many, ...)
     for i in rng.choice(head, size=int(rng.integers(1, 3)), replace=False):
       if rng.integers(2):
@@ -362,6 +363,7 @@ def _no_tensorflow() -> ModuleNotFoundError:
 def _no_tensorflow_tfds_style() -> ModuleNotFoundError:
   """As TFDS re-raises it: etils.epy.reraise adds a prefix and loses ``.name``."""
   from etils import epy
+
   try:
     try:
       raise _no_tensorflow()
@@ -398,10 +400,16 @@ MISSING_TENSORFLOW = (("'tensorflow' is not installed", 'pip install ".[tfds]"')
 NETWORK = (('internet access', 'Temporary failure in name resolution'), ('not installed',))
 
 
-@pytest.mark.parametrize('make, expected', [
-    (_no_tensorflow, MISSING_TENSORFLOW), (_no_tensorflow_tfds_style, MISSING_TENSORFLOW),
+@pytest.mark.parametrize(
+  'make, expected',
+  [
+    (_no_tensorflow, MISSING_TENSORFLOW),
+    (_no_tensorflow_tfds_style, MISSING_TENSORFLOW),
     (_no_tensorflow_as_cause, MISSING_TENSORFLOW),
-    (_connection_error, NETWORK), (_connection_error_after_optional_import, NETWORK)])
+    (_connection_error, NETWORK),
+    (_connection_error_after_optional_import, NETWORK),
+  ],
+)
 def test_tfds_failures_name_their_cause(tmp_path, failing_tfds, make, expected):
   """A missing TensorFlow is reported as such, with the pip command, not as a network
   problem; a network failure keeps the internet hint, even with an unrelated ImportError

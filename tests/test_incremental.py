@@ -6,6 +6,7 @@ forward (the numpy references of test_api check those); stepping starts from buf
 full of NaN, so a step that read a channel it had not computed would show; and the
 cache holds exactly the channels of levels <= k (the upper ones are never computed).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +99,13 @@ def test_stepping_some_rows_leaves_the_others(spec_id):
     out = []
     for k in range(1, spec.num_levels):
       cache = m.step(cache, k, jnp.asarray(rows))
-      out.append((cache.logits, [unit_buffer(c) for c in cache.units],
-                  [c[0] if isinstance(c, tuple) else None for c in cache.units]))
+      out.append(
+        (
+          cache.logits,
+          [unit_buffer(c) for c in cache.units],
+          [c[0] if isinstance(c, tuple) else None for c in cache.units],
+        )
+      )
     return out
 
   model = built_model(spec_id)
@@ -111,7 +117,7 @@ def test_stepping_some_rows_leaves_the_others(spec_id):
       assert_close(buf[rows][..., :e], ref[rows][..., :e], RTOL, ATOL)
       assert np.isnan(buf[others][..., e0:]).all(), f'{spec_id}: level {k} wrote a row it was not given'
     for unit, inner in zip(model.units, inners):
-      if inner is not None:                                   # a residual block's inner activation
+      if inner is not None:  # a residual block's inner activation
         e0 = block_end(unit.conv1.conn.out_sizes, 0)
         assert np.isnan(inner[others][..., e0:]).all(), f'{spec_id}: level {k} wrote an inner row it was not given'
 
@@ -171,18 +177,18 @@ def test_stepping_out_of_order_raises(net):
   x = images(model.input_shape, batch=4)
   cache0 = fns.start(v, x)
   with pytest.raises(ValueError):
-    fns.levels[2](v, cache0)                # skips level 1
+    fns.levels[2](v, cache0)  # skips level 1
   with pytest.raises(ValueError):
-    model.step(model.init_cache(x), 1)      # nothing computed yet
+    model.step(model.init_cache(x), 1)  # nothing computed yet
   cache1 = fns.levels[1](v, cache0)
   with pytest.raises(ValueError):
-    fns.levels[1](v, cache1)                # repeats level 1
+    fns.levels[1](v, cache1)  # repeats level 1
   with pytest.raises(ValueError):
     model.step(cache1, 1)
   top = fns.advance(v, cache1)
   assert top.level == model.num_levels - 1
   with pytest.raises(ValueError):
-    fns.advance(v, top)                     # past the top level
+    fns.advance(v, top)  # past the top level
   with pytest.raises(ValueError):
     model.step(top, model.num_levels)
 
@@ -219,8 +225,7 @@ def test_step_k_costs_only_level_k_macs(exit_heads):
   body cost analysis counts once.
   """
   with numpy_initializers(0):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4,
-                               exit_heads=exit_heads)
+    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4, exit_heads=exit_heads)
   graphdef, variables = stepping.split(model)
   fns = stepping.make_step_functions(graphdef, 4)
   delta = model.delta_macs().sum(axis=0)
@@ -231,7 +236,7 @@ def test_step_k_costs_only_level_k_macs(exit_heads):
     ratio = _flops(compiled) / (2.0 * delta[k])
     assert 0.9 <= ratio <= 1.2, f'level {k}: flops / (2 * delta MACs) = {ratio:.3f}'
     if k:
-      assert _flops(compiled) < 0.7 * 2.0 * delta[:k + 1].sum()
+      assert _flops(compiled) < 0.7 * 2.0 * delta[: k + 1].sum()
     cache = fns.levels[0](variables, x) if k == 0 else fns.levels[k](variables, cache)
 
 
@@ -269,10 +274,10 @@ def test_export_start(net):
   fn = jax.jit(lambda x: net.start(x).logits)
   exported = jax.export.export(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
   assert_close(exported.call(x), net.start(x).logits, RTOL, ATOL)
-  restored = jax.export.deserialize(exported.serialize())   # needs flatbuffers (a test dependency)
+  restored = jax.export.deserialize(exported.serialize())  # needs flatbuffers (a test dependency)
   assert_close(restored.call(x), net.start(x).logits, RTOL, ATOL)
   # Shape-polymorphic batch.
-  b, = jax.export.symbolic_shape('b')
+  (b,) = jax.export.symbolic_shape('b')
   poly = jax.export.export(fn)(jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype))
   for n in (1, 3):
     xn = images((28, 28, 1), batch=n, seed=5 + n)

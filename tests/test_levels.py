@@ -1,4 +1,5 @@
 """Static level metadata (levels.py) against brute-force reference computations."""
+
 import numpy as np
 import pytest
 from testlib import brute_mask, level_array
@@ -6,12 +7,12 @@ from testlib import brute_mask, level_array
 from stepnet_jax.core import levels as lv
 
 SIZE_CASES = [
-    ((3,), (4,)),
-    ((1, 0, 0), (4, 3, 5)),           # image input: all level 0
-    ((2, 3, 1), (4, 3, 5)),
-    ((4, 3, 5), (2, 3, 1)),
-    ((0, 3, 2, 2), (2, 0, 1, 3)),     # empty level blocks
-    ((5, 5, 5, 5), (5, 5, 5, 5)),
+  ((3,), (4,)),
+  ((1, 0, 0), (4, 3, 5)),  # image input: all level 0
+  ((2, 3, 1), (4, 3, 5)),
+  ((4, 3, 5), (2, 3, 1)),
+  ((0, 3, 2, 2), (2, 0, 1, 3)),  # empty level blocks
+  ((5, 5, 5, 5), (5, 5, 5, 5)),
 ]
 
 
@@ -76,7 +77,7 @@ def test_prefix_and_block_masks():
   conn = lv.Connectivity(in_sizes, out_sizes, True)
   full = brute_mask(in_sizes, out_sizes, True)
   for k in range(3):
-    ie, os_, oe = sum(in_sizes[:k + 1]), sum(out_sizes[:k]), sum(out_sizes[:k + 1])
+    ie, os_, oe = sum(in_sizes[: k + 1]), sum(out_sizes[:k]), sum(out_sizes[: k + 1])
     pm = conn.prefix_mask(k)
     bm = conn.block_mask(k)
     np.testing.assert_array_equal(full[:ie, :oe] if pm is None else pm, full[:ie, :oe])
@@ -103,8 +104,7 @@ def test_sizes_from_widths_awn_45():
 
 
 @pytest.mark.parametrize('channels', [1, 5, 8, 32, 64, 100])
-@pytest.mark.parametrize('widths', [(1.0,), (0.5, 1.0), (1 / 3, 2 / 3, 1.0), (0.25, 0.5, 0.75, 1.0),
-                                    (0.1, 0.6, 1.0)])
+@pytest.mark.parametrize('widths', [(1.0,), (0.5, 1.0), (1 / 3, 2 / 3, 1.0), (0.25, 0.5, 0.75, 1.0), (0.1, 0.6, 1.0)])
 def test_sizes_from_widths_round_half_up(channels, widths):
   sizes = lv.sizes_from_widths(channels, widths)
   assert len(sizes) == len(widths) and sum(sizes) == channels and min(sizes) >= 0
@@ -113,8 +113,7 @@ def test_sizes_from_widths_round_half_up(channels, widths):
     assert cum[k] == int(np.floor(w * channels + 0.5))
 
 
-@pytest.mark.parametrize('widths', [(0.5, 0.5, 1.0), (0.6, 0.4, 1.0), (0.0, 1.0), (0.5, 0.9), (0.5, 1.2),
-                                    (-0.1, 1.0)])
+@pytest.mark.parametrize('widths', [(0.5, 0.5, 1.0), (0.6, 0.4, 1.0), (0.0, 1.0), (0.5, 0.9), (0.5, 1.2), (-0.1, 1.0)])
 def test_sizes_from_widths_invalid(widths):
   with pytest.raises(ValueError):
     lv.sizes_from_widths(16, widths)
@@ -137,12 +136,15 @@ def test_sizes_from_levels_round_trip(seed):
     assert list(idx) == sorted(idx)
 
 
-@pytest.mark.parametrize('levels,k', [
-    (np.array([0, 1, 4]), 4),           # out of range
-    (np.array([0, -1]), 2),             # negative
-    (np.array([[0, 1]]), 2),            # not 1-D
-    (np.array([0.0, 1.0]), 2),          # not integer
-])
+@pytest.mark.parametrize(
+  'levels,k',
+  [
+    (np.array([0, 1, 4]), 4),  # out of range
+    (np.array([0, -1]), 2),  # negative
+    (np.array([[0, 1]]), 2),  # not 1-D
+    (np.array([0.0, 1.0]), 2),  # not integer
+  ],
+)
 def test_sizes_from_levels_invalid(levels, k):
   with pytest.raises(ValueError):
     lv.sizes_from_levels(levels, k)

@@ -1,4 +1,5 @@
 """multi_exit_loss against a hand-written numpy computation, and one-pass exits."""
+
 import types
 
 import jax
@@ -34,12 +35,15 @@ def reference_loss(logits, labels, weights, distill_weight, t):
   return loss, ce, distill
 
 
-@pytest.mark.parametrize('weights,distill_weight,t', [
+@pytest.mark.parametrize(
+  'weights,distill_weight,t',
+  [
     ((1.0, 1.0, 1.0), 0.0, 1.0),
     ((0.2, 0.5, 2.0), 0.0, 1.0),
     ((1.0, 1.0, 1.0), 0.7, 4.0),
     ((0.0, 1.0, 3.0), 1.5, 2.0),
-])
+  ],
+)
 def test_multi_exit_loss_matches_numpy(weights, distill_weight, t):
   rng = np.random.RandomState(0)
   logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
@@ -61,15 +65,18 @@ def test_in_place_distillation_replaces_the_lower_exits_labels(weights, t):
   loss, aux = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, 0.0, t, 'replace')
   _, ce, _ = reference_loss(logits, labels, weights, 0.0, t)
   p = np.exp(_log_softmax(np.asarray(logits[-1], np.float64) / t))
-  kls = [t * t * np.mean(np.sum(p * (np.log(p) - _log_softmax(np.asarray(logits[j], np.float64) / t)), -1))
-         for j in range(2)]
+  kls = [
+    t * t * np.mean(np.sum(p * (np.log(p) - _log_softmax(np.asarray(logits[j], np.float64) / t)), -1)) for j in range(2)
+  ]
   w = np.asarray(weights)
   np.testing.assert_allclose(float(loss), (w[0] * kls[0] + w[1] * kls[1] + w[2] * ce[2]) / w.sum(), rtol=1e-5)
   np.testing.assert_allclose(float(aux['distill']), np.mean(kls), rtol=1e-5)
   grad = jax.grad(lambda z: losses.multi_exit_loss(z, jnp.asarray(labels), weights, 0.0, t, 'replace')[0])(
-      jnp.asarray(logits))
+    jnp.asarray(logits)
+  )
   top_ce = jax.grad(lambda z: w[2] / w.sum() * losses.multi_exit_loss(z[None], jnp.asarray(labels), (1.0,))[0])(
-      jnp.asarray(logits[-1]))
+    jnp.asarray(logits[-1])
+  )
   assert_close(grad[-1], top_ce)
   with pytest.raises(ValueError, match='unknown distillation mode'):
     losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, 0.0, t, 'mix')
@@ -84,8 +91,9 @@ def test_label_smoothing_mixes_the_labels_with_the_uniform_distribution(e):
   logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
   labels = rng.randint(0, 5, 6)
   logp = np.stack([[_log_softmax(np.asarray(logits[j, n], np.float64)) for n in range(6)] for j in range(3)])
-  ce = np.array([np.mean([-(1 - e) * logp[j, n, labels[n]] - e * logp[j, n].mean() for n in range(6)])
-                 for j in range(3)])
+  ce = np.array(
+    [np.mean([-(1 - e) * logp[j, n, labels[n]] - e * logp[j, n].mean() for n in range(6)]) for j in range(3)]
+  )
   weights = (0.5, 1.0, 2.0)
   loss, aux = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(labels), weights, label_smoothing=e)
   np.testing.assert_allclose(np.asarray(aux['ce']), ce, rtol=1e-5)
@@ -96,13 +104,17 @@ def test_label_smoothing_mixes_the_labels_with_the_uniform_distribution(e):
     with pytest.raises(ValueError, match='loss.label_smoothing'):
       config.from_dict(config.merge(config.base_config().to_dict(), {'loss': {'label_smoothing': bad}}))
 
-  class Exits:                      # a model whose exits are the logits above
+  class Exits:  # a model whose exits are the logits above
     def exits(self, images, train, levels=None):
       return jnp.asarray(logits if levels is None else logits[np.asarray(levels)])
+
   batch = types.SimpleNamespace(images=None, labels=jnp.asarray(labels))
-  cfg = config.from_dict(config.merge(config.base_config().to_dict(),
-                                      {'model': {'num_levels': 3}, 'loss': {'exit_weights': weights,
-                                                                             'label_smoothing': e}}))
+  cfg = config.from_dict(
+    config.merge(
+      config.base_config().to_dict(),
+      {'model': {'num_levels': 3}, 'loss': {'exit_weights': weights, 'label_smoothing': e}},
+    )
+  )
   loss_cfg, _ = losses.objective_for(cfg)(Exits(), batch, None)
   np.testing.assert_allclose(float(loss_cfg), (np.asarray(weights) * ce).sum() / sum(weights), rtol=1e-5)
   loss_1, _ = losses.subnet_for(cfg, 1)(Exits(), batch, None)

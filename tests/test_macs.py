@@ -4,6 +4,7 @@ Convention: a convolution costs C_in * C_out * k * k * H_out * W_out MACs (every
 every output position, padding included); pooling, BN and ReLU are free; the head of
 subnet k costs its features of levels <= k times spatial positions times classes.
 """
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -63,22 +64,23 @@ def brute_head_macs(in_sizes, spatial, classes):
 
 
 CONV_CASES = [
-    # in_sizes, out_sizes, triangular, kernel, stride, padding, pool, (h, w)
-    ((1, 0, 0), (2, 3, 1), False, 3, 1, 'VALID', 0, (9, 8)),
-    ((2, 1, 3), (3, 2, 2), False, 3, 1, 'VALID', 2, (10, 10)),
-    ((2, 1, 3), (3, 2, 2), True, 3, 1, 'VALID', 2, (10, 10)),
-    ((3, 3, 3), (3, 3, 3), True, 5, 1, 'VALID', 0, (9, 9)),
-    ((2, 0, 2), (1, 2, 0), False, 3, 2, 'SAME', 0, (7, 7)),
-    ((2, 2), (3, 1), True, 1, 2, 'SAME', 0, (8, 6)),
-    ((4,), (5,), False, 3, 1, 'SAME', 2, (6, 6)),
+  # in_sizes, out_sizes, triangular, kernel, stride, padding, pool, (h, w)
+  ((1, 0, 0), (2, 3, 1), False, 3, 1, 'VALID', 0, (9, 8)),
+  ((2, 1, 3), (3, 2, 2), False, 3, 1, 'VALID', 2, (10, 10)),
+  ((2, 1, 3), (3, 2, 2), True, 3, 1, 'VALID', 2, (10, 10)),
+  ((3, 3, 3), (3, 3, 3), True, 5, 1, 'VALID', 0, (9, 9)),
+  ((2, 0, 2), (1, 2, 0), False, 3, 2, 'SAME', 0, (7, 7)),
+  ((2, 2), (3, 1), True, 1, 2, 'SAME', 0, (8, 6)),
+  ((4,), (5,), False, 3, 1, 'SAME', 2, (6, 6)),
 ]
 
 
 @pytest.mark.parametrize('in_sizes,out_sizes,tri,kernel,stride,padding,pool,hw', CONV_CASES)
 def test_level_conv_delta_macs_brute_force(in_sizes, out_sizes, tri, kernel, stride, padding, pool, hw):
   with numpy_initializers(0):
-    conv = LevelConv(Connectivity(in_sizes, out_sizes, tri), kernel, stride=stride, padding=padding,
-                     pool=pool, rngs=RNGS)
+    conv = LevelConv(
+      Connectivity(in_sizes, out_sizes, tri), kernel, stride=stride, padding=padding, pool=pool, rngs=RNGS
+    )
   macs, shape = conv.delta_macs((hw[0], hw[1], sum(in_sizes)))
   expected, (ho, wo) = brute_conv_macs(in_sizes, out_sizes, tri, kernel, stride, padding, *hw)
   np.testing.assert_array_equal(macs, expected)
@@ -88,10 +90,10 @@ def test_level_conv_delta_macs_brute_force(in_sizes, out_sizes, tri, kernel, str
 
 
 DENSE_CASES = [
-    ((1, 0, 0), (3, 2, 4), False, 12),
-    ((2, 3, 1), (4, 0, 2), False, 1),
-    ((2, 3, 1), (4, 1, 2), True, 3),
-    ((5, 5), (5, 5), True, 1),
+  ((1, 0, 0), (3, 2, 4), False, 12),
+  ((2, 3, 1), (4, 0, 2), False, 1),
+  ((2, 3, 1), (4, 1, 2), True, 3),
+  ((5, 5), (5, 5), True, 1),
 ]
 
 
@@ -104,8 +106,9 @@ def test_level_dense_delta_macs_brute_force(in_sizes, out_sizes, tri, spatial):
   assert tuple(shape) == (sum(out_sizes),)
 
 
-@pytest.mark.parametrize('in_sizes,spatial,pool', [((3, 0, 2), 16, 'flatten'), ((2, 2, 2, 1), 4, 'avg'),
-                                                    ((5,), 1, 'flatten')])
+@pytest.mark.parametrize(
+  'in_sizes,spatial,pool', [((3, 0, 2), 16, 'flatten'), ((2, 2, 2, 1), 4, 'avg'), ((5,), 1, 'flatten')]
+)
 def test_head_delta_macs_brute_force(in_sizes, spatial, pool):
   with numpy_initializers(0):
     head = Head(in_sizes, 7, spatial, pool=pool, rngs=RNGS)
@@ -120,8 +123,9 @@ def test_small_lenet3c1l_brute_force():
   k = 3
   a = {'conv1': (2, 3, 1), 'conv2': (3, 1, 2), 'conv3': (2, 2, 3)}
   with numpy_initializers(0):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=k,
-                               assignment=a, triangular=True)
+    model = zoo.build_model(
+      'lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a, triangular=True
+    )
   got = model.delta_macs()
   assert got.shape == (4, k) and got.dtype == np.int64
   c1, _ = brute_conv_macs((1, 0, 0), a['conv1'], False, 3, 1, 'VALID', 28, 28)
@@ -134,7 +138,7 @@ def test_small_lenet3c1l_brute_force():
 def _formula_conv(in_sizes, out_sizes, tri, kernel, h_out, w_out):
   mask = brute_mask(in_sizes, out_sizes, tri)
   lout = level_array(out_sizes)
-  return np.array([mask[:, lout == j].sum() for j in range(len(out_sizes))], np.int64) * kernel ** 2 * h_out * w_out
+  return np.array([mask[:, lout == j].sum() for j in range(len(out_sizes))], np.int64) * kernel**2 * h_out * w_out
 
 
 def test_resnet20_delta_macs_by_formula():
@@ -167,20 +171,27 @@ def test_mlp_and_lenet5_delta_macs_by_formula():
   a = {'fc1': (3, 2), 'fc2': (1, 4)}
   with numpy_initializers(0):
     mlp = zoo.build_model('mlp', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
-  expected = np.stack([brute_dense_macs((1, 0), a['fc1'], False, 784),
-                       brute_dense_macs(a['fc1'], a['fc2'], False, 1),
-                       brute_head_macs(a['fc2'], 1, 10)])
+  expected = np.stack(
+    [
+      brute_dense_macs((1, 0), a['fc1'], False, 784),
+      brute_dense_macs(a['fc1'], a['fc2'], False, 1),
+      brute_head_macs(a['fc2'], 1, 10),
+    ]
+  )
   np.testing.assert_array_equal(mlp.delta_macs(), expected)
 
   a = {'conv1': (2, 1), 'conv2': (3, 2), 'fc1': (4, 4), 'fc2': (2, 3)}
   with numpy_initializers(0):
     lenet5 = zoo.build_model('lenet5', num_classes=10, input_shape=(28, 28, 1), num_levels=k, assignment=a)
-  expected = np.stack([
-      _formula_conv((1, 0), a['conv1'], False, 5, 28, 28),          # SAME on 28x28, pool -> 14
-      _formula_conv(a['conv1'], a['conv2'], False, 5, 10, 10),      # VALID -> 10, pool -> 5
+  expected = np.stack(
+    [
+      _formula_conv((1, 0), a['conv1'], False, 5, 28, 28),  # SAME on 28x28, pool -> 14
+      _formula_conv(a['conv1'], a['conv2'], False, 5, 10, 10),  # VALID -> 10, pool -> 5
       brute_dense_macs(a['conv2'], a['fc1'], False, 25),
       brute_dense_macs(a['fc1'], a['fc2'], False, 1),
-      brute_head_macs(a['fc2'], 1, 10)])
+      brute_head_macs(a['fc2'], 1, 10),
+    ]
+  )
   np.testing.assert_array_equal(lenet5.delta_macs(), expected)
 
 
@@ -207,8 +218,8 @@ def test_awn_triangular_widened_lenet3c1l(how):
     model = zoo.build_model('lenet3c1l', **kw)
   cumulative = np.cumsum(model.delta_macs().sum(axis=0))
   expected = []
-  for n in (11, 23, 34, 45):     # channels of subnet k in every layer
-    pairs = n * (n + 1) // 2     # global lower triangle i <= o between hidden layers
+  for n in (11, 23, 34, 45):  # channels of subnet k in every layer
+    pairs = n * (n + 1) // 2  # global lower triangle i <= o between hidden layers
     expected.append(1 * n * 9 * 26 * 26 + pairs * 9 * 24 * 24 + pairs * 25 * 8 * 8 + n * 16 * 10)
   np.testing.assert_array_equal(cumulative, expected)
   np.testing.assert_allclose(np.asarray(expected) / 1e6, [0.52, 2.02, 4.25, 7.30], atol=0.005)

@@ -4,6 +4,7 @@ Expected masks come from testlib.brute_mask (double loop over per-channel levels
 expected subnet logits come from the full-width network with every parameter that
 belongs to a neuron above the subnet zeroed by hand.
 """
+
 import functools
 
 import jax
@@ -93,6 +94,7 @@ def _probe_all(units, xs, num_levels, per_level):
   def kernel_grad(graphdef, state, fn):
     def f(st):
       return jnp.sum(fn(nnx.merge(graphdef, st, copy=True)))
+
     return jax.grad(f)(state)['kernel'][...]
 
   @jax.jit
@@ -133,21 +135,24 @@ def test_effective_kernels_follow_the_mask_rule(built):
     mask = brute_mask(in_sizes, out_sizes, _expected_tri(spec, hidden))
     g = np.asarray(g_all['top'])
     # Every tap of a kept connection is used, no tap of a masked one.
-    np.testing.assert_array_equal(g != 0, np.broadcast_to(mask, g.shape),
-                                  err_msg=f'{spec.id}/{name}: full-width forward')
+    np.testing.assert_array_equal(
+      g != 0, np.broadcast_to(mask, g.shape), err_msg=f'{spec.id}/{name}: full-width forward'
+    )
     for k in range(k_levels if full else 0):
       ie = block_end(in_sizes, k)
       os_, oe = block_start(out_sizes, k), block_end(out_sizes, k)
       g = np.asarray(g_all[f'prefix{k}' if k < k_levels - 1 else 'top'])
       expected = np.zeros_like(mask)
       expected[:ie, :oe] = mask[:ie, :oe]
-      np.testing.assert_array_equal(g != 0, np.broadcast_to(expected, g.shape),
-                                    err_msg=f'{spec.id}/{name}: prefix forward of level {k}')
+      np.testing.assert_array_equal(
+        g != 0, np.broadcast_to(expected, g.shape), err_msg=f'{spec.id}/{name}: prefix forward of level {k}'
+      )
       g = np.asarray(g_all[f'block{k}'])
       expected = np.zeros_like(mask)
       expected[:ie, os_:oe] = mask[:ie, os_:oe]
-      np.testing.assert_array_equal(g != 0, np.broadcast_to(expected, g.shape),
-                                    err_msg=f'{spec.id}/{name}: level-{k} block')
+      np.testing.assert_array_equal(
+        g != 0, np.broadcast_to(expected, g.shape), err_msg=f'{spec.id}/{name}: level-{k} block'
+      )
 
 
 # ----------------------------------------------------------------- subnets
@@ -156,10 +161,10 @@ def test_effective_kernels_follow_the_mask_rule(built):
 def _zeroed_copy(spec, model, k):
   """Full-width copy computing subnet k: hand-masked kernels, no weights into or out of levels > k."""
   m = nnx.clone(model)
-  for name, unit, hidden in linear_units(m):
+  for _name, unit, hidden in linear_units(m):
     in_sizes, out_sizes = unit.conn.in_sizes, unit.conn.out_sizes
     keep = brute_mask(in_sizes, out_sizes, _expected_tri(spec, hidden)).astype(np.float32)
-    keep[:, level_array(out_sizes) > k] = 0.0   # neurons above level k compute nothing
+    keep[:, level_array(out_sizes) > k] = 0.0  # neurons above level k compute nothing
     unit.kernel[...] = unit.kernel[...] * jnp.asarray(keep)
   head_keep = (level_array(m.head.in_sizes) <= k).astype(np.float32)
   m.head.kernel[...] = m.head.kernel[...] * jnp.asarray(head_keep)[None, :, None]
@@ -196,8 +201,16 @@ def forwards(built):
     return feats, m.head.exits(feats[-1])
 
   zero_noise = [jnp.zeros_like(f) for f in b['prefix_units'][-1]]
-  return dict(x=b['x'], xn=_normalize_by_hand(b['x'], model), per_level=b['prefix_units'],
-              subnet_logits=b['forward'], exits=b['exits'], full=full, zero_noise=zero_noise, state=state)
+  return dict(
+    x=b['x'],
+    xn=_normalize_by_hand(b['x'], model),
+    per_level=b['prefix_units'],
+    subnet_logits=b['forward'],
+    exits=b['exits'],
+    full=full,
+    zero_noise=zero_noise,
+    state=state,
+  )
 
 
 def test_subnet_equals_full_network_with_upper_levels_zeroed(built, forwards):
@@ -242,7 +255,7 @@ def test_higher_levels_do_not_reach_lower_neurons(built, forwards):
     noise = []
     for unit, z in zip(model.units, forwards['zero_noise']):
       n = rng.normal(0, 10.0, z.shape).astype(np.float32)
-      n[..., :block_end(unit.conn.out_sizes, k)] = 0.0
+      n[..., : block_end(unit.conn.out_sizes, k)] = 0.0
       noise.append(jnp.asarray(n))
     feats, ex = run(noise)
     for unit, c, n in zip(model.units, clean, feats):
@@ -285,14 +298,21 @@ def test_masked_weights_get_zero_gradient(spec_id):
 # ----------------------------------------------------------------- the triangular option
 
 
-@pytest.mark.parametrize('name,shape', [('mlp', (28, 28, 1)), ('lenet3c1l', (28, 28, 1)), ('lenet5', (28, 28, 1)),
-                                        ('vgg16', (32, 32, 3)), ('resnet20', (32, 32, 3))])
+@pytest.mark.parametrize(
+  'name,shape',
+  [
+    ('mlp', (28, 28, 1)),
+    ('lenet3c1l', (28, 28, 1)),
+    ('lenet5', (28, 28, 1)),
+    ('vgg16', (32, 32, 3)),
+    ('resnet20', (32, 32, 3)),
+  ],
+)
 def test_triangular_option_reaches_every_hidden_layer(name, shape):
   """triangular=True: every linear layer that reads hidden neurons uses the AWN triangle
   inside its level blocks (only the image-reading first layer is plain)."""
   with numpy_initializers(0):
-    model = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=2, width=0.25,
-                               triangular=True)
+    model = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=2, width=0.25, triangular=True)
   plain = []
   for unit_name, unit, hidden in linear_units(model):
     expected = brute_mask(unit.conn.in_sizes, unit.conn.out_sizes, hidden)

@@ -1,6 +1,7 @@
 """The precision study end to end on the digits with tiny settings: the file format, the
 budgets met, and each fine-tuned network reloaded from its checkpoint (bits included)
 giving the accuracy the study reported."""
+
 import json
 import os
 
@@ -8,17 +9,18 @@ import jax
 import numpy as np
 
 import stepnet_jax
-from stepnet_jax import cli
+from stepnet_jax import config
 from stepnet_jax.data import datasets
 from stepnet_jax.models import quantized
 from stepnet_jax.studies import precision
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'precision_fashion_mnist.py')
+CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'precision_fashion_mnist.py'
+)
 
 
 def test_precision_study_end_to_end_on_digits(tmp_path):
-  cc = cli.load_file(CONFIG)
+  cc = config.load_file(CONFIG)
   cc.common.data.name = 'digits'
   cc.common.model.name = 'mlp'
   cc.quick.common.data = dict(train_subset=0, test_subset=0, validation_examples=300)
@@ -26,21 +28,30 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
   cc.quick.precision.budgets = (3.0,)
   cc.quick.precision.progressive_planes = 4
-  cc.quick.precision.progressive_bn_affine_steps = 2   # BN scale/bias per plane count too: saved and reloaded below
+  cc.quick.precision.progressive_bn_affine_steps = 2  # BN scale/bias per plane count too: saved and reloaded below
   cc.quick.precision.finetune_seeds = (0, 1)
-  cc.quick.precision.search_finetune_epochs = 0.1   # candidates ranked after a few fine-tune steps
-  cc.quick.precision.slopes = (4.0,)                # (choosing among slopes: test_quant)
+  cc.quick.precision.search_finetune_epochs = 0.1  # candidates ranked after a few fine-tune steps
+  cc.quick.precision.slopes = (4.0,)  # (choosing among slopes: test_quant)
   out = precision.study(cc, str(tmp_path), quick=True)
   saved = json.loads((tmp_path / 'precision.json').read_text())
   assert saved == json.loads(json.dumps(out))
   assert (tmp_path / 'precision.md').exists() and (tmp_path / 'precision.png').read_bytes()[:4] == b'\x89PNG'
   assert '## Bit search' in (tmp_path / 'precision.md').read_text()
-  for method in ('class_based', 'magnitude', 'random'):      # ranked by the validation loss, both metrics kept
+  for method in ('class_based', 'magnitude', 'random'):  # ranked by the validation loss, both metrics kept
     search = saved[method][0]['search']
-    assert search['rank_by'] == 'loss' and all({'validation_loss', 'validation_accuracy'} <= set(t)
-                                                for t in search['tried'])
-  assert set(saved) >= {'dataset', 'float_accuracy', 'class_based', 'uniform', 'magnitude', 'random', 'progressive',
-                        'staircase'}
+    assert search['rank_by'] == 'loss' and all(
+      {'validation_loss', 'validation_accuracy'} <= set(t) for t in search['tried']
+    )
+  assert set(saved) >= {
+    'dataset',
+    'float_accuracy',
+    'class_based',
+    'uniform',
+    'magnitude',
+    'random',
+    'progressive',
+    'staircase',
+  }
   test = datasets.load_digits()
   for method in precision.BIT_ASSIGNMENTS:
     entries = saved[method]
@@ -52,8 +63,12 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
         assert e['avg_bits'] == e['budget']
       net = stepnet_jax.load(str(tmp_path / e['workdir']))
       bits = quantized.Precision.from_json(net.meta['model_meta']['precision']).weight_bits
-      assert np.isclose(quantized.bitops(stepnet_jax.restore.load_variables(str(tmp_path / e['workdir']))[0], bits,
-                                     saved['settings']['act_bits']).sum(), e['bitops'])
+      assert np.isclose(
+        quantized.bitops(
+          stepnet_jax.restore.load_variables(str(tmp_path / e['workdir']))[0], bits, saved['settings']['act_bits']
+        ).sum(),
+        e['bitops'],
+      )
       # The saved network is the first seed's fine-tune; the reported accuracy is the seeds' mean.
       top = np.asarray(jax.jit(net.functions.exits)(net.variables, test.test_images))[-1].argmax(-1)
       assert len(e['accuracy_per_seed']) == 2
@@ -72,8 +87,16 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   levels = len(saved['float_accuracy_per_level'])
   for kind, steps in stairs.items():
     assert steps[-1]['state'] == [levels - 1, 4] and np.all(np.diff([s['bitops'] for s in steps]) > 0), kind
-    assert steps[0]['state'] == {'combined': [0, 1], 'levels_only': [0, 4], 'bits_only': [levels - 1, 1],
-                                 'combined_class': [0, 1], 'bits_only_class': [levels - 1, 1]}[kind]
+    assert (
+      steps[0]['state']
+      == {
+        'combined': [0, 1],
+        'levels_only': [0, 4],
+        'bits_only': [levels - 1, 1],
+        'combined_class': [0, 1],
+        'bits_only_class': [levels - 1, 1],
+      }[kind]
+    )
   # The class ladder: rungs 1 and N uniform (same state, same cost and accuracy as the
   # uniform ladder's), the middle rungs at most b planes on the MAC-weighted mean.
   ladder = saved['class_ladder']
@@ -100,6 +123,7 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
 
 def precision_lib_at(model, planes, prec):
   from stepnet_jax.methods import progressive
+
   return progressive.precision_at(model, planes, prec.bwb_bits, prec.act_bits, prec.act_clips)
 
 
@@ -114,10 +138,16 @@ def test_targets_say_when_the_class_based_search_kept_uniform_bits():
   def entry(acc, slope=None, uniform=False):
     search = {'slope': slope, 'tried': [{'slope': 1.0, 'uniform': uniform}, {'slope': 4.0, 'uniform': False}]}
     return {'budget': 4.0, 'accuracy': acc, 'search': search if slope else {}}
-  out = {'float_accuracy': 0.90, 'class_based': [entry(0.901, 1.0, uniform=True)], 'uniform': [entry(0.901)],
-         'magnitude': [entry(0.899, 4.0)], 'random': [entry(0.902, 4.0)]}
+
+  out = {
+    'float_accuracy': 0.90,
+    'class_based': [entry(0.901, 1.0, uniform=True)],
+    'uniform': [entry(0.901)],
+    'magnitude': [entry(0.899, 4.0)],
+    'random': [entry(0.902, 4.0)],
+  }
   first = precision.targets(out)[0]
-  assert 'kept uniform bits' in first and first.endswith('NOT met')     # random is above it
+  assert 'kept uniform bits' in first and first.endswith('NOT met')  # random is above it
   out['class_based'] = [entry(0.903, 4.0)]
   first = precision.targets(out)[0]
   assert 'kept uniform' not in first and first.endswith(': met')

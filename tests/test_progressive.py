@@ -5,6 +5,7 @@ weights, each plane count's direct forward for bit-serial inference, BN statisti
 recomputed from a plain convolution, bit-op costs from the per-layer MAC counts, and a
 staircase worked out by hand.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,19 +22,25 @@ from stepnet_jax.models import quantized, zoo
 
 @pytest.fixture(scope='module')
 def small():
-  return zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
-                            assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
+  return zoo.build_model(
+    'lenet3c1l',
+    num_classes=10,
+    input_shape=(16, 16, 1),
+    num_levels=3,
+    width=0.25,
+    assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]},
+  )
 
 
 def _numpy_bwb(w, mask, n, planes):
   """Per output neuron: the nearest odd multiple of max|w|/(2^n - 1), written in n digits
   +-1 (most significant first), keeping only the neuron's first ``planes[o]`` digits."""
   w = np.asarray(w, np.float64) * mask
-  top = 2 ** n - 1
+  top = 2**n - 1
   out = np.zeros_like(w)
   for o in range(w.shape[-1]):
     col = w[..., o]
-    scale = np.abs(col).max() / top or 1.0       # a fully masked neuron keeps zeros
+    scale = np.abs(col).max() / top or 1.0  # a fully masked neuron keeps zeros
     u = np.clip(np.round((col / scale + top) / 2), 0, top).astype(np.int64)
     for j in range(planes[o]):
       out[..., o] += (2 * ((u >> (n - 1 - j)) & 1) - 1) * 2.0 ** (n - 1 - j) * scale
@@ -60,7 +67,7 @@ def test_bit_serial_inference_equals_each_plane_counts_direct_forward(small):
   nets = []
   for b in range(1, n + 1):
     q = quantized.apply(model, progressive.precision_at(model, b, n, quantized.FLOAT_BITS, None))
-    for unit in q.units:            # distinct BN statistics per plane count
+    for unit in q.units:  # distinct BN statistics per plane count
       unit.bn.mean[...] = unit.bn.mean[...] + 0.05 * b
       unit.bn.var[...] = unit.bn.var[...] * (1 + 0.1 * b)
     nets.append(q)
@@ -78,8 +85,9 @@ def _toy_training(model, batches: int, seed: int, batch_size: int = 16):
   rng = np.random.RandomState(seed)
   x = rng.randint(0, 256, (batch_size * batches,) + model.input_shape).astype(np.uint8)
   y = rng.randint(0, 10, len(x)).astype(np.int32)
-  cfg = config.from_dict({'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels},
-                          'train': {'batch_size': batch_size}})
+  cfg = config.from_dict(
+    {'model': {'name': 'lenet3c1l', 'num_levels': model.num_levels}, 'train': {'batch_size': batch_size}}
+  )
   return datasets.Dataset('toy', x, y, x[:4], y[:4], 10), cfg
 
 
@@ -95,10 +103,12 @@ def test_bn_retraining_changes_only_bn_statistics(small):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), before, after)
   first = q.units[0]
   xn = (x.astype(np.float64) / 255.0 - np.asarray(model.mean)) / np.asarray(model.std)
-  pre = jax.lax.conv_general_dilated(jnp.asarray(xn, jnp.float32), first.kernel[...], (1, 1), first.padding,
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(np.asarray(retrained.units[0].bn.mean[...]), np.asarray(pre).mean((0, 1, 2)),
-                             rtol=1e-4, atol=1e-5)
+  pre = jax.lax.conv_general_dilated(
+    jnp.asarray(xn, jnp.float32), first.kernel[...], (1, 1), first.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  np.testing.assert_allclose(
+    np.asarray(retrained.units[0].bn.mean[...]), np.asarray(pre).mean((0, 1, 2)), rtol=1e-4, atol=1e-5
+  )
   assert not np.allclose(np.asarray(retrained.units[1].bn.mean[...]), np.asarray(q.units[1].bn.mean[...]))
 
 
@@ -108,7 +118,7 @@ def test_step_costs_follow_the_layers_macs(small):
   one cost exactly the direct forward."""
   model, n, act = small, 4, 6
   costs = staircase.PlaneCosts.of(model, n, act)
-  shape, macs = model.input_shape, []            # [layer][level] MACs, and the bits each layer reads
+  shape, macs = model.input_shape, []  # [layer][level] MACs, and the bits each layer reads
   for unit in list(model.units) + [model.head]:
     m, shape = unit.delta_macs(shape)
     macs.append(np.asarray(m, np.int64))
@@ -116,19 +126,21 @@ def test_step_costs_follow_the_layers_macs(small):
   top = model.num_levels - 1
   for k in range(model.num_levels):
     for b in range(1, n):
-      want = macs[0][:k + 1].sum() * reads[0] + sum(m[:k + 1].sum() * r * (b + 1) for m, r in zip(macs[1:], reads[1:]))
+      want = macs[0][: k + 1].sum() * reads[0] + sum(
+        m[: k + 1].sum() * r * (b + 1) for m, r in zip(macs[1:], reads[1:])
+      )
       assert costs.plane_step(k, b) == want
     for b in range(1, n + 1):
-      assert costs.direct(k, b) == sum(m[:k + 1].sum() * r * b for m, r in zip(macs, reads))
+      assert costs.direct(k, b) == sum(m[: k + 1].sum() * r * b for m, r in zip(macs, reads))
   levels = staircase.walk(staircase.staircase_path('levels_only', None, costs), costs, np.zeros((3, n)))
   assert levels[-1]['bitops'] == costs.direct(top, n)
   bits = staircase.walk(staircase.staircase_path('bits_only', None, costs), costs, np.zeros((3, n)))
   assert [s['state'] for s in bits] == [[top, b] for b in range(1, n + 1)]
-  assert bits[-1]['bitops'] > costs.direct(top, n)        # stepping planes recomputes: dearer than one forward
+  assert bits[-1]['bitops'] > costs.direct(top, n)  # stepping planes recomputes: dearer than one forward
 
 
 def test_combined_staircase_takes_the_best_gain_per_bitop():
-  base = np.asarray([[10, 20], [30, 40]])       # [layers, levels] bit-ops of one plane
+  base = np.asarray([[10, 20], [30, 40]])  # [layers, levels] bit-ops of one plane
   costs = staircase.PlaneCosts(np.stack([b * base for b in range(4)]), num_levels=2, n=3)
   acc = np.asarray([[0.1, 0.5, 0.6], [0.3, 0.7, 0.9]])
   # (0,1): level +0.2 for 60, plane +0.4 for 10 + 2*30 = 70 -> plane
@@ -161,7 +173,7 @@ def test_class_ladder_rungs_fit_their_mean_planes_and_follow_the_score(small):
     for k, v in score.items():
       order = np.argsort(v)
       assert np.all(np.diff(np.asarray(rung[k])[order]) >= 0)
-  assert any(len(set(rung[k])) > 1 for rung in ladder for k in score)       # the score does shape the planes
+  assert any(len(set(rung[k])) > 1 for rung in ladder for k in score)  # the score does shape the planes
   bad = [dict(r) for r in ladder]
   bad[3] = {**bad[3], 'conv2': (1,) * len(bad[3]['conv2'])}
   with pytest.raises(ValueError, match="'conv2' loses planes from rung 3 to rung 4"):
@@ -173,18 +185,20 @@ def test_bit_serial_on_a_class_ladder_equals_each_rungs_direct_forward(small):
   cached sums gives the rung's own network, exactly on integer-valued inputs."""
   model, n = small, 5
   ladder = progressive.class_ladder(model, _score(model, 1), n, slope=8.0)
-  assert len(set(ladder[2]['conv1'])) > 1       # conv1's neurons differ at rung 3
+  assert len(set(ladder[2]['conv1'])) > 1  # conv1's neurons differ at rung 3
   rng = np.random.RandomState(4)
   x = jnp.asarray(rng.randint(0, 256, (5,) + model.input_shape).astype(np.uint8))
   nets = [quantized.apply(model, quantized.Precision(rung, quantized.FLOAT_BITS, None, bwb_bits=n)) for rung in ladder]
-  serial = progressive.bit_serial_exits(model.units[0].kernel[...], nets, x, n,
-                                        first_planes=[rung['conv1'] for rung in ladder])
+  serial = progressive.bit_serial_exits(
+    model.units[0].kernel[...], nets, x, n, first_planes=[rung['conv1'] for rung in ladder]
+  )
   for b, q in enumerate(nets):
     direct = np.asarray(q.exits(x))
     np.testing.assert_allclose(np.asarray(serial[b]), direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
   with pytest.raises(ValueError, match='non-decreasing'):
-    progressive.bit_serial_exits(model.units[0].kernel[...], nets[:2], x, n,
-                                 first_planes=[ladder[1]['conv1'], ladder[0]['conv1']])
+    progressive.bit_serial_exits(
+      model.units[0].kernel[...], nets[:2], x, n, first_planes=[ladder[1]['conv1'], ladder[0]['conv1']]
+    )
 
 
 def test_class_ladder_step_costs_count_each_neurons_planes(small):
@@ -197,17 +211,22 @@ def test_class_ladder_step_costs_count_each_neurons_planes(small):
   names = list(model.unit_names) + ['head']
   for k in range(model.num_levels):
     for b in range(1, n):
-      lo = quantized.bitops(model, ladder[b - 1], act)[:, :k + 1].sum(axis=1)       # [layers] at rung b
-      hi = quantized.bitops(model, ladder[b], act)[:, :k + 1].sum(axis=1)           # at rung b + 1
+      lo = quantized.bitops(model, ladder[b - 1], act)[:, : k + 1].sum(axis=1)  # [layers] at rung b
+      hi = quantized.bitops(model, ladder[b], act)[:, : k + 1].sum(axis=1)  # at rung b + 1
       assert costs.plane_step(k, b) == (hi[0] - lo[0]) + hi[1:].sum()
     assert costs.direct(0, n) + sum(costs.level_step(j, n) for j in range(k)) == costs.direct(k, n)
   # the first layer's per-neuron count by hand: MACs per neuron x planes gained x 8 input bits
   first = np.asarray(ladder[2][names[0]]) - np.asarray(ladder[1][names[0]])
   top = model.num_levels - 1
-  assert costs.ops[3][0, :].sum() - costs.ops[2][0, :].sum() == int(
-      (quantized.neuron_macs(model)[names[0]] * first).sum()) * quantized.INPUT_BITS
-  assert costs.plane_step(top, 2) == int((quantized.neuron_macs(model)[names[0]] * first).sum()) * quantized.INPUT_BITS + \
-      sum(int((quantized.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:])
+  assert (
+    costs.ops[3][0, :].sum() - costs.ops[2][0, :].sum()
+    == int((quantized.neuron_macs(model)[names[0]] * first).sum()) * quantized.INPUT_BITS
+  )
+  assert costs.plane_step(top, 2) == int(
+    (quantized.neuron_macs(model)[names[0]] * first).sum()
+  ) * quantized.INPUT_BITS + sum(
+    int((quantized.neuron_macs(model)[nm] * np.asarray(ladder[2][nm])).sum()) * act for nm in names[1:]
+  )
 
 
 def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
@@ -219,7 +238,7 @@ def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
   model, batches = small, 3
   dataset, cfg = _toy_training(model, batches, seed=6)
   x = dataset.train_images
-  precision = progressive.precision_at(model, 2, 8, 6, quantized.calibrate_clips(model, x))   # 6-bit activations
+  precision = progressive.precision_at(model, 2, 8, 6, quantized.calibrate_clips(model, x))  # 6-bit activations
   q = quantized.apply(model, precision)
   tuned = progressive.retrain_bn_at(model, precision, dataset, cfg, batches, affine_steps=4, learning_rate=1e-2)
   before = nnx.to_flat_state(nnx.state(q, nnx.Param))
@@ -228,8 +247,14 @@ def test_bn_affine_retraining_trains_only_bn_scale_and_bias(small):
   assert moved and all('bn' in path and path[-1] in ('scale', 'bias') for path in moved), moved
   assert {p[-1] for p in moved} == {'scale', 'bias'} and {p[1] for p in moved} == set(range(len(model.units)))
   again = progressive.retrain_bn(tuned, dataset, cfg, batches)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-               nnx.state(tuned, nnx.BatchStat), nnx.state(again, nnx.BatchStat))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+    nnx.state(tuned, nnx.BatchStat),
+    nnx.state(again, nnx.BatchStat),
+  )
   plain = progressive.retrain_bn_at(model, precision, dataset, cfg, batches)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               nnx.state(plain), nnx.state(progressive.retrain_bn(q, dataset, cfg, batches)))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+    nnx.state(plain),
+    nnx.state(progressive.retrain_bn(q, dataset, cfg, batches)),
+  )

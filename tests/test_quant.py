@@ -5,6 +5,7 @@ References are independent: numpy re-derivations of the documented quantizers, a
 bit-op count that walks every (input channel, output neuron, tap, output position) of
 the brute-force connection mask.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +19,19 @@ from stepnet_jax.models import quantized, zoo
 
 @pytest.fixture(scope='module')
 def small():
-  model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(16, 16, 1), num_levels=3, width=0.25,
-                             assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]})
+  model = zoo.build_model(
+    'lenet3c1l',
+    num_classes=10,
+    input_shape=(16, 16, 1),
+    num_levels=3,
+    width=0.25,
+    assignment={'conv1': [3, 2, 3], 'conv2': [1, 4, 3], 'conv3': [2, 2, 4]},
+  )
   rng = np.random.RandomState(0)
-  bits = {name: tuple(int(b) for b in rng.randint(1, 9, layer.kernel.shape[-1]))
-          for name, layer in quantized.linear_layers(model).items()}
+  bits = {
+    name: tuple(int(b) for b in rng.randint(1, 9, layer.kernel.shape[-1]))
+    for name, layer in quantized.linear_layers(model).items()
+  }
   return model, bits
 
 
@@ -49,15 +58,16 @@ def test_weight_quantizer_matches_numpy_and_has_at_most_2b_values():
   q = np.asarray(quantized.quantize_kernel(jnp.asarray(w), jnp.asarray(bits)))
   np.testing.assert_allclose(q, _numpy_quantize(w, bits), rtol=1e-6, atol=1e-7)
   for o, b in enumerate(bits[:-1]):
-    assert len(np.unique(q[..., o])) <= 2 ** b - (b > 1)      # symmetric: 2^b - 1 levels; binary: 2
-  np.testing.assert_array_equal(q[..., -1], w[..., -1])        # FLOAT_BITS: untouched
+    assert len(np.unique(q[..., o])) <= 2**b - (b > 1)  # symmetric: 2^b - 1 levels; binary: 2
+  np.testing.assert_array_equal(q[..., -1], w[..., -1])  # FLOAT_BITS: untouched
   # With a connection mask the statistics come from the kept weights only.
   mask = rng.rand(5, 6) < 0.6
   qm = np.asarray(quantized.quantize_kernel(jnp.asarray(w), jnp.asarray(bits), mask=jnp.asarray(mask)))
   for o, b in enumerate(bits):
     kept = w[..., mask[:, o], o]
-    np.testing.assert_allclose(qm[..., mask[:, o], o], _numpy_quantize(kept[..., None], [b])[..., 0],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      qm[..., mask[:, o], o], _numpy_quantize(kept[..., None], [b])[..., 0], rtol=1e-6, atol=1e-7
+    )
     assert not qm[..., ~mask[:, o], o].any()
   # Straight-through: the gradient of <quantized w, c> w.r.t. w is c.
   c = rng.normal(size=w.shape).astype(np.float32)
@@ -69,7 +79,7 @@ def test_activation_quantizer_grid_and_straight_through():
   y = jnp.linspace(-1.0, 3.0, 401)
   q = np.asarray(quantized.quantize_activation(y, 3, 2.0))
   grid = np.arange(8) * (2.0 / 7)
-  assert np.abs(q[:, None] - grid[None]).min(axis=1).max() < 1e-6     # on the 8-value grid of [0, 2]
+  assert np.abs(q[:, None] - grid[None]).min(axis=1).max() < 1e-6  # on the 8-value grid of [0, 2]
   assert np.abs(q - np.clip(np.asarray(y), 0, 2)).max() <= 1.0 / 7 + 1e-6
   g = np.asarray(jax.grad(lambda y: quantized.quantize_activation(y, 3, 2.0, ste=True).sum())(y))
   np.testing.assert_array_equal(g, ((np.asarray(y) > 0) & (np.asarray(y) < 2)).astype(np.float32))
@@ -87,22 +97,24 @@ def test_quantized_model_keeps_the_level_invariant(small):
     mask = np.ones(k.shape[-2:], bool) if name == 'head' else layer.conn.mask
     for o, b in enumerate(bits[name]):
       kept = k[..., mask[:, o], o]
-      assert len(np.unique(kept)) <= 2 ** b
-      assert not k[..., ~mask[:, o], o].any()                   # masked weights are zero
+      assert len(np.unique(kept)) <= 2**b
+      assert not k[..., ~mask[:, o], o].any()  # masked weights are zero
   net = stepnet_jax.Stepper(q)
   cache = net.start(jnp.asarray(x))
   for level in range(q.num_levels):
     if level:
       cache = net.advance(cache)
-    np.testing.assert_allclose(np.asarray(cache.logits), np.asarray(net.forward(jnp.asarray(x), level)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(cache.logits), np.asarray(net.forward(jnp.asarray(x), level)), rtol=1e-5, atol=1e-5
+    )
   for name, buf in zip(q.unit_names, cache.units):
     step = clips[name] / 15
     ratio = np.asarray(buf) / step
     np.testing.assert_allclose(ratio, np.round(ratio), atol=1e-3)
     assert ratio.min() >= -1e-3 and ratio.max() <= 15 + 1e-3
-  assert not np.allclose(np.asarray(net.forward(jnp.asarray(x), 2)),
-                         np.asarray(stepnet_jax.Stepper(model).forward(jnp.asarray(x), 2)))
+  assert not np.allclose(
+    np.asarray(net.forward(jnp.asarray(x), 2)), np.asarray(stepnet_jax.Stepper(model).forward(jnp.asarray(x), 2))
+  )
 
 
 def test_bitops_match_a_brute_force_count(small):
@@ -115,7 +127,7 @@ def test_bitops_match_a_brute_force_count(small):
     mask = brute_mask(c.in_sizes, c.out_sizes)
     level_of = np.repeat(np.arange(len(c.out_sizes)), c.out_sizes)
     k = unit.kernel_size
-    oh, ow = h - k + 1, w - k + 1                                  # VALID convolutions
+    oh, ow = h - k + 1, w - k + 1  # VALID convolutions
     for i in range(mask.shape[0]):
       for o in range(mask.shape[1]):
         if mask[i, o]:
@@ -151,11 +163,14 @@ def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
   """A run whose model_meta records a precision loads as the quantized model."""
   from stepnet_jax.models import structure
   from stepnet_jax.training import checkpoints
+
   model, bits = small
   x = images(model.input_shape, batch=8, seed=4)
   precision = quantized.Precision(bits, 6, quantized.calibrate_clips(model, x))
-  meta = {'model_meta': {**structure.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
-          'config': {}}
+  meta = {
+    'model_meta': {**structure.model_meta(model, 'lenet3c1l', 10), 'precision': precision.to_json()},
+    'config': {},
+  }
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   checkpoints.save_final(str(tmp_path), 2, 1, params, stats, meta)
   net = stepnet_jax.load(str(tmp_path))
@@ -166,12 +181,13 @@ def test_precision_survives_a_checkpoint_round_trip(small, tmp_path):
 
 def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
   from stepnet_jax.methods import bitsearch
+
   model, _ = small
   rng = np.random.RandomState(5)
   scores = {name: rng.gamma(2.0, size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
   macs = {k: v for k, v in quantized.neuron_macs(model).items() if k != 'head'}
 
-  def validate(weight_bits):            # accuracy prefers the steepest slope offered, loss the flattest
+  def validate(weight_bits):  # accuracy prefers the steepest slope offered, loss the flattest
     spread = np.concatenate([np.asarray(weight_bits[k]) for k in macs]).std()
     return {'accuracy': spread, 'loss': spread}
 
@@ -185,11 +201,11 @@ def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
     flat_bits = np.concatenate([np.asarray(bits[k]) for k in macs])
     flat_scores = np.concatenate([scores[k] for k in macs])
     total = sum(float(m.sum()) for m in macs.values())
-    mean = sum(float((np.asarray(bits[k]) * macs[k]).sum()) for k in macs) / total   # by hand
-    assert mean <= budget + 1e-9 and mean > budget - 1.0      # fits, and the offset was not left low
+    mean = sum(float((np.asarray(bits[k]) * macs[k]).sum()) for k in macs) / total  # by hand
+    assert mean <= budget + 1e-9 and mean > budget - 1.0  # fits, and the offset was not left low
     assert flat_bits.min() >= 1 and flat_bits.max() <= 8
     order = np.argsort(flat_scores)
-    assert np.all(np.diff(flat_bits[order]) >= 0)             # more important: never fewer bits
+    assert np.all(np.diff(flat_bits[order]) >= 0)  # more important: never fewer bits
     assert bits['head'] == (8,) * 10
   with pytest.raises(ValueError, match='fits a mean of 0.5 bits'):
     bitsearch.search(model, scores, 0.5, validate)
@@ -206,6 +222,7 @@ def test_quantization_aware_gradient_is_the_quantized_networks(small):
   gradient of the same loss w.r.t. the kernels of the quantized network taken as inputs."""
   from stepnet_jax.data import feed
   from stepnet_jax.training import losses
+
   model, bits = small
   x = images(model.input_shape, batch=6, seed=7)
   batch = feed.Batch(jnp.asarray(x), jnp.asarray(np.arange(6) % 10, jnp.int32), 6)
@@ -224,7 +241,9 @@ def test_quantization_aware_gradient_is_the_quantized_networks(small):
     return objective(m, batch, jax.random.key(0))[0]
 
   grads = nnx.merge(graphdef, jax.jit(jax.grad(qat_loss))(params), stats)
-  kernels = {name: layer.kernel[...] for name, layer in quantized.linear_layers(quantized.apply(model, precision)).items()}
+  kernels = {
+    name: layer.kernel[...] for name, layer in quantized.linear_layers(quantized.apply(model, precision)).items()
+  }
   ref = jax.jit(jax.grad(loss_of_kernels))(kernels)
   for name, layer in quantized.linear_layers(grads).items():
     assert np.abs(np.asarray(ref[name])).max() > 0
@@ -236,13 +255,14 @@ def test_bit_planes_reconstruct_and_accumulate_exactly():
   exactly, and accumulating plane by plane (bit-serial) equals one convolution with the
   truncated weights, bit for bit in float32 on integer-valued inputs."""
   from stepnet_jax.core import quantizers
+
   rng = np.random.RandomState(2)
   w = jnp.asarray(rng.normal(0, 0.2, (3, 3, 4, 5)).astype(np.float32))
   n = 6
   digits, scale = quantizers.bitplanes(w, n)
   assert set(np.unique(np.asarray(digits))) == {-1.0, 1.0}
   # numpy: the nearest odd multiple of the scale within +-max|w|, from the digits' integer code
-  top = 2 ** n - 1
+  top = 2**n - 1
   code = np.clip(np.round((np.asarray(w) / np.asarray(scale) + top) / 2), 0, top) * 2 - top
   np.testing.assert_array_equal(np.tensordot(2.0 ** (n - 1 - np.arange(n)), np.asarray(digits), axes=1), code)
   np.testing.assert_allclose(np.asarray(quantizers.bwb_kernel(w, n)), code * np.asarray(scale), rtol=1e-6)
@@ -253,8 +273,9 @@ def test_bit_planes_reconstruct_and_accumulate_exactly():
 
   acc = jnp.zeros((2, 7, 7, 5), jnp.float32)
   for b in range(1, n + 1):
-    acc = acc + 2.0 ** (n - b) * conv(x, digits[b - 1])                   # add plane b's partial sums
+    acc = acc + 2.0 ** (n - b) * conv(x, digits[b - 1])  # add plane b's partial sums
     truncated = jnp.tensordot(quantizers.plane_weights(n, b), digits[:b], axes=1)
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(conv(x, truncated)))
-    np.testing.assert_allclose(np.asarray(acc * scale), np.asarray(conv(x, quantizers.bwb_kernel(w, n, b))),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+      np.asarray(acc * scale), np.asarray(conv(x, quantizers.bwb_kernel(w, n, b))), rtol=1e-5, atol=1e-4
+    )

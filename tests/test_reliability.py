@@ -1,6 +1,7 @@
 """Nothing lost on a crash: real ``train.py`` processes killed with SIGKILL at arbitrary
 points (mid-epoch, possibly mid-save) or stopped with SIGTERM, then restarted with the
 same command, end with bit-identical parameters to an uninterrupted run."""
+
 import os
 import signal
 import subprocess
@@ -17,11 +18,23 @@ from stepnet_jax.inference import restore
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 # 640 digits / 64 = 10 steps per epoch, 2 epochs, a checkpoint every 3 steps.
-ARGS = ['--config.data.name=digits', '--config.model.name=mlp', '--config.model.width=0.125',
-        '--config.data.train_subset=640', '--config.data.test_subset=200', '--config.train.num_epochs=2',
-        '--config.train.checkpoint_every_steps=3', '--config.train.progress=False', '--config.train.log_every_steps=1']
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+ARGS = [
+  '--config.data.name=digits',
+  '--config.model.name=mlp',
+  '--config.model.width=0.125',
+  '--config.data.train_subset=640',
+  '--config.data.test_subset=200',
+  '--config.train.num_epochs=2',
+  '--config.train.checkpoint_every_steps=3',
+  '--config.train.progress=False',
+  '--config.train.log_every_steps=1',
+]
+ENV = dict(
+  os.environ,
+  JAX_PLATFORMS='cpu',
+  JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+)
 
 
 def _command(workdir):
@@ -40,7 +53,7 @@ def _finish(workdir) -> subprocess.CompletedProcess:
 # KILL_AT: orbax's atomic rename (the last act of a save) is replaced by SIGKILL for that
 #   step's checkpoint: the process dies with it fully written to its temporary directory
 #   but not committed.
-_DRIVER = '''
+_DRIVER = """
 import os, runpy, signal, sys, time
 from orbax.checkpoint._src.path import atomicity
 from stepnet_jax.training import step
@@ -59,7 +72,7 @@ def slow(*args, **kwargs):
 atomicity.AtomicRenameTemporaryPath.finalize, step.make_train_step = finalize, slow
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
-'''
+"""
 
 
 def _driven(workdir, **env) -> list:
@@ -85,10 +98,12 @@ def _signal_when(command, env, ready, sig: int) -> subprocess.CompletedProcess:
 def _interrupt(workdir, after_step: int, sig: int) -> subprocess.CompletedProcess:
   """Starts the command (each step slowed to 50 ms) and sends ``sig`` once a checkpoint past
   ``after_step`` exists."""
+
   def ready():
     root = restore.checkpoint_dir(workdir)
     steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
     return bool(steps) and max(steps) > after_step
+
   return _signal_when(*_driven(workdir, STEP_SLEEP='0.05'), ready, sig)
 
 
@@ -105,9 +120,9 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_twice_then_restart_gives_bit_identical_parameters(tmp_path, uninterrupted):
   workdir = tmp_path / 'killed'
-  first = _interrupt(workdir, 3, signal.SIGKILL)       # during epoch 1
+  first = _interrupt(workdir, 3, signal.SIGKILL)  # during epoch 1
   assert first.returncode == -signal.SIGKILL
-  second = _interrupt(workdir, 12, signal.SIGKILL)     # during epoch 2, after resuming mid-epoch 1
+  second = _interrupt(workdir, 12, signal.SIGKILL)  # during epoch 2, after resuming mid-epoch 1
   assert second.returncode == -signal.SIGKILL
   assert 'Resuming from step' in second.stdout
   _finish(workdir)
@@ -120,13 +135,12 @@ def test_sigterm_saves_the_current_step_and_says_how_to_resume(tmp_path, uninter
   stopped = _interrupt(workdir, 4, signal.SIGTERM)
   assert stopped.returncode == 143, stopped.stderr[-2000:]
   step = int(stopped.stdout.split('SIGTERM at step ')[1].split(':')[0])
-  assert restore.latest_step(str(workdir)) == step     # saved where it stopped, not at the last multiple of 3
+  assert restore.latest_step(str(workdir)) == step  # saved where it stopped, not at the last multiple of 3
   assert 'run the same command to resume' in stopped.stdout
   resumed = _finish(workdir)
   assert f'Resuming from step {step} ' in resumed.stdout
   for a, b in zip(uninterrupted, _leaves(workdir)):
     np.testing.assert_array_equal(a, b)
-
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_identical(tmp_path, uninterrupted):
@@ -135,9 +149,9 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_ide
   killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   leftovers = os.listdir(restore.checkpoint_dir(workdir))
-  assert any(name.startswith('6') and 'tmp' in name for name in leftovers), leftovers   # step 6 half-saved
-  assert restore.all_steps(str(workdir)) == [3]          # the previous checkpoint is the newest one
-  restore.restore_meta(str(workdir))                     # and it reads
+  assert any(name.startswith('6') and 'tmp' in name for name in leftovers), leftovers  # step 6 half-saved
+  assert restore.all_steps(str(workdir)) == [3]  # the previous checkpoint is the newest one
+  restore.restore_meta(str(workdir))  # and it reads
   resumed = _finish(workdir)
   assert 'Resuming from step 3 ' in resumed.stdout
   for a, b in zip(uninterrupted, _leaves(workdir)):
@@ -145,16 +159,32 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resumes_bit_ide
 
 
 PHASED = {
-    # Construction: pretrain to step 5, rounds to steps 8 and 11, fine-tune to 20; stopped in round 1.
-    'construction': (['--config.method=steppingnet', '--config.construction.budgets=0.2,0.5,1.0',
-                      '--config.construction.rounds=2', '--config.construction.pretrain_epochs=0.5',
-                      '--config.construction.round_epochs=0.3', '--config.construction.importance_examples=64'],
-                     1, 5),
-    # Non-uniform: the full network to step 5, then one turn per subnet to 10, 15 and 20 with one
-    # optimizer state; stopped in the second turn (its state is restored with the phase).
-    'non-uniform': (['--config.method=nonuniform', '--config.construction.budgets=0.2,0.5,1.0',
-                     '--config.construction.pretrain_epochs=0.5', '--config.baseline.nonuniform_cycles=1',
-                     '--config.baseline.recalibrate_batches=2'], 2, 10),
+  # Construction: pretrain to step 5, rounds to steps 8 and 11, fine-tune to 20; stopped in round 1.
+  'construction': (
+    [
+      '--config.method=steppingnet',
+      '--config.construction.budgets=0.2,0.5,1.0',
+      '--config.construction.rounds=2',
+      '--config.construction.pretrain_epochs=0.5',
+      '--config.construction.round_epochs=0.3',
+      '--config.construction.importance_examples=64',
+    ],
+    1,
+    5,
+  ),
+  # Non-uniform: the full network to step 5, then one turn per subnet to 10, 15 and 20 with one
+  # optimizer state; stopped in the second turn (its state is restored with the phase).
+  'non-uniform': (
+    [
+      '--config.method=nonuniform',
+      '--config.construction.budgets=0.2,0.5,1.0',
+      '--config.construction.pretrain_epochs=0.5',
+      '--config.baseline.nonuniform_cycles=1',
+      '--config.baseline.recalibrate_batches=2',
+    ],
+    2,
+    10,
+  ),
 }
 
 
@@ -163,12 +193,12 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   """Methods trained in phases of different structure are checkpointed at phase ends. SIGTERM
   inside a phase exits 143 saying so; the same command goes on from the last phase end and
   ends with the parameters of an uninterrupted run, bit for bit."""
-  extra, phase, phase_end = PHASED[method]      # the phase checkpoint to wait for, and its global step
+  extra, phase, phase_end = PHASED[method]  # the phase checkpoint to wait for, and its global step
   whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
   done = subprocess.run(_command(whole) + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   command, env = _driven(stopped, STEP_SLEEP='0.1')
-  committed = stopped / 'phases' / 'checkpoints' / str(phase)       # then the run is in the next phase
+  committed = stopped / 'phases' / 'checkpoints' / str(phase)  # then the run is in the next phase
   proc = _signal_when(command + extra, env, committed.exists, signal.SIGTERM)
   out, err = proc.stdout, proc.stderr
   assert proc.returncode == 143, err[-2000:]
@@ -179,7 +209,7 @@ def test_a_phased_run_stopped_mid_phase_goes_on_from_its_last_phase_bit_identica
   assert again.returncode == 0, again.stderr[-2000:]
   resumed_at = int(again.stdout.split('resuming from the phase checkpoint at step ')[1].split()[0])
   assert resumed_at >= phase_end and f'{method} done' in again.stdout
-  assert not (stopped / 'phases').exists()           # superseded by the final checkpoint
+  assert not (stopped / 'phases').exists()  # superseded by the final checkpoint
   for a, b in zip(_leaves(whole), _leaves(stopped)):
     np.testing.assert_array_equal(a, b)
 
@@ -193,7 +223,9 @@ def test_study_command_stopped_by_a_signal_ends_with_its_message_and_status(caps
   def stopped(signal_name):
     def main(argv):
       raise loop.Preempted(12, signal_name)
+
     return main
+
   for signal_name, status in (('SIGTERM', 143), ('SIGINT', 130)):
     with pytest.raises(SystemExit) as ended:
       cli._stop_quietly(stopped(signal_name), ['prog'])
@@ -201,4 +233,4 @@ def test_study_command_stopped_by_a_signal_ends_with_its_message_and_status(caps
     err = capsys.readouterr().err
     assert f'{signal_name} at step 12: checkpoint saved; run the same command to resume' in err
     assert 'Traceback' not in err
-  assert cli._stop_quietly(lambda argv: 'done', ['prog']) == 'done'    # a normal run is untouched
+  assert cli._stop_quietly(lambda argv: 'done', ['prog']) == 'done'  # a normal run is untouched

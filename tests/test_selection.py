@@ -1,6 +1,7 @@
 """Guan et al.'s selection module: trained by REINFORCE (an unbiased estimate of the exact
 gradient), frozen or fine-tuning the exits, inside the compiled program, and trading
 accuracy for MACs on a trained network."""
+
 from __future__ import annotations
 
 import jax
@@ -20,10 +21,23 @@ def digits_net(tmp_path_factory):
   from stepnet_jax import config
   from stepnet_jax.data import datasets
   from stepnet_jax.training import run
-  cfg = config.from_dict({'data.name': 'digits', 'data.validation_examples': 300, 'model.name': 'mlp',
-                          'model.width': 0.25, 'model.num_levels': 3, 'train.num_epochs': 3, 'train.batch_size': 64,
-                          'optim.learning_rate': 3e-3, 'train.progress': False, 'selection.epochs': 25,
-                          'selection.batch_size': 100, 'selection.learning_rate': 1e-2})
+
+  cfg = config.from_dict(
+    {
+      'data.name': 'digits',
+      'data.validation_examples': 300,
+      'model.name': 'mlp',
+      'model.width': 0.25,
+      'model.num_levels': 3,
+      'train.num_epochs': 3,
+      'train.batch_size': 64,
+      'optim.learning_rate': 3e-3,
+      'train.progress': False,
+      'selection.epochs': 25,
+      'selection.batch_size': 100,
+      'selection.learning_rate': 1e-2,
+    }
+  )
   workdir = str(tmp_path_factory.mktemp('digits_net'))
   full = datasets.load_digits()
   run.train_and_evaluate(cfg, workdir, dataset=full)
@@ -34,6 +48,7 @@ def digits_net(tmp_path_factory):
 def test_a_stateful_learned_policy_in_the_program(digits_net):
   """The selection module with history: its state (the previous exit's probabilities) is per input."""
   from stepnet_jax.methods import selection
+
   net, x = digits_net[1], jnp.asarray(digits_net[4].test_images[:12])
   params = policies.init_selector(jax.random.key(0), 10, net.num_levels, hidden=8)
   params['w2'] = jax.random.normal(jax.random.key(1), (8,)) * 3.0
@@ -60,6 +75,7 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
   estimates equals the exact gradient of the expected reward, with and without a
   (decision-independent) baseline."""
   from stepnet_jax.methods import selection
+
   rng = np.random.RandomState(0)
   logits = jnp.asarray(rng.normal(0, 2, (3, 4, 5)), jnp.float32)
   labels = jnp.asarray([0, 1, 2, 3])
@@ -70,8 +86,9 @@ def test_reinforce_estimate_is_unbiased_against_the_exact_gradient():
   exact = jax.grad(selection.expected_reward)(params, probs, reward, True)
 
   def estimate(key, baseline, samples):
-    return jax.grad(lambda p: -selection.reinforce_terms(p, probs, reward, key, baseline, True,
-                                                         samples)['surrogate'])(params)
+    return jax.grad(lambda p: -selection.reinforce_terms(p, probs, reward, key, baseline, True, samples)['surrogate'])(
+      params
+    )
 
   keys = jax.random.split(jax.random.key(2), 40000)
   for baseline, samples in ((jnp.zeros(3), 1), (jnp.asarray([0.3, 0.1, -0.2]), 1), (jnp.zeros(3), 4)):
@@ -92,6 +109,7 @@ def test_frozen_selection_updates_only_the_selector():
   from flax import nnx
 
   from stepnet_jax.methods import selection
+
   net = testlib.built_model('mlp')
   model = selection.PolicyNet(net, selection.Selector(10, net.num_levels, 4, True, 0))
   _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -110,24 +128,25 @@ def test_selection_module_trades_accuracy_for_macs(digits_net):
   from flax import nnx
 
   from stepnet_jax.methods import selection
+
   cfg, net, x_val, y_val, full = digits_net
   graph_model = nnx.merge(net.graphdef, net.variables)
   before = jax.tree.map(np.asarray, nnx.state(graph_model))
   avg = {}
   for lam in (0.0, 1.5):
-    policy, variables = selection.train_selector(cfg, graph_model, net.macs_to_reach, x_val, y_val, 10,
-                                                 cost_weight=lam)
+    policy, variables = selection.train_selector(cfg, graph_model, net.macs_to_reach, x_val, y_val, 10, cost_weight=lam)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)
     out = net.predict(jnp.asarray(full.test_images), policy)
     avg[lam] = float(np.asarray(out.macs).mean())
   assert avg[1.5] < 0.6 * avg[0.0], avg
-  assert avg[0.0] > 0.8 * net.macs_to_reach[-1], avg        # free MACs: (nearly) everyone goes to the top
+  assert avg[0.0] > 0.8 * net.macs_to_reach[-1], avg  # free MACs: (nearly) everyone goes to the top
 
 
 def test_joint_selection_fine_tunes_the_exits(digits_net):
   from flax import nnx
 
   from stepnet_jax.methods import selection
+
   cfg, net, x_val, y_val, _ = digits_net
   cfg = cfg.replace(**{'selection.joint': True, 'selection.epochs': 2})
   model = nnx.merge(net.graphdef, net.variables)
@@ -136,4 +155,3 @@ def test_joint_selection_fine_tunes_the_exits(digits_net):
   after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
   assert all(changed), changed
-

@@ -3,6 +3,7 @@ each device count in its own process: a 4-device train step (and importance scor
 batches are padded) equals the 1-device one on the same global batch, a short run and its
 evaluation agree, and a checkpoint written on 4 devices restores on 1 and on 2.
 """
+
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -64,26 +65,31 @@ else:
                                              dataset.test_labels, 100).tolist()
   np.savez(workdir + f'.restored{jax.device_count()}.npz', *[np.asarray(a) for a in jax.tree.leaves(net.variables)])
 print('RESULT ' + json.dumps(out))
-'''
+"""
 
 
 # Subprocesses share this session's compilation cache (see conftest.py).
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+ENV = {
+  **os.environ,
+  'JAX_PLATFORMS': 'cpu',
+  'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+}
 
 
 def _with_devices(devices: int) -> dict:
   """ENV with ``devices`` simulated CPU devices, appended to the session's XLA_FLAGS."""
-  return {**ENV, 'XLA_FLAGS': f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+  return {**ENV, 'XLA_FLAGS': f'{ENV.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'}
 
 
 def _run(devices: int, *args: str) -> dict:
   env = _with_devices(devices)
-  proc = subprocess.run([sys.executable, '-c', SCRIPT, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-c', SCRIPT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
-  return json.loads(line[len('RESULT '):])
+  return json.loads(line[len('RESULT ') :])
 
 
 @pytest.fixture(scope='module')
@@ -98,7 +104,7 @@ def test_four_devices_compute_the_one_device_step(runs):
   root, four, one = runs
   assert four['devices'] == 4 and one['devices'] == 1
   assert 'data=4' in four['mesh']
-  assert four['batch_shards'] == 4 and four['state_devices'] == 4      # batch split, state replicated
+  assert four['batch_shards'] == 4 and four['state_devices'] == 4  # batch split, state replicated
   a, b = np.load(root / 'four.step.npz'), np.load(root / 'one.step.npz')
   assert a.files == b.files
   for k in a.files:
@@ -124,10 +130,18 @@ def test_a_four_device_checkpoint_restores_on_fewer(runs, devices):
 
 def test_a_batch_that_does_not_split_is_refused_before_anything_runs():
   proc = subprocess.run(
-      [sys.executable, '-c', 'from stepnet_jax import config; from stepnet_jax.training import run; '
-       'run.prepare_data(config.from_dict({"data": {"name": "digits"}, "train": {"batch_size": 30}}))'],
-      env=_with_devices(4),
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-c',
+      'from stepnet_jax import config; from stepnet_jax.training import run; '
+      'run.prepare_data(config.from_dict({"data": {"name": "digits"}, "train": {"batch_size": 30}}))',
+    ],
+    env=_with_devices(4),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode != 0
   assert 'train.batch_size=30 does not divide by the 4 devices' in proc.stderr
 
@@ -137,18 +151,41 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, runs):
   of every batch; only the first writes metrics and descriptions, both share the
   checkpoint) end with the test accuracies of the one-process run of the same settings."""
   import socket
+
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   _, _, one = runs
-  args = ['train.py', '--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'two'),   # the SCRIPT's settings
-          '--config.data.name=digits', '--config.data.train_subset=512', '--config.data.test_subset=202',
-          '--config.model.name=mlp', '--config.model.width=0.125', '--config.train.num_epochs=2',
-          '--config.train.batch_size=64', '--config.train.eval_batch_size=100', '--config.train.progress=False',
-          '--config.optim.name=sgd', '--config.optim.learning_rate=0.1']
+  args = [
+    'train.py',
+    '--config',
+    'configs/tiny.py',
+    '--workdir',
+    str(tmp_path / 'two'),  # the SCRIPT's settings
+    '--config.data.name=digits',
+    '--config.data.train_subset=512',
+    '--config.data.test_subset=202',
+    '--config.model.name=mlp',
+    '--config.model.width=0.125',
+    '--config.train.num_epochs=2',
+    '--config.train.batch_size=64',
+    '--config.train.eval_batch_size=100',
+    '--config.train.progress=False',
+    '--config.optim.name=sgd',
+    '--config.optim.learning_rate=0.1',
+  ]
   env = {**ENV, 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2'}
-  hosts = [subprocess.Popen([sys.executable, *args], cwd=REPO, text=True, env={**env, 'JAX_PROCESS_ID': str(i)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  hosts = [
+    subprocess.Popen(
+      [sys.executable, *args],
+      cwd=REPO,
+      text=True,
+      env={**env, 'JAX_PROCESS_ID': str(i)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [h.communicate(timeout=200) for h in hosts]
   finally:

@@ -1,4 +1,5 @@
 """End-to-end: short real training runs, checkpoints, resuming, and the two scripts."""
+
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import stepnet_jax
 from stepnet_jax import cli, config
 from stepnet_jax.data import datasets
 from stepnet_jax.inference import restore
+from stepnet_jax.methods import trainers
 from stepnet_jax.training import optim, run
 from stepnet_jax.training import step as step_lib
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(**overrides):
-  c = cli.load_file(TINY)
+  c = config.load_file(TINY)
   c.train.progress = False
   return config.from_dict(config.merge(c.to_dict(), config.nest(overrides)))
 
@@ -60,8 +62,8 @@ def test_checkpoint_round_trip(tiny_run, fashion_mnist):
   assert len(test.test_labels) == 1000
   correct = np.zeros(3)
   for i in range(0, 1000, 500):
-    pred = np.asarray(net.exits(jnp.asarray(test.test_images[i:i + 500]))).argmax(-1)
-    correct += (pred == test.test_labels[i:i + 500][None]).sum(axis=1)
+    pred = np.asarray(net.exits(jnp.asarray(test.test_images[i : i + 500]))).argmax(-1)
+    correct += (pred == test.test_labels[i : i + 500][None]).sum(axis=1)
   np.testing.assert_allclose(correct / 1000, result['test_accuracy'], atol=1e-9)
   # Stepping the restored network gives the same logits as its one-pass exits.
   x = jnp.asarray(test.test_images[:8])
@@ -78,9 +80,20 @@ def test_checkpoint_round_trip(tiny_run, fashion_mnist):
 
 def _digits_config(**kw):
   """A 2-level MLP on the digits; ``kw`` overrides dotted keys (``**{'model.width': 0.5}``)."""
-  return config.from_dict({'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.25, 'model.num_levels': 2,
-                           'train.num_epochs': 2, 'train.batch_size': 64, 'optim.learning_rate': 3e-3,
-                           'train.progress': False, 'train.log_every_steps': 5, **kw})
+  return config.from_dict(
+    {
+      'data.name': 'digits',
+      'model.name': 'mlp',
+      'model.width': 0.25,
+      'model.num_levels': 2,
+      'train.num_epochs': 2,
+      'train.batch_size': 64,
+      'optim.learning_rate': 3e-3,
+      'train.progress': False,
+      'train.log_every_steps': 5,
+      **kw,
+    }
+  )
 
 
 class _Interrupt(Exception):
@@ -95,7 +108,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
   ref = run.train_and_evaluate(cfg, str(tmp_path / 'ref'), dataset=digits)
   assert ref['step'] == 2 * spe
-  acc = ref['test_accuracy']          # observed 0.797 / 0.889
+  acc = ref['test_accuracy']  # observed 0.797 / 0.889
   assert acc[0] >= 0.75 and acc[1] >= 0.85 and acc[0] < acc[1], acc
 
   workdir = str(tmp_path / 'resumed')
@@ -104,6 +117,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
   def save_then_crash(*args, **kwargs):
     real_save(*args, **kwargs)
     raise _Interrupt
+
   monkeypatch.setattr(run.checkpoints, 'save', save_then_crash)
   with pytest.raises(_Interrupt):
     run.train_and_evaluate(cfg, workdir, dataset=digits)
@@ -174,7 +188,9 @@ def test_resume_refuses_other_settings(tmp_path, one_epoch_digits_run):
   workdir = str(tmp_path / 'run')
   shutil.copytree(original, workdir)
   with pytest.raises(ValueError, match='learning_rate, seed'):
-    run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2, 'optim.learning_rate': 0.5, 'seed': 3}), workdir, dataset=digits)
+    run.train_and_evaluate(
+      _digits_config(**{'train.num_epochs': 2, 'optim.learning_rate': 0.5, 'seed': 3}), workdir, dataset=digits
+    )
   assert restore.latest_step(workdir) == 128 // 64
 
 
@@ -188,8 +204,9 @@ def test_check_workdir_names_what_differs_and_allows_only_what_it_is_told(tmp_pa
     run.check_workdir(original, _digits_config(**{'train.num_epochs': 2}))
   assert run.check_workdir(original, _digits_config(**{'train.num_epochs': 2}), may_change=run.RESUMABLE_KEYS)
   with pytest.raises(ValueError, match=r'other settings \(model.width, optim.learning_rate\)'):
-    run.check_workdir(original, _digits_config(**{'model.width': 0.5, 'optim.learning_rate': 1.0}),
-                      may_change=run.RESUMABLE_KEYS)
+    run.check_workdir(
+      original, _digits_config(**{'model.width': 0.5, 'optim.learning_rate': 1.0}), may_change=run.RESUMABLE_KEYS
+    )
 
 
 def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(tmp_path, capsys):
@@ -205,43 +222,84 @@ def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(
     for name in files:
       path = os.path.join(root, name)
       if root.endswith('d') and os.path.getsize(path) > 8:
-        os.truncate(path, os.path.getsize(path) // 2)            # a save cut short
+        os.truncate(path, os.path.getsize(path) // 2)  # a save cut short
   longer = cfg.replace(**{'train.num_epochs': 3})
   with pytest.raises(restore.CheckpointError, match=f'checkpoint {newest} cannot be read'):
     run.train_and_evaluate(longer, workdir, dataset=digits)
-  assert restore.all_steps(workdir) == [2 * spe, spe]                # nothing deleted
+  assert restore.all_steps(workdir) == [2 * spe, spe]  # nothing deleted
   capsys.readouterr()
   out = run.train_and_evaluate(longer, workdir, dataset=digits, restore_previous=True)
   assert f'Resuming from step {spe} ' in capsys.readouterr().out
   assert out['step'] == 3 * spe
-  assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', str(2 * spe)))   # kept aside
+  assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', str(2 * spe)))  # kept aside
 
 
 def test_train_and_evaluate_scripts(tmp_path):
   workdir = str(tmp_path / 'run')
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             # share this session's compilation cache (see conftest.py)
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    # share this session's compilation cache (see conftest.py)
+    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
   train = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}',
-       '--config.data.train_subset=512', '--config.data.test_subset=200', '--config.train.num_epochs=1',
-       '--config.train.progress=False'], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.data.train_subset=512',
+      '--config.data.test_subset=200',
+      '--config.train.num_epochs=1',
+      '--config.train.progress=False',
+    ],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'done: step 8' in train.stdout
-  old = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}',
-                        '--config.num_epochs=1'], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                       timeout=600)
+  old = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.num_epochs=1',
+    ],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert old.returncode != 0 and 'is now spelled --config.train.num_epochs=1' in old.stderr, old.stderr[-2000:]
   out_json, plot = str(tmp_path / 'levels.json'), str(tmp_path / 'levels.png')
   ev = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
-       f'--plot={plot}', '--test_subset=200', '--batch_size=100', '--latency_repeats=2', '--policy=confidence',
-       '--knobs=0.0,2.0'],
-      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO, 'evaluate.py'),
+      f'--workdir={workdir}',
+      f'--json={out_json}',
+      f'--plot={plot}',
+      '--test_subset=200',
+      '--batch_size=100',
+      '--latency_repeats=2',
+      '--policy=confidence',
+      '--knobs=0.0,2.0',
+    ],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
   # The policy sweep: threshold 0 stops every input at level 0, 2 (never reached) at the top.
-  sweep = ev.stdout[ev.stdout.index('policy confidence'):].splitlines()
+  sweep = ev.stdout[ev.stdout.index('policy confidence') :].splitlines()
   assert sweep[3].split()[-3:] == ['1.00', '0.00', '0.00'] and sweep[4].split()[-3:] == ['0.00', '0.00', '1.00']
   with open(out_json) as f:
     result = json.load(f)
@@ -255,10 +313,25 @@ def test_train_and_evaluate_scripts(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # Quantized evaluation: 4-bit weights and 8-bit activations on 8-bit images cost 32 bit-ops per MAC.
   quantized = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', f'--json={out_json}',
-       '--test_subset=200', '--batch_size=100', '--latency_repeats=1', '--bits=4', '--act_bits=8',
-       '--calibration_images=200', '--step=8'],
-      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO, 'evaluate.py'),
+      f'--workdir={workdir}',
+      f'--json={out_json}',
+      '--test_subset=200',
+      '--batch_size=100',
+      '--latency_repeats=1',
+      '--bits=4',
+      '--act_bits=8',
+      '--calibration_images=200',
+      '--step=8',
+    ],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert quantized.returncode == 0, quantized.stderr[-3000:]
   assert f'checkpoint 8 of {workdir}' in quantized.stdout
   assert 'MAC-weighted mean weight bits 4.00' in quantized.stdout, quantized.stdout[-2000:]
@@ -268,8 +341,14 @@ def test_train_and_evaluate_scripts(tmp_path):
   assert [r['bitops_to_reach'] for r in result['levels']] == [32 * r['macs'] for r in result['levels']]
   # A usage error: a latency batch of 0 (a run without a validation split has no --best:
   # restore.best_step is None, tests/test_checkpoints.py).
-  bad = subprocess.run([sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', '--latency_batch=0'],
-                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+  bad = subprocess.run(
+    [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', '--latency_batch=0'],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert bad.returncode != 0 and 'must be >= 1, got 0' in bad.stderr, bad.stderr[-2000:]
 
 
@@ -284,15 +363,16 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     run.train_and_evaluate(_digits_config(**{'train.num_epochs': 2, 'model.width': 0.5}), workdir, dataset=digits)
   with open(os.path.join(workdir, 'config.json')) as f:
     after = json.load(f)
-  assert after['model_meta'] == before['model_meta'], \
-      'config.json now describes a model that is not in the checkpoint'
+  assert after['model_meta'] == before['model_meta'], 'config.json now describes a model that is not in the checkpoint'
   assert after == before
 
 
 # ------------------------------------------------------------------ pieces of the trainer (no training)
 
 
-@pytest.mark.parametrize('overrides,message', [
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
     ({'model.num_levels': 0}, 'num_levels must be >= 1'),
     ({'loss.exit_weights': (1.0, 1.0)}, 'exit_weights has 2 entries for 3 levels'),
     ({'loss.exit_weights': (0.0, 0.0, 0.0)}, 'positive sum'),
@@ -306,7 +386,7 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'loss.objective': 'sandwich'}, 'needs model.triangular=True'),
     ({'no_such_key': 1}, r"unknown config keys: \['no_such_key'\]"),
     ({'model.no_such_key': 1}, r"unknown config keys: \['model.no_such_key'\]"),
-    ({'num_epochs': 3}, r"unknown config keys: \['num_epochs'\]"),    # the flat spelling of older versions
+    ({'num_epochs': 3}, r"unknown config keys: \['num_epochs'\]"),  # the flat spelling of older versions
     ({'train.batch_size': 0}, 'train.batch_size must be >= 1'),
     ({'train.num_epochs': 0}, 'train.num_epochs must be >= 1'),
     ({'optim.learning_rate': -0.1}, 'optim.learning_rate must be > 0'),
@@ -325,89 +405,151 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'construction.pretrain_epochs': -0.5}, 'pretrain_epochs must be >= 0'),
     ({'construction.importance_examples': 0}, 'importance_examples must be >= 1'),
     ({'construction.importance': 'random'}, "unknown importance 'random'"),
-    ({'construction.allocation': 'greedy'}, "unknown allocation 'greedy'"),
+    ({'construction.allocation': 'greedy'}, "unknown construction.allocation 'greedy'"),
     ({'baseline.nonuniform_cycles': 0}, 'nonuniform_cycles must be >= 1'),
     ({'baseline.recalibrate_batches': -1}, 'recalibrate_batches must be >= 0'),
     ({'loss.sandwich_widths': -1}, 'sandwich_widths must be >= 0'),
     ({'construction.class_threshold': -1.0}, 'class_threshold must be >= 0'),
     ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3)}, 'needs one budget per level: 2 budgets, 3'),
-    ({'method': 'nonuniform', 'construction.budgets': (0.1, 0.3, 0.6), 'loss.exit_weights': (1.0, 0.0, 1.0)},
-     'every exit weight must be positive'),
+    (
+      {'method': 'nonuniform', 'construction.budgets': (0.1, 0.3, 0.6), 'loss.exit_weights': (1.0, 0.0, 1.0)},
+      'every exit weight must be positive',
+    ),
     ({'selection.baseline': 'learned'}, "unknown selection.baseline 'learned'"),
-    ({'loss.distill_mode': 'mix'}, "unknown loss.distill_mode 'mix'; choose from add, replace"),
+    ({'loss.distill_mode': 'mix'}, "unknown loss.distill_mode 'mix'; choose one of add, replace"),
     ({'data.validation_examples': -1}, 'validation_examples must be >= 0'),
-    ({'method': 'steppingnet', 'construction.budgets': (0.1, 0.3, 0.6), 'construction.allocation': 'uniform',
-      'construction.rank_per_mac': True}, 'do not combine'),
-])
+    (
+      {
+        'method': 'steppingnet',
+        'construction.budgets': (0.1, 0.3, 0.6),
+        'construction.allocation': 'uniform',
+        'construction.rank_per_mac': True,
+      },
+      'do not combine',
+    ),
+  ],
+)
 def test_config_validation(overrides, message):
   with pytest.raises(ValueError, match=message):
-    config.from_dict({'model.num_levels': 3, **overrides})
+    trainers.validate(config.from_dict({'model.num_levels': 3, **overrides}))
 
 
 def test_config_parses_sequences_and_assignment(tmp_path):
   p = tmp_path / 'a.json'
   p.write_text('{"conv1": [1, 2]}')
-  c = config.from_dict({'model.num_levels': 2, 'model.level_widths': '(0.25, 1.0)', 'loss.exit_weights': [1, 2],
-                        'model.assignment': str(p)})
+  c = config.from_dict(
+    {
+      'model.num_levels': 2,
+      'model.level_widths': '(0.25, 1.0)',
+      'loss.exit_weights': [1, 2],
+      'model.assignment': str(p),
+    }
+  )
   assert c.model.level_widths == (0.25, 1.0) and c.exit_weights == (1.0, 2.0)
   assert c.model.assignment_dict() == {'conv1': [1, 2]}
   assert config.from_dict({'model.num_levels': 3}).exit_weights == (1.0, 1.0, 1.0)
-  c = config.from_dict({'model': {'num_levels': 2, 'assignment': '{"fc1": [3, 4]}'}})   # nested works too
+  c = config.from_dict({'model': {'num_levels': 2, 'assignment': '{"fc1": [3, 4]}'}})  # nested works too
   assert c.model.assignment_dict() == {'fc1': [3, 4]}
   assert c.replace(**{'model.width': 0.5}).model == dataclasses.replace(c.model, width=0.5)
   with pytest.raises(ValueError, match='level_widths'):
-    c.replace(**{'model.level_widths': (1.0,)})   # replace validates
+    c.replace(**{'model.level_widths': (1.0,)})  # replace validates
 
 
 def test_every_field_is_declared_once_and_overridable():
   """base_config() is generated from the dataclasses: the same keys, the same defaults."""
   flat = config.flatten(config.base_config().to_dict())
   assert flat == config.flatten(config.Config().to_dict())
-  assert config._flat_paths()['batch_size'] == 'train.batch_size'   # not selection.batch_size
+  assert config.flat_paths()['batch_size'] == 'train.batch_size'  # not selection.batch_size
   assert config.from_dict(config.base_config()) == config.Config()
 
 
 # The config.json configs/tiny.py wrote before the config had sections (copied from a run of
 # that version, with --config.progress=False).
 FLAT_TINY = {
-    'dataset': 'idx:/usr/share/datasets/fashion-mnist', 'data_dir': '', 'train_subset': 2048, 'test_subset': 1000,
-    'augment': False, 'model': 'lenet3c1l', 'width': 0.25, 'num_levels': 3, 'level_widths': [],
-    'triangular': False, 'mask_rule': True, 'sandwich_widths': 0, 'assignment': '', 'method': 'joint',
-    'budgets': [], 'widen': 2.0, 'importance': 'taylor', 'importance_examples': 512, 'class_threshold': 0.5,
-    'allocation': 'global', 'rank_per_mac': False, 'construct_rounds': 4, 'pretrain_epochs': 1.0,
-    'round_epochs': 0.25, 'finetune_distill_weight': 0.0, 'nonuniform_cycles': 2, 'recalibrate_batches': 50,
-    'exit_weights': [], 'distill_weight': 0.0, 'distill_temperature': 4.0, 'optimizer': 'adam',
-    'learning_rate': 0.003, 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine', 'step_decay_at': [0.5, 0.75],
-    'warmup_epochs': 0.0, 'num_epochs': 2, 'batch_size': 64, 'seed': 0, 'eval_batch_size': 500,
-    'log_every_steps': 8, 'keep_checkpoints': 2, 'progress': False}
+  'dataset': 'idx:/usr/share/datasets/fashion-mnist',
+  'data_dir': '',
+  'train_subset': 2048,
+  'test_subset': 1000,
+  'augment': False,
+  'model': 'lenet3c1l',
+  'width': 0.25,
+  'num_levels': 3,
+  'level_widths': [],
+  'triangular': False,
+  'mask_rule': True,
+  'sandwich_widths': 0,
+  'assignment': '',
+  'method': 'joint',
+  'budgets': [],
+  'widen': 2.0,
+  'importance': 'taylor',
+  'importance_examples': 512,
+  'class_threshold': 0.5,
+  'allocation': 'global',
+  'rank_per_mac': False,
+  'construct_rounds': 4,
+  'pretrain_epochs': 1.0,
+  'round_epochs': 0.25,
+  'finetune_distill_weight': 0.0,
+  'nonuniform_cycles': 2,
+  'recalibrate_batches': 50,
+  'exit_weights': [],
+  'distill_weight': 0.0,
+  'distill_temperature': 4.0,
+  'optimizer': 'adam',
+  'learning_rate': 0.003,
+  'momentum': 0.9,
+  'weight_decay': 0.0,
+  'schedule': 'cosine',
+  'step_decay_at': [0.5, 0.75],
+  'warmup_epochs': 0.0,
+  'num_epochs': 2,
+  'batch_size': 64,
+  'seed': 0,
+  'eval_batch_size': 500,
+  'log_every_steps': 8,
+  'keep_checkpoints': 2,
+  'progress': False,
+}
 
 
 COMPARE_ROOTS = ('common', 'steppingnet', 'nonuniform')
 
 
-@pytest.mark.parametrize('arg,roots,new', [
+@pytest.mark.parametrize(
+  'arg,roots,new',
+  [
     ('--config.num_epochs=2', ('',), '--config.train.num_epochs=2'),
     ('--config.model=mlp', ('',), '--config.model.name=mlp'),
     ('--config.construct_rounds=3', ('',), '--config.construction.rounds=3'),
     ('--config.common.widen=3.0', COMPARE_ROOTS, '--config.common.construction.widen=3.0'),
     ('--config.steppingnet.importance=class', COMPARE_ROOTS, '--config.steppingnet.construction.importance=class'),
-    ('--config.awn.widen=2', COMPARE_ROOTS, None),                # the comparison's own AWN section
+    ('--config.awn.widen=2', COMPARE_ROOTS, None),  # the comparison's own AWN section
     ('--config.common.widen=3.0', ('',), None),
-    ('--config.train.num_epochs=2', ('',), None), ('--config.model.width=0.5', ('',), None),
-    ('--config.seed=1', ('',), None), ('--config.method=joint', ('',), None), ('--workdir=x', ('',), None),
+    ('--config.train.num_epochs=2', ('',), None),
+    ('--config.model.width=0.5', ('',), None),
+    ('--config.seed=1', ('',), None),
+    ('--config.method=joint', ('',), None),
+    ('--workdir=x', ('',), None),
     ('--config.methods=awn', COMPARE_ROOTS, None),
-])
+  ],
+)
 def test_flat_command_line_overrides_get_their_new_spelling(arg, roots, new):
   assert cli.renamed_override(arg, roots) == new
 
 
-@pytest.mark.parametrize('arg,roots,hint', [
+@pytest.mark.parametrize(
+  'arg,roots,hint',
+  [
     ('--config.train.num_epoch=1', ('',), 'did you mean train.num_epochs'),
     ('--config.nosuchkey=1', ('',), 'nosuchkey is not a config key; every field'),
     ('--config.common.optim.learning_rat=0.1', COMPARE_ROOTS, 'did you mean common.optim.learning_rate'),
-    ('--config.train.num_epochs=1', ('',), None), ('--config.train=x', ('',), None),
-    ('--config.awn.widen=2', COMPARE_ROOTS, None), ('--workdir=x', ('',), None),
-])
+    ('--config.train.num_epochs=1', ('',), None),
+    ('--config.train=x', ('',), None),
+    ('--config.awn.widen=2', COMPARE_ROOTS, None),
+    ('--workdir=x', ('',), None),
+  ],
+)
 def test_unknown_command_line_keys_get_the_closest_fields(arg, roots, hint):
   got = cli.unknown_override(arg, roots)
   assert (got is None) if hint is None else hint in got, got
@@ -425,13 +567,29 @@ def test_flat_configs_of_earlier_versions_load():
 
 def _flat(nested: dict) -> dict:
   """A saved nested config in the flat format of earlier versions (FLAT_TINY's keys)."""
-  renamed = {'model.name': 'model', 'data.name': 'dataset', 'optim.name': 'optimizer',
-             'construction.rounds': 'construct_rounds'}
-  later = ('loss.objective', 'loss.sandwich_widths', 'data.validation_examples',   # keys the flat era lacked
-           'train.checkpoint_every_steps', 'train.divergence_steps', 'train.divergence_factor', 'loss.distill_mode',
-           'model.exit_heads', 'loss.label_smoothing', 'model.batch_norm')
-  flat = {renamed.get(k, k.rsplit('.', 1)[-1]): v for k, v in config.flatten(nested).items()
-          if k not in later and not k.startswith('selection.')}
+  renamed = {
+    'model.name': 'model',
+    'data.name': 'dataset',
+    'optim.name': 'optimizer',
+    'construction.rounds': 'construct_rounds',
+  }
+  later = (
+    'loss.objective',
+    'loss.sandwich_widths',
+    'data.validation_examples',  # keys the flat era lacked
+    'train.checkpoint_every_steps',
+    'train.divergence_steps',
+    'train.divergence_factor',
+    'loss.distill_mode',
+    'model.exit_heads',
+    'loss.label_smoothing',
+    'model.batch_norm',
+  )
+  flat = {
+    renamed.get(k, k.rsplit('.', 1)[-1]): v
+    for k, v in config.flatten(nested).items()
+    if k not in later and not k.startswith('selection.')
+  }
   flat['sandwich_widths'] = 0
   assert set(flat) == set(FLAT_TINY)
   return flat
@@ -472,15 +630,20 @@ def test_learning_rate_schedules():
   for t in (0, 7, 20, 39, 40):
     np.testing.assert_allclose(float(cos(t)), lr * 0.5 * (1 + np.cos(np.pi * min(t, 40) / 40)), rtol=1e-5, atol=1e-7)
   warm = optim.learning_rate_schedule(
-      config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.warmup_epochs': 1.0}), spe)
+    config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.warmup_epochs': 1.0}), spe
+  )
   np.testing.assert_allclose([float(warm(t)) for t in (0, 5)], [0.0, lr / 2], rtol=1e-5)
   for t in (10, 25, 40):
     np.testing.assert_allclose(float(warm(t)), lr * 0.5 * (1 + np.cos(np.pi * (t - 10) / 30)), rtol=1e-5, atol=1e-7)
   step = optim.learning_rate_schedule(
-      config.from_dict({'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.schedule': 'step',
-                        'optim.step_decay_at': (0.5, 0.75)}), spe)
-  np.testing.assert_allclose([float(step(t)) for t in (0, 19, 21, 29, 31, 39)],
-                             [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01, lr * 0.01], rtol=1e-5)
+    config.from_dict(
+      {'optim.learning_rate': lr, 'train.num_epochs': 4, 'optim.schedule': 'step', 'optim.step_decay_at': (0.5, 0.75)}
+    ),
+    spe,
+  )
+  np.testing.assert_allclose(
+    [float(step(t)) for t in (0, 19, 21, 29, 31, 39)], [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01, lr * 0.01], rtol=1e-5
+  )
 
 
 def test_augment_is_a_shifted_possibly_flipped_crop():
@@ -495,11 +658,11 @@ def test_augment_is_a_shifted_possibly_flipped_crop():
     candidates = []
     for dy in range(5):
       for dx in range(5):
-        crop = padded[i, dy:dy + 8, dx:dx + 7]
+        crop = padded[i, dy : dy + 8, dx : dx + 7]
         candidates += [(crop, False, (dy, dx)), (crop[:, ::-1], True, (dy, dx))]
     matches = [(f, s) for c, f, s in candidates if np.array_equal(c, out[i])]
     assert matches, f'image {i} is not a crop of the padded input'
     flips += matches[0][0]
     shifts.add(matches[0][1])
-  assert 4 <= flips <= n - 4          # about half are flipped
-  assert len(shifts) >= 8             # offsets vary
+  assert 4 <= flips <= n - 4  # about half are flipped
+  assert len(shifts) >= 8  # offsets vary

@@ -4,6 +4,7 @@ Each test checks the library against a second computation: XLA's FLOP count of a
 deliberately wasteful objective, the loss recomputed from a direct (prefix) head in
 numpy, numpy permutations, and accuracy counted by hand.
 """
+
 from __future__ import annotations
 
 import jax
@@ -28,8 +29,16 @@ K = 4
 
 def _model(width=0.25, num_levels=K, seed=0):
   with testlib.numpy_initializers(seed):
-    model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=num_levels,
-                               width=width, mean=(0.3,), std=(0.3,), seed=seed)
+    model = zoo.build_model(
+      'lenet3c1l',
+      num_classes=10,
+      input_shape=testlib.MNIST_SHAPE,
+      num_levels=num_levels,
+      width=width,
+      mean=(0.3,),
+      std=(0.3,),
+      seed=seed,
+    )
   return testlib.randomize(model, seed)
 
 
@@ -42,12 +51,14 @@ def _batch(n=16, seed=0):
 
 def _separate_passes(weights):
   """A wasteful objective with the same value as multi_exit: one train-mode forward per exit."""
+
   def objective(model, batch, rng):
     del rng
     x = model.normalize(batch.images)
     logits = jnp.stack([model.head(model.features(x, model.top, True), k) for k in range(model.num_levels)])
     loss, aux = losses.multi_exit_loss(logits, batch.labels, weights)
     return loss, {'logits': logits, **aux}
+
   return objective
 
 
@@ -65,7 +76,7 @@ def test_joint_step_costs_about_one_single_exit_step_in_compiled_flops():
   single = flops(losses.single_exit())
   wasteful = flops(_separate_passes((1.0,) * K))
   assert joint <= 1.15 * single, (joint, single)
-  assert wasteful > 2.0 * single, (wasteful, single)     # the check can tell the two apart
+  assert wasteful > 2.0 * single, (wasteful, single)  # the check can tell the two apart
 
 
 def _train_mode_exits_by_hand(model, batch):
@@ -76,19 +87,23 @@ def _train_mode_exits_by_hand(model, batch):
   return np.stack([np.asarray(m.head(feats, k)) for k in range(m.num_levels)])
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     {'loss.exit_weights': (0.0, 0.0, 0.0, 1.0)},
     {'loss.exit_weights': (3.0, 0.0, 1.0, 0.5)},
     {'loss.distill_weight': 0.5, 'loss.distill_temperature': 2.0},
-])
+  ],
+)
 def test_reported_loss_uses_the_configured_weights_and_distillation(overrides):
   """One step of the configured objective reports the loss recomputed in numpy from the
   same exits with the configured weights and distillation."""
   cfg = config.from_dict({'model.num_levels': K, **overrides})
   model, batch = _model(), _batch(seed=1)
   logits = _train_mode_exits_by_hand(model, batch)
-  ref, ce, distill = reference_loss(logits, np.asarray(batch.labels), cfg.exit_weights, cfg.loss.distill_weight,
-                                    cfg.loss.distill_temperature)
+  ref, ce, distill = reference_loss(
+    logits, np.asarray(batch.labels), cfg.exit_weights, cfg.loss.distill_weight, cfg.loss.distill_temperature
+  )
   tx = optim.make_optimizer(cfg, 10)
   graphdef, state = step_lib.init_state(model, tx)
   _, metrics = step_lib.make_train_step(graphdef, tx, losses.objective_for(cfg))(state, batch)
@@ -105,7 +120,7 @@ def test_subnet_and_single_exit_objectives_are_one_cross_entropy():
   y = np.asarray(batch.labels)
   for k in (0, 2):
     loss, aux = losses.subnet(k)(nnx.clone(model), batch, None)
-    np.testing.assert_allclose(float(loss), reference_loss(logits[k:k + 1], y, (1.0,), 0.0, 1.0)[0], rtol=2e-5)
+    np.testing.assert_allclose(float(loss), reference_loss(logits[k : k + 1], y, (1.0,), 0.0, 1.0)[0], rtol=2e-5)
     assert aux['logits'].shape == (1, 16, 10)
   loss, _ = losses.single_exit()(nnx.clone(model), batch, None)
   np.testing.assert_allclose(float(loss), reference_loss(logits[-1:], y, (1.0,), 0.0, 1.0)[0], rtol=2e-5)
@@ -129,8 +144,9 @@ def test_each_epoch_has_its_own_permutation():
   spe = n // batch_size
   images = np.zeros((n, 8, 8, 1), np.uint8)
   ds = datasets.Dataset('ids', images, np.arange(n, dtype=np.int32), images[:1], np.zeros(1, np.int32), 10)
-  cfg = config.from_dict({'seed': seed, 'train.batch_size': batch_size, 'train.progress': False,
-                          'train.log_every_steps': 1000})
+  cfg = config.from_dict(
+    {'seed': seed, 'train.batch_size': batch_size, 'train.progress': False, 'train.log_every_steps': 1000}
+  )
   rec = _Recorder()
   loop.run_steps(None, rec, ds, cfg, first=0, last=epochs * spe, steps_per_epoch=spe, writer=None, desc='')
   assert len(rec.seen) == epochs * spe
@@ -138,9 +154,9 @@ def test_each_epoch_has_its_own_permutation():
   for e in range(epochs):
     perm = np.random.RandomState(seed + e).permutation(n)
     for i in range(spe):
-      np.testing.assert_array_equal(rec.seen[e * spe + i], np.sort(perm[i * batch_size:(i + 1) * batch_size]))
-    epoch = np.concatenate(rec.seen[e * spe:(e + 1) * spe])
-    assert len(set(epoch.tolist())) == spe * batch_size        # no example twice in an epoch
+      np.testing.assert_array_equal(rec.seen[e * spe + i], np.sort(perm[i * batch_size : (i + 1) * batch_size]))
+    epoch = np.concatenate(rec.seen[e * spe : (e + 1) * spe])
+    assert len(set(epoch.tolist())) == spe * batch_size  # no example twice in an epoch
     orders.append(epoch)
   assert not any(np.array_equal(orders[a], orders[b]) for a in range(epochs) for b in range(a))
   # A run resumed at step 5 sees exactly the batches an uninterrupted run sees from there.
@@ -163,7 +179,7 @@ def test_exit_accuracy_pads_the_last_batch_and_does_not_count_the_padding():
     return nnx.merge(graphdef, v).exits(images)
 
   got = evaluation.exit_accuracy(exits, variables, x, y, batch_size=10)
-  assert shapes == [10, 10, 10, 10]                       # 37 = 3 x 10 + 7 padded to 10
+  assert shapes == [10, 10, 10, 10]  # 37 = 3 x 10 + 7 padded to 10
   logits = np.asarray(model.exits(jnp.asarray(x)))
   by_hand = (logits.argmax(-1) == y[None]).mean(axis=1)
   np.testing.assert_allclose(got, by_hand)

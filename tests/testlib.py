@@ -5,6 +5,7 @@ arrays and connection masks are rebuilt from plain level sizes with Python loops
 the level sizes of random assignments come from numpy RandomState, not from the
 library's own splitting code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ def block_start(sizes, level) -> int:
 
 
 def block_end(sizes, level) -> int:
-  return int(sum(sizes[:level + 1]))
+  return int(sum(sizes[: level + 1]))
 
 
 def brute_mask(in_sizes, out_sizes, triangular=False) -> np.ndarray:
@@ -64,21 +65,30 @@ def brute_mask(in_sizes, out_sizes, triangular=False) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """A model to build for the per-model tests."""
+
   id: str
   name: str
   input_shape: tuple
   num_levels: int
   width: float = 1.0
-  assignment: tuple = ()       # ((layer, sizes), ...)
+  assignment: tuple = ()  # ((layer, sizes), ...)
   triangular: bool = False
   num_classes: int = 10
 
   def build(self, seed=0, mean=None, std=None, fast_init=True):
     with numpy_initializers(seed) if fast_init else contextlib.nullcontext():
-      return zoo.build_model(self.name, num_classes=self.num_classes, input_shape=self.input_shape,
-                                num_levels=self.num_levels, width=self.width,
-                                assignment=dict(self.assignment) or None, triangular=self.triangular,
-                                mean=mean, std=std, seed=seed)
+      return zoo.build_model(
+        self.name,
+        num_classes=self.num_classes,
+        input_shape=self.input_shape,
+        num_levels=self.num_levels,
+        width=self.width,
+        assignment=dict(self.assignment) or None,
+        triangular=self.triangular,
+        mean=mean,
+        std=std,
+        seed=seed,
+      )
 
 
 @contextlib.contextmanager
@@ -96,7 +106,9 @@ def numpy_initializers(seed=0):
       def init(key, shape, dtype=jnp.float32):
         fan_in = int(np.prod(shape[:-1]))
         return jnp.asarray(rng.normal(0.0, np.sqrt(gain / max(fan_in, 1)), shape), dtype)
+
       return init
+
     return factory
 
   inits = jax.nn.initializers
@@ -108,7 +120,7 @@ def numpy_initializers(seed=0):
     inits.he_normal, inits.lecun_normal = saved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built_model(spec_id: str):
   """A randomised (non-identity BN) model per spec, shared by the test modules: do not mutate."""
   spec = SPEC_BY_ID[spec_id]
@@ -118,8 +130,9 @@ def built_model(spec_id: str):
   return randomize(spec.build(seed=1, mean=mean, std=std), seed=2)
 
 
-def random_sizes(rng: np.random.RandomState, num_levels: int, low: int, high: int,
-                 allow_zero: bool = True) -> tuple[int, ...]:
+def random_sizes(
+  rng: np.random.RandomState, num_levels: int, low: int, high: int, allow_zero: bool = True
+) -> tuple[int, ...]:
   lo = 0 if allow_zero else 1
   while True:
     sizes = tuple(int(s) for s in rng.randint(lo, high + 1, size=num_levels))
@@ -135,26 +148,34 @@ def random_assignment(layer_names, num_levels, seed, low=3, high=4, allow_zero=F
 LENET3 = ('conv1', 'conv2', 'conv3')
 LENET5 = ('conv1', 'conv2', 'fc1', 'fc2')
 VGG = tuple(f'conv{i}' for i in range(1, 14))
-RESNET = ('stage1', 'stage2', 'stage3') + tuple(
-    f'stage{s}.block{m}.mid' for s in (1, 2, 3) for m in range(3))
+RESNET = ('stage1', 'stage2', 'stage3') + tuple(f'stage{s}.block{m}.mid' for s in (1, 2, 3) for m in range(3))
 
 MNIST_SHAPE = (28, 28, 1)
 CIFAR_SHAPE = (32, 32, 3)
 
 SPECS = [
-    Spec('mlp', 'mlp', MNIST_SHAPE, 3, assignment=random_assignment(('fc1', 'fc2'), 3, seed=1)),
-    Spec('mlp_tri', 'mlp', MNIST_SHAPE, 3, triangular=True,
-         assignment=(('fc1', (3, 5, 2)), ('fc2', (4, 3, 5)))),
-    Spec('lenet3c1l', 'lenet3c1l', MNIST_SHAPE, 4, assignment=random_assignment(LENET3, 4, seed=2)),
-    Spec('lenet3c1l_tri', 'lenet3c1l', MNIST_SHAPE, 3, triangular=True,
-         assignment=(('conv1', (3, 5, 2)), ('conv2', (4, 2, 5)), ('conv3', (2, 6, 3)))),
-    # Empty level blocks (zero-sized levels) in several layers.
-    Spec('lenet5_empty', 'lenet5', MNIST_SHAPE, 3,
-         assignment=(('conv1', (2, 0, 2)), ('conv2', (3, 2, 0)), ('fc1', (0, 4, 3)), ('fc2', (3, 2, 3)))),
-    Spec('vgg16_tri', 'vgg16', CIFAR_SHAPE, 3, triangular=True,
-         assignment=random_assignment(VGG, 3, seed=4, high=3)),
-    Spec('resnet20', 'resnet20', CIFAR_SHAPE, 3, assignment=random_assignment(RESNET, 3, seed=5, high=3)),
-    Spec('resnet20_width', 'resnet20', CIFAR_SHAPE, 3, width=0.25),
+  Spec('mlp', 'mlp', MNIST_SHAPE, 3, assignment=random_assignment(('fc1', 'fc2'), 3, seed=1)),
+  Spec('mlp_tri', 'mlp', MNIST_SHAPE, 3, triangular=True, assignment=(('fc1', (3, 5, 2)), ('fc2', (4, 3, 5)))),
+  Spec('lenet3c1l', 'lenet3c1l', MNIST_SHAPE, 4, assignment=random_assignment(LENET3, 4, seed=2)),
+  Spec(
+    'lenet3c1l_tri',
+    'lenet3c1l',
+    MNIST_SHAPE,
+    3,
+    triangular=True,
+    assignment=(('conv1', (3, 5, 2)), ('conv2', (4, 2, 5)), ('conv3', (2, 6, 3))),
+  ),
+  # Empty level blocks (zero-sized levels) in several layers.
+  Spec(
+    'lenet5_empty',
+    'lenet5',
+    MNIST_SHAPE,
+    3,
+    assignment=(('conv1', (2, 0, 2)), ('conv2', (3, 2, 0)), ('fc1', (0, 4, 3)), ('fc2', (3, 2, 3))),
+  ),
+  Spec('vgg16_tri', 'vgg16', CIFAR_SHAPE, 3, triangular=True, assignment=random_assignment(VGG, 3, seed=4, high=3)),
+  Spec('resnet20', 'resnet20', CIFAR_SHAPE, 3, assignment=random_assignment(RESNET, 3, seed=5, high=3)),
+  Spec('resnet20_width', 'resnet20', CIFAR_SHAPE, 3, width=0.25),
 ]
 # Specs for the heavier per-model checks (the default even split of resnet20 is covered elsewhere).
 MASK_SPEC_IDS = ['mlp', 'mlp_tri', 'lenet3c1l', 'lenet3c1l_tri', 'lenet5_empty', 'vgg16_tri', 'resnet20']
@@ -233,8 +254,9 @@ def unit_outputs(model, xn, level):
 
 def poison(model, cache, level: int):
   """``cache`` with every buffer's channels of levels above ``level`` set to NaN (-1: all)."""
+
   def nan_above(buf, sizes):
-    return buf.at[..., block_end(sizes, level) if level >= 0 else 0:].set(jnp.nan)
+    return buf.at[..., block_end(sizes, level) if level >= 0 else 0 :].set(jnp.nan)
 
   units = []
   for unit, c in zip(model.units, cache.units):
@@ -250,7 +272,7 @@ def unit_buffer(unit_cache):
   return unit_cache[1] if isinstance(unit_cache, tuple) else unit_cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bundle(spec_id: str):
   """Every way the library computes subnets of ``built_model(spec_id)``, from ONE jit.
 
@@ -265,6 +287,7 @@ def bundle(spec_id: str):
   The separately compiled functions are exercised in test_incremental / test_api.
   """
   from stepnet_jax.core import stepping
+
   spec = SPEC_BY_ID[spec_id]
   model = built_model(spec_id)
   graphdef, variables = stepping.split(model)
@@ -277,10 +300,14 @@ def bundle(spec_id: str):
   def everything(v, x):
     m = nnx.merge(graphdef, v, copy=True)
     xn = m.normalize(x)
-    out = {'prefix_units': [unit_outputs(m, xn, k) for k in range(k_levels)],
-           'forward': [fns.forward(v, x, level=k) for k in range(k_levels)],
-           'blocked': [fns.forward_blocked(v, x, level=k) for k in range(k_levels)],
-           'exits': fns.exits(v, x), 'step_logits': [], 'step_units': []}
+    out = {
+      'prefix_units': [unit_outputs(m, xn, k) for k in range(k_levels)],
+      'forward': [fns.forward(v, x, level=k) for k in range(k_levels)],
+      'blocked': [fns.forward_blocked(v, x, level=k) for k in range(k_levels)],
+      'exits': fns.exits(v, x),
+      'step_logits': [],
+      'step_units': [],
+    }
     # Level 0 of x in the buffers of a cache that is all NaN: a step reading a channel it
     # has not computed (past end(level), or stale) makes NaN logits.
     cache = fns.restart(v, poison(m, fns.start(v, x), -1), x)
@@ -301,7 +328,7 @@ def step_each_alone(net, x, policy):
   """Reference: each input stepped alone (batch 1) with start/advance, the policy asked in Python."""
   logits, levels = [], []
   for i in range(x.shape[0]):
-    xi = x[i:i + 1]
+    xi = x[i : i + 1]
     state = policy.init(1, net.functions.exits(net.variables, xi).shape[-1])
     if net.reusable:
       cache = net.start(xi)

@@ -29,6 +29,7 @@ Two batch strategies (``STRATEGIES``):
   rows and writes back only the new level's channels.
 Both give each input exactly what stepping it alone gives (a test checks it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,9 @@ DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 
 class Prediction(NamedTuple):
-  logits: jax.Array        # [B, classes]: each input's answer at its exit level
-  exit_level: jax.Array    # int32 [B]
-  macs: jax.Array          # int32 [B]: MACs spent on each input
+  logits: jax.Array  # [B, classes]: each input's answer at its exit level
+  exit_level: jax.Array  # int32 [B]
+  macs: jax.Array  # int32 [B]: MACs spent on each input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Program:
   ``rows`` (distinct indices) and leaves the others as they were; the compact strategy
   uses it. Without it, compact gathers whole carry rows, steps them and scatters them back.
   """
+
   num_levels: int
   macs_to_reach: tuple[int, ...]
   start: Callable[[Any, jax.Array], Any]
@@ -79,12 +81,13 @@ class Program:
   def __post_init__(self):
     if len(self.macs_to_reach) != self.num_levels:
       raise ValueError(f'{len(self.macs_to_reach)} MAC counts for {self.num_levels} levels')
-    if self.macs_to_reach and self.macs_to_reach[-1] >= 2 ** 31:
+    if self.macs_to_reach and self.macs_to_reach[-1] >= 2**31:
       raise ValueError('MACs per input beyond int32')
 
 
 def stepping_program(graphdef: nnx.GraphDef, num_levels: int, macs_to_reach: Sequence[int]) -> Program:
   """A reusable stepping network: the carry is the step cache (inputs, unit buffers, logits)."""
+
   def start(variables, x):
     c = nnx.merge(graphdef, variables, copy=True).start(x)
     return c.inputs, c.units, c.logits
@@ -94,22 +97,31 @@ def stepping_program(graphdef: nnx.GraphDef, num_levels: int, macs_to_reach: Seq
     c = nnx.merge(graphdef, variables, copy=True).step(StepCache(inputs, units, logits, level=k - 1), k, rows)
     return c.inputs, c.units, c.logits
 
-  return Program(num_levels, tuple(int(m) for m in macs_to_reach), start,
-                 lambda variables, carry, k: step_rows(variables, carry, k, None), lambda carry: carry[2],
-                 step_rows)
+  return Program(
+    num_levels,
+    tuple(int(m) for m in macs_to_reach),
+    start,
+    lambda variables, carry, k: step_rows(variables, carry, k, None),
+    lambda carry: carry[2],
+    step_rows,
+  )
 
 
-def recompute_program(forwards: Sequence[Callable[[Any, jax.Array], jax.Array]],
-                      macs_to_reach: Sequence[int]) -> Program:
+def recompute_program(
+  forwards: Sequence[Callable[[Any, jax.Array], jax.Array]], macs_to_reach: Sequence[int]
+) -> Program:
   """Levels that share nothing: level k is ``forwards[k](variables, x)`` from scratch.
 
   The carry is (raw images, current logits).
   """
   forwards = tuple(forwards)
-  return Program(len(forwards), tuple(int(m) for m in macs_to_reach),
-                 lambda v, x: (x, forwards[0](v, x)),
-                 lambda v, carry, k: (carry[0], forwards[k](v, carry[0])),
-                 lambda carry: carry[1])
+  return Program(
+    len(forwards),
+    tuple(int(m) for m in macs_to_reach),
+    lambda v, x: (x, forwards[0](v, x)),
+    lambda v, carry, k: (carry[0], forwards[k](v, carry[0])),
+    lambda carry: carry[1],
+  )
 
 
 def bucket_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
@@ -122,7 +134,7 @@ def bucket_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
 
 def _step(program: Program, variables, carry, k: int, rows: jax.Array | None, size: int, batch: int):
   """Level ``k`` for the batch rows ``rows[:size]`` (the whole batch when ``size == batch``)."""
-  if size == batch:                          # the whole batch: a plain step, no gathers
+  if size == batch:  # the whole batch: a plain step, no gathers
     return program.step(variables, carry, k)
   rows = rows[:size]
   if program.step_rows is not None:
@@ -131,8 +143,16 @@ def _step(program: Program, variables, carry, k: int, rows: jax.Array | None, si
   return jax.tree.map(lambda a, s: a.at[rows].set(s, unique_indices=True), carry, sub)
 
 
-def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array | None = None, *,
-            strategy: str | None = None, bucket_factor: int = 2) -> Prediction:
+def predict(
+  program: Program,
+  variables,
+  x: jax.Array,
+  policy,
+  valid: jax.Array | None = None,
+  *,
+  strategy: str | None = None,
+  bucket_factor: int = 2,
+) -> Prediction:
   """Each input's answer under ``policy`` from ONE program (jit it, or use ``make_predict``).
 
   ``valid`` (bool [B], optional) marks the real inputs of a padded batch: the others stop
@@ -147,7 +167,7 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
   batch, num_classes = logits.shape
   stop, pstate = policy.stop(logits, jnp.int32(0), policy.init(batch, num_classes))
   if batch == 1:
-    strategy = 'masked'                          # nothing to compact: skip the gathers and scatters
+    strategy = 'masked'  # nothing to compact: skip the gathers and scatters
   active = ~stop if valid is None else ~stop & valid
   sizes = bucket_sizes(batch, bucket_factor) if strategy == 'compact' else (batch,)
   size_array = jnp.asarray(sizes, jnp.int32)
@@ -158,11 +178,15 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
     if len(sizes) == 1:
       carry = _step(program, variables, carry, k, None, batch, batch)
     else:
-      rows = jnp.argsort((~active).astype(jnp.int32), stable=True)      # the running inputs first
-      which = (size_array >= active.sum()).sum() - 1                     # the smallest bucket that holds them
-      for j, size in enumerate(sizes):       # two-way conds, not one switch: see the module docstring
-        carry = jax.lax.cond(which == j, functools.partial(_step, program, variables, k=k, rows=rows, size=size,
-                                                           batch=batch), lambda c: c, carry)
+      rows = jnp.argsort((~active).astype(jnp.int32), stable=True)  # the running inputs first
+      which = (size_array >= active.sum()).sum() - 1  # the smallest bucket that holds them
+      for j, size in enumerate(sizes):  # two-way conds, not one switch: see the module docstring
+        carry = jax.lax.cond(
+          which == j,
+          functools.partial(_step, program, variables, k=k, rows=rows, size=size, batch=batch),
+          lambda c: c,
+          carry,
+        )
     logits = program.logits(carry)
     stop, pstate = policy.stop(logits, jnp.int32(k), pstate)
     out = jnp.where(active[:, None], logits, out)
@@ -170,7 +194,7 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
     active = active & ~stop & (k < top)
     return carry, out, active, exit_level, pstate
 
-  for k in range(1, top + 1):                    # a level nobody needs is skipped by its cond
+  for k in range(1, top + 1):  # a level nobody needs is skipped by its cond
     state = jax.lax.cond(state[2].any(), functools.partial(level_up, k=k), lambda s: s, state)
   _, out, _, exit_level, _ = state
   macs = jnp.asarray(program.macs_to_reach, jnp.int32)[exit_level]
@@ -181,11 +205,10 @@ def predict(program: Program, variables, x: jax.Array, policy, valid: jax.Array 
 def make_predict(program: Program, strategy: str | None = None, bucket_factor: int = 2) -> Callable:
   """Jitted ``(variables, x, policy, valid=None) -> Prediction``, one per (program, strategy):
   it compiles once per batch shape and policy kind (a policy's knobs are traced)."""
-  return jax.jit(functools.partial(predict, program, strategy=strategy or default_strategy(),
-                                   bucket_factor=bucket_factor))
+  return jax.jit(
+    functools.partial(predict, program, strategy=strategy or default_strategy(), bucket_factor=bucket_factor)
+  )
 
 
 def default_strategy() -> str:
   return DEFAULT_STRATEGY.get(jax.default_backend(), 'masked')
-
-

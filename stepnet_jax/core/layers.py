@@ -14,6 +14,7 @@ Every layer exposes three computations over the same parameters:
 
 Channel axes are last (NHWC for images, [B, C] for vectors).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ def write_block(buffer: jax.Array, block: jax.Array, offset: int, rows: jax.Arra
     return buffer
   if rows is None:
     return jax.lax.dynamic_update_slice_in_dim(buffer, block.astype(buffer.dtype), offset, axis=-1)
-  return buffer.at[rows, ..., offset:offset + block.shape[-1]].set(block.astype(buffer.dtype), unique_indices=True)
+  return buffer.at[rows, ..., offset : offset + block.shape[-1]].set(block.astype(buffer.dtype), unique_indices=True)
 
 
 def take_rows(buffer: jax.Array, rows: jax.Array | None, lo: int = 0, hi: int | None = None) -> jax.Array:
@@ -97,8 +98,14 @@ def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.A
     x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   h = conv_output_size(x.shape[1], kh, stride, 'VALID')
   wd = conv_output_size(x.shape[2], kw, stride, 'VALID')
-  patches = jnp.stack([x[:, dy:dy + (h - 1) * stride + 1:stride, dx:dx + (wd - 1) * stride + 1:stride, :]
-                       for dy in range(kh) for dx in range(kw)], axis=-2)          # [B, h, w, taps, C_in]
+  patches = jnp.stack(
+    [
+      x[:, dy : dy + (h - 1) * stride + 1 : stride, dx : dx + (wd - 1) * stride + 1 : stride, :]
+      for dy in range(kh)
+      for dx in range(kw)
+    ],
+    axis=-2,
+  )  # [B, h, w, taps, C_in]
   return jnp.einsum('bhwtc,tco->bhwo', patches, w.reshape(kh * kw, w.shape[2], w.shape[3]))
 
 
@@ -223,8 +230,18 @@ class _LinearUnit(nnx.Module):
 class LevelConv(_LinearUnit):
   """conv -> BN -> [ReLU] -> [max-pool], kernel [kh, kw, C_in, C_out] (HWIO)."""
 
-  def __init__(self, conn: Connectivity, kernel_size: int, *, stride: int = 1, padding: str = 'SAME',
-               pool: int = 0, relu: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    conn: Connectivity,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: str = 'SAME',
+    pool: int = 0,
+    relu: bool = True,
+    switchable_bn: bool = False,
+    rngs: nnx.Rngs,
+  ):
     self.conn, self.kernel_size, self.stride, self.padding = conn, kernel_size, stride, padding
     self.pool, self.relu = pool, relu
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
@@ -238,8 +255,9 @@ class LevelConv(_LinearUnit):
     max_in, max_out = TAPS_MAX_CHANNELS.get(jax.default_backend(), (0, 0))
     if not train and w.shape[-2] <= max_in and w.shape[-1] <= max_out:
       return conv_by_taps(x, w, self.stride, self.padding)
-    return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.lax.conv_general_dilated(
+      x, w, (self.stride, self.stride), self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
 
   def _out_shape(self, shape):
     h = conv_output_size(shape[1], self.kernel_size, self.stride, self.padding)
@@ -255,7 +273,7 @@ class LevelConv(_LinearUnit):
   def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
     """(MACs per level, output shape [H, W, C]) for an input of shape [H, W, C]."""
     _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
-    macs = self.conn.kept_connections() * self.kernel_size ** 2 * h * w
+    macs = self.conn.kept_connections() * self.kernel_size**2 * h * w
     if self.pool:
       h, w = h // self.pool, w // self.pool
     return macs, (h, w, sum(self.conn.out_sizes))
@@ -268,8 +286,9 @@ class LevelDense(_LinearUnit):
   layer reading a conv feature map still slices levels on its channel axis.
   """
 
-  def __init__(self, conn: Connectivity, spatial: int, *, relu: bool = True, switchable_bn: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, conn: Connectivity, spatial: int, *, relu: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs
+  ):
     self.conn, self.spatial, self.relu = conn, spatial, relu
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
     init = jax.nn.initializers.he_normal()
@@ -296,8 +315,18 @@ class ResidualBlock(nnx.Module):
   The cache holds the inner activation and the block output.
   """
 
-  def __init__(self, in_sizes, mid_sizes, out_sizes, *, stride: int, triangular: bool = False,
-               mask_rule: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_sizes,
+    mid_sizes,
+    out_sizes,
+    *,
+    stride: int,
+    triangular: bool = False,
+    mask_rule: bool = True,
+    switchable_bn: bool = False,
+    rngs: nnx.Rngs,
+  ):
     def conn(a, b):
       return Connectivity(tuple(a), tuple(b), triangular, mask_rule)
 
@@ -305,8 +334,7 @@ class ResidualBlock(nnx.Module):
     self.conv1 = LevelConv(conn(in_sizes, mid_sizes), 3, stride=stride, **kw)
     self.conv2 = LevelConv(conn(mid_sizes, out_sizes), 3, relu=False, **kw)
     self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
-    self.shortcut = None if self.identity else LevelConv(
-        conn(in_sizes, out_sizes), 1, stride=stride, relu=False, **kw)
+    self.shortcut = None if self.identity else LevelConv(conn(in_sizes, out_sizes), 1, stride=stride, relu=False, **kw)
     self.conn = conn(in_sizes, out_sizes)
 
   def __call__(self, x, level, train=False):
@@ -360,8 +388,9 @@ class Head(nnx.Module):
   keeps every position.
   """
 
-  def __init__(self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten',
-               exit_heads: str = 'shared', rngs: nnx.Rngs):
+  def __init__(
+    self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten', exit_heads: str = 'shared', rngs: nnx.Rngs
+  ):
     if exit_heads not in EXIT_HEADS:
       raise ValueError(f'unknown exit_heads {exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
     self.in_sizes, self.num_classes, self.pool = tuple(in_sizes), num_classes, pool

@@ -11,6 +11,7 @@ additionally restricts connections *inside* a level block: output channel o read
 input channel i of the same level only if ``i * b < (o + 1) * a`` (a, b = the input
 and output block sizes), which for equal sizes is the lower triangle ``i <= o``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,7 @@ def sizes_from_levels(levels: np.ndarray, num_levels: int) -> tuple[LevelSizes, 
   if levels.ndim != 1 or not np.issubdtype(levels.dtype, np.integer):
     raise ValueError('levels must be a 1-D integer array')
   if levels.size and (levels.min() < 0 or levels.max() >= num_levels):
-    raise ValueError(f'levels must lie in [0, {num_levels}), got range '
-                     f'[{levels.min()}, {levels.max()}]')
+    raise ValueError(f'levels must lie in [0, {num_levels}), got range [{levels.min()}, {levels.max()}]')
   sizes = tuple(int(c) for c in np.bincount(levels, minlength=num_levels))
   return sizes, np.argsort(levels, kind='stable')
 
@@ -90,9 +90,10 @@ def levels_of(sizes: LevelSizes) -> np.ndarray:
   return np.repeat(np.arange(len(sizes)), sizes)
 
 
-@functools.lru_cache(maxsize=None)
-def connection_mask(in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: bool = False,
-                    mask_rule: bool = True) -> np.ndarray:
+@functools.cache
+def connection_mask(
+  in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: bool = False, mask_rule: bool = True
+) -> np.ndarray:
   """Boolean [C_in, C_out] matrix of kept connections (block lower triangular by level).
 
   ``mask_rule=False`` keeps every connection (slimmable-style prefix subnets, where
@@ -113,7 +114,7 @@ def connection_mask(in_sizes: LevelSizes, out_sizes: LevelSizes, triangular: boo
       i0, o0 = start(in_sizes, lvl), start(out_sizes, lvl)
       i = np.arange(a)[:, None]
       o = np.arange(b)[None, :]
-      mask[i0:i0 + a, o0:o0 + b] = i * b < (o + 1) * a
+      mask[i0 : i0 + a, o0 : o0 + b] = i * b < (o + 1) * a
   mask.setflags(write=False)
   return mask
 
@@ -125,6 +126,7 @@ class Connectivity:
   ``mask_rule=False`` describes a non-reusable (slimmable-style) layer: subnet k is the
   dense prefix of its first end(k) input and output channels.
   """
+
   in_sizes: LevelSizes
   out_sizes: LevelSizes
   triangular: bool = False
@@ -146,12 +148,12 @@ class Connectivity:
 
   def prefix_mask(self, level: int) -> np.ndarray | None:
     """Mask of subnet ``level``'s kernel slice, or None when it keeps everything."""
-    m = self.mask[:end(self.in_sizes, level), :end(self.out_sizes, level)]
+    m = self.mask[: end(self.in_sizes, level), : end(self.out_sizes, level)]
     return None if m.all() else m
 
   def block_mask(self, level: int) -> np.ndarray | None:
     """Mask of the kernel slice that computes the level-``level`` outputs."""
-    m = self.mask[:end(self.in_sizes, level), start(self.out_sizes, level):end(self.out_sizes, level)]
+    m = self.mask[: end(self.in_sizes, level), start(self.out_sizes, level) : end(self.out_sizes, level)]
     return None if m.all() else m
 
   def kept_connections(self) -> np.ndarray:
@@ -160,8 +162,10 @@ class Connectivity:
     With the mask rule these are exactly the connections into level-k outputs (the
     work of step k); without it, the growth of the dense prefix.
     """
-    subnet = np.array([self.mask[:end(self.in_sizes, k), :end(self.out_sizes, k)].sum()
-                       for k in range(self.num_levels)], dtype=np.int64)
+    subnet = np.array(
+      [self.mask[: end(self.in_sizes, k), : end(self.out_sizes, k)].sum() for k in range(self.num_levels)],
+      dtype=np.int64,
+    )
     return np.diff(subnet, prepend=0)
 
 

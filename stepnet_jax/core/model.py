@@ -4,6 +4,7 @@ Hidden activations never depend on the subnet (a neuron reads only neurons of it
 or lower levels), so a single full-width pass yields every exit, and stepping from
 level k-1 to k only computes the level-k channels of each unit.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ class StepCache:
     owner: the ``Stepper`` that made it (static; 0 for caches made by the pure functions),
       so a cache is never advanced by another network whose buffers happen to fit.
   """
+
   inputs: jax.Array
   units: tuple
   logits: jax.Array
@@ -43,11 +45,20 @@ class SteppingModel(nnx.Module):
   float in [0, 1]); normalisation with the dataset's mean/std happens inside.
   """
 
-  def __init__(self, units: Sequence[nnx.Module], unit_names: Sequence[str], head: Head, *,
-               input_shape: tuple[int, int, int], num_levels: int,
-               mean: Sequence[float], std: Sequence[float],
-               assignment: dict[str, tuple[int, ...]] | None = None, mask_rule: bool = True,
-               switchable_bn: bool = False):
+  def __init__(
+    self,
+    units: Sequence[nnx.Module],
+    unit_names: Sequence[str],
+    head: Head,
+    *,
+    input_shape: tuple[int, int, int],
+    num_levels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    assignment: dict[str, tuple[int, ...]] | None = None,
+    mask_rule: bool = True,
+    switchable_bn: bool = False,
+  ):
     if len(units) != len(unit_names):
       raise ValueError('one name per unit')
     self.units = nnx.List(list(units))
@@ -150,8 +161,10 @@ class SteppingModel(nnx.Module):
     """
     level = self._check_level(level)
     if not self.reusable:
-      raise ValueError('this model has no mask rule (slimmable-style): its subnets cannot be stepped; '
-                       'use forward(x, level), which recomputes the subnet')
+      raise ValueError(
+        'this model has no mask rule (slimmable-style): its subnets cannot be stepped; '
+        'use forward(x, level), which recomputes the subnet'
+      )
     if cache.level != level - 1:
       raise ValueError(f'cache holds level {cache.level}; cannot step to level {level}')
     x = cache.inputs

@@ -3,12 +3,13 @@
 Used by the layers (activation quantization in the forward) and by ``quant`` (weights,
 bit widths, bit-op accounting); see ``quant`` for the scheme.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-FLOAT_BITS = 32       # a neuron with this many bits (or more) keeps float weights
+FLOAT_BITS = 32  # a neuron with this many bits (or more) keeps float weights
 
 
 def _kept(w: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -26,7 +27,7 @@ def quantize_kernel(w: jax.Array, bits: jax.Array, ste: bool = False, mask: jax.
   axes = tuple(range(w.ndim - 1))
   keep = _kept(w, mask)
   w = w * keep
-  top = jnp.exp2(bits.astype(jnp.float32) - 1.0) - 1.0                     # 2^(b-1) - 1 (0 for b = 1)
+  top = jnp.exp2(bits.astype(jnp.float32) - 1.0) - 1.0  # 2^(b-1) - 1 (0 for b = 1)
   amax = jnp.max(jnp.abs(w), axis=axes)
   scale = jnp.where(amax > 0, amax / jnp.maximum(top, 1.0), 1.0)
   multi = jnp.clip(jnp.round(w / scale), -top, top) * scale
@@ -40,7 +41,7 @@ def quantize_activation(y: jax.Array, bits: int, clip: float, ste: bool = False)
   """Unsigned uniform fake quantization of ``y`` to ``bits`` bits on [0, clip]; with ``ste``
   the gradient is the identity strictly inside (0, clip) and zero elsewhere, the boundaries
   included (stated, not left to how a compiler resolves ``clip``'s ties)."""
-  step = clip / (2 ** bits - 1)
+  step = clip / (2**bits - 1)
   q = jnp.round(jnp.clip(y, 0.0, clip) / step) * step
   if not ste:
     return q
@@ -53,11 +54,11 @@ def bitplanes(w: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
   significant first: ``w ~ scale * sum_j d_j 2^(n-1-j)``, d_j in {-1, +1} ([n, ...]),
   ``scale`` [C_out] = max|w| / (2^n - 1) per output neuron. The represented values are
   the 2^n odd multiples of ``scale`` in [-max|w|, max|w|] (ProgressiveNN, Suzuki et al.)."""
-  top = 2 ** n - 1
+  top = 2**n - 1
   axes = tuple(range(w.ndim - 1))
   amax = jnp.max(jnp.abs(w), axis=axes)
   scale = jnp.where(amax > 0, amax / top, 1.0)
-  u = jnp.clip(jnp.round((w / scale + top) / 2), 0, top).astype(jnp.int32)     # q = 2u - top, u in [0, 2^n - 1]
+  u = jnp.clip(jnp.round((w / scale + top) / 2), 0, top).astype(jnp.int32)  # q = 2u - top, u in [0, 2^n - 1]
   digits = jnp.stack([2 * ((u >> (n - 1 - j)) & 1) - 1 for j in range(n)]).astype(w.dtype)
   return digits, scale
 
@@ -67,8 +68,9 @@ def plane_weights(n: int, planes: int) -> jax.Array:
   return jnp.asarray([2.0 ** (n - 1 - j) for j in range(planes)], jnp.float32)
 
 
-def bwb_kernel(w: jax.Array, n: int, planes: int | jax.Array | None = None, ste: bool = False,
-               mask: jax.Array | None = None) -> jax.Array:
+def bwb_kernel(
+  w: jax.Array, n: int, planes: int | jax.Array | None = None, ste: bool = False, mask: jax.Array | None = None
+) -> jax.Array:
   """``w`` [..., C_out] quantized to ``n`` BWB planes and truncated to the first ``planes``
   (an int, or one count per output neuron [C_out]; default all): the weights a bit-serial
   layer uses after ``planes`` steps. ``mask`` (1 = kept connection) limits the scale's
@@ -76,7 +78,7 @@ def bwb_kernel(w: jax.Array, n: int, planes: int | jax.Array | None = None, ste:
   keep = _kept(w, mask)
   digits, scale = bitplanes(w * keep, n)
   planes = n if planes is None else planes
-  used = jnp.arange(n)[:, None] < jnp.reshape(jnp.asarray(planes), (1, -1))            # [n, 1 or C_out]
-  place = jnp.where(used, plane_weights(n, n)[:, None], 0.0)                           # [n, 1 or C_out]
+  used = jnp.arange(n)[:, None] < jnp.reshape(jnp.asarray(planes), (1, -1))  # [n, 1 or C_out]
+  place = jnp.where(used, plane_weights(n, n)[:, None], 0.0)  # [n, 1 or C_out]
   q = jnp.sum(digits * place.reshape((n,) + (1,) * (w.ndim - 1) + (-1,)), axis=0) * scale * keep
   return w + jax.lax.stop_gradient(q - w) if ste else q

@@ -11,6 +11,7 @@ Two ways to compute subnet k directly:
   more, smaller ops.
 ``DIRECT_FORWARD`` picks one per backend; ``python -m stepnet_jax.bench`` measures both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,7 @@ def restart(graphdef, variables, cache: StepCache, x: jax.Array) -> StepCache:
   levels <= k, all rewritten for the new images by steps 0..k.
   """
   model = _model(graphdef, variables)
-  fresh = StepCache(inputs=model.normalize(x), units=cache.units,
-                    logits=jnp.zeros_like(cache.logits), level=-1)
+  fresh = StepCache(inputs=model.normalize(x), units=cache.units, logits=jnp.zeros_like(cache.logits), level=-1)
   return model.step(fresh, 0)
 
 
@@ -88,7 +88,7 @@ def advance(graphdef, variables, cache: StepCache) -> StepCache:
 
 def program(graphdef, variables) -> anytime.Program:
   """The anytime program of a model: stepping with reuse, or recomputing each subnet."""
-  model = nnx.merge(graphdef, variables)          # static structure only (works while tracing)
+  model = nnx.merge(graphdef, variables)  # static structure only (works while tracing)
   if model.reusable:
     return anytime.stepping_program(graphdef, model.num_levels, model.macs_to_reach())
   forwards = [functools.partial(forward, graphdef, level=k) for k in range(model.num_levels)]
@@ -112,14 +112,15 @@ class StepFunctions:
   afterwards. ``restart(variables, cache, x)`` runs level 0 of new images in an old
   cache's buffers.
   """
+
   num_levels: int
   start: Callable
   restart: Callable
   advance: Callable
   levels: tuple[Callable, ...]
-  forward: Callable           # (variables, x, level) masked prefix
-  forward_blocked: Callable   # (variables, x, level) level blocks
-  exits: Callable             # (variables, x) -> [K, B, classes]
+  forward: Callable  # (variables, x, level) masked prefix
+  forward_blocked: Callable  # (variables, x, level) level blocks
+  exits: Callable  # (variables, x) -> [K, B, classes]
 
   def forward_fastest(self, variables, x, level):
     kind = DIRECT_FORWARD.get(jax.default_backend(), 'masked')
@@ -130,14 +131,15 @@ def make_step_functions(graphdef: nnx.GraphDef, num_levels: int) -> StepFunction
   """Builds the jitted functions for ``graphdef`` (variables stay an argument)."""
   start_fn = jax.jit(functools.partial(start, graphdef))
   levels = [start_fn] + [
-      jax.jit(functools.partial(step, graphdef, level=k), donate_argnums=1) for k in range(1, num_levels)]
+    jax.jit(functools.partial(step, graphdef, level=k), donate_argnums=1) for k in range(1, num_levels)
+  ]
   return StepFunctions(
-      num_levels=num_levels,
-      start=start_fn,
-      restart=jax.jit(functools.partial(restart, graphdef), donate_argnums=1),
-      advance=jax.jit(functools.partial(advance, graphdef), donate_argnums=1),
-      levels=tuple(levels),
-      forward=jax.jit(functools.partial(forward, graphdef), static_argnames='level'),
-      forward_blocked=jax.jit(functools.partial(forward_blocked, graphdef), static_argnames='level'),
-      exits=jax.jit(functools.partial(exits, graphdef)),
+    num_levels=num_levels,
+    start=start_fn,
+    restart=jax.jit(functools.partial(restart, graphdef), donate_argnums=1),
+    advance=jax.jit(functools.partial(advance, graphdef), donate_argnums=1),
+    levels=tuple(levels),
+    forward=jax.jit(functools.partial(forward, graphdef), static_argnames='level'),
+    forward_blocked=jax.jit(functools.partial(forward_blocked, graphdef), static_argnames='level'),
+    exits=jax.jit(functools.partial(exits, graphdef)),
   )

@@ -11,6 +11,7 @@ Dataset specs (the ``dataset`` config key):
 A missing or malformed dataset raises ``DatasetError`` saying which file and how to
 get it; nothing ever falls back to synthetic data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,13 +24,14 @@ import zlib
 
 import numpy as np
 
+from stepnet_jax import seeds
 from stepnet_jax.config import FASHION_MNIST, FASHION_MNIST_DIR  # noqa: F401  (re-exported)
 
 IDX_FILES = {
-    'train_images': 'train-images-idx3-ubyte',
-    'train_labels': 'train-labels-idx1-ubyte',
-    'test_images': 't10k-images-idx3-ubyte',
-    'test_labels': 't10k-labels-idx1-ubyte',
+  'train_images': 'train-images-idx3-ubyte',
+  'train_labels': 'train-labels-idx1-ubyte',
+  'test_images': 't10k-images-idx3-ubyte',
+  'test_labels': 't10k-labels-idx1-ubyte',
 }
 _IDX_UBYTE = 0x08
 
@@ -41,6 +43,7 @@ class DatasetError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """Train and test splits as uint8 images [N, H, W, C] and int32 labels [N]."""
+
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -86,8 +89,9 @@ def read_idx(path: str) -> np.ndarray:
         raise DatasetError(f'{path}: IDX header declares 0 dimensions')
       dim_bytes = f.read(4 * ndim)
       if len(dim_bytes) != 4 * ndim:
-        raise DatasetError(f'{path}: IDX header truncated: {ndim} dimensions need {4 * ndim} bytes '
-                           f'of sizes, file holds {len(dim_bytes)}')
+        raise DatasetError(
+          f'{path}: IDX header truncated: {ndim} dimensions need {4 * ndim} bytes of sizes, file holds {len(dim_bytes)}'
+        )
       dims = struct.unpack(f'>{ndim}I', dim_bytes)
       data = f.read()
   except FileNotFoundError as e:
@@ -107,8 +111,11 @@ def _find_idx(directory: str, stem: str) -> str:
     path = os.path.join(directory, candidate)
     if os.path.exists(path):
       return path
-  hint = (' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
-          if os.path.abspath(directory) == FASHION_MNIST_DIR else '')
+  hint = (
+    ' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
+    if os.path.abspath(directory) == FASHION_MNIST_DIR
+    else ''
+  )
   raise DatasetError(f'missing IDX file {os.path.join(directory, stem)}[.gz].{hint}')
 
 
@@ -134,25 +141,32 @@ def load_idx(directory: str) -> Dataset:
     if len(labels) != len(images):
       raise DatasetError(f'{lab_path}: {len(labels)} labels for {len(images)} images in {img_path}')
   if arrays['test_images'].shape[1:] != arrays['train_images'].shape[1:]:
-    raise DatasetError(f'{paths["test_images"]}: images are {arrays["test_images"].shape[1:]} but the training '
-                       f'images in {paths["train_images"]} are {arrays["train_images"].shape[1:]}')
+    raise DatasetError(
+      f'{paths["test_images"]}: images are {arrays["test_images"].shape[1:]} but the training '
+      f'images in {paths["train_images"]} are {arrays["train_images"].shape[1:]}'
+    )
   num_classes = int(arrays['train_labels'].max()) + 1
   bad = arrays['test_labels'] >= num_classes
   if bad.any():
     raise DatasetError(
-        f'{paths["test_labels"]}: {int(bad.sum())} test labels (e.g. {int(arrays["test_labels"][bad][0])} at index '
-        f'{int(np.argmax(bad))}) are outside the classes 0..{num_classes - 1} of the training labels in '
-        f'{paths["train_labels"]}')
+      f'{paths["test_labels"]}: {int(bad.sum())} test labels (e.g. {int(arrays["test_labels"][bad][0])} at index '
+      f'{int(np.argmax(bad))}) are outside the classes 0..{num_classes - 1} of the training labels in '
+      f'{paths["train_labels"]}'
+    )
   return Dataset(
-      name=f'idx:{directory}',
-      train_images=arrays['train_images'][..., None], train_labels=arrays['train_labels'].astype(np.int32),
-      test_images=arrays['test_images'][..., None], test_labels=arrays['test_labels'].astype(np.int32),
-      num_classes=num_classes)
+    name=f'idx:{directory}',
+    train_images=arrays['train_images'][..., None],
+    train_labels=arrays['train_labels'].astype(np.int32),
+    test_images=arrays['test_images'][..., None],
+    test_labels=arrays['test_labels'].astype(np.int32),
+    num_classes=num_classes,
+  )
 
 
 def load_digits() -> Dataset:
   """scikit-learn's 8x8 digits, rescaled to uint8, split 80/20 with a fixed permutation."""
   from sklearn.datasets import load_digits as sk_digits
+
   d = sk_digits()
   images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = d.target.astype(np.int32)
@@ -164,9 +178,9 @@ def load_digits() -> Dataset:
 
 # Python modules whose absence stops TFDS from preparing a dataset -> how to install them.
 _TFDS_INSTALL = {
-    'tensorflow': 'pip install ".[tfds]" (TensorFlow, needed to download and convert a TFDS dataset the first time)',
-    'tensorflow_datasets': 'pip install -e . (tensorflow-datasets is a core dependency)',
-    'PIL': 'pip install pillow',
+  'tensorflow': 'pip install ".[tfds]" (TensorFlow, needed to download and convert a TFDS dataset the first time)',
+  'tensorflow_datasets': 'pip install -e . (tensorflow-datasets is a core dependency)',
+  'PIL': 'pip install pillow',
 }
 _OFFLINE = f'--config.data.name={FASHION_MNIST} (or idx:/path/to/mnist-format/dir)'
 
@@ -190,18 +204,23 @@ def _import_failure(name: str, split: str, e: ImportError) -> DatasetError:
   """DatasetError for a TFDS preparation that failed on an import: which package, how to install it."""
   prefix = f'TFDS dataset {name!r} ({split}) cannot be prepared'
   if not isinstance(e, ModuleNotFoundError):
-    return DatasetError(f'{prefix}: a Python import failed ({e}). The installed packages look inconsistent; '
-                        f'reinstall them with pip install -e ".[tfds]". Offline, use {_OFFLINE}.')
+    return DatasetError(
+      f'{prefix}: a Python import failed ({e}). The installed packages look inconsistent; '
+      f'reinstall them with pip install -e ".[tfds]". Offline, use {_OFFLINE}.'
+    )
   # TFDS re-raises with a prefixed message (etils.epy.reraise), which loses ``e.name``.
   match = re.search(r"No module named '([^']+)'", str(e))
   module = getattr(e, 'name', None) or (match.group(1) if match else None)
   if module is None:
-    return DatasetError(f'{prefix}: a Python package is not installed ({e}). Install the optional TFDS '
-                        f'dependencies with pip install ".[tfds]". Offline, use {_OFFLINE}.')
+    return DatasetError(
+      f'{prefix}: a Python package is not installed ({e}). Install the optional TFDS '
+      f'dependencies with pip install ".[tfds]". Offline, use {_OFFLINE}.'
+    )
   top = module.split('.')[0]
   how = _TFDS_INSTALL.get(top, f'pip install {top.replace("_", "-")} (the package providing {module!r})')
-  return DatasetError(f'{prefix}: the Python package {top!r} is not installed ({e}). '
-                      f'Install it with: {how}. Offline, use {_OFFLINE}.')
+  return DatasetError(
+    f'{prefix}: the Python package {top!r} is not installed ({e}). Install it with: {how}. Offline, use {_OFFLINE}.'
+  )
 
 
 def _tfds_split(name: str, split: str, data_dir: str | None):
@@ -215,8 +234,9 @@ def _tfds_split(name: str, split: str, data_dir: str | None):
     if (imp := _import_error(e)) is not None:
       raise _import_failure(name, split, imp) from e
     raise DatasetError(
-        f'TFDS dataset {name!r} ({split}) is not available: {e}. Preparing a TFDS dataset needs '
-        f'internet access the first time and TensorFlow (pip install ".[tfds]"); offline, use {_OFFLINE}.') from e
+      f'TFDS dataset {name!r} ({split}) is not available: {e}. Preparing a TFDS dataset needs '
+      f'internet access the first time and TensorFlow (pip install ".[tfds]"); offline, use {_OFFLINE}.'
+    ) from e
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records]).astype(np.uint8)
   labels = np.asarray([r['label'] for r in records], np.int32)
@@ -233,10 +253,13 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
 def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
   """Loads a dataset from a spec string (see the module docstring)."""
   if spec.startswith('idx:'):
-    directory = spec[len('idx:'):]
+    directory = spec[len('idx:') :]
     if not os.path.isdir(directory):
-      hint = (' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
-              if os.path.abspath(directory) == FASHION_MNIST_DIR else '')
+      hint = (
+        ' Install it with: apt-get update && apt-get install -y dataset-fashion-mnist'
+        if os.path.abspath(directory) == FASHION_MNIST_DIR
+        else ''
+      )
       raise DatasetError(f'IDX dataset directory {directory} does not exist.{hint}')
     return load_idx(directory)
   if spec == 'digits':
@@ -267,6 +290,8 @@ def split_validation(ds: Dataset, count: int, seed: int = 0) -> tuple[Dataset, n
   """
   if count < 0 or count >= len(ds.train_labels):
     raise ValueError(f'cannot hold out {count} of {len(ds.train_labels)} training images for validation')
-  held = np.sort(np.random.RandomState(seed + 12345).permutation(len(ds.train_labels))[:count])
+  held = np.sort(
+    np.random.RandomState(seeds.seed_for(seed, seeds.Stream.VALIDATION_SPLIT)).permutation(len(ds.train_labels))[:count]
+  )
   keep = np.setdiff1d(np.arange(len(ds.train_labels)), held)
   return dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep]), held

@@ -11,6 +11,7 @@ Which examples form a batch is decided by the index generators below:
 global step, so a run split into pieces sees the same data) and ``sequential_indices``
 (a split in order, for evaluation).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,13 +31,15 @@ class Batch:
   The first ``count`` examples are real, the rest padding (static: a padded batch
   compiles once more, every full batch shares one compilation).
   """
+
   images: jax.Array
   labels: jax.Array
   count: int = struct.field(pytree_node=False, default=0)
 
 
-def device_batches(images: np.ndarray, labels: np.ndarray, index_batches: Iterable[np.ndarray], *,
-                   pad_to: int | None = None) -> Iterator[Batch]:
+def device_batches(
+  images: np.ndarray, labels: np.ndarray, index_batches: Iterable[np.ndarray], *, pad_to: int | None = None
+) -> Iterator[Batch]:
   """One device ``Batch`` per index array; batches shorter than ``pad_to`` are zero-padded to it.
 
   With several devices the batch is sharded along its leading axis (``sharding``), and
@@ -46,7 +49,7 @@ def device_batches(images: np.ndarray, labels: np.ndarray, index_batches: Iterab
     n = len(idx)
     size = max(n, pad_to or 0)
     rows = sharding.local_rows(size)
-    mine = idx[rows]                                      # this host's rows (past n: padding)
+    mine = idx[rows]  # this host's rows (past n: padding)
     x, y = images[mine], labels[mine]
     short = (rows.stop - rows.start) - len(mine)
     if short:
@@ -68,11 +71,12 @@ def step_indices(step: int, steps_per_epoch: int, num_examples: int, batch_size:
   examples past the last full batch of an epoch are not used in that epoch.
   """
   epoch, i = divmod(step, steps_per_epoch)
-  return np.sort(epoch_order(seed + epoch, num_examples)[i * batch_size:(i + 1) * batch_size])
+  return np.sort(epoch_order(seed + epoch, num_examples)[i * batch_size : (i + 1) * batch_size])
 
 
-def training_indices(first: int, last: int, steps_per_epoch: int, num_examples: int, batch_size: int,
-                     seed: int) -> Iterator[np.ndarray]:
+def training_indices(
+  first: int, last: int, steps_per_epoch: int, num_examples: int, batch_size: int, seed: int
+) -> Iterator[np.ndarray]:
   """The index batches of global steps ``[first, last)``."""
   for step in range(first, last):
     yield step_indices(step, steps_per_epoch, num_examples, batch_size, seed)
@@ -88,5 +92,9 @@ def evaluation_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) 
   """A split in order; the last batch is padded to the first's size, so all compile once
   (sizes rounded up to a multiple of the device count, the padding not counted)."""
   batch_size = sharding.padded_size(batch_size)
-  return device_batches(images, labels, sequential_indices(len(labels), batch_size),
-                        pad_to=sharding.padded_size(min(batch_size, len(labels))))
+  return device_batches(
+    images,
+    labels,
+    sequential_indices(len(labels), batch_size),
+    pad_to=sharding.padded_size(min(batch_size, len(labels))),
+  )

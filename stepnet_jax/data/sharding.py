@@ -14,6 +14,7 @@
 
 Nothing here assumes a backend: on one CPU device every sharding is the default placement.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,10 +32,13 @@ def initialize() -> bool:
   """Starts multi-host JAX when a cluster environment is present (once); True if it did."""
   if not any(os.environ.get(v) for v in _CLUSTER_VARIABLES) or jax.distributed.is_initialized():
     return False
-  given = {key: int(os.environ[var]) for key, var in (('num_processes', 'JAX_NUM_PROCESSES'),
-                                                      ('process_id', 'JAX_PROCESS_ID')) if os.environ.get(var)}
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')   # CPU hosts (ignored by GPU/TPU)
-  jax.distributed.initialize(**given)   # the coordinator from JAX_COORDINATOR_ADDRESS, the rest detected
+  given = {
+    key: int(os.environ[var])
+    for key, var in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
+    if os.environ.get(var)
+  }
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts (ignored by GPU/TPU)
+  jax.distributed.initialize(**given)  # the coordinator from JAX_COORDINATOR_ADDRESS, the rest detected
   return True
 
 
@@ -59,15 +63,19 @@ def num_devices() -> int:
 
 def describe() -> str:
   """What a run logs at start: devices, hosts and the mesh."""
-  return (f'{num_devices()} {jax.default_backend()} device(s) on {jax.process_count()} host(s); '
-          f'mesh {DATA}={num_devices()} (batch sharded, parameters replicated)')
+  return (
+    f'{num_devices()} {jax.default_backend()} device(s) on {jax.process_count()} host(s); '
+    f'mesh {DATA}={num_devices()} (batch sharded, parameters replicated)'
+  )
 
 
 def check_batch_size(batch_size: int, what: str = 'train.batch_size') -> None:
   """A global batch must split evenly over the devices: ValueError naming both numbers."""
   if batch_size % num_devices():
-    raise ValueError(f'{what}={batch_size} does not divide by the {num_devices()} devices of the mesh; '
-                     f'use a multiple of {num_devices()}')
+    raise ValueError(
+      f'{what}={batch_size} does not divide by the {num_devices()} devices of the mesh; '
+      f'use a multiple of {num_devices()}'
+    )
 
 
 def padded_size(n: int) -> int:
@@ -89,8 +97,9 @@ def to_device(local: np.ndarray, global_size: int) -> jax.Array:
     return jax.device_put(local)
   if global_size % num_devices():
     if jax.process_count() > 1:
-      raise ValueError(f'a batch of {global_size} does not split over {num_devices()} devices on '
-                       f'{jax.process_count()} hosts')
+      raise ValueError(
+        f'a batch of {global_size} does not split over {num_devices()} devices on {jax.process_count()} hosts'
+      )
     return jax.device_put(local)
   if jax.process_count() == 1:
     return jax.device_put(local, batch_sharding())
@@ -103,6 +112,7 @@ def barrier(name: str) -> None:
   (Orbax's included) stop matching."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -110,5 +120,6 @@ def to_host(x: jax.Array) -> np.ndarray:
   """A (possibly multi-host) array as one numpy array on every host."""
   if jax.process_count() > 1 and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

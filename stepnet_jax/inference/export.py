@@ -19,6 +19,7 @@ The cache is a flat tuple of arrays whose last element is the logits [B, classes
 batch size is symbolic. Modules are serialized for CPU and CUDA (``platforms``): jax
 lowers for a platform without its hardware, so a model trained here runs on a GPU host.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
     raise ValueError('only a reusable network steps; a recomputing one has nothing to carry between levels')
   graphdef, variables = net.graphdef, net.variables
   input_shape = net.input_shape
-  batch, = jax.export.symbolic_shape('b')
+  (batch,) = jax.export.symbolic_shape('b')
   images = jax.ShapeDtypeStruct((batch,) + input_shape, np.uint8)
   cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
   units_def = jax.tree.structure(cache.units)
@@ -55,8 +56,11 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
     return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
 
   os.makedirs(directory, exist_ok=True)
-  modules = {'start.bin': jax.export.export(jax.jit(lambda x: _flat(stepping.start(graphdef, variables, x))),
-                                            platforms=tuple(platforms))(images)}
+  modules = {
+    'start.bin': jax.export.export(
+      jax.jit(lambda x: _flat(stepping.start(graphdef, variables, x))), platforms=tuple(platforms)
+    )(images)
+  }
   flat_shapes = _flat(cache)
   for k in range(1, net.num_levels):
     fn = jax.jit(lambda *arrays, k=k: _flat(stepping.step(graphdef, variables, unflat(arrays, k - 1), k)))
@@ -64,10 +68,16 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
   for name, exported in modules.items():
     with open(os.path.join(directory, name), 'wb') as f:
       f.write(exported.serialize())
-  manifest = {'num_levels': net.num_levels, 'level_macs': list(net.level_macs), 'input_shape': list(input_shape),
-              'input_dtype': 'uint8', 'start': 'start.bin', 'steps': [f'step{k}.bin' for k in range(1, net.num_levels)],
-              'platforms': list(platforms), 'cache_arrays': len(flat_shapes)}
+  manifest = {
+    'num_levels': net.num_levels,
+    'level_macs': list(net.level_macs),
+    'input_shape': list(input_shape),
+    'input_dtype': 'uint8',
+    'start': 'start.bin',
+    'steps': [f'step{k}.bin' for k in range(1, net.num_levels)],
+    'platforms': list(platforms),
+    'cache_arrays': len(flat_shapes),
+  }
   with open(os.path.join(directory, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=2)
   return manifest
-

@@ -18,6 +18,7 @@ whatever the policy says.
   the previous exit's, giving a stop probability; trained by REINFORCE in
   ``selection.py``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ class _Stateless:
 @struct.dataclass
 class Confidence(_Stateless):
   """Stop when the top class's probability reaches ``threshold``."""
+
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
@@ -56,6 +58,7 @@ class Confidence(_Stateless):
 @struct.dataclass
 class Margin(_Stateless):
   """Stop when the top-1 probability exceeds the top-2 one by ``threshold``."""
+
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
@@ -66,6 +69,7 @@ class Margin(_Stateless):
 @struct.dataclass
 class Entropy(_Stateless):
   """Stop when the softmax entropy (in nats) is at most ``threshold``."""
+
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
@@ -80,6 +84,7 @@ class MacBudget(_Stateless):
   ``macs_to_reach[k]``: MACs spent per input to have level k's answer (cumulative for a
   reusable network, the running sum of subnets for one that recomputes).
   """
+
   budget: float | jax.Array
   macs_to_reach: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
@@ -91,7 +96,7 @@ class MacBudget(_Stateless):
       raise ValueError(f'macs_to_reach must be non-negative, non-decreasing integers (one per level), got {m}')
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
-    nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]   # MACs after one more step
+    nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]  # MACs after one more step
     return jnp.broadcast_to(nxt > self.budget, logits.shape[:1]), state
 
 
@@ -102,8 +107,9 @@ def num_selector_features(num_classes: int, num_levels: int, history: bool) -> i
   return num_classes + num_levels + (num_classes + 2 if history else 0)
 
 
-def selector_features(probs: jax.Array, level: jax.Array, previous: jax.Array, num_levels: int,
-                      history: bool) -> jax.Array:
+def selector_features(
+  probs: jax.Array, level: jax.Array, previous: jax.Array, num_levels: int, history: bool
+) -> jax.Array:
   """What the selection module reads, [B, F]: the exit's class probabilities sorted from the
   most likely down (so the module learns confidence, not class identity), the level
   one-hot and (``history``) the previous exit's sorted probabilities, its probability of
@@ -112,18 +118,23 @@ def selector_features(probs: jax.Array, level: jax.Array, previous: jax.Array, n
   parts = [-jnp.sort(-probs, axis=-1), onehot]
   if history:
     top = probs.argmax(-1)
-    seen = (previous.sum(-1, keepdims=True) > 0).astype(probs.dtype)      # 0 at level 0
+    seen = (previous.sum(-1, keepdims=True) > 0).astype(probs.dtype)  # 0 at level 0
     agree = (previous.argmax(-1) == top)[:, None].astype(probs.dtype) * seen
     parts += [-jnp.sort(-previous, axis=-1), jnp.take_along_axis(previous, top[:, None], axis=-1), agree]
   return jnp.concatenate(parts, axis=-1)
 
 
-def init_selector(key: jax.Array, num_classes: int, num_levels: int, hidden: int = 32,
-                  history: bool = True) -> dict[str, jax.Array]:
+def init_selector(
+  key: jax.Array, num_classes: int, num_levels: int, hidden: int = 32, history: bool = True
+) -> dict[str, jax.Array]:
   """Parameters of the selection MLP: features -> ``hidden`` ReLU units -> stop logit."""
   features = num_selector_features(num_classes, num_levels, history)
-  return {'w1': jax.random.normal(key, (features, hidden)) * np.sqrt(2.0 / features),
-          'b1': jnp.zeros((hidden,)), 'w2': jnp.zeros((hidden,)), 'b2': jnp.zeros(())}
+  return {
+    'w1': jax.random.normal(key, (features, hidden)) * np.sqrt(2.0 / features),
+    'b1': jnp.zeros((hidden,)),
+    'w2': jnp.zeros((hidden,)),
+    'b2': jnp.zeros(()),
+  }
 
 
 def selector_logit(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
@@ -141,6 +152,7 @@ class Learned:
   stop probability; deployed, the module decides deterministically (p > ``threshold``),
   its most likely decision.
   """
+
   params: dict[str, jax.Array]
   num_levels: int = struct.field(pytree_node=False, default=1)
   history: bool = struct.field(pytree_node=False, default=True)
@@ -148,7 +160,7 @@ class Learned:
 
   def __post_init__(self):
     if not isinstance(self.num_levels, (int, np.integer)) or self.num_levels < 1:
-      raise ValueError(f'Learned needs the network\'s number of levels (>= 1), got {self.num_levels!r}')
+      raise ValueError(f"Learned needs the network's number of levels (>= 1), got {self.num_levels!r}")
 
   def init(self, batch_size: int, num_classes: int) -> PolicyState:
     return jnp.zeros((batch_size, num_classes), jnp.float32)
@@ -175,14 +187,17 @@ def check_knobs(policy) -> None:
   """TypeError / ValueError unless every knob of ``policy`` (its pytree leaves: thresholds,
   budgets, a module's weights) is a number or a numeric array, and finite where concrete.
   Not in the constructors: pytree operations rebuild policies with other leaves."""
-  for leaf in jax.tree.leaves(policy, is_leaf=lambda v: v is None):   # a None knob is no leaf otherwise
+  for leaf in jax.tree.leaves(policy, is_leaf=lambda v: v is None):  # a None knob is no leaf otherwise
     dtype = getattr(leaf, 'dtype', None)
     if dtype is None and not isinstance(leaf, (int, float, np.number)) or isinstance(leaf, bool):
       raise TypeError(f'{type(policy).__name__}: knobs must be numbers or numeric arrays, got {leaf!r}')
     if dtype is not None and not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
       raise TypeError(f'{type(policy).__name__}: knobs must be numbers or numeric arrays, got dtype {dtype}')
-    if not isinstance(leaf, jax.core.Tracer) and np.issubdtype(np.asarray(leaf).dtype, np.inexact) \
-        and np.isnan(np.asarray(leaf)).any():
+    if (
+      not isinstance(leaf, jax.core.Tracer)
+      and np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+      and np.isnan(np.asarray(leaf)).any()
+    ):
       raise ValueError(f'{type(policy).__name__}: a knob is NaN')
 
 
@@ -198,6 +213,8 @@ def default_knobs(name: str, macs_to_reach: Sequence[int] = ()) -> tuple[float, 
     if not macs_to_reach:
       raise ValueError("the 'macs' policy's default knobs are fractions of the top level's macs_to_reach: give them")
     return tuple(float(f * macs_to_reach[-1]) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
-  return {'confidence': (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999),
-          'margin': (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99),
-          'entropy': (1.5, 1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)}[name]
+  return {
+    'confidence': (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999),
+    'margin': (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99),
+    'entropy': (1.5, 1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02),
+  }[name]

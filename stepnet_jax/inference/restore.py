@@ -8,6 +8,7 @@ architecture, level assignment, normalisation, and for a quantized run its ``pre
 see ``quantized.Precision``) and the run's config. Inference needs
 only this module; nothing here writes.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,12 +51,11 @@ def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
   validation split, ``data.validation_examples``), or None when no checkpoint has it."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
-  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m.get(metric, float('-inf')), best_mode='max',
-                                         create=False)
+  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m.get(metric, float('-inf')), best_mode='max', create=False)
   mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
   scores = {step: (mngr.metrics(step) or {}).get(metric) for step in mngr.all_steps()}
   scored = [(score, step) for step, score in scores.items() if score is not None]
-  return max(scored)[1] if scored else None   # ties: the later step
+  return max(scored)[1] if scored else None  # ties: the later step
 
 
 def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
@@ -65,17 +65,21 @@ def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
     return mngr.restore(step, args=args)
   except Exception as e:  # orbax raises many kinds for a damaged checkpoint
     path = os.path.join(checkpoint_dir(workdir), str(step))
-    raise CheckpointError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be '
-                          'truncated or corrupted. Nothing was deleted; train.py --restore_previous resumes from '
-                          'the newest readable checkpoint instead') from e
+    raise CheckpointError(
+      f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be '
+      'truncated or corrupted. Nothing was deleted; train.py --restore_previous resumes from '
+      'the newest readable checkpoint instead'
+    ) from e
 
 
 def _step(workdir: str, step: int | None) -> int:
   if step is None:
     step = latest_step(workdir)
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
-                            f'python train.py --config configs/NAME.py --workdir {workdir}')
+    raise FileNotFoundError(
+      f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
+      f'python train.py --config configs/NAME.py --workdir {workdir}'
+    )
   return step
 
 
@@ -106,8 +110,7 @@ def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, 
   nnx.replace_by_pure_dict(batch_stats, restored['batch_stats'])
 
 
-def load_variables(workdir: str, step: int | None = None, apply_precision: bool = True
-                   ) -> tuple[SteppingModel, dict]:
+def load_variables(workdir: str, step: int | None = None, apply_precision: bool = True) -> tuple[SteppingModel, dict]:
   """The model of a run with its trained parameters and batch statistics, and its meta.
   A quantized run (its meta records a precision) comes quantized unless ``apply_precision``
   is False (then with the float weights its optimizer kept, e.g. to fine-tune further)."""
@@ -116,6 +119,6 @@ def load_variables(workdir: str, step: int | None = None, apply_precision: bool 
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   restore_model_item(workdir, params, stats, step)
   nnx.update(model, params, stats)
-  if apply_precision and meta['model_meta'].get('precision'):    # a quantized run: its bits beside the levels
+  if apply_precision and meta['model_meta'].get('precision'):  # a quantized run: its bits beside the levels
     model = quantized.apply(model, quantized.Precision.from_json(meta['model_meta']['precision']))
   return model, meta

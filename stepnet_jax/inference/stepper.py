@@ -11,6 +11,7 @@ jitted internally and may also be wrapped by ``jax.jit``, ``jax.vmap`` or
 ``jax.export`` from outside. The pure functions of (variables, ...) they call live in
 ``stepnet_jax.stepping`` for JAX code that wants to compose them itself.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,10 +48,10 @@ class Stepper:
     self.meta = meta or {}
     self.graphdef, self.variables = stepping.split(model)
     self.num_levels = model.num_levels
-    self.input_shape = tuple(model.input_shape)   # [H, W, C] of one image
+    self.input_shape = tuple(model.input_shape)  # [H, W, C] of one image
     self.reusable = model.reusable
     self.layer_names = model.layer_names
-    self.layer_delta_macs = model.delta_macs()   # [layers, K]
+    self.layer_delta_macs = model.delta_macs()  # [layers, K]
     # MACs per input spent to get level k's answer after levels 0..k-1: ``level_macs`` for a
     # reusable model; the running sum of every subnet's MACs for one that recomputes them.
     self.macs_to_reach = model.macs_to_reach()
@@ -58,32 +59,42 @@ class Stepper:
     self._predict: dict[str, Callable] = {}
     self._latency_ms: dict[tuple, list[float]] = {}
     self._cache_shapes: dict[int, list[tuple[int, ...]]] = {}
-    self._token = next(_TOKENS)              # tags the caches this network makes
+    self._token = next(_TOKENS)  # tags the caches this network makes
 
   def check_images(self, x) -> None:
     """Raises a ValueError / TypeError saying what was expected when ``x`` is not a batch of
     this network's images: [B, H, W, C] uint8 (as stored) or float32 in [0, 1]."""
     shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
     if shape is None or dtype is None:
-      raise TypeError(f'expected an array of images [B, {", ".join(map(str, self.input_shape))}], got {type(x).__name__}')
+      raise TypeError(
+        f'expected an array of images [B, {", ".join(map(str, self.input_shape))}], got {type(x).__name__}'
+      )
     if len(shape) != 4:
-      raise ValueError(f'expected images of rank 4 [B, {", ".join(map(str, self.input_shape))}], got shape {tuple(shape)}'
-                       + (' (add a batch axis: x[None])' if tuple(shape) == self.input_shape else ''))
+      raise ValueError(
+        f'expected images of rank 4 [B, {", ".join(map(str, self.input_shape))}], got shape {tuple(shape)}'
+        + (' (add a batch axis: x[None])' if tuple(shape) == self.input_shape else '')
+      )
     if tuple(shape[1:]) != self.input_shape:
-      raise ValueError(f'expected images of shape [B, {", ".join(map(str, self.input_shape))}] (H, W, C), got '
-                       f'{tuple(shape)}')
+      raise ValueError(
+        f'expected images of shape [B, {", ".join(map(str, self.input_shape))}] (H, W, C), got {tuple(shape)}'
+      )
     if np.dtype(dtype) not in (np.uint8, np.float32):
-      raise TypeError(f'expected uint8 images (0..255, as stored) or float32 in [0, 1], got {np.dtype(dtype)}'
-                      + (' (convert 0..255 integers with x.astype(np.uint8))' if np.issubdtype(dtype, np.integer)
-                         else ''))
+      raise TypeError(
+        f'expected uint8 images (0..255, as stored) or float32 in [0, 1], got {np.dtype(dtype)}'
+        + (' (convert 0..255 integers with x.astype(np.uint8))' if np.issubdtype(dtype, np.integer) else '')
+      )
     if np.dtype(dtype) == np.float32 and not isinstance(x, jax.core.Tracer) and not _in_unit_range(x):
-      raise ValueError('float32 images must be finite and in [0, 1] (uint8 images are 0..255); got values outside '
-                       '(divide 0..255 floats by 255, or pass uint8)')
+      raise ValueError(
+        'float32 images must be finite and in [0, 1] (uint8 images are 0..255); got values outside '
+        '(divide 0..255 floats by 255, or pass uint8)'
+      )
 
   def check_level(self, level: int) -> None:
     if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
-      raise TypeError(f'level must be a Python int in 0..{self.num_levels - 1} (it selects a compiled program), '
-                      f'got {type(level).__name__} {level!r}' + (' (use int(level))' if hasattr(level, 'shape') else ''))
+      raise TypeError(
+        f'level must be a Python int in 0..{self.num_levels - 1} (it selects a compiled program), '
+        f'got {type(level).__name__} {level!r}' + (' (use int(level))' if hasattr(level, 'shape') else '')
+      )
     if not 0 <= level < self.num_levels:
       raise ValueError(f'level must be an int in 0..{self.num_levels - 1}, got {level!r}')
 
@@ -93,17 +104,22 @@ class Stepper:
     if not isinstance(cache, StepCache):
       raise TypeError(f'expected a StepCache from start/advance, got {type(cache).__name__}')
     if cache.owner not in (0, self._token):
-      raise ValueError('this cache was made by another network (another Stepper): its buffers hold that '
-                       "network's activations; start a new one with this network's start()")
+      raise ValueError(
+        'this cache was made by another network (another Stepper): its buffers hold that '
+        "network's activations; start a new one with this network's start()"
+      )
     batch = cache.logits.shape[0]
-    if batch not in self._cache_shapes:       # traced once per batch size
-      expected = jax.eval_shape(self.functions.start, self.variables,
-                                jax.ShapeDtypeStruct((batch,) + self.input_shape, np.uint8))
+    if batch not in self._cache_shapes:  # traced once per batch size
+      expected = jax.eval_shape(
+        self.functions.start, self.variables, jax.ShapeDtypeStruct((batch,) + self.input_shape, np.uint8)
+      )
       self._cache_shapes[batch] = [tuple(a.shape) for a in jax.tree.leaves(expected)]
     got, want = [tuple(a.shape) for a in jax.tree.leaves(cache)], self._cache_shapes[batch]
     if got != want:
-      raise ValueError(f'this cache was not made by this network (buffer shapes {got} where its start gives {want} '
-                       f'for a batch of {batch})')
+      raise ValueError(
+        f'this cache was not made by this network (buffer shapes {got} where its start gives {want} '
+        f'for a batch of {batch})'
+      )
     if not 0 <= cache.level < self.num_levels:
       raise ValueError(f'cache level {cache.level} outside 0..{self.num_levels - 1}')
 
@@ -142,7 +158,7 @@ class Stepper:
     self.check_images(x)
     self.check_cache(cache)
     if x.shape[0] != cache.logits.shape[0]:
-      raise ValueError(f'restart needs images of the cache\'s batch size {cache.logits.shape[0]}, got {x.shape[0]}')
+      raise ValueError(f"restart needs images of the cache's batch size {cache.logits.shape[0]}, got {x.shape[0]}")
     return self.functions.restart(self.variables, cache.replace(owner=0), x).replace(owner=self._token)
 
   def advance(self, cache: StepCache) -> StepCache:
@@ -171,8 +187,9 @@ class Stepper:
     policies.check_knobs(policy)
     levels = getattr(policy, 'num_levels', self.num_levels)
     if levels != self.num_levels:
-      raise ValueError(f'this {type(policy).__name__} policy was made for {levels} levels; the network has '
-                       f'{self.num_levels}')
+      raise ValueError(
+        f'this {type(policy).__name__} policy was made for {levels} levels; the network has {self.num_levels}'
+      )
     strategy = strategy or anytime.default_strategy()
     if strategy not in anytime.STRATEGIES:
       raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(anytime.STRATEGIES)}')

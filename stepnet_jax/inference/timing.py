@@ -1,4 +1,5 @@
 """Wall-clock timing of jitted functions and of stepping (compile excluded, results awaited)."""
+
 from __future__ import annotations
 
 import functools

@@ -20,6 +20,7 @@ non-decreasing in the score, so a more important neuron never gets fewer bits. T
 classifier (head) is not searched: it keeps ``head_bits`` for every method (it holds
 about 0.1% of the MACs) and is left out of the average.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -32,13 +33,21 @@ from stepnet_jax.models import quantized
 from stepnet_jax.registry import Registry
 
 
-def bits_for(z: Mapping[str, np.ndarray], offset: float, slope: float, min_bits: int, max_bits: int
-             ) -> dict[str, np.ndarray]:
+def bits_for(
+  z: Mapping[str, np.ndarray], offset: float, slope: float, min_bits: int, max_bits: int
+) -> dict[str, np.ndarray]:
   return {k: np.clip(np.round(offset + slope * v), min_bits, max_bits).astype(np.int64) for k, v in z.items()}
 
 
-def fit_offset(z: Mapping[str, np.ndarray], macs: Mapping[str, np.ndarray], budget: float, slope: float,
-               min_bits: int, max_bits: int, iterations: int = 60) -> dict[str, np.ndarray] | None:
+def fit_offset(
+  z: Mapping[str, np.ndarray],
+  macs: Mapping[str, np.ndarray],
+  budget: float,
+  slope: float,
+  min_bits: int,
+  max_bits: int,
+  iterations: int = 60,
+) -> dict[str, np.ndarray] | None:
   """The bits of the largest offset whose MAC-weighted mean fits ``budget`` (None if even
   the smallest does not)."""
   lo, hi = min_bits - slope - 1.0, max_bits + 1.0
@@ -60,13 +69,21 @@ def scaled(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: (np.asarray(v, np.float64) - lo) / span if span > 0 else np.zeros(len(v)) for k, v in scores.items()}
 
 
-RANK_BY = {'loss': -1.0, 'accuracy': 1.0}      # validation metric -> sign (higher signed value wins)
+RANK_BY = {'loss': -1.0, 'accuracy': 1.0}  # validation metric -> sign (higher signed value wins)
 
 
-def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float,
-           validate: Callable[[dict[str, tuple[int, ...]]], Mapping[str, float]], *, min_bits: int = 1,
-           max_bits: int = 8, head_bits: int = 8, slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
-           rank_by: str = 'loss') -> tuple[dict[str, tuple[int, ...]], dict]:
+def search(
+  model: SteppingModel,
+  scores: Mapping[str, np.ndarray],
+  budget: float,
+  validate: Callable[[dict[str, tuple[int, ...]]], Mapping[str, float]],
+  *,
+  min_bits: int = 1,
+  max_bits: int = 8,
+  head_bits: int = 8,
+  slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+  rank_by: str = 'loss',
+) -> tuple[dict[str, tuple[int, ...]], dict]:
   """(weight bits of every layer, a record of the search) for the best slope on validation.
 
   ``validate(weight_bits)`` returns the top exit's validation metrics (at least the
@@ -87,9 +104,14 @@ def search(model: SteppingModel, scores: Mapping[str, np.ndarray], budget: float
     metrics = {k: float(v) for k, v in validate(weight_bits).items()}
     if rank_by not in metrics:
       raise ValueError(f'validate returned {sorted(metrics)}, without the ranking metric {rank_by!r}')
-    tried.append({'slope': float(slope), 'mean_bits': quantized.mean_bits(bits, macs),
-                  'uniform': len(set(np.concatenate(list(bits.values())).tolist())) == 1,
-                  **{f'validation_{k}': v for k, v in metrics.items()}})
+    tried.append(
+      {
+        'slope': float(slope),
+        'mean_bits': quantized.mean_bits(bits, macs),
+        'uniform': len(set(np.concatenate(list(bits.values())).tolist())) == 1,
+        **{f'validation_{k}': v for k, v in metrics.items()},
+      }
+    )
     signed = RANK_BY[rank_by] * metrics[rank_by]
     if best is None or signed > best[0]:
       best = (signed, weight_bits, slope)
@@ -105,8 +127,9 @@ SCORES: Registry[Callable[..., dict[str, np.ndarray]]] = Registry('bit-width sco
 @SCORES.register('class')
 def _class_score(model, images, labels, num_classes, seed):
   del seed
-  return importance_lib.importance(model, images, labels, method='class', weights=(1.0,) * model.num_levels,
-                                   num_classes=num_classes)
+  return importance_lib.importance(
+    model, images, labels, method='class', weights=(1.0,) * model.num_levels, num_classes=num_classes
+  )
 
 
 @SCORES.register('magnitude')
@@ -114,7 +137,7 @@ def _magnitude_score(model, images, labels, num_classes, seed):
   del images, labels, num_classes, seed
   out = {}
   for name, unit in zip(model.unit_names, model.units):
-    w = np.asarray(unit.kernel[...]) * unit.conn.mask       # the kept connections only
+    w = np.asarray(unit.kernel[...]) * unit.conn.mask  # the kept connections only
     k = np.abs(w).reshape(-1, unit.kernel.shape[-1]).sum(0)
     out[name] = k / k.mean()
   return out

@@ -30,6 +30,7 @@ One cosine (or step) learning-rate schedule spans all phases; the optimizer stat
 reset when the structure changes. Budgets are fractions of the MACs of the dense,
 un-widened base network (``model.width``); infeasible ones are rejected before training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from stepnet_jax import seeds
 from stepnet_jax.config import Config
 from stepnet_jax.core import levels as lv
 from stepnet_jax.core.model import SteppingModel
@@ -48,9 +50,14 @@ from stepnet_jax.models import structure, surgery, zoo
 from stepnet_jax.training.run import PhasedRun
 
 
-def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray],
-                  mac_model: budgets_lib.MacModel, targets: Sequence[float],
-                  per_mac: bool = False, allocation: str = 'global') -> dict[str, np.ndarray]:
+def assign_levels(
+  levels: Mapping[str, np.ndarray],
+  scores: Mapping[str, np.ndarray],
+  mac_model: budgets_lib.MacModel,
+  targets: Sequence[float],
+  per_mac: bool = False,
+  allocation: str = 'global',
+) -> dict[str, np.ndarray]:
   """One greedy pass: for k = 0..K-1, push the least important level-k neurons up
   (or remove them at the top) until subnet k's MACs <= ``targets[k]``.
 
@@ -94,7 +101,7 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
         i = queues[li][heads[li]]
         key = float(scores[n][i])
         if allocation in ('uniform', 'uniform_fill'):
-          key = (-float(np.sum(counts[li][:k + 1])) / len(new[n]), key)
+          key = (-float(np.sum(counts[li][: k + 1])) / len(new[n]), key)
         elif per_mac:
           counts[li][k] -= 1
           saved = macs - int(mac_model.subnet_macs(counts)[k])
@@ -115,8 +122,15 @@ def assign_levels(levels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndar
   return new
 
 
-def _fill_back(new: dict[str, np.ndarray], counts: list[np.ndarray], moved: Sequence[tuple[int, int]], k: int,
-               mac_model: budgets_lib.MacModel, target: float, equal_shares: bool) -> None:
+def _fill_back(
+  new: dict[str, np.ndarray],
+  counts: list[np.ndarray],
+  moved: Sequence[tuple[int, int]],
+  k: int,
+  mac_model: budgets_lib.MacModel,
+  target: float,
+  equal_shares: bool,
+) -> None:
   """Fills the slack the last move out of level k left, in place: moved neurons (layer index,
   neuron) go back to level k, last moved first, wherever subnet k still fits ``target``.
   Afterwards no moved neuron fits back. With ``equal_shares`` a layer may not grow past
@@ -130,15 +144,16 @@ def _fill_back(new: dict[str, np.ndarray], counts: list[np.ndarray], moved: Sequ
     back[li][k] += 1
     if k + 1 < num_levels:
       back[li][k + 1] -= 1
-    share = [np.sum(c[:k + 1]) / s for c, s in zip(back, sizes)]
-    if equal_shares and len(names) > 1 and share[li] > max(share[:li] + share[li + 1:]) + 1e-12:
+    share = [np.sum(c[: k + 1]) / s for c, s in zip(back, sizes)]
+    if equal_shares and len(names) > 1 and share[li] > max(share[:li] + share[li + 1 :]) + 1e-12:
       continue
     if mac_model.subnet_macs(back)[k] <= target:
       _move(new, counts, names[li], li, i, int(new[names[li]][i]), k)
 
 
-def _move(levels: dict[str, np.ndarray], counts: list[np.ndarray], name: str, li: int, i: int,
-          old: int, level: int) -> None:
+def _move(
+  levels: dict[str, np.ndarray], counts: list[np.ndarray], name: str, li: int, i: int, old: int, level: int
+) -> None:
   """Moves neuron ``i`` of layer ``name`` from level ``old`` to ``level`` (REMOVED = -1), in place."""
   if old >= 0:
     counts[li][old] -= 1
@@ -158,6 +173,7 @@ def round_targets(current: np.ndarray, budgets: np.ndarray, r: int, rounds: int)
 @dataclasses.dataclass
 class Plan:
   """Step boundaries of the construction phases (global optimizer steps)."""
+
   pretrain_end: int
   round_ends: tuple[int, ...]
   total: int
@@ -171,8 +187,10 @@ class Plan:
     total = cfg.train.num_epochs * steps_per_epoch
     ends = tuple(pre + per_round * (r + 1) for r in range(con.rounds))
     if (ends[-1] if ends else pre) > total:
-      raise ValueError(f'construction.pretrain_epochs {con.pretrain_epochs} + construction.rounds {con.rounds} x '
-                       f'construction.round_epochs {con.round_epochs} exceed train.num_epochs {cfg.train.num_epochs}')
+      raise ValueError(
+        f'construction.pretrain_epochs {con.pretrain_epochs} + construction.rounds {con.rounds} x '
+        f'construction.round_epochs {con.round_epochs} exceed train.num_epochs {cfg.train.num_epochs}'
+      )
     return cls(pre, ends, total)
 
 
@@ -180,14 +198,26 @@ def level0_network(cfg: Config, dataset: datasets.Dataset, *, mask_rule: bool = 
   """The base network widened by ``construction.widen`` with every neuron at level 0: where
   construction (and, without the mask rule, the non-uniform baseline) starts."""
   k = cfg.model.num_levels
-  channels = budgets_lib.layer_channels(cfg.model.name, input_shape=dataset.input_shape,
-                                        num_classes=dataset.num_classes,
-                                        width=cfg.model.width * cfg.construction.widen)
+  channels = budgets_lib.layer_channels(
+    cfg.model.name,
+    input_shape=dataset.input_shape,
+    num_classes=dataset.num_classes,
+    width=cfg.model.width * cfg.construction.widen,
+  )
   mean, std = dataset.channel_stats()
-  return zoo.build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                            num_levels=k, assignment={n: lv.level0_sizes(c, k) for n, c in channels.items()},
-                            triangular=cfg.model.triangular, mask_rule=mask_rule, exit_heads=cfg.model.exit_heads,
-                            mean=mean, std=std, seed=cfg.seed)
+  return zoo.build_model(
+    cfg.model.name,
+    num_classes=dataset.num_classes,
+    input_shape=dataset.input_shape,
+    num_levels=k,
+    assignment={n: lv.level0_sizes(c, k) for n, c in channels.items()},
+    triangular=cfg.model.triangular,
+    mask_rule=mask_rule,
+    exit_heads=cfg.model.exit_heads,
+    mean=mean,
+    std=std,
+    seed=cfg.seed,
+  )
 
 
 def budget_macs(cfg: Config, dataset: datasets.Dataset, model: SteppingModel) -> tuple[int, np.ndarray]:
@@ -195,8 +225,9 @@ def budget_macs(cfg: Config, dataset: datasets.Dataset, model: SteppingModel) ->
   budgets = cfg.construction.budgets
   if len(budgets) != cfg.model.num_levels:
     raise ValueError(f'{len(budgets)} budgets for {cfg.model.num_levels} levels')
-  base = budgets_lib.dense_macs(cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                width=cfg.model.width)
+  base = budgets_lib.dense_macs(
+    cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=cfg.model.width
+  )
   channels = [sum(u.conn.out_sizes) for u in model.units]
   return base, budgets_lib.check_budgets(budgets, base, budgets_lib.MacModel.of(model), channels)
 
@@ -211,13 +242,14 @@ def check(cfg: Config, dataset: datasets.Dataset) -> None:
 def _sample(dataset: datasets.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
   """Training examples for importance: ``importance_examples`` in all, or that many per class."""
   con = cfg.construction
-  rng = np.random.RandomState(cfg.seed + 1000 + rnd)
+  rng = np.random.RandomState(seeds.seed_for(cfg.seed, seeds.Stream.CONSTRUCTION_ROUND, rnd))
   y = dataset.train_labels
   if con.importance == 'class':
-    idx = np.concatenate([rng.permutation(np.nonzero(y == c)[0])[:con.importance_examples]
-                          for c in range(dataset.num_classes)])
+    idx = np.concatenate(
+      [rng.permutation(np.nonzero(y == c)[0])[: con.importance_examples] for c in range(dataset.num_classes)]
+    )
   else:
-    idx = rng.permutation(len(y))[:con.importance_examples]
+    idx = rng.permutation(len(y))[: con.importance_examples]
   return dataset.train_images[idx], y[idx]
 
 
@@ -240,14 +272,13 @@ def construct(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None
     if resumed is None:
       model = level0_network(cfg, run.dataset)
       surgery.check_chain(model)
-      base, targets = budget_macs(cfg, run.dataset, model)   # before any training
+      base, targets = budget_macs(cfg, run.dataset, model)  # before any training
       plan = Plan.of(cfg, run.steps_per_epoch)
       meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)
       run.begin()
       model = run.train(model, 0, plan.pretrain_end, 'pretrain (all neurons at level 0)')
       step = plan.pretrain_end
-      progress = {'base_macs': int(base), 'budget_macs': [float(t) for t in targets], 'start_macs': None,
-                  'rounds': []}
+      progress = {'base_macs': int(base), 'budget_macs': [float(t) for t in targets], 'start_macs': None, 'rounds': []}
       run.save_phase(step, model, meta, progress)
     else:
       step, model, meta, progress = resumed
@@ -256,12 +287,17 @@ def construct(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None
     if step < plan.total:
       distill = cfg.construction.finetune_distill_weight or cfg.loss.distill_weight
       model = run.train(model, step, plan.total, 'fine-tune', cfg=cfg.replace(**{'loss.distill_weight': distill}))
-    return run.finish(model, meta, 'construction', {'budget_macs': progress['budget_macs'],
-                                                     'base_macs': progress['base_macs'], 'rounds': progress['rounds']})
+    return run.finish(
+      model,
+      meta,
+      'construction',
+      {'budget_macs': progress['budget_macs'], 'base_macs': progress['base_macs'], 'rounds': progress['rounds']},
+    )
 
 
-def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: int,
-            progress: dict) -> tuple[SteppingModel, dict, int]:
+def _rounds(
+  run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: int, progress: dict
+) -> tuple[SteppingModel, dict, int]:
   """The construction rounds not done by global ``step``: importance, re-levelling towards
   the round's targets, retraining, a phase checkpoint.
 
@@ -272,22 +308,48 @@ def _rounds(run: PhasedRun, model: SteppingModel, meta: dict, plan: Plan, step: 
   cfg, con = run.cfg, run.cfg.construction
   targets = np.asarray(progress['budget_macs'])
   for r, end in enumerate(plan.round_ends, start=1):
-    if r <= len(progress['rounds']):     # done before an interruption
+    if r <= len(progress['rounds']):  # done before an interruption
       continue
     if progress['start_macs'] is None:
       progress['start_macs'] = [int(m) for m in subnet_macs(model)]
     goal = round_targets(np.asarray(progress['start_macs']), targets, r, con.rounds)
     x, y = _sample(run.dataset, cfg, r)
-    scores = importance.importance(model, x, y, method=con.importance, weights=cfg.exit_weights,
-                                   num_classes=run.dataset.num_classes, class_threshold=con.class_threshold)
-    new_levels = assign_levels(surgery.neuron_levels(model), scores, budgets_lib.MacModel.of(model), goal,
-                               per_mac=con.rank_per_mac, allocation=con.allocation)
+    scores = importance.importance(
+      model,
+      x,
+      y,
+      method=con.importance,
+      weights=cfg.exit_weights,
+      num_classes=run.dataset.num_classes,
+      class_threshold=con.class_threshold,
+    )
+    new_levels = assign_levels(
+      surgery.neuron_levels(model),
+      scores,
+      budgets_lib.MacModel.of(model),
+      goal,
+      per_mac=con.rank_per_mac,
+      allocation=con.allocation,
+    )
     model, meta = surgery.relevel(model, meta, new_levels)
     macs = subnet_macs(model)
-    progress['rounds'].append({'round': r, 'step': step, 'targets': [float(t) for t in goal],
-                               'macs': [int(m) for m in macs], 'assignment': zoo.assignment_of(model)})
-    print(f'round {r}/{con.rounds}: subnet MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
-          + ' (targets ' + ' '.join(f'{t / 1e6:.3f}M' for t in goal) + ')', flush=True)
+    progress['rounds'].append(
+      {
+        'round': r,
+        'step': step,
+        'targets': [float(t) for t in goal],
+        'macs': [int(m) for m in macs],
+        'assignment': zoo.assignment_of(model),
+      }
+    )
+    print(
+      f'round {r}/{con.rounds}: subnet MACs '
+      + ' '.join(f'{m / 1e6:.3f}M' for m in macs)
+      + ' (targets '
+      + ' '.join(f'{t / 1e6:.3f}M' for t in goal)
+      + ')',
+      flush=True,
+    )
     model = run.train(model, step, end, f'round {r}/{con.rounds} retrain')
     step = end
     run.save_phase(step, model, meta, progress)

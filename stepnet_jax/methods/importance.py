@@ -20,6 +20,7 @@ Two scores, chosen by ``importance`` in the config:
 
 Evaluation is in eval mode (running BN statistics), on the full-width network.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,6 +53,7 @@ def _gate_shapes(model: SteppingModel, x: jax.Array) -> list[tuple[int, ...]]:
       h = unit(h, model.top)
       outs.append(h)
     return outs
+
   return [o.shape for o in jax.eval_shape(outputs, x)]
 
 
@@ -64,9 +66,9 @@ def _activation_gradients(graphdef, variables, images, labels, weights, count):
   real = (jnp.arange(labels.shape[0]) < count).astype(jnp.float32)
 
   def loss(gates):
-    logits = _gated_exits(model, images, gates)                                      # [K, B, C]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :])    # [K, B]
-    return jnp.sum(jnp.asarray(weights, jnp.float32)[:, None] * ce * real)           # sum over examples
+    logits = _gated_exits(model, images, gates)  # [K, B, C]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :])  # [K, B]
+    return jnp.sum(jnp.asarray(weights, jnp.float32)[:, None] * ce * real)  # sum over examples
 
   return jax.grad(loss)(gates)
 
@@ -76,25 +78,32 @@ def _per_position(ag: jax.Array) -> jax.Array:
   return ag.reshape(ag.shape[0], -1, ag.shape[-1])
 
 
-def taylor_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
-                  weights: Sequence[float], batch_size: int = 256) -> list[np.ndarray]:
+def taylor_scores(
+  model: SteppingModel, images: np.ndarray, labels: np.ndarray, weights: Sequence[float], batch_size: int = 256
+) -> list[np.ndarray]:
   """Raw Taylor score ``mean_b |sum_p a g|`` per channel of every hidden layer (not normalised)."""
   check_chain(model)
   graphdef, variables = nnx.split(model)
   sums, n = None, 0
-  batches = feed.device_batches(images, labels, feed.sequential_indices(len(labels), batch_size),
-                               pad_to=sharding.padded_size(min(batch_size, len(labels))))   # one shape, sharded
+  batches = feed.device_batches(
+    images,
+    labels,
+    feed.sequential_indices(len(labels), batch_size),
+    pad_to=sharding.padded_size(min(batch_size, len(labels))),
+  )  # one shape, sharded
   for batch in batches:
-    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights),
-                               batch.count)
+    ag = _activation_gradients(
+      graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
+    )
     s = [np.asarray(jnp.abs(_per_position(a).sum(1)).sum(0)) for a in ag]
     sums = s if sums is None else [a + b for a, b in zip(sums, s)]
     n += batch.count
   return [s / n for s in sums]
 
 
-def class_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
-                 weights: Sequence[float], num_classes: int) -> list[np.ndarray]:
+def class_scores(
+  model: SteppingModel, images: np.ndarray, labels: np.ndarray, weights: Sequence[float], num_classes: int
+) -> list[np.ndarray]:
   """Per layer [classes, C]: ``max_p |mean_b a g|`` over a batch of each class."""
   check_chain(model)
   graphdef, variables = nnx.split(model)
@@ -103,10 +112,11 @@ def class_scores(model: SteppingModel, images: np.ndarray, labels: np.ndarray,
     if len(idx) == 0:
       raise ValueError(f'no examples of class {c} for the class-based importance')
   per_class = []
-  for idx in by_class:   # one batch per class, padded to split over the devices
+  for idx in by_class:  # one batch per class, padded to split over the devices
     batch = next(feed.device_batches(images, labels, [idx], pad_to=sharding.padded_size(len(idx))))
-    ag = _activation_gradients(graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights),
-                               batch.count)
+    ag = _activation_gradients(
+      graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
+    )
     per_class.append([np.asarray(jnp.abs(_per_position(a).sum(0) / batch.count).max(0)) for a in ag])
   return [np.stack([pc[layer] for pc in per_class]) for layer in range(len(per_class[0]))]
 
@@ -128,7 +138,7 @@ def _class(model, images, labels, weights, num_classes, class_threshold, batch_s
   for s in class_scores(model, images, labels, weights, num_classes):
     counts = (s > class_threshold * np.mean(s)).sum(0).astype(np.float64)
     total = s.sum(0)
-    tie = total / total.max() if total.max() > 0 else np.zeros_like(total)   # in [0, 1]
+    tie = total / total.max() if total.max() > 0 else np.zeros_like(total)  # in [0, 1]
     scores.append(counts + tie / (num_classes + 1))
   return scores
 
@@ -139,9 +149,17 @@ IMPORTANCE_SCORES.register('taylor', _taylor)
 IMPORTANCE_SCORES.register('class', _class)
 
 
-def importance(model: SteppingModel, images: np.ndarray, labels: np.ndarray, *, method: str,
-               weights: Sequence[float], num_classes: int, class_threshold: float = 0.5,
-               batch_size: int = 256) -> dict[str, np.ndarray]:
+def importance(
+  model: SteppingModel,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  method: str,
+  weights: Sequence[float],
+  num_classes: int,
+  class_threshold: float = 0.5,
+  batch_size: int = 256,
+) -> dict[str, np.ndarray]:
   """Importance of every hidden neuron, comparable across layers: {layer: [C]}.
 
   ``images``/``labels`` are training examples; for ``'class'`` they must contain every class.

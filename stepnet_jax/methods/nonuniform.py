@@ -22,6 +22,7 @@ every detail. The choices made here:
 A wider subnet recomputes everything: the method is not reusable, and its reports
 count ``macs_to_reach`` as the running sum of its subnets.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepnet_jax import seeds
 from stepnet_jax.config import Config
 from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
@@ -73,7 +75,9 @@ def recalibrate(model: SteppingModel, dataset: datasets.Dataset, cfg: Config) ->
     return jax.tree.map(lambda v: v / (1.0 - layers.BN_MOMENTUM), nnx.state(m, nnx.BatchStat))
 
   n, batch_size = len(dataset.train_labels), cfg.train.batch_size
-  indices = feed.training_indices(0, num_batches, n // batch_size, n, batch_size, cfg.seed + 7)
+  indices = feed.training_indices(
+    0, num_batches, n // batch_size, n, batch_size, seeds.seed_for(cfg.seed, seeds.Stream.BN_RECALIBRATION_ORDER)
+  )
   total = None
   for batch in feed.device_batches(dataset.train_images, dataset.train_labels, indices):
     s = batch_stats(batch.images)
@@ -90,17 +94,20 @@ def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budge
   unused; the top budget is lowered to the network's MACs accordingly.
   """
   k_levels, budgets = cfg.model.num_levels, cfg.construction.budgets
-  base = budgets_lib.dense_macs(cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                width=cfg.model.width)
+  base = budgets_lib.dense_macs(
+    cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=cfg.model.width
+  )
   model = construct.level0_network(cfg, dataset, mask_rule=False)
   mac_model = budgets_lib.MacModel.of(model)
-  level0 = [dict(model.assignment)[name] for name in mac_model.names]   # every neuron at level 0
+  level0 = [dict(model.assignment)[name] for name in mac_model.names]  # every neuron at level 0
   widest = mac_model.subnet_macs(level0)[0]
   top = min(budgets[-1], widest / base)
   if k_levels > 1 and top <= budgets[-2]:
-    raise ValueError(f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
-                     f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
-                     f'({budgets[-2]}): raise widen or lower that budget')
+    raise ValueError(
+      f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
+      f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
+      f'({budgets[-2]}): raise widen or lower that budget'
+    )
   fractions = tuple(budgets[:-1]) + (top,)
   targets = budgets_lib.check_budgets(fractions, base, mac_model, [sizes[0] for sizes in level0])
   return model, mac_model, base, targets
@@ -122,12 +129,15 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
     if resumed is None:
       model, mac_model, base, targets = _start(cfg, run.dataset)
       if pre > total:
-        raise ValueError(f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
-                         f'{cfg.train.num_epochs}')
+        raise ValueError(
+          f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
+          f'{cfg.train.num_epochs}'
+        )
       meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)
       run.begin()
-      model = run.train(model, 0, pre, 'full network', objective=losses.subnet_for(cfg, k_levels - 1),
-                        levels=(k_levels - 1,))
+      model = run.train(
+        model, 0, pre, 'full network', objective=losses.subnet_for(cfg, k_levels - 1), levels=(k_levels - 1,)
+      )
       levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
       model, meta = surgery.relevel(model, meta, levels)
       print('non-uniform subnets by channel norm: ' + json.dumps(zoo.assignment_of(model)), flush=True)
@@ -141,17 +151,30 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
     graphdef, state = step_lib.init_state(model, tx, pre)
     turns = k_levels * cfg.baseline.nonuniform_cycles
     bounds = np.linspace(pre, total, turns + 1).astype(int)
-    if step > pre:                 # resumed after a turn: its optimizer state goes on
+    if step > pre:  # resumed after a turn: its optimizer state goes on
       state = run.restore_state(state)
     step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet_for(cfg, k)) for k in range(k_levels)]
     for t in range(progress['turn'], turns):
       level = t % k_levels
       if bounds[t + 1] > bounds[t]:
-        state = run.run_steps(state, step_fns[level], int(bounds[t]), int(bounds[t + 1]),
-                              f'subnet {level} ({t + 1}/{turns})', levels=(level,))
+        state = run.run_steps(
+          state,
+          step_fns[level],
+          int(bounds[t]),
+          int(bounds[t + 1]),
+          f'subnet {level} ({t + 1}/{turns})',
+          levels=(level,),
+        )
         progress['turn'] = t + 1
         run.save_phase(int(bounds[t + 1]), None, meta, progress, state)
     model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), run.dataset, cfg)
-    return run.finish(model, meta, 'non-uniform', {'budget_macs': progress['budget_macs'],
-                                                    'base_macs': progress['base_macs'],
-                                                    'assignment': zoo.assignment_of(model)})
+    return run.finish(
+      model,
+      meta,
+      'non-uniform',
+      {
+        'budget_macs': progress['budget_macs'],
+        'base_macs': progress['base_macs'],
+        'assignment': zoo.assignment_of(model),
+      },
+    )

@@ -26,6 +26,7 @@
 Bit-operations are MACs x weight bits x activation bits (``quantized.bitops``); a bit-plane
 is a 1-bit weight.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stepnet_jax import seeds
 from stepnet_jax.config import Config
 from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
@@ -72,8 +74,9 @@ def class_ladder(model: SteppingModel, score: dict[str, np.ndarray], n: int, slo
   ladder = []
   for b in range(1, n + 1):
     bits = bitsearch.fit_offset(z, macs, float(b), slope, 1, n)
-    ladder.append({**{k: tuple(int(x) for x in v) for k, v in bits.items()},
-                   'head': (b,) * model.head.kernel.shape[-1]})
+    ladder.append(
+      {**{k: tuple(int(x) for x in v) for k, v in bits.items()}, 'head': (b,) * model.head.kernel.shape[-1]}
+    )
   check_ladder(model, ladder, n)
   return ladder
 
@@ -99,8 +102,15 @@ def retrain_bn(model: SteppingModel, dataset: datasets.Dataset, cfg: Config, bat
   return nonuniform.recalibrate(model, dataset, cfg.replace(**{'baseline.recalibrate_batches': int(batches)}))
 
 
-def retrain_bn_at(model: SteppingModel, precision: quantized.Precision, dataset: datasets.Dataset, cfg: Config,
-                  batches: int, affine_steps: int = 0, learning_rate: float = 1e-3) -> SteppingModel:
+def retrain_bn_at(
+  model: SteppingModel,
+  precision: quantized.Precision,
+  dataset: datasets.Dataset,
+  cfg: Config,
+  batches: int,
+  affine_steps: int = 0,
+  learning_rate: float = 1e-3,
+) -> SteppingModel:
   """``model`` (float) quantized at ``precision`` with its BN retrained: with ``affine_steps``
   BN's scale and bias are first trained for that many steps through the quantization-aware
   objective (straight-through, Adam at ``learning_rate``, every kernel and the classifier
@@ -113,19 +123,32 @@ def retrain_bn_at(model: SteppingModel, precision: quantized.Precision, dataset:
     )
     from stepnet_jax.training import step as step_lib
 
-    def label(path, _):        # a Param leaf's path ends in its variable's '.value'
+    def label(path, _):  # a Param leaf's path ends in its variable's '.value'
       names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
       return 'bn' if 'bn' in names and names[-1] in ('scale', 'bias') else 'frozen'
 
-    tx = optax.multi_transform({'bn': optax.adam(learning_rate), 'frozen': optax.set_to_zero()},
-                               lambda params: jax.tree_util.tree_map_with_path(label, params))
+    tx = optax.multi_transform(
+      {'bn': optax.adam(learning_rate), 'frozen': optax.set_to_zero()},
+      lambda params: jax.tree_util.tree_map_with_path(label, params),
+    )
     graphdef, state = step_lib.init_state(model, tx)
-    state = jax.tree.map(jnp.copy, state)                              # the step donates its state
+    state = jax.tree.map(jnp.copy, state)  # the step donates its state
     objective = quantized.quantization_aware(losses.objective_for(cfg), precision)
-    train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 31)
+    train_step = step_lib.make_train_step(
+      graphdef, tx, objective, seed=seeds.seed_for(cfg.seed, seeds.Stream.BN_AFFINE_RETRAINING)
+    )
     steps_per_epoch = max(1, len(dataset.train_labels) // cfg.train.batch_size)
-    state = loop.run_steps(state, train_step, dataset, cfg.replace(**{'train.progress': False}), first=0,
-                           last=int(affine_steps), steps_per_epoch=steps_per_epoch, writer=None, desc='BN affine')
+    state = loop.run_steps(
+      state,
+      train_step,
+      dataset,
+      cfg.replace(**{'train.progress': False}),
+      first=0,
+      last=int(affine_steps),
+      steps_per_epoch=steps_per_epoch,
+      writer=None,
+      desc='BN affine',
+    )
     model = nnx.merge(graphdef, state.params, state.batch_stats)
   return retrain_bn(quantized.apply(model, precision), dataset, cfg, batches)
 
@@ -151,22 +174,27 @@ def _bit_serial_fn(graphdef, n: int):
         keep = 1.0 if mask is None else jnp.asarray(mask)
         digits, scale = bitplanes(first_kernel * keep, n)
         acc = jnp.zeros((), jnp.float32)
-      now = jnp.arange(n)[:, None] < planes[None, :]                                 # [n, C_out] planes in use
-      place = jnp.where(now & ~used, plane_weights(n, n)[:, None], 0.0)            # the planes this step adds
+      now = jnp.arange(n)[:, None] < planes[None, :]  # [n, C_out] planes in use
+      place = jnp.where(now & ~used, plane_weights(n, n)[:, None], 0.0)  # the planes this step adds
       added = jnp.sum(digits * place.reshape((n,) + (1,) * (digits.ndim - 2) + (-1,)), axis=0)
-      acc = acc + first.linear(x, added * keep, False)                             # their partial sums
+      acc = acc + first.linear(x, added * keep, False)  # their partial sums
       used = now
       h = first.finish(scale * acc, 0, first.kernel.shape[-1], False, m.top)
       for unit in m.units[1:]:
-        h = unit(h, m.top)                                                         # recomputed at b planes
+        h = unit(h, m.top)  # recomputed at b planes
       out.append(m.head.exits(h))
     return jnp.stack(out)
 
   return run
 
 
-def bit_serial_exits(first_kernel: jax.Array, models: Sequence[SteppingModel], images: jax.Array,
-                     n: int, first_planes: Sequence[Sequence[int]] | None = None) -> jax.Array:
+def bit_serial_exits(
+  first_kernel: jax.Array,
+  models: Sequence[SteppingModel],
+  images: jax.Array,
+  n: int,
+  first_planes: Sequence[Sequence[int]] | None = None,
+) -> jax.Array:
   """All exits after each of ``len(models)`` plane steps of ABS inference: [b, K, B, classes].
 
   ``models[b-1]`` is the network at rung b of an ``n``-plane ladder (``quantized.apply`` with
@@ -183,22 +211,29 @@ def bit_serial_exits(first_kernel: jax.Array, models: Sequence[SteppingModel], i
     first_planes = [[b] * width for b in range(1, len(models) + 1)]
   first_planes = np.asarray(first_planes, np.int32)
   if first_planes.shape != (len(models), width) or np.any(np.diff(first_planes, axis=0) < 0):
-    raise ValueError(f'first_planes must be non-decreasing plane counts [{len(models)}, {width}], '
-                     f'got shape {first_planes.shape}')
+    raise ValueError(
+      f'first_planes must be non-decreasing plane counts [{len(models)}, {width}], got shape {first_planes.shape}'
+    )
   graphdef = nnx.graphdef(models[0])
   states = [nnx.state(m) for m in models]
   return _bit_serial_fn(graphdef, int(n))(jnp.asarray(first_kernel), jnp.asarray(first_planes), states, images)
 
 
-def bit_serial_accuracy(first_kernel: jax.Array, models: Sequence[SteppingModel], images: np.ndarray,
-                        labels: np.ndarray, n: int, batch_size: int = 1000,
-                        first_planes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+def bit_serial_accuracy(
+  first_kernel: jax.Array,
+  models: Sequence[SteppingModel],
+  images: np.ndarray,
+  labels: np.ndarray,
+  n: int,
+  batch_size: int = 1000,
+  first_planes: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
   """Accuracy of every exit after every plane step of ABS inference: [b, K]
   (``first_planes`` as in ``bit_serial_exits``)."""
   correct, seen = 0, 0
   for batch in feed.evaluation_batches(images, labels, batch_size):
     exits = bit_serial_exits(first_kernel, models, batch.images, n, first_planes)
-    pred = np.asarray(exits.argmax(-1))[..., :batch.count]
-    correct = correct + (pred == labels[None, None, seen:seen + batch.count]).sum(axis=-1)
+    pred = np.asarray(exits.argmax(-1))[..., : batch.count]
+    correct = correct + (pred == labels[None, None, seen : seen + batch.count]).sum(axis=-1)
     seen += batch.count
   return correct / len(labels)

@@ -20,6 +20,7 @@ joins the loss. Training is one objective (``reinforce``) run by the shared
 (the network, or a ``Cascade`` of independent networks, plus a ``Selector``), on a
 validation split carved from the training data.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stepnet_jax import seeds
 from stepnet_jax.config import Config
 from stepnet_jax.data import datasets, sharding
 from stepnet_jax.inference import policies
@@ -69,7 +71,8 @@ def stop_logits(params: dict[str, jax.Array], probs: jax.Array, history: bool) -
   num_levels = probs.shape[0]
   previous = jnp.concatenate([jnp.zeros_like(probs[:1]), probs[:-1]])
   feats = jax.vmap(lambda p, k, q: policies.selector_features(p, k, q, num_levels, history))(
-      probs, jnp.arange(num_levels), previous)
+    probs, jnp.arange(num_levels), previous
+  )
   return policies.selector_logit(params, feats)
 
 
@@ -92,8 +95,9 @@ def expected_reward(params, probs: jax.Array, reward: jax.Array, history: bool) 
   return (stop_distribution(stop_logits(params, probs, history)) * reward).sum(0).mean()
 
 
-def reinforce_terms(params, probs: jax.Array, reward: jax.Array, rng: jax.Array, baseline: jax.Array,
-                    history: bool, samples: int = 1) -> dict[str, jax.Array]:
+def reinforce_terms(
+  params, probs: jax.Array, reward: jax.Array, rng: jax.Array, baseline: jax.Array, history: bool, samples: int = 1
+) -> dict[str, jax.Array]:
   """``samples`` sampled episodes per input.
 
   With one sample the advantage is ``R - baseline[k]``; with several, each episode's
@@ -104,57 +108,78 @@ def reinforce_terms(params, probs: jax.Array, reward: jax.Array, rng: jax.Array,
   the sampled episodes ``stop`` [S, B], ``reward`` [S, B] and ``visited`` [S, K, B].
   """
   num_levels, batch = reward.shape
-  z = stop_logits(params, probs, history)                                    # [K, B]
+  z = stop_logits(params, probs, history)  # [K, B]
   p = jax.nn.sigmoid(z)
   u = jax.random.uniform(rng, (samples,) + z.shape)
   stops = (u < jax.lax.stop_gradient(p)[None]).at[:, -1].set(True)
-  stop = stops.argmax(1)                                                      # first stop: [S, B]
+  stop = stops.argmax(1)  # first stop: [S, B]
   level = jnp.arange(num_levels)[None, :, None]
-  decided = level < num_levels - 1                                            # the top makes no decision
-  visited = level <= stop[:, None]                                            # [S, K, B]
+  decided = level < num_levels - 1  # the top makes no decision
+  visited = level <= stop[:, None]  # [S, K, B]
   logp = jnp.where(level < stop[:, None], jax.nn.log_sigmoid(-z)[None], jax.nn.log_sigmoid(z)[None])
   logp = jnp.where(visited & decided, logp, 0.0)
-  r = reward[stop, jnp.arange(batch)[None]]                                   # [S, B]
+  r = reward[stop, jnp.arange(batch)[None]]  # [S, B]
   if samples > 1:
-    b = ((r.sum(0, keepdims=True) - r) / (samples - 1))[:, None]              # leave-one-out: [S, 1, B]
+    b = ((r.sum(0, keepdims=True) - r) / (samples - 1))[:, None]  # leave-one-out: [S, 1, B]
   else:
     b = baseline[None, :, None]
-  advantage = jax.lax.stop_gradient(r[:, None] - b)                           # [S, K, B]
+  advantage = jax.lax.stop_gradient(r[:, None] - b)  # [S, K, B]
   surrogate = -(advantage * logp).sum(1).mean()
-  bern = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))           # decision entropies [K, B]
+  bern = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))  # decision entropies [K, B]
   log_go = jnp.cumsum(jax.nn.log_sigmoid(-z), axis=0)
-  reach = jnp.exp(jnp.concatenate([jnp.zeros_like(log_go[:1]), log_go[:-1]]))      # P(reach level k)
-  entropy = jnp.where(decided[0], reach * bern, 0.0).sum(0).mean()                 # exact expectation
+  reach = jnp.exp(jnp.concatenate([jnp.zeros_like(log_go[:1]), log_go[:-1]]))  # P(reach level k)
+  entropy = jnp.where(decided[0], reach * bern, 0.0).sum(0).mean()  # exact expectation
   return {'surrogate': surrogate, 'entropy': entropy, 'stop': stop, 'reward': r, 'visited': visited}
 
 
-def reinforce(macs_to_reach: Sequence[int], cost_weight: float, *, history: bool, entropy_weight: float,
-              use_baseline: bool, joint: bool, ce_weight: float, samples: int = 1,
-              momentum: float = 0.9) -> losses.Objective:
+def reinforce(
+  macs_to_reach: Sequence[int],
+  cost_weight: float,
+  *,
+  history: bool,
+  entropy_weight: float,
+  use_baseline: bool,
+  joint: bool,
+  ce_weight: float,
+  samples: int = 1,
+  momentum: float = 0.9,
+) -> losses.Objective:
   """The selection module's objective on a ``PolicyNet`` (see the module docstring)."""
   cost = jnp.asarray(macs_to_reach, jnp.float32) / float(macs_to_reach[-1])
 
   def objective(model: PolicyNet, batch, rng):
-    logits = model.net.exits(batch.images, train=joint)                     # [K, B, C]
+    logits = model.net.exits(batch.images, train=joint)  # [K, B, C]
     if not joint:
       logits = jax.lax.stop_gradient(logits)
     probs = jax.nn.softmax(logits, axis=-1)
     reward = rewards(logits, batch.labels, cost, cost_weight)
     baseline = model.selector.baseline[...]
-    t = reinforce_terms(model.selector.params(), probs, reward, rng,
-                        baseline if use_baseline else jnp.zeros_like(baseline), history, samples)
+    t = reinforce_terms(
+      model.selector.params(),
+      probs,
+      reward,
+      rng,
+      baseline if use_baseline else jnp.zeros_like(baseline),
+      history,
+      samples,
+    )
     loss = t['surrogate'] - entropy_weight * t['entropy']
     batch_size = logits.shape[1]
-    chosen = logits[t['stop'][0], jnp.arange(batch_size)]                   # first episode: [B, C]
+    chosen = logits[t['stop'][0], jnp.arange(batch_size)]  # first episode: [B, C]
     ce = optax.softmax_cross_entropy_with_integer_labels(chosen, batch.labels).mean()
     if joint:
       loss = loss + ce_weight * ce
-    reached = t['visited'].sum((0, 2))                                        # episodes reaching level k
+    reached = t['visited'].sum((0, 2))  # episodes reaching level k
     mean_reward = jnp.where(t['visited'], t['reward'][:, None], 0.0).sum((0, 2)) / jnp.maximum(reached, 1)
-    model.selector.baseline[...] = jnp.where(reached > 0, momentum * baseline + (1 - momentum) * mean_reward,
-                                             baseline)
-    return loss, {'logits': chosen[None], 'ce': ce[None], 'distill': jnp.zeros(()),
-                  'reward': t['reward'].mean(), 'cost': cost[t['stop']].mean()}
+    model.selector.baseline[...] = jnp.where(reached > 0, momentum * baseline + (1 - momentum) * mean_reward, baseline)
+    return loss, {
+      'logits': chosen[None],
+      'ce': ce[None],
+      'distill': jnp.zeros(()),
+      'reward': t['reward'].mean(),
+      'cost': cost[t['stop']].mean(),
+    }
+
   return objective
 
 
@@ -163,13 +188,22 @@ def _optimizer(learning_rate: float, joint: bool, params: nnx.State) -> optax.Gr
   if joint:
     return optax.adam(learning_rate)
   labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: 'selector' if getattr(path[0], 'key', None) == 'selector' else 'frozen', params)
+    lambda path, _: 'selector' if getattr(path[0], 'key', None) == 'selector' else 'frozen', params
+  )
   return optax.multi_transform({'selector': optax.adam(learning_rate), 'frozen': optax.set_to_zero()}, labels)
 
 
-def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], images: np.ndarray,
-                   labels: np.ndarray, num_classes: int, *, cost_weight: float | None = None,
-                   desc: str = 'selection module') -> tuple[policies.Learned, Any]:
+def train_selector(
+  cfg: Config,
+  net: nnx.Module,
+  macs_to_reach: Sequence[int],
+  images: np.ndarray,
+  labels: np.ndarray,
+  num_classes: int,
+  *,
+  cost_weight: float | None = None,
+  desc: str = 'selection module',
+) -> tuple[policies.Learned, Any]:
   """Trains a selection module for ``net`` on a validation split (``images``, ``labels``).
 
   Settings from ``cfg.selection`` (``cost_weight`` overrides its lambda). Returns the
@@ -181,17 +215,35 @@ def train_selector(cfg: Config, net: nnx.Module, macs_to_reach: Sequence[int], i
   graphdef, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = _optimizer(s.learning_rate, s.joint, params)
   graphdef, state = step_lib.init_state(model, tx)
-  state = jax.tree.map(jnp.copy, state)   # the step donates its state; ``net`` keeps its own arrays
-  objective = reinforce(macs_to_reach, lam, history=s.history, entropy_weight=s.entropy_weight,
-                        use_baseline=s.baseline == 'running', joint=s.joint, ce_weight=s.ce_weight,
-                        samples=s.samples)
-  train_step = step_lib.make_train_step(graphdef, tx, objective, seed=cfg.seed + 17)
+  state = jax.tree.map(jnp.copy, state)  # the step donates its state; ``net`` keeps its own arrays
+  objective = reinforce(
+    macs_to_reach,
+    lam,
+    history=s.history,
+    entropy_weight=s.entropy_weight,
+    use_baseline=s.baseline == 'running',
+    joint=s.joint,
+    ce_weight=s.ce_weight,
+    samples=s.samples,
+  )
+  train_step = step_lib.make_train_step(
+    graphdef, tx, objective, seed=seeds.seed_for(cfg.seed, seeds.Stream.SELECTOR_TRAINING)
+  )
   split = datasets.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
   batch_size = min(s.batch_size, len(labels))
-  batch_size -= batch_size % sharding.num_devices()        # the batch splits over the devices
+  batch_size -= batch_size % sharding.num_devices()  # the batch splits over the devices
   steps_per_epoch = len(labels) // batch_size
   run_cfg = cfg.replace(**{'train.batch_size': batch_size, 'train.num_epochs': s.epochs})
-  state = loop.run_steps(state, train_step, split, run_cfg, first=0, last=s.epochs * steps_per_epoch,
-                         steps_per_epoch=steps_per_epoch, writer=None, desc=f'{desc} (lambda {lam:g})')
+  state = loop.run_steps(
+    state,
+    train_step,
+    split,
+    run_cfg,
+    first=0,
+    last=s.epochs * steps_per_epoch,
+    steps_per_epoch=steps_per_epoch,
+    writer=None,
+    desc=f'{desc} (lambda {lam:g})',
+  )
   trained = nnx.merge(graphdef, state.params, state.batch_stats)
   return trained.selector.policy(), nnx.state(trained.net)

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Level x precision stepping: the bit-op cost of every step between (level, planes) states
+of one network (``PlaneCosts``), the path a staircase takes through them (``staircase_path``:
+levels only, bits only, or greedy by validation accuracy gained per bit-op) and the
+cumulative bit-ops and accuracy along it (``walk``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +22,8 @@ class PlaneCosts:
   ``ops[b]`` [layers, K] is ``quantized.bitops`` at rung b of the plane ladder (row 0 the
   first layer, the last row the head); bit-ops are linear in each neuron's planes, so
   ``ops[b + 1][0] - ops[b][0]`` is what the first layer's added planes cost."""
-  ops: np.ndarray          # [N + 1, layers, K], ops[0] = 0
+
+  ops: np.ndarray  # [N + 1, layers, K], ops[0] = 0
   num_levels: int
   n: int
 
@@ -32,7 +37,7 @@ class PlaneCosts:
 
   def direct(self, level: int, planes: int) -> int:
     """A forward of subnet ``level`` at ``planes`` planes from scratch."""
-    return int(self.ops[planes][:, :level + 1].sum())
+    return int(self.ops[planes][:, : level + 1].sum())
 
   def level_step(self, level: int, planes: int) -> int:
     """(level, planes) -> (level + 1, planes): only the new level's connections."""
@@ -42,8 +47,8 @@ class PlaneCosts:
     """(level, rung b) -> (level, rung b + 1): the planes the first layer's neurons gain
     (accumulated: one 1-bit plane each on the uniform ladder), then every later layer of
     the subnet recomputed at rung b + 1."""
-    first = self.ops[planes + 1][0, :level + 1] - self.ops[planes][0, :level + 1]
-    return int(first.sum() + self.ops[planes + 1][1:, :level + 1].sum())
+    first = self.ops[planes + 1][0, : level + 1] - self.ops[planes][0, : level + 1]
+    return int(first.sum() + self.ops[planes + 1][1:, : level + 1].sum())
 
   def step(self, state: tuple[int, int], to: tuple[int, int]) -> int:
     (k, b), (k2, b2) = state, to

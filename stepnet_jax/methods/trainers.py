@@ -8,6 +8,7 @@ Fan's single-path non-uniform subnets (``nonuniform.py``). Every method saves a
 standard checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read. The table is
 used by config validation, ``train.py`` and the comparison.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,10 @@ def _no_check(cfg: Config, dataset: datasets.Dataset) -> None:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A trainer and what the rest of the library needs to know about it."""
-  train: Callable[[Config, str, datasets.Dataset | None], dict]   # result: 'test_accuracy', 'seconds', ...
-  check: Callable[[Config, datasets.Dataset], None] = _no_check     # raises before any training (budgets)
-  needs_budgets: bool = False                                    # construction.budgets: one per level
+
+  train: Callable[[Config, str, datasets.Dataset | None], dict]  # result: 'test_accuracy', 'seconds', ...
+  check: Callable[[Config, datasets.Dataset], None] = _no_check  # raises before any training (budgets)
+  needs_budgets: bool = False  # construction.budgets: one per level
 
 
 TRAINERS: Registry[Method] = Registry('method')
@@ -52,30 +54,41 @@ def validate(cfg: Config) -> Config:
   losses.OBJECTIVES.get(loss.objective)
   importance.IMPORTANCE_SCORES.get(con.importance)
   method = TRAINERS.get(cfg.method)
-  for key, value, choices in (('model.exit_heads', m.exit_heads, layers.EXIT_HEADS),
-                              ('loss.distill_mode', loss.distill_mode, losses.DISTILL_MODES)):
+  for key, value, choices in (
+    ('model.exit_heads', m.exit_heads, layers.EXIT_HEADS),
+    ('loss.distill_mode', loss.distill_mode, losses.DISTILL_MODES),
+  ):
     if value not in choices:
       raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
   if method.needs_budgets and len(con.budgets) != m.num_levels:
-    raise ValueError(f'method {cfg.method} needs one budget per level: {len(con.budgets)} budgets, '
-                     f'{m.num_levels} levels')
+    raise ValueError(
+      f'method {cfg.method} needs one budget per level: {len(con.budgets)} budgets, {m.num_levels} levels'
+    )
   if cfg.method == 'nonuniform' and min(cfg.exit_weights) <= 0:
-    raise ValueError('the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
-                     f'got {cfg.exit_weights}')
+    raise ValueError(
+      'the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
+      f'got {cfg.exit_weights}'
+    )
   if loss.objective == 'sandwich' and (not m.triangular or cfg.method != 'joint'):
-    raise ValueError("the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, "
-                     'method joint')
+    raise ValueError(
+      "the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, method joint"
+    )
   if m.exit_heads == 'private' and not m.mask_rule:
     raise ValueError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
   if m.exit_heads == 'private' and loss.objective == 'sandwich':
-    raise ValueError("the 'sandwich' objective reads random widths off one shared classifier: it needs "
-                     "model.exit_heads='shared'")
+    raise ValueError(
+      "the 'sandwich' objective reads random widths off one shared classifier: it needs model.exit_heads='shared'"
+    )
   if m.batch_norm != 'auto' and cfg.method != 'joint':
-    raise ValueError(f"model.batch_norm={m.batch_norm!r} is an option of method joint; method {cfg.method} "
-                     "chooses its batch norm itself (keep model.batch_norm='auto')")
+    raise ValueError(
+      f'model.batch_norm={m.batch_norm!r} is an option of method joint; method {cfg.method} '
+      "chooses its batch norm itself (keep model.batch_norm='auto')"
+    )
   if cfg.method == 'steppingnet' and con.allocation != 'global' and con.rank_per_mac:
-    raise ValueError('rank_per_mac ranks layers against each other; allocation uniform fixes every '
-                     "layer's share, so the two do not combine: use construction.allocation='global'")
+    raise ValueError(
+      'rank_per_mac ranks layers against each other; allocation uniform fixes every '
+      "layer's share, so the two do not combine: use construction.allocation='global'"
+    )
   return cfg
 
 
@@ -84,16 +97,20 @@ def check(cfg: Config, dataset: datasets.Dataset) -> None:
   TRAINERS.get(validate(cfg).method).check(cfg, dataset)
 
 
-def train(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None, *, restore_previous: bool = False) -> dict:
+def train(
+  cfg: Config, workdir: str, dataset: datasets.Dataset | None = None, *, restore_previous: bool = False
+) -> dict:
   """Runs ``cfg.method`` in ``workdir``; the result has at least 'test_accuracy' and 'seconds'
   (training time of the run, also when it was resumed or found finished). ``restore_previous``:
   resume a joint run from its newest readable checkpoint (``run.train_and_evaluate``). A second
   process training in the same ``workdir`` is refused (``run.WorkdirBusy``)."""
   method = TRAINERS.get(validate(cfg).method)
   if restore_previous and cfg.method != 'joint':
-    raise ValueError(f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
-                     'starts over when it was interrupted')
-  with run.lock_workdir(workdir):      # one trainer per workdir
+    raise ValueError(
+      f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
+      'starts over when it was interrupted'
+    )
+  with run.lock_workdir(workdir):  # one trainer per workdir
     if restore_previous:
       return run.train_and_evaluate(cfg, workdir, dataset, restore_previous=True)
     return method.train(cfg, workdir, dataset)

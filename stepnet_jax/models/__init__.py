@@ -4,6 +4,7 @@ networks, and the structure record a checkpoint keeps.
 
 ``stepnet_jax.models.MODELS`` / ``build_model`` / ``Builder`` are the zoo's (``models.zoo``).
 """
+
 from stepnet_jax.models.zoo import MODELS, Builder, assignment_of, build_model
 
 __all__ = ['MODELS', 'Builder', 'assignment_of', 'build_model']

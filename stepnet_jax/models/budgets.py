@@ -17,6 +17,7 @@ head adds ``f_head * N_last(k)``.
 These formulas are a second path to the MACs the layers count from their masks
 (``SteppingModel.delta_macs``); the tests check they agree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ class MacModel:
   ``triangular`` layers (all but the first, as the model builds them) keep only the
   Any-Width-Networks triangle inside each level block.
   """
+
   names: tuple[str, ...]
   factors: tuple[int, ...]
   head_factor: int
@@ -61,9 +63,15 @@ class MacModel:
     for row, unit in zip(macs, model.units):
       kept = int(unit.conn.mask.sum())
       factors.append(int(row.sum()) // kept if kept else 0)
-    return cls(tuple(model.unit_names), tuple(factors), model.head.spatial * model.head.num_classes,
-               model.input_shape[-1], model.mask_rule, tuple(u.conn.triangular for u in model.units),
-               model.head.private)
+    return cls(
+      tuple(model.unit_names),
+      tuple(factors),
+      model.head.spatial * model.head.num_classes,
+      model.input_shape[-1],
+      model.mask_rule,
+      tuple(u.conn.triangular for u in model.units),
+      model.head.private,
+    )
 
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
     """Cumulative MACs of subnets 0..K-1 given each layer's neurons per level: int64 [K]."""
@@ -78,9 +86,10 @@ class MacModel:
       if not self.mask_rule:
         pairs = n_cum * a_cum
       else:
-        lower = n * (a_cum - prev)          # every input of a lower level
-        own = (np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64)
-               if tri else n * prev)        # inputs of the same level
+        lower = n * (a_cum - prev)  # every input of a lower level
+        own = (
+          np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64) if tri else n * prev
+        )  # inputs of the same level
         pairs = np.cumsum(lower + own)
       total += f * pairs
       prev = n
@@ -91,38 +100,42 @@ class MacModel:
 
   def counts_of(self, levels: Mapping[str, np.ndarray], num_levels: int) -> list[np.ndarray]:
     """Per-layer neurons per level from per-neuron levels (-1 = removed, not counted)."""
-    return [np.bincount(np.asarray(levels[n])[np.asarray(levels[n]) >= 0], minlength=num_levels)
-            for n in self.names]
+    return [np.bincount(np.asarray(levels[n])[np.asarray(levels[n]) >= 0], minlength=num_levels) for n in self.names]
 
 
 def dense_macs(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float = 1.0) -> int:
   """MACs of a plain single-level network at ``width`` (every connection kept)."""
-  model = nnx.eval_shape(lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
-                                                     num_levels=1, width=width))
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape, num_levels=1, width=width)
+  )
   return int(model.delta_macs().sum())
 
 
 def layer_channels(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float) -> dict[str, int]:
   """Channels of every hidden layer of ``model_name`` at ``width``."""
-  model = nnx.eval_shape(lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape,
-                                                     num_levels=1, width=width))
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape, num_levels=1, width=width)
+  )
   return {name: int(sum(sizes)) for name, sizes in model.assignment}
 
 
-def width_for_budget(model_name: str, budget_macs: float, *, input_shape: Sequence[int], num_classes: int,
-                     max_width: float = 8.0) -> tuple[float, int]:
+def width_for_budget(
+  model_name: str, budget_macs: float, *, input_shape: Sequence[int], num_classes: int, max_width: float = 8.0
+) -> tuple[float, int]:
   """Largest uniform width (to 1/1000) whose dense network fits ``budget_macs``: (width, MACs).
 
   Widths map to channels by rounding, so the search is over the distinct channel
   plans; the result is the widest plan whose MACs do not exceed the budget.
   """
+
   def macs(w):
     return dense_macs(model_name, input_shape=input_shape, num_classes=num_classes, width=w)
 
   lo, hi = 1e-3, max_width
   if macs(lo) > budget_macs:
-    raise ValueError(f'{budget_macs:,.0f} MACs is below the smallest {model_name} (one channel per layer, '
-                     f'{macs(lo):,} MACs)')
+    raise ValueError(
+      f'{budget_macs:,.0f} MACs is below the smallest {model_name} (one channel per layer, {macs(lo):,} MACs)'
+    )
   if macs(hi) <= budget_macs:
     raise ValueError(f'{budget_macs:,.0f} MACs is above {model_name} at width {max_width} ({macs(hi):,} MACs)')
   for _ in range(40):
@@ -134,8 +147,7 @@ def width_for_budget(model_name: str, budget_macs: float, *, input_shape: Sequen
   return w, macs(w)
 
 
-def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel,
-                  channels: Sequence[int]) -> np.ndarray:
+def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel, channels: Sequence[int]) -> np.ndarray:
   """Validates cumulative budgets (fractions of ``base_macs``); returns them in MACs.
 
   Rejects budgets that do not increase strictly, a level-0 budget below one neuron per
@@ -151,12 +163,15 @@ def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel,
   one = [np.eye(k, dtype=np.int64)[0] for _ in channels]
   smallest = int(mac_model.subnet_macs(one)[0])
   if macs[0] < smallest:
-    raise ValueError(f'level-0 budget {b[0]:.4f} x {base_macs:,} = {macs[0]:,.0f} MACs is below the smallest '
-                     f'possible subnet (one neuron per layer: {smallest:,} MACs = {smallest / base_macs:.4f})')
+    raise ValueError(
+      f'level-0 budget {b[0]:.4f} x {base_macs:,} = {macs[0]:,.0f} MACs is below the smallest '
+      f'possible subnet (one neuron per layer: {smallest:,} MACs = {smallest / base_macs:.4f})'
+    )
   full = [np.eye(k, dtype=np.int64)[0] * c for c in channels]
   widest = int(mac_model.subnet_macs(full)[0])
   if macs[-1] > widest:
-    raise ValueError(f'top budget {b[-1]:.4f} x {base_macs:,} = {macs[-1]:,.0f} MACs exceeds the widened network '
-                     f'({widest:,} MACs = {widest / base_macs:.4f}); widen it more or lower the budget')
+    raise ValueError(
+      f'top budget {b[-1]:.4f} x {base_macs:,} = {macs[-1]:,.0f} MACs exceeds the widened network '
+      f'({widest:,} MACs = {widest / base_macs:.4f}); widen it more or lower the budget'
+    )
   return macs
-

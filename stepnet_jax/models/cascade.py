@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Guan et al.'s cascade: independent networks as the levels of one model, each level
+recomputing from the input (nothing is reused), so the anytime program and the selection
+module treat it like a stepping network."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,4 +19,4 @@ class Cascade(nnx.Module):
     self.nets = nnx.List(list(nets))
 
   def exits(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return jnp.stack([net(x, train=train) for net in self.nets])     # [K, B, classes]
+    return jnp.stack([net(x, train=train) for net in self.nets])  # [K, B, classes]

@@ -22,6 +22,7 @@ A ``Precision`` is plain data (JSON-able) stored beside the level assignment in 
 ``model_meta``; ``apply(model, precision)`` gives the quantized model every other part
 of the library (forward, stepping, anytime) runs unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,7 @@ from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.core.quantizers import FLOAT_BITS, bwb_kernel, quantize_activation, quantize_kernel  # noqa: F401
 
-INPUT_BITS = 8        # the images are 8-bit data
+INPUT_BITS = 8  # the images are 8-bit data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +52,29 @@ class Precision:
   planes of digits +-1, of which each neuron uses its first ``weight_bits`` (bit-serial
   inference after that many planes; ``quantizers.bwb_kernel``).
   """
+
   weight_bits: Mapping[str, tuple[int, ...]]
   act_bits: int = 8
   act_clips: Mapping[str, float] | None = None
   bwb_bits: int = 0
 
   def to_json(self) -> dict[str, Any]:
-    return {'weight_bits': {k: [int(b) for b in v] for k, v in self.weight_bits.items()},
-            'act_bits': int(self.act_bits),
-            'act_clips': None if self.act_clips is None else {k: float(v) for k, v in self.act_clips.items()},
-            'bwb_bits': int(self.bwb_bits)}
+    return {
+      'weight_bits': {k: [int(b) for b in v] for k, v in self.weight_bits.items()},
+      'act_bits': int(self.act_bits),
+      'act_clips': None if self.act_clips is None else {k: float(v) for k, v in self.act_clips.items()},
+      'bwb_bits': int(self.bwb_bits),
+    }
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> Precision:
     clips = d.get('act_clips')
-    return cls({k: tuple(int(b) for b in v) for k, v in d['weight_bits'].items()}, int(d.get('act_bits', 8)),
-               None if clips is None else {k: float(v) for k, v in clips.items()}, int(d.get('bwb_bits', 0)))
+    return cls(
+      {k: tuple(int(b) for b in v) for k, v in d['weight_bits'].items()},
+      int(d.get('act_bits', 8)),
+      None if clips is None else {k: float(v) for k, v in clips.items()},
+      int(d.get('bwb_bits', 0)),
+    )
 
 
 def linear_layers(model: SteppingModel) -> dict[str, nnx.Module]:
@@ -74,8 +82,7 @@ def linear_layers(model: SteppingModel) -> dict[str, nnx.Module]:
   out = {}
   for name, unit in zip(model.unit_names, model.units):
     if not isinstance(unit, (layers.LevelConv, layers.LevelDense)):
-      raise ValueError(f'quantization supports conv and dense chains; layer {name!r} is a '
-                       f'{type(unit).__name__}')
+      raise ValueError(f'quantization supports conv and dense chains; layer {name!r} is a {type(unit).__name__}')
     out[name] = unit
   out['head'] = model.head
   return out
@@ -107,22 +114,27 @@ def check_bits(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], b
 
 def kept_mask(layer: nnx.Module) -> np.ndarray | None:
   """The layer's static connection mask shaped to broadcast against its kernel (None: all kept)."""
-  if getattr(layer, 'private', False):     # private exit heads: exit k reads only levels <= k
+  if getattr(layer, 'private', False):  # private exit heads: exit k reads only levels <= k
     return layer.exit_mask()
   conn = getattr(layer, 'conn', None)
   return None if conn is None or conn.mask.all() else conn.mask.astype(np.float32)
 
 
-def quantized_kernels(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]],
-                      ste: bool = False, bwb_bits: int = 0) -> dict[str, jax.Array]:
+def quantized_kernels(
+  model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], ste: bool = False, bwb_bits: int = 0
+) -> dict[str, jax.Array]:
   """Layer name -> its fake-quantized kernel (statistics over the kept connections only:
   masked weights are never used, and may still hold their initial values); with
   ``bwb_bits`` = N, bitwise-binary N-plane weights truncated to ``weight_bits`` planes."""
   if bwb_bits:
-    return {name: bwb_kernel(layer.kernel[...], bwb_bits, jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
-            for name, layer in linear_layers(model).items()}
-  return {name: quantize_kernel(layer.kernel[...], jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
-          for name, layer in linear_layers(model).items()}
+    return {
+      name: bwb_kernel(layer.kernel[...], bwb_bits, jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
+      for name, layer in linear_layers(model).items()
+    }
+  return {
+    name: quantize_kernel(layer.kernel[...], jnp.asarray(weight_bits[name]), ste, kept_mask(layer))
+    for name, layer in linear_layers(model).items()
+  }
 
 
 def set_kernels(model: SteppingModel, kernels: Mapping[str, jax.Array]) -> None:
@@ -131,8 +143,9 @@ def set_kernels(model: SteppingModel, kernels: Mapping[str, jax.Array]) -> None:
     layer.kernel[...] = kernels[name]
 
 
-def set_activation_quantization(model: SteppingModel, act_bits: int, clips: Mapping[str, float] | None,
-                                ste: bool = False) -> None:
+def set_activation_quantization(
+  model: SteppingModel, act_bits: int, clips: Mapping[str, float] | None, ste: bool = False
+) -> None:
   """Makes every hidden unit quantize its output (static: part of the model's structure);
   ``act_bits >= FLOAT_BITS`` or ``clips=None`` turns it off."""
   for name, unit in zip(model.unit_names, model.units):
@@ -159,9 +172,11 @@ def calibrate_clips(model: SteppingModel, images: np.ndarray, quantile: float = 
     return out
 
   acts = outputs(state, jnp.asarray(images))
-  clips = {name: float(np.quantile(np.asarray(a), quantile)) if quantile < 1 else float(np.asarray(a).max())
-           for name, a in zip(model.unit_names, acts)}
-  return {name: max(c, 1e-6) for name, c in clips.items()}      # a silent layer still gets a valid grid
+  clips = {
+    name: float(np.quantile(np.asarray(a), quantile)) if quantile < 1 else float(np.asarray(a).max())
+    for name, a in zip(model.unit_names, acts)
+  }
+  return {name: max(c, 1e-6) for name, c in clips.items()}  # a silent layer still gets a valid grid
 
 
 def apply(model: SteppingModel, precision: Precision) -> SteppingModel:
@@ -196,8 +211,9 @@ def hidden_neuron_macs(model: SteppingModel) -> dict[str, np.ndarray]:
   return {k: v for k, v in neuron_macs(model).items() if k != 'head'}
 
 
-def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_bits: int,
-           input_bits: int = INPUT_BITS) -> np.ndarray:
+def bitops(
+  model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_bits: int, input_bits: int = INPUT_BITS
+) -> np.ndarray:
   """Exact bit-operations per input of each level's new connections, int64 [layers, K]:
   for every connection, its MACs x its output neuron's weight bits x the bits of the
   activation it reads (the image: ``input_bits``; hidden activations: ``act_bits``)."""
@@ -212,11 +228,11 @@ def bitops(model: SteppingModel, weight_bits: Mapping[str, Sequence[int]], act_b
     else:
       conn = unit.conn
       kept = conn.kept_connections()
-      per_connection = int(macs.sum() // kept.sum()) if kept.sum() else 0    # taps x output positions (conv)
+      per_connection = int(macs.sum() // kept.sum()) if kept.sum() else 0  # taps x output positions (conv)
       subnet = [0]
       for k in range(conn.num_levels):
-        ein, eout = (int(np.sum(conn.in_sizes[:k + 1])), int(np.sum(conn.out_sizes[:k + 1])))
-        fan_in = conn.mask[:ein, :eout].sum(axis=0)                               # kept inputs per output
+        ein, eout = (int(np.sum(conn.in_sizes[: k + 1])), int(np.sum(conn.out_sizes[: k + 1])))
+        fan_in = conn.mask[:ein, :eout].sum(axis=0)  # kept inputs per output
         subnet.append(int((fan_in * bits[:eout]).sum()) * per_connection)
       per_level = np.diff(np.asarray(subnet, np.int64))
     rows.append(per_level * in_bits)
@@ -248,10 +264,14 @@ def describe(model: SteppingModel, precision: Precision) -> str:
   lines = [f'{"layer":>8} {"neurons":>8} {"bits min..max":>14} {"mean bits":>10}']
   for name, macs in neuron_macs(model).items():
     bits = precision.weight_bits[name]
-    lines.append(f'{name:>8} {len(bits):>8} {min(bits):>7}..{max(bits):<6} '
-                 f'{mean_bits({name: bits}, {name: macs}) if macs.sum() else 0.0:>10.2f}')
+    lines.append(
+      f'{name:>8} {len(bits):>8} {min(bits):>7}..{max(bits):<6} '
+      f'{mean_bits({name: bits}, {name: macs}) if macs.sum() else 0.0:>10.2f}'
+    )
   act = 'float' if precision.act_bits >= FLOAT_BITS else f'{precision.act_bits} bits'
-  lines.append(f'activations: {act}; MAC-weighted mean weight bits {mac_weighted_bits(model, precision.weight_bits):.2f}')
+  lines.append(
+    f'activations: {act}; MAC-weighted mean weight bits {mac_weighted_bits(model, precision.weight_bits):.2f}'
+  )
   ops = bitops_to_reach(model, precision.weight_bits, precision.act_bits)
   lines.append('bit-ops per input to reach each level: ' + ', '.join(f'L{k} {b:,}' for k, b in enumerate(ops)))
   return '\n'.join(lines)
@@ -261,6 +281,7 @@ def load_bits(spec: str, model: SteppingModel) -> dict[str, tuple[int, ...]]:
   """Weight bits from a command-line spec: an integer (every neuron) or a JSON file holding
   ``{layer: [bits per neuron]}`` or a ``Precision`` (its ``weight_bits``)."""
   import json
+
   if spec.strip().isdigit():
     return uniform_bits(model, int(spec))
   with open(spec) as f:
@@ -275,6 +296,7 @@ def quantization_aware(objective: Callable, precision: Precision) -> Callable:
   estimators for weights and activations): the gradients reach the float weights the
   optimizer keeps, the forward sees what inference will compute. It rewrites the model
   it is given (the train step hands it a fresh copy per step)."""
+
   def wrapped(model: SteppingModel, batch, rng):
     set_kernels(model, quantized_kernels(model, precision.weight_bits, ste=True, bwb_bits=precision.bwb_bits))
     set_activation_quantization(model, precision.act_bits, precision.act_clips, ste=True)

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The structure record a checkpoint keeps (``model_meta``: architecture, level assignment,
+normalisation, options) and the model it describes (``build_from_meta``), with defaults for
+keys older checkpoints lack."""
+
 from __future__ import annotations
 
 from stepnet_jax.core.model import SteppingModel
@@ -8,17 +11,17 @@ from stepnet_jax.models import zoo
 def model_meta(model: SteppingModel, name: str, num_classes: int) -> dict:
   """JSON-able description that ``build_from_meta`` turns back into the same structure."""
   return {
-      'model': name,
-      'num_classes': num_classes,
-      'input_shape': list(model.input_shape),
-      'num_levels': model.num_levels,
-      'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
-      'mask_rule': model.mask_rule,
-      'switchable_bn': model.switchable_bn,
-      'exit_heads': 'private' if model.head.private else 'shared',
-      'assignment': zoo.assignment_of(model),
-      'mean': list(model.mean),
-      'std': list(model.std),
+    'model': name,
+    'num_classes': num_classes,
+    'input_shape': list(model.input_shape),
+    'num_levels': model.num_levels,
+    'triangular': any(getattr(u, 'conn', None) is not None and u.conn.triangular for u in model.units),
+    'mask_rule': model.mask_rule,
+    'switchable_bn': model.switchable_bn,
+    'exit_heads': 'private' if model.head.private else 'shared',
+    'assignment': zoo.assignment_of(model),
+    'mean': list(model.mean),
+    'std': list(model.std),
   }
 
 
@@ -44,7 +47,16 @@ def build_from_meta(meta: dict, seed: int = 0) -> SteppingModel:
   """A freshly initialised model of the structure ``model_meta`` describes."""
   meta = with_defaults(meta)
   return zoo.build_model(
-      meta['model'], num_classes=meta['num_classes'], input_shape=meta['input_shape'],
-      num_levels=meta['num_levels'], assignment=meta['assignment'], triangular=meta['triangular'],
-      mask_rule=meta['mask_rule'], switchable_bn=meta['switchable_bn'], exit_heads=meta['exit_heads'],
-      mean=meta['mean'], std=meta['std'], seed=seed)
+    meta['model'],
+    num_classes=meta['num_classes'],
+    input_shape=meta['input_shape'],
+    num_levels=meta['num_levels'],
+    assignment=meta['assignment'],
+    triangular=meta['triangular'],
+    mask_rule=meta['mask_rule'],
+    switchable_bn=meta['switchable_bn'],
+    exit_heads=meta['exit_heads'],
+    mean=meta['mean'],
+    std=meta['std'],
+    seed=seed,
+  )

@@ -14,6 +14,7 @@ Only plain chains of conv / dense units (mlp, lenet3c1l, lenet5, vgg16) are supp
 a residual stream shares its levels across blocks, which this per-layer view cannot
 express.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -35,8 +36,10 @@ def check_chain(model: SteppingModel) -> None:
   """Raises unless the model is a plain chain of conv / dense units."""
   for name, unit in zip(model.unit_names, model.units):
     if not isinstance(unit, (LevelConv, LevelDense)):
-      raise ValueError(f'{name} is a {type(unit).__name__}; level surgery supports plain chains of conv '
-                       'and dense layers (mlp, lenet3c1l, lenet5, vgg16), not residual networks')
+      raise ValueError(
+        f'{name} is a {type(unit).__name__}; level surgery supports plain chains of conv '
+        'and dense layers (mlp, lenet3c1l, lenet5, vgg16), not residual networks'
+      )
 
 
 def neuron_levels(model: SteppingModel) -> dict[str, np.ndarray]:
@@ -59,8 +62,13 @@ def _take_bn(bn: dict, idx: np.ndarray) -> dict:
   return {k: np.asarray(v)[idx] for k, v in bn.items()}
 
 
-def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, Sequence[int]],
-            num_levels: int | None = None, mask_rule: bool | None = None) -> tuple[SteppingModel, dict]:
+def relevel(
+  model: SteppingModel,
+  model_meta: Mapping,
+  new_levels: Mapping[str, Sequence[int]],
+  num_levels: int | None = None,
+  mask_rule: bool | None = None,
+) -> tuple[SteppingModel, dict]:
   """Rebuilds ``model`` with per-neuron levels ``new_levels[layer]`` (-1 removes a neuron).
 
   Args:
@@ -88,8 +96,13 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
       raise ValueError(f'{name}: {lvls.shape[0]} levels for {sum(unit.conn.out_sizes)} neurons')
     sizes[name], index[name] = _order(lvls, num_levels)
 
-  meta = dict(model_meta, assignment={k: list(v) for k, v in sizes.items()}, num_levels=num_levels,
-              mask_rule=mask_rule, switchable_bn=switchable_bn)
+  meta = dict(
+    model_meta,
+    assignment={k: list(v) for k, v in sizes.items()},
+    num_levels=num_levels,
+    mask_rule=mask_rule,
+    switchable_bn=switchable_bn,
+  )
   new_model = nnx.eval_shape(lambda: structure.build_from_meta(meta))
   old = nnx.to_pure_dict(nnx.state(model))
   new = nnx.to_pure_dict(nnx.state(new_model))
@@ -101,8 +114,8 @@ def relevel(model: SteppingModel, model_meta: Mapping, new_levels: Mapping[str, 
     new['units'][i]['kernel'] = kernel[..., in_idx, :][..., out_idx]
     new['units'][i]['bn'] = _relevel_bn(src['bn'], out_idx, new_model.units[i].bn, sizes[name])
     in_idx = out_idx
-  new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), in_idx, axis=-2)   # [(K,) S, C, classes]
-  if new_model.head.private:     # a feature that moved above level k leaves exit k's classifier
+  new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), in_idx, axis=-2)  # [(K,) S, C, classes]
+  if new_model.head.private:  # a feature that moved above level k leaves exit k's classifier
     new['head']['kernel'] = new['head']['kernel'] * new_model.head.exit_mask()
   new['head']['bias'] = np.asarray(old['head']['bias'])
   state = nnx.state(new_model)
@@ -116,5 +129,4 @@ def _relevel_bn(src: dict, out_idx: np.ndarray, new_bn: nnx.Module, new_sizes) -
   top = src['per_level'][max(src['per_level'])] if 'per_level' in src else src
   if not isinstance(new_bn, SwitchableBatchNorm):
     return _take_bn(top, out_idx)
-  return {'per_level': {k: _take_bn(top, out_idx[:lv.end(tuple(new_sizes), k)])
-                        for k in range(len(new_sizes))}}
+  return {'per_level': {k: _take_bn(top, out_idx[: lv.end(tuple(new_sizes), k)]) for k in range(len(new_sizes))}}

@@ -6,6 +6,7 @@ not name are split into contiguous blocks at the cumulative ``level_widths``
 (default: evenly spaced). An assigned layer's sizes also fix its channel count, so
 construction code may widen or prune a layer by assigning it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ Assignment = Mapping[str, Sequence[int]]
 @dataclasses.dataclass
 class Builder:
   """Collects units while tracking level sizes and the activation shape."""
+
   num_levels: int
   width: float
   level_widths: tuple[float, ...]
@@ -75,13 +77,15 @@ class Builder:
 
   def conv(self, name, channels, kernel, **kw) -> None:
     out = self.level_sizes(name, channels)
-    self.add(name, LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, rngs=self.rngs,
-                             **kw), out)
+    self.add(
+      name, LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, rngs=self.rngs, **kw), out
+    )
 
   def dense(self, name, channels) -> None:
     out = self.level_sizes(name, channels)
-    self.add(name, LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn,
-                              rngs=self.rngs), out)
+    self.add(
+      name, LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn, rngs=self.rngs), out
+    )
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
     return Head(self.sizes, num_classes, self.spatial, pool=pool, exit_heads=self.exit_heads, rngs=self.rngs)
@@ -130,7 +134,7 @@ def _vgg16(b: Builder, num_classes: int) -> Head:
     if c == 'M':
       continue
     pool = 2 if i + 1 < len(plan) and plan[i + 1] == 'M' else 0
-    b.conv(f'conv{sum(1 for p in plan[:i + 1] if p != "M")}', c, 3, pool=pool)
+    b.conv(f'conv{sum(1 for p in plan[: i + 1] if p != "M")}', c, 3, pool=pool)
   return b.head(num_classes)
 
 
@@ -142,25 +146,45 @@ def _resnet20(b: Builder, num_classes: int) -> Head:
   blocks; the stem writes the first stream. Block inner layers are "stageN.blockM.mid".
   """
   stream = b.level_sizes('stage1', 16)
-  b.add('stem', LevelConv(b.connectivity(stream), 3, padding='SAME', switchable_bn=b.switchable_bn,
-                          rngs=b.rngs), stream)
+  b.add(
+    'stem', LevelConv(b.connectivity(stream), 3, padding='SAME', switchable_bn=b.switchable_bn, rngs=b.rngs), stream
+  )
   for s, channels in enumerate((16, 32, 64)):
     out = b.level_sizes(f'stage{s + 1}', channels)  # stage1: the stem's stream
     for m in range(3):
       stride = 2 if s > 0 and m == 0 else 1
       mid = b.level_sizes(f'stage{s + 1}.block{m}.mid', channels)
-      unit = ResidualBlock(b.sizes, mid, out, stride=stride, triangular=b.triangular, mask_rule=b.mask_rule,
-                           switchable_bn=b.switchable_bn, rngs=b.rngs)
+      unit = ResidualBlock(
+        b.sizes,
+        mid,
+        out,
+        stride=stride,
+        triangular=b.triangular,
+        mask_rule=b.mask_rule,
+        switchable_bn=b.switchable_bn,
+        rngs=b.rngs,
+      )
       b.add(f'stage{s + 1}.block{m}', unit, out)
   return b.head(num_classes, pool='avg')
 
 
-def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_levels: int,
-                width: float = 1.0, level_widths: Sequence[float] | None = None,
-                assignment: Assignment | None = None, triangular: bool = False,
-                mask_rule: bool = True, switchable_bn: bool | None = None, exit_heads: str = 'shared',
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                seed: int = 0) -> SteppingModel:
+def build_model(
+  name: str,
+  *,
+  num_classes: int,
+  input_shape: Sequence[int],
+  num_levels: int,
+  width: float = 1.0,
+  level_widths: Sequence[float] | None = None,
+  assignment: Assignment | None = None,
+  triangular: bool = False,
+  mask_rule: bool = True,
+  switchable_bn: bool | None = None,
+  exit_heads: str = 'shared',
+  mean: Sequence[float] | None = None,
+  std: Sequence[float] | None = None,
+  seed: int = 0,
+) -> SteppingModel:
   """Builds a level-structured model with freshly initialised parameters.
 
   Args:
@@ -195,16 +219,35 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], num_
   if exit_heads == 'private' and not mask_rule:
     raise ValueError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
   switchable_bn = (not mask_rule) if switchable_bn is None else bool(switchable_bn)
-  b = Builder(num_levels, float(width), level_widths, assignment, triangular, mask_rule, switchable_bn,
-               nnx.Rngs(seed), input_shape, exit_heads)
+  b = Builder(
+    num_levels,
+    float(width),
+    level_widths,
+    assignment,
+    triangular,
+    mask_rule,
+    switchable_bn,
+    nnx.Rngs(seed),
+    input_shape,
+    exit_heads,
+  )
   head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)
   if unknown:
     raise ValueError(f'assignment names layers that {name} does not have: {sorted(unknown)}')
   channels = input_shape[-1]
-  return SteppingModel(b.units, b.names, head, input_shape=input_shape, num_levels=num_levels,
-                       mean=mean or (0.0,) * channels, std=std or (1.0,) * channels,
-                       assignment=b.resolved, mask_rule=mask_rule, switchable_bn=switchable_bn)
+  return SteppingModel(
+    b.units,
+    b.names,
+    head,
+    input_shape=input_shape,
+    num_levels=num_levels,
+    mean=mean or (0.0,) * channels,
+    std=std or (1.0,) * channels,
+    assignment=b.resolved,
+    mask_rule=mask_rule,
+    switchable_bn=switchable_bn,
+  )
 
 
 def assignment_of(model: SteppingModel) -> dict[str, list[int]]:

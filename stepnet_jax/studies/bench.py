@@ -15,6 +15,7 @@ Measured side by side, in one run, on the machine at hand:
      the whole layer, as the library convolution and as the tap product ``layers.conv_by_taps``
      (which ``layers.TAPS_MAX_CHANNELS`` picks per backend for narrow blocks).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from stepnet_jax import cli
 from stepnet_jax import config as config_lib
 from stepnet_jax.core import layers, stepping
 from stepnet_jax.data import feed
@@ -58,9 +60,11 @@ def valid_tap_macs(model) -> np.ndarray:
   for row, unit in enumerate(model.units):
     if isinstance(unit, layers.LevelConv) and unit.padding == 'SAME':
       k, s = unit.kernel_size, unit.stride
-      lo = (k - 1) // 2   # XLA's SAME: the extra padding goes after
-      per_axis = [sum(min(o * s - lo + k, n) - max(o * s - lo, 0) for o in range(-(-n // s))) / (k * -(-n // s))
-                  for n in shape[:2]]
+      lo = (k - 1) // 2  # XLA's SAME: the extra padding goes after
+      per_axis = [
+        sum(min(o * s - lo + k, n) - max(o * s - lo, 0) for o in range(-(-n // s))) / (k * -(-n // s))
+        for n in shape[:2]
+      ]
       delta[row] *= per_axis[0] * per_axis[1]
     _, shape = unit.delta_macs(shape)
   return delta.sum(axis=0)
@@ -80,8 +84,9 @@ def conv_block_costs(model, x, top: int, repeats: int) -> dict:
   features = model.normalize(x)
   for u in model.units[:i]:
     features = u(features, top)
-  blocks = [median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features, repeats=repeats)
-            for k in range(top + 1)]
+  blocks = [
+    median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features, repeats=repeats) for k in range(top + 1)
+  ]
   whole = median_seconds(jax.jit(lambda f: unit(f, top).sum()), features, repeats=repeats)
   return {'layer': model.unit_names[i], 'block_ms': [1e3 * t for t in blocks], 'whole_layer_ms': 1e3 * whole}
 
@@ -96,8 +101,10 @@ def first_conv_costs(model, x, top: int, repeats: int) -> dict:
   out = {'layer': model.unit_names[0], 'in_channels': int(features.shape[-1])}
   for name, limit in (('library', (0, 0)), ('taps', (features.shape[-1], unit.kernel.shape[-1]))):
     with layers.conv_rule({jax.default_backend(): limit}):
-      out[f'{name}_block_ms'] = [1e3 * median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features,
-                                                      repeats=repeats) for k in range(top + 1)]
+      out[f'{name}_block_ms'] = [
+        1e3 * median_seconds(jax.jit(lambda f, k=k: unit.block(f, k).sum()), features, repeats=repeats)
+        for k in range(top + 1)
+      ]
       out[f'{name}_whole_ms'] = 1e3 * median_seconds(jax.jit(lambda f: unit(f, top).sum()), features, repeats=repeats)
   return out
 
@@ -124,38 +131,57 @@ def train_step_costs(model, train_batch: int, input_shape, repeats: int, rng: np
   out = {}
   for name, objective in (('joint', losses.objective_for(cfg)), ('single_exit', losses.single_exit())):
     step = step_lib.make_train_step(graphdef, tx, objective)
-    fresh = lambda: jax.tree.map(jnp.copy, step_lib.init_state(model, tx)[1])   # the step donates it
+    fresh = lambda: jax.tree.map(jnp.copy, step_lib.init_state(model, tx)[1])  # the step donates it
     out[f'{name}_flops'] = compiled_flops(step, fresh(), batch)
     out[f'{name}_step_ms'] = 1e3 * _time_train_step(step, fresh(), batch, repeats)
   return out
 
 
-def data_parallel_costs(model_name: str, num_levels: int, width: float, train_batch: int, input_shape,
-                        repeats: int, device_counts) -> list[dict]:
+def data_parallel_costs(
+  model_name: str, num_levels: int, width: float, train_batch: int, input_shape, repeats: int, device_counts
+) -> list[dict]:
   """(f): the joint train step data parallel over 1, 2, 4, ... simulated CPU devices, each
   count in a fresh process (``--xla_force_host_platform_device_count``). The simulated
   devices share this machine's cores: this measures the overhead of sharding, not a speedup."""
   import subprocess
   import sys
+
   out = []
   for d in device_counts:
     # Appended, so flags the caller set (e.g. the test suite's optimisation level) still apply.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={int(d)}".strip()
+    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={int(d)}'.strip()
     env = {**os.environ, 'XLA_FLAGS': flags}
-    cmd = [sys.executable, '-m', 'stepnet_jax.studies.bench', '--train_only', f'--model={model_name}', f'--levels={num_levels}',
-           f'--width={width}', f'--train_batch={train_batch}', f'--repeats={repeats}',
-           '--input_shape=' + ','.join(map(str, input_shape))]
+    cmd = [
+      sys.executable,
+      '-m',
+      'stepnet_jax.studies.bench',
+      '--train_only',
+      f'--model={model_name}',
+      f'--levels={num_levels}',
+      f'--width={width}',
+      f'--train_batch={train_batch}',
+      f'--repeats={repeats}',
+      '--input_shape=' + ','.join(map(str, input_shape)),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    out.append({'devices': int(d), 'step_ms': r['joint_step_ms'], 'images_per_sec': 1e3 * train_batch / r['joint_step_ms']})
+    out.append(
+      {'devices': int(d), 'step_ms': r['joint_step_ms'], 'images_per_sec': 1e3 * train_batch / r['joint_step_ms']}
+    )
   return out
 
 
-def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, train_batch: int = 128,
-        width: float = 1.0, input_shape=(28, 28, 1), repeats: int = 10) -> dict:
+def run(
+  model_name: str = 'lenet3c1l',
+  num_levels: int = 4,
+  batch: int = 256,
+  train_batch: int = 128,
+  width: float = 1.0,
+  input_shape=(28, 28, 1),
+  repeats: int = 10,
+) -> dict:
   rng = np.random.RandomState(0)
-  model = zoo.build_model(model_name, num_classes=10, input_shape=input_shape, num_levels=num_levels,
-                             width=width)
+  model = zoo.build_model(model_name, num_classes=10, input_shape=input_shape, num_levels=num_levels, width=width)
   delta = model.delta_macs().sum(axis=0)
 
   # (a) training cost.
@@ -175,8 +201,10 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
   for k in range(1, top):
     caches.append(stepping.step(graphdef, variables, caches[-1], k))
   flops = [compiled_flops(functools.partial(stepping.start, graphdef), variables, x)]
-  flops += [compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k - 1])
-            for k in range(1, num_levels)]
+  flops += [
+    compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k - 1])
+    for k in range(1, num_levels)
+  ]
   flops_masked_top = compiled_flops(functools.partial(stepping.forward, graphdef, level=top), variables, x)
   valid = valid_tap_macs(model)
 
@@ -187,56 +215,86 @@ def run(model_name: str = 'lenet3c1l', num_levels: int = 4, batch: int = 256, tr
 
   fastest = min(t_masked, t_blocked)
   return {
-      'machine': {'backend': jax.default_backend(), 'devices': str(jax.devices()),
-                  'processor': platform.processor() or platform.machine(), 'jax': jax.__version__},
-      'model': model_name, 'width': width, 'num_levels': num_levels, 'input_shape': list(input_shape),
-      'train': {'batch': train_batch, **train, 'ratio': train['joint_step_ms'] / train['single_exit_step_ms'],
-                'flops_ratio': train['joint_flops'] / train['single_exit_flops'],
-                'images_per_sec': 1e3 * train_batch / train['joint_step_ms'], 'target': '<= 1.15'},
-      'stepping': {'batch': batch, 'step_ms': [1e3 * s for s in step_s], 'sum_steps_ms': 1e3 * sum(step_s),
-                   'masked_forward_ms': 1e3 * t_masked, 'blocked_forward_ms': 1e3 * t_blocked,
-                   'fastest_forward': 'masked' if t_masked <= t_blocked else 'blocked',
-                   'ratio': sum(step_s) / fastest, 'target': '<= 1.15'},
-      'flops': {'delta_macs': [int(d) for d in delta], 'step_flops': flops,
-                'ratio': [f / (2.0 * d * batch) for f, d in zip(flops, delta)],
-                'ratio_to_valid_taps': [f / (2.0 * v * batch) for f, v in zip(flops, valid)],
-                'masked_top_forward_ratio_to_kept': flops_masked_top / (2.0 * delta.sum() * batch),
-                'target': '0.9 .. 1.2'},
-      'conv_layer': conv_layer,
-      'first_conv': first_conv,
+    'machine': {
+      'backend': jax.default_backend(),
+      'devices': str(jax.devices()),
+      'processor': platform.processor() or platform.machine(),
+      'jax': jax.__version__,
+    },
+    'model': model_name,
+    'width': width,
+    'num_levels': num_levels,
+    'input_shape': list(input_shape),
+    'train': {
+      'batch': train_batch,
+      **train,
+      'ratio': train['joint_step_ms'] / train['single_exit_step_ms'],
+      'flops_ratio': train['joint_flops'] / train['single_exit_flops'],
+      'images_per_sec': 1e3 * train_batch / train['joint_step_ms'],
+      'target': '<= 1.15',
+    },
+    'stepping': {
+      'batch': batch,
+      'step_ms': [1e3 * s for s in step_s],
+      'sum_steps_ms': 1e3 * sum(step_s),
+      'masked_forward_ms': 1e3 * t_masked,
+      'blocked_forward_ms': 1e3 * t_blocked,
+      'fastest_forward': 'masked' if t_masked <= t_blocked else 'blocked',
+      'ratio': sum(step_s) / fastest,
+      'target': '<= 1.15',
+    },
+    'flops': {
+      'delta_macs': [int(d) for d in delta],
+      'step_flops': flops,
+      'ratio': [f / (2.0 * d * batch) for f, d in zip(flops, delta)],
+      'ratio_to_valid_taps': [f / (2.0 * v * batch) for f, v in zip(flops, valid)],
+      'masked_top_forward_ratio_to_kept': flops_masked_top / (2.0 * delta.sum() * batch),
+      'target': '0.9 .. 1.2',
+    },
+    'conv_layer': conv_layer,
+    'first_conv': first_conv,
   }
 
 
 def format_report(r: dict) -> str:
   t, s, f = r['train'], r['stepping'], r['flops']
   lines = [
-      f'{r["model"]} width {r["width"]}, {r["num_levels"]} levels, input {r["input_shape"]}, '
-      f'{r["machine"]["backend"]} ({r["machine"]["processor"]}), jax {r["machine"]["jax"]}',
-      f'(a) train step, batch {t["batch"]}: joint {t["joint_step_ms"]:.1f} ms ({t["images_per_sec"]:.0f} img/s), '
-      f'single exit {t["single_exit_step_ms"]:.1f} ms, ratio {t["ratio"]:.3f} (target {t["target"]}); '
-      f'compiled FLOPs ratio {t["flops_ratio"]:.3f}',
-      f'(b) batch {s["batch"]}: steps ' + ' + '.join(f'{m:.2f}' for m in s['step_ms']) +
-      f' = {s["sum_steps_ms"]:.2f} ms; direct top forward masked {s["masked_forward_ms"]:.2f} ms, '
-      f'level-block {s["blocked_forward_ms"]:.2f} ms; ratio to fastest ({s["fastest_forward"]}) '
-      f'{s["ratio"]:.3f} (target {s["target"]})',
-      '(c) compiled step FLOPs / (2 x delta MACs x batch): ' + ', '.join(f'L{k} {x:.3f}' for k, x in enumerate(f['ratio']))
-      + f' (target {f["target"]}); without the taps on SAME padding: '
-      + ', '.join(f'{x:.3f}' for x in f['ratio_to_valid_taps'])
-      + f'; masked top forward does {f["masked_top_forward_ratio_to_kept"]:.2f}x the kept work',
+    f'{r["model"]} width {r["width"]}, {r["num_levels"]} levels, input {r["input_shape"]}, '
+    f'{r["machine"]["backend"]} ({r["machine"]["processor"]}), jax {r["machine"]["jax"]}',
+    f'(a) train step, batch {t["batch"]}: joint {t["joint_step_ms"]:.1f} ms ({t["images_per_sec"]:.0f} img/s), '
+    f'single exit {t["single_exit_step_ms"]:.1f} ms, ratio {t["ratio"]:.3f} (target {t["target"]}); '
+    f'compiled FLOPs ratio {t["flops_ratio"]:.3f}',
+    f'(b) batch {s["batch"]}: steps '
+    + ' + '.join(f'{m:.2f}' for m in s['step_ms'])
+    + f' = {s["sum_steps_ms"]:.2f} ms; direct top forward masked {s["masked_forward_ms"]:.2f} ms, '
+    f'level-block {s["blocked_forward_ms"]:.2f} ms; ratio to fastest ({s["fastest_forward"]}) '
+    f'{s["ratio"]:.3f} (target {s["target"]})',
+    '(c) compiled step FLOPs / (2 x delta MACs x batch): '
+    + ', '.join(f'L{k} {x:.3f}' for k, x in enumerate(f['ratio']))
+    + f' (target {f["target"]}); without the taps on SAME padding: '
+    + ', '.join(f'{x:.3f}' for x in f['ratio_to_valid_taps'])
+    + f'; masked top forward does {f["masked_top_forward_ratio_to_kept"]:.2f}x the kept work',
   ]
   c = r.get('conv_layer')
   if c:
-    lines.append(f'(d) {c["layer"]}: level blocks ' + ', '.join(f'{m:.1f}' for m in c['block_ms'])
-                 + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})')
+    lines.append(
+      f'(d) {c["layer"]}: level blocks '
+      + ', '.join(f'{m:.1f}' for m in c['block_ms'])
+      + f' ms vs the whole layer {c["whole_layer_ms"]:.1f} ms (batch {s["batch"]})'
+    )
   e = r.get('first_conv')
   if e:
-    lines.append(f'(e) {e["layer"]} ({e["in_channels"]} input channels), library convolution / tap product: level blocks '
-                 + ', '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(e['library_block_ms'], e['taps_block_ms']))
-                 + f' ms; whole layer {e["library_whole_ms"]:.2f} / {e["taps_whole_ms"]:.2f} ms')
+    lines.append(
+      f'(e) {e["layer"]} ({e["in_channels"]} input channels), library convolution / tap product: level blocks '
+      + ', '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(e['library_block_ms'], e['taps_block_ms']))
+      + f' ms; whole layer {e["library_whole_ms"]:.2f} / {e["taps_whole_ms"]:.2f} ms'
+    )
   dp = r.get('data_parallel')
   if dp:
-    lines.append(f'(f) data-parallel train step, batch {t["batch"]}, simulated CPU devices sharing the same cores: '
-                 + ', '.join(f'{p["devices"]} device(s) {p["images_per_sec"]:.0f} img/s' for p in dp))
+    lines.append(
+      f'(f) data-parallel train step, batch {t["batch"]}, simulated CPU devices sharing the same cores: '
+      + ', '.join(f'{p["devices"]} device(s) {p["images_per_sec"]:.0f} img/s' for p in dp)
+    )
   return '\n'.join(lines)
 
 
@@ -250,8 +308,12 @@ def _define_flags() -> None:
   flags.DEFINE_list('input_shape', ['28', '28', '1'], 'H,W,C of the (random) images.')
   flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
   flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
-  flags.DEFINE_list('devices', [], '(f): also time the data-parallel train step on these numbers of simulated '
-                    'CPU devices (e.g. 1,2,4), each in its own process.')
+  flags.DEFINE_list(
+    'devices',
+    [],
+    '(f): also time the data-parallel train step on these numbers of simulated '
+    'CPU devices (e.g. 1,2,4), each in its own process.',
+  )
   flags.DEFINE_bool('train_only', False, 'Only (a), printed as JSON (what (f) runs per device count).')
 
 
@@ -276,6 +338,7 @@ def main(argv) -> None:
 def command() -> None:
   """``python -m stepnet_jax.bench [--model ... --json FILE]``."""
   _define_flags()
+  cli.show_in_help(__name__)
   app.run(main)
 
 

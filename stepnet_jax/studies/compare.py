@@ -23,6 +23,7 @@ Budgets: the AWN points (as fractions of the dense base network at ``common.mode
 plus ``extra_budgets``. ``--config.seeds=0,1,2`` repeats everything per seed and reports
 mean and standard deviation per level.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,13 +67,26 @@ def _config(common: dict, section: ml_collections.ConfigDict | None, fixed: dict
 
 def awn_config(cc: ml_collections.ConfigDict) -> Config:
   """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``)."""
-  fixed = {'method': 'joint', 'model.triangular': True, 'model.width': cc.common.model.width * cc.awn.widen,
-           'model.num_levels': len(cc.awn.widths), 'model.level_widths': tuple(cc.awn.widths),
-           'loss.exit_weights': ()}
+  fixed = {
+    'method': 'joint',
+    'model.triangular': True,
+    'model.width': cc.common.model.width * cc.awn.widen,
+    'model.num_levels': len(cc.awn.widths),
+    'model.level_widths': tuple(cc.awn.widths),
+    'loss.exit_weights': (),
+  }
   if cc.awn.recipe == 'published':
-    fixed.update({'optim.name': 'sgd', 'optim.learning_rate': 0.01, 'optim.momentum': 0.9,
-                  'optim.weight_decay': 5e-4, 'optim.schedule': 'step', 'optim.step_decay_at': (0.5, 0.75),
-                  'optim.warmup_epochs': 0.0})
+    fixed.update(
+      {
+        'optim.name': 'sgd',
+        'optim.learning_rate': 0.01,
+        'optim.momentum': 0.9,
+        'optim.weight_decay': 5e-4,
+        'optim.schedule': 'step',
+        'optim.step_decay_at': (0.5, 0.75),
+        'optim.warmup_epochs': 0.0,
+      }
+    )
   elif cc.awn.recipe != 'common':
     raise ValueError(f'awn.recipe must be common or published, got {cc.awn.recipe!r}')
   return _config(cc.common.to_dict(), None, fixed)
@@ -81,10 +95,11 @@ def awn_config(cc: ml_collections.ConfigDict) -> Config:
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What every method's configs are built from: the comparison config and the budgets."""
+
   cc: ml_collections.ConfigDict
-  budgets: tuple[float, ...]                  # sorted fractions of ``base``
-  base: int                                   # dense base network's MACs
-  plans: tuple[tuple[float, dict], ...]       # per budget: widest uniform width that fits, its channels
+  budgets: tuple[float, ...]  # sorted fractions of ``base``
+  base: int  # dense base network's MACs
+  plans: tuple[tuple[float, dict], ...]  # per budget: widest uniform width that fits, its channels
 
   @classmethod
   def of(cls, cc: ml_collections.ConfigDict, dataset: datasets.Dataset) -> Setup:
@@ -101,22 +116,32 @@ def budget_points(cc: ml_collections.ConfigDict, dataset: datasets.Dataset) -> t
   shape, classes, name = dataset.input_shape, dataset.num_classes, cc.common.model.name
   base = budgets_lib.dense_macs(name, input_shape=shape, num_classes=classes, width=cc.common.model.width)
   awn = awn_config(cc).model
-  model = zoo.build_model(awn.name, num_classes=classes, input_shape=shape, num_levels=awn.num_levels,
-                             width=awn.width, level_widths=awn.level_widths, triangular=True)
+  model = zoo.build_model(
+    awn.name,
+    num_classes=classes,
+    input_shape=shape,
+    num_levels=awn.num_levels,
+    width=awn.width,
+    level_widths=awn.level_widths,
+    triangular=True,
+  )
   awn_macs = np.cumsum(model.delta_macs().sum(0))
   points = sorted({round(float(m) / base, 6) for m in awn_macs} | {float(b) for b in cc.extra_budgets})
   return points, base
 
 
-def uniform_plans(cc: ml_collections.ConfigDict, dataset: datasets.Dataset, budgets: list[float],
-                  base: int) -> list[tuple[float, dict]]:
+def uniform_plans(
+  cc: ml_collections.ConfigDict, dataset: datasets.Dataset, budgets: list[float], base: int
+) -> list[tuple[float, dict]]:
   """Per budget: the widest uniform width whose dense network fits, and its channels."""
   plans, name = [], cc.common.model.name
   for b in budgets:
-    w, _ = budgets_lib.width_for_budget(name, b * base, input_shape=dataset.input_shape,
-                                        num_classes=dataset.num_classes)
-    plans.append((w, budgets_lib.layer_channels(name, input_shape=dataset.input_shape,
-                                                num_classes=dataset.num_classes, width=w)))
+    w, _ = budgets_lib.width_for_budget(
+      name, b * base, input_shape=dataset.input_shape, num_classes=dataset.num_classes
+    )
+    plans.append(
+      (w, budgets_lib.layer_channels(name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=w))
+    )
   return plans
 
 
@@ -130,9 +155,18 @@ def _steppingnet(s: Setup) -> list[Config]:
   # ones are for another level count, so without the section's every exit weighs 1.
   section = s.cc.steppingnet.to_dict()
   weights = tuple(section.get('loss', {}).pop('exit_weights', ()))
-  return [_config(s.common, ml_collections.ConfigDict(section),
-                  {'method': 'steppingnet', 'model.num_levels': len(s.budgets), 'construction.budgets': s.budgets,
-                   'loss.exit_weights': weights})]
+  return [
+    _config(
+      s.common,
+      ml_collections.ConfigDict(section),
+      {
+        'method': 'steppingnet',
+        'model.num_levels': len(s.budgets),
+        'construction.budgets': s.budgets,
+        'loss.exit_weights': weights,
+      },
+    )
+  ]
 
 
 @ENTRIES.register('steppingnet_tri')
@@ -153,34 +187,65 @@ def _awn_sandwich(s: Setup) -> list[Config]:
 @ENTRIES.register('slimmable')
 def _slimmable(s: Setup) -> list[Config]:
   channels = [c for _, c in s.plans]
-  sizes = {name: [channels[0][name]] + [channels[j][name] - channels[j - 1][name] for j in range(1, len(channels))]
-           for name in channels[0]}
-  return [_config(s.common, None, {'method': 'joint', 'model.mask_rule': False, 'model.num_levels': len(s.budgets),
-                                   'loss.exit_weights': (), 'model.assignment': json.dumps(sizes)})]
+  sizes = {
+    name: [channels[0][name]] + [channels[j][name] - channels[j - 1][name] for j in range(1, len(channels))]
+    for name in channels[0]
+  }
+  return [
+    _config(
+      s.common,
+      None,
+      {
+        'method': 'joint',
+        'model.mask_rule': False,
+        'model.num_levels': len(s.budgets),
+        'loss.exit_weights': (),
+        'model.assignment': json.dumps(sizes),
+      },
+    )
+  ]
 
 
 @ENTRIES.register('nonuniform')
 def _nonuniform(s: Setup) -> list[Config]:
   widen = s.plans[-1][0] / s.cc.common.model.width
-  return [_config(s.common, s.cc.nonuniform, {'method': 'nonuniform', 'model.num_levels': len(s.budgets),
-                                              'construction.budgets': s.budgets, 'loss.exit_weights': (),
-                                              'construction.widen': widen})]
+  return [
+    _config(
+      s.common,
+      s.cc.nonuniform,
+      {
+        'method': 'nonuniform',
+        'model.num_levels': len(s.budgets),
+        'construction.budgets': s.budgets,
+        'loss.exit_weights': (),
+        'construction.widen': widen,
+      },
+    )
+  ]
 
 
 @ENTRIES.register('independent')
 def _independent(s: Setup) -> list[Config]:
-  return [_config(s.common, None, {'method': 'joint', 'model.num_levels': 1, 'model.width': w,
-                                   'loss.exit_weights': (), 'model.level_widths': ()}) for w, _ in s.plans]
+  return [
+    _config(
+      s.common,
+      None,
+      {'method': 'joint', 'model.num_levels': 1, 'model.width': w, 'loss.exit_weights': (), 'model.level_widths': ()},
+    )
+    for w, _ in s.plans
+  ]
 
 
-def _evaluate(workdir: str, dataset: datasets.Dataset, latency_repeats: int,
-              validation: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[dict], bool]:
+def _evaluate(
+  workdir: str, dataset: datasets.Dataset, latency_repeats: int, validation: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[list[dict], bool]:
   """(evaluate.py's rows of the run in ``workdir``, whether it steps by reuse); with
   ``validation`` (images, labels held out of training) each row also has its
   ``validation_accuracy``, the number settings are chosen on."""
   net = stepnet_jax.load(workdir)
-  rows = evaluation.evaluate_levels(net, dataset.test_images, dataset.test_labels, batch_size=1000,
-                                    latency_batch=1, latency_repeats=latency_repeats)
+  rows = evaluation.evaluate_levels(
+    net, dataset.test_images, dataset.test_labels, batch_size=1000, latency_batch=1, latency_repeats=latency_repeats
+  )
   if validation is not None:
     acc = evaluation.exit_accuracy(net.functions.exits, net.variables, *validation, 1000)
     for row, a in zip(rows, acc):
@@ -201,9 +266,15 @@ def _as_levels(rows: list[list[dict]]) -> list[dict]:
   return levels
 
 
-def run_method(name: str, cfgs: list[Config], workdir: str, full: datasets.Dataset,
-               dataset: datasets.Dataset, latency_repeats: int,
-               validation: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def run_method(
+  name: str,
+  cfgs: list[Config],
+  workdir: str,
+  full: datasets.Dataset,
+  dataset: datasets.Dataset,
+  latency_repeats: int,
+  validation: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
 
   A result (``workdir/result.json``) is reused when it comes from as many runs as these
@@ -217,13 +288,15 @@ def run_method(name: str, cfgs: list[Config], workdir: str, full: datasets.Datas
   """
   result_path = os.path.join(workdir, 'result.json')
   subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
-  left = [run.check_workdir(sub, cfg) for sub, cfg in zip(subs, cfgs)]   # exactly these settings, or nothing
+  left = [run.check_workdir(sub, cfg) for sub, cfg in zip(subs, cfgs)]  # exactly these settings, or nothing
   if os.path.exists(result_path):
     with open(result_path) as f:
       saved = json.load(f)
     if len(saved.get('configs', [])) != len(cfgs) or any(meta is None for meta in left):
-      raise ValueError(f'{result_path} is the result of {len(saved.get("configs", []))} runs, these settings make '
-                       f'{len(cfgs)}; delete {workdir} to run {name} again')
+      raise ValueError(
+        f'{result_path} is the result of {len(saved.get("configs", []))} runs, these settings make '
+        f'{len(cfgs)}; delete {workdir} to run {name} again'
+      )
     print(f'{name}: reusing {result_path}', flush=True)
     return saved
   print(f'=== {name} ===', flush=True)
@@ -269,10 +342,17 @@ def leads(results: dict[str, dict]) -> list[dict]:
       out.append({'awn_level': point['level'], 'awn_macs': point['macs'], 'lead': None})
       continue
     best = max(peers, key=lambda name: peers[name]['accuracy'])
-    row = {'awn_level': point['level'], 'awn_macs': point['macs'], 'steppingnet_level': s['level'],
-           'steppingnet_macs': s['macs'], 'steppingnet_accuracy': s['accuracy'], 'best_peer': best,
-           'best_peer_macs': peers[best]['macs'], 'best_peer_accuracy': peers[best]['accuracy'],
-           'lead': 100 * (s['accuracy'] - peers[best]['accuracy'])}
+    row = {
+      'awn_level': point['level'],
+      'awn_macs': point['macs'],
+      'steppingnet_level': s['level'],
+      'steppingnet_macs': s['macs'],
+      'steppingnet_accuracy': s['accuracy'],
+      'best_peer': best,
+      'best_peer_macs': peers[best]['macs'],
+      'best_peer_accuracy': peers[best]['accuracy'],
+      'lead': 100 * (s['accuracy'] - peers[best]['accuracy']),
+    }
     if 'accuracies' in s and 'accuracies' in peers[best]:
       paired = 100 * (np.asarray(s['accuracies']) - np.asarray(peers[best]['accuracies']))
       row['seed_leads'] = paired.tolist()
@@ -286,16 +366,23 @@ def lead_lines(rows: list[dict]) -> list[str]:
   lines = []
   for r in rows:
     if r['lead'] is None:
-      lines.append(f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): no SteppingNet level or peer '
-                   'at or below it: NOT met')
+      lines.append(
+        f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): no SteppingNet level or peer '
+        'at or below it: NOT met'
+      )
       continue
-    spread = (f' (per seed {", ".join(f"{x:+.2f}" for x in r["seed_leads"])}; std {r["lead_std"]:.2f})'
-              if 'seed_leads' in r else '')
+    spread = (
+      f' (per seed {", ".join(f"{x:+.2f}" for x in r["seed_leads"])}; std {r["lead_std"]:.2f})'
+      if 'seed_leads' in r
+      else ''
+    )
     ok = r['lead'] >= LEAD_TARGET - 1e-9
-    lines.append(f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): SteppingNet '
-                 f'{100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
-                 f'{r["best_peer"]} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
-                 f'{r["lead"]:+.2f} pt{spread}: {"met" if ok else "NOT met"} (target: >= {LEAD_TARGET} pt)')
+    lines.append(
+      f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): SteppingNet '
+      f'{100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
+      f'{r["best_peer"]} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
+      f'{r["lead"]:+.2f} pt{spread}: {"met" if ok else "NOT met"} (target: >= {LEAD_TARGET} pt)'
+    )
   return lines
 
 
@@ -308,8 +395,9 @@ def targets(results: dict[str, dict]) -> list[str]:
   s_levels = st['levels']
   acc = [r['accuracy'] for r in s_levels]
   inc = all(b > a for a, b in zip(acc, acc[1:]))
-  lines.append(f'- SteppingNet exits strictly increasing: {"yes" if inc else "NO"} '
-               f'({" < ".join(f"{100 * a:.2f}" for a in acc)})')
+  lines.append(
+    f'- SteppingNet exits strictly increasing: {"yes" if inc else "NO"} ({" < ".join(f"{100 * a:.2f}" for a in acc)})'
+  )
   for peer, label in (('awn', 'AWN'), ('awn_sandwich', 'AWN sandwich')):
     for a in results.get(peer, {}).get('levels', []):
       cands = [r for r in s_levels if r['macs'] <= a['macs']]
@@ -318,23 +406,30 @@ def targets(results: dict[str, dict]) -> list[str]:
         continue
       s = max(cands, key=lambda r: r['macs'])
       ok = s['accuracy'] >= a['accuracy']
-      lines.append(f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
-                   f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}')
+      lines.append(
+        f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
+        f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}'
+      )
   lines += lead_lines(leads(results))
   if 'independent' in results:
     for s, i in zip(s_levels, results['independent']['levels']):
       gap = 100 * (i['accuracy'] - s['accuracy'])
-      lines.append(f'- level {s["level"]} vs independent net: SteppingNet {100 * s["accuracy"]:.2f}% '
-                   f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.2f} pt: '
-                   f'{"met" if gap <= 1.0 else "NOT met"} (target: gap <= 1.0)')
-    lines.append(f'- training time: SteppingNet (construction included) {st["train_seconds"]:.0f} s vs '
-                 f'{len(results["independent"]["levels"])} independent networks '
-                 f'{results["independent"]["train_seconds"]:.0f} s')
+      lines.append(
+        f'- level {s["level"]} vs independent net: SteppingNet {100 * s["accuracy"]:.2f}% '
+        f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.2f} pt: '
+        f'{"met" if gap <= 1.0 else "NOT met"} (target: gap <= 1.0)'
+      )
+    lines.append(
+      f'- training time: SteppingNet (construction included) {st["train_seconds"]:.0f} s vs '
+      f'{len(results["independent"]["levels"])} independent networks '
+      f'{results["independent"]["train_seconds"]:.0f} s'
+    )
   return lines
 
 
-def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int,
-             seeds: tuple[int, ...] = ()) -> str:
+def markdown(
+  results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int, seeds: tuple[int, ...] = ()
+) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
   (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
   runs held images out of training, their validation accuracy (the number to choose
@@ -342,17 +437,21 @@ def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset:
   over = f', mean ± std over seeds {", ".join(map(str, seeds))}' if seeds else ''
   held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
   val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
-  lines = [f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method{over})', '',
-           f'Budgets (fractions of the dense base network, {base:,} MACs): '
-           + ', '.join(f'{b:.4f}' for b in budgets), '',
-           f'| method | level | MACs | MACs to reach | {val_head}test accuracy (%) | step latency (ms, B=1) |',
-           f'|---|---:|---:|---:|{val_rule}---:|---:|']
+  lines = [
+    f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method{over})',
+    '',
+    f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
+    '',
+    f'| method | level | MACs | MACs to reach | {val_head}test accuracy (%) | step latency (ms, B=1) |',
+    f'|---|---:|---:|---:|{val_rule}---:|---:|',
+  ]
   for name, res in results.items():
     for r in res['levels']:
       acc = f'{100 * r["accuracy"]:.2f}' + (f' ± {100 * r["accuracy_std"]:.2f}' if 'accuracy_std' in r else '')
       val = (f'{100 * r["validation_accuracy"]:.2f} | ' if 'validation_accuracy' in r else '- | ') if held_out else ''
-      lines.append(f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | '
-                   f'{val}{acc} | {r["latency_ms"]:.3f} |')
+      lines.append(
+        f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | {val}{acc} | {r["latency_ms"]:.3f} |'
+      )
   lines += ['', f'| method | reusable | train seconds{" per seed" if seeds else ""} |', '|---|---|---:|']
   for name, res in results.items():
     lines.append(f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} |')
@@ -363,15 +462,18 @@ def markdown(results: dict[str, dict], budgets: list[float], base: int, dataset:
 def plot(path: str, results: dict[str, dict], title: str) -> None:
   """compare.png: accuracy against subnet MACs, and against the MACs spent stepping there."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for name, res in results.items():
     acc = [100 * r['accuracy'] for r in res['levels']]
-    err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]     # seeds' standard deviation, if any
+    err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]  # seeds' standard deviation, if any
     axes[0].errorbar([r['macs'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name)
-    axes[1].errorbar([r['macs_to_reach'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3,
-                     label=name)
+    axes[1].errorbar(
+      [r['macs_to_reach'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name
+    )
   axes[0].set_xlabel('MACs of the subnet (millions per image)')
   axes[1].set_xlabel('MACs spent stepping from level 0 to this level (millions)')
   for ax in axes:
@@ -428,18 +530,28 @@ def compare_seeds(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: 
         results.setdefault(name, []).append(json.load(f))
   first = per_seed[cc.seeds[0]]
   merged = {name: aggregate_seeds(runs) for name, runs in results.items()}
-  out = {**{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')}, 'seeds': list(cc.seeds),
-         'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r}
-                                       for r in res['levels']],
-                            'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
-                     for name, res in merged.items()},
-         'leads': leads(merged)}
+  out = {
+    **{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')},
+    'seeds': list(cc.seeds),
+    'methods': {
+      name: {
+        'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r} for r in res['levels']],
+        'train_seconds': res['train_seconds'],
+        'reusable': res['reusable'],
+      }
+      for name, res in merged.items()
+    },
+    'leads': leads(merged),
+  }
   os.makedirs(workdir, exist_ok=True)
   title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
-  reports.write_study(workdir, 'compare', out,
-                         markdown(merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'],
-                                  seeds=cc.seeds),
-                         lambda path: plot(path, merged, title))
+  reports.write_study(
+    workdir,
+    'compare',
+    out,
+    markdown(merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'], seeds=cc.seeds),
+    lambda path: plot(path, merged, title),
+  )
   return out
 
 
@@ -451,43 +563,69 @@ def aggregate_seeds(runs: list[dict]) -> dict:
   levels = []
   for rows in zip(*[r['levels'] for r in runs]):
     acc = np.array([r['accuracy'] for r in rows])
-    levels.append({'level': rows[0]['level'], 'macs': max(r['macs'] for r in rows),
-                   'macs_to_reach': max(r['macs_to_reach'] for r in rows),
-                   'accuracy': float(acc.mean()), 'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                   'accuracies': [float(a) for a in acc],
-                   'latency_ms': float(np.mean([r['latency_ms'] for r in rows]))})
+    levels.append(
+      {
+        'level': rows[0]['level'],
+        'macs': max(r['macs'] for r in rows),
+        'macs_to_reach': max(r['macs_to_reach'] for r in rows),
+        'accuracy': float(acc.mean()),
+        'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        'accuracies': [float(a) for a in acc],
+        'latency_ms': float(np.mean([r['latency_ms'] for r in rows])),
+      }
+    )
     if all('validation_accuracy' in r for r in rows):
       levels[-1]['validation_accuracy'] = float(np.mean([r['validation_accuracy'] for r in rows]))
   if len({len(r['levels']) for r in runs}) != 1:
     raise ValueError('the seeds of one method have different level counts')
-  return {'levels': levels, 'train_seconds': float(np.mean([r['train_seconds'] for r in runs])),
-          'reusable': all(r['reusable'] for r in runs)}
+  return {
+    'levels': levels,
+    'train_seconds': float(np.mean([r['train_seconds'] for r in runs])),
+    'reusable': all(r['reusable'] for r in runs),
+  }
 
 
 def _compare_one(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: int) -> dict:
   """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
   common = config_lib.from_dict(cc.common)
   full = datasets.load_dataset(common.data.name, common.data.data_dir or None)
-  dataset = datasets.subset(full, common.data.train_subset, common.data.test_subset, common.seed)  # what every method sees
+  dataset = datasets.subset(
+    full, common.data.train_subset, common.data.test_subset, common.seed
+  )  # what every method sees
   setup = Setup.of(cc, dataset)
   cfgs = {name: ENTRIES.get(name)(setup) for name in cc.methods}
-  for c in cfgs.values():              # every config and budget checked before any training
+  for c in cfgs.values():  # every config and budget checked before any training
     for cfg in c:
       trainers.check(cfg, dataset)
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
-  validation = run.prepare_splits(common, full)[1]     # the images every method held out, if any
-  results = {name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation)
-             for name, c in cfgs.items()}
-  out = {'dataset': dataset.name, 'epochs': common.train.num_epochs, 'base_macs': setup.base,
-         'budgets': list(setup.budgets),
-         'methods': {name: {'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
-                            'train_seconds': res['train_seconds'], 'reusable': res['reusable']}
-                     for name, res in results.items()},
-         'leads': leads(results)}
+  validation = run.prepare_splits(common, full)[1]  # the images every method held out, if any
+  results = {
+    name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation)
+    for name, c in cfgs.items()
+  }
+  out = {
+    'dataset': dataset.name,
+    'epochs': common.train.num_epochs,
+    'base_macs': setup.base,
+    'budgets': list(setup.budgets),
+    'methods': {
+      name: {
+        'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
+        'train_seconds': res['train_seconds'],
+        'reusable': res['reusable'],
+      }
+      for name, res in results.items()
+    },
+    'leads': leads(results),
+  }
   os.makedirs(workdir, exist_ok=True)
-  reports.write_study(workdir, 'compare', out,
-                         markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
-                         lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'))
+  reports.write_study(
+    workdir,
+    'compare',
+    out,
+    markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
+    lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
+  )
   return out
 
 
@@ -497,8 +635,12 @@ def _define_flags() -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.compare --config FILE --workdir DIR [--quick]``."""
-  cli.run_study('Comparison', lambda f: compare(f.config, f.workdir, quick=f.quick, latency_repeats=f.latency_repeats),
-                extra_flags=_define_flags, run_roots=RUN_ROOTS)
+  cli.run_study(
+    'Comparison',
+    lambda f: compare(f.config, f.workdir, quick=f.quick, latency_repeats=f.latency_repeats),
+    extra_flags=_define_flags,
+    run_roots=RUN_ROOTS,
+  )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""What the studies and ``evaluate.py`` write: a study's JSON, Markdown and plot side by side
+(``write_study``), per-level rows as JSON, and accuracy-vs-MACs plots."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +27,10 @@ def write_json(path: str, rows: list[dict], extra: dict | None = None) -> None:
 def plot_accuracy_vs_macs(path: str, curves: dict[str, list[dict]], title: str = '') -> None:
   """Accuracy against MACs, one line per named curve, each level a labelled point."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for name, rows in curves.items():
     macs = [r['macs'] / 1e6 for r in rows]

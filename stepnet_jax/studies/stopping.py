@@ -17,6 +17,7 @@ carved from the training data (``common.data.validation_examples``). Then, per f
 
 Writes DIR/adaptive.json, DIR/adaptive.md (table, targets checked) and DIR/adaptive.png.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ from absl import flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import cli
+from stepnet_jax import cli, seeds
 from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 from stepnet_jax.core import anytime
@@ -50,10 +51,11 @@ FAMILIES = {'steppingnet': 'steppingnet', 'awn': 'awn', 'cascade': 'independent'
 @dataclasses.dataclass
 class Family:
   """A trained network (or cascade) ready for policies."""
+
   name: str
-  module: nnx.Module                 # has ``exits(x, train)``: for training the selection module
+  module: nnx.Module  # has ``exits(x, train)``: for training the selection module
   program: anytime.Program
-  static: list[dict]                 # the levels without a policy: level, macs_to_reach, accuracy
+  static: list[dict]  # the levels without a policy: level, macs_to_reach, accuracy
 
   def predict_fn(self, strategy: str) -> Callable:
     return anytime.make_predict(self.program, strategy)
@@ -77,18 +79,33 @@ def validation_halves(held: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
   """The held-out training images split in two: one half trains the selection modules, the
   other chooses every policy's operating point (so no choice is made on the data a module
   was fitted to)."""
-  order = np.random.RandomState(seed + 777).permutation(len(held))
-  return np.sort(held[order[:len(held) // 2]]), np.sort(held[order[len(held) // 2:]])
+  order = np.random.RandomState(seeds.seed_for(seed, seeds.Stream.VALIDATION_HALVES)).permutation(len(held))
+  return np.sort(held[order[: len(held) // 2]]), np.sort(held[order[len(held) // 2 :]])
 
 
-def learned_points(family: Family, cfg: Config, lambdas: Sequence[float], fit: tuple, choose: tuple, test: tuple,
-                   num_classes: int, strategy: str) -> tuple[list[dict], list[dict]]:
+def learned_points(
+  family: Family,
+  cfg: Config,
+  lambdas: Sequence[float],
+  fit: tuple,
+  choose: tuple,
+  test: tuple,
+  num_classes: int,
+  strategy: str,
+) -> tuple[list[dict], list[dict]]:
   """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC price."""
   predict = family.predict_fn(strategy)
   test_points, choice_points = [], []
   for lam in lambdas:
-    policy, variables = selection.train_selector(cfg, family.module, family.program.macs_to_reach, *fit,
-                                                 num_classes, cost_weight=lam, desc=f'{family.name} selection')
+    policy, variables = selection.train_selector(
+      cfg,
+      family.module,
+      family.program.macs_to_reach,
+      *fit,
+      num_classes,
+      cost_weight=lam,
+      desc=f'{family.name} selection',
+    )
     levels = family.program.num_levels
     test_points.append({'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *test, levels)})
     choice_points.append({'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *choose, levels)})
@@ -108,8 +125,9 @@ def overlap_grid(a: Sequence[dict], b: Sequence[dict], n: int = 50) -> np.ndarra
   return np.linspace(lo, hi, n) if hi > lo else np.asarray([])
 
 
-def operating_point(val_points: Sequence[dict], test_points: Sequence[dict], val_top: float,
-                    tolerance: float) -> dict | None:
+def operating_point(
+  val_points: Sequence[dict], test_points: Sequence[dict], val_top: float, tolerance: float
+) -> dict | None:
   """The cheapest knob whose validation accuracy is within ``tolerance`` of the validation top
   accuracy, with its test numbers (None if no knob gets there)."""
   ok = [(v, t) for v, t in zip(val_points, test_points) if v['accuracy'] >= val_top - tolerance]
@@ -129,17 +147,21 @@ def targets(out: dict) -> list[str]:
   else:
     t = op['test']
     ok = t['accuracy'] >= top_acc - 0.003 and t['avg_macs'] <= 0.5 * top_macs
-    lines.append(f'- learned SteppingNet policy (lambda {op["knob"]:g}, chosen on validation): '
-                 f'{100 * t["accuracy"]:.2f}% at {t["avg_macs"] / top_macs:.1%} of the top MACs vs top exit '
-                 f'{100 * top_acc:.2f}%: {"met" if ok else "NOT met"} (target: within 0.3 pt at <= 50%)')
+    lines.append(
+      f'- learned SteppingNet policy (lambda {op["knob"]:g}, chosen on validation): '
+      f'{100 * t["accuracy"]:.2f}% at {t["avg_macs"] / top_macs:.1%} of the top MACs vs top exit '
+      f'{100 * top_acc:.2f}%: {"met" if ok else "NOT met"} (target: within 0.3 pt at <= 50%)'
+    )
   for policy in ('learned', 'confidence'):
     a, b = m.get(f'steppingnet_{policy}'), m.get(f'cascade_{policy}')
     if a and b:
       grid = overlap_grid(a['points'], b['points'])
       if len(grid):
         gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
-        lines.append(f'- SteppingNet vs cascade ({policy}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs: min gap '
-                     f'{100 * gap.min():+.2f} pt: {"met" if gap.min() >= 0 else "NOT met"} (target: >= 0 everywhere)')
+        lines.append(
+          f'- SteppingNet vs cascade ({policy}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs: min gap '
+          f'{100 * gap.min():+.2f} pt: {"met" if gap.min() >= 0 else "NOT met"} (target: >= 0 everywhere)'
+        )
   for family in ('steppingnet', 'awn', 'cascade'):
     a, b = m.get(f'{family}_learned'), m.get(f'{family}_confidence')
     if a and b:
@@ -147,20 +169,29 @@ def targets(out: dict) -> list[str]:
       if len(grid):
         gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
         share = float((gap >= 0).mean())
-        lines.append(f'- {family}: learned >= confidence at {share:.0%} of the shared MAC range (mean gap '
-                     f'{100 * gap.mean():+.2f} pt): {"met" if share > 0.5 else "NOT met"} (target: most of it)')
+        lines.append(
+          f'- {family}: learned >= confidence at {share:.0%} of the shared MAC range (mean gap '
+          f'{100 * gap.mean():+.2f} pt): {"met" if share > 0.5 else "NOT met"} (target: most of it)'
+        )
   return lines
 
 
 def markdown(out: dict) -> str:
-  lines = [f'# Anytime inference on {out["dataset"]}', '',
-           f'Top exit of SteppingNet: {100 * out["top_accuracy"]:.2f}% at {out["top_macs"]:,} MACs. '
-           f'Validation split: {out["validation"]["examples"]} training images (seed {out["validation"]["seed"]}).', '',
-           '| method | knob | avg MACs | % of top | accuracy (%) | exits per level |', '|---|---:|---:|---:|---:|---|']
+  lines = [
+    f'# Anytime inference on {out["dataset"]}',
+    '',
+    f'Top exit of SteppingNet: {100 * out["top_accuracy"]:.2f}% at {out["top_macs"]:,} MACs. '
+    f'Validation split: {out["validation"]["examples"]} training images (seed {out["validation"]["seed"]}).',
+    '',
+    '| method | knob | avg MACs | % of top | accuracy (%) | exits per level |',
+    '|---|---:|---:|---:|---:|---|',
+  ]
   for name, res in out['methods'].items():
     for p in res['points']:
-      lines.append(f'| {name} | {p["knob"]:g} | {p["avg_macs"]:,.0f} | {p["avg_macs"] / out["top_macs"]:.1%} | '
-                   f'{100 * p["accuracy"]:.2f} | {" ".join(f"{f:.2f}" for f in p["exit_fraction"])} |')
+      lines.append(
+        f'| {name} | {p["knob"]:g} | {p["avg_macs"]:,.0f} | {p["avg_macs"] / out["top_macs"]:.1%} | '
+        f'{100 * p["accuracy"]:.2f} | {" ".join(f"{f:.2f}" for f in p["exit_fraction"])} |'
+      )
   lines += ['', '| static levels | level | MACs to reach | accuracy (%) |', '|---|---:|---:|---:|']
   for family, rows in out['static'].items():
     lines += [f'| {family} | {r["level"]} | {r["macs_to_reach"]:,} | {100 * r["accuracy"]:.2f} |' for r in rows]
@@ -170,15 +201,21 @@ def markdown(out: dict) -> str:
 def plot(path: str, out: dict) -> None:
   """Accuracy against average MACs per input: every policy curve, static levels as points."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.6))
   for name, res in out['methods'].items():
     pts = sorted(res['points'], key=lambda p: p['avg_macs'])
     ax.plot([p['avg_macs'] / 1e6 for p in pts], [100 * p['accuracy'] for p in pts], marker='.', label=name)
   for family, rows in out['static'].items():
-    ax.scatter([r['macs_to_reach'] / 1e6 for r in rows], [100 * r['accuracy'] for r in rows], marker='x',
-               label=f'{family} levels (no policy)')
+    ax.scatter(
+      [r['macs_to_reach'] / 1e6 for r in rows],
+      [100 * r['accuracy'] for r in rows],
+      marker='x',
+      label=f'{family} levels (no policy)',
+    )
   ax.set_xlabel('average MACs spent per input (millions)')
   ax.set_ylabel('test accuracy (%)')
   ax.set_title(f'Anytime inference on {out["dataset"]}')
@@ -202,12 +239,21 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
   fit_idx, choose_idx = validation_halves(held, common.seed)
   fit, choose = [(dataset.train_images[i], dataset.train_labels[i]) for i in (fit_idx, choose_idx)]
   test = (dataset.test_images, dataset.test_labels)
-  results = compare.compare(cc, workdir, latency_repeats=2)   # trains or reuses every network
+  results = compare.compare(cc, workdir, latency_repeats=2)  # trains or reuses every network
   strategy = anytime.default_strategy()
-  out = {'dataset': dataset.name, 'strategy': strategy,
-         'validation': {'examples': int(len(held)), 'fit': int(len(fit_idx)), 'choose': int(len(choose_idx)),
-                        'seed': common.seed, 'indices_file': 'validation_indices.npy'},
-         'methods': {}, 'static': {}}
+  out = {
+    'dataset': dataset.name,
+    'strategy': strategy,
+    'validation': {
+      'examples': int(len(held)),
+      'fit': int(len(fit_idx)),
+      'choose': int(len(choose_idx)),
+      'seed': common.seed,
+      'indices_file': 'validation_indices.npy',
+    },
+    'methods': {},
+    'static': {},
+  }
   np.save(os.path.join(workdir, 'validation_indices.npy'), held)
   for family_name in cc.families:
     rows = results['methods'][FAMILIES[family_name]]['levels']
@@ -218,9 +264,10 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
     for policy in cc.heuristics.get(family_name, ()):
       make = functools.partial(policies.heuristic, policy)
       out['methods'][f'{family_name}_{policy}'] = {
-          'policy': policy,
-          'points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *test),
-          'validation_points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *choose)}
+        'policy': policy,
+        'points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *test),
+        'validation_points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *choose),
+      }
     test_pts, val_pts = learned_points(family, common, cc.lambdas, fit, choose, test, dataset.num_classes, strategy)
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name == 'steppingnet':
@@ -251,23 +298,28 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
   """
   top = net.num_levels - 1
   if batch == 1:
-    xs, calls = [jnp.asarray(images[i:i + 1]) for i in range(min(BATCH1_INPUTS, len(images)))], CALLS_PER_INPUT
+    xs, calls = [jnp.asarray(images[i : i + 1]) for i in range(min(BATCH1_INPUTS, len(images)))], CALLS_PER_INPUT
   else:
     xs, calls = [jnp.asarray(images[:batch])], repeats
   # The direct forwards (masked full width, level blocks): the faster one is the reference.
-  fns = {'forward': lambda x: net.functions.forward(net.variables, x, top),
-         'forward_blocked': lambda x: net.functions.forward_blocked(net.variables, x, top)}
+  fns = {
+    'forward': lambda x: net.functions.forward(net.variables, x, top),
+    'forward_blocked': lambda x: net.functions.forward_blocked(net.variables, x, top),
+  }
   for strategy in anytime.STRATEGIES:
     fns[strategy] = functools.partial(anytime.make_predict(net.program, strategy), net.variables, policy=policy)
   seconds = {name: [] for name in fns}
   for x in xs:
-    for name, fn in fns.items():             # the warm-up call compiles, and warms code and weights
+    for name, fn in fns.items():  # the warm-up call compiles, and warms code and weights
       seconds[name].append(timing.median_seconds(fn, x, repeats=calls, warmup=1))
   mean_ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
   macs = np.concatenate([np.asarray(fns[anytime.STRATEGIES[0]](x).macs) for x in xs])
-  out = {'batch': int(xs[0].shape[0]), 'inputs': len(macs),
-         'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
-         'direct_top_ms': min(mean_ms['forward'], mean_ms['forward_blocked'])}
+  out = {
+    'batch': int(xs[0].shape[0]),
+    'inputs': len(macs),
+    'avg_macs_fraction': float(macs.mean() / net.macs_to_reach[-1]),
+    'direct_top_ms': min(mean_ms['forward'], mean_ms['forward_blocked']),
+  }
   for strategy in anytime.STRATEGIES:
     out[f'{strategy}_ms'] = mean_ms[strategy]
     out[f'{strategy}_ratio'] = out[f'{strategy}_ms'] / out['direct_top_ms']
@@ -283,9 +335,15 @@ def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policie
   10 minutes at width 4 here). Not with ``selection.joint``: that also changes the exits,
   which are not saved here."""
   if not cfg.selection.joint:
-    np.savez(os.path.join(workdir, TIMING_SELECTOR), cost_weight=lam, seed=cfg.seed, history=policy.history,
-             num_levels=policy.num_levels, threshold=np.asarray(policy.threshold),
-             **{k: np.asarray(v) for k, v in policy.params.items()})
+    np.savez(
+      os.path.join(workdir, TIMING_SELECTOR),
+      cost_weight=lam,
+      seed=cfg.seed,
+      history=policy.history,
+      num_levels=policy.num_levels,
+      threshold=np.asarray(policy.threshold),
+      **{k: np.asarray(v) for k, v in policy.params.items()},
+    )
 
 
 def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int) -> policies.Learned | None:
@@ -296,9 +354,13 @@ def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int
     return None
   meta = ('cost_weight', 'seed', 'history', 'num_levels', 'threshold')
   with np.load(path) as saved:
-    if (float(saved['cost_weight']) != lam or int(saved['seed']) != cfg.seed
-        or bool(saved['history']) != cfg.selection.history
-        or int(saved['num_levels']) != num_levels or saved['w1'].shape[1] != cfg.selection.hidden):
+    if (
+      float(saved['cost_weight']) != lam
+      or int(saved['seed']) != cfg.seed
+      or bool(saved['history']) != cfg.selection.history
+      or int(saved['num_levels']) != num_levels
+      or saved['w1'].shape[1] != cfg.selection.hidden
+    ):
       return None
     params = {k: jnp.asarray(saved[k]) for k in saved.files if k not in meta}
     threshold = float(saved['threshold'])
@@ -318,24 +380,34 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
   with open(os.path.join(workdir, 'adaptive.json')) as f:
     study = json.load(f)
   half = 0.5 * study['top_macs']
-  learned_point = min(study['methods']['steppingnet_learned']['validation_points'],
-                      key=lambda p: abs(p['avg_macs'] - half))
-  dataset = datasets.subset(datasets.load_dataset(common.data.name, common.data.data_dir or None),
-                        common.data.train_subset, common.data.test_subset, common.seed)
+  learned_point = min(
+    study['methods']['steppingnet_learned']['validation_points'], key=lambda p: abs(p['avg_macs'] - half)
+  )
+  dataset = datasets.subset(
+    datasets.load_dataset(common.data.name, common.data.data_dir or None),
+    common.data.train_subset,
+    common.data.test_subset,
+    common.seed,
+  )
   fit, _ = validation_halves(np.load(os.path.join(workdir, 'validation_indices.npy')), common.seed)
   net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
   lam = learned_point['knob']
   learned = _load_timing_selector(workdir, lam, common, net.num_levels)
   if learned is None:
-    learned, variables = selection.train_selector(common, nnx.merge(net.graphdef, net.variables), net.macs_to_reach,
-                                                  dataset.train_images[fit], dataset.train_labels[fit],
-                                                  dataset.num_classes, cost_weight=lam)
-    net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)   # fine-tuned exits with selection.joint
+    learned, variables = selection.train_selector(
+      common,
+      nnx.merge(net.graphdef, net.variables),
+      net.macs_to_reach,
+      dataset.train_images[fit],
+      dataset.train_labels[fit],
+      dataset.num_classes,
+      cost_weight=lam,
+    )
+    net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)  # fine-tuned exits with selection.joint
     _save_timing_selector(workdir, lam, common, learned)
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
   target = learned_point['avg_macs']
-  conf = min(study['methods']['steppingnet_confidence']['validation_points'],
-             key=lambda p: abs(p['avg_macs'] - target))
+  conf = min(study['methods']['steppingnet_confidence']['validation_points'], key=lambda p: abs(p['avg_macs'] - target))
   out = {'lambda': lam, 'confidence': conf['knob'], 'backend': jax.default_backend(), 'results': []}
   for name, policy in (('learned', learned), ('confidence', policies.Confidence(conf['knob']))):
     for batch in (1, 256):
@@ -343,9 +415,11 @@ def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = Fals
   with open(os.path.join(workdir, 'timing.json'), 'w') as f:
     json.dump(out, f, indent=2)
   for r in out['results']:
-    print(f'{r["policy"]:>10} batch {r["batch"]:>3}: {r["avg_macs_fraction"]:.1%} of the top MACs; direct top forward '
-          f'{r["direct_top_ms"]:.3f} ms, masked {r["masked_ms"]:.3f} ms ({r["masked_ratio"]:.2f}x), compact '
-          f'{r["compact_ms"]:.3f} ms ({r["compact_ratio"]:.2f}x)')
+    print(
+      f'{r["policy"]:>10} batch {r["batch"]:>3}: {r["avg_macs_fraction"]:.1%} of the top MACs; direct top forward '
+      f'{r["direct_top_ms"]:.3f} ms, masked {r["masked_ms"]:.3f} ms ({r["masked_ratio"]:.2f}x), compact '
+      f'{r["compact_ms"]:.3f} ms ({r["compact_ratio"]:.2f}x)'
+    )
   return out
 
 
@@ -355,9 +429,12 @@ def _define_flags() -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.adaptive --config FILE --workdir DIR [--quick] [--timing]``."""
-  cli.run_study('Anytime study',
-                lambda f: (timing_study if f.timing else adaptive)(f.config, f.workdir, quick=f.quick),
-                extra_flags=_define_flags, run_roots=compare.RUN_ROOTS)
+  cli.run_study(
+    'Anytime study',
+    lambda f: (timing_study if f.timing else adaptive)(f.config, f.workdir, quick=f.quick),
+    extra_flags=_define_flags,
+    run_roots=compare.RUN_ROOTS,
+  )
 
 
 if __name__ == '__main__':

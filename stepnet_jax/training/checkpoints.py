@@ -4,6 +4,7 @@ The layout is the one ``restore.py`` reads: items ``model`` (``restore.model_ite
 ``train`` (optimizer state and step; absent from a final save of a multi-phase run)
 and the JSON ``meta``.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,29 @@ def manager(workdir: str, keep: int = 2, track_best: bool = False) -> ocp.Checkp
   retention, best = ocp.checkpoint_managers.LatestN(n=keep), None
   if track_best:
     best = lambda metrics: metrics[BEST_METRIC]
-    retention = ocp.checkpoint_managers.AnyPreservationPolicy([retention, ocp.checkpoint_managers.BestN(
-        get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False)])
-  return ocp.CheckpointManager(restore.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-      best_fn=best, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True))
+    retention = ocp.checkpoint_managers.AnyPreservationPolicy(
+      [
+        retention,
+        ocp.checkpoint_managers.BestN(get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    )
+  return ocp.CheckpointManager(
+    restore.checkpoint_dir(workdir),
+    options=ocp.CheckpointManagerOptions(
+      best_fn=best, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True
+    ),
+  )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict,
-         state: TrainState | None = None, metrics: dict[str, float] | None = None) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  params: nnx.State,
+  batch_stats: nnx.State,
+  meta: dict,
+  state: TrainState | None = None,
+  metrics: dict[str, float] | None = None,
+) -> None:
   """Starts saving the model (and, given ``state``, its optimizer state and step) with ``meta``
   and ``metrics`` (e.g. ``{BEST_METRIC: accuracy}``). Returns once the arrays are copied off the
   devices; ``mngr.wait_until_finished()`` waits for the files (the next save waits too)."""
@@ -58,12 +74,21 @@ def save(mngr: ocp.CheckpointManager, step: int, params: nnx.State, batch_stats:
   if state is not None:
     items['train'] = ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step})
   if not mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics):
-    raise RuntimeError(f'checkpoint {step} in {mngr.directory} was not written (orbax skips a step it already '
-                       'holds or one below its newest)')
+    raise RuntimeError(
+      f'checkpoint {step} in {mngr.directory} was not written (orbax skips a step it already '
+      'holds or one below its newest)'
+    )
 
 
-def save_final(workdir: str, keep: int, step: int, params: nnx.State, batch_stats: nnx.State, meta: dict,
-               state: TrainState | None = None) -> None:
+def save_final(
+  workdir: str,
+  keep: int,
+  step: int,
+  params: nnx.State,
+  batch_stats: nnx.State,
+  meta: dict,
+  state: TrainState | None = None,
+) -> None:
   """A checkpoint written before returning: model-only for a finished run, or with the
   optimizer state of ``state`` (a phase boundary that continues with it)."""
   mngr = manager(workdir, keep)

@@ -1,5 +1,6 @@
 """The training loop: feed batches to a train step, log metrics, checkpoint mid-epoch and on
 SIGTERM / Ctrl-C, stop on a non-finite loss."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +34,7 @@ class MetricWriter:
     if jax.process_index() != 0:
       return
     from tensorboardX import SummaryWriter
+
     tb_dir = os.path.join(workdir, 'tensorboard')
     if fresh and os.path.isdir(tb_dir):
       shutil.rmtree(tb_dir)
@@ -77,6 +79,7 @@ def progress_bar(enabled: bool) -> Callable:
   """tqdm (``train.progress``) or a bar that shows nothing."""
   if enabled:
     from tqdm.auto import tqdm
+
     return functools.partial(tqdm, dynamic_ncols=True, leave=True)
   return _QuietBar
 
@@ -86,9 +89,12 @@ class Preempted(Exception):
   (``saved``), or, for a run trained in phases (construction, non-uniform), without one."""
 
   def __init__(self, step: int, signal_name: str, saved: bool = True):
-    what = ('checkpoint saved; run the same command to resume' if saved else
-            'this run is trained in phases: the same command goes on from its last phase checkpoint, or starts '
-            'it over if it saved none')
+    what = (
+      'checkpoint saved; run the same command to resume'
+      if saved
+      else 'this run is trained in phases: the same command goes on from its last phase checkpoint, or starts '
+      'it over if it saved none'
+    )
     super().__init__(f'{signal_name} at step {step}: {what}')
     self.step, self.signal_name, self.saved = step, signal_name, saved
 
@@ -115,7 +121,7 @@ class StopRequests:
   def _record(self, signum, frame):
     del frame
     if self.signal_name == 'SIGINT' and signum == signal.SIGINT:
-      raise KeyboardInterrupt            # a second Ctrl-C: stop now, without waiting for the save
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the save
     self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
@@ -132,9 +138,11 @@ def check_finite(window: Sequence[dict], last_step: int) -> None:
     step = last_step - len(window) + i + 1
     ce = np.asarray(metrics.get('ce', []))
     bad = [int(k) for k in np.flatnonzero(~np.isfinite(ce))]
-    where = f'exit(s) {bad} have a non-finite cross-entropy' if bad else 'the exits\' losses are finite'
-    raise FloatingPointError(f'loss became {metrics["loss"]} at step {step}: {where}. Training stopped; the last '
-                             'checkpoint (written before this) is untouched and is what a resume starts from.')
+    where = f'exit(s) {bad} have a non-finite cross-entropy' if bad else "the exits' losses are finite"
+    raise FloatingPointError(
+      f'loss became {metrics["loss"]} at step {step}: {where}. Training stopped; the last '
+      'checkpoint (written before this) is untouched and is what a resume starts from.'
+    )
 
 
 class Diverged(RuntimeError):
@@ -177,11 +185,13 @@ class DivergenceGuard:
       self.best = min(self.best, self.average)
       self.above = self.above + 1 if self.average > self.threshold else 0
     if self.above >= self.steps:
-      raise Diverged(f'training diverged: at step {last_step} the top exit\'s cross-entropy (smoothed '
-                     f'{self.average:.4g}) has stayed above {self.factor:g} x min(its best, chance level) = '
-                     f'{self.threshold:.4g} for {self.above} steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
-                     '--best picks the best one when the run has a validation split); '
-                     '--config.train.divergence_steps=0 turns this check off.')
+      raise Diverged(
+        f"training diverged: at step {last_step} the top exit's cross-entropy (smoothed "
+        f'{self.average:.4g}) has stayed above {self.factor:g} x min(its best, chance level) = '
+        f'{self.threshold:.4g} for {self.above} steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
+        '--best picks the best one when the run has a validation split); '
+        '--config.train.divergence_steps=0 turns this check off.'
+      )
 
 
 def divergence_guard(cfg: Config, dataset: datasets.Dataset) -> DivergenceGuard:
@@ -189,11 +199,22 @@ def divergence_guard(cfg: Config, dataset: datasets.Dataset) -> DivergenceGuard:
   return DivergenceGuard(cfg.train.divergence_steps, cfg.train.divergence_factor, float(np.log(dataset.num_classes)))
 
 
-def run_steps(state: TrainState, train_step, dataset: datasets.Dataset, cfg: Config, *, first: int, last: int,
-              steps_per_epoch: int, writer: MetricWriter | None, desc: str,
-              levels: Sequence[int] | None = None,
-              checkpoint: Callable[[TrainState], None] | None = None,
-              guard: DivergenceGuard | None = None, stop: StopRequests | None = None) -> TrainState:
+def run_steps(
+  state: TrainState,
+  train_step,
+  dataset: datasets.Dataset,
+  cfg: Config,
+  *,
+  first: int,
+  last: int,
+  steps_per_epoch: int,
+  writer: MetricWriter | None,
+  desc: str,
+  levels: Sequence[int] | None = None,
+  checkpoint: Callable[[TrainState], None] | None = None,
+  guard: DivergenceGuard | None = None,
+  stop: StopRequests | None = None,
+) -> TrainState:
   """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
 
   ``state.step`` must equal ``first``; batches depend only on the global step and the
@@ -227,7 +248,7 @@ def run_steps(state: TrainState, train_step, dataset: datasets.Dataset, cfg: Con
       done = step + 1
       stopping = stop is not None and stop.signal_name is not None
       if stopping and done == last and own is not stop:
-        stopping = False        # the caller's stop: it ends the range itself (epoch evaluation, phase save)
+        stopping = False  # the caller's stop: it ends the range itself (epoch evaluation, phase save)
       saving = stopping or (save_every and done % save_every == 0 and done < last)
       if done % log_every == 0 or done == last or saving:
         m = jax.device_get(window_metrics)
@@ -237,8 +258,9 @@ def run_steps(state: TrainState, train_step, dataset: datasets.Dataset, cfg: Con
         acc = np.mean([x['accuracy'] for x in m], axis=0)
         ips = window_n / max(time.time() - window_t, 1e-9)
         if writer is not None:
-          writer.write(done, {'train/loss': loss, 'train/images_per_sec': ips,
-                              **per_level('train/accuracy', acc, levels)})
+          writer.write(
+            done, {'train/loss': loss, 'train/images_per_sec': ips, **per_level('train/accuracy', acc, levels)}
+          )
         bar.set_postfix_str(f'loss {loss:.3f} acc ' + '/'.join(f'{a:.2f}' for a in acc) + f' {ips:.0f} img/s')
         window_t, window_n, window_metrics = time.time(), 0, []
       bar.update(1)

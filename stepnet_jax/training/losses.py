@@ -4,6 +4,7 @@ Open this file to change what training minimises: ``multi_exit_loss`` is the wei
 multi-exit loss with distillation; the objectives below wrap it (or another loss) into
 what ``training.step.make_train_step`` calls once per batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -25,9 +26,15 @@ if TYPE_CHECKING:
 DISTILL_MODES = ('add', 'replace')
 
 
-def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence[float],
-                    distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add',
-                    label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def multi_exit_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  exit_weights: Sequence[float],
+  distill_weight: float = 0.0,
+  temperature: float = 1.0,
+  mode: str = 'add',
+  label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Loss over all exits of one forward pass.
 
   mode 'add':
@@ -61,7 +68,7 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
     raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
   if label_smoothing:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    ce = optax.softmax_cross_entropy(logits, targets[None]).mean(axis=1)                     # [K]
+    ce = optax.softmax_cross_entropy(logits, targets[None]).mean(axis=1)  # [K]
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :]).mean(axis=1)  # [K]
   distill, kl = jnp.zeros((), jnp.float32), None
@@ -89,16 +96,23 @@ def multi_exit_loss(logits: jax.Array, labels: jax.Array, exit_weights: Sequence
 Objective = Callable[['SteppingModel', 'Batch', jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def multi_exit(weights: Sequence[float], distill_weight: float = 0.0, temperature: float = 1.0,
-               levels: Sequence[int] | None = None, mode: str = 'add', label_smoothing: float = 0.0) -> Objective:
+def multi_exit(
+  weights: Sequence[float],
+  distill_weight: float = 0.0,
+  temperature: float = 1.0,
+  levels: Sequence[int] | None = None,
+  mode: str = 'add',
+  label_smoothing: float = 0.0,
+) -> Objective:
   """``multi_exit_loss`` over the exits ``levels`` (default all) of ONE full-width pass."""
   levels = None if levels is None else tuple(levels)
 
   def objective(model, batch, rng):
     del rng
-    logits = model.exits(batch.images, train=True, levels=levels)   # [len(levels), B, classes]
+    logits = model.exits(batch.images, train=True, levels=levels)  # [len(levels), B, classes]
     loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature, mode, label_smoothing)
     return loss, {'logits': logits, **aux}
+
   return objective
 
 
@@ -110,37 +124,61 @@ def subnet(level: int, weight: float = 1.0, label_smoothing: float = 0.0) -> Obj
 
 def single_exit() -> Objective:
   """Plain training of the top subnet through the direct forward (the benchmark's reference)."""
+
   def objective(model, batch, rng):
     del rng
-    logits = model(batch.images, train=True)                          # [B, classes]
+    logits = model(batch.images, train=True)  # [B, classes]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
     return ce, {'logits': logits[None], 'ce': ce[None], 'distill': jnp.zeros((), jnp.float32)}
+
   return objective
 
 
-def sandwich(num_random: int, distill_weight: float = 0.0, temperature: float = 1.0, mode: str = 'add',
-             label_smoothing: float = 0.0) -> Objective:
+def sandwich(
+  num_random: int,
+  distill_weight: float = 0.0,
+  temperature: float = 1.0,
+  mode: str = 'add',
+  label_smoothing: float = 0.0,
+) -> Objective:
   """Any-Width Networks' sandwich rule: the smallest and the largest subnet plus
   ``num_random`` random widths (prefixes of the last layer's features), all from one pass."""
+
   def objective(model, batch, rng):
     smallest, widest = lv.end(model.head.in_sizes, 0), sum(model.head.in_sizes)
     widths = jax.random.randint(rng, (num_random,), smallest, widest + 1)
     logits, random_logits = model.sandwich_exits(batch.images, widths, train=True)
     trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
-    loss, aux = multi_exit_loss(trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode,
-                                label_smoothing)
+    loss, aux = multi_exit_loss(
+      trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode, label_smoothing
+    )
     return loss, {'logits': logits, **aux}
+
   return objective
 
 
 # name -> (config) -> objective; ``loss.objective`` picks one.
-OBJECTIVES: Registry[Callable[['Config'], Objective]] = Registry('objective')
-OBJECTIVES.register('multi_exit', lambda cfg: multi_exit(cfg.exit_weights, cfg.loss.distill_weight,
-                                                        cfg.loss.distill_temperature, mode=cfg.loss.distill_mode,
-                                                        label_smoothing=cfg.loss.label_smoothing))
-OBJECTIVES.register('sandwich', lambda cfg: sandwich(cfg.loss.sandwich_widths, cfg.loss.distill_weight,
-                                                    cfg.loss.distill_temperature, cfg.loss.distill_mode,
-                                                    cfg.loss.label_smoothing))
+OBJECTIVES: Registry[Callable[[Config], Objective]] = Registry('objective')
+OBJECTIVES.register(
+  'multi_exit',
+  lambda cfg: multi_exit(
+    cfg.exit_weights,
+    cfg.loss.distill_weight,
+    cfg.loss.distill_temperature,
+    mode=cfg.loss.distill_mode,
+    label_smoothing=cfg.loss.label_smoothing,
+  ),
+)
+OBJECTIVES.register(
+  'sandwich',
+  lambda cfg: sandwich(
+    cfg.loss.sandwich_widths,
+    cfg.loss.distill_weight,
+    cfg.loss.distill_temperature,
+    cfg.loss.distill_mode,
+    cfg.loss.label_smoothing,
+  ),
+)
 
 
 def objective_for(cfg: Config) -> Objective:

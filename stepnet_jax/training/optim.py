@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules, chosen by name (``optim.name``, ``optim.schedule``)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,9 +13,9 @@ if TYPE_CHECKING:
   from stepnet_jax.config import Config, OptimConfig
 
 # name -> (optim section, total steps, warmup steps) -> the schedule after warmup.
-SCHEDULES: Registry[Callable[['OptimConfig', int, int], optax.Schedule]] = Registry('schedule')
+SCHEDULES: Registry[Callable[[OptimConfig, int, int], optax.Schedule]] = Registry('schedule')
 # name -> (optim section, learning-rate schedule) -> optimizer.
-OPTIMIZERS: Registry[Callable[['OptimConfig', optax.Schedule], optax.GradientTransformation]] = Registry('optimizer')
+OPTIMIZERS: Registry[Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = Registry('optimizer')
 
 
 @SCHEDULES.register('cosine')

@@ -2,6 +2,7 @@
 and end of multi-phase runs (``PhasedRun``: construction, non-uniform), and the one check
 of whether a workdir's run may be continued or reused under a config (``check_workdir``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,19 +57,22 @@ def lock_workdir(workdir: str) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       locked = True
     except BlockingIOError:
-      raise WorkdirBusy(f'another process is training in {workdir} (it holds the workdir lock); wait for it to '
-                        'finish or stop it, or use another --workdir') from None
-    except OSError as e:     # e.g. a network filesystem without flock on directories
+      raise WorkdirBusy(
+        f'another process is training in {workdir} (it holds the workdir lock); wait for it to '
+        'finish or stop it, or use another --workdir'
+      ) from None
+    except OSError as e:  # e.g. a network filesystem without flock on directories
       print(f'warning: cannot lock {workdir} ({e}); nothing stops a second trainer there', flush=True)
     yield
   finally:
-    if created and locked and not os.listdir(workdir):   # stopped before writing anything: leave no trace
+    if created and locked and not os.listdir(workdir):  # stopped before writing anything: leave no trace
       os.rmdir(workdir)
-    os.close(fd)     # closing releases the lock
+    os.close(fd)  # closing releases the lock
 
 
-def prepare_splits(cfg: Config, dataset: datasets.Dataset | None = None
-                   ) -> tuple[datasets.Dataset, tuple[np.ndarray, np.ndarray] | None, int]:
+def prepare_splits(
+  cfg: Config, dataset: datasets.Dataset | None = None
+) -> tuple[datasets.Dataset, tuple[np.ndarray, np.ndarray] | None, int]:
   """The config's dataset (loaded unless given), subset as configured, without its validation
   examples; those examples ((images, labels), or None without ``datasets.validation_examples``);
   and steps per epoch. The global batch must split over the devices (checked first: before
@@ -99,20 +103,36 @@ def build_model(cfg: Config, dataset: datasets.Dataset) -> SteppingModel:
   mean, std = dataset.channel_stats()
   m = cfg.model
   return zoo.build_model(
-      m.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape, num_levels=m.num_levels,
-      width=m.width, level_widths=m.level_widths or None, assignment=m.assignment_dict(),
-      triangular=m.triangular, mask_rule=m.mask_rule, switchable_bn=m.switchable_bn(), exit_heads=m.exit_heads,
-      mean=mean, std=std, seed=cfg.seed)
+    m.name,
+    num_classes=dataset.num_classes,
+    input_shape=dataset.input_shape,
+    num_levels=m.num_levels,
+    width=m.width,
+    level_widths=m.level_widths or None,
+    assignment=m.assignment_dict(),
+    triangular=m.triangular,
+    mask_rule=m.mask_rule,
+    switchable_bn=m.switchable_bn(),
+    exit_heads=m.exit_heads,
+    mean=mean,
+    std=std,
+    seed=cfg.seed,
+  )
 
 
 def run_meta(cfg: Config, model_meta: dict, dataset: datasets.Dataset, steps_per_epoch: int) -> dict:
   """The checkpoint meta and ``config.json`` of a run."""
-  return {'config': cfg.to_dict(), 'model_meta': model_meta, 'dataset': dataset.name,
-          'steps_per_epoch': steps_per_epoch}
+  return {
+    'config': cfg.to_dict(),
+    'model_meta': model_meta,
+    'dataset': dataset.name,
+    'steps_per_epoch': steps_per_epoch,
+  }
 
 
-def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
-                  model_meta: dict | None = None, step: int | None = None) -> dict | None:
+def check_workdir(
+  workdir: str, cfg: Config, *, may_change: Sequence[str] = (), model_meta: dict | None = None, step: int | None = None
+) -> dict | None:
   """The meta of the run left in ``workdir`` if ``cfg`` may continue or reuse it; None if none is there.
 
   Its saved config must equal ``cfg`` (reporting keys aside; configs saved by older
@@ -125,22 +145,26 @@ def check_workdir(workdir: str, cfg: Config, *, may_change: Sequence[str] = (),
   saved = restore.restore_meta(workdir, step)
   differ = [k for k in config_lib.differing_keys(saved['config'], cfg) if k not in may_change]
   if differ:
-    raise ValueError(f'{workdir} holds a run with other settings ({", ".join(differ)}); '
-                     'use a new --workdir or delete it')
+    raise ValueError(
+      f'{workdir} holds a run with other settings ({", ".join(differ)}); use a new --workdir or delete it'
+    )
   if model_meta is not None and not structure.same_model(saved['model_meta'], model_meta):
     raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
   return saved
 
 
-def config_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
-                      objective: losses.Objective | None = None):
+def config_train_step(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config, objective: losses.Objective | None = None
+):
   """``step.make_train_step`` with the config's objective (unless given), seed and augmentation."""
-  return step_lib.make_train_step(graphdef, tx, objective or losses.objective_for(cfg), seed=cfg.seed,
-                                  augment_images=cfg.data.augment)
+  return step_lib.make_train_step(
+    graphdef, tx, objective or losses.objective_for(cfg), seed=cfg.seed, augment_images=cfg.data.augment
+  )
 
 
-def exit_evaluator(graphdef: nnx.GraphDef, dataset: datasets.Dataset, cfg: Config,
-                   split: tuple[np.ndarray, np.ndarray] | None = None) -> Callable[..., np.ndarray]:
+def exit_evaluator(
+  graphdef: nnx.GraphDef, dataset: datasets.Dataset, cfg: Config, split: tuple[np.ndarray, np.ndarray] | None = None
+) -> Callable[..., np.ndarray]:
   """``variables -> [K]`` accuracy of every exit on the test split (or on ``split``: images,
   labels), the exits compiled once."""
   exits = jax.jit(functools.partial(stepping.exits, graphdef))
@@ -148,8 +172,9 @@ def exit_evaluator(graphdef: nnx.GraphDef, dataset: datasets.Dataset, cfg: Confi
   return lambda variables: evaluation.exit_accuracy(exits, variables, images, labels, cfg.train.eval_batch_size)
 
 
-def train_and_evaluate(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None, *,
-                       restore_previous: bool = False) -> dict:
+def train_and_evaluate(
+  cfg: Config, workdir: str, dataset: datasets.Dataset | None = None, *, restore_previous: bool = False
+) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming from its last checkpoint) and evaluates every exit.
 
   A resumed run must have the same settings, except ``train.num_epochs`` (raising it
@@ -179,9 +204,11 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: datasets.Dataset | No
       unreadable.append(step)
   total = steps_per_epoch * cfg.train.num_epochs
   if start is not None and start > total:
-    raise ValueError(f'{workdir} holds a run trained to step {start} ({start / steps_per_epoch:g} epochs); '
-                     f'train.num_epochs={cfg.train.num_epochs} ends at step {total}. Ask for at least '
-                     f'{-(-start // steps_per_epoch)} epochs (more trains on), or use another --workdir')
+    raise ValueError(
+      f'{workdir} holds a run trained to step {start} ({start / steps_per_epoch:g} epochs); '
+      f'train.num_epochs={cfg.train.num_epochs} ends at step {total}. Ask for at least '
+      f'{-(-start // steps_per_epoch)} epochs (more trains on), or use another --workdir'
+    )
   sharding.barrier(f'checked {workdir}')
   os.makedirs(workdir, exist_ok=True)
   if unreadable:
@@ -197,9 +224,18 @@ def train_and_evaluate(cfg: Config, workdir: str, dataset: datasets.Dataset | No
   return _train_epochs(cfg, workdir, dataset, steps_per_epoch, graphdef, tx, state, meta, prior_seconds, validation)
 
 
-def _train_epochs(cfg: Config, workdir: str, dataset: datasets.Dataset, steps_per_epoch: int, graphdef: nnx.GraphDef,
-                  tx: optax.GradientTransformation, state: step_lib.TrainState, meta: dict,
-                  prior_seconds: float, validation: tuple[np.ndarray, np.ndarray] | None) -> dict:
+def _train_epochs(
+  cfg: Config,
+  workdir: str,
+  dataset: datasets.Dataset,
+  steps_per_epoch: int,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  state: step_lib.TrainState,
+  meta: dict,
+  prior_seconds: float,
+  validation: tuple[np.ndarray, np.ndarray] | None,
+) -> dict:
   """The epochs left to train: train, evaluate every exit on the test split (and the top exit's
   validation accuracy, which ranks the checkpoints for retention), checkpoint."""
   train_step = config_train_step(graphdef, tx, cfg)
@@ -209,18 +245,36 @@ def _train_epochs(cfg: Config, workdir: str, dataset: datasets.Dataset, steps_pe
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
   epochs = cfg.train.num_epochs
-  guard = loop.divergence_guard(cfg, dataset)    # one for all epochs
+  guard = loop.divergence_guard(cfg, dataset)  # one for all epochs
 
   def save(state: step_lib.TrainState, metrics: dict[str, float] | None = None) -> None:
-    checkpoints.save(mngr, int(state.step), state.params, state.batch_stats,
-                     {**meta, 'train_seconds': prior_seconds + time.time() - t_start}, state, metrics)
+    checkpoints.save(
+      mngr,
+      int(state.step),
+      state.params,
+      state.batch_stats,
+      {**meta, 'train_seconds': prior_seconds + time.time() - t_start},
+      state,
+      metrics,
+    )
 
-  with loop.StopRequests() as stop:      # SIGTERM / Ctrl-C during an epoch's evaluation too
+  with loop.StopRequests() as stop:  # SIGTERM / Ctrl-C during an epoch's evaluation too
     try:
       for epoch in range(step // steps_per_epoch, epochs):
-        state = loop.run_steps(state, train_step, dataset, cfg, first=step, last=(epoch + 1) * steps_per_epoch,
-                               steps_per_epoch=steps_per_epoch, writer=writer, desc=f'epoch {epoch + 1}/{epochs}',
-                               checkpoint=save, guard=guard, stop=stop)
+        state = loop.run_steps(
+          state,
+          train_step,
+          dataset,
+          cfg,
+          first=step,
+          last=(epoch + 1) * steps_per_epoch,
+          steps_per_epoch=steps_per_epoch,
+          writer=writer,
+          desc=f'epoch {epoch + 1}/{epochs}',
+          checkpoint=save,
+          guard=guard,
+          stop=stop,
+        )
         step = int(state.step)
         variables = nnx.merge_state(state.params, state.batch_stats)
         test_acc = evaluate(variables)
@@ -235,13 +289,17 @@ def _train_epochs(cfg: Config, workdir: str, dataset: datasets.Dataset, steps_pe
         if stop.signal_name is not None and epoch + 1 < epochs:
           raise loop.Preempted(step, stop.signal_name)
     finally:
-      mngr.wait_until_finished()   # nothing is left half-written by an exception either
+      mngr.wait_until_finished()  # nothing is left half-written by an exception either
       mngr.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
   writer.close()
-  return {'step': step, 'test_accuracy': [float(a) for a in test_acc],
-          'seconds': prior_seconds + time.time() - t_start, 'levels': cfg.model.num_levels}
+  return {
+    'step': step,
+    'test_accuracy': [float(a) for a in test_acc],
+    'seconds': prior_seconds + time.time() - t_start,
+    'levels': cfg.model.num_levels,
+  }
 
 
 @dataclasses.dataclass
@@ -260,6 +318,7 @@ class PhasedRun:
   keys depend only on the seed and the global step); a method that saves no phase
   checkpoints starts over.
   """
+
   cfg: Config
   workdir: str
   dataset: datasets.Dataset
@@ -269,7 +328,7 @@ class PhasedRun:
   writer: loop.MetricWriter | None = None
   started: float = 0.0
   stop: loop.StopRequests = dataclasses.field(default_factory=loop.StopRequests)
-  phases_saved: int = 0        # phase checkpoints are numbered 1, 2, ... (two phases may end at one step)
+  phases_saved: int = 0  # phase checkpoints are numbered 1, 2, ... (two phases may end at one step)
 
   def __enter__(self) -> PhasedRun:
     """SIGTERM / Ctrl-C are recorded for the whole run (between phases too) and stop it at the
@@ -289,8 +348,10 @@ class PhasedRun:
     if saved is not None:
       path = os.path.join(workdir, result_name)
       if not os.path.exists(path):
-        raise ValueError(f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
-                         f'writing {result_name}; delete {workdir} to run it again')
+        raise ValueError(
+          f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
+          f'writing {result_name}; delete {workdir} to run it again'
+        )
       with open(path) as f:
         run.finished = json.load(f)
       print(f'{workdir}: finished run found, not retraining', flush=True)
@@ -312,8 +373,14 @@ class PhasedRun:
     for the N-th phase end; the global step is in the meta, ``phase_step``)."""
     return os.path.join(self.workdir, 'phases')
 
-  def save_phase(self, step: int, model: SteppingModel | None, model_meta: dict, progress: dict,
-                 state: step_lib.TrainState | None = None) -> None:
+  def save_phase(
+    self,
+    step: int,
+    model: SteppingModel | None,
+    model_meta: dict,
+    progress: dict,
+    state: step_lib.TrainState | None = None,
+  ) -> None:
     """Checkpoints the end of a phase at global ``step``: the model with its structure, the
     method's JSON ``progress`` (what it needs to go on), the training time so far and, for a
     method whose next phase goes on with the same optimizer, its ``state`` (``restore_state``;
@@ -323,8 +390,12 @@ class PhasedRun:
       params, stats = state.params, state.batch_stats
     else:
       _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    meta = {**run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch), 'progress': progress,
-            'phase_step': step, 'train_seconds': time.time() - self.started}
+    meta = {
+      **run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch),
+      'progress': progress,
+      'phase_step': step,
+      'train_seconds': time.time() - self.started,
+    }
     self.phases_saved += 1
     checkpoints.save_final(self.phase_dir, 1, self.phases_saved, params, stats, meta, state)
     if self.stop.signal_name is not None:
@@ -349,8 +420,17 @@ class PhasedRun:
     """The train state saved with the phase checkpoint ``resume`` went on from, shaped like ``state``."""
     return checkpoints.restore_state(self.phase_dir, state, self.phases_saved)
 
-  def train(self, model: SteppingModel, first: int, last: int, desc: str, *, cfg: Config | None = None,
-            objective: losses.Objective | None = None, levels: Sequence[int] | None = None) -> SteppingModel:
+  def train(
+    self,
+    model: SteppingModel,
+    first: int,
+    last: int,
+    desc: str,
+    *,
+    cfg: Config | None = None,
+    objective: losses.Objective | None = None,
+    levels: Sequence[int] | None = None,
+  ) -> SteppingModel:
     """Trains ``model`` for global steps ``[first, last)`` with fresh optimizer moments; the
     learning rate follows the schedule at the global step. ``cfg`` overrides the run's for this
     phase, ``objective`` its objective (``levels``: the exits the objective reports)."""
@@ -360,12 +440,30 @@ class PhasedRun:
     state = self.run_steps(state, config_train_step(graphdef, tx, cfg, objective), first, last, desc, levels, cfg)
     return nnx.merge(graphdef, state.params, state.batch_stats)
 
-  def run_steps(self, state: step_lib.TrainState, train_step, first: int, last: int, desc: str,
-                levels: Sequence[int] | None = None, cfg: Config | None = None) -> step_lib.TrainState:
+  def run_steps(
+    self,
+    state: step_lib.TrainState,
+    train_step,
+    first: int,
+    last: int,
+    desc: str,
+    levels: Sequence[int] | None = None,
+    cfg: Config | None = None,
+  ) -> step_lib.TrainState:
     """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
-    return loop.run_steps(state, train_step, self.dataset, cfg or self.cfg, first=first, last=last,
-                          steps_per_epoch=self.steps_per_epoch, writer=self.writer, desc=desc, levels=levels,
-                          stop=self.stop)
+    return loop.run_steps(
+      state,
+      train_step,
+      self.dataset,
+      cfg or self.cfg,
+      first=first,
+      last=last,
+      steps_per_epoch=self.steps_per_epoch,
+      writer=self.writer,
+      desc=desc,
+      levels=levels,
+      stop=self.stop,
+    )
 
   def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
     """Evaluates every exit, saves the final checkpoint and ``result_name``; returns the result:
@@ -385,7 +483,13 @@ class PhasedRun:
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, self.result_name), 'w') as f:
         json.dump(result, f, indent=2)
-      shutil.rmtree(self.phase_dir, ignore_errors=True)    # the final checkpoint supersedes them
-    print(f'{label} done: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc)
-          + ', MACs ' + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs) + f', {seconds:.0f} s', flush=True)
+      shutil.rmtree(self.phase_dir, ignore_errors=True)  # the final checkpoint supersedes them
+    print(
+      f'{label} done: test accuracy per level '
+      + ' '.join(f'{a:.4f}' for a in test_acc)
+      + ', MACs '
+      + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs)
+      + f', {seconds:.0f} s',
+      flush=True,
+    )
     return result

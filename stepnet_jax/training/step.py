@@ -6,6 +6,7 @@
 Because hidden activations do not depend on the subnet, the joint objective gets
 all K exits from one full-width pass: it costs about one forward + backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from stepnet_jax import seeds
 from stepnet_jax.data import sharding
 from stepnet_jax.data.feed import Batch
 from stepnet_jax.training.losses import Objective
@@ -23,14 +25,13 @@ from stepnet_jax.training.losses import Objective
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: global optimizer steps so far
-  params: Any              # nnx.State of nnx.Param
-  batch_stats: Any         # nnx.State of nnx.BatchStat (running BN statistics)
+  step: jax.Array  # int32 scalar: global optimizer steps so far
+  params: Any  # nnx.State of nnx.Param
+  batch_stats: Any  # nnx.State of nnx.BatchStat (running BN statistics)
   opt_state: Any
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation,
-               step: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, step: int = 0) -> tuple[nnx.GraphDef, TrainState]:
   """(graphdef, a state at global step ``step`` with fresh optimizer moments)."""
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return graphdef, TrainState(jnp.asarray(step, jnp.int32), params, stats, tx.init(params))
@@ -49,16 +50,23 @@ def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
   return jnp.where(flip, out[:, :, ::-1], out)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective, *,
-                    seed: int = 0, augment_images: bool = False):
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  objective: Objective,
+  *,
+  seed: int = 0,
+  augment_images: bool = False,
+):
   """Jitted ``(state, batch) -> (state, metrics)``; the state is donated. Data parallel over
   ``sharding.mesh()``: the batch sharded along its leading axis, state and metrics replicated.
 
-  The objective gets the train-mode model and a key ``fold_in(key(seed + 1), step)``;
+  The objective gets the train-mode model and a key ``fold_in(key(seed + Stream.TRAIN_STEP_KEY), step)``;
   with ``augment_images`` the batch is first randomly cropped and flipped with
   ``fold_in(key(seed), step)``. Metrics: ``loss``, the ``accuracy`` of each exit in
   the objective's ``logits`` [exits], and the objective's other aux entries.
   """
+
   def loss_fn(params, batch_stats, batch: Batch, rng):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     loss, aux = objective(model, batch, rng)
@@ -66,14 +74,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
 
   replicated = sharding.replicated()
 
-  @functools.partial(jax.jit, donate_argnums=0, in_shardings=(replicated, sharding.batch_sharding()),
-                     out_shardings=(replicated, replicated))
+  @functools.partial(
+    jax.jit,
+    donate_argnums=0,
+    in_shardings=(replicated, sharding.batch_sharding()),
+    out_shardings=(replicated, replicated),
+  )
   def train_step(state: TrainState, batch: Batch):
     if augment_images:
       batch = batch.replace(images=augment(batch.images, jax.random.fold_in(jax.random.key(seed), state.step)))
-    rng = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+    rng = jax.random.fold_in(jax.random.key(seeds.seed_for(seed, seeds.Stream.TRAIN_STEP_KEY)), state.step)
     (loss, (aux, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, rng)
+      state.params, state.batch_stats, batch, rng
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux = dict(aux)

@@ -1,0 +1,127 @@
+"""The command line shared by ``train.py``, ``evaluate.py`` and every study command.
+
+Each study is ``python -m stepnet_jax.<study> --config FILE --workdir DIR [--quick]``:
+``define_study_flags`` declares those flags, ``run_study`` runs the study's ``main`` with a
+flags parser that names the new spelling of an override written for an older config
+layout (or the closest fields to a misspelt key), and ends a training stopped by SIGTERM
+or Ctrl-C with its one-line message and the shell's status (143 / 130).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from stepnet_jax.config import SECTIONS, Config, flat_paths, flatten
+from stepnet_jax.training import loop
+
+
+def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
+  """For a command-line override in the flat spelling of earlier versions
+  (``--config.num_epochs=2``), the same override spelled for the sections
+  (``--config.train.num_epochs=2``); None for anything else. ``run_roots``: the config
+  paths that hold a run's config ('' for train.py; ``common`` and the method sections
+  for the comparison), so other sections' fields get no hint."""
+  if not arg.startswith('--config.'):
+    return None
+  key, sep, value = arg[len('--config.') :].partition('=')
+  *parents, leaf = key.split('.')
+  new = flat_paths().get(leaf)
+  if new is None or '.' not in new or '.'.join(parents) not in run_roots:
+    return None
+  return '--config.' + '.'.join(parents + [new]) + sep + value
+
+
+def unknown_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
+  """For a ``--config.KEY=V`` override of a run's config (under one of ``run_roots``) whose
+  KEY is no field, a hint naming the closest fields; None otherwise."""
+  if not arg.startswith('--config.'):
+    return None
+  key = arg[len('--config.') :].partition('=')[0]
+  for root in sorted(run_roots, key=len, reverse=True):
+    prefix = f'{root}.' if root else ''
+    if key.startswith(prefix):
+      field = key[len(prefix) :]
+      break
+  else:
+    return None
+  known = flatten(Config().to_dict())
+  if field in known or field in SECTIONS or any(k.startswith(field + '.') for k in known):
+    return None
+  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or [
+    k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]
+  ]
+  return (
+    f'{key} is not a config key'
+    + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')
+    + '; every field and its default: stepnet_jax/config.py'
+  )
+
+
+def parse_flags_with_hints(argv: list[str], run_roots: Sequence[str] = ('',)) -> list[str]:
+  """absl flags parser for the commands: a flags error exits with absl's message, plus the
+  new spelling of an override in the flat spelling of earlier versions, or the closest
+  fields to an unknown key."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, flags.Error) as e:
+    hints = [f'{a} is now spelled {renamed_override(a, run_roots)}' for a in argv if renamed_override(a, run_roots)]
+    unknown = [unknown_override(a, run_roots) for a in argv if not renamed_override(a, run_roots)]
+    message = f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.'
+    if hints:
+      message += '\nThe config has sections (stepnet_jax/config.py): ' + '; '.join(hints)
+    message += ''.join(f'\n{u}' for u in unknown if u)
+    raise SystemExit(message) from e
+
+
+def define_study_flags(what: str) -> None:
+  """The flags every study command takes: --config FILE, --workdir DIR, --quick (defined only
+  when run as the command: importing a module defines none)."""
+  config_flags.DEFINE_config_file('config', None, f'{what} configuration file.', lock_config=False)
+  flags.DEFINE_string('workdir', None, "Directory for the trained networks and the study's files.")
+  flags.DEFINE_bool('quick', False, "Tiny settings (the config's `quick` overrides) for a smoke run.")
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run_study(
+  what: str,
+  study: Callable[[flags.FlagValues], object],
+  *,
+  extra_flags: Callable[[], None] | None = None,
+  run_roots: Sequence[str] = ('common',),
+) -> None:
+  """The one entry point of every study command: defines the study flags (``define_study_flags``)
+  and ``extra_flags``, parses them with the parser that names renamed or misspelt overrides
+  (``run_roots``: the config sections that hold a run's config), and calls ``study(FLAGS)``
+  with absl's logging at WARNING (orbax logs every file it writes at INFO). A training
+  stopped by SIGTERM or Ctrl-C ends the command with its one-line message and exit status
+  143 or 130 (as ``train.py`` does), not a traceback."""
+  define_study_flags(what)
+  if extra_flags is not None:
+    extra_flags()
+
+  def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+      study(flags.FLAGS)
+    except loop.Preempted as stopped:
+      print(f'stopped: {stopped}', file=sys.stderr, flush=True)
+      raise SystemExit(stopped.exit_status) from None
+
+  show_in_help(__name__, study.__module__, getattr(extra_flags, '__module__', __name__))
+  app.run(main, flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots))
+
+
+def show_in_help(*module_names: str) -> None:
+  """Lists the flags those modules define under ``--helpshort`` of the running command, whose
+  main module is a thin alias (``python -m stepnet_jax.compare``) that defines none itself."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  for name in dict.fromkeys(module_names):
+    for flag in by_module.get(name, []):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

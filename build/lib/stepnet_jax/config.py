@@ -1,0 +1,464 @@
+"""Configuration: nested sections, every field declared once, validated into frozen dataclasses.
+
+A run's config has two top-level fields (``method``, ``seed``) and the sections
+``data``, ``model``, ``loss``, ``optim``, ``train``, ``construction``, ``baseline`` and
+``selection``.
+The dataclasses below declare every field with its default and a comment;
+``base_config()`` turns them into the ml_collections ConfigDict that the files in
+``configs/`` start from, so every field can be overridden on the command line as
+``--config.SECTION.FIELD=VALUE`` (e.g. ``--config.train.num_epochs=5``).
+
+``from_dict`` validates a nested (or dotted, ``{'model.width': 0.5}``) dict into a
+frozen, hashable ``Config``: unknown keys, unknown names (model, method, optimizer,
+schedule, objective) and every cross-field check fail there, before anything is built,
+compiled or written. Configs saved by versions before the sections existed were flat
+(``num_epochs`` for ``train.num_epochs``); ``from_saved`` reads both, so their workdirs
+load, resume and are reused as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+# The default dataset: Debian's dataset-fashion-mnist package (``data.datasets`` reads it).
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the images come from (``datasets.py``)."""
+
+  name: str = FASHION_MNIST  # idx:DIR, digits, or a TFDS name
+  data_dir: str = ''  # TFDS data_dir ('' = TFDS default)
+  train_subset: int = 0  # use only this many training images (0 = all)
+  test_subset: int = 0  # use only this many test images (0 = all)
+  validation_examples: int = 0  # hold out this many training images (never trained on): data.split_validation
+  augment: bool = False  # random crop (pad 4) + horizontal flip, on device
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and level assignment (``zoo.py``)."""
+
+  name: str = 'lenet3c1l'  # a name in models.MODELS
+  width: float = 1.0  # channel multiplier
+  num_levels: int = 4
+  level_widths: tuple[float, ...] = ()  # cumulative channel fractions per level; () = (k+1)/K
+  triangular: bool = False  # Any-Width-Networks per-channel triangles inside level blocks
+  mask_rule: bool = True  # False: slimmable prefix subnets, private BN each, not reusable
+  batch_norm: str = 'auto'  # auto (per subnet exactly without the mask rule) | shared | per_subnet
+  exit_heads: str = 'shared'  # shared: one additive classifier; private: one per exit (layers.Head)
+  assignment: str = ''  # JSON text or file: {layer: [sizes per level]}
+
+  def switchable_bn(self) -> bool | None:
+    """Whether every subnet has its own BatchNorm; None for ``auto`` (``zoo.build_model``
+    decides: exactly without the mask rule)."""
+    return {'auto': None, 'shared': False, 'per_subnet': True}[self.batch_norm]
+
+  def assignment_dict(self) -> dict[str, list[int]]:
+    """``assignment`` (JSON text or a path to a JSON file) as {layer: level sizes}; {} if unset."""
+    if not self.assignment:
+      return {}
+    text = self.assignment
+    if os.path.exists(text):
+      with open(text) as f:
+        text = f.read()
+    return {k: [int(s) for s in v] for k, v in json.loads(text).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The training objective (``losses.py``)."""
+
+  objective: str = 'multi_exit'  # a name in losses.OBJECTIVES: multi_exit | sandwich
+  exit_weights: tuple[float, ...] = ()  # () = all ones
+  distill_weight: float = 0.0  # KL from the top exit to every lower exit
+  distill_temperature: float = 4.0
+  distill_mode: str = 'add'  # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
+  sandwich_widths: int = 0  # 'sandwich' (AWN): smallest + largest + this many random widths
+  label_smoothing: float = 0.0  # every exit's cross-entropy against (1 - e) one_hot + e / classes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and learning-rate schedule (``training/optim.py``)."""
+
+  name: str = 'adam'  # a name in optim.OPTIMIZERS: adam | adamw | sgd
+  learning_rate: float = 1e-3
+  momentum: float = 0.9  # sgd only
+  weight_decay: float = 0.0
+  schedule: str = 'cosine'  # a name in optim.SCHEDULES: cosine | step | constant
+  step_decay_at: tuple[float, ...] = (0.5, 0.75)  # fractions of training where 'step' multiplies lr by 0.1
+  warmup_epochs: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Length of training, batches, logging and checkpoints (``training/``)."""
+
+  num_epochs: int = 5
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  log_every_steps: int = 50
+  keep_checkpoints: int = 2
+  checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0: at epoch ends only)
+  divergence_steps: int = 200  # stop when the smoothed loss stays this many steps above (0: never) ...
+  divergence_factor: float = 3.0  # ... this x min(its best, chance level): loop.DivergenceGuard
+  progress: bool = True  # tqdm progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstructionConfig:
+  """Levels made under MAC budgets: SteppingNet construction (``construct.py``); the
+  non-uniform baseline uses ``budgets``, ``widen`` and ``pretrain_epochs`` too."""
+
+  budgets: tuple[float, ...] = ()  # cumulative MAC budgets, fractions of the dense base network at model.width
+  widen: float = 2.0  # widening factor of the base network before construction
+  importance: str = 'taylor'  # taylor | class
+  importance_examples: int = 512  # training examples (per class for 'class') per importance evaluation
+  class_threshold: float = 0.5  # class-based: score > this x the layer's mean counts a class
+  allocation: str = 'global'  # global: lowest importance anywhere goes first; uniform: layers shrink alike;
+  # uniform_fill: uniform, then the slack filled by any layer's neurons
+  rank_per_mac: bool = False  # move the lowest importance per MAC saved first (else lowest importance)
+  rounds: int = 4  # importance -> move neurons -> retrain rounds
+  pretrain_epochs: float = 1.0  # epochs of the full network before the levels are made
+  round_epochs: float = 0.25  # retraining after each round; the rest of train.num_epochs fine-tunes
+  finetune_distill_weight: float = 0.0  # distillation while fine-tuning (0 = loss.distill_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+  """Settings of the peer methods that are not a level assignment (``nonuniform.py``)."""
+
+  nonuniform_cycles: int = 2  # round-robin passes over the subnets after the channel ranking
+  recalibrate_batches: int = 50  # train-mode batches that re-estimate each subnet's BN statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+  """Guan et al.'s selection module, trained by REINFORCE on the validation split (``selection.py``)."""
+
+  cost_weight: float = 0.5  # lambda: reward = correct - lambda * MACs spent / top-level MACs
+  hidden: int = 32  # hidden units of the selection MLP
+  history: bool = True  # also read the previous exit's probabilities
+  epochs: int = 60  # passes over the half of the validation split it is fitted on
+  batch_size: int = 256
+  learning_rate: float = 1e-2  # Adam
+  entropy_weight: float = 0.01  # bonus on the stop decisions' entropy
+  samples: int = 8  # episodes per input and step; > 1: leave-one-out baseline
+  baseline: str = 'running'  # with 1 sample: running per-level mean of the reward, or none
+  joint: bool = False  # also fine-tune the exits (Guan et al.); default: the network is frozen
+  ce_weight: float = 1.0  # joint: weight of the cross-entropy of the exit each episode stopped at
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A validated, hashable run configuration."""
+
+  method: str = 'joint'  # how the levels are made: a name in methods.trainers.TRAINERS
+  seed: int = 0
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  construction: ConstructionConfig = dataclasses.field(default_factory=ConstructionConfig)
+  baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+  selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
+
+  @property
+  def exit_weights(self) -> tuple[float, ...]:
+    """Per-exit loss weights: ``loss.exit_weights``, or 1 for every exit when it is empty."""
+    return self.loss.exit_weights or (1.0,) * self.model.num_levels
+
+  def to_dict(self) -> dict[str, Any]:
+    """Nested plain dict (JSON-able)."""
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes: Any) -> Config:
+    """A validated copy with dotted fields changed: ``cfg.replace(**{'model.width': 0.5})``."""
+    return from_dict(merge(self.to_dict(), nest(changes)))
+
+
+SECTIONS = {
+  f.name: f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING
+}
+# construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
+ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
+BATCH_NORMS = ('auto', 'shared', 'per_subnet')
+SELECTION_BASELINES = ('running', 'none')  # methods.selection
+TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
+# Keys that change how a run reports, not what it trains, and sections no network trainer
+# reads (the selection module is trained afterwards, on a finished network).
+REPORTING_KEYS = (
+  'train.progress',
+  'train.log_every_steps',
+  'train.keep_checkpoints',
+  'train.eval_batch_size',
+  'train.checkpoint_every_steps',
+  'train.divergence_steps',
+  'train.divergence_factor',
+)
+NOT_TRAINING_SECTIONS = ('selection',)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default, as the nested ConfigDict config files start from."""
+  return ml_collections.ConfigDict(Config().to_dict())
+
+
+# ------------------------------------------------------------------ dict plumbing
+
+
+def flatten(d: Mapping[str, Any], prefix: str = '', sep: str = '.') -> dict[str, Any]:
+  """{'model': {'width': 1}} -> {'model.width': 1} (keys joined by ``sep``)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(v, f'{prefix}{k}{sep}', sep))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def nest(d: Mapping[str, Any]) -> dict[str, Any]:
+  """Dotted keys to nested dicts: {'model.width': 1} -> {'model': {'width': 1}} (others kept)."""
+  out: dict[str, Any] = {}
+  for key, value in d.items():
+    *parents, leaf = key.split('.')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = nest(value) if isinstance(value, Mapping) else value
+  return out
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """``base`` with ``overrides`` applied; nested dicts merge field by field."""
+  out = dict(base)
+  for k, v in overrides.items():
+    out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+  return out
+
+
+def _as_tuple(v) -> tuple:
+  if isinstance(v, str):
+    v = [s for s in v.replace('(', '').replace(')', '').replace('[', '').replace(']', '').split(',') if s.strip()]
+  try:
+    return tuple(float(x) for x in v)
+  except (TypeError, ValueError):
+    raise TypeError(f'expected a sequence of numbers, got {v!r}') from None
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+  """``value`` as the field's type (int, float, bool, str or tuple); TypeError naming the key
+  when it is not one (a bool is not a number here, and 2.5 is not an int)."""
+  ok = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    tuple: lambda v: isinstance(v, tuple),
+  }[kind]
+  if not ok(value):
+    raise TypeError(f'config key {key} must be {kind.__name__}, got {type(value).__name__} {value!r}')
+  return float(value) if kind is float else int(value) if kind is int else value
+
+
+# ------------------------------------------------------------------ validation
+
+
+def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
+  """Validates a (partial) nested or dotted dict, or a ConfigDict, into a frozen ``Config``."""
+  given = flatten(nest(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)))
+  defaults = flatten(Config().to_dict())
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f'unknown config keys: {unknown}')
+  values = {**defaults, **given}
+  for key in TUPLE_FIELDS:
+    values[key] = _as_tuple(values[key])
+  for key, value in values.items():
+    values[key] = _typed(key, value, type(defaults[key]))
+  tree = nest(values)
+  c = Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in tree.items()})
+  _check(c)
+  return c
+
+
+def _check(c: Config) -> None:
+  """Cross-field checks that need no registry; the names (model, method, optimizer, ...)
+  and the method combinations are checked next to their tables, ``methods.trainers.validate``."""
+  m, loss = c.model, c.loss
+  if m.num_levels < 1:
+    raise ValueError('num_levels must be >= 1')
+  if loss.exit_weights and len(loss.exit_weights) != m.num_levels:
+    raise ValueError(f'exit_weights has {len(loss.exit_weights)} entries for {m.num_levels} levels')
+  if any(w < 0 for w in c.exit_weights) or sum(c.exit_weights) <= 0:
+    raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
+  if m.level_widths and len(m.level_widths) != m.num_levels:
+    raise ValueError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
+  for key, value, choices in (
+    ('model.batch_norm', m.batch_norm, BATCH_NORMS),
+    ('construction.allocation', c.construction.allocation, ALLOCATIONS),
+    ('selection.baseline', c.selection.baseline, SELECTION_BASELINES),
+  ):
+    if value not in choices:
+      raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
+  _check_ranges(c)
+
+
+def _check_ranges(c: Config) -> None:
+  """Numeric settings outside their meaningful range are errors, not silent no-ops."""
+  values = flatten(c.to_dict())
+  minimum = {
+    'train.batch_size': 1,
+    'train.num_epochs': 1,
+    'train.eval_batch_size': 1,
+    'train.log_every_steps': 1,
+    'train.keep_checkpoints': 1,
+    'train.checkpoint_every_steps': 0,
+    'train.divergence_steps': 0,
+    'data.train_subset': 0,
+    'data.test_subset': 0,
+    'optim.momentum': 0,
+    'optim.weight_decay': 0,
+    'loss.distill_weight': 0,
+    'construction.rounds': 1,
+    'construction.pretrain_epochs': 0,
+    'construction.round_epochs': 0,
+    'construction.importance_examples': 1,
+    'construction.class_threshold': 0,
+    'baseline.nonuniform_cycles': 1,
+    'baseline.recalibrate_batches': 0,
+    'loss.sandwich_widths': 0,
+    'optim.warmup_epochs': 0,
+    'data.validation_examples': 0,
+    'selection.hidden': 1,
+    'selection.epochs': 1,
+    'selection.samples': 1,
+    'selection.batch_size': 1,
+    'selection.cost_weight': 0,
+    'selection.entropy_weight': 0,
+    'selection.ce_weight': 0,
+  }
+  for key, low in minimum.items():
+    if values[key] < low:
+      raise ValueError(f'{key} must be >= {low}, got {values[key]}')
+  positive = (
+    'construction.widen',
+    'model.width',
+    'optim.learning_rate',
+    'loss.distill_temperature',
+    'selection.learning_rate',
+    'train.divergence_factor',
+  )
+  for key in positive:
+    if not values[key] > 0:
+      raise ValueError(f'{key} must be > 0, got {values[key]}')
+  if not 0 <= values['loss.label_smoothing'] < 1:
+    raise ValueError(f'loss.label_smoothing must be in [0, 1), got {values["loss.label_smoothing"]}')
+  if values['optim.momentum'] >= 1:
+    raise ValueError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
+  for key in ('model.level_widths', 'construction.budgets'):
+    v = values[key]
+    if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
+      raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
+  if c.model.level_widths and c.model.level_widths[-1] > 1:
+    raise ValueError(
+      f'model.level_widths are fractions of the full width: the last must be <= 1, got {c.model.level_widths}'
+    )
+
+
+# ------------------------------------------------------------------ saved configs
+
+
+# Flat keys of configs saved before the sections existed whose leaf name changed, and the
+# sections their fields went to (sections added later, like ``selection``, had no flat keys).
+_RENAMED = {
+  'model': 'model.name',
+  'dataset': 'data.name',
+  'optimizer': 'optim.name',
+  'construct_rounds': 'construction.rounds',
+}
+_FLAT_ERA = ('method', 'seed', 'data', 'model', 'loss', 'optim', 'train', 'construction', 'baseline')
+
+
+def flat_paths() -> dict[str, str]:
+  """Flat (pre-section) key -> dotted key. Leaf names were the flat names, except _RENAMED."""
+  keys = [k for k in flatten(Config().to_dict()) if k.split('.')[0] in _FLAT_ERA and not k.endswith('.name')]
+  paths = {key.rsplit('.', 1)[-1]: key for key in keys}
+  if len(paths) != len(keys):
+    raise AssertionError('two fields of the flat-era sections share a name')  # the conversion would be ambiguous
+  return {**paths, **_RENAMED}
+
+
+def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config, nested (as written now) or flat (before the sections), as a nested dict.
+
+  A flat config's ``sandwich_widths > 0`` meant the sandwich objective.
+  """
+  saved = dict(saved)
+  if not isinstance(saved.get('model'), str):  # flat configs had the model's name at the top
+    return saved
+  paths = flat_paths()
+  unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
+  if unknown:
+    raise ValueError(
+      f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; retrain in a new --workdir'
+    )
+  widths = int(saved.pop('sandwich_widths', 0))
+  nested = nest({paths[k]: v for k, v in saved.items()})
+  if widths:
+    nested = merge(nested, {'loss': {'objective': 'sandwich', 'sandwich_widths': widths}})
+  return nested
+
+
+def from_saved(saved: Mapping[str, Any]) -> Config:
+  """A config as saved in a workdir (``config.json``, checkpoint meta), nested or flat (older runs), validated."""
+  return from_dict(_upgrade(saved))
+
+
+def saved_data(saved: Mapping[str, Any]) -> DataConfig:
+  """Only the ``data`` section of a saved config: what evaluating a trained run needs (no
+  validation, so reading a run does not load the trainers)."""
+  return DataConfig(**{**dataclasses.asdict(DataConfig()), **_upgrade(saved).get('data', {})})
+
+
+def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
+  """Dotted keys whose value in a saved config (JSON) differs from ``cfg``'s, leaving aside
+  reporting keys and sections the network trainers do not read.
+
+  Keys added since the config was saved take their defaults.
+  """
+  a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
+  return sorted(
+    k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS and a[k] != b[k]
+  )
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file ``path`` (for configs and tests building on another)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def with_quick(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
+  """A study config as run: references resolved and, with ``quick``, its ``quick`` section's
+  fields merged in (sections field by field)."""
+  cc = cc.copy_and_resolve_references()
+  if quick:
+    cc = ml_collections.ConfigDict(merge(cc.to_dict(), cc.quick.to_dict()))
+  return cc

@@ -1,0 +1,469 @@
+"""Level-structured layers (Flax NNX).
+
+Every layer exposes three computations over the same parameters:
+
+* ``__call__(x, level, train)``: the *prefix* forward of subnet ``level``. ``x`` holds
+  the input channels of levels <= ``level``; the kernel slice is multiplied by the
+  static connection mask where the mask is not all ones. At the top level this is the
+  full-width masked layer used for one-pass multi-exit training.
+* ``step(cache, x, level, rows=None)``: eval-mode computation of only the level-``level``
+  output channels from the inputs of levels <= ``level``, written into the layer's cache
+  buffers (of the batch rows ``rows`` only, when given). Its cost is the delta MACs of
+  that level.
+* ``delta_macs(in_shape)``: exact MACs of each level's new connections.
+
+Channel axes are last (NHWC for images, [B, C] for vectors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepnet_jax.core import levels as lv
+from stepnet_jax.core.levels import Connectivity
+from stepnet_jax.core.quantizers import quantize_activation
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def write_block(buffer: jax.Array, block: jax.Array, offset: int, rows: jax.Array | None = None) -> jax.Array:
+  """Write ``block`` into the channel axis of ``buffer`` at a static offset; with ``rows``
+  (distinct batch indices, one per row of ``block``) only into those rows."""
+  if block.shape[-1] == 0:
+    return buffer
+  if rows is None:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, block.astype(buffer.dtype), offset, axis=-1)
+  return buffer.at[rows, ..., offset : offset + block.shape[-1]].set(block.astype(buffer.dtype), unique_indices=True)
+
+
+def take_rows(buffer: jax.Array, rows: jax.Array | None, lo: int = 0, hi: int | None = None) -> jax.Array:
+  """Channels [lo, hi) of ``buffer``, of the batch rows ``rows`` (all rows when None).
+
+  Stepping only some inputs reads just the channels a level needs, not whole cache rows.
+  """
+  x = buffer[..., lo:hi]
+  return x if rows is None else x[rows]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+  if padding == 'SAME':
+    return -(-size // stride)
+  return (size - kernel) // stride + 1
+
+
+# Eval-mode convolutions with at most (in, out) channels run as ``conv_by_taps`` (one
+# matrix product over explicit taps), per backend. XLA:CPU's convolution of a one-channel
+# input (a grayscale image's first layer and its narrow level blocks) costs about the same
+# whatever its output channels: the anytime study's level-0 conv1 block (7 channels) took
+# 5.1 ms at batch 256, 2.4 ms as taps. Wider outputs, two or more input channels and
+# training keep the library convolution (as fast or faster there). A sum of per-tap
+# broadcast products was faster still (0.4 ms), but XLA fused that loop into each of its
+# consumers and computed it twice (compiled FLOPs 1.25x the MACs at level 0), so it is not
+# used. Measurements: README, "Where the anytime time goes"; ``scripts/profile_levels.py``;
+# ``python -m stepnet_jax.bench`` section (e). GPU/TPU: the library convolution.
+TAPS_MAX_CHANNELS = {'cpu': (1, 16)}
+
+
+@contextlib.contextmanager
+def conv_rule(rule: dict[str, tuple[int, int]]):
+  """Within the block, ``TAPS_MAX_CHANNELS`` is ``rule`` (read when functions trace; build
+  fresh jitted functions inside); the default is restored after."""
+  saved = dict(TAPS_MAX_CHANNELS)
+  TAPS_MAX_CHANNELS.clear()
+  TAPS_MAX_CHANNELS.update(rule)
+  try:
+    yield
+  finally:
+    TAPS_MAX_CHANNELS.clear()
+    TAPS_MAX_CHANNELS.update(saved)
+
+
+def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.Array:
+  """NHWC x HWIO convolution as one matrix product over explicit taps: the kh*kw shifted
+  (strided) views of ``x`` stacked on a new axis, contracted with the kernel over
+  (tap, input channel). Cheap when the input has few channels (the patches are small)."""
+  kh, kw = w.shape[:2]
+  if padding == 'SAME':
+    pads = []
+    for size, k in ((x.shape[1], kh), (x.shape[2], kw)):
+      total = max((conv_output_size(size, k, stride, 'SAME') - 1) * stride + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  h = conv_output_size(x.shape[1], kh, stride, 'VALID')
+  wd = conv_output_size(x.shape[2], kw, stride, 'VALID')
+  patches = jnp.stack(
+    [
+      x[:, dy : dy + (h - 1) * stride + 1 : stride, dx : dx + (wd - 1) * stride + 1 : stride, :]
+      for dy in range(kh)
+      for dx in range(kw)
+    ],
+    axis=-2,
+  )  # [B, h, w, taps, C_in]
+  return jnp.einsum('bhwtc,tco->bhwo', patches, w.reshape(kh * kw, w.shape[2], w.shape[3]))
+
+
+class BatchNorm(nnx.Module):
+  """Per-channel batch norm whose statistics can be read for any channel slice.
+
+  A channel's value is the same in every subnet that contains it, so one set of
+  statistics is exact for all subnets: no switchable / per-width BN is needed.
+  """
+
+  def __init__(self, channels: int):
+    self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+
+  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool, level: int | None = None) -> jax.Array:
+    del level  # shared by every subnet
+    axes = tuple(range(y.ndim - 1))
+    if train:
+      mean = y.mean(axes)
+      var = jnp.maximum((y * y).mean(axes) - mean * mean, 0.0)
+      m = BN_MOMENTUM
+      self.mean[lo:hi] = m * self.mean[lo:hi] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var[lo:hi] = m * self.var[lo:hi] + (1 - m) * jax.lax.stop_gradient(var)
+    else:
+      mean, var = self.mean[lo:hi], self.var[lo:hi]
+    inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale[lo:hi]
+    return (y - mean) * inv + self.bias[lo:hi]
+
+
+class SwitchableBatchNorm(nnx.Module):
+  """One private BatchNorm per subnet, for non-reusable (slimmable-style) layers.
+
+  Without the mask rule a channel's value changes with the subnet, so subnet k keeps
+  its own statistics and affine parameters for its first end(k) channels (Yu et al.).
+  """
+
+  def __init__(self, sizes: Sequence[int]):
+    self.per_level = nnx.List([BatchNorm(lv.end(tuple(sizes), k)) for k in range(len(sizes))])
+
+  def __call__(self, y: jax.Array, lo: int, hi: int, train: bool, level: int | None = None) -> jax.Array:
+    if level is None:
+      raise ValueError('per-subnet batch norm needs the subnet level')
+    return self.per_level[level](y, lo, hi, train)
+
+
+def make_batch_norm(conn: Connectivity, switchable: bool) -> nnx.Module:
+  return SwitchableBatchNorm(conn.out_sizes) if switchable else BatchNorm(sum(conn.out_sizes))
+
+
+class _LinearUnit(nnx.Module):
+  """Shared machinery: masked kernel slices, BN, ReLU, and per-level stepping."""
+
+  conn: Connectivity
+  relu: bool
+  # (bits, clip, straight-through) of the output activation's quantizer, or None (float);
+  # static, set by ``quant.set_activation_quantization``.
+  act_quant: tuple[int, float, bool] | None = None
+
+  def linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
+    """The layer's linear op (convolution or matmul) of ``x`` with the kernel slice ``w``."""
+    raise NotImplementedError
+
+  def _post(self, y: jax.Array) -> jax.Array:
+    return y
+
+  def _sliced_kernel(self, in_hi: int, out_lo: int, out_hi: int, mask: np.ndarray | None) -> jax.Array:
+    w = self.kernel[..., :in_hi, out_lo:out_hi]
+    if mask is not None:
+      w = w * jnp.asarray(mask, w.dtype)
+    return w
+
+  def _apply(self, x: jax.Array, out_lo: int, out_hi: int, mask, train: bool, level: int) -> jax.Array:
+    in_hi = x.shape[-1]
+    y = self.linear(x, self._sliced_kernel(in_hi, out_lo, out_hi, mask), train)
+    return self.finish(y, out_lo, out_hi, train, level)
+
+  def finish(self, y: jax.Array, out_lo: int, out_hi: int, train: bool, level: int) -> jax.Array:
+    """Everything after the linear op (BN, ReLU, pooling, activation quantizer) for the
+    pre-activations ``y`` of output channels ``out_lo:out_hi`` (bit-serial inference
+    accumulates ``y`` itself)."""
+    y = self.bn(y, out_lo, out_hi, train, level)
+    if self.relu:
+      y = jax.nn.relu(y)
+    y = self._post(y)
+    if self.act_quant is not None:
+      y = quantize_activation(y, *self.act_quant)
+    return y
+
+  def __call__(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
+    """Prefix forward of subnet ``level``: all output channels of levels <= ``level``."""
+    c = self.conn
+    if x.shape[-1] != lv.end(c.in_sizes, level):
+      raise ValueError(f'expected {lv.end(c.in_sizes, level)} input channels at level {level}, got {x.shape[-1]}')
+    return self._apply(x, 0, lv.end(c.out_sizes, level), c.prefix_mask(level), train, level)
+
+  def block(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Eval-mode output channels of exactly level ``level`` (the delta of that level), of the
+    batch rows ``rows`` of ``x`` (all when None)."""
+    c = self.conn
+    if not c.mask_rule:
+      raise ValueError('a layer without the mask rule has no reusable level blocks')
+    lo, hi = lv.start(c.out_sizes, level), lv.end(c.out_sizes, level)
+    x = take_rows(x, rows, 0, lv.end(c.in_sizes, level))
+    return self._apply(x, lo, hi, c.block_mask(level), False, level)
+
+  def step(self, cache: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Update this unit's output buffer with its level-``level`` channels (of ``rows`` only,
+    when given)."""
+    if lv.end(self.conn.out_sizes, level) == lv.start(self.conn.out_sizes, level):
+      return cache
+    return write_block(cache, self.block(x, level, rows), lv.start(self.conn.out_sizes, level), rows)
+
+  def output(self, cache: jax.Array) -> jax.Array:
+    return cache
+
+  def cache_like(self, x: jax.Array) -> jax.Array:
+    return self(x, self.conn.num_levels - 1)
+
+
+class LevelConv(_LinearUnit):
+  """conv -> BN -> [ReLU] -> [max-pool], kernel [kh, kw, C_in, C_out] (HWIO)."""
+
+  def __init__(
+    self,
+    conn: Connectivity,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: str = 'SAME',
+    pool: int = 0,
+    relu: bool = True,
+    switchable_bn: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.conn, self.kernel_size, self.stride, self.padding = conn, kernel_size, stride, padding
+    self.pool, self.relu = pool, relu
+    cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
+    init = jax.nn.initializers.he_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
+    self.bn = make_batch_norm(conn, switchable_bn)
+
+  def linear(self, x, w, train):
+    if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
+      return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
+    max_in, max_out = TAPS_MAX_CHANNELS.get(jax.default_backend(), (0, 0))
+    if not train and w.shape[-2] <= max_in and w.shape[-1] <= max_out:
+      return conv_by_taps(x, w, self.stride, self.padding)
+    return jax.lax.conv_general_dilated(
+      x, w, (self.stride, self.stride), self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  def _out_shape(self, shape):
+    h = conv_output_size(shape[1], self.kernel_size, self.stride, self.padding)
+    w = conv_output_size(shape[2], self.kernel_size, self.stride, self.padding)
+    return (shape[0], h, w)
+
+  def _post(self, y):
+    if self.pool:
+      p = self.pool
+      y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, p, p, 1), (1, p, p, 1), 'VALID')
+    return y
+
+  def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(MACs per level, output shape [H, W, C]) for an input of shape [H, W, C]."""
+    _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
+    macs = self.conn.kept_connections() * self.kernel_size**2 * h * w
+    if self.pool:
+      h, w = h // self.pool, w // self.pool
+    return macs, (h, w, sum(self.conn.out_sizes))
+
+
+class LevelDense(_LinearUnit):
+  """dense -> BN -> [ReLU] on flattened input; kernel [S, C_in, C_out].
+
+  S is the number of spatial positions of the input (1 for vectors), so a dense
+  layer reading a conv feature map still slices levels on its channel axis.
+  """
+
+  def __init__(
+    self, conn: Connectivity, spatial: int, *, relu: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs
+  ):
+    self.conn, self.spatial, self.relu = conn, spatial, relu
+    cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
+    init = jax.nn.initializers.he_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
+    self.bn = make_batch_norm(conn, switchable_bn)
+
+  def linear(self, x, w, train):
+    del train
+    if 0 in w.shape[-2:]:
+      return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
+    x = x.reshape(x.shape[0], self.spatial, x.shape[-1])
+    return jnp.einsum('bsi,sio->bo', x, w)
+
+  def delta_macs(self, in_shape):
+    return self.conn.kept_connections() * self.spatial, (sum(self.conn.out_sizes),)
+
+
+class ResidualBlock(nnx.Module):
+  """CIFAR ResNet basic block whose residual stream keeps one level per channel.
+
+  out = ReLU(BN(conv2(ReLU(BN(conv1(x))))) + shortcut(x)). The identity shortcut adds
+  channel o of x to channel o of the output, which has the same level; a projection
+  shortcut (1x1 conv + BN, used when the shape changes) obeys the mask rule.
+  The cache holds the inner activation and the block output.
+  """
+
+  def __init__(
+    self,
+    in_sizes,
+    mid_sizes,
+    out_sizes,
+    *,
+    stride: int,
+    triangular: bool = False,
+    mask_rule: bool = True,
+    switchable_bn: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    def conn(a, b):
+      return Connectivity(tuple(a), tuple(b), triangular, mask_rule)
+
+    kw = dict(switchable_bn=switchable_bn, rngs=rngs)
+    self.conv1 = LevelConv(conn(in_sizes, mid_sizes), 3, stride=stride, **kw)
+    self.conv2 = LevelConv(conn(mid_sizes, out_sizes), 3, relu=False, **kw)
+    self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
+    self.shortcut = None if self.identity else LevelConv(conn(in_sizes, out_sizes), 1, stride=stride, relu=False, **kw)
+    self.conn = conn(in_sizes, out_sizes)
+
+  def __call__(self, x, level, train=False):
+    h = self.conv1(x, level, train)
+    y = self.conv2(h, level, train)
+    s = x if self.identity else self.shortcut(x, level, train)
+    return jax.nn.relu(y + s)
+
+  def cache_like(self, x):
+    top = self.conn.num_levels - 1
+    return (self.conv1(x, top), self(x, top))
+
+  def step(self, cache, x, level, rows=None):
+    h_buf, out_buf = cache
+    h_buf = self.conv1.step(h_buf, x, level, rows)
+    lo, hi = lv.start(self.conn.out_sizes, level), lv.end(self.conn.out_sizes, level)
+    if hi == lo:
+      return h_buf, out_buf
+    y = self.conv2.block(h_buf, level, rows)
+    s = take_rows(x, rows, lo, hi) if self.identity else self.shortcut.block(x, level, rows)
+    return h_buf, write_block(out_buf, jax.nn.relu(y + s), lo, rows)
+
+  def output(self, cache):
+    return cache[1]
+
+  def delta_macs(self, in_shape):
+    m1, mid_shape = self.conv1.delta_macs(in_shape)
+    m2, out_shape = self.conv2.delta_macs(mid_shape)
+    m = m1 + m2
+    if not self.identity:
+      m = m + self.shortcut.delta_macs(in_shape)[0]
+    return m, out_shape
+
+
+EXIT_HEADS = ('shared', 'private')
+
+
+class Head(nnx.Module):
+  """The exits' linear classifier over the last hidden features.
+
+  ``exit_heads='shared'``: one additive classifier, logits(k) = bias + sum over the
+  features of levels <= k (kernel [S, C, classes]); step k adds the level-k features'
+  contribution to the cached logits.
+  ``exit_heads='private'``: exit k has its own classifier over all features of levels
+  <= k (kernel [K, S, C, classes], the entries of higher-level features held at zero;
+  bias [K, classes]). Its outputs are level-k neurons whose inputs all have level <= k,
+  so the mask rule holds; step k computes exit k's classifier whole (S x end_k x classes
+  MACs) and replaces the cached logits.
+
+  ``pool='avg'`` averages a feature map over space first (ResNet); ``'flatten'``
+  keeps every position.
+  """
+
+  def __init__(
+    self, in_sizes, num_classes: int, spatial: int, *, pool: str = 'flatten', exit_heads: str = 'shared', rngs: nnx.Rngs
+  ):
+    if exit_heads not in EXIT_HEADS:
+      raise ValueError(f'unknown exit_heads {exit_heads!r}; choose one of {", ".join(EXIT_HEADS)}')
+    self.in_sizes, self.num_classes, self.pool = tuple(in_sizes), num_classes, pool
+    self.private = exit_heads == 'private'
+    self.spatial = 1 if pool == 'avg' else spatial
+    init = jax.nn.initializers.lecun_normal()
+    k, features = len(self.in_sizes), sum(self.in_sizes)
+    if self.private:
+      kernel = init(rngs.params(), (k, self.spatial, features, num_classes), jnp.float32)
+      self.kernel = nnx.Param(kernel * jnp.asarray(self.exit_mask()))
+      self.bias = nnx.Param(jnp.zeros((k, num_classes), jnp.float32))
+    else:
+      self.kernel = nnx.Param(init(rngs.params(), (self.spatial, features, num_classes), jnp.float32))
+      self.bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32))
+
+  def exit_mask(self) -> np.ndarray:
+    """Private heads: 1 where exit k may read feature c (level(c) <= k), [K, 1, C, 1]."""
+    ends = np.asarray([lv.end(self.in_sizes, k) for k in range(len(self.in_sizes))])
+    return (np.arange(sum(self.in_sizes))[None, :] < ends[:, None]).astype(np.float32)[:, None, :, None]
+
+  def level_inputs(self) -> np.ndarray:
+    """Features the head reads at each level's step: the level's own (shared) or every
+    feature of levels <= k (private)."""
+    sizes = np.asarray(self.in_sizes, np.int64)
+    return np.cumsum(sizes) if self.private else sizes
+
+  def _flat(self, x):
+    if self.pool == 'avg' and x.ndim == 4:
+      x = x.mean((1, 2))
+    return x.reshape(x.shape[0], self.spatial, x.shape[-1])
+
+  def contribution(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Shared head: logit contribution of the level-``level`` features (no bias), of the
+    batch rows ``rows`` (all when None). x: features of levels <= level."""
+    lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
+    x = self._flat(take_rows(x, rows, lo, hi))
+    return jnp.einsum('bsi,sio->bo', x, self.kernel[:, lo:hi])
+
+  def step_logits(self, logits: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """The cached ``logits`` [B, classes] after step ``level`` (of the rows ``rows``, all when
+    None), from the features ``x`` of levels <= level: the shared head adds the level's
+    contribution, a private head replaces them with exit ``level``'s classifier."""
+    if self.private:
+      new = self(take_rows(x, rows, 0, lv.end(self.in_sizes, level)), level)
+      return new if rows is None else logits.at[rows].set(new, unique_indices=True)
+    delta = self.contribution(x, level, rows)
+    if level == 0:
+      delta = delta + self.bias[...]
+    return logits + delta if rows is None else logits.at[rows].add(delta, unique_indices=True)
+
+  def __call__(self, x, level):
+    hi = lv.end(self.in_sizes, level)
+    if self.private:
+      return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[level, :, :hi]) + self.bias[level]
+    return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[:, :hi]) + self.bias[...]
+
+  def exits(self, x: jax.Array) -> jax.Array:
+    """All K exits from full-width features: [K, B, classes] (shared: cumulative over levels)."""
+    if self.private:
+      kernel = self.kernel[...] * jnp.asarray(self.exit_mask())
+      return jnp.einsum('bsc,ksco->kbo', self._flat(x), kernel) + self.bias[...][:, None, :]
+    deltas = jnp.stack([self.contribution(x, k) for k in range(len(self.in_sizes))])
+    return jnp.cumsum(deltas, axis=0) + self.bias[...]
+
+  def prefix_logits(self, x: jax.Array, counts: jax.Array) -> jax.Array:
+    """Logits from only the first ``counts[r]`` features of full-width ``x``: [R, B, classes].
+
+    ``counts`` may be traced (random widths in AWN's sandwich rule). Shared head only.
+    """
+    if self.private:
+      raise ValueError('random-width logits (the sandwich rule) need the shared head: exit_heads=shared')
+    per_feature = jnp.einsum('bsc,sco->cbo', self._flat(x), self.kernel[...])
+    return jnp.cumsum(per_feature, axis=0)[counts - 1] + self.bias[...]
+
+  def delta_macs(self, in_shape):
+    return self.level_inputs() * self.spatial * self.num_classes, (self.num_classes,)

@@ -1,0 +1,124 @@
+"""Reading a run's checkpoints: its recorded structure, its meta and its trained variables.
+
+A checkpoint (``WORKDIR/checkpoints/STEP``, written by ``training/checkpoints.py``)
+holds the item ``model`` (parameters and batch statistics as plain nested dicts, see
+``model_item``), for a training run also ``train`` (optimizer state and step), and
+``meta``: JSON with everything needed to rebuild the model's structure (``model_meta``:
+architecture, level assignment, normalisation, and for a quantized run its ``precision``,
+see ``quantized.Precision``) and the run's config. Inference needs
+only this module; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.data import sharding
+from stepnet_jax.models import quantized
+from stepnet_jax.models.structure import build_from_meta
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be read (truncated, corrupted, incompatible)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint's step, or None when the workdir holds none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
+
+
+def all_steps(workdir: str) -> list[int]:
+  """Every checkpoint's step, newest first."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  return sorted(ocp.CheckpointManager(checkpoint_dir(workdir)).all_steps(), reverse=True)
+
+
+def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
+  """The step of the checkpoint with the highest ``metric`` (recorded by runs with a
+  validation split, ``data.validation_examples``), or None when no checkpoint has it."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m.get(metric, float('-inf')), best_mode='max', create=False)
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  scores = {step: (mngr.metrics(step) or {}).get(metric) for step in mngr.all_steps()}
+  scored = [(score, step) for step, score in scores.items() if score is not None]
+  return max(scored)[1] if scored else None  # ties: the later step
+
+
+def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
+  """``mngr.restore(step, args)`` with any failure reported as a ``CheckpointError`` naming the path."""
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
+  try:
+    return mngr.restore(step, args=args)
+  except Exception as e:  # orbax raises many kinds for a damaged checkpoint
+    path = os.path.join(checkpoint_dir(workdir), str(step))
+    raise CheckpointError(
+      f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be '
+      'truncated or corrupted. Nothing was deleted; train.py --restore_previous resumes from '
+      'the newest readable checkpoint instead'
+    ) from e
+
+
+def _step(workdir: str, step: int | None) -> int:
+  if step is None:
+    step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(
+      f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
+      f'python train.py --config configs/NAME.py --workdir {workdir}'
+    )
+  return step
+
+
+def restore_meta(workdir: str, step: int | None = None) -> dict:
+  """The JSON meta of the latest (or given) checkpoint."""
+  step = _step(workdir, step)
+  return dict(_read(workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def restore_item(workdir: str, name: str, target: Any, step: int | None = None) -> Any:
+  """Restores item ``name`` shaped like ``target`` (arrays or ShapeDtypeStructs), replicated
+  over this process's mesh (whatever the device count it was saved from)."""
+  step = _step(workdir, step)
+  replicated = sharding.replicated()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
+  return _read(workdir, step, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
+
+
+def model_item(params: nnx.State, batch_stats: nnx.State) -> dict:
+  """The checkpoint item ``model``: parameters and batch statistics as plain nested dicts."""
+  return {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(batch_stats)}
+
+
+def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, step: int | None = None) -> None:
+  """Fills ``params`` and ``batch_stats`` (in place) from the checkpoint's ``model`` item."""
+  restored = restore_item(workdir, 'model', model_item(params, batch_stats), step)
+  nnx.replace_by_pure_dict(params, restored['params'])
+  nnx.replace_by_pure_dict(batch_stats, restored['batch_stats'])
+
+
+def load_variables(workdir: str, step: int | None = None, apply_precision: bool = True) -> tuple[SteppingModel, dict]:
+  """The model of a run with its trained parameters and batch statistics, and its meta.
+  A quantized run (its meta records a precision) comes quantized unless ``apply_precision``
+  is False (then with the float weights its optimizer kept, e.g. to fine-tune further)."""
+  meta = restore_meta(workdir, step)
+  model = nnx.eval_shape(lambda: build_from_meta(meta['model_meta']))  # shapes only: no init compute
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  restore_model_item(workdir, params, stats, step)
+  nnx.update(model, params, stats)
+  if apply_precision and meta['model_meta'].get('precision'):  # a quantized run: its bits beside the levels
+    model = quantized.apply(model, quantized.Precision.from_json(meta['model_meta']['precision']))
+  return model, meta

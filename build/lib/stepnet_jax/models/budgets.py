@@ -1,0 +1,177 @@
+"""MAC budgets: fast subnet MAC counts from per-level neuron counts, feasibility checks,
+and sizing plain networks to a budget.
+
+Construction moves single neurons between levels and re-counts MACs after every move,
+so it needs MACs as a function of the per-layer level counts alone. For a chain of
+layers with the mask rule, output neuron o of layer l reads every input neuron of
+level <= level(o), so with ``n`` the layer's neurons per level and ``A`` the cumulative
+count of its inputs per level,
+
+    MACs_l(subnet k) = f_l * sum_{j <= k} n[j] * A[j],
+
+where ``f_l`` is the layer's MACs per kept (input, output) channel pair (kernel area x
+output positions, or spatial positions for a dense layer). A triangular layer keeps
+``sum_o ceil((o + 1) a / b)`` of the ``a x b`` pairs inside a level block instead of
+all. Without the mask rule the subnet is the dense prefix: ``f_l * N(k) * A(k)``. The
+head adds ``f_head * N_last(k)``.
+These formulas are a second path to the MACs the layers count from their masks
+(``SteppingModel.delta_macs``); the tests check they agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+
+from stepnet_jax.core.model import SteppingModel
+from stepnet_jax.models import zoo
+from stepnet_jax.models.surgery import check_chain
+
+
+def triangle_pairs(a: int, b: int) -> int:
+  """Kept pairs of a triangular a-input, b-output level block: sum_o ceil((o + 1) a / b)."""
+  if a == 0 or b == 0:
+    return 0
+  o = np.arange(1, b + 1, dtype=np.int64)
+  return int(((o * a + b - 1) // b).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class MacModel:
+  """MAC geometry of a chain model: per-layer MACs per kept connection.
+
+  ``triangular`` layers (all but the first, as the model builds them) keep only the
+  Any-Width-Networks triangle inside each level block.
+  """
+
+  names: tuple[str, ...]
+  factors: tuple[int, ...]
+  head_factor: int
+  input_channels: int
+  mask_rule: bool = True
+  triangular: tuple[bool, ...] = ()
+  private_heads: bool = False
+
+  @classmethod
+  def of(cls, model: SteppingModel) -> MacModel:
+    check_chain(model)
+    macs = model.delta_macs()
+    factors = []
+    for row, unit in zip(macs, model.units):
+      kept = int(unit.conn.mask.sum())
+      factors.append(int(row.sum()) // kept if kept else 0)
+    return cls(
+      tuple(model.unit_names),
+      tuple(factors),
+      model.head.spatial * model.head.num_classes,
+      model.input_shape[-1],
+      model.mask_rule,
+      tuple(u.conn.triangular for u in model.units),
+      model.head.private,
+    )
+
+  def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
+    """Cumulative MACs of subnets 0..K-1 given each layer's neurons per level: int64 [K]."""
+    counts = [np.asarray(c, np.int64) for c in counts]
+    k = len(counts[0])
+    prev = np.zeros(k, np.int64)
+    prev[0] = self.input_channels
+    total = np.zeros(k, np.int64)
+    triangular = self.triangular or (False,) * len(counts)
+    for f, n, tri in zip(self.factors, counts, triangular):
+      a_cum, n_cum = np.cumsum(prev), np.cumsum(n)
+      if not self.mask_rule:
+        pairs = n_cum * a_cum
+      else:
+        lower = n * (a_cum - prev)  # every input of a lower level
+        own = (
+          np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64) if tri else n * prev
+        )  # inputs of the same level
+        pairs = np.cumsum(lower + own)
+      total += f * pairs
+      prev = n
+    # The shared head reads each level's features once; exit k's private head all of levels <= k,
+    # and a stepped subnet k has run the private heads of every exit up to k.
+    head_inputs = np.cumsum(np.cumsum(prev)) if self.private_heads else np.cumsum(prev)
+    return total + self.head_factor * head_inputs
+
+  def counts_of(self, levels: Mapping[str, np.ndarray], num_levels: int) -> list[np.ndarray]:
+    """Per-layer neurons per level from per-neuron levels (-1 = removed, not counted)."""
+    return [np.bincount(np.asarray(levels[n])[np.asarray(levels[n]) >= 0], minlength=num_levels) for n in self.names]
+
+
+def dense_macs(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float = 1.0) -> int:
+  """MACs of a plain single-level network at ``width`` (every connection kept)."""
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape, num_levels=1, width=width)
+  )
+  return int(model.delta_macs().sum())
+
+
+def layer_channels(model_name: str, *, input_shape: Sequence[int], num_classes: int, width: float) -> dict[str, int]:
+  """Channels of every hidden layer of ``model_name`` at ``width``."""
+  model = nnx.eval_shape(
+    lambda: zoo.build_model(model_name, num_classes=num_classes, input_shape=input_shape, num_levels=1, width=width)
+  )
+  return {name: int(sum(sizes)) for name, sizes in model.assignment}
+
+
+def width_for_budget(
+  model_name: str, budget_macs: float, *, input_shape: Sequence[int], num_classes: int, max_width: float = 8.0
+) -> tuple[float, int]:
+  """Largest uniform width (to 1/1000) whose dense network fits ``budget_macs``: (width, MACs).
+
+  Widths map to channels by rounding, so the search is over the distinct channel
+  plans; the result is the widest plan whose MACs do not exceed the budget.
+  """
+
+  def macs(w):
+    return dense_macs(model_name, input_shape=input_shape, num_classes=num_classes, width=w)
+
+  lo, hi = 1e-3, max_width
+  if macs(lo) > budget_macs:
+    raise ValueError(
+      f'{budget_macs:,.0f} MACs is below the smallest {model_name} (one channel per layer, {macs(lo):,} MACs)'
+    )
+  if macs(hi) <= budget_macs:
+    raise ValueError(f'{budget_macs:,.0f} MACs is above {model_name} at width {max_width} ({macs(hi):,} MACs)')
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if macs(mid) <= budget_macs else (lo, mid)
+  w = float(np.floor(lo * 1000) / 1000)
+  if macs(w) != macs(lo):  # rounding down crossed a channel step: keep the exact width
+    w = lo
+  return w, macs(w)
+
+
+def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel, channels: Sequence[int]) -> np.ndarray:
+  """Validates cumulative budgets (fractions of ``base_macs``); returns them in MACs.
+
+  Rejects budgets that do not increase strictly, a level-0 budget below one neuron per
+  layer, and a top budget above the widened network (all its neurons in every subnet).
+  """
+  b = np.asarray(budgets, np.float64)
+  if b.ndim != 1 or len(b) < 1:
+    raise ValueError('give one budget per level')
+  if np.any(b <= 0) or np.any(np.diff(b) <= 0):
+    raise ValueError(f'budgets must be positive and strictly increasing, got {tuple(budgets)}')
+  k = len(b)
+  macs = b * base_macs
+  one = [np.eye(k, dtype=np.int64)[0] for _ in channels]
+  smallest = int(mac_model.subnet_macs(one)[0])
+  if macs[0] < smallest:
+    raise ValueError(
+      f'level-0 budget {b[0]:.4f} x {base_macs:,} = {macs[0]:,.0f} MACs is below the smallest '
+      f'possible subnet (one neuron per layer: {smallest:,} MACs = {smallest / base_macs:.4f})'
+    )
+  full = [np.eye(k, dtype=np.int64)[0] * c for c in channels]
+  widest = int(mac_model.subnet_macs(full)[0])
+  if macs[-1] > widest:
+    raise ValueError(
+      f'top budget {b[-1]:.4f} x {base_macs:,} = {macs[-1]:,.0f} MACs exceeds the widened network '
+      f'({widest:,} MACs = {widest / base_macs:.4f}); widen it more or lower the budget'
+    )
+  return macs
