@@ -8,6 +8,7 @@ cannot import, while the editable install the scripts use hides it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,8 +25,16 @@ def _source_modules() -> set[str]:
 
 
 def test_wheel_holds_every_module_and_each_imports_from_it(tmp_path):
+  # Built from a copy of what the wheel is made of, so setuptools' build/ folder (which may hold
+  # modules deleted since) neither pollutes the tree nor leaks into the wheel.
+  source = tmp_path / 'source'
+  shutil.copytree(
+    os.path.join(ROOT, 'stepnet_jax'), source / 'stepnet_jax', ignore=shutil.ignore_patterns('__pycache__')
+  )
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(ROOT, name), source / name)
   subprocess.run(
-    [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path), ROOT],
+    [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path), str(source)],
     check=True,
     cwd=tmp_path,
   )
