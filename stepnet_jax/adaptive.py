@@ -1,12 +1,7 @@
-"""``python -m stepnet_jax.adaptive``: the anytime (stopping) study. The study lives in ``stepnet_jax.studies.stopping``; importing
-this name gives that module."""
+"""``python -m stepnet_jax.adaptive``: the anytime (stopping) study. The command lives in
+``stepnet_jax.studies.stopping``; importing this name gives that module."""
 
-import sys
-
+from stepnet_jax import cli
 from stepnet_jax.studies import stopping as _module
 
-if __name__ == '__main__':
-  __doc__ = _module.__doc__  # absl's usage text
-  _module.command()
-else:
-  sys.modules[__name__] = _module
+cli.command_alias(__name__, _module)

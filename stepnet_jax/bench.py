@@ -1,12 +1,7 @@
-"""``python -m stepnet_jax.bench``: the benchmark. The study lives in ``stepnet_jax.studies.bench``; importing
-this name gives that module."""
+"""``python -m stepnet_jax.bench``: the benchmark. The command lives in
+``stepnet_jax.studies.bench``; importing this name gives that module."""
 
-import sys
-
+from stepnet_jax import cli
 from stepnet_jax.studies import bench as _module
 
-if __name__ == '__main__':
-  __doc__ = _module.__doc__  # absl's usage text
-  _module.command()
-else:
-  sys.modules[__name__] = _module
+cli.command_alias(__name__, _module)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
@@ -133,3 +134,14 @@ def _stop_quietly(main: Callable[[list[str]], object], argv: list[str]) -> objec
   except loop.Preempted as stopped:
     print(f'stopped: {stopped}', file=sys.stderr, flush=True)
     raise SystemExit(stopped.exit_status) from None
+
+
+def command_alias(name: str, module: types.ModuleType) -> None:
+  """What a command module's name (``stepnet_jax.compare``) does: run as ``python -m``, it
+  runs ``module.command()`` with the study's docstring as the usage text; imported, it *is*
+  ``module``."""
+  if name == '__main__':
+    sys.modules['__main__'].__doc__ = module.__doc__  # absl's usage text
+    module.command()
+  else:
+    sys.modules[name] = module
