@@ -34,7 +34,7 @@ FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where the images come from (``datasets.py``)."""
+  """Where the images come from (``data/datasets.py``)."""
 
   name: str = FASHION_MNIST  # idx:DIR, digits, or a TFDS name
   data_dir: str = ''  # TFDS data_dir ('' = TFDS default)
@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture and level assignment (``zoo.py``)."""
+  """Architecture and level assignment (``models/zoo.py``)."""
 
   name: str = 'lenet3c1l'  # a name in models.MODELS
   width: float = 1.0  # channel multiplier
@@ -76,7 +76,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The training objective (``losses.py``)."""
+  """The training objective (``training/losses.py``)."""
 
   objective: str = 'multi_exit'  # a name in losses.OBJECTIVES: multi_exit | sandwich
   exit_weights: tuple[float, ...] = ()  # () = all ones
@@ -117,7 +117,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ConstructionConfig:
-  """Levels made under MAC budgets: SteppingNet construction (``construct.py``); the
+  """Levels made under MAC budgets: SteppingNet construction (``methods/construct.py``); the
   non-uniform baseline uses ``budgets``, ``widen`` and ``pretrain_epochs`` too."""
 
   budgets: tuple[float, ...] = ()  # cumulative MAC budgets, fractions of the dense base network at model.width
@@ -136,7 +136,7 @@ class ConstructionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-  """Settings of the peer methods that are not a level assignment (``nonuniform.py``)."""
+  """Settings of the peer methods that are not a level assignment (``methods/nonuniform.py``)."""
 
   nonuniform_cycles: int = 2  # round-robin passes over the subnets after the channel ranking
   recalibrate_batches: int = 50  # train-mode batches that re-estimate each subnet's BN statistics
@@ -144,7 +144,7 @@ class BaselineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-  """Guan et al.'s selection module, trained by REINFORCE on the validation split (``selection.py``)."""
+  """Guan et al.'s selection module, trained by REINFORCE on the validation split (``methods/selection.py``)."""
 
   cost_weight: float = 0.5  # lambda: reward = correct - lambda * MACs spent / top-level MACs
   hidden: int = 32  # hidden units of the selection MLP

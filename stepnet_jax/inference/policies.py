@@ -16,7 +16,7 @@ whatever the policy says.
 * ``Learned(params)``: the selection module of Guan et al. (IJCAI 2018), a small MLP
   reading the current exit's class probabilities (sorted), the level and (``history``)
   the previous exit's, giving a stop probability; trained by REINFORCE in
-  ``selection.py``.
+  ``methods/selection.py``.
 """
 
 from __future__ import annotations

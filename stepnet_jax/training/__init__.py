@@ -4,7 +4,7 @@
   jitted step every trainer uses (objectives live in ``losses.py``);
 * ``optim.py``: optimizers and learning-rate schedules by name;
 * ``loop.py``: feeding batches to a step, metrics, progress;
-* ``checkpoints.py``: writing checkpoints and ``config.json`` (reading is ``restore.py``);
+* ``checkpoints.py``: writing checkpoints and ``config.json`` (reading is ``inference/restore.py``);
 * ``run.py``: ``train_and_evaluate`` (resumable joint training), ``PhasedRun`` (the
   shared start and end of construction and the non-uniform baseline) and
   ``check_workdir`` (may this workdir's run be continued or reused?).

@@ -1,6 +1,6 @@
 """Writing a run's checkpoints and its description (``config.json``); reading back a train state.
 
-The layout is the one ``restore.py`` reads: items ``model`` (``restore.model_item``),
+The layout is the one ``inference/restore.py`` reads: items ``model`` (``restore.model_item``),
 ``train`` (optimizer state and step; absent from a final save of a multi-phase run)
 and the JSON ``meta``.
 """
