@@ -10,6 +10,8 @@ hidden activations with clips calibrated on training images); a run that recorde
 precision is shown with it.
 """
 
+import math
+
 from absl import app, flags, logging
 from flax import nnx
 
@@ -83,6 +85,18 @@ def _check_flags() -> None:
   for flag, low in ((_BATCH, 1), (_LAT_BATCH, 1), (_REPEATS, 1), (_TEST_SUBSET, 0), (_CALIBRATION, 1)):
     if flag.value < low:
       raise app.UsageError(f'--{flag.name} must be >= {low}, got {flag.value}')
+  if _TEST_SUBSET.value and _LAT_BATCH.value > _TEST_SUBSET.value:
+    raise app.UsageError(
+      f'--latency_batch {_LAT_BATCH.value} is more than the {_TEST_SUBSET.value} test images it would time '
+      '(--test_subset); lower it'
+    )
+  for knob in _KNOBS.value or ():
+    try:
+      value = float(knob)
+    except ValueError:
+      value = math.nan
+    if math.isnan(value):
+      raise app.UsageError(f'--knobs takes numbers (thresholds, or MAC budgets for macs), got {knob!r}')
 
 
 def main(argv):
@@ -95,6 +109,11 @@ def main(argv):
     print(f'checkpoint {step} of {_WORKDIR.value}')
   source = config.saved_data(net.meta['config'])
   ds = datasets.subset(datasets.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
+  if _LAT_BATCH.value > len(ds.test_labels):
+    raise app.UsageError(
+      f'--latency_batch {_LAT_BATCH.value} is more than the {len(ds.test_labels)} test images it would time; '
+      'lower it (or raise --test_subset)'
+    )
   precision = net.meta['model_meta'].get('precision')
   if _BITS.value:
     if precision:

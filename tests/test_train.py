@@ -350,6 +350,24 @@ def test_train_and_evaluate_scripts(tmp_path):
     timeout=600,
   )
   assert bad.returncode != 0 and 'must be >= 1, got 0' in bad.stderr, bad.stderr[-2000:]
+  # Usage errors, before anything is loaded: a NaN knob (it printed a 'nan' operating point)
+  # and a latency batch larger than the images it would time (it was labelled B=1000000).
+  for args, message in (
+    (
+      ['--policy=confidence', '--knobs=0.9,nan'],
+      "--knobs takes numbers (thresholds, or MAC budgets for macs), got 'nan'",
+    ),
+    (['--latency_batch=1000000', '--test_subset=50'], '--latency_batch 1000000 is more than the 50 test images'),
+  ):
+    bad = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', *args],
+      cwd=str(tmp_path),
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
 def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_digits_run):

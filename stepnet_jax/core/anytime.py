@@ -161,6 +161,7 @@ def predict(
   strategy = strategy or default_strategy()
   if strategy not in STRATEGIES:
     raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(STRATEGIES)}')
+  check_policy_fits(program, policy)
   top = program.num_levels - 1
   carry = program.start(variables, x)
   logits = program.logits(carry)
@@ -199,6 +200,24 @@ def predict(
   _, out, _, exit_level, _ = state
   macs = jnp.asarray(program.macs_to_reach, jnp.int32)[exit_level]
   return Prediction(out, exit_level, macs)
+
+
+def check_policy_fits(program: Program, policy) -> None:
+  """ValueError unless the static facts a policy holds about a network are this program's:
+  a MAC table (``MacBudget.macs_to_reach``) must be the program's ``macs_to_reach`` (another
+  network's table, or one with a level too few, would make it stop at the wrong MACs), and a
+  level count (``Learned.num_levels``) the program's."""
+  table = getattr(policy, 'macs_to_reach', None)
+  if table is not None and tuple(int(m) for m in table) != program.macs_to_reach:
+    raise ValueError(
+      f"{type(policy).__name__}.macs_to_reach {tuple(table)} is not this network's {program.macs_to_reach} "
+      f'({program.num_levels} levels): build the policy from the same network (Stepper.macs_to_reach)'
+    )
+  levels = getattr(policy, 'num_levels', None)
+  if levels is not None and int(levels) != program.num_levels:
+    raise ValueError(
+      f'this {type(policy).__name__} policy was made for {levels} levels; the network has {program.num_levels}'
+    )
 
 
 @functools.lru_cache(maxsize=64)

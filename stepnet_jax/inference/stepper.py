@@ -185,11 +185,7 @@ class Stepper:
     if not (callable(getattr(policy, 'stop', None)) and callable(getattr(policy, 'init', None))):
       raise TypeError(f'expected a policy with init and stop (stepnet_jax.policies), got {type(policy).__name__}')
     policies.check_knobs(policy)
-    levels = getattr(policy, 'num_levels', self.num_levels)
-    if levels != self.num_levels:
-      raise ValueError(
-        f'this {type(policy).__name__} policy was made for {levels} levels; the network has {self.num_levels}'
-      )
+    anytime.check_policy_fits(self.program, policy)  # before tracing: a clear error, not a traced one
     strategy = strategy or anytime.default_strategy()
     if strategy not in anytime.STRATEGIES:
       raise ValueError(f'unknown strategy {strategy!r}; choose from {", ".join(anytime.STRATEGIES)}')
@@ -212,6 +208,8 @@ class Stepper:
     """
     if not self.reusable:
       raise ValueError('run_until steps a reusable network; this one recomputes every subnet (use predict)')
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float, np.number)) or np.isnan(deadline_ms):
+      raise ValueError(f'deadline_ms must be a number of milliseconds, got {deadline_ms!r}')
     latency = self.step_latency_ms(x)
     t0 = time.perf_counter()
     cache = jax.block_until_ready(self.start(x))
