@@ -430,3 +430,28 @@ def test_tfds_package_itself_missing(monkeypatch):
     datasets.load_dataset('mnist')
   msg = str(e.value)
   assert "'tensorflow_datasets' is not installed" in msg and 'pip install -e .' in msg, msg
+
+
+@pytest.mark.parametrize('claimed', [(100, 28, 28), (2000, 1000, 1000)])
+def test_a_decompression_bomb_is_refused_without_decompressing_it(tmp_path, claimed):
+  """A 64 MiB zero stream gzipped to about 64 KB, under a header that claims either 78 KB of
+  images (what is read stops one byte past the claim) or 2 GB (more than deflate can hold in
+  that file: refused before reading). Either way the error names the file, and the reader
+  allocates a few times the claim at most, never the 64 MiB (it took 1.6 GB before)."""
+  import tracemalloc
+
+  path = tmp_path / 'train-images-idx3-ubyte.gz'
+  with gzip.open(path, 'wb') as f:
+    f.write(header(3, *claimed))
+    zeros = bytes(1 << 20)
+    for _ in range(64):
+      f.write(zeros)
+  tracemalloc.start()
+  try:
+    with pytest.raises(DatasetError, match=r'header promises') as e:
+      datasets.read_idx(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert str(path) in str(e.value)
+  assert peak < 8 * 2**20, peak

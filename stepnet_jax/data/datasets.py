@@ -93,17 +93,40 @@ def read_idx(path: str) -> np.ndarray:
           f'{path}: IDX header truncated: {ndim} dimensions need {4 * ndim} bytes of sizes, file holds {len(dim_bytes)}'
         )
       dims = struct.unpack(f'>{ndim}I', dim_bytes)
-      data = f.read()
+      expected = math.prod(dims)  # Python ints: no overflow for absurd headers
+      most = _readable_bytes(path, 4 + 4 * ndim + expected)
+      # Never more than the header claims (a gzip bomb stops here) nor than the file can hold.
+      data = f.read(min(expected + 1, most))
   except FileNotFoundError as e:
     raise DatasetError(f'{path}: no such IDX file') from e
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # what gzip raises for a bad stream
     raise DatasetError(f'{path}: corrupt or truncated gzip data ({_kind(e)}: {e})') from e
   except OSError as e:
     raise DatasetError(f'{path}: cannot read IDX file ({_kind(e)}: {e})') from e
-  expected = math.prod(dims)  # Python ints: no overflow for absurd headers
   if len(data) != expected:
-    raise DatasetError(f'{path}: header promises {dims} = {expected} bytes, file holds {len(data)}')
+    held = f'more than {expected}' if len(data) > expected else str(len(data))
+    raise DatasetError(f'{path}: header promises {dims} = {expected} bytes, file holds {held}')
   return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+# Deflate cannot compress better than about 1032:1, so a gzip file claiming more than this
+# many bytes per compressed byte lies about its size: refused before anything is decompressed.
+_MAX_GZIP_RATIO = 1100
+
+
+def _readable_bytes(path: str, claimed: int) -> int:
+  """The most bytes ``path`` can yield: its size, or for gzip deflate's ratio times it.
+  DatasetError if a gzip file claims (header included, decompressed) more than that: a
+  corrupt header or a decompression bomb, refused before anything is decompressed."""
+  size = os.path.getsize(path)
+  if not path.endswith('.gz'):
+    return size
+  if claimed > _MAX_GZIP_RATIO * size:
+    raise DatasetError(
+      f'{path}: header promises {claimed} bytes from {size} compressed bytes, more than deflate can hold: '
+      'a corrupt header or a decompression bomb'
+    )
+  return _MAX_GZIP_RATIO * size
 
 
 def _find_idx(directory: str, stem: str) -> str:
