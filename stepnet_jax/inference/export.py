@@ -13,11 +13,15 @@
     answer = np.asarray(cache[-1]).argmax(-1)   # level 0
     for step in steps:                          # pay for the next level only if needed
       cache = step.call(*cache)                 # reuses everything the lower levels computed
+      assert int(cache[0]) >= 0                 # the level reached; -1: a step was skipped or repeated
       answer = np.asarray(cache[-1]).argmax(-1)
 
-The cache is a flat tuple of arrays whose last element is the logits [B, classes]. The
-batch size is symbolic. Modules are serialized for CPU and CUDA (``platforms``): jax
-lowers for a platform without its hardware, so a model trained here runs on a GPU host.
+The cache is a flat tuple of arrays: first the level it holds (an int32 scalar), last the
+logits [B, classes]. Step k works only on a cache of level k - 1: given any other, it
+returns level -1 and NaN logits (and so does every step after it), since a compiled module
+cannot raise; ``Runner`` runs the modules and raises instead. The batch size is symbolic.
+Modules are serialized for CPU and CUDA (``platforms``): jax lowers for a platform without
+its hardware, so a model trained here runs on a GPU host.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stepnet_jax.core import stepping
@@ -36,9 +41,21 @@ from stepnet_jax.inference.stepper import Stepper
 PLATFORMS = ('cpu', 'cuda')
 
 
-def _flat(cache: StepCache) -> tuple[jax.Array, ...]:
-  """(inputs, every unit buffer..., logits)."""
-  return (cache.inputs, *jax.tree.leaves(cache.units), cache.logits)
+def _flat(cache: StepCache, level: jax.Array) -> tuple[jax.Array, ...]:
+  """(level, inputs, every unit buffer..., logits)."""
+  return (level, cache.inputs, *jax.tree.leaves(cache.units), cache.logits)
+
+
+def _checked_step(graphdef, variables, unflat, k: int):
+  """Step k on a flat cache; a cache of another level than k - 1 gives level -1 and NaN logits."""
+
+  def step(level, *arrays):
+    out = stepping.step(graphdef, variables, unflat(arrays, k - 1), k)
+    ok = level == k - 1
+    out = out.replace(logits=jnp.where(ok, out.logits, jnp.nan))
+    return _flat(out, jnp.where(ok, jnp.int32(k), jnp.int32(-1)))
+
+  return step
 
 
 def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> dict:
@@ -52,18 +69,18 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
   cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
   units_def = jax.tree.structure(cache.units)
 
-  def unflat(arrays, level):
+  def unflat(arrays, level):  # arrays: (inputs, units..., logits), without the level
     return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
 
   os.makedirs(directory, exist_ok=True)
   modules = {
     'start.bin': jax.export.export(
-      jax.jit(lambda x: _flat(stepping.start(graphdef, variables, x))), platforms=tuple(platforms)
+      jax.jit(lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0))), platforms=tuple(platforms)
     )(images)
   }
-  flat_shapes = _flat(cache)
+  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
   for k in range(1, net.num_levels):
-    fn = jax.jit(lambda *arrays, k=k: _flat(stepping.step(graphdef, variables, unflat(arrays, k - 1), k)))
+    fn = jax.jit(_checked_step(graphdef, variables, unflat, k))
     modules[f'step{k}.bin'] = jax.export.export(fn, platforms=tuple(platforms))(*flat_shapes)
   for name, exported in modules.items():
     with open(os.path.join(directory, name), 'wb') as f:
@@ -77,7 +94,45 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
     'steps': [f'step{k}.bin' for k in range(1, net.num_levels)],
     'platforms': list(platforms),
     'cache_arrays': len(flat_shapes),
+    'cache_layout': 'level (int32 scalar), inputs, unit buffers..., logits [B, classes]',
   }
   with open(os.path.join(directory, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=2)
   return manifest
+
+
+class Runner:
+  """The modules ``save`` wrote, run with jax and numpy only: ``start(images)`` gives the
+  level-0 cache, ``advance(cache)`` the next level; a cache of another level than the step
+  expects (a skipped or repeated step, or one a failed step poisoned) raises ValueError."""
+
+  def __init__(self, directory: str):
+    with open(os.path.join(directory, 'manifest.json')) as f:
+      self.manifest = json.load(f)
+
+    def load(name: str) -> jax.export.Exported:
+      with open(os.path.join(directory, name), 'rb') as f:
+        return jax.export.deserialize(bytearray(f.read()))
+
+    self._start = load(self.manifest['start'])
+    self._steps = [load(name) for name in self.manifest['steps']]
+
+  @property
+  def num_levels(self) -> int:
+    return int(self.manifest['num_levels'])
+
+  def start(self, images: np.ndarray) -> tuple:
+    return self._start.call(images)
+
+  def advance(self, cache: tuple) -> tuple:
+    return self.step(cache, int(cache[0]) + 1)
+
+  def step(self, cache: tuple, level: int) -> tuple:
+    """Level ``level`` from a cache of level ``level - 1``."""
+    held = int(cache[0])
+    if held != level - 1 or not 1 <= level < self.num_levels:
+      raise ValueError(
+        f'step {level} needs the cache of level {level - 1}; this cache holds level {held} '
+        f'({self.num_levels} levels; -1: an earlier step was given the wrong cache)'
+      )
+    return self._steps[level - 1].call(*cache)
