@@ -452,6 +452,17 @@ def test_config_validation(overrides, message):
     trainers.validate(config.from_dict({'model.num_levels': 3, **overrides}))
 
 
+def test_levels_that_would_be_empty_are_refused_before_anything_is_written(tmp_path):
+  """16 levels of LeNet-3C1L at width 0.25 (8 channels in conv1) would leave levels empty,
+  each repeating the exit below it: refused naming the layer and its channel count, and the
+  workdir is left as it was (not created)."""
+  cfg = tiny_config(**{'model.num_levels': 16, 'data.name': 'digits'})
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=r'layer conv1 has 8 channels: too few for 16 levels'):
+    trainers.train(cfg, str(workdir))
+  assert not workdir.exists()
+
+
 def test_config_parses_sequences_and_assignment(tmp_path):
   p = tmp_path / 'a.json'
   p.write_text('{"conv1": [1, 2]}')

@@ -54,6 +54,13 @@ class Builder:
     else:
       channels = max(1, lv.round_half_up(base_channels * self.width))
       sizes = lv.sizes_from_widths(channels, self.level_widths)
+      empty = [k for k, size in enumerate(sizes) if size == 0]
+      if empty:  # an empty level would repeat the exit below it: a subnet that adds nothing
+        raise ValueError(
+          f'layer {name} has {channels} channels: too few for {len(sizes)} levels at widths '
+          f'{tuple(round(w, 4) for w in self.level_widths)} (level(s) {empty} would be empty); use fewer levels '
+          '(model.num_levels) or a wider network (model.width), or give the layer an assignment'
+        )
     lv.check_level_count(sizes, self.num_levels, name)
     if sum(sizes) == 0:
       raise ValueError(f'layer {name} has no channels')
