@@ -82,6 +82,12 @@ def _checkpoint_step() -> int | None:
 
 def _check_flags() -> None:
   """Numeric flags outside their range are usage errors (not a table of nonsense)."""
+  for flag in (_JSON, _PLOT):  # an output inside a run (its checkpoints, its config) would break it
+    if flag.value:
+      try:
+        restore.check_output_path(flag.value)
+      except ValueError as e:
+        raise app.UsageError(f'--{flag.name}: {e}') from None
   for flag, low in ((_BATCH, 1), (_LAT_BATCH, 1), (_REPEATS, 1), (_TEST_SUBSET, 0), (_CALIBRATION, 1)):
     if flag.value < low:
       raise app.UsageError(f'--{flag.name} must be >= {low}, got {flag.value}')

@@ -350,9 +350,13 @@ def test_train_and_evaluate_scripts(tmp_path):
     timeout=600,
   )
   assert bad.returncode != 0 and 'must be >= 1, got 0' in bad.stderr, bad.stderr[-2000:]
-  # Usage errors, before anything is loaded: a NaN knob (it printed a 'nan' operating point)
-  # and a latency batch larger than the images it would time (it was labelled B=1000000).
+  # Usage errors, before anything is loaded: a NaN knob (it printed a 'nan' operating point),
+  # a latency batch larger than the images it would time (it was labelled B=1000000), and an
+  # output inside a run (it overwrote a checkpoint's metadata).
+  meta = os.path.join(workdir, 'checkpoints', str(restore.latest_step(workdir)), 'meta', 'metadata')
   for args, message in (
+    ([f'--json={meta}'], f'--json: {meta} is inside the run {workdir} (checkpoints belongs to it)'),
+    ([f'--plot={os.path.join(workdir, "config.json")}'], 'config.json belongs to it'),
     (
       ['--policy=confidence', '--knobs=0.9,nan'],
       "--knobs takes numbers (thresholds, or MAC budgets for macs), got 'nan'",

@@ -28,6 +28,34 @@ class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be read (truncated, corrupted, incompatible)."""
 
 
+# What a run writes in its workdir: a folder named here, or a file named here, belongs to the
+# run (``training/``), and nothing else may write inside it.
+RUN_MARKER = 'stepnet_run.json'  # written first into a new workdir: "this folder is a run"
+RUN_FOLDERS = ('checkpoints', 'phases', 'tensorboard', 'unreadable_checkpoints')
+RUN_FILES = (RUN_MARKER, 'config.json', 'metrics.jsonl')
+
+
+def is_run(directory: str) -> bool:
+  """Whether ``directory`` is a run's workdir: it holds the run marker, or (runs written
+  before the marker) a ``checkpoints`` or ``phases`` folder."""
+  return os.path.isfile(os.path.join(directory, RUN_MARKER)) or any(
+    os.path.isdir(os.path.join(directory, name)) for name in ('checkpoints', 'phases')
+  )
+
+
+def check_output_path(path: str) -> None:
+  """ValueError if writing ``path`` would write into a run: inside one of its folders
+  (``WORKDIR/checkpoints/...``), or over one of its files (``WORKDIR/config.json``)."""
+  path = os.path.abspath(path)
+  child, parent = path, os.path.dirname(path)
+  while parent != child:
+    name = os.path.basename(child)
+    owned = name in RUN_FOLDERS or (child == path and name in RUN_FILES)
+    if owned and is_run(parent):
+      raise ValueError(f'{path} is inside the run {parent} ({name} belongs to it): write it somewhere else')
+    child, parent = parent, os.path.dirname(parent)
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
