@@ -320,6 +320,7 @@ def _check_ranges(c: Config) -> None:
   """Numeric settings outside their meaningful range are errors, not silent no-ops."""
   values = flatten(c.to_dict())
   minimum = {
+    'seed': 0,
     'train.batch_size': 1,
     'train.num_epochs': 1,
     'train.eval_batch_size': 1,

@@ -440,6 +440,7 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
     ({'selection.baseline': 'learned'}, "unknown selection.baseline 'learned'"),
     ({'loss.distill_mode': 'mix'}, "unknown loss.distill_mode 'mix'; choose one of add, replace"),
     ({'data.validation_examples': -1}, 'validation_examples must be >= 0'),
+    ({'seed': -1}, 'seed must be >= 0, got -1'),  # numpy's RandomState failed late on it
     (
       {
         'method': 'steppingnet',
