@@ -209,22 +209,49 @@ def test_check_workdir_names_what_differs_and_allows_only_what_it_is_told(tmp_pa
     )
 
 
-def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(tmp_path, capsys):
-  """A truncated newest checkpoint: an error naming it, nothing deleted; with
-  ``restore_previous`` the run resumes from the one before and trains on."""
+@pytest.mark.parametrize('damage', ['truncated', 'flipped', 'swapped'])
+def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(tmp_path, capsys, damage):
+  """A newest checkpoint whose array files were cut short, had bytes flipped, or hold valid
+  arrays that are not the ones saved with its meta (bit rot that decodes: orbax reads it
+  without complaint, the checksums recorded at save catch it): an error naming it, for a
+  load and for a resume, nothing deleted; with ``restore_previous`` the run resumes from
+  the one before and trains on."""
   digits = datasets.load_digits()
   cfg = _digits_config()
   spe = len(digits.train_labels) // cfg.train.batch_size
   workdir = str(tmp_path / 'run')
   run.train_and_evaluate(cfg, workdir, dataset=digits)
   newest = os.path.join(restore.checkpoint_dir(workdir), str(2 * spe))
-  for root, _, files in os.walk(os.path.join(newest, 'model')):
-    for name in files:
-      path = os.path.join(root, name)
-      if root.endswith('d') and os.path.getsize(path) > 8:
-        os.truncate(path, os.path.getsize(path) // 2)  # a save cut short
+  data = [
+    os.path.join(root, name)
+    for root, _, files in os.walk(os.path.join(newest, 'model'))
+    for name in files
+    if root.endswith('d') and os.path.getsize(os.path.join(root, name)) > 8
+  ]
+  if damage == 'truncated':
+    for path in data:
+      os.truncate(path, os.path.getsize(path) // 2)  # a save cut short
+  elif damage == 'flipped':  # bit rot in the largest data file (the kernels)
+    path = max(data, key=os.path.getsize)
+    content = bytearray(open(path, 'rb').read())
+    for offset in (len(content) // 3, len(content) // 2, 2 * len(content) // 3):
+      content[offset] ^= 0x55
+    open(path, 'wb').write(bytes(content))
+  else:  # the epoch-1 meta (and its checksums) beside the epoch-2 arrays
+    shutil.rmtree(os.path.join(newest, 'meta'))
+    shutil.copytree(os.path.join(restore.checkpoint_dir(workdir), str(spe), 'meta'), os.path.join(newest, 'meta'))
+  message = (
+    f'checkpoint {newest} '
+    + {
+      'truncated': 'cannot be read',
+      'flipped': '(cannot be read|is corrupted)',  # which one depends on where the flips land
+      'swapped': 'is corrupted: the model arrays',
+    }[damage]
+  )
+  with pytest.raises(restore.CheckpointError, match=message):
+    stepnet_jax.load(workdir)
   longer = cfg.replace(**{'train.num_epochs': 3})
-  with pytest.raises(restore.CheckpointError, match=f'checkpoint {newest} cannot be read'):
+  with pytest.raises(restore.CheckpointError, match=message):
     run.train_and_evaluate(longer, workdir, dataset=digits)
   assert restore.all_steps(workdir) == [2 * spe, spe]  # nothing deleted
   capsys.readouterr()

@@ -12,9 +12,11 @@ only this module; nothing here writes.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -117,13 +119,40 @@ def restore_meta(workdir: str, step: int | None = None) -> dict:
   return dict(_read(workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
 
+def checksums(tree: Any) -> dict[str, str]:
+  """CRC-32 of every array of ``tree`` (its bytes, dtype and shape), keyed by its path:
+  recorded in a checkpoint's meta at save, compared at restore (``restore_item``), so a
+  flipped byte in the array files is an error, not a silently different network."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    crc = zlib.crc32(f'{array.dtype.str}{array.shape}'.encode())
+    out[jax.tree_util.keystr(path)] = f'{zlib.crc32(array.view(np.uint8).reshape(-1), crc):08x}'
+  return out
+
+
 def restore_item(workdir: str, name: str, target: Any, step: int | None = None) -> Any:
   """Restores item ``name`` shaped like ``target`` (arrays or ShapeDtypeStructs), replicated
-  over this process's mesh (whatever the device count it was saved from)."""
+  over this process's mesh (whatever the device count it was saved from). Its arrays are
+  checked against the checksums the save recorded (checkpoints written before checksums
+  existed have none): a mismatch is a ``CheckpointError`` naming the checkpoint."""
   step = _step(workdir, step)
   replicated = sharding.replicated()
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
-  return _read(workdir, step, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))[name]
+  read = _read(
+    workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(abstract)})
+  )
+  expected = (read['meta'] or {}).get('checksums', {}).get(name)
+  if expected is not None:
+    bad = sorted(k for k, v in checksums(read[name]).items() if expected.get(k) != v)
+    if bad or set(expected) != set(checksums(read[name])):
+      path = os.path.join(checkpoint_dir(workdir), str(step))
+      raise CheckpointError(
+        f'checkpoint {path} is corrupted: the {name} arrays {bad[:3] or "(their set)"} do not match the checksums '
+        'recorded when it was saved. Nothing was deleted; train.py --restore_previous resumes from the newest '
+        'readable checkpoint instead'
+      )
+  return read[name]
 
 
 def model_item(params: nnx.State, batch_stats: nnx.State) -> dict:

@@ -70,9 +70,11 @@ def save(
   """Starts saving the model (and, given ``state``, its optimizer state and step) with ``meta``
   and ``metrics`` (e.g. ``{BEST_METRIC: accuracy}``). Returns once the arrays are copied off the
   devices; ``mngr.wait_until_finished()`` waits for the files (the next save waits too)."""
-  items = {'model': ocp.args.StandardSave(restore.model_item(params, batch_stats))}
+  trees = {'model': restore.model_item(params, batch_stats)}
   if state is not None:
-    items['train'] = ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step})
+    trees['train'] = {'opt_state': state.opt_state, 'step': state.step}
+  meta = {**meta, 'checksums': {name: restore.checksums(tree) for name, tree in trees.items()}}  # checked at restore
+  items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
   if not mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), metrics=metrics):
     raise RuntimeError(
       f'checkpoint {step} in {mngr.directory} was not written (orbax skips a step it already '
