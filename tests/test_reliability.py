@@ -234,3 +234,32 @@ def test_study_command_stopped_by_a_signal_ends_with_its_message_and_status(caps
     assert f'{signal_name} at step 12: checkpoint saved; run the same command to resume' in err
     assert 'Traceback' not in err
   assert cli._stop_quietly(lambda argv: 'done', ['prog']) == 'done'  # a normal run is untouched
+
+
+def test_a_reader_beside_a_trainer_always_gets_the_newest_complete_checkpoint(tmp_path):
+  """A dashboard or a second shell loads a run while it trains: the trainer saves every step
+  and keeps one checkpoint, so the newest one is often rotated away mid-read. Every load
+  must succeed (it used to fail about one time in five, advising recovery for a healthy run)."""
+  workdir = tmp_path / 'run'
+  command, env = _driven(workdir, STEP_SLEEP='0.02')
+  command += ['--config.train.checkpoint_every_steps=1', '--config.train.keep_checkpoints=1']
+  command += ['--config.train.num_epochs=3']
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  loads, failures = 0, []
+  try:
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+      if restore.latest_step(str(workdir)) is None:
+        time.sleep(0.05)
+        continue
+      try:
+        stepnet_jax.load(str(workdir))
+        loads += 1
+      except Exception as e:  # noqa: BLE001 (any failure counts)
+        failures.append(f'{type(e).__name__}: {e}'[:300])
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  assert not failures, failures[:3]
+  assert loads >= 5, loads

@@ -62,18 +62,21 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def all_steps(workdir: str) -> list[int]:
+  """Every checkpoint's step, newest first. Read from the directory listing: orbax gives a
+  step directory its name only once the save is complete, and a listing does not fail when
+  a trainer beside the reader deletes old steps meanwhile (a manager's scan can)."""
+  try:
+    names = os.listdir(checkpoint_dir(workdir))
+  except FileNotFoundError:
+    return []
+  return sorted((int(name) for name in names if name.isdigit()), reverse=True)
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest checkpoint's step, or None when the workdir holds none."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
-
-
-def all_steps(workdir: str) -> list[int]:
-  """Every checkpoint's step, newest first."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return []
-  return sorted(ocp.CheckpointManager(checkpoint_dir(workdir)).all_steps(), reverse=True)
+  steps = all_steps(workdir)
+  return steps[0] if steps else None
 
 
 def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
@@ -89,12 +92,12 @@ def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
 
 
 def _read(workdir: str, step: int, args: ocp.args.Composite) -> Any:
-  """``mngr.restore(step, args)`` with any failure reported as a ``CheckpointError`` naming the path."""
-  mngr = ocp.CheckpointManager(checkpoint_dir(workdir))
-  try:
-    return mngr.restore(step, args=args)
+  """Checkpoint ``step`` of ``workdir`` read with ``args``; any failure is a ``CheckpointError`` naming its path."""
+  path = os.path.join(checkpoint_dir(workdir), str(step))
+  try:  # the step's directory alone: a manager would scan every step, which a trainer may be deleting
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(path, args=args)
   except Exception as e:  # orbax raises many kinds for a damaged checkpoint
-    path = os.path.join(checkpoint_dir(workdir), str(step))
     raise CheckpointError(
       f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be '
       'truncated or corrupted. Nothing was deleted; train.py --restore_previous resumes from '
@@ -170,7 +173,30 @@ def restore_model_item(workdir: str, params: nnx.State, batch_stats: nnx.State, 
 def load_variables(workdir: str, step: int | None = None, apply_precision: bool = True) -> tuple[SteppingModel, dict]:
   """The model of a run with its trained parameters and batch statistics, and its meta.
   A quantized run (its meta records a precision) comes quantized unless ``apply_precision``
-  is False (then with the float weights its optimizer kept, e.g. to fine-tune further)."""
+  is False (then with the float weights its optimizer kept, e.g. to fine-tune further).
+
+  Without ``step``: the newest checkpoint, read as one (meta and arrays of the same step).
+  A run may be training beside the reader, its checkpoint manager deleting old steps as it
+  saves new ones: a newest checkpoint that disappears or is superseded while it is being
+  read is not an error, the then newest is read instead; one that stays and stays
+  unreadable is (``CheckpointError``)."""
+  if step is not None:
+    return _load_step(workdir, step, apply_precision)
+  for _ in range(_READ_ATTEMPTS - 1):
+    newest = _step(workdir, None)
+    try:
+      return _load_step(workdir, newest, apply_precision)
+    except CheckpointError:
+      if os.path.isdir(os.path.join(checkpoint_dir(workdir), str(newest))) and latest_step(workdir) == newest:
+        raise  # still there and still the newest: it is the checkpoint, not the timing
+  return _load_step(workdir, _step(workdir, None), apply_precision)
+
+
+# Reads of the newest checkpoint tried while a trainer beside the reader keeps rotating it away.
+_READ_ATTEMPTS = 10
+
+
+def _load_step(workdir: str, step: int, apply_precision: bool) -> tuple[SteppingModel, dict]:
   meta = restore_meta(workdir, step)
   model = nnx.eval_shape(lambda: build_from_meta(meta['model_meta']))  # shapes only: no init compute
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
