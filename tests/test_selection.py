@@ -155,3 +155,56 @@ def test_joint_selection_fine_tunes_the_exits(digits_net):
   after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
   assert all(changed), changed
+
+
+def test_a_constant_reward_gives_an_estimate_of_exactly_zero_through_the_baseline():
+  """When every level pays the same, no decision matters: the REINFORCE estimate must be
+  exactly 0, through the leave-one-out baseline (several episodes per input) and through a
+  per-level baseline equal to the reward (one episode). Without a baseline it is not 0, so
+  this fails if the baseline is dropped (the unbiasedness test passes either way)."""
+  from stepnet_jax.methods import selection
+
+  rng = np.random.RandomState(3)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(0, 2, (3, 6, 5)), jnp.float32), -1)
+  params = policies.init_selector(jax.random.key(1), 5, 3, hidden=4, history=True)
+  params['w2'] = jnp.asarray(rng.normal(0, 1, 4), jnp.float32)
+  reward = jnp.full((3, 6), 0.7, jnp.float32)
+
+  def estimate(key, baseline, samples):
+    grads = jax.grad(lambda p: selection.reinforce_terms(p, probs, reward, key, baseline, True, samples)['surrogate'])
+    return jax.tree.leaves(grads(params))
+
+  for key in jax.random.split(jax.random.key(4), 3):
+    for samples, baseline in ((4, jnp.zeros(3)), (1, jnp.full(3, 0.7))):
+      assert all(np.all(np.asarray(g) == 0) for g in estimate(key, baseline, samples)), (samples, baseline)
+    assert any(np.any(np.asarray(g) != 0) for g in estimate(key, jnp.zeros(3), 1))  # no baseline
+
+
+def test_the_entropy_bonus_is_subtracted_from_the_objective():
+  """For one key, the objective with weight w is the one without minus w times the expected
+  entropy of the stop decisions along an episode, computed here by brute force from the
+  stop probabilities: a bonus with its sign flipped would add it."""
+  from stepnet_jax.data import feed
+  from stepnet_jax.methods import selection
+
+  net = testlib.built_model('mlp')
+  x = jnp.asarray(testlib.images(net.input_shape, batch=6, seed=5))
+  batch = feed.Batch(x, jnp.arange(6, dtype=jnp.int32) % 10, 6)
+  macs = tuple(int(m) for m in np.cumsum(net.delta_macs().sum(0)))
+  key = jax.random.key(7)
+
+  def loss(weight):
+    model = selection.PolicyNet(net, selection.Selector(10, net.num_levels, 4, True, 0))
+    objective = selection.reinforce(
+      macs, 0.5, history=True, entropy_weight=weight, use_baseline=True, joint=False, ce_weight=1.0, samples=2
+    )
+    return float(objective(model, batch, key)[0])
+
+  selector = selection.Selector(10, net.num_levels, 4, True, 0)
+  probs = np.asarray(jax.nn.softmax(net.exits(x), -1))
+  p = np.asarray(jax.nn.sigmoid(selection.stop_logits(selector.params(), jnp.asarray(probs), True)), np.float64)
+  h = -(p * np.log(p) + (1 - p) * np.log(1 - p))  # each decision's entropy [K, B]
+  reach = np.cumprod(np.concatenate([np.ones_like(p[:1]), 1 - p[:-1]]), axis=0)  # P(reach level k)
+  entropy = (reach[:-1] * h[:-1]).sum(0).mean()  # the top level decides nothing
+  assert entropy > 0.1
+  np.testing.assert_allclose(loss(0.0) - loss(0.3), 0.3 * entropy, rtol=1e-4)
