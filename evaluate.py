@@ -5,7 +5,7 @@ Prints a table of test accuracy, MACs, delta MACs and measured step latency per 
 and the delta MACs of every layer at every level; with ``--policy`` (confidence, margin,
 entropy, macs) also the accuracy and average MACs per input of that stopping policy
 over a sweep of its knob, from the compiled anytime program. With ``--bits`` the run is
-evaluated quantized (``stepnet_jax.quant``: per-neuron weight bits, ``--act_bits``
+evaluated quantized (``stepnet_jax.models.quantized``: per-neuron weight bits, ``--act_bits``
 hidden activations with clips calibrated on training images); a run that recorded its
 precision is shown with it.
 """
@@ -43,7 +43,7 @@ _BITS = flags.DEFINE_string(
   'bits',
   None,
   'Evaluate quantized: weight bits of every neuron (an integer), or a '
-  'JSON file {layer: [bits per neuron]} (of a quant.Precision JSON only its weight_bits '
+  'JSON file {layer: [bits per neuron]} (of a quantized.Precision JSON only its weight_bits '
   'are read: activations follow --act_bits, with fresh clips).',
 )
 _ACT_BITS = flags.DEFINE_integer(

@@ -9,7 +9,6 @@ or Ctrl-C with its one-line message and the shell's status (143 / 130).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import sys
 import types
@@ -18,7 +17,7 @@ from collections.abc import Callable, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stepnet_jax.config import SECTIONS, Config, flat_paths, flatten
+from stepnet_jax.config import SECTIONS, Config, close_keys, flat_paths, flatten
 from stepnet_jax.training import loop
 
 
@@ -54,9 +53,7 @@ def unknown_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
   known = flatten(Config().to_dict())
   if field in known or field in SECTIONS or any(k.startswith(field + '.') for k in known):
     return None
-  close = difflib.get_close_matches(field, list(known), n=3, cutoff=0.5) or [
-    k for k in known if k.rsplit('.', 1)[-1] == field.rsplit('.', 1)[-1]
-  ]
+  close = close_keys(field, known)
   return (
     f'{key} is not a config key'
     + (f' (did you mean {", ".join(prefix + c for c in close)}?)' if close else '')

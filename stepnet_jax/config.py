@@ -14,15 +14,24 @@ schedule, objective) and every cross-field check fail there, before anything is 
 compiled or written. Configs saved by versions before the sections existed were flat
 (``num_epochs`` for ``train.num_epochs``); ``from_saved`` reads both, so their workdirs
 load, resume and are reused as before.
+
+A study's config file (``configs/compare_fashion_mnist.py``, ...) has sections beyond the
+run config ``common``: each study declares them as frozen dataclasses beside its code,
+and ``study_config`` validates the file into that record the same way (unknown keys,
+with the closest known ones, and wrong types are errors; the ``quick`` section's keys are
+checked too), before anything trains.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 import ml_collections
 import numpy as np
@@ -249,9 +258,16 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
   return out
 
 
+def _split(text: str) -> list[str]:
+  """'(1, 2)', '[a,b]' or 'a,b' (a sequence as text, e.g. from the command line) -> its items."""
+  for bracket in '()[]':
+    text = text.replace(bracket, '')
+  return [s.strip() for s in text.split(',') if s.strip()]
+
+
 def _as_tuple(v) -> tuple:
   if isinstance(v, str):
-    v = [s for s in v.replace('(', '').replace(')', '').replace('[', '').replace(']', '').split(',') if s.strip()]
+    v = _split(v)
   try:
     return tuple(float(x) for x in v)
   except (TypeError, ValueError):
@@ -276,19 +292,49 @@ def _typed(key: str, value: Any, kind: type) -> Any:
 # ------------------------------------------------------------------ validation
 
 
-def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
-  """Validates a (partial) nested or dotted dict, or a ConfigDict, into a frozen ``Config``."""
+def close_keys(key: str, known: Iterable[str]) -> list[str]:
+  """The known keys closest to a misspelt ``key`` (difflib), else those with its last part."""
+  known = list(known)
+  return difflib.get_close_matches(key, known, n=3, cutoff=0.5) or [
+    k for k in known if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1]
+  ]
+
+
+def check_known(given: Iterable[str], known: Iterable[str], what: str = 'config keys') -> None:
+  """ValueError listing the keys of ``given`` that are not ``known``, each with the closest known ones."""
+  known = list(known)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    hints = ''.join(f'; {k}: did you mean {" or ".join(c)}?' for k in unknown if (c := close_keys(k, known)))
+    raise ValueError(f'unknown {what}: {unknown}{hints}')
+
+
+class Overrides(dict):
+  """A partial run config as dotted keys -> values (``{'construction.widen': 3.0}``), e.g. a
+  study section that overrides ``common`` for one method: every key a ``Config`` field and
+  every value of its type (``overrides``); the cross-field checks run on the whole config
+  it is merged into."""
+
+
+def overrides(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Overrides:
+  """A (partial) nested or dotted dict, or a ConfigDict, checked key by key against ``Config``:
+  unknown keys (named with the closest fields) and values of the wrong type are errors."""
+  if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
+    raise TypeError(f'a run config must be a section (nested keys), got {type(cfg).__name__} {cfg!r}')
   given = flatten(nest(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)))
   defaults = flatten(Config().to_dict())
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f'unknown config keys: {unknown}')
-  values = {**defaults, **given}
-  for key in TUPLE_FIELDS:
-    values[key] = _as_tuple(values[key])
-  for key, value in values.items():
-    values[key] = _typed(key, value, type(defaults[key]))
-  tree = nest(values)
+  check_known(given, defaults)
+  return Overrides(
+    {
+      key: _typed(key, _as_tuple(value) if key in TUPLE_FIELDS else value, type(defaults[key]))
+      for key, value in given.items()
+    }
+  )
+
+
+def from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
+  """Validates a (partial) nested or dotted dict, or a ConfigDict, into a frozen ``Config``."""
+  tree = nest({**flatten(Config().to_dict()), **overrides(cfg)})
   c = Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in tree.items()})
   _check(c)
   return c
@@ -319,64 +365,79 @@ def _check(c: Config) -> None:
 def _check_ranges(c: Config) -> None:
   """Numeric settings outside their meaningful range are errors, not silent no-ops."""
   values = flatten(c.to_dict())
-  minimum = {
-    'seed': 0,
-    'train.batch_size': 1,
-    'train.num_epochs': 1,
-    'train.eval_batch_size': 1,
-    'train.log_every_steps': 1,
-    'train.keep_checkpoints': 1,
-    'train.checkpoint_every_steps': 0,
-    'train.divergence_steps': 0,
-    'data.train_subset': 0,
-    'data.test_subset': 0,
-    'optim.momentum': 0,
-    'optim.weight_decay': 0,
-    'loss.distill_weight': 0,
-    'construction.rounds': 1,
-    'construction.pretrain_epochs': 0,
-    'construction.round_epochs': 0,
-    'construction.importance_examples': 1,
-    'construction.class_threshold': 0,
-    'baseline.nonuniform_cycles': 1,
-    'baseline.recalibrate_batches': 0,
-    'loss.sandwich_widths': 0,
-    'optim.warmup_epochs': 0,
-    'data.validation_examples': 0,
-    'selection.hidden': 1,
-    'selection.epochs': 1,
-    'selection.samples': 1,
-    'selection.batch_size': 1,
-    'selection.cost_weight': 0,
-    'selection.entropy_weight': 0,
-    'selection.ce_weight': 0,
-  }
-  for key, low in minimum.items():
-    if values[key] < low:
-      raise ValueError(f'{key} must be >= {low}, got {values[key]}')
-  positive = (
-    'construction.widen',
-    'model.width',
-    'optim.learning_rate',
-    'loss.distill_temperature',
-    'selection.learning_rate',
-    'train.divergence_factor',
-  )
-  for key in positive:
-    if not values[key] > 0:
-      raise ValueError(f'{key} must be > 0, got {values[key]}')
+  check_ranges(values, RUN_MINIMUM, RUN_POSITIVE)
   if not 0 <= values['loss.label_smoothing'] < 1:
     raise ValueError(f'loss.label_smoothing must be in [0, 1), got {values["loss.label_smoothing"]}')
   if values['optim.momentum'] >= 1:
     raise ValueError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
   for key in ('model.level_widths', 'construction.budgets'):
-    v = values[key]
-    if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
-      raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
+    check_increasing(key, values[key])
   if c.model.level_widths and c.model.level_widths[-1] > 1:
     raise ValueError(
       f'model.level_widths are fractions of the full width: the last must be <= 1, got {c.model.level_widths}'
     )
+
+
+def check_ranges(values: Mapping[str, Any], minimum: Mapping[str, float], positive: Iterable[str] = ()) -> None:
+  """ValueError for the first of ``values`` (dotted key -> number) below its ``minimum``, or
+  not above 0 for a key in ``positive``."""
+  for key, low in minimum.items():
+    if values[key] < low:
+      raise ValueError(f'{key} must be >= {low}, got {values[key]}')
+  for key in positive:
+    if not values[key] > 0:
+      raise ValueError(f'{key} must be > 0, got {values[key]}')
+
+
+def check_increasing(key: str, v: tuple[float, ...]) -> None:
+  """ValueError unless the cumulative fractions ``v`` (one per level; () = unset) are positive
+  and strictly increasing."""
+  if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
+    raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
+
+
+# The run config's numeric ranges: the least value of each key ...
+RUN_MINIMUM = {
+  'seed': 0,
+  'train.batch_size': 1,
+  'train.num_epochs': 1,
+  'train.eval_batch_size': 1,
+  'train.log_every_steps': 1,
+  'train.keep_checkpoints': 1,
+  'train.checkpoint_every_steps': 0,
+  'train.divergence_steps': 0,
+  'data.train_subset': 0,
+  'data.test_subset': 0,
+  'optim.momentum': 0,
+  'optim.weight_decay': 0,
+  'loss.distill_weight': 0,
+  'construction.rounds': 1,
+  'construction.pretrain_epochs': 0,
+  'construction.round_epochs': 0,
+  'construction.importance_examples': 1,
+  'construction.class_threshold': 0,
+  'baseline.nonuniform_cycles': 1,
+  'baseline.recalibrate_batches': 0,
+  'loss.sandwich_widths': 0,
+  'optim.warmup_epochs': 0,
+  'data.validation_examples': 0,
+  'selection.hidden': 1,
+  'selection.epochs': 1,
+  'selection.samples': 1,
+  'selection.batch_size': 1,
+  'selection.cost_weight': 0,
+  'selection.entropy_weight': 0,
+  'selection.ce_weight': 0,
+}
+# ... and the keys that must be above 0.
+RUN_POSITIVE = (
+  'construction.widen',
+  'model.width',
+  'optim.learning_rate',
+  'loss.distill_temperature',
+  'selection.learning_rate',
+  'train.divergence_factor',
+)
 
 
 # ------------------------------------------------------------------ saved configs
@@ -456,10 +517,87 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def with_quick(cc: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
-  """A study config as run: references resolved and, with ``quick``, its ``quick`` section's
-  fields merged in (sections field by field)."""
-  cc = cc.copy_and_resolve_references()
+# ------------------------------------------------------------------ study configs
+
+Study = TypeVar('Study')
+
+
+def study_config(kind: type[Study], cc: Mapping[str, Any] | ml_collections.ConfigDict, quick: bool = False) -> Study:
+  """A study's config file (``cc``: its ``get_config()``) as the study runs it: the frozen
+  record ``kind``, validated before anything is built or trained.
+
+  ``cc``'s keys are ``kind``'s fields (references resolved), plus an optional ``quick``
+  section of the same shape whose fields, with ``quick``, are merged in (sections field by
+  field); its keys and types are checked either way. An unknown key anywhere is a
+  ValueError naming its section and the closest known keys, a value of the wrong type a
+  TypeError naming its key. Field types: bool, int, float, str, ``tuple[T, ...]`` (text
+  'a,b' and a single value are accepted, as the command line may give them), a nested
+  frozen dataclass (a section), ``Config`` (validated by ``from_dict``) and ``Overrides``
+  (a partial run config, ``overrides``). The record's own checks (its ``__post_init__``:
+  ranges, names, cross-section rules) run last.
+  """
+  given = cc.copy_and_resolve_references().to_dict() if hasattr(cc, 'to_dict') else copy.deepcopy(dict(cc))
+  fast = given.pop('quick', None)
+  if fast is not None:
+    _section(kind, fast, 'quick', partial=True)
   if quick:
-    cc = ml_collections.ConfigDict(merge(cc.to_dict(), cc.quick.to_dict()))
-  return cc
+    if fast is None:
+      raise ValueError('--quick: this study config has no quick section')
+    given = merge(given, fast)
+  return _section(kind, given, '', partial=False)
+
+
+def run_sections(kind: type) -> tuple[str, ...]:
+  """The fields of the study record ``kind`` that hold a run config (``Config`` or ``Overrides``)."""
+  hints = typing.get_type_hints(kind)
+  return tuple(f.name for f in dataclasses.fields(kind) if hints[f.name] in (Config, Overrides))
+
+
+def _section(kind: type, given: Any, path: str, partial: bool) -> Any:
+  """``given`` checked against the dataclass ``kind``: its typed values (``partial``: as a
+  dict, fields left out taking no default) or the record."""
+  if not isinstance(given, Mapping):
+    raise TypeError(f'{path} must be a section (nested keys), got {type(given).__name__} {given!r}')
+  hints = typing.get_type_hints(kind)
+  check_known(
+    given,
+    [f.name for f in dataclasses.fields(kind)],
+    f'keys in section {path!r}' if path else 'top-level keys of the study config',
+  )
+  values = {
+    name: _field(f'{path}.{name}' if path else name, value, hints[name], partial) for name, value in given.items()
+  }
+  return values if partial else kind(**values)
+
+
+def _field(key: str, value: Any, hint: Any, partial: bool) -> Any:
+  """One value of a study config as its field's type (``study_config`` lists them)."""
+  if hint in (Config, Overrides):
+    try:
+      return from_dict(value) if hint is Config and not partial else overrides(value)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f'section {key!r}: {e}') from None
+  if dataclasses.is_dataclass(hint):
+    return _section(hint, value, key, partial)
+  if typing.get_origin(hint) is tuple:
+    item, rest = typing.get_args(hint)
+    if rest is not Ellipsis:
+      raise TypeError(f'{key}: a study config field is a tuple of one type, tuple[T, ...], not {hint}')
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    values = [x for v in values for x in (_split(v) if isinstance(v, str) else [v])]
+    return tuple(_typed(f'{key}[{i}]', _parsed(x, item), item) for i, x in enumerate(values))
+  if hint not in (bool, int, float, str):
+    raise TypeError(
+      f'{key}: a study config field is bool, int, float, str, a tuple, a section or a run config, not {hint}'
+    )
+  return _typed(key, value, hint)
+
+
+def _parsed(text: Any, kind: type) -> Any:
+  """An item of a sequence given as text ('0,1') as the number it spells, when it is one."""
+  if isinstance(text, str) and kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text

@@ -44,4 +44,5 @@ class Registry(Generic[T]):
     return self._entries[name]
 
   def names(self) -> tuple[str, ...]:
+    """The registered names, in registration order."""
     return tuple(self._entries)

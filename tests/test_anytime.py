@@ -8,6 +8,7 @@ test_selection.py).
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +100,27 @@ def test_compiled_predict_equals_stepping_each_input_alone(nets, kind, strategy)
   np.testing.assert_array_equal(np.asarray(got.exit_level), ref_levels)
   testlib.assert_close(got.logits, ref_logits)
   np.testing.assert_array_equal(np.asarray(got.macs), np.asarray(net.macs_to_reach)[ref_levels])
+
+
+def test_predict_compiles_once_per_strategy_and_batch_size(nets, monkeypatch):
+  """The anytime program of a strategy traces once per batch size: new images, new parameter
+  values and new policy knobs (traced) reuse it (chex.assert_max_traces on anytime.predict)."""
+  chex.clear_trace_counter()
+  predict = testlib.traced_at_most(
+    anytime.predict, lambda program, variables, x, policy, valid=None, **kw: (kw['strategy'], x.shape[0])
+  )
+  monkeypatch.setattr(anytime, 'predict', predict)
+  net = nets['reusable']
+  for strategy in anytime.STRATEGIES:
+    fn = anytime.make_predict(net.program, strategy)  # a new program: a new jitted function
+    for seed in range(3):
+      x = testlib.images(testlib.MNIST_SHAPE, batch=12, seed=seed)
+      v = jax.tree.map(lambda a: a * (1.0 + 0.01 * seed), net.variables)
+      out = fn(v, x, policies.Confidence(0.3 + 0.2 * seed))
+      chex.assert_shape([out.exit_level, out.macs], (12,))
+  # Batch 12 only (test_compiled_predict_equals_stepping_each_input_alone's size, so the
+  # session's compilation cache serves its programs); the step functions' test covers two sizes.
+  assert set(predict.traced) == {(s, 12) for s in anytime.STRATEGIES}
 
 
 def test_a_single_level_network_has_nothing_to_decide():

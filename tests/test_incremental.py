@@ -7,6 +7,7 @@ full of NaN, so a step that read a channel it had not computed would show; and t
 cache holds exactly the channels of levels <= k (the upper ones are never computed).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from testlib import (
   images,
   numpy_initializers,
   poison,
+  traced_at_most,
   unit_buffer,
 )
 
@@ -44,24 +46,26 @@ def test_stepping_matches_direct_forward_and_exits(spec_id):
   model = built_model(spec_id)
   b = bundle(spec_id)
   exits = b['exits']
-  assert exits.shape == (spec.num_levels, 4, spec.num_classes)
+  chex.assert_shape(exits, (spec.num_levels, 4, spec.num_classes))
   full_units = b['prefix_units'][-1]
   for k in range(spec.num_levels):
     logits = b['step_logits'][k]
     assert b['step_levels'][k] == k
-    assert logits.shape == (4, spec.num_classes)
+    chex.assert_shape(logits, (4, spec.num_classes))
     assert_close(logits, exits[k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs exits[{k}]')
     assert_close(logits, b['forward'][k], RTOL, ATOL, err_msg=f'{spec_id}: step {k} vs forward')
     # forward_blocked (steps 0..k fused) against the masked forward, an independent path.
     assert_close(b['blocked'][k], b['forward'][k], RTOL, ATOL, err_msg=f'{spec_id}: forward_blocked {k}')
     # The cache holds the level <= k channels of every unit; the rest is still the NaN
     # the buffers started with (never computed, never read: the logits are finite).
-    assert np.isfinite(logits).all()
-    for unit, buf, f in zip(model.units, b['step_units'][k], full_units):
-      e = block_end(unit.conn.out_sizes, k)
-      assert buf.shape == f.shape
-      assert_close(buf[..., :e], f[..., :e], RTOL, ATOL)
-      assert np.isnan(buf[..., e:]).all(), f'{spec_id}: channels above level {k} were computed'
+    chex.assert_tree_all_finite(logits)
+    units = b['step_units'][k]
+    chex.assert_trees_all_equal_shapes(units, full_units)
+    ends = [block_end(unit.conn.out_sizes, k) for unit in model.units]
+    assert_close([u[..., :e] for u, e in zip(units, ends)], [f[..., :e] for f, e in zip(full_units, ends)], RTOL, ATOL)
+    assert all(np.isnan(u[..., e:]).all() for u, e in zip(units, ends)), (
+      f'{spec_id}: channels above level {k} were computed'
+    )
 
 
 def test_stepping_separately_compiled_functions(net):
@@ -132,43 +136,39 @@ def small():
   return model, graphdef, variables
 
 
-def test_step_functions_compile_once_per_level(small, monkeypatch):
+def test_step_functions_compile_once_per_level_and_batch_size(small, monkeypatch):
+  """Each jitted step function traces each level once per batch size: new images and new
+  parameter values of the same shapes reuse its program (chex.assert_max_traces on the pure
+  functions the library jits)."""
   model, graphdef, variables = small
   k_levels = model.num_levels
-  traces = {'start': 0, 'restart': 0, 'step': {}}
-  real_start, real_step, real_restart = stepping.start, stepping.step, stepping.restart
-
-  def counting_start(*args, **kwargs):
-    traces['start'] += 1
-    return real_start(*args, **kwargs)
-
-  def counting_restart(*args, **kwargs):
-    traces['restart'] += 1
-    return real_restart(*args, **kwargs)
-
-  def counting_step(graphdef, variables, cache, level):
-    traces['step'][level] = traces['step'].get(level, 0) + 1
-    return real_step(graphdef, variables, cache, level)
-
-  monkeypatch.setattr(stepping, 'start', counting_start)
-  monkeypatch.setattr(stepping, 'step', counting_step)
-  monkeypatch.setattr(stepping, 'restart', counting_restart)
+  chex.clear_trace_counter()
+  start = traced_at_most(stepping.start, lambda graphdef, variables, x: x.shape[0])
+  restart = traced_at_most(stepping.restart, lambda graphdef, variables, cache, x: x.shape[0])
+  # Level k is traced twice per batch size: once by levels[k], once by advance (on cache.level).
+  step = traced_at_most(stepping.step, lambda graphdef, variables, cache, level: (level, cache.logits.shape[0]), n=2)
+  advance = traced_at_most(
+    stepping.advance, lambda graphdef, variables, cache: (cache.level + 1, cache.logits.shape[0])
+  )
+  for name, fn in dict(start=start, restart=restart, step=step, advance=advance).items():
+    monkeypatch.setattr(stepping, name, fn)
   fns = stepping.make_step_functions(graphdef, k_levels)
-  for seed in range(3):  # new images and new parameter values, same shapes: no retrace
-    x = images(model.input_shape, batch=4, seed=seed)
-    v = jax.tree.map(lambda a: a * (1.0 + 0.01 * seed), variables)
-    cache = fns.levels[0](v, x)
-    for k in range(1, k_levels):
-      cache = fns.levels[k](v, cache)
-    cache = fns.start(v, x)
-    for k in range(1, k_levels):
-      cache = fns.advance(v, cache)
-      assert cache.level == k
-    cache = fns.restart(v, cache, images(model.input_shape, batch=4, seed=seed + 10))
-    assert cache.level == 0
-  assert traces['start'] == 1 and traces['restart'] == 1
-  # Each level traced exactly twice: once by levels[k], once by advance (dispatching on cache.level).
-  assert traces['step'] == {k: 2 for k in range(1, k_levels)}
+  batches = (4, 2)
+  for seed in range(3):
+    for batch in batches:
+      x = images(model.input_shape, batch=batch, seed=seed)
+      v = jax.tree.map(lambda a: a * (1.0 + 0.01 * seed), variables)
+      cache = fns.levels[0](v, x)
+      for k in range(1, k_levels):
+        cache = fns.levels[k](v, cache)
+      cache = fns.start(v, x)
+      for k in range(1, k_levels):
+        cache = fns.advance(v, cache)
+        assert cache.level == k
+      cache = fns.restart(v, cache, images(model.input_shape, batch=batch, seed=seed + 10))
+      assert cache.level == 0
+  assert set(start.traced) == set(restart.traced) == set(batches)
+  assert set(step.traced) == set(advance.traced) == {(k, b) for k in range(1, k_levels) for b in batches}
 
 
 def test_stepping_out_of_order_raises(net):

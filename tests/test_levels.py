@@ -1,5 +1,6 @@
 """Static level metadata (levels.py) against brute-force reference computations."""
 
+import chex
 import numpy as np
 import pytest
 from testlib import brute_mask, level_array
@@ -20,7 +21,7 @@ SIZE_CASES = [
 @pytest.mark.parametrize('triangular', [False, True])
 def test_connection_mask_matches_brute_force(in_sizes, out_sizes, triangular):
   got = lv.connection_mask(in_sizes, out_sizes, triangular)
-  assert got.shape == (sum(in_sizes), sum(out_sizes))
+  chex.assert_shape(got, (sum(in_sizes), sum(out_sizes)))
   assert got.dtype == bool
   np.testing.assert_array_equal(got, brute_mask(in_sizes, out_sizes, triangular))
   conn = lv.Connectivity(in_sizes, out_sizes, triangular)

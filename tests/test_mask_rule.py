@@ -7,6 +7,7 @@ belongs to a neuron above the subnet zeroed by hand.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,7 +221,7 @@ def test_subnet_equals_full_network_with_upper_levels_zeroed(built, forwards):
   spec, model = built
   top = spec.num_levels - 1
   exits = np.asarray(forwards['exits'])
-  assert exits.shape == (spec.num_levels, 4, spec.num_classes)
+  chex.assert_shape(exits, (spec.num_levels, 4, spec.num_classes))
   for k in range(spec.num_levels):
     zeroed = nnx.state(_zeroed_copy(spec, model, k))
     _, ref_exits = forwards['full'](zeroed, forwards['xn'], forwards['zero_noise'])
@@ -237,10 +238,9 @@ def test_shared_neurons_identical_across_subnets(built, forwards):
   per_level = forwards['per_level']
   full, _ = forwards['full'](forwards['state'], forwards['xn'], forwards['zero_noise'])
   for k, prefix in enumerate(per_level):
-    for unit, p, f in zip(model.units, prefix, full):
-      e = block_end(unit.conn.out_sizes, k)
-      assert p.shape[-1] == e
-      assert_close(p, f[..., :e], rtol=1e-5, atol=1e-5)
+    # Each unit's prefix output is its full output's first end(k) channels (shapes included).
+    ends = [block_end(unit.conn.out_sizes, k) for unit in model.units]
+    assert_close(prefix, [f[..., :e] for f, e in zip(full, ends)], rtol=1e-5, atol=1e-5)
 
 
 def test_higher_levels_do_not_reach_lower_neurons(built, forwards):
@@ -258,9 +258,10 @@ def test_higher_levels_do_not_reach_lower_neurons(built, forwards):
       n[..., : block_end(unit.conn.out_sizes, k)] = 0.0
       noise.append(jnp.asarray(n))
     feats, ex = run(noise)
-    for unit, c, n in zip(model.units, clean, feats):
-      e = block_end(unit.conn.out_sizes, k)
-      assert_close(n[..., :e], c[..., :e], rtol=1e-5, atol=1e-5)
+    ends = [block_end(unit.conn.out_sizes, k) for unit in model.units]
+    assert_close(
+      [n[..., :e] for n, e in zip(feats, ends)], [c[..., :e] for c, e in zip(clean, ends)], rtol=1e-5, atol=1e-5
+    )
     assert_close(ex[k], clean_exits[k])
     assert not np.allclose(ex[top], clean_exits[top])
 

@@ -6,6 +6,7 @@ bit-op count that walks every (input channel, output neuron, tap, output positio
 the brute-force connection mask.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,9 +246,9 @@ def test_quantization_aware_gradient_is_the_quantized_networks(small):
     name: layer.kernel[...] for name, layer in quantized.linear_layers(quantized.apply(model, precision)).items()
   }
   ref = jax.jit(jax.grad(loss_of_kernels))(kernels)
-  for name, layer in quantized.linear_layers(grads).items():
-    assert np.abs(np.asarray(ref[name])).max() > 0
-    np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(ref[name]), rtol=1e-4, atol=1e-7)
+  assert all(np.abs(np.asarray(g)).max() > 0 for g in ref.values())
+  got = {name: layer.kernel[...] for name, layer in quantized.linear_layers(grads).items()}
+  chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=1e-7)  # every layer's, by name
 
 
 def test_bit_planes_reconstruct_and_accumulate_exactly():

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,11 +237,42 @@ def images(shape, batch=4, seed=0, dtype=np.uint8):
 
 
 def assert_close(actual, expected, rtol=1e-5, atol=1e-4, err_msg=''):
-  """allclose with atol scaled by the magnitude of ``expected`` (deep nets, random BN)."""
-  expected = np.asarray(expected, np.float64)
-  actual = np.asarray(actual, np.float64)
-  scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
+  """``chex.assert_trees_all_close`` of two arrays or trees of arrays (same structure and shapes),
+  in float64, with each leaf's atol scaled by the magnitude of its expected leaf (deep nets, random BN)."""
+
+  def close(a, e):
+    e = np.asarray(e, np.float64)
+    scale = max(1.0, float(np.abs(e).max()) if e.size else 1.0)
+    chex.assert_trees_all_close(np.asarray(a, np.float64), e, rtol=rtol, atol=atol * scale, custom_message=err_msg)
+
+  chex.assert_trees_all_equal_structs(actual, expected)
+  jax.tree.map(close, actual, expected)
+
+
+def traced_at_most(fn, key, n=1, name=None):
+  """``fn`` with a ``chex.assert_max_traces(n)`` counter of its own per ``key(*args, **kwargs)``
+  (a level, a batch size, a strategy): tracing it more than ``n`` times for one key raises an
+  AssertionError. ``.traced`` holds the keys it was called with. Wrap a pure function before it
+  is jitted (e.g. monkeypatch the library's module attribute); call ``chex.clear_trace_counter()``
+  first, since chex's counters are global.
+  """
+  name = name or fn.__name__
+  counted = {}
+
+  @functools.wraps(fn)
+  def dispatch(*args, **kwargs):
+    k = key(*args, **kwargs)
+    if k not in counted:
+
+      def once(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+      once.__name__ = f'{name}{k}'  # chex tells counters apart by the function's name and source
+      counted[k] = chex.assert_max_traces(once, n=n)
+    return counted[k](*args, **kwargs)
+
+  dispatch.traced = counted
+  return dispatch
 
 
 def unit_outputs(model, xn, level):

@@ -53,6 +53,9 @@ DEFAULT_STRATEGY = {'cpu': 'compact', 'gpu': 'compact', 'tpu': 'compact'}
 
 
 class Prediction(NamedTuple):
+  """What ``predict`` returns per input: its answer (``logits``), the level it stopped at and the
+  MACs spent on it."""
+
   logits: jax.Array  # [B, classes]: each input's answer at its exit level
   exit_level: jax.Array  # int32 [B]
   macs: jax.Array  # int32 [B]: MACs spent on each input
@@ -230,4 +233,6 @@ def make_predict(program: Program, strategy: str | None = None, bucket_factor: i
 
 
 def default_strategy() -> str:
+  """The batch strategy ``predict`` uses when none is given: ``DEFAULT_STRATEGY`` of this backend ('masked' for one it
+  does not list)."""
   return DEFAULT_STRATEGY.get(jax.default_backend(), 'masked')

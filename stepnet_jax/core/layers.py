@@ -53,6 +53,7 @@ def take_rows(buffer: jax.Array, rows: jax.Array | None, lo: int = 0, hi: int | 
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+  """Output length along one spatial axis of a convolution: ``padding`` 'SAME' or 'VALID'."""
   if padding == 'SAME':
     return -(-size // stride)
   return (size - kernel) // stride + 1
@@ -154,6 +155,7 @@ class SwitchableBatchNorm(nnx.Module):
 
 
 def make_batch_norm(conn: Connectivity, switchable: bool) -> nnx.Module:
+  """The BatchNorm of a layer: one shared by every subnet, or one per subnet when ``switchable``."""
   return SwitchableBatchNorm(conn.out_sizes) if switchable else BatchNorm(sum(conn.out_sizes))
 
 
@@ -250,6 +252,8 @@ class LevelConv(_LinearUnit):
     self.bn = make_batch_norm(conn, switchable_bn)
 
   def linear(self, x, w, train):
+    """The convolution of ``x`` with kernel (slice) ``w``; in eval mode a block within ``TAPS_MAX_CHANNELS`` as a tap
+    product."""
     if 0 in w.shape[-2:]:  # an empty level block: nothing to compute
       return jnp.zeros(self._out_shape(x.shape) + (w.shape[-1],), x.dtype)
     max_in, max_out = TAPS_MAX_CHANNELS.get(jax.default_backend(), (0, 0))
@@ -296,6 +300,7 @@ class LevelDense(_LinearUnit):
     self.bn = make_batch_norm(conn, switchable_bn)
 
   def linear(self, x, w, train):
+    """``x`` (flattened to [B, positions, C_in]) times kernel (slice) ``w`` [positions, C_in, C_out]."""
     del train
     if 0 in w.shape[-2:]:
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
@@ -303,6 +308,7 @@ class LevelDense(_LinearUnit):
     return jnp.einsum('bsi,sio->bo', x, w)
 
   def delta_macs(self, in_shape):
+    """MACs per input of each level's kept connections, and the output shape."""
     return self.conn.kept_connections() * self.spatial, (sum(self.conn.out_sizes),)
 
 
@@ -344,10 +350,12 @@ class ResidualBlock(nnx.Module):
     return jax.nn.relu(y + s)
 
   def cache_like(self, x):
+    """Full-width buffers shaped like this block's cache for input ``x``: (inner activation, block output)."""
     top = self.conn.num_levels - 1
     return (self.conv1(x, top), self(x, top))
 
   def step(self, cache, x, level, rows=None):
+    """Computes the level-``level`` channels of both convolutions (and the shortcut) into the cache."""
     h_buf, out_buf = cache
     h_buf = self.conv1.step(h_buf, x, level, rows)
     lo, hi = lv.start(self.conn.out_sizes, level), lv.end(self.conn.out_sizes, level)
@@ -358,9 +366,11 @@ class ResidualBlock(nnx.Module):
     return h_buf, write_block(out_buf, jax.nn.relu(y + s), lo, rows)
 
   def output(self, cache):
+    """The block output held in a cache (what the next unit reads)."""
     return cache[1]
 
   def delta_macs(self, in_shape):
+    """MACs per input of each level, both convolutions and a projection shortcut, and the output shape."""
     m1, mid_shape = self.conv1.delta_macs(in_shape)
     m2, out_shape = self.conv2.delta_macs(mid_shape)
     m = m1 + m2
@@ -466,4 +476,5 @@ class Head(nnx.Module):
     return jnp.cumsum(per_feature, axis=0)[counts - 1] + self.bias[...]
 
   def delta_macs(self, in_shape):
+    """MACs per input of each level's classifier inputs (features x classes), and the logits' shape."""
     return self.level_inputs() * self.spatial * self.num_classes, (self.num_classes,)

@@ -29,6 +29,7 @@ def bounds(sizes: LevelSizes) -> tuple[int, ...]:
 
 
 def start(sizes: LevelSizes, level: int) -> int:
+  """First channel index of ``level``."""
   return bounds(sizes)[level]
 
 
@@ -44,6 +45,7 @@ def level0_sizes(count: int, num_levels: int) -> LevelSizes:
 
 
 def round_half_up(x: float) -> int:
+  """Rounds halves up (``round`` would round them to even)."""
   return int(np.floor(x + 0.5))
 
 
@@ -140,10 +142,12 @@ class Connectivity:
 
   @property
   def num_levels(self) -> int:
+    """K, the number of levels of the output."""
     return len(self.out_sizes)
 
   @property
   def mask(self) -> np.ndarray:
+    """The static [C_in, C_out] mask of kept connections."""
     return connection_mask(self.in_sizes, self.out_sizes, self.triangular, self.mask_rule)
 
   def prefix_mask(self, level: int) -> np.ndarray | None:
@@ -170,6 +174,7 @@ class Connectivity:
 
 
 def check_level_count(sizes: LevelSizes, num_levels: int, name: str) -> None:
+  """Raises a ValueError naming layer ``name`` unless ``sizes`` has ``num_levels`` non-negative entries."""
   if len(sizes) != num_levels:
     raise ValueError(f'{name}: {len(sizes)} level sizes {sizes} for {num_levels} levels')
   if any(s < 0 for s in sizes):

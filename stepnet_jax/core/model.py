@@ -81,6 +81,7 @@ class SteppingModel(nnx.Module):
 
   @property
   def top(self) -> int:
+    """The index of the top level, K - 1."""
     return self.num_levels - 1
 
   def _check_level(self, level: int) -> int:
@@ -183,6 +184,7 @@ class SteppingModel(nnx.Module):
   # ---------------------------------------------------------------- accounting
   @property
   def layer_names(self) -> tuple[str, ...]:
+    """The hidden units' names and 'head', in order: the rows of ``delta_macs``."""
     return self.unit_names + ('head',)
 
   def macs_to_reach(self) -> tuple[int, ...]:

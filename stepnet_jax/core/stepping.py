@@ -123,6 +123,7 @@ class StepFunctions:
   exits: Callable  # (variables, x) -> [K, B, classes]
 
   def forward_fastest(self, variables, x, level):
+    """Subnet ``level``'s logits by the direct forward ``DIRECT_FORWARD`` picks for this backend."""
     kind = DIRECT_FORWARD.get(jax.default_backend(), 'masked')
     return (self.forward if kind == 'masked' else self.forward_blocked)(variables, x, level)
 

@@ -1,6 +1,6 @@
 """Datasets as in-memory uint8 arrays: IDX files, scikit-learn digits, or TFDS.
 
-Dataset specs (the ``dataset`` config key):
+Dataset specs (``data.name`` in a config):
 * ``idx:/path/to/dir`` — MNIST-format IDX files (``train-images-idx3-ubyte`` etc.,
   plain or ``.gz``). ``FASHION_MNIST`` is Debian's ``dataset-fashion-mnist`` package.
 * ``digits`` — scikit-learn's 8x8 digits (1,797 images), a fixed 80/20 split.
@@ -53,6 +53,7 @@ class Dataset:
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
+    """[H, W, C] of one image."""
     return tuple(self.train_images.shape[1:])
 
   def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

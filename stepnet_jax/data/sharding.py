@@ -54,10 +54,12 @@ def batch_sharding() -> NamedSharding:
 
 
 def replicated() -> NamedSharding:
+  """The sharding that keeps a full copy on every device (parameters, optimizer state)."""
   return NamedSharding(mesh(), PartitionSpec())
 
 
 def num_devices() -> int:
+  """Devices in the mesh, over all hosts."""
   return mesh().devices.size
 
 

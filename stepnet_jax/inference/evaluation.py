@@ -73,6 +73,7 @@ def evaluate_levels(
 
 
 def format_table(rows: list[dict], latency_batch: int) -> str:
+  """The rows of ``evaluate_levels`` as a text table: level, MACs, delta MACs, accuracy, step latency."""
   head = f'{"level":>5} {"MACs":>12} {"delta MACs":>12} {"accuracy":>9} {f"step ms (B={latency_batch})":>16}'
   lines = [head, '-' * len(head)]
   for r in rows:

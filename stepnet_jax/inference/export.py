@@ -119,12 +119,15 @@ class Runner:
 
   @property
   def num_levels(self) -> int:
+    """K, from the manifest."""
     return int(self.manifest['num_levels'])
 
   def start(self, images: np.ndarray) -> tuple:
+    """The level-0 cache of uint8 images [B, H, W, C] (a flat tuple: level, ..., logits)."""
     return self._start.call(images)
 
   def advance(self, cache: tuple) -> tuple:
+    """The next level from ``cache``."""
     return self.step(cache, int(cache[0]) + 1)
 
   def step(self, cache: tuple, level: int) -> tuple:

@@ -52,6 +52,7 @@ class Confidence(_Stateless):
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    """Stop where the top probability is at least the threshold; no state."""
     return _probs(logits).max(axis=-1) >= self.threshold, state
 
 
@@ -62,6 +63,7 @@ class Margin(_Stateless):
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    """Stop where the top-1 probability exceeds the top-2 one by at least the threshold; no state."""
     top2 = jax.lax.top_k(_probs(logits), 2)[0]
     return top2[:, 0] - top2[:, 1] >= self.threshold, state
 
@@ -73,6 +75,7 @@ class Entropy(_Stateless):
   threshold: float | jax.Array
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    """Stop where the softmax entropy (nats) is at most the threshold; no state."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -(jnp.exp(logp) * logp).sum(axis=-1) <= self.threshold, state
 
@@ -96,6 +99,7 @@ class MacBudget(_Stateless):
       raise ValueError(f'macs_to_reach must be non-negative, non-decreasing integers (one per level), got {m}')
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    """Stop every input when the next level's ``macs_to_reach`` would exceed the budget; no state."""
     nxt = jnp.asarray(tuple(self.macs_to_reach[1:]) + (np.inf,), jnp.float32)[level]  # MACs after one more step
     return jnp.broadcast_to(nxt > self.budget, logits.shape[:1]), state
 
@@ -104,6 +108,7 @@ class MacBudget(_Stateless):
 
 
 def num_selector_features(num_classes: int, num_levels: int, history: bool) -> int:
+  """F, the length of the feature vector ``selector_features`` gives."""
   return num_classes + num_levels + (num_classes + 2 if history else 0)
 
 
@@ -163,14 +168,17 @@ class Learned:
       raise ValueError(f"Learned needs the network's number of levels (>= 1), got {self.num_levels!r}")
 
   def init(self, batch_size: int, num_classes: int) -> PolicyState:
+    """The state: the previous exit's class probabilities, zeros before level 0 [batch, classes]."""
     return jnp.zeros((batch_size, num_classes), jnp.float32)
 
   def stop_probability(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, jax.Array]:
+    """(the module's stop probability [B], this exit's class probabilities: the next state)."""
     probs = _probs(logits)
     feats = selector_features(probs, level, state, self.num_levels, self.history)
     return jax.nn.sigmoid(selector_logit(self.params, feats)), probs
 
   def stop(self, logits: jax.Array, level: jax.Array, state: PolicyState) -> tuple[jax.Array, PolicyState]:
+    """Stop where the stop probability exceeds the threshold; the state becomes this exit's probabilities."""
     p, probs = self.stop_probability(logits, level, state)
     return p > self.threshold, probs
 

@@ -59,6 +59,7 @@ def check_output_path(path: str) -> None:
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """The folder of a workdir's checkpoints (absolute)."""
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 

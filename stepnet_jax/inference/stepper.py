@@ -90,6 +90,7 @@ class Stepper:
       )
 
   def check_level(self, level: int) -> None:
+    """Raises a TypeError / ValueError unless ``level`` is a Python int in 0..K-1."""
     if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
       raise TypeError(
         f'level must be a Python int in 0..{self.num_levels - 1} (it selects a compiled program), '

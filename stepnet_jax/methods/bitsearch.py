@@ -36,6 +36,7 @@ from stepnet_jax.registry import Registry
 def bits_for(
   z: Mapping[str, np.ndarray], offset: float, slope: float, min_bits: int, max_bits: int
 ) -> dict[str, np.ndarray]:
+  """Per layer, ``clip(round(offset + slope * z), min_bits, max_bits)`` for the scaled scores ``z``."""
   return {k: np.clip(np.round(offset + slope * v), min_bits, max_bits).astype(np.int64) for k, v in z.items()}
 
 

@@ -52,6 +52,7 @@ class Selector(nnx.Module):
     self.num_levels, self.history = num_levels, history
 
   def params(self) -> dict[str, jax.Array]:
+    """The MLP's weights as a plain dict (``policies.Learned`` takes them)."""
     return {name: getattr(self, name)[...] for name in ('w1', 'b1', 'w2', 'b2')}
 
   def policy(self) -> policies.Learned:

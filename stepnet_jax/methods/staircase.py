@@ -51,6 +51,7 @@ class PlaneCosts:
     return int(first.sum() + self.ops[planes + 1][1:, : level + 1].sum())
 
   def step(self, state: tuple[int, int], to: tuple[int, int]) -> int:
+    """Bit-ops of the single step ``state`` -> ``to`` (one level up or one rung up); ValueError otherwise."""
     (k, b), (k2, b2) = state, to
     if (k2, b2) == (k + 1, b):
       return self.level_step(k, b)

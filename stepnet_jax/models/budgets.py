@@ -57,6 +57,7 @@ class MacModel:
 
   @classmethod
   def of(cls, model: SteppingModel) -> MacModel:
+    """The MAC geometry of a built chain model (raises for one with residual streams)."""
     check_chain(model)
     macs = model.delta_macs()
     factors = []

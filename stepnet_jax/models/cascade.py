@@ -19,4 +19,5 @@ class Cascade(nnx.Module):
     self.nets = nnx.List(list(nets))
 
   def exits(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Every network's logits: [K, B, classes]."""
     return jnp.stack([net(x, train=train) for net in self.nets])  # [K, B, classes]

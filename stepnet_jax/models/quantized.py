@@ -59,6 +59,7 @@ class Precision:
   bwb_bits: int = 0
 
   def to_json(self) -> dict[str, Any]:
+    """Plain JSON-able data (what a checkpoint records)."""
     return {
       'weight_bits': {k: [int(b) for b in v] for k, v in self.weight_bits.items()},
       'act_bits': int(self.act_bits),
@@ -68,6 +69,7 @@ class Precision:
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> Precision:
+    """The ``Precision`` that ``to_json`` wrote."""
     clips = d.get('act_clips')
     return cls(
       {k: tuple(int(b) for b in v) for k, v in d['weight_bits'].items()},

@@ -68,6 +68,7 @@ class Builder:
     return sizes
 
   def connectivity(self, out_sizes: LevelSizes) -> Connectivity:
+    """The connectivity from the current activation to a layer of ``out_sizes`` (the mask rule, triangles)."""
     # The image channels are plain inputs: the per-channel triangle applies between hidden layers.
     return Connectivity(self.sizes, out_sizes, self.triangular and not self.is_input, self.mask_rule)
 
@@ -77,24 +78,29 @@ class Builder:
     return self.shape[0] * self.shape[1] if len(self.shape) == 3 else 1
 
   def add(self, name: str, unit, out_sizes: LevelSizes) -> None:
+    """Appends ``unit`` (any level-structured unit) named ``name``; its output has ``out_sizes``."""
     _, self.shape = unit.delta_macs(self.shape)
     self.units.append(unit)
     self.names.append(name)
     self.sizes, self.is_input = out_sizes, False
 
   def conv(self, name, channels, kernel, **kw) -> None:
+    """Appends conv -> BN -> ReLU [-> max-pool]: ``channels`` at width 1, a ``kernel`` x ``kernel`` kernel;
+    ``kw``: ``stride``, ``padding`` ('SAME' or 'VALID'), ``pool``, ``relu`` (``layers.LevelConv``)."""
     out = self.level_sizes(name, channels)
     self.add(
       name, LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, rngs=self.rngs, **kw), out
     )
 
   def dense(self, name, channels) -> None:
+    """Appends dense -> BN -> ReLU over the current activation (every position): ``channels`` at width 1."""
     out = self.level_sizes(name, channels)
     self.add(
       name, LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn, rngs=self.rngs), out
     )
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
+    """The exits' classifier over the current activation; ``pool='avg'`` averages it over space first."""
     return Head(self.sizes, num_classes, self.spatial, pool=pool, exit_heads=self.exit_heads, rngs=self.rngs)
 
 
@@ -211,7 +217,9 @@ def build_model(
       With the mask rule it keeps the rule's connectivity but gives every subnet its own
       statistics and affine parameters, so neuron values differ between subnets and the
       model recomputes each subnet (a diagnostic of what shared BN costs, not a stepping net).
-    mean, std: per-channel normalisation of [0, 1] inputs (default 0 and 1).
+    mean: per-channel mean subtracted from the [0, 1] inputs (default 0).
+    std: per-channel standard deviation the inputs are divided by (default 1).
+    seed: the parameters' random initialisation.
   """
   architecture = MODELS.get(name)
   if num_levels < 1:

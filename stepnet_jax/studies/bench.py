@@ -180,6 +180,7 @@ def run(
   input_shape=(28, 28, 1),
   repeats: int = 10,
 ) -> dict:
+  """Measures (a) to (e) for one model and returns the report (JSON-able)."""
   rng = np.random.RandomState(0)
   model = zoo.build_model(model_name, num_classes=10, input_shape=input_shape, num_levels=num_levels, width=width)
   delta = model.delta_macs().sum(axis=0)
@@ -257,6 +258,7 @@ def run(
 
 
 def format_report(r: dict) -> str:
+  """The report of ``run`` as text."""
   t, s, f = r['train'], r['stepping'], r['flops']
   lines = [
     f'{r["model"]} width {r["width"]}, {r["num_levels"]} levels, input {r["input_shape"]}, '
@@ -318,6 +320,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  """The command: runs the benchmark with the flags, prints the report, writes ``--json``."""
   del argv
   f = flags.FLAGS
   shape = tuple(int(s) for s in f.input_shape)

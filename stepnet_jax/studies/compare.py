@@ -6,7 +6,7 @@ Trains (or reuses, when DIR/NAME/result.json exists) every method on the same da
 with the same epochs, evaluates each level's test accuracy and MACs, and writes
 DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 
-* steppingnet: levels constructed by importance under the budgets (``construct.py``).
+* steppingnet: levels constructed by importance under the budgets (``methods/construct.py``).
 * steppingnet_tri: the same with Any-Width Networks' triangles inside each level block
   (an extension: more, sparser neurons per MAC; the mask rule between levels holds).
 * awn: Any-Width Networks: triangular masks, base widened by ``awn.widen``, widths
@@ -16,7 +16,7 @@ DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 * slimmable: uniform prefix subnets without the mask rule, a private BN per width, one
   forward pass per width per batch; widths are the widest uniform plans that fit each
   budget. Recomputes: stepping to level k costs every subnet up to k.
-* nonuniform: Yang & Fan single-path non-uniform subnets (``nonuniform.py``); recomputes.
+* nonuniform: Yang & Fan single-path non-uniform subnets (``methods/nonuniform.py``); recomputes.
 * independent: one plain network per budget, the widest uniform plan that fits it.
 
 Budgets: the AWN points (as fractions of the dense base network at ``common.model.width``)
@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -51,28 +53,84 @@ from stepnet_jax.training import run
 # The per-level fields of compare.json (``validation_accuracy`` only with a validation split).
 LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy')
 
+AWN_RECIPES = ('common', 'published')
+
+
+@dataclasses.dataclass(frozen=True)
+class AwnSection:
+  """``awn``: Any-Width Networks' settings (methods ``awn`` and ``awn_sandwich``)."""
+
+  widen: float = math.sqrt(2)  # the base network (common.model.width) widened by this, as AWN does
+  widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # cumulative width fractions of the widened network, one per level
+  recipe: str = 'common'  # common: the common optimiser; published: AWN's SGD recipe (awn_config)
+  sandwich_widths: int = 2  # awn_sandwich: random widths per batch besides the smallest and the largest
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+  """A comparison config (``configs/compare_fashion_mnist.py``), validated by ``resolve``."""
+
+  common: Config = dataclasses.field(default_factory=Config)  # the run settings every method shares
+  methods: tuple[str, ...] = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')  # names in ENTRIES
+  extra_budgets: tuple[float, ...] = (0.15, 0.42)  # MAC budgets (fractions of the dense base) besides AWN's points
+  seeds: tuple[int, ...] = ()  # () trains each method once (common.seed); else once per seed, in DIR/seedS
+  awn: AwnSection = dataclasses.field(default_factory=AwnSection)
+  # A method's run settings over common (nested like common; the keys a method's entry fixes
+  # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
+  steppingnet: config_lib.Overrides = dataclasses.field(default_factory=config_lib.Overrides)
+  nonuniform: config_lib.Overrides = dataclasses.field(default_factory=config_lib.Overrides)
+
+  def __post_init__(self):
+    for name in self.methods:
+      ENTRIES.get(name)
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f'seeds repeat: {self.seeds}')
+    config_lib.check_ranges(
+      {
+        'seeds': min(self.seeds, default=0),
+        'extra_budgets': min(self.extra_budgets, default=1.0),
+        'awn.widen': self.awn.widen,
+        'awn.sandwich_widths': self.awn.sandwich_widths,
+      },
+      {'seeds': 0, 'awn.sandwich_widths': 0},
+      ('extra_budgets', 'awn.widen'),
+    )
+    if not self.awn.widths or self.awn.widths[-1] > 1:
+      raise ValueError(f'awn.widths are fractions of the widened network, the last <= 1; got {self.awn.widths}')
+    config_lib.check_increasing('awn.widths', self.awn.widths)
+    if self.awn.recipe not in AWN_RECIPES:
+      raise ValueError(f'awn.recipe must be one of {", ".join(AWN_RECIPES)}, got {self.awn.recipe!r}')
+
+
 # Config sections that hold a run's config: a flat-era override there gets its new spelling.
-RUN_ROOTS = ('common', 'steppingnet', 'nonuniform')
+RUN_ROOTS = config_lib.run_sections(CompareConfig)
 
 
-def _config(common: dict, section: ml_collections.ConfigDict | None, fixed: dict) -> Config:
-  """The common settings, then a method's config ``section``, then the dotted keys the
-  comparison ``fixed`` for that method (a section may not set those), validated."""
-  own = section.to_dict() if section is not None else {}
-  clash = sorted(set(config_lib.flatten(own)) & set(fixed))
+def resolve(cc: ml_collections.ConfigDict | Mapping[str, Any], quick: bool = False) -> CompareConfig:
+  """The comparison config file ``cc`` as run: with ``quick`` its ``quick`` section's fields
+  merged in (sections field by field), validated into a ``CompareConfig``
+  (``config.study_config``: an unknown key anywhere is an error naming the closest ones;
+  ``--config.methods=a,b`` and ``--config.seeds=0,1`` are accepted as text)."""
+  return config_lib.study_config(CompareConfig, cc, quick)
+
+
+def _config(common: dict, own: Mapping[str, Any], fixed: dict) -> Config:
+  """The common settings, then a method's overrides ``own`` (dotted keys), then the dotted
+  keys the comparison ``fixed`` for that method (a section may not set those), validated."""
+  clash = sorted(set(own) & set(fixed))
   if clash:
     raise ValueError(f'the comparison sets {clash} itself for this method; remove them from its config section')
-  return config_lib.from_dict(config_lib.merge(config_lib.merge(common, own), config_lib.nest(fixed)))
+  return config_lib.from_dict(config_lib.merge(config_lib.merge(common, config_lib.nest(own)), config_lib.nest(fixed)))
 
 
-def awn_config(cc: ml_collections.ConfigDict) -> Config:
+def awn_config(cc: CompareConfig) -> Config:
   """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``)."""
   fixed = {
     'method': 'joint',
     'model.triangular': True,
     'model.width': cc.common.model.width * cc.awn.widen,
     'model.num_levels': len(cc.awn.widths),
-    'model.level_widths': tuple(cc.awn.widths),
+    'model.level_widths': cc.awn.widths,
     'loss.exit_weights': (),
   }
   if cc.awn.recipe == 'published':
@@ -87,31 +145,31 @@ def awn_config(cc: ml_collections.ConfigDict) -> Config:
         'optim.warmup_epochs': 0.0,
       }
     )
-  elif cc.awn.recipe != 'common':
-    raise ValueError(f'awn.recipe must be common or published, got {cc.awn.recipe!r}')
-  return _config(cc.common.to_dict(), None, fixed)
+  return _config(cc.common.to_dict(), {}, fixed)
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What every method's configs are built from: the comparison config and the budgets."""
 
-  cc: ml_collections.ConfigDict
+  cc: CompareConfig
   budgets: tuple[float, ...]  # sorted fractions of ``base``
   base: int  # dense base network's MACs
   plans: tuple[tuple[float, dict], ...]  # per budget: widest uniform width that fits, its channels
 
   @classmethod
-  def of(cls, cc: ml_collections.ConfigDict, dataset: datasets.Dataset) -> Setup:
+  def of(cls, cc: CompareConfig, dataset: datasets.Dataset) -> Setup:
+    """The budgets and uniform plans of a comparison config on ``dataset``."""
     budgets, base = budget_points(cc, dataset)
     return cls(cc, tuple(budgets), base, tuple(uniform_plans(cc, dataset, budgets, base)))
 
   @property
   def common(self) -> dict:
+    """The ``common`` section: the run config every method starts from."""
     return self.cc.common.to_dict()
 
 
-def budget_points(cc: ml_collections.ConfigDict, dataset: datasets.Dataset) -> tuple[list[float], int]:
+def budget_points(cc: CompareConfig, dataset: datasets.Dataset) -> tuple[list[float], int]:
   """(budget fractions sorted, dense base MACs): the AWN level MACs plus the extra points."""
   shape, classes, name = dataset.input_shape, dataset.num_classes, cc.common.model.name
   base = budgets_lib.dense_macs(name, input_shape=shape, num_classes=classes, width=cc.common.model.width)
@@ -126,12 +184,12 @@ def budget_points(cc: ml_collections.ConfigDict, dataset: datasets.Dataset) -> t
     triangular=True,
   )
   awn_macs = np.cumsum(model.delta_macs().sum(0))
-  points = sorted({round(float(m) / base, 6) for m in awn_macs} | {float(b) for b in cc.extra_budgets})
+  points = sorted({round(float(m) / base, 6) for m in awn_macs} | set(cc.extra_budgets))
   return points, base
 
 
 def uniform_plans(
-  cc: ml_collections.ConfigDict, dataset: datasets.Dataset, budgets: list[float], base: int
+  cc: CompareConfig, dataset: datasets.Dataset, budgets: list[float], base: int
 ) -> list[tuple[float, dict]]:
   """Per budget: the widest uniform width whose dense network fits, and its channels."""
   plans, name = [], cc.common.model.name
@@ -153,12 +211,12 @@ ENTRIES: Registry[Callable[[Setup], list[Config]]] = Registry('comparison method
 def _steppingnet(s: Setup) -> list[Config]:
   # Exit weights are a SteppingNet lever of its own section (one per budget); the common
   # ones are for another level count, so without the section's every exit weighs 1.
-  section = s.cc.steppingnet.to_dict()
-  weights = tuple(section.get('loss', {}).pop('exit_weights', ()))
+  own = dict(s.cc.steppingnet)
+  weights = own.pop('loss.exit_weights', ())
   return [
     _config(
       s.common,
-      ml_collections.ConfigDict(section),
+      own,
       {
         'method': 'steppingnet',
         'model.num_levels': len(s.budgets),
@@ -194,7 +252,7 @@ def _slimmable(s: Setup) -> list[Config]:
   return [
     _config(
       s.common,
-      None,
+      {},
       {
         'method': 'joint',
         'model.mask_rule': False,
@@ -229,7 +287,7 @@ def _independent(s: Setup) -> list[Config]:
   return [
     _config(
       s.common,
-      None,
+      {},
       {'method': 'joint', 'model.num_levels': 1, 'model.width': w, 'loss.exit_weights': (), 'model.level_widths': ()},
     )
     for w, _ in s.plans
@@ -486,43 +544,30 @@ def plot(path: str, results: dict[str, dict], title: str) -> None:
   plt.close(fig)
 
 
-def resolve(cc: ml_collections.ConfigDict, quick: bool = False) -> ml_collections.ConfigDict:
-  """The comparison config as run: ``quick``'s fields merged in (sections field by field) and
-  ``methods`` a tuple of known names (``--config.methods=a,b`` is accepted too)."""
-  cc = config_lib.with_quick(cc, quick)
-  names = [cc.methods] if isinstance(cc.methods, str) else cc.methods
-  cc.methods = tuple(m.strip() for item in names for m in item.split(',') if m.strip())
-  for name in cc.methods:
-    ENTRIES.get(name)
-  seeds = cc.get('seeds', ())
-  seeds = [seeds] if isinstance(seeds, (int, str)) else seeds
-  with cc.ignore_type():
-    cc.seeds = tuple(int(x) for item in seeds for x in str(item).split(',') if x.strip())
-  if len(set(cc.seeds)) != len(cc.seeds):
-    raise ValueError(f'seeds repeat: {cc.seeds}')
-  return cc
-
-
-def compare(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, latency_repeats: int = 10) -> dict:
+def compare(
+  cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False, latency_repeats: int = 10
+) -> dict:
   """Runs every method of compare config ``cc`` in ``workdir``; returns the compare.json dict.
 
   With ``cc.seeds`` (e.g. ``--config.seeds=0,1,2``) every method is trained once per seed
   (``common.seed``), each seed's comparison in ``workdir/seedS``, and ``workdir/compare.json``
   holds the mean over seeds per level (``aggregate_seeds``).
   """
-  cc = resolve(cc, quick)
+  return compare_resolved(resolve(cc, quick), workdir, latency_repeats)
+
+
+def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10) -> dict:
+  """``compare`` of a config already validated (``resolve``)."""
   if cc.seeds:
     return compare_seeds(cc, workdir, latency_repeats)
   return _compare_one(cc, workdir, latency_repeats)
 
 
-def compare_seeds(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: int) -> dict:
-  """The comparison once per seed of ``cc.seeds`` (resolved), then their mean and spread."""
+def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
+  """The comparison once per seed of ``cc.seeds``, then their mean and spread."""
   per_seed, results = {}, {}
   for seed in cc.seeds:
-    one = ml_collections.ConfigDict(cc.to_dict())
-    one.seeds = ()
-    one.common.seed = seed
+    one = dataclasses.replace(cc, seeds=(), common=cc.common.replace(seed=seed))
     print(f'##### seed {seed} #####', flush=True)
     per_seed[seed] = _compare_one(one, os.path.join(workdir, f'seed{seed}'), latency_repeats)
     for name in cc.methods:
@@ -585,9 +630,9 @@ def aggregate_seeds(runs: list[dict]) -> dict:
   }
 
 
-def _compare_one(cc: ml_collections.ConfigDict, workdir: str, latency_repeats: int) -> dict:
+def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
   """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
-  common = config_lib.from_dict(cc.common)
+  common = cc.common
   full = datasets.load_dataset(common.data.name, common.data.data_dir or None)
   dataset = datasets.subset(
     full, common.data.train_subset, common.data.test_subset, common.seed

@@ -22,10 +22,13 @@ Writes ``DIR/precision.json``, ``.md`` (targets) and ``.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +49,91 @@ from stepnet_jax.training import step as step_lib
 
 BIT_ASSIGNMENTS = ('class_based', 'uniform', 'magnitude', 'random')
 SCORE_OF = {'class_based': 'class', 'magnitude': 'magnitude', 'random': 'random'}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSection:
+  """``precision``: the bit search, the quantization-aware fine-tunes and ProgressiveNN."""
+
+  budgets: tuple[float, ...] = (2.0, 3.0, 4.0)  # MAC-weighted mean weight bits of the hidden neurons (whole)
+  min_bits: int = 1  # each hidden neuron's bits are in [min_bits, max_bits]
+  max_bits: int = 8
+  head_bits: int = 8  # the classifier is not searched (0.1% of the MACs)
+  act_bits: int = 8  # hidden activations, unsigned, clips calibrated on training images
+  slopes: tuple[float, ...] = (
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+  )  # bits = clip(round(offset + slope * score)), offset fit to the budget
+  calibration_images: int = 1000  # training images the activation clips are calibrated on
+  importance_examples: int = 2000  # training images the neurons' scores are computed on
+  finetune_epochs: float = 1.0  # the quantization-aware fine-tune of every assignment
+  finetune_learning_rate: float = 2e-4
+  finetune_seeds: tuple[int, ...] = (0,)  # each assignment fine-tuned with these seed offsets; accuracy = mean
+  search_finetune_epochs: float = 0.0  # each searched candidate ranked after this short fine-tune (0: without)
+  search_rank_by: str = 'loss'  # candidates ranked by the top exit's validation 'loss' or 'accuracy'
+  # ProgressiveNN: N bitwise-binary planes from one quantization-aware run, BN statistics
+  # re-estimated per plane count; 0 planes skips it (and the staircases)
+  progressive_planes: int = 0
+  progressive_epochs: float = 1.0
+  progressive_learning_rate: float = 2e-4
+  progressive_bn_batches: int = 50  # training batches that re-estimate BN's statistics per plane count
+  progressive_bn_affine_steps: int = 100  # BN scale and bias trained per plane count (Adam, all else frozen); 0: not
+  progressive_bn_affine_learning_rate: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+  """A precision study config (``configs/precision_fashion_mnist.py``), validated by ``resolve``.
+  ``common.data.validation_examples`` must hold images out: the bits are searched there."""
+
+  common: config_lib.Config = dataclasses.field(default_factory=config_lib.Config)  # the float network's run
+  precision: PrecisionSection = dataclasses.field(default_factory=PrecisionSection)
+
+  def __post_init__(self):
+    p = self.precision
+    if not self.common.data.validation_examples:
+      raise ValueError('set common.data.validation_examples: bits are searched on a split the network never saw')
+    config_lib.check_ranges(
+      {f'precision.{k}': v for k, v in dataclasses.asdict(p).items()},
+      {
+        'precision.min_bits': 1,
+        'precision.max_bits': p.min_bits,
+        'precision.head_bits': 1,
+        'precision.act_bits': 1,
+        'precision.calibration_images': 1,
+        'precision.importance_examples': 1,
+        'precision.search_finetune_epochs': 0,
+        'precision.progressive_planes': 0,
+        'precision.progressive_bn_batches': 1,
+        'precision.progressive_bn_affine_steps': 0,
+      },
+      (
+        'precision.finetune_epochs',
+        'precision.finetune_learning_rate',
+        'precision.progressive_epochs',
+        'precision.progressive_learning_rate',
+        'precision.progressive_bn_affine_learning_rate',
+      ),
+    )
+    if not p.budgets or any(float(b) != int(b) or not p.min_bits <= b <= p.max_bits for b in p.budgets):
+      raise ValueError(
+        f'precision.budgets must be whole bit counts in [{p.min_bits}, {p.max_bits}] (the uniform baseline '
+        f'gives every neuron the budget), got {p.budgets}'
+      )
+    if not p.slopes:
+      raise ValueError('precision.slopes: give at least one slope for the bit search')
+    if not p.finetune_seeds or len(set(p.finetune_seeds)) != len(p.finetune_seeds):
+      raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {p.finetune_seeds}')
+    if p.search_rank_by not in bitsearch.RANK_BY:
+      raise ValueError(f'precision.search_rank_by must be one of {sorted(bitsearch.RANK_BY)}, got {p.search_rank_by!r}')
+
+
+def resolve(cc: ml_collections.ConfigDict | Mapping[str, Any], quick: bool = False) -> PrecisionConfig:
+  """The precision study config file ``cc`` as run (with ``quick``, its ``quick`` section
+  merged in), validated into a ``PrecisionConfig`` (``config.study_config``)."""
+  return config_lib.study_config(PrecisionConfig, cc, quick)
 
 
 class Evaluator:
@@ -109,17 +197,10 @@ def finetune(
   return nnx.merge(graphdef, state.params, state.batch_stats)
 
 
-def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> dict:
-  cc = config_lib.with_quick(cc, quick)
-  p = cc.precision
-  cfg = config_lib.from_dict(cc.common)
-  if not cfg.data.validation_examples:
-    raise ValueError('set common.data.validation_examples: bits are searched on a split the network never saw')
-  if any(float(b) != int(b) or not p.min_bits <= b <= p.max_bits for b in p.budgets):
-    raise ValueError(
-      f'budgets must be whole bit counts in [{p.min_bits}, {p.max_bits}] (the uniform baseline '
-      f'gives every neuron the budget), got {tuple(p.budgets)}'
-    )
+def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False) -> dict:
+  """Runs the precision study of config ``cc`` in ``workdir`` (``quick``: its quick settings); returns its results."""
+  resolved = resolve(cc, quick)  # validated before anything trains
+  p, cfg = resolved.precision, resolved.common
   full = datasets.load_dataset(cfg.data.name, cfg.data.data_dir or None)
   dataset = datasets.subset(full, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   train_split, held = datasets.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
@@ -145,23 +226,17 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
   steps_per_epoch = len(train_split.train_labels) // cfg.train.batch_size
   top = model.num_levels - 1
   # Every assignment is fine-tuned once per seed offset; the accuracy is the mean over them.
-  seeds = tuple(int(o) for o in p.get('finetune_seeds', (0,)))
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f'precision.finetune_seeds must be distinct seed offsets, got {seeds}')
-  search_epochs = float(p.get('search_finetune_epochs', 0.0))
-  search_rank_by = str(p.get('search_rank_by', 'loss'))
-  if search_rank_by not in bitsearch.RANK_BY:
-    raise ValueError(f'precision.search_rank_by must be one of {sorted(bitsearch.RANK_BY)}, got {search_rank_by!r}')
+  seeds, search_epochs, search_rank_by = p.finetune_seeds, p.search_finetune_epochs, p.search_rank_by
   out = {
     'dataset': dataset.name,
     'float_accuracy': float(float_acc[top]),
     'float_accuracy_per_level': [float(a) for a in float_acc],
     'settings': {
-      'act_bits': int(p.act_bits),
-      'bit_range': [int(p.min_bits), int(p.max_bits)],
-      'head_bits': int(p.head_bits),
-      'finetune_epochs': float(p.finetune_epochs),
-      'finetune_learning_rate': float(p.finetune_learning_rate),
+      'act_bits': p.act_bits,
+      'bit_range': [p.min_bits, p.max_bits],
+      'head_bits': p.head_bits,
+      'finetune_epochs': p.finetune_epochs,
+      'finetune_learning_rate': p.finetune_learning_rate,
       'finetune_seeds': list(seeds),
       'search_finetune_epochs': search_epochs,
       'search_rank_by': search_rank_by,
@@ -195,7 +270,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
       if method == 'uniform':
         weight_bits = {
           **quantized.uniform_bits(model, int(budget)),
-          'head': (int(p.head_bits),) * model.head.kernel.shape[-1],
+          'head': (p.head_bits,) * model.head.kernel.shape[-1],
         }
         record = {}
       else:
@@ -207,7 +282,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
           min_bits=p.min_bits,
           max_bits=p.max_bits,
           head_bits=p.head_bits,
-          slopes=tuple(p.slopes),
+          slopes=p.slopes,
           rank_by=search_rank_by,
         )
       precision = quantized.Precision(weight_bits, p.act_bits, clips)
@@ -258,7 +333,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
         f'{after[top]:.4f} after the fine-tune (mean of {len(seeds)}; float {float_acc[top]:.4f})',
         flush=True,
       )
-  if p.get('progressive_planes', 0):
+  if p.progressive_planes:
     out.update(
       progressive_study(
         cfg,
@@ -282,7 +357,7 @@ def study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> d
 
 def progressive_study(
   cfg: config_lib.Config,
-  p,
+  p: PrecisionSection,
   model,
   train_split: datasets.Dataset,
   val,
@@ -303,7 +378,7 @@ def progressive_study(
   With ``class_score`` the same BWB weights also step on a class-based plane ladder
   (``class_ladder_study``): the staircases ``combined_class`` and ``bits_only_class``.
   """
-  n, top = int(p.progressive_planes), model.num_levels - 1
+  n, top = p.progressive_planes, model.num_levels - 1
   tuned = finetune(
     cfg,
     model,
@@ -314,8 +389,7 @@ def progressive_study(
     steps_per_epoch,
     desc=f'BWB {n} planes',
   )
-  affine_steps = int(p.get('progressive_bn_affine_steps', 100))  # the config's defaults
-  affine_learning_rate = float(p.get('progressive_bn_affine_learning_rate', 1e-3))
+  affine_steps, affine_learning_rate = p.progressive_bn_affine_steps, p.progressive_bn_affine_learning_rate
   at_planes = [progressive.precision_at(tuned, b, n, p.act_bits, clips) for b in range(1, n + 1)]
   plain = [quantized.apply(tuned, precision) for precision in at_planes]
 
@@ -379,9 +453,9 @@ def progressive_study(
     'grid': {'validation': val_grid.tolist(), 'test': test_grid.tolist()},
     'progressive_settings': {
       'planes': n,
-      'epochs': float(p.progressive_epochs),
-      'learning_rate': float(p.progressive_learning_rate),
-      'bn_batches': int(p.progressive_bn_batches),
+      'epochs': p.progressive_epochs,
+      'learning_rate': p.progressive_learning_rate,
+      'bn_batches': p.progressive_bn_batches,
       'bn_affine_steps': affine_steps,
       'workdir': 'progressive',
     },
@@ -389,7 +463,15 @@ def progressive_study(
 
 
 def class_ladder_study(
-  cfg: config_lib.Config, p, tuned, val, test, clips, evaluate: Evaluator, class_score: dict[str, np.ndarray], retrain
+  cfg: config_lib.Config,
+  p: PrecisionSection,
+  tuned,
+  val,
+  test,
+  clips,
+  evaluate: Evaluator,
+  class_score: dict[str, np.ndarray],
+  retrain,
 ) -> dict:
   """The BWB network ``tuned`` stepped on class-based plane ladders (``progressive.class_ladder``).
 
@@ -399,7 +481,7 @@ def class_ladder_study(
   accuracy through bit-serial inference) and its staircases: ``combined_class`` (chosen on
   validation like ``combined``) and ``bits_only_class`` (the top level, rung by rung).
   """
-  n = int(p.progressive_planes)
+  n = p.progressive_planes
   top = tuned.num_levels - 1
   hidden = quantized.hidden_neuron_macs(tuned)
   best = None
@@ -452,6 +534,7 @@ def _save(path: str, model, meta: dict, precision: quantized.Precision) -> None:
 
 
 def targets(out: dict) -> list[str]:
+  """The class-based bits' targets, met or not, as Markdown lines."""
   lines = []
   for i, entry in enumerate(out['class_based']):
     b = entry['budget']
@@ -480,6 +563,8 @@ def targets(out: dict) -> list[str]:
 
 
 def markdown(out: dict) -> str:
+  """The study as Markdown: settings, accuracy per budget and method, the bit search, ProgressiveNN when run, the
+  targets."""
   s = out['settings']
   n_seeds = len(s.get('finetune_seeds', [0]))
   seeds_note = (
@@ -545,6 +630,7 @@ def search_markdown(out: dict) -> list[str]:
 
 
 def progressive_markdown(out: dict) -> list[str]:
+  """ProgressiveNN's part of the Markdown: accuracy and bit-ops per plane count, targets."""
   s, rows = out['progressive_settings'], out['progressive']
   lines = [
     '## ProgressiveNN: bit-serial inference',
@@ -605,6 +691,7 @@ def progressive_markdown(out: dict) -> list[str]:
 
 
 def progressive_targets(out: dict) -> list[str]:
+  """ProgressiveNN's targets (BN retraining at 1 plane, 4+ planes near the top), met or not."""
   rows = {r['bits']: r for r in out['progressive']}
   n = max(rows)
   one = rows[1]
@@ -624,6 +711,7 @@ def progressive_targets(out: dict) -> list[str]:
 
 
 def plot(path: str, out: dict) -> None:
+  """The study's plot: accuracy against mean weight bits, and ProgressiveNN's panels when run."""
   import matplotlib
 
   matplotlib.use('Agg')

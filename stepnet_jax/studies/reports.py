@@ -20,6 +20,7 @@ def write_study(workdir: str, name: str, out: dict, md: str, plot: Callable[[str
 
 
 def write_json(path: str, rows: list[dict], extra: dict | None = None) -> None:
+  """Writes ``{**extra, "levels": rows}`` to ``path``."""
   with open(path, 'w') as f:
     json.dump({**(extra or {}), 'levels': rows}, f, indent=2)
 

@@ -9,9 +9,9 @@ carved from the training data (``common.data.validation_examples``). Then, per f
 * ``steppingnet`` and ``awn`` step with reuse; ``cascade`` is the independent networks
   run one after another from scratch (Guan et al.): reaching level k costs networks 0..k;
 * heuristic policies (``confidence``, ``entropy``) are swept over their thresholds, and
-  the learned selection module (``selection.py``) is trained on one half of the
+  the learned selection module (``methods/selection.py``) is trained on one half of the
   validation split for each MAC price lambda; every point is the compiled anytime
-  program (``anytime.py``) on the test set: accuracy, average MACs actually spent per
+  program (``core/anytime.py``) on the test set: accuracy, average MACs actually spent per
   input, and where inputs stopped;
 * the operating points the targets speak of are chosen on the other half.
 
@@ -24,7 +24,8 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,69 @@ from stepnet_jax.studies import compare, reports
 FAMILIES = {'steppingnet': 'steppingnet', 'awn': 'awn', 'cascade': 'independent'}
 
 
+@dataclasses.dataclass(frozen=True)
+class Heuristics:
+  """``heuristics``: the heuristic policies swept on each family (fields of ``Knobs``)."""
+
+  steppingnet: tuple[str, ...] = ()  # () sweeps none on this family
+  awn: tuple[str, ...] = ()
+  cascade: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+  """``knobs``: the values each heuristic policy (``policies.HEURISTICS``) is swept over,
+  from stopping early to stopping late; a policy named in ``heuristics`` needs some."""
+
+  # stop when the top class's probability exceeds the knob
+  confidence: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+  margin: tuple[float, ...] = ()  # stop when the top-1 probability exceeds the top-2 one by the knob
+  # stop when the entropy of the prediction falls below the knob (nats)
+  entropy: tuple[float, ...] = (2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.07, 0.04, 0.02, 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveConfig(compare.CompareConfig):
+  """An anytime study config (``configs/adaptive_fashion_mnist.py``), validated by ``resolve``:
+  the comparison's sections (which trains the networks; its ``methods`` are set from
+  ``families``) and the policies'. ``common.data.validation_examples`` must hold images
+  out: the policies' operating points are chosen, and the selection modules trained, there."""
+
+  families: tuple[str, ...] = tuple(FAMILIES)  # names in FAMILIES; steppingnet's top exit is the reference
+  heuristics: Heuristics = dataclasses.field(default_factory=Heuristics)
+  knobs: Knobs = dataclasses.field(default_factory=Knobs)
+  lambdas: tuple[float, ...] = (0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8)  # MAC prices: a module each
+  tolerance: float = 0.003  # operating point: the cheapest within this of the top exit, on validation
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.common.data.validation_examples:
+      raise ValueError('set common.data.validation_examples: policies are tuned on a split the networks never saw')
+    if self.seeds:
+      raise ValueError(f'the anytime study trains one seed (common.seed): seeds must be (), got {self.seeds}')
+    for family in self.families:
+      if family not in FAMILIES:
+        raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
+    if 'steppingnet' not in self.families:
+      raise ValueError(f"families must include steppingnet (the targets are its top exit's), got {self.families}")
+    known = [f.name for f in dataclasses.fields(Knobs)]
+    for family in FAMILIES:
+      for policy in getattr(self.heuristics, family):
+        if policy not in known:
+          raise ValueError(f'unknown policy {policy!r} in heuristics.{family}; choose from {", ".join(known)}')
+        if not getattr(self.knobs, policy):
+          raise ValueError(f'heuristics.{family} sweeps {policy}: give its values in knobs.{policy}')
+    if not self.lambdas:
+      raise ValueError('lambdas: give at least one MAC price for the selection module')
+    config_lib.check_ranges({'lambdas': min(self.lambdas), 'tolerance': self.tolerance}, {'lambdas': 0, 'tolerance': 0})
+
+
+def resolve(cc: ml_collections.ConfigDict | Mapping[str, Any], quick: bool = False) -> AdaptiveConfig:
+  """The anytime study config file ``cc`` as run (with ``quick``, its ``quick`` section merged
+  in), validated into an ``AdaptiveConfig`` (``config.study_config``)."""
+  return config_lib.study_config(AdaptiveConfig, cc, quick)
+
+
 @dataclasses.dataclass
 class Family:
   """A trained network (or cascade) ready for policies."""
@@ -58,6 +122,7 @@ class Family:
   static: list[dict]  # the levels without a policy: level, macs_to_reach, accuracy
 
   def predict_fn(self, strategy: str) -> Callable:
+    """The jitted anytime program of this family with ``strategy``."""
     return anytime.make_predict(self.program, strategy)
 
 
@@ -177,6 +242,7 @@ def targets(out: dict) -> list[str]:
 
 
 def markdown(out: dict) -> str:
+  """The study as Markdown: every policy point per family, the static levels, the targets."""
   lines = [
     f'# Anytime inference on {out["dataset"]}',
     '',
@@ -226,20 +292,18 @@ def plot(path: str, out: dict) -> None:
   plt.close(fig)
 
 
-def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -> dict:
+def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False) -> dict:
   """Runs the study of config ``cc`` in ``workdir``; returns the adaptive.json dict."""
-  cc = compare.resolve(cc, quick)
-  cc.methods = tuple(FAMILIES[f] for f in cc.families)
-  common = config_lib.from_dict(cc.common)
-  if not common.data.validation_examples:
-    raise ValueError('set common.data.validation_examples: policies are tuned on a split the networks never saw')
+  study = resolve(cc, quick)  # validated before anything trains
+  study = dataclasses.replace(study, methods=tuple(FAMILIES[f] for f in study.families))
+  common = study.common
   full = datasets.load_dataset(common.data.name, common.data.data_dir or None)
   dataset = datasets.subset(full, common.data.train_subset, common.data.test_subset, common.seed)
   _, held = datasets.split_validation(dataset, common.data.validation_examples, common.seed)
   fit_idx, choose_idx = validation_halves(held, common.seed)
   fit, choose = [(dataset.train_images[i], dataset.train_labels[i]) for i in (fit_idx, choose_idx)]
   test = (dataset.test_images, dataset.test_labels)
-  results = compare.compare(cc, workdir, latency_repeats=2)  # trains or reuses every network
+  results = compare.compare_resolved(study, workdir, latency_repeats=2)  # trains or reuses every network
   strategy = anytime.default_strategy()
   out = {
     'dataset': dataset.name,
@@ -255,25 +319,25 @@ def adaptive(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False) -
     'static': {},
   }
   np.save(os.path.join(workdir, 'validation_indices.npy'), held)
-  for family_name in cc.families:
+  for family_name in study.families:
     rows = results['methods'][FAMILIES[family_name]]['levels']
     family = load_family(family_name, os.path.join(workdir, FAMILIES[family_name]), rows)
     out['static'][family_name] = family.static
     variables = nnx.state(family.module)
     predict, levels = family.predict_fn(strategy), family.program.num_levels
-    for policy in cc.heuristics.get(family_name, ()):
-      make = functools.partial(policies.heuristic, policy)
+    for policy in getattr(study.heuristics, family_name):
+      make, knobs = functools.partial(policies.heuristic, policy), getattr(study.knobs, policy)
       out['methods'][f'{family_name}_{policy}'] = {
         'policy': policy,
-        'points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *test),
-        'validation_points': sweeps.sweep(predict, variables, levels, make, cc.knobs[policy], *choose),
+        'points': sweeps.sweep(predict, variables, levels, make, knobs, *test),
+        'validation_points': sweeps.sweep(predict, variables, levels, make, knobs, *choose),
       }
-    test_pts, val_pts = learned_points(family, common, cc.lambdas, fit, choose, test, dataset.num_classes, strategy)
+    test_pts, val_pts = learned_points(family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy)
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name == 'steppingnet':
       out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
       val_top = sweeps.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)
-      out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], cc.tolerance)
+      out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], study.tolerance)
   reports.write_study(workdir, 'adaptive', out, markdown(out), functools.partial(plot, out=out))
   return out
 
@@ -368,15 +432,16 @@ def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int
   return policies.Learned(params, num_levels, cfg.selection.history, threshold)
 
 
-def timing_study(cc: ml_collections.ConfigDict, workdir: str, quick: bool = False, repeats: int = 20) -> dict:
+def timing_study(
+  cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False, repeats: int = 20
+) -> dict:
   """Times SteppingNet's program at the learned policy's 50%-MAC point of a finished study in
   ``workdir`` (the lambda whose validation MACs are closest to half the top level's; its
   selection module retrained, deterministically, and kept in DIR/timing_selector.npz for
   the next ``--timing``) and at the confidence threshold with the closest validation MACs,
   at batch 1 and 256; writes DIR/timing.json. The allocator moves the numbers (README,
   "time following MACs"): time with the one a deployment uses."""
-  cc = compare.resolve(cc, quick)
-  common = config_lib.from_dict(cc.common)
+  common = resolve(cc, quick).common
   with open(os.path.join(workdir, 'adaptive.json')) as f:
     study = json.load(f)
   half = 0.5 * study['top_macs']

@@ -42,6 +42,7 @@ class MetricWriter:
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w' if fresh else 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Writes ``scalars`` at ``step`` to TensorBoard and ``metrics.jsonl`` (first host only)."""
     if self.tb is None:
       return
     for k, v in scalars.items():
@@ -50,6 +51,7 @@ class MetricWriter:
     self.jsonl.flush()
 
   def close(self) -> None:
+    """Closes the files."""
     if self.tb is not None:
       self.tb.close()
       self.jsonl.close()

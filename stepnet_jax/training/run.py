@@ -341,6 +341,7 @@ class PhasedRun:
 
   @classmethod
   def open(cls, cfg: Config, workdir: str, dataset: datasets.Dataset | None, result_name: str) -> PhasedRun:
+    """Prepares the data and checks the workdir; a finished run of these settings sets ``finished``."""
     dataset, steps_per_epoch = prepare_data(cfg, dataset)
     run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
     saved = check_workdir(workdir, cfg)
@@ -359,6 +360,7 @@ class PhasedRun:
 
   @property
   def total_steps(self) -> int:
+    """Steps of the whole run: ``train.num_epochs`` x steps per epoch."""
     return self.cfg.train.num_epochs * self.steps_per_epoch
 
   def begin(self) -> None:

@@ -25,6 +25,8 @@ from stepnet_jax.training.losses import Objective
 
 @struct.dataclass
 class TrainState:
+  """What a train step carries: the global step, parameters, BN statistics and optimizer state."""
+
   step: jax.Array  # int32 scalar: global optimizer steps so far
   params: Any  # nnx.State of nnx.Param
   batch_stats: Any  # nnx.State of nnx.BatchStat (running BN statistics)
