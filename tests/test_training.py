@@ -80,13 +80,6 @@ def test_joint_step_costs_about_one_single_exit_step_in_compiled_flops():
   assert wasteful > 2.0 * single, (wasteful, single)  # the check can tell the two apart
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=AssertionError,
-  reason='init_state returns a state not yet on the mesh; the step returns it replicated on the '
-  'mesh, a new input type, so the second step traces and compiles again. Fix: init_state puts '
-  'the state on sharding.replicated() (then drop this mark).',
-)
 def test_train_step_compiles_once():
   """make_train_step traces its step once: many steps on new batches of one shape, from the
   state init_state gives, reuse the program (chex.assert_max_traces on the objective, which

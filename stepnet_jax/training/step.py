@@ -34,9 +34,12 @@ class TrainState:
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, step: int = 0) -> tuple[nnx.GraphDef, TrainState]:
-  """(graphdef, a state at global step ``step`` with fresh optimizer moments)."""
+  """(graphdef, a state at global step ``step`` with fresh optimizer moments), replicated on
+  the mesh as the train step returns it: a state placed otherwise would make the step's
+  second call see new input types and compile the step a second time."""
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return graphdef, TrainState(jnp.asarray(step, jnp.int32), params, stats, tx.init(params))
+  state = TrainState(jnp.asarray(step, jnp.int32), params, stats, tx.init(params))
+  return graphdef, jax.device_put(state, sharding.replicated())
 
 
 def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
