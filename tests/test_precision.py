@@ -11,6 +11,7 @@ import numpy as np
 import stepnet_jax
 from stepnet_jax import config
 from stepnet_jax.data import datasets
+from stepnet_jax.inference import restore
 from stepnet_jax.models import quantized
 from stepnet_jax.studies import precision
 
@@ -65,7 +66,7 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
       bits = quantized.Precision.from_json(net.meta['model_meta']['precision']).weight_bits
       assert np.isclose(
         quantized.bitops(
-          stepnet_jax.restore.load_variables(str(tmp_path / e['workdir']))[0], bits, saved['settings']['act_bits']
+          restore.load_variables(str(tmp_path / e['workdir']))[0], bits, saved['settings']['act_bits']
         ).sum(),
         e['bitops'],
       )
@@ -107,7 +108,7 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   for b in (0, 3):
     assert stairs['bits_only_class'][b]['accuracy'] == stairs['bits_only'][b]['accuracy']
   assert stairs['bits_only_class'][0]['bitops'] == stairs['bits_only'][0]['bitops']
-  model, meta = stepnet_jax.restore.load_variables(str(tmp_path / 'progressive'), apply_precision=False)
+  model, meta = restore.load_variables(str(tmp_path / 'progressive'), apply_precision=False)
   prec = quantized.Precision.from_json(meta['model_meta']['precision'])
   assert prec.bwb_bits == 4
   stats = np.load(tmp_path / 'progressive' / 'bn_stats_per_planes.npz')

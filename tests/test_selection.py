@@ -115,7 +115,7 @@ def test_frozen_selection_updates_only_the_selector():
   _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   grads = jax.tree.map(jnp.ones_like, params)
   for joint in (False, True):
-    tx = selection._optimizer(1e-2, joint, params)
+    tx = selection._optimizer(1e-2, joint)
     updates, _ = tx.update(grads, tx.init(params), params)
     net_updates = jax.tree.leaves(updates['net'])
     assert all(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates['selector']))

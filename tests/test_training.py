@@ -22,7 +22,7 @@ from stepnet_jax.data import datasets, feed
 from stepnet_jax.inference import evaluation
 from stepnet_jax.models import zoo
 from stepnet_jax.studies import bench
-from stepnet_jax.training import loop, losses, optim
+from stepnet_jax.training import loop, losses, optim, run
 from stepnet_jax.training import step as step_lib
 
 K = 4
@@ -164,7 +164,9 @@ def test_each_epoch_has_its_own_permutation():
     {'seed': seed, 'train.batch_size': batch_size, 'train.progress': False, 'train.log_every_steps': 1000}
   )
   rec = _Recorder()
-  loop.run_steps(None, rec, ds, cfg, first=0, last=epochs * spe, steps_per_epoch=spe, writer=None, desc='')
+  settings = loop.LoopSettings.from_config(cfg, ds.num_classes)
+  batches = run.training_batches(cfg, ds, 0, epochs * spe, spe)
+  loop.run_steps(None, rec, batches, settings, first=0, last=epochs * spe, writer=None, desc='')
   assert len(rec.seen) == epochs * spe
   orders = []
   for e in range(epochs):
@@ -177,7 +179,8 @@ def test_each_epoch_has_its_own_permutation():
   assert not any(np.array_equal(orders[a], orders[b]) for a in range(epochs) for b in range(a))
   # A run resumed at step 5 sees exactly the batches an uninterrupted run sees from there.
   resumed = _Recorder()
-  loop.run_steps(None, resumed, ds, cfg, first=5, last=epochs * spe, steps_per_epoch=spe, writer=None, desc='')
+  batches = run.training_batches(cfg, ds, 5, epochs * spe, spe)
+  loop.run_steps(None, resumed, batches, settings, first=5, last=epochs * spe, writer=None, desc='')
   for a, b in zip(resumed.seen, rec.seen[5:]):
     np.testing.assert_array_equal(a, b)
 

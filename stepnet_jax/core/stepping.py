@@ -60,6 +60,17 @@ def exits(graphdef, variables, x: jax.Array) -> jax.Array:
   return _model(graphdef, variables).exits(x)
 
 
+@functools.lru_cache(maxsize=32)
+def jitted_exits(graphdef: nnx.GraphDef) -> Callable:
+  """``exits`` jitted for one structure: ``(variables, x) -> [K, B, classes]``.
+
+  Cached by the (hashable) graphdef, so every evaluation of a structure (training's
+  epoch ends, the precision study's candidates, a ``Stepper``) shares one compilation
+  per input shape.
+  """
+  return jax.jit(functools.partial(exits, graphdef))
+
+
 def start(graphdef, variables, x: jax.Array) -> StepCache:
   """Run level 0 on raw images; returns the cache (``cache.level == 0``)."""
   return _model(graphdef, variables).start(x)
@@ -142,5 +153,5 @@ def make_step_functions(graphdef: nnx.GraphDef, num_levels: int) -> StepFunction
     levels=tuple(levels),
     forward=jax.jit(functools.partial(forward, graphdef), static_argnames='level'),
     forward_blocked=jax.jit(functools.partial(forward_blocked, graphdef), static_argnames='level'),
-    exits=jax.jit(functools.partial(exits, graphdef)),
+    exits=jitted_exits(graphdef),
   )

@@ -82,6 +82,25 @@ def training_indices(
     yield step_indices(step, steps_per_epoch, num_examples, batch_size, seed)
 
 
+def training_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  seed: int,
+  first: int,
+  last: int,
+  steps_per_epoch: int | None = None,
+) -> Iterator[Batch]:
+  """The device batches of global steps ``[first, last)`` (``training_indices``; epochs of
+  ``steps_per_epoch`` steps, by default as many full batches as the examples give, at least
+  one). The batch must split over the devices: checked now, not at the first batch."""
+  sharding.check_batch_size(batch_size)
+  if steps_per_epoch is None:
+    steps_per_epoch = max(1, len(labels) // batch_size)
+  indices = training_indices(first, last, steps_per_epoch, len(labels), batch_size, seed)
+  return device_batches(images, labels, indices)
+
+
 def sequential_indices(num_examples: int, batch_size: int) -> Iterator[np.ndarray]:
   """A split in order, ``batch_size`` at a time (the last batch may be shorter)."""
   for i in range(0, num_examples, batch_size):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,30 +15,71 @@ from stepnet_jax.inference import timing
 from stepnet_jax.inference.stepper import Stepper
 
 
+def accumulate(
+  fn: Callable[[feed.Batch], Any],
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int = 1000,
+  *,
+  axis: int = -1,
+  concatenate: bool = False,
+) -> Any:
+  """``fn(batch)`` over a split in evaluation batches, the padding cut off: the one evaluation loop.
+
+  ``feed.evaluation_batches`` pads the last batch to the first's size (one compiled
+  shape). ``fn`` returns a pytree of arrays whose axis ``axis`` runs over the batch's
+  examples; each leaf comes to the host, is cut to the real examples, and is summed
+  over them (floating leaves in float64; the sums added batch by batch) or, with
+  ``concatenate``, joined batch after batch (one entry per example). None for an empty split.
+  """
+  total, parts = None, []
+  for batch in feed.evaluation_batches(images, labels, batch_size):
+    out = jax.tree.map(lambda x: _real(sharding.to_host(x), batch.count, axis), fn(batch))
+    if concatenate:
+      parts.append(out)
+      continue
+    sums = jax.tree.map(lambda x: _promote(x).sum(axis=axis), out)
+    total = sums if total is None else jax.tree.map(operator.add, total, sums)
+  if concatenate:
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *parts) if parts else None
+  return total
+
+
+def _real(x: np.ndarray, count: int, axis: int) -> np.ndarray:
+  """``x`` cut to its first ``count`` entries along ``axis`` (the batch's real examples)."""
+  index = [slice(None)] * x.ndim
+  index[axis] = slice(0, count)
+  return x[tuple(index)]
+
+
+def _promote(x: np.ndarray) -> np.ndarray:
+  return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
+
+
 def exit_metrics(
   exits_fn, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000, loss: bool = True
 ) -> dict[str, np.ndarray]:
   """Eval-mode accuracy (and with ``loss`` mean cross-entropy) of every exit over a split:
   {'accuracy': [K], 'loss': [K]}.
 
-  ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``; the
-  feed pads the last batch (one compiled shape) and its padding is not counted. Only
-  [K, B] predictions (and per-example losses) leave the device. The loss is a
-  lower-variance ranking signal than the accuracy when candidates are close.
+  ``exits_fn(variables, x) -> [K, B, classes]`` is a jitted ``stepping.exits``
+  (``stepping.jitted_exits``); the padding of the last batch is not counted
+  (``accumulate``). Only [K, B] hits (and per-example log-likelihoods) leave the device.
+  The loss is a lower-variance ranking signal than the accuracy when candidates are close.
   """
-  correct, nll, seen = 0, 0.0, 0
-  for batch in feed.evaluation_batches(images, labels, batch_size):
+
+  def per_batch(batch: feed.Batch) -> dict[str, jax.Array]:
     logits = exits_fn(variables, batch.images)  # [K, B, C] on device
-    pred = sharding.to_host(logits.argmax(-1))[:, : batch.count]  # [K, count]
-    correct = correct + (pred == labels[None, seen : seen + batch.count]).sum(axis=1)
+    out = {'correct': logits.argmax(-1) == batch.labels[None]}  # [K, B]
     if loss:
       log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-      picked = jnp.take_along_axis(log_p, batch.labels[None, :, None].astype(jnp.int32), axis=-1)[..., 0]
-      nll = nll - sharding.to_host(picked)[:, : batch.count].astype(np.float64).sum(axis=1)
-    seen += batch.count
-  out = {'accuracy': correct / len(labels)}
+      out['log_p'] = jnp.take_along_axis(log_p, batch.labels[None, :, None].astype(jnp.int32), axis=-1)[..., 0]
+    return out
+
+  sums = accumulate(per_batch, images, labels, batch_size, axis=1)
+  out = {'accuracy': sums['correct'] / len(labels)}
   if loss:
-    out['loss'] = nll / len(labels)
+    out['loss'] = -sums['log_p'] / len(labels)
   return out
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from stepnet_jax.core.anytime import Prediction
 from stepnet_jax.data import feed
+from stepnet_jax.inference import evaluation
 
 
 def exit_statistics(prediction: Prediction, labels: np.ndarray, num_levels: int) -> dict[str, Any]:
@@ -33,13 +34,13 @@ def evaluate_policy(
   batch_size: int = 1000,
 ) -> dict[str, Any]:
   """``exit_statistics`` of ``policy`` over a split, through the feed (the last batch padded
-  to one compiled shape; its padding dropped)."""
-  parts = []
-  for batch in feed.evaluation_batches(images, labels, batch_size):
+  to one compiled shape; its padding dropped: ``evaluation.accumulate``)."""
+
+  def per_batch(batch: feed.Batch) -> Prediction:
     valid = np.arange(batch.images.shape[0]) < batch.count  # the padding stops at once
-    out = predict_fn(variables, batch.images, policy, valid)
-    parts.append([np.asarray(a)[: batch.count] for a in out])
-  merged = Prediction(*[np.concatenate(p) for p in zip(*parts)])
+    return Prediction(*predict_fn(variables, batch.images, policy, valid))
+
+  merged = evaluation.accumulate(per_batch, images, labels, batch_size, axis=0, concatenate=True)
   return exit_statistics(merged, labels, num_levels)
 
 

@@ -29,6 +29,7 @@ is a 1-bit weight.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -44,8 +45,10 @@ from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.core.quantizers import bitplanes, plane_weights
 from stepnet_jax.data import datasets, feed
+from stepnet_jax.inference import evaluation
 from stepnet_jax.methods import bitsearch, nonuniform
 from stepnet_jax.models import quantized
+from stepnet_jax.training import fit, loop, losses, optim
 
 # Weight bits (here: bitwise-binary planes) of every neuron of every layer, head included.
 Bits = dict[str, tuple[int, ...]]
@@ -102,6 +105,11 @@ def retrain_bn(model: SteppingModel, dataset: datasets.Dataset, cfg: Config, bat
   return nonuniform.recalibrate(model, dataset, cfg.replace(**{'baseline.recalibrate_batches': int(batches)}))
 
 
+def _bn_affine(names: tuple) -> bool:
+  """Is this parameter (``optim.param_names``) a BatchNorm scale or bias?"""
+  return 'bn' in names and names[-1] in ('scale', 'bias')
+
+
 def retrain_bn_at(
   model: SteppingModel,
   precision: quantized.Precision,
@@ -116,40 +124,20 @@ def retrain_bn_at(
   objective (straight-through, Adam at ``learning_rate``, every kernel and the classifier
   frozen: the paper's optional affine retraining); then the statistics are re-estimated
   (``retrain_bn``)."""
+  affine_steps = int(affine_steps)
   if affine_steps:
-    from stepnet_jax.training import (
-      loop,
-      losses,  # (training imports stay local)
-    )
-    from stepnet_jax.training import step as step_lib
-
-    def label(path, _):  # a Param leaf's path ends in its variable's '.value'
-      names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-      return 'bn' if 'bn' in names and names[-1] in ('scale', 'bias') else 'frozen'
-
-    tx = optax.multi_transform(
-      {'bn': optax.adam(learning_rate), 'frozen': optax.set_to_zero()},
-      lambda params: jax.tree_util.tree_map_with_path(label, params),
-    )
-    graphdef, state = step_lib.init_state(model, tx)
-    state = jax.tree.map(jnp.copy, state)  # the step donates its state
-    objective = quantized.quantization_aware(losses.objective_for(cfg), precision)
-    train_step = step_lib.make_train_step(
-      graphdef, tx, objective, seed=seeds.seed_for(cfg.seed, seeds.Stream.BN_AFFINE_RETRAINING)
-    )
-    steps_per_epoch = max(1, len(dataset.train_labels) // cfg.train.batch_size)
-    state = loop.run_steps(
-      state,
-      train_step,
-      dataset,
-      cfg.replace(**{'train.progress': False}),
-      first=0,
-      last=int(affine_steps),
-      steps_per_epoch=steps_per_epoch,
-      writer=None,
+    model, _ = fit.fit(
+      model,
+      optim.train_only(optax.adam(learning_rate), _bn_affine),
+      quantized.quantization_aware(losses.objective_for(cfg), precision),
+      feed.training_batches(
+        dataset.train_images, dataset.train_labels, cfg.train.batch_size, cfg.seed, 0, affine_steps
+      ),
+      affine_steps,
+      seed=seeds.seed_for(cfg.seed, seeds.Stream.BN_AFFINE_RETRAINING),
+      settings=dataclasses.replace(loop.LoopSettings.from_config(cfg, dataset.num_classes), progress=False),
       desc='BN affine',
     )
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
   return retrain_bn(quantized.apply(model, precision), dataset, cfg, batches)
 
 
@@ -230,10 +218,8 @@ def bit_serial_accuracy(
 ) -> np.ndarray:
   """Accuracy of every exit after every plane step of ABS inference: [b, K]
   (``first_planes`` as in ``bit_serial_exits``)."""
-  correct, seen = 0, 0
-  for batch in feed.evaluation_batches(images, labels, batch_size):
-    exits = bit_serial_exits(first_kernel, models, batch.images, n, first_planes)
-    pred = np.asarray(exits.argmax(-1))[..., : batch.count]
-    correct = correct + (pred == labels[None, None, seen : seen + batch.count]).sum(axis=-1)
-    seen += batch.count
-  return correct / len(labels)
+
+  def hits(batch: feed.Batch) -> jax.Array:
+    return bit_serial_exits(first_kernel, models, batch.images, n, first_planes).argmax(-1) == batch.labels  # [b, K, B]
+
+  return evaluation.accumulate(hits, images, labels, batch_size) / len(labels)

@@ -12,13 +12,13 @@ episodes (leave-one-out). Any baseline that does not depend on the decision keep
 estimate unbiased; a test compares it with the exact gradient. An optional bonus on
 the expected entropy of the decisions keeps the module exploring.
 
-By default the network is frozen (eval mode, no gradient, its optimizer slot set to
-zero); ``selection.joint=True`` fine-tunes the exits jointly, as the paper does: the
-network runs in train mode and the cross-entropy of the exit each episode stopped at
-joins the loss. Training is one objective (``reinforce``) run by the shared
-``training.step.make_train_step`` and ``training.loop.run_steps`` on a ``PolicyNet``
-(the network, or a ``Cascade`` of independent networks, plus a ``Selector``), on a
-validation split carved from the training data.
+By default the network is frozen (eval mode, no gradient, its updates zero:
+``optim.train_only``); ``selection.joint=True`` fine-tunes the exits jointly, as the
+paper does: the network runs in train mode and the cross-entropy of the exit each
+episode stopped at joins the loss. Training is one objective (``reinforce``) run by the
+shared ``training.fit.fit`` on a ``PolicyNet`` (the network, or a ``Cascade`` of
+independent networks, plus a ``Selector``), on a validation split carved from the
+training data.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from flax import nnx
 
 from stepnet_jax import seeds
 from stepnet_jax.config import Config
-from stepnet_jax.data import datasets, sharding
+from stepnet_jax.data import feed, sharding
 from stepnet_jax.inference import policies
-from stepnet_jax.training import loop, losses
-from stepnet_jax.training import step as step_lib
+from stepnet_jax.training import fit, loop, losses, optim
 
 
 class Selector(nnx.Module):
@@ -184,14 +183,11 @@ def reinforce(
   return objective
 
 
-def _optimizer(learning_rate: float, joint: bool, params: nnx.State) -> optax.GradientTransformation:
-  """Adam on the selector (and, joint, on the network); the frozen network's slot is zero."""
+def _optimizer(learning_rate: float, joint: bool) -> optax.GradientTransformation:
+  """Adam on the selector (and, joint, on the network); the frozen network's updates are zero."""
   if joint:
     return optax.adam(learning_rate)
-  labels = jax.tree_util.tree_map_with_path(
-    lambda path, _: 'selector' if getattr(path[0], 'key', None) == 'selector' else 'frozen', params
-  )
-  return optax.multi_transform({'selector': optax.adam(learning_rate), 'frozen': optax.set_to_zero()}, labels)
+  return optim.train_only(optax.adam(learning_rate), lambda names: names[0] == 'selector')
 
 
 def train_selector(
@@ -213,10 +209,6 @@ def train_selector(
   s = cfg.selection
   lam = s.cost_weight if cost_weight is None else cost_weight
   model = PolicyNet(net, Selector(num_classes, len(macs_to_reach), s.hidden, s.history, cfg.seed))
-  graphdef, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = _optimizer(s.learning_rate, s.joint, params)
-  graphdef, state = step_lib.init_state(model, tx)
-  state = jax.tree.map(jnp.copy, state)  # the step donates its state; ``net`` keeps its own arrays
   objective = reinforce(
     macs_to_reach,
     lam,
@@ -227,24 +219,17 @@ def train_selector(
     ce_weight=s.ce_weight,
     samples=s.samples,
   )
-  train_step = step_lib.make_train_step(
-    graphdef, tx, objective, seed=seeds.seed_for(cfg.seed, seeds.Stream.SELECTOR_TRAINING)
-  )
-  split = datasets.Dataset('validation', images, labels, images[:1], labels[:1], num_classes)
   batch_size = min(s.batch_size, len(labels))
   batch_size -= batch_size % sharding.num_devices()  # the batch splits over the devices
-  steps_per_epoch = len(labels) // batch_size
-  run_cfg = cfg.replace(**{'train.batch_size': batch_size, 'train.num_epochs': s.epochs})
-  state = loop.run_steps(
-    state,
-    train_step,
-    split,
-    run_cfg,
-    first=0,
-    last=s.epochs * steps_per_epoch,
-    steps_per_epoch=steps_per_epoch,
-    writer=None,
+  steps = s.epochs * (len(labels) // batch_size)
+  trained, _ = fit.fit(
+    model,
+    _optimizer(s.learning_rate, s.joint),
+    objective,
+    feed.training_batches(images, labels, batch_size, cfg.seed, 0, steps),
+    steps,
+    seed=seeds.seed_for(cfg.seed, seeds.Stream.SELECTOR_TRAINING),
+    settings=loop.LoopSettings.from_config(cfg, num_classes),
     desc=f'{desc} (lambda {lam:g})',
   )
-  trained = nnx.merge(graphdef, state.params, state.batch_stats)
   return trained.selector.policy(), nnx.state(trained.net)

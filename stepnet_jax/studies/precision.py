@@ -30,8 +30,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -39,13 +37,12 @@ from flax import nnx
 from stepnet_jax import cli, seeds
 from stepnet_jax import config as config_lib
 from stepnet_jax.core import stepping
-from stepnet_jax.data import datasets
+from stepnet_jax.data import datasets, feed
 from stepnet_jax.inference import evaluation, restore
 from stepnet_jax.methods import bitsearch, progressive, staircase
 from stepnet_jax.models import quantized
 from stepnet_jax.studies import reports
-from stepnet_jax.training import checkpoints, loop, losses, optim, run
-from stepnet_jax.training import step as step_lib
+from stepnet_jax.training import checkpoints, fit, loop, losses, optim, run
 
 BIT_ASSIGNMENTS = ('class_based', 'uniform', 'magnitude', 'random')
 SCORE_OF = {'class_based': 'class', 'magnitude': 'magnitude', 'random': 'random'}
@@ -148,12 +145,7 @@ class Evaluator:
   def metrics(self, model, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy and cross-entropy of every exit: {'accuracy': [K], 'loss': [K]}."""
     graphdef, variables = nnx.split(model)
-    return evaluation.exit_metrics(_exits(graphdef), variables, images, labels, self.batch_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _exits(graphdef):
-  return jax.jit(functools.partial(stepping.exits, graphdef))
+    return evaluation.exit_metrics(stepping.jitted_exits(graphdef), variables, images, labels, self.batch_size)
 
 
 def finetune(
@@ -169,32 +161,29 @@ def finetune(
 ):
   """Quantization-aware fine-tune of a copy of ``model`` (float weights kept by the optimizer).
 
-  ``seed_offset`` shifts the seed of the batch order and augmentation (0: the config's).
+  ``epochs`` (may be fractional) of ``steps_per_epoch`` steps; the config's optimizer at
+  ``learning_rate``, its schedule spanning the fine-tune. ``seed_offset`` shifts the seed
+  of the batch order and augmentation (0: the config's).
   """
   steps = max(1, int(round(epochs * steps_per_epoch)))
-  # The schedule spans the fine-tune's steps: one "epoch" of ``steps`` (epochs may be fractional).
-  ft_cfg = cfg.replace(
-    **{
-      'optim.learning_rate': learning_rate,
-      'train.num_epochs': 1,
-      'seed': cfg.seed + seed_offset,
-      'optim.warmup_epochs': cfg.optim.warmup_epochs * steps_per_epoch / steps,
-    }
+  seed = cfg.seed + seed_offset
+  o = dataclasses.replace(cfg.optim, learning_rate=learning_rate)
+  tx = optim.optimizer_over(o, steps, int(o.warmup_epochs * steps_per_epoch))
+  batches = feed.training_batches(
+    dataset.train_images, dataset.train_labels, cfg.train.batch_size, seed, 0, steps, steps_per_epoch
   )
-  tx = optim.make_optimizer(ft_cfg, steps)
-  graphdef, state = step_lib.init_state(model, tx)
-  state = jax.tree.map(jnp.copy, state)  # the step donates its state; ``model`` keeps its arrays
-  train_step = step_lib.make_train_step(
-    graphdef,
+  tuned, _ = fit.fit(
+    model,
     tx,
     quantized.quantization_aware(losses.objective_for(cfg), precision),
-    seed=seeds.seed_for(ft_cfg.seed, seeds.Stream.QUANTIZED_FINETUNE),
+    batches,
+    steps,
+    seed=seeds.seed_for(seed, seeds.Stream.QUANTIZED_FINETUNE),
     augment_images=cfg.data.augment,
+    settings=loop.LoopSettings.from_config(cfg, dataset.num_classes),
+    desc=desc,
   )
-  state = loop.run_steps(
-    state, train_step, dataset, ft_cfg, first=0, last=steps, steps_per_epoch=steps_per_epoch, writer=None, desc=desc
-  )
-  return nnx.merge(graphdef, state.params, state.batch_stats)
+  return tuned
 
 
 def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False) -> dict:

@@ -4,6 +4,7 @@ SIGTERM / Ctrl-C, stop on a non-finite loss."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -11,13 +12,13 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
-from stepnet_jax.config import Config
-from stepnet_jax.data import datasets, feed, sharding
+from stepnet_jax.config import Config, TrainConfig
+from stepnet_jax.data.feed import Batch
 from stepnet_jax.training.step import TrainState
 
 
@@ -55,6 +56,21 @@ class MetricWriter:
     if self.tb is not None:
       self.tb.close()
       self.jsonl.close()
+
+
+class MetricRows:
+  """A writer that keeps what the loop logs in memory: ``rows``, one dict per write
+  (``step`` and the scalars), e.g. one per logged window of ``run_steps``."""
+
+  def __init__(self):
+    self.rows: list[dict[str, float]] = []
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Appends ``{'step': step, **scalars}``."""
+    self.rows.append({'step': step, **scalars})
+
+  def close(self) -> None:
+    """Nothing to close."""
 
 
 def per_level(prefix: str, values: Sequence[float], levels: Sequence[int] | None = None) -> dict[str, float]:
@@ -196,50 +212,74 @@ class DivergenceGuard:
       )
 
 
-def divergence_guard(cfg: Config, dataset: datasets.Dataset) -> DivergenceGuard:
-  """The config's divergence guard (``train.divergence_steps`` / ``divergence_factor``)."""
-  return DivergenceGuard(cfg.train.divergence_steps, cfg.train.divergence_factor, float(np.log(dataset.num_classes)))
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """What ``run_steps`` reads besides its batches: the log and checkpoint cadence, the progress
+  bar and the divergence guard (``num_classes`` sets its chance level). The defaults are
+  ``TrainConfig``'s; ``from_config`` takes a config's."""
+
+  log_every_steps: int = TrainConfig.log_every_steps
+  checkpoint_every_steps: int = TrainConfig.checkpoint_every_steps  # with a checkpoint function
+  progress: bool = TrainConfig.progress
+  divergence_steps: int = TrainConfig.divergence_steps  # 0: no divergence guard
+  divergence_factor: float = TrainConfig.divergence_factor
+  num_classes: int = 10
+
+  @classmethod
+  def from_config(cls, cfg: Config, num_classes: int) -> LoopSettings:
+    """The settings of ``cfg.train`` for data of ``num_classes`` classes."""
+    t = cfg.train
+    return cls(
+      log_every_steps=t.log_every_steps,
+      checkpoint_every_steps=t.checkpoint_every_steps,
+      progress=t.progress,
+      divergence_steps=t.divergence_steps,
+      divergence_factor=t.divergence_factor,
+      num_classes=num_classes,
+    )
+
+  def divergence_guard(self) -> DivergenceGuard:
+    """A new guard with these settings (its chance level: ln of the class count)."""
+    return DivergenceGuard(self.divergence_steps, self.divergence_factor, float(np.log(self.num_classes)))
 
 
 def run_steps(
   state: TrainState,
   train_step,
-  dataset: datasets.Dataset,
-  cfg: Config,
+  batches: Iterable[Batch],
+  settings: LoopSettings,
   *,
   first: int,
   last: int,
-  steps_per_epoch: int,
-  writer: MetricWriter | None,
+  writer: MetricWriter | MetricRows | None,
   desc: str,
   levels: Sequence[int] | None = None,
   checkpoint: Callable[[TrainState], None] | None = None,
   guard: DivergenceGuard | None = None,
   stop: StopRequests | None = None,
 ) -> TrainState:
-  """Runs global steps ``[first, last)``, logging every ``train.log_every_steps`` and at the end.
+  """Runs global steps ``[first, last)`` on ``batches`` (one per step), logging every
+  ``settings.log_every_steps`` and at the end.
 
-  ``state.step`` must equal ``first``; batches depend only on the global step and the
-  seed (``feed.training_indices``), so a run split into pieces (resumed, or in
-  construction phases) sees the same data. ``levels`` names the exits whose accuracy
-  ``train_step`` reports (default 0, 1, ...), for the logs. A non-finite loss
-  (``check_finite``) or a divergence (``guard``, a new one unless given) raises before anything
-  is saved. With ``checkpoint``, the state is saved
-  every ``train.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C at the current
-  step, after which ``Preempted`` is raised. ``stop``: the caller's entered ``StopRequests``
-  (held for a whole run); without ``checkpoint``, a request raises ``Preempted`` (nothing
-  saved) at the next step. A request at the range's last step is left to the caller, which
-  ends the range itself (evaluates and saves the epoch, or checkpoints the phase) and then stops.
+  ``state.step`` must equal ``first``. ``batches`` are the steps' batches in order
+  (``feed.training_batches``: they depend only on the global step and the seed, so a run
+  split into pieces, resumed or in construction phases, sees the same data). ``levels``
+  names the exits whose accuracy ``train_step`` reports (default 0, 1, ...), for the logs.
+  A non-finite loss (``check_finite``) or a divergence (``guard``, a new one from
+  ``settings`` unless given) raises before anything is saved. With ``checkpoint``, the
+  state is saved every ``settings.checkpoint_every_steps`` steps, and on SIGTERM / Ctrl-C
+  at the current step, after which ``Preempted`` is raised. ``stop``: the caller's entered
+  ``StopRequests`` (held for a whole run); without ``checkpoint``, a request raises
+  ``Preempted`` (nothing saved) at the next step. A request at the range's last step is
+  left to the caller, which ends the range itself (evaluates and saves the epoch, or
+  checkpoints the phase) and then stops.
   """
-  batch_size, log_every = cfg.train.batch_size, cfg.train.log_every_steps
-  save_every = cfg.train.checkpoint_every_steps if checkpoint is not None else 0
-  sharding.check_batch_size(batch_size)
-  progress = progress_bar(cfg.train.progress)
+  log_every = settings.log_every_steps
+  save_every = settings.checkpoint_every_steps if checkpoint is not None else 0
+  progress = progress_bar(settings.progress)
   bar = progress(total=last - first, initial=0, desc=desc)
-  indices = feed.training_indices(first, last, steps_per_epoch, len(dataset.train_labels), batch_size, cfg.seed)
-  batches = feed.device_batches(dataset.train_images, dataset.train_labels, indices)
   window_t, window_n, window_metrics = time.time(), 0, []
-  guard = guard or divergence_guard(cfg, dataset)
+  guard = guard or settings.divergence_guard()
   own = StopRequests() if checkpoint is not None and stop is None else contextlib.nullcontext()
   with own as entered:
     stop = stop or entered

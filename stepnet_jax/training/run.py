@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from stepnet_jax import config as config_lib
 from stepnet_jax.config import Config
 from stepnet_jax.core import stepping
 from stepnet_jax.core.model import SteppingModel
-from stepnet_jax.data import datasets, sharding
+from stepnet_jax.data import datasets, feed, sharding
 from stepnet_jax.inference import evaluation, restore
 from stepnet_jax.models import structure, zoo
 from stepnet_jax.training import checkpoints, loop, losses, optim
@@ -162,12 +161,22 @@ def config_train_step(
   )
 
 
+def training_batches(
+  cfg: Config, dataset: datasets.Dataset, first: int, last: int, steps_per_epoch: int
+) -> Iterator[feed.Batch]:
+  """The run's batches of global steps ``[first, last)``: ``feed.training_batches`` with the
+  config's batch size and seed."""
+  return feed.training_batches(
+    dataset.train_images, dataset.train_labels, cfg.train.batch_size, cfg.seed, first, last, steps_per_epoch
+  )
+
+
 def exit_evaluator(
   graphdef: nnx.GraphDef, dataset: datasets.Dataset, cfg: Config, split: tuple[np.ndarray, np.ndarray] | None = None
 ) -> Callable[..., np.ndarray]:
   """``variables -> [K]`` accuracy of every exit on the test split (or on ``split``: images,
   labels), the exits compiled once."""
-  exits = jax.jit(functools.partial(stepping.exits, graphdef))
+  exits = stepping.jitted_exits(graphdef)
   images, labels = split if split is not None else (dataset.test_images, dataset.test_labels)
   return lambda variables: evaluation.exit_accuracy(exits, variables, images, labels, cfg.train.eval_batch_size)
 
@@ -245,7 +254,8 @@ def _train_epochs(
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
   epochs = cfg.train.num_epochs
-  guard = loop.divergence_guard(cfg, dataset)  # one for all epochs
+  settings = loop.LoopSettings.from_config(cfg, dataset.num_classes)
+  guard = settings.divergence_guard()  # one for all epochs
 
   def save(state: step_lib.TrainState, metrics: dict[str, float] | None = None) -> None:
     checkpoints.save(
@@ -261,14 +271,14 @@ def _train_epochs(
   with loop.StopRequests() as stop:  # SIGTERM / Ctrl-C during an epoch's evaluation too
     try:
       for epoch in range(step // steps_per_epoch, epochs):
+        last = (epoch + 1) * steps_per_epoch
         state = loop.run_steps(
           state,
           train_step,
-          dataset,
-          cfg,
+          training_batches(cfg, dataset, step, last, steps_per_epoch),
+          settings,
           first=step,
-          last=(epoch + 1) * steps_per_epoch,
-          steps_per_epoch=steps_per_epoch,
+          last=last,
           writer=writer,
           desc=f'epoch {epoch + 1}/{epochs}',
           checkpoint=save,
@@ -453,14 +463,14 @@ class PhasedRun:
     cfg: Config | None = None,
   ) -> step_lib.TrainState:
     """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
+    cfg = cfg or self.cfg
     return loop.run_steps(
       state,
       train_step,
-      self.dataset,
-      cfg or self.cfg,
+      training_batches(cfg, self.dataset, first, last, self.steps_per_epoch),
+      loop.LoopSettings.from_config(cfg, self.dataset.num_classes),
       first=first,
       last=last,
-      steps_per_epoch=self.steps_per_epoch,
       writer=self.writer,
       desc=desc,
       levels=levels,
