@@ -185,6 +185,23 @@ def test_each_epoch_has_its_own_permutation():
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_nan_loss_stops_the_loop_naming_the_step_and_the_exit_before_any_save():
+  """A train step whose loss turns NaN at step 2 (exit 1's cross-entropy NaN; exit 0 finite),
+  with a checkpoint due at that very step: run_steps raises naming step 2 and exit 1, and the
+  checkpoint function is never called."""
+  saved = []
+
+  def step(state, batch):
+    ce = jnp.asarray([0.5, jnp.nan if state == 1 else 0.4])
+    return state + 1, {'loss': ce.sum(), 'ce': ce, 'accuracy': jnp.zeros((2,))}
+
+  settings = loop.LoopSettings(log_every_steps=5, checkpoint_every_steps=2, progress=False)
+  batches = (feed.Batch(jnp.zeros((4, 8, 8, 1), jnp.uint8), jnp.zeros((4,), jnp.int32), 4) for _ in range(10))
+  with pytest.raises(FloatingPointError, match=r'loss became nan at step 2: exit\(s\) \[1\] have a non-finite'):
+    loop.run_steps(0, step, batches, settings, first=0, last=10, writer=None, desc='', checkpoint=saved.append)
+  assert saved == []
+
+
 def test_exit_accuracy_pads_the_last_batch_and_does_not_count_the_padding():
   model = _model(num_levels=3)
   graphdef, variables = nnx.split(model)
