@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax.inference import policies
+from stepnet_jax.core import anytime
+from stepnet_jax.inference import policies, sweeps
 from stepnet_jax.models import zoo
 
 INF = np.float32(np.inf)
@@ -76,6 +77,16 @@ def test_nan_knobs_and_deadlines_are_refused(nets):
   for policy in (policies.Confidence(float('nan')), policies.MacBudget(float('nan'), net.macs_to_reach)):
     with pytest.raises(ValueError, match='NaN'):
       net.predict(x, policy)
+  predict = anytime.make_predict(net.program, 'masked')
+  with pytest.raises(ValueError, match='NaN'):  # the sweeps evaluate.py runs
+    sweeps.evaluate_policy(
+      predict,
+      net.variables,
+      policies.Entropy(float('nan')),
+      np.zeros((3, 8, 8, 1), np.uint8),
+      np.zeros(3, np.int32),
+      net.num_levels,
+    )
   with pytest.raises(ValueError, match='deadline_ms must be a number'):
     net.run_until(x, deadline_ms=float('nan'))
   assert net.run_until(x, deadline_ms=float('inf')).level == net.num_levels - 1

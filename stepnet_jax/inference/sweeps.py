@@ -11,7 +11,7 @@ import numpy as np
 
 from stepnet_jax.core.anytime import Prediction
 from stepnet_jax.data import feed
-from stepnet_jax.inference import evaluation
+from stepnet_jax.inference import evaluation, policies
 
 
 def exit_statistics(prediction: Prediction, labels: np.ndarray, num_levels: int) -> dict[str, Any]:
@@ -34,7 +34,9 @@ def evaluate_policy(
   batch_size: int = 1000,
 ) -> dict[str, Any]:
   """``exit_statistics`` of ``policy`` over a split, through the feed (the last batch padded
-  to one compiled shape; its padding dropped: ``evaluation.accumulate``)."""
+  to one compiled shape; its padding dropped: ``evaluation.accumulate``). A NaN knob is a
+  ValueError (``policies.check_knobs``), not a row of nonsense."""
+  policies.check_knobs(policy)
 
   def per_batch(batch: feed.Batch) -> Prediction:
     valid = np.arange(batch.images.shape[0]) < batch.count  # the padding stops at once
