@@ -40,7 +40,7 @@ def main(argv):
   except loop.Preempted as stopped:
     print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
     raise SystemExit(stopped.exit_status) from None
-  except (FloatingPointError, loop.Diverged, run.WorkdirBusy) as failed:
+  except (FloatingPointError, loop.Diverged, loop.NotLearned, run.WorkdirBusy) as failed:
     print(f'error: {failed}', file=sys.stderr, flush=True)
     raise SystemExit(1) from None
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])

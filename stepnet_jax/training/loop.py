@@ -167,6 +167,28 @@ class Diverged(RuntimeError):
   """The loss stayed far above its best for many steps (a finite divergence)."""
 
 
+class NotLearned(RuntimeError):
+  """Training ended with the top exit within ``CHANCE_MARGIN`` of chance: it learned nothing."""
+
+
+# A run whose final top-exit accuracy is at most chance (1 / classes) plus this is a failure.
+CHANCE_MARGIN = 0.03
+
+
+def check_learned(accuracy: float, measured_on: str, num_classes: int, learning_rate: float) -> None:
+  """``NotLearned`` if ``accuracy`` (the top exit's, on ``measured_on``) is within
+  ``CHANCE_MARGIN`` of chance: a learning rate so high that the loss went back to (or never
+  left) ln(classes), which the divergence guard cannot tell from a slow start, or a run
+  shorter than the guard's window."""
+  chance = 1.0 / num_classes
+  if accuracy <= chance + CHANCE_MARGIN:
+    raise NotLearned(
+      f"training ended at chance: the top exit's {measured_on} accuracy is {accuracy:.2%} (chance "
+      f'{chance:.2%}; a run at most {CHANCE_MARGIN:.0%} above it has learned nothing). The checkpoints are kept. '
+      f'Lower the learning rate (--config.optim.learning_rate, now {learning_rate:g}).'
+    )
+
+
 class DivergenceGuard:
   """Raises ``Diverged`` when the smoothed loss (an exponential average over about 20 steps)
   stays above ``factor`` x a reference for ``steps`` steps in a row (``steps=0``: never).
@@ -185,6 +207,7 @@ class DivergenceGuard:
     self.steps, self.factor, self.smoothing, self.warmup = steps, factor, smoothing, warmup
     self.average, self.best, self.seen, self.above = None, float(chance), 0, 0
     self.floor = 0.1 * float(chance)
+    self.last_accuracy = None  # per exit, of the last logged window (run_steps sets it)
 
   @property
   def threshold(self) -> float:
@@ -298,6 +321,7 @@ def run_steps(
         guard.update([float(np.asarray(x['ce'])[-1]) if 'ce' in x else float(x['loss']) for x in m], done)
         loss = float(np.mean([x['loss'] for x in m]))
         acc = np.mean([x['accuracy'] for x in m], axis=0)
+        guard.last_accuracy = acc
         ips = window_n / max(time.time() - window_t, 1e-9)
         if writer is not None:
           writer.write(

@@ -301,9 +301,15 @@ def _train_epochs(
     finally:
       mngr.wait_until_finished()  # nothing is left half-written by an exception either
       mngr.close()
+  writer.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
-  writer.close()
+  elif evaluate_validation is not None:
+    loop.check_learned(float(val_acc[-1]), 'validation', dataset.num_classes, cfg.optim.learning_rate)
+  elif guard.last_accuracy is not None:
+    loop.check_learned(
+      float(guard.last_accuracy[-1]), "training (last logged window's)", dataset.num_classes, cfg.optim.learning_rate
+    )
   return {
     'step': step,
     'test_accuracy': [float(a) for a in test_acc],
