@@ -7,16 +7,14 @@ one), SteppingNet construction under MAC budgets, or the non-uniform baseline (t
 two start over unless the workdir holds their finished run).
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from stepnet_jax import cli
 from stepnet_jax import config as config_lib
 from stepnet_jax.data import sharding
 from stepnet_jax.methods import trainers
-from stepnet_jax.training import loop, run
+from stepnet_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -38,15 +36,20 @@ def main(argv):
   try:
     result = trainers.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
   except loop.Preempted as stopped:
-    print(f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)', flush=True)
-    raise SystemExit(stopped.exit_status) from None
-  except (FloatingPointError, loop.Diverged, loop.NotLearned, run.WorkdirBusy) as failed:
-    print(f'error: {failed}', file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+    cli.exit_with(
+      f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)',
+      stopped.exit_status,
+      stdout=True,
+    )
+  except Exception as e:
+    message = cli.failure_message(e)
+    if message is None:
+      raise
+    cli.exit_with(message, 1)
   acc = ' '.join(f'{a:.4f}' for a in result['test_accuracy'])
   step = f'step {result["step"]}, ' if 'step' in result else ''
   print(f'done: {step}test accuracy per level {acc}, {result["seconds"]:.0f} s')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags_with_hints)
+  cli.run_app(main, cli.parse_flags_with_hints)

@@ -9,16 +9,19 @@ or Ctrl-C with its one-line message and the shell's status (143 / 130).
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
-import types
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepnet_jax.config import SECTIONS, Config, close_keys, flat_paths, flatten
-from stepnet_jax.training import loop
+from stepnet_jax.inference import restore
+from stepnet_jax.training import loop, run
 
 
 def renamed_override(arg: str, run_roots: Sequence[str] = ('',)) -> str | None:
@@ -109,9 +112,7 @@ def run_study(
     study(flags.FLAGS)
 
   show_in_help(__name__, study.__module__, getattr(extra_flags, '__module__', __name__))
-  app.run(
-    functools.partial(_stop_quietly, main), flags_parser=functools.partial(parse_flags_with_hints, run_roots=run_roots)
-  )
+  run_app(functools.partial(_stop_quietly, main), functools.partial(parse_flags_with_hints, run_roots=run_roots))
 
 
 def show_in_help(*module_names: str) -> None:
@@ -123,22 +124,55 @@ def show_in_help(*module_names: str) -> None:
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
+# What ends a command with a one-line message and status 1 instead of a traceback: a loss that
+# went non-finite, diverged or never left chance, a workdir another trainer holds, an
+# unreadable checkpoint, a full disk.
+FAILURES = (FloatingPointError, loop.Diverged, loop.NotLearned, run.WorkdirBusy, restore.CheckpointError)
+
+
+def failure_message(error: BaseException) -> str | None:
+  """The one-line report of a failure a command ends on (``FAILURES``, or a full disk), or
+  None for anything else (a bug: let its traceback show)."""
+  if isinstance(error, FAILURES):
+    return f'error: {error}'
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return f'error: the disk is full ({error}); free space and run the same command again to resume'
+  return None
+
+
+class Failed(SystemExit):
+  """A command's end on a reported failure (its message already printed): ``run_app`` ends
+  the process with its status at once."""
+
+
+def exit_with(message: str, status: int, *, stdout: bool = False) -> NoReturn:
+  """Prints ``message`` (on stderr, or ``stdout``) and raises ``Failed(status)``."""
+  sys.stdout.flush()
+  print(message, file=sys.stdout if stdout else sys.stderr, flush=True)
+  raise Failed(status)
+
+
+def run_app(main: Callable[[list[str]], object], flags_parser: Callable[[list[str]], list[str]]) -> None:
+  """``absl.app.run`` for the commands. A ``Failed`` end skips the interpreter's shutdown,
+  where orbax's background threads print noise ("Event loop is closed") that would bury the
+  message: the message stays the last line. Saves have been waited for by then."""
+  try:
+    app.run(main, flags_parser=flags_parser)
+  except Failed as failed:
+    sys.stderr.flush()
+    os._exit(failed.code)
+
+
 def _stop_quietly(main: Callable[[list[str]], object], argv: list[str]) -> object:
   """``main(argv)``; a training stopped by SIGTERM or Ctrl-C (``loop.Preempted``) ends the
-  process with its one-line message and the shell's status instead of a traceback."""
+  process with its one-line message and the shell's status, a failure (``failure_message``)
+  with its message and status 1, instead of a traceback."""
   try:
     return main(argv)
   except loop.Preempted as stopped:
-    print(f'stopped: {stopped}', file=sys.stderr, flush=True)
-    raise SystemExit(stopped.exit_status) from None
-
-
-def command_alias(name: str, module: types.ModuleType) -> None:
-  """What a command module's name (``stepnet_jax.compare``) does: run as ``python -m``, it
-  runs ``module.command()`` with the study's docstring as the usage text; imported, it *is*
-  ``module``."""
-  if name == '__main__':
-    sys.modules['__main__'].__doc__ = module.__doc__  # absl's usage text
-    module.command()
-  else:
-    sys.modules[name] = module
+    exit_with(f'stopped: {stopped}', stopped.exit_status)
+  except Exception as e:
+    message = failure_message(e)
+    if message is None:
+      raise
+    exit_with(message, 1)

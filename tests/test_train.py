@@ -261,6 +261,22 @@ def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used_on_request(
   assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', str(2 * spe)))  # kept aside
 
 
+def test_setting_aside_a_step_twice_keeps_both(tmp_path):
+  """A second --restore_previous that sets aside the same step again (the run wrote it again,
+  unreadable again) keeps both copies instead of failing with 'Directory not empty'."""
+  from stepnet_jax.training import checkpoints
+
+  workdir = str(tmp_path)
+  for content in ('first', 'second'):
+    os.makedirs(os.path.join(restore.checkpoint_dir(workdir), '8'))
+    with open(os.path.join(restore.checkpoint_dir(workdir), '8', 'x'), 'w') as f:
+      f.write(content)
+    checkpoints.set_aside(workdir, [8])
+  aside = os.path.join(workdir, 'unreadable_checkpoints')
+  assert sorted(os.listdir(aside)) == ['8', '8.1']
+  assert [open(os.path.join(aside, n, 'x')).read() for n in ('8', '8.1')] == ['first', 'second']
+
+
 def test_train_and_evaluate_scripts(tmp_path):
   workdir = str(tmp_path / 'run')
   env = dict(
@@ -399,6 +415,32 @@ def test_train_and_evaluate_scripts(tmp_path):
       timeout=600,
     )
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+  # Metadata that is valid JSON but not a checkpoint's: resuming fails with the project's
+  # message as the last line of the output (not orbax's shutdown noise after it), status 1.
+  newest = restore.latest_step(workdir)
+  with open(os.path.join(workdir, 'checkpoints', str(newest), 'meta', 'metadata'), 'w') as f:
+    json.dump({'written': 'by something else'}, f)
+  resume = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.data.train_subset=512',
+      '--config.data.test_subset=200',
+      '--config.train.num_epochs=2',
+      '--config.train.progress=False',
+    ],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  last = resume.stderr.strip().splitlines()[-1]
+  assert resume.returncode == 1 and last.startswith(f'error: checkpoint {workdir}/checkpoints/{newest} has metadata'), (
+    resume.stderr[-2000:]
+  )
 
 
 def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_digits_run):

@@ -118,9 +118,20 @@ def _step(workdir: str, step: int | None) -> int:
 
 
 def restore_meta(workdir: str, step: int | None = None) -> dict:
-  """The JSON meta of the latest (or given) checkpoint."""
+  """The JSON meta of the latest (or given) checkpoint. Meta that is valid JSON but lacks what
+  every checkpoint records (``config``, ``model_meta``) is a ``CheckpointError`` like
+  unreadable bytes, so readers and ``--restore_previous`` treat it alike."""
   step = _step(workdir, step)
-  return dict(_read(workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+  meta = _read(workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  missing = [k for k in ('config', 'model_meta') if not isinstance((meta or {}).get(k), dict)]
+  if not isinstance(meta, dict) or missing:
+    path = os.path.join(checkpoint_dir(workdir), str(step))
+    raise CheckpointError(
+      f'checkpoint {path} has metadata without {", ".join(missing) or "a JSON object"}: damaged or written by '
+      'something else. Nothing was deleted; train.py --restore_previous resumes from the newest readable '
+      'checkpoint instead'
+    )
+  return dict(meta)
 
 
 def checksums(tree: Any) -> dict[str, str]:

@@ -123,5 +123,8 @@ def set_aside(workdir: str, steps) -> None:
   target = os.path.join(workdir, 'unreadable_checkpoints')
   os.makedirs(target, exist_ok=True)
   for step in steps:
-    os.replace(os.path.join(restore.checkpoint_dir(workdir), str(step)), os.path.join(target, str(step)))
-    print(f'moved unreadable checkpoint {step} to {target}', flush=True)
+    name, copy = str(step), 1
+    while os.path.exists(os.path.join(target, name)):  # set aside before (a second --restore_previous)
+      name, copy = f'{step}.{copy}', copy + 1
+    os.replace(os.path.join(restore.checkpoint_dir(workdir), str(step)), os.path.join(target, name))
+    print(f'moved unreadable checkpoint {step} to {os.path.join(target, name)}', flush=True)
