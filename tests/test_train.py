@@ -17,7 +17,7 @@ from stepnet_jax import cli, config
 from stepnet_jax.data import datasets
 from stepnet_jax.inference import restore
 from stepnet_jax.methods import trainers
-from stepnet_jax.training import optim, run
+from stepnet_jax.training import loop, optim, run
 from stepnet_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -535,6 +535,37 @@ def test_levels_that_would_be_empty_are_refused_before_anything_is_written(tmp_p
   with pytest.raises(ValueError, match=r'layer conv1 has 8 channels: too few for 16 levels'):
     trainers.train(cfg, str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('method', ['joint', 'steppingnet'])
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, method):
+  """A non-empty folder without the run marker (a user's config.json, a tensorboard/ folder
+  with their file) is refused before anything is written, naming what it holds; the files
+  are left byte for byte."""
+  workdir = tmp_path / 'mine'
+  (workdir / 'tensorboard').mkdir(parents=True)
+  (workdir / 'config.json').write_text('{"mine": true}')
+  (workdir / 'tensorboard' / 'notes.txt').write_text('keep me')
+  overrides = {'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125, 'method': method}
+  if method == 'steppingnet':
+    overrides['construction.budgets'] = (0.2, 0.5, 0.9)
+  with pytest.raises(ValueError, match=r'mine is not empty and is not a stepnet_jax run .*config.json, tensorboard'):
+    trainers.train(tiny_config(**overrides), str(workdir))
+  assert sorted(p.name for p in workdir.rglob('*')) == ['config.json', 'notes.txt', 'tensorboard']
+  assert (workdir / 'config.json').read_text() == '{"mine": true}'
+
+
+def test_a_fresh_start_deletes_only_the_event_files_it_wrote(tmp_path):
+  """Restarting a run's metrics from scratch (a phased run that starts over) removes the
+  run's TensorBoard event files, never another file in its tensorboard/ folder."""
+  writer = loop.MetricWriter(str(tmp_path))
+  writer.write(1, {'x': 1.0})
+  writer.close()
+  (tmp_path / 'tensorboard' / 'notes.txt').write_text('keep me')
+  loop.MetricWriter(str(tmp_path), fresh=True).close()
+  names = sorted(p.name for p in (tmp_path / 'tensorboard').iterdir())
+  assert 'notes.txt' in names and len([n for n in names if n.startswith('events.out.tfevents.')]) == 1
+  assert (tmp_path / 'metrics.jsonl').read_text() == ''
 
 
 def test_config_parses_sequences_and_assignment(tmp_path):

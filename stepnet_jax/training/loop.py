@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -25,7 +24,8 @@ from stepnet_jax.training.step import TrainState
 class MetricWriter:
   """Scalars to TensorBoard event files (tensorboardX) and to metrics.jsonl.
 
-  ``fresh=True`` starts both anew (a run that restarts from scratch); otherwise they
+  ``fresh=True`` starts both anew (a run that restarts from scratch: its event files are
+  removed, other files in ``tensorboard/`` are left alone); otherwise they
   continue (a resumed run). Only the first host writes (the others would race on the
   same files); elsewhere it is a no-op.
   """
@@ -37,8 +37,10 @@ class MetricWriter:
     from tensorboardX import SummaryWriter
 
     tb_dir = os.path.join(workdir, 'tensorboard')
-    if fresh and os.path.isdir(tb_dir):
-      shutil.rmtree(tb_dir)
+    if fresh and os.path.isdir(tb_dir):  # only the event files a run wrote: nothing else is ours to delete
+      for name in os.listdir(tb_dir):
+        if name.startswith('events.out.tfevents.'):
+          os.remove(os.path.join(tb_dir, name))
     self.tb = SummaryWriter(tb_dir)
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w' if fresh else 'a')
 

@@ -62,11 +62,32 @@ def lock_workdir(workdir: str) -> Iterator[None]:
       ) from None
     except OSError as e:  # e.g. a network filesystem without flock on directories
       print(f'warning: cannot lock {workdir} ({e}); nothing stops a second trainer there', flush=True)
+    claim_workdir(workdir)
     yield
   finally:
-    if created and locked and not os.listdir(workdir):  # stopped before writing anything: leave no trace
+    if created and locked and os.listdir(workdir) == [restore.RUN_MARKER]:  # stopped before training: no trace
+      os.remove(os.path.join(workdir, restore.RUN_MARKER))
       os.rmdir(workdir)
     os.close(fd)  # closing releases the lock
+
+
+def claim_workdir(workdir: str) -> None:
+  """Makes ``workdir`` recognisably a run before anything else is written into it: an empty
+  folder gets the run marker (``restore.RUN_MARKER``); a run's folder (the marker, or a run
+  written before it) is kept as it is; any other folder is refused, naming what it holds,
+  so a user's own files are never overwritten or deleted."""
+  marker = os.path.join(workdir, restore.RUN_MARKER)
+  if os.path.isfile(marker):
+    return
+  held = sorted(os.listdir(workdir))
+  if held and not restore.is_run(workdir):
+    shown = ', '.join(held[:8]) + (f' and {len(held) - 8} more' if len(held) > 8 else '')
+    raise ValueError(
+      f'{workdir} is not empty and is not a stepnet_jax run (no {restore.RUN_MARKER}): it holds {shown}. '
+      'Nothing was written; use a new or empty --workdir'
+    )
+  with open(marker, 'w') as f:
+    json.dump({'stepnet_jax_run': 1, 'note': 'this folder is a stepnet_jax training run'}, f)
 
 
 def prepare_splits(
