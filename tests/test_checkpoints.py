@@ -41,19 +41,27 @@ def _model_state():
   return params, stats
 
 
-@pytest.mark.parametrize('track_best', [True, False])
-def test_retention_keeps_the_newest_and_the_best(tmp_path, track_best):
+@pytest.mark.parametrize('validation', [True, False])
+def test_retention_keeps_the_newest_and_the_best(tmp_path, validation):
+  """Keep 2: the two newest and the best survive, ranked by validation accuracy when the run
+  has a split (mid-epoch saves without it are kept only while recent), else by the smoothed
+  training loss of every save, so the best before a collapse is kept without a split too."""
   params, stats = _model_state()
-  mngr = checkpoints.manager(str(tmp_path), keep=2, track_best=track_best)
-  scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}  # None: a mid-epoch save, no validation
-  for step, score in scores.items():
-    metrics = None if score is None or not track_best else {checkpoints.BEST_METRIC: score}
-    checkpoints.save(mngr, step, params, stats, {'step': step}, metrics=metrics)
-  mngr.wait_until_finished()
+  mngr = checkpoints.manager(str(tmp_path), keep=2)
+  accuracy = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}  # None: a mid-epoch save
+  loss = {1: 1.2, 2: 0.4, 3: 0.5, 4: 2.3, 5: 2.3, 6: 2.4}  # learned, then collapsed to ln(10)
+  for step in accuracy:
+    metrics = (
+      checkpoints.save_metrics(accuracy[step], None) if validation else checkpoints.save_metrics(None, loss[step])
+    )
+    checkpoints.save(mngr, step, params, stats, {'step': step, 'config': {}, 'model_meta': {}}, metrics=metrics)
+  assert checkpoints.kept_best(mngr).startswith(
+    'kept: checkpoint 2 (' + ('validation accuracy 90.00%' if validation else 'smoothed training loss 0.4')
+  )
   mngr.close()
-  assert restore.all_steps(str(tmp_path)) == ([6, 5, 2] if track_best else [6, 5])
-  assert restore.best_step(str(tmp_path)) == (2 if track_best else None)
-  assert restore.restore_meta(str(tmp_path), 2 if track_best else 5)['step'] == (2 if track_best else 5)
+  assert restore.all_steps(str(tmp_path)) == [6, 5, 2]
+  assert restore.best_step(str(tmp_path)) == (2 if validation else None)  # evaluate.py --best: validation only
+  assert restore.restore_meta(str(tmp_path), 2)['step'] == 2
   with pytest.raises(ValueError, match='would delete every checkpoint'):
     checkpoints.manager(str(tmp_path), keep=0)
 
@@ -69,7 +77,7 @@ def test_the_validation_accuracy_that_ranks_checkpoints_is_the_top_exits(tmp_pat
   steps = restore.all_steps(str(tmp_path))
   best = restore.best_step(str(tmp_path))
   assert steps[0] == 3 * ((len(full.train_labels) - 300) // 64) and best in steps and len(steps) <= 2
-  recorded = checkpoints.manager(str(tmp_path), keep=1, track_best=True).metrics(best)[checkpoints.BEST_METRIC]
+  recorded = checkpoints.manager(str(tmp_path), keep=1).metrics(best)[checkpoints.BEST_METRIC]
   net = stepnet_jax.load(str(tmp_path), best)
   assert recorded == pytest.approx(float((np.asarray(net.forward(x, 1)).argmax(-1) == y).mean()))
 
@@ -79,7 +87,7 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   with run.lock_workdir(workdir):  # as another train.py would hold it
     with pytest.raises(run.WorkdirBusy, match='another process is training in'):
       trainers.train(_digits_config(), workdir)
-    assert os.listdir(workdir) == []  # nothing written
+    assert os.listdir(workdir) == [restore.RUN_MARKER]  # the holder's marker; the refused one wrote nothing
   assert not os.path.exists(workdir)  # the directory made for the lock is gone again
   with run.lock_workdir(workdir):  # released: taken again
     pass
@@ -174,7 +182,7 @@ def test_divergence_guard_on_loss_curves():
 
 
 def test_a_finite_divergence_stops_training(tmp_path):
-  with pytest.raises(loop.Diverged, match='training diverged'):
+  with pytest.raises(loop.Diverged, match=r'training diverged.* kept: checkpoint \d+ \(smoothed training loss'):
     run.train_and_evaluate(
       _digits_config(**{'optim.learning_rate': 1e6, 'train.num_epochs': 6, 'train.divergence_steps': 40}), str(tmp_path)
     )

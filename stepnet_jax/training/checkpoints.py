@@ -19,9 +19,37 @@ from flax import nnx
 from stepnet_jax.inference import restore
 from stepnet_jax.training.step import TrainState
 
-# The metric that picks the best checkpoint: the top exit's accuracy on the validation split
-# (``data.validation_examples``); checkpoints saved without it are kept only while recent.
+# The metric evaluate.py --best ranks checkpoints by: the top exit's accuracy on the
+# validation split (``data.validation_examples``).
 BEST_METRIC = 'validation_accuracy'
+# What retention keeps the best checkpoint by (higher is better): the validation accuracy
+# when the run has a split, else minus the top exit's smoothed training cross-entropy at the
+# save, so a known-good checkpoint survives a collapse without a validation split too.
+KEEP_SCORE = 'keep_score'
+
+
+def save_metrics(validation_accuracy: float | None, smoothed_train_loss: float | None) -> dict[str, float] | None:
+  """The metrics a save records: ``BEST_METRIC`` and ``KEEP_SCORE`` from the validation
+  accuracy if there is one, else ``train_loss`` and ``KEEP_SCORE`` from the smoothed
+  training loss; None when there is neither (kept only while recent)."""
+  if validation_accuracy is not None:
+    return {BEST_METRIC: float(validation_accuracy), KEEP_SCORE: float(validation_accuracy)}
+  if smoothed_train_loss is not None:
+    return {'train_loss': float(smoothed_train_loss), KEEP_SCORE: -float(smoothed_train_loss)}
+  return None
+
+
+def kept_best(mngr: ocp.CheckpointManager) -> str:
+  """Which checkpoint retention keeps as the best, with what it was kept for, in words."""
+  mngr.wait_until_finished()
+  step = mngr.best_step()
+  if step is None:
+    return 'no checkpoint recorded a score; the newest ones are kept'
+  m = mngr.metrics(step) or {}
+  why = (
+    f'validation accuracy {m[BEST_METRIC]:.2%}' if BEST_METRIC in m else f'smoothed training loss {m["train_loss"]:.4g}'
+  )
+  return f'kept: checkpoint {step} ({why}), the best so far (evaluate.py --step {step} evaluates it)'
 
 
 class _NoMetricsNote(logging.Filter):
@@ -35,25 +63,25 @@ class _NoMetricsNote(logging.Filter):
 logging.getLogger('absl').addFilter(_NoMetricsNote())
 
 
-def manager(workdir: str, keep: int = 2, track_best: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
   """Orbax manager of a run's checkpoints. Saves are asynchronous (training goes on while
   the bytes are written; a step directory gets its name only once complete). Retention
-  keeps the ``keep`` newest, and with ``track_best`` also the best by ``BEST_METRIC``."""
+  keeps the ``keep`` newest and the best by ``KEEP_SCORE`` (saves without one, e.g.
+  mid-epoch saves of a run with a validation split, are kept only while recent)."""
   if keep < 1:
     raise ValueError(f'keep_checkpoints must be >= 1 (0 would delete every checkpoint), got {keep}')
-  retention, best = ocp.checkpoint_managers.LatestN(n=keep), None
-  if track_best:
-    best = lambda metrics: metrics[BEST_METRIC]
-    retention = ocp.checkpoint_managers.AnyPreservationPolicy(
-      [
-        retention,
-        ocp.checkpoint_managers.BestN(get_metric_fn=best, reverse=False, n=1, keep_checkpoints_without_metrics=False),
-      ]
-    )
+  # Checkpoints from before KEEP_SCORE ranked by their validation accuracy, if any.
+  score = lambda metrics: metrics.get(KEEP_SCORE, metrics.get(BEST_METRIC, float('-inf')))
+  retention = ocp.checkpoint_managers.AnyPreservationPolicy(
+    [
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+    ]
+  )
   return ocp.CheckpointManager(
     restore.checkpoint_dir(workdir),
     options=ocp.CheckpointManagerOptions(
-      best_fn=best, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True
+      best_fn=score, best_mode='max', preservation_policy=retention, enable_async_checkpointing=True, create=True
     ),
   )
 

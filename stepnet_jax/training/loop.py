@@ -217,9 +217,8 @@ class DivergenceGuard:
     return self.factor * max(self.best, self.floor)
 
   def update(self, losses: Sequence[float], last_step: int) -> None:
-    """Takes the losses of the steps ending at ``last_step``."""
-    if not self.steps:
-      return
+    """Takes the losses of the steps ending at ``last_step``. The smoothed loss is kept
+    whether or not the guard is on (checkpoint retention ranks saves by it)."""
     for loss in losses:
       self.average = loss if self.average is None else (1 - self.smoothing) * self.average + self.smoothing * loss
       self.seen += 1
@@ -227,12 +226,11 @@ class DivergenceGuard:
         continue
       self.best = min(self.best, self.average)
       self.above = self.above + 1 if self.average > self.threshold else 0
-    if self.above >= self.steps:
+    if self.steps and self.above >= self.steps:
       raise Diverged(
         f"training diverged: at step {last_step} the top exit's cross-entropy (smoothed "
         f'{self.average:.4g}) has stayed above {self.factor:g} x min(its best, chance level) = '
-        f'{self.threshold:.4g} for {self.above} steps. Stopped (lower the learning rate?); the checkpoints written before are kept (evaluate.py '
-        '--best picks the best one when the run has a validation split); '
+        f'{self.threshold:.4g} for {self.above} steps. Stopped (lower the learning rate?); '
         '--config.train.divergence_steps=0 turns this check off.'
       )
 

@@ -267,18 +267,23 @@ def _train_epochs(
   validation: tuple[np.ndarray, np.ndarray] | None,
 ) -> dict:
   """The epochs left to train: train, evaluate every exit on the test split (and the top exit's
-  validation accuracy, which ranks the checkpoints for retention), checkpoint."""
+  validation accuracy), checkpoint. Retention keeps the newest checkpoints and the best one,
+  by validation accuracy or, without a split, by the smoothed training loss at the save
+  (``checkpoints.save_metrics``), so a run that collapses keeps a known-good checkpoint."""
   train_step = config_train_step(graphdef, tx, cfg)
   evaluate = exit_evaluator(graphdef, dataset, cfg)
   evaluate_validation = exit_evaluator(graphdef, dataset, cfg, split=validation) if validation is not None else None
-  mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints, track_best=validation is not None)
+  mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints)
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
   epochs = cfg.train.num_epochs
   settings = loop.LoopSettings.from_config(cfg, dataset.num_classes)
   guard = settings.divergence_guard()  # one for all epochs
 
-  def save(state: step_lib.TrainState, metrics: dict[str, float] | None = None) -> None:
+  def save(state: step_lib.TrainState, validation_accuracy: float | None = None) -> None:
+    # Without a split every save is ranked by the smoothed training loss (mid-epoch ones too).
+    smoothed = guard.average if validation is None else None
+    metrics = checkpoints.save_metrics(validation_accuracy, smoothed)
     checkpoints.save(
       mngr,
       int(state.step),
@@ -309,16 +314,18 @@ def _train_epochs(
         step = int(state.step)
         variables = nnx.merge_state(state.params, state.batch_stats)
         test_acc = evaluate(variables)
-        scalars, metrics = {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)}, None
+        scalars, top_validation = {'epoch': epoch + 1, **loop.per_level('test/accuracy', test_acc)}, None
         if evaluate_validation:
           val_acc = evaluate_validation(variables)
           scalars.update(loop.per_level('validation/accuracy', val_acc))
-          metrics = {checkpoints.BEST_METRIC: float(val_acc[-1])}
+          top_validation = float(val_acc[-1])
         writer.write(step, scalars)
         print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
-        save(state, metrics)
+        save(state, top_validation)
         if stop.signal_name is not None and epoch + 1 < epochs:
           raise loop.Preempted(step, stop.signal_name)
+    except loop.Diverged as diverged:  # say truthfully which checkpoint is kept
+      raise loop.Diverged(f'{diverged} {checkpoints.kept_best(mngr)}') from None
     finally:
       mngr.wait_until_finished()  # nothing is left half-written by an exception either
       mngr.close()
