@@ -173,8 +173,11 @@ class NotLearned(RuntimeError):
   """Training ended with the top exit within ``CHANCE_MARGIN`` of chance: it learned nothing."""
 
 
-# A run whose final top-exit accuracy is at most chance (1 / classes) plus this is a failure.
+# A run whose final top-exit accuracy is at most chance (1 / classes) plus this is a failure,
+# judged once it has trained at least JUDGE_AFTER_STEPS steps (a shorter one may not have
+# learned yet: tests and smoke runs train a handful of steps).
 CHANCE_MARGIN = 0.03
+JUDGE_AFTER_STEPS = 50
 
 
 def check_learned(accuracy: float, measured_on: str, num_classes: int, learning_rate: float) -> None:

@@ -276,6 +276,7 @@ def _train_epochs(
   mngr = checkpoints.manager(workdir, cfg.train.keep_checkpoints)
   writer = loop.MetricWriter(workdir)
   t_start, step, test_acc = time.time(), int(state.step), None
+  first_step = step
   epochs = cfg.train.num_epochs
   settings = loop.LoopSettings.from_config(cfg, dataset.num_classes)
   guard = settings.divergence_guard()  # one for all epochs
@@ -332,6 +333,8 @@ def _train_epochs(
   writer.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
+  elif step - first_step < loop.JUDGE_AFTER_STEPS:
+    pass  # too short to tell a failed run from one that has not learned yet
   elif evaluate_validation is not None:
     loop.check_learned(float(val_acc[-1]), 'validation', dataset.num_classes, cfg.optim.learning_rate)
   elif guard.last_accuracy is not None:
