@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -176,3 +177,14 @@ def _stop_quietly(main: Callable[[list[str]], object], argv: list[str]) -> objec
     if message is None:
       raise
     exit_with(message, 1)
+
+
+def command_alias(name: str, module: types.ModuleType) -> None:
+  """What a command module's name (``stepnet_jax.compare``) does: run as ``python -m``, it
+  runs ``module.command()`` with the study's docstring as the usage text; imported, it *is*
+  ``module``."""
+  if name == '__main__':
+    sys.modules['__main__'].__doc__ = module.__doc__  # absl's usage text
+    module.command()
+  else:
+    sys.modules[name] = module
