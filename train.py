@@ -14,7 +14,7 @@ from stepnet_jax import cli
 from stepnet_jax import config as config_lib
 from stepnet_jax.data import sharding
 from stepnet_jax.methods import trainers
-from stepnet_jax.training import loop
+from stepnet_jax.training import loop, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -35,6 +35,7 @@ def main(argv):
   print(f'data parallel: {sharding.describe()}', flush=True)
   try:
     result = trainers.train(cfg, _WORKDIR.value, restore_previous=_RESTORE_PREVIOUS.value)
+    run.check_learned(result, cfg)  # a run that ended at chance is a failure, not "done"
   except loop.Preempted as stopped:
     cli.exit_with(
       f'{stopped}: python train.py --config ... --workdir {_WORKDIR.value} (same settings)',

@@ -300,13 +300,14 @@ def close_keys(key: str, known: Iterable[str]) -> list[str]:
   ]
 
 
-def check_known(given: Iterable[str], known: Iterable[str], what: str = 'config keys') -> None:
-  """ValueError listing the keys of ``given`` that are not ``known``, each with the closest known ones."""
+def check_known(given: Iterable[str], known: Iterable[str], what: str = 'config keys', where: str = '') -> None:
+  """ValueError listing the keys of ``given`` that are not ``known``, each with the closest known
+  ones (``where``: the section they are in, if any)."""
   known = list(known)
   unknown = sorted(set(given) - set(known))
   if unknown:
     hints = ''.join(f'; {k}: did you mean {" or ".join(c)}?' for k in unknown if (c := close_keys(k, known)))
-    raise ValueError(f'unknown {what}: {unknown}{hints}')
+    raise ValueError(f'{f"section {where!r}: " if where else ""}unknown {what}: {unknown}{hints}')
 
 
 class Overrides(dict):
@@ -559,11 +560,8 @@ def _section(kind: type, given: Any, path: str, partial: bool) -> Any:
   if not isinstance(given, Mapping):
     raise TypeError(f'{path} must be a section (nested keys), got {type(given).__name__} {given!r}')
   hints = typing.get_type_hints(kind)
-  check_known(
-    given,
-    [f.name for f in dataclasses.fields(kind)],
-    f'keys in section {path!r}' if path else 'top-level keys of the study config',
-  )
+  names = [f.name for f in dataclasses.fields(kind)]
+  check_known(given, names, 'keys' if path else 'top-level keys of the study config', where=path)
   values = {
     name: _field(f'{path}.{name}' if path else name, value, hints[name], partial) for name, value in given.items()
   }

@@ -159,7 +159,7 @@ def test_per_subnet_batch_norm_keeps_the_rule_and_gives_each_subnet_its_statisti
 
 def test_awn_config_reproduces_the_published_width_macs():
   cc = compare_config()
-  awn = compare.awn_config(cc).model
+  awn = compare.awn_config(compare.resolve(cc)).model
   model = nnx.eval_shape(
     lambda: zoo.build_model(
       awn.name,
@@ -444,7 +444,7 @@ def test_the_common_recipe_reaches_every_comparison_method():
   cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
   cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()
   cc.common.loss.label_smoothing, cc.common.data.augment, cc.common.optim.weight_decay = 0.1, True, 1e-4
-  setup = compare.Setup.of(cc, ds)
+  setup = compare.Setup.of(compare.resolve(cc), ds)
   for name in compare.ENTRIES.names():
     for cfg in compare.ENTRIES.get(name)(setup):
       assert (cfg.loss.label_smoothing, cfg.data.augment, cfg.optim.weight_decay) == (0.1, True, 1e-4), name
@@ -457,14 +457,14 @@ def test_steppingnet_exit_weights_come_from_its_own_section_only():
   cc = compare_config()
   cc.common.data.name, cc.common.model.name, cc.common.model.width = 'digits', 'mlp', 0.5
   cc.awn.widths, cc.extra_budgets = (0.5, 1.0), ()
-  cc.common.loss.exit_weights = (1.0, 9.0, 9.0)
-  setup = compare.Setup.of(cc, ds)
+  cc.common.model.num_levels, cc.common.loss.exit_weights = 3, (1.0, 9.0, 9.0)
+  setup = compare.Setup.of(compare.resolve(cc), ds)
   assert len(setup.budgets) == 2
   assert compare.ENTRIES.get('steppingnet')(setup)[0].exit_weights == (1.0, 1.0)
   assert compare.ENTRIES.get('awn')(setup)[0].exit_weights == (1.0, 1.0)
   cc.steppingnet.loss.exit_weights = (1.0, 3.0)
-  assert compare.ENTRIES.get('steppingnet')(compare.Setup.of(cc, ds))[0].exit_weights == (1.0, 3.0)
-  assert compare.ENTRIES.get('slimmable')(compare.Setup.of(cc, ds))[0].exit_weights == (1.0, 1.0)
+  assert compare.ENTRIES.get('steppingnet')(compare.Setup.of(compare.resolve(cc), ds))[0].exit_weights == (1.0, 3.0)
+  assert compare.ENTRIES.get('slimmable')(compare.Setup.of(compare.resolve(cc), ds))[0].exit_weights == (1.0, 1.0)
   cc.steppingnet.loss.exit_weights = (1.0, 2.0, 3.0)
   with pytest.raises(ValueError, match='exit_weights has 3 entries for 2 levels'):
-    compare.ENTRIES.get('steppingnet')(compare.Setup.of(cc, ds))
+    compare.ENTRIES.get('steppingnet')(compare.Setup.of(compare.resolve(cc), ds))

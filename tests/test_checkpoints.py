@@ -191,13 +191,15 @@ def test_a_finite_divergence_stops_training(tmp_path):
 def test_a_run_that_ends_at_chance_fails_saying_so(tmp_path, fashion_mnist):
   """configs/tiny.py at a learning rate of 1e6 for its 64 steps (shorter than the divergence
   guard's window): the top exit ends at chance (10.7% in the last logged window here). The
-  run fails naming the learning rate (train.py exits 1), after saving its checkpoints.
+  run's result says so and ``run.check_learned`` (what train.py ends on, status 1) fails
+  naming the learning rate; the checkpoints are kept.
   Measured on validation when the run has a split (here: the check's threshold itself)."""
   tiny = config.load_file(os.path.join(REPO, 'configs', 'tiny.py')).to_dict()
   cfg = config.from_dict(config.merge(tiny, config.nest({'optim.learning_rate': 1e6, 'train.progress': False})))
   message = r"ended at chance: the top exit's training \(last logged window's\) accuracy is .*now 1e\+06"
+  result = run.train_and_evaluate(cfg, str(tmp_path / 'run'), dataset=fashion_mnist)
   with pytest.raises(loop.NotLearned, match=message):
-    run.train_and_evaluate(cfg, str(tmp_path / 'run'), dataset=fashion_mnist)
+    run.check_learned(result, cfg)
   assert restore.latest_step(str(tmp_path / 'run')) == 64
   chance = 1 / 10
   loop.check_learned(chance + loop.CHANCE_MARGIN + 1e-9, 'validation', 10, 1e-3)  # just above: learned

@@ -20,7 +20,7 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   # with private BN (triangular AWN: the seeds test below; non-uniform and independent
   # nets: test_baselines.py).
   cc.methods = ('steppingnet', 'slimmable')
-  monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
+  monkeypatch.setattr(compare.datasets, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
 
   with open(tmp_path / 'compare.json') as f:
@@ -49,7 +49,7 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
 
   # A second run finds every finished run and trains nothing.
-  monkeypatch.setattr(compare.methods, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
+  monkeypatch.setattr(compare.trainers, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert again['methods'] == out['methods']
 
@@ -60,7 +60,7 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   cc.seeds = (3, 4)  # --config.seeds=3,4
   cc.quick.common.data.validation_examples = 100  # held out of the 512 training images
   cc.quick.common.train.num_epochs = 1
-  monkeypatch.setattr(compare.data, 'load_dataset', lambda *a, **k: fashion_mnist)
+  monkeypatch.setattr(compare.datasets, 'load_dataset', lambda *a, **k: fashion_mnist)
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
   assert out['seeds'] == [3, 4]
   awn = out['methods']['awn']  # triangular and reusable; its widths define four of the budget points

@@ -333,20 +333,32 @@ def _train_epochs(
   writer.close()
   if test_acc is None:  # nothing left to train: report the restored state
     test_acc = evaluate(nnx.merge_state(state.params, state.batch_stats))
-  elif step - first_step < loop.JUDGE_AFTER_STEPS:
-    pass  # too short to tell a failed run from one that has not learned yet
-  elif evaluate_validation is not None:
-    loop.check_learned(float(val_acc[-1]), 'validation', dataset.num_classes, cfg.optim.learning_rate)
-  elif guard.last_accuracy is not None:
-    loop.check_learned(
-      float(guard.last_accuracy[-1]), "training (last logged window's)", dataset.num_classes, cfg.optim.learning_rate
-    )
-  return {
+  result = {
     'step': step,
     'test_accuracy': [float(a) for a in test_acc],
     'seconds': prior_seconds + time.time() - t_start,
     'levels': cfg.model.num_levels,
   }
+  if step - first_step >= loop.JUDGE_AFTER_STEPS:  # shorter: it may not have learned yet
+    if evaluate_validation is not None:
+      result['final_top_accuracy'] = {'accuracy': float(val_acc[-1]), 'measured_on': 'validation'}
+    elif guard.last_accuracy is not None:
+      result['final_top_accuracy'] = {
+        'accuracy': float(guard.last_accuracy[-1]),
+        'measured_on': "training (last logged window's)",
+      }
+  if 'final_top_accuracy' in result:
+    result['final_top_accuracy']['num_classes'] = dataset.num_classes
+  return result
+
+
+def check_learned(result: dict, cfg: Config) -> None:
+  """``loop.NotLearned`` if a run's result (``train_and_evaluate``'s) ended with its top exit
+  at chance (``loop.check_learned``): what ``train.py`` ends on with status 1. Studies do
+  not judge (their quick smoke networks need not learn)."""
+  final = result.get('final_top_accuracy')
+  if final is not None:
+    loop.check_learned(final['accuracy'], final['measured_on'], final['num_classes'], cfg.optim.learning_rate)
 
 
 @dataclasses.dataclass
