@@ -286,59 +286,36 @@ def test_train_and_evaluate_scripts(tmp_path):
     JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   )
-  train = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, 'train.py'),
-      f'--config={TINY}',
-      f'--workdir={workdir}',
-      '--config.data.train_subset=512',
-      '--config.data.test_subset=200',
-      '--config.train.num_epochs=1',
-      '--config.train.progress=False',
-    ],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+
+  def command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+      [sys.executable, *args], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600
+    )
+
+  train = command(
+    os.path.join(REPO, 'train.py'),
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    '--config.data.train_subset=512',
+    '--config.data.test_subset=200',
+    '--config.train.num_epochs=1',
+    '--config.train.progress=False',
   )
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'done: step 8' in train.stdout
-  old = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, 'train.py'),
-      f'--config={TINY}',
-      f'--workdir={workdir}',
-      '--config.num_epochs=1',
-    ],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  old = command(os.path.join(REPO, 'train.py'), f'--config={TINY}', f'--workdir={workdir}', '--config.num_epochs=1')
   assert old.returncode != 0 and 'is now spelled --config.train.num_epochs=1' in old.stderr, old.stderr[-2000:]
   out_json, plot = str(tmp_path / 'levels.json'), str(tmp_path / 'levels.png')
-  ev = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, 'evaluate.py'),
-      f'--workdir={workdir}',
-      f'--json={out_json}',
-      f'--plot={plot}',
-      '--test_subset=200',
-      '--batch_size=100',
-      '--latency_repeats=2',
-      '--policy=confidence',
-      '--knobs=0.0,2.0',
-    ],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  ev = command(
+    os.path.join(REPO, 'evaluate.py'),
+    f'--workdir={workdir}',
+    f'--json={out_json}',
+    f'--plot={plot}',
+    '--test_subset=200',
+    '--batch_size=100',
+    '--latency_repeats=2',
+    '--policy=confidence',
+    '--knobs=0.0,2.0',
   )
   assert ev.returncode == 0, ev.stderr[-3000:]
   # The policy sweep: threshold 0 stops every input at level 0, 2 (never reached) at the top.
@@ -355,25 +332,17 @@ def test_train_and_evaluate_scripts(tmp_path):
   with open(plot, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # Quantized evaluation: 4-bit weights and 8-bit activations on 8-bit images cost 32 bit-ops per MAC.
-  quantized = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, 'evaluate.py'),
-      f'--workdir={workdir}',
-      f'--json={out_json}',
-      '--test_subset=200',
-      '--batch_size=100',
-      '--latency_repeats=1',
-      '--bits=4',
-      '--act_bits=8',
-      '--calibration_images=200',
-      '--step=8',
-    ],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  quantized = command(
+    os.path.join(REPO, 'evaluate.py'),
+    f'--workdir={workdir}',
+    f'--json={out_json}',
+    '--test_subset=200',
+    '--batch_size=100',
+    '--latency_repeats=1',
+    '--bits=4',
+    '--act_bits=8',
+    '--calibration_images=200',
+    '--step=8',
   )
   assert quantized.returncode == 0, quantized.stderr[-3000:]
   assert f'checkpoint 8 of {workdir}' in quantized.stdout
@@ -384,14 +353,7 @@ def test_train_and_evaluate_scripts(tmp_path):
   assert [r['bitops_to_reach'] for r in result['levels']] == [32 * r['macs'] for r in result['levels']]
   # A usage error: a latency batch of 0 (a run without a validation split has no --best:
   # restore.best_step is None, tests/test_checkpoints.py).
-  bad = subprocess.run(
-    [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', '--latency_batch=0'],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  bad = command(os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', '--latency_batch=0')
   assert bad.returncode != 0 and 'must be >= 1, got 0' in bad.stderr, bad.stderr[-2000:]
   # Usage errors, before anything is loaded: a NaN knob (it printed a 'nan' operating point),
   # a latency batch larger than the images it would time (it was labelled B=1000000), and an
@@ -406,36 +368,21 @@ def test_train_and_evaluate_scripts(tmp_path):
     ),
     (['--latency_batch=1000000', '--test_subset=50'], '--latency_batch 1000000 is more than the 50 test images'),
   ):
-    bad = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', *args],
-      cwd=str(tmp_path),
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
+    bad = command(os.path.join(REPO, 'evaluate.py'), f'--workdir={workdir}', *args)
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
   # Metadata that is valid JSON but not a checkpoint's: resuming fails with the project's
   # message as the last line of the output (not orbax's shutdown noise after it), status 1.
   newest = restore.latest_step(workdir)
   with open(os.path.join(workdir, 'checkpoints', str(newest), 'meta', 'metadata'), 'w') as f:
     json.dump({'written': 'by something else'}, f)
-  resume = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, 'train.py'),
-      f'--config={TINY}',
-      f'--workdir={workdir}',
-      '--config.data.train_subset=512',
-      '--config.data.test_subset=200',
-      '--config.train.num_epochs=2',
-      '--config.train.progress=False',
-    ],
-    cwd=str(tmp_path),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  resume = command(
+    os.path.join(REPO, 'train.py'),
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    '--config.data.train_subset=512',
+    '--config.data.test_subset=200',
+    '--config.train.num_epochs=2',
+    '--config.train.progress=False',
   )
   last = resume.stderr.strip().splitlines()[-1]
   assert resume.returncode == 1 and last.startswith(f'error: checkpoint {workdir}/checkpoints/{newest} has metadata'), (
