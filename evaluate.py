@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 import stepnet_jax
-from stepnet_jax import config
+from stepnet_jax import cli, config
 from stepnet_jax.core import anytime
 from stepnet_jax.data import datasets
 from stepnet_jax.inference import evaluation, policies, restore, sweeps
@@ -185,4 +185,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main, cli.parse_flags_with_hints)

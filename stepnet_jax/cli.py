@@ -113,7 +113,7 @@ def run_study(
     study(flags.FLAGS)
 
   show_in_help(__name__, study.__module__, getattr(extra_flags, '__module__', __name__))
-  run_app(functools.partial(_stop_quietly, main), functools.partial(parse_flags_with_hints, run_roots=run_roots))
+  run_app(main, functools.partial(parse_flags_with_hints, run_roots=run_roots))
 
 
 def show_in_help(*module_names: str) -> None:
@@ -127,8 +127,15 @@ def show_in_help(*module_names: str) -> None:
 
 # What ends a command with a one-line message and status 1 instead of a traceback: a loss that
 # went non-finite, diverged or never left chance, a workdir another trainer holds, an
-# unreadable checkpoint, a full disk.
-FAILURES = (FloatingPointError, loop.Diverged, loop.NotLearned, run.WorkdirBusy, restore.CheckpointError)
+# unreadable checkpoint or none at all, a full disk.
+FAILURES = (
+  FloatingPointError,
+  loop.Diverged,
+  loop.NotLearned,
+  run.WorkdirBusy,
+  restore.CheckpointError,
+  restore.NoCheckpoint,
+)
 
 
 def failure_message(error: BaseException) -> str | None:
@@ -154,11 +161,12 @@ def exit_with(message: str, status: int, *, stdout: bool = False) -> NoReturn:
 
 
 def run_app(main: Callable[[list[str]], object], flags_parser: Callable[[list[str]], list[str]]) -> None:
-  """``absl.app.run`` for the commands. A ``Failed`` end skips the interpreter's shutdown,
+  """``absl.app.run`` for the commands (``train.py``, ``evaluate.py``, the studies): a failure
+  ends with its one-line message (``_stop_quietly``). A ``Failed`` end skips the interpreter's shutdown,
   where orbax's background threads print noise ("Event loop is closed") that would bury the
   message: the message stays the last line. Saves have been waited for by then."""
   try:
-    app.run(main, flags_parser=flags_parser)
+    app.run(functools.partial(_stop_quietly, main), flags_parser=flags_parser)
   except Failed as failed:
     sys.stderr.flush()
     os._exit(failed.code)

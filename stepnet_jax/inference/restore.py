@@ -26,6 +26,10 @@ from stepnet_jax.models import quantized
 from stepnet_jax.models.structure import build_from_meta
 
 
+class NoCheckpoint(FileNotFoundError):
+  """A workdir that holds no checkpoint (nothing trained there yet)."""
+
+
 class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be read (truncated, corrupted, incompatible)."""
 
@@ -110,7 +114,7 @@ def _step(workdir: str, step: int | None) -> int:
   if step is None:
     step = latest_step(workdir)
   if step is None:
-    raise FileNotFoundError(
+    raise NoCheckpoint(
       f'no checkpoint in {checkpoint_dir(workdir)}; train first with '
       f'python train.py --config configs/NAME.py --workdir {workdir}'
     )
