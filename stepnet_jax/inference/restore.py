@@ -144,6 +144,8 @@ def checksums(tree: Any) -> dict[str, str]:
   flipped byte in the array files is an error, not a silently different network."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # replicated over hosts: a local copy
+      leaf = leaf.addressable_shards[0].data
     array = np.ascontiguousarray(jax.device_get(leaf))
     crc = zlib.crc32(f'{array.dtype.str}{array.shape}'.encode())
     out[jax.tree_util.keystr(path)] = f'{zlib.crc32(array.view(np.uint8).reshape(-1), crc):08x}'
