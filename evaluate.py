@@ -114,7 +114,7 @@ def main(argv):
   if step is not None:
     print(f'checkpoint {step} of {_WORKDIR.value}')
   source = config.saved_data(net.meta['config'])
-  ds = datasets.subset(datasets.load_dataset(source.name, source.data_dir or None), test=_TEST_SUBSET.value)
+  ds = datasets.subset(datasets.load_for(source), test=_TEST_SUBSET.value)
   if _LAT_BATCH.value > len(ds.test_labels):
     raise app.UsageError(
       f'--latency_batch {_LAT_BATCH.value} is more than the {len(ds.test_labels)} test images it would time; '

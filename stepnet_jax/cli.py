@@ -20,8 +20,10 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stepnet_jax.config import SECTIONS, Config, close_keys, flat_paths, flatten
+from stepnet_jax.config import SECTIONS, Config, SettingsError, close_keys, flat_paths, flatten
+from stepnet_jax.data import datasets
 from stepnet_jax.inference import restore
+from stepnet_jax.registry import UnknownName
 from stepnet_jax.training import loop, run
 
 
@@ -125,10 +127,14 @@ def show_in_help(*module_names: str) -> None:
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
-# What ends a command with a one-line message and status 1 instead of a traceback: a loss that
-# went non-finite, diverged or never left chance, a workdir another trainer holds, an
-# unreadable checkpoint or none at all, a full disk.
+# What ends a command with a one-line message and status 1 instead of a traceback: refused
+# settings (a config value or name, a workdir that is not this run's), a missing or unreadable dataset,
+# a loss that went non-finite, diverged or never left chance, a workdir another trainer holds,
+# an unreadable checkpoint or none at all, a full disk.
 FAILURES = (
+  SettingsError,
+  UnknownName,
+  datasets.DatasetError,
   FloatingPointError,
   loop.Diverged,
   loop.NotLearned,
@@ -143,8 +149,24 @@ def failure_message(error: BaseException) -> str | None:
   None for anything else (a bug: let its traceback show)."""
   if isinstance(error, FAILURES):
     return f'error: {error}'
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    return f'error: the disk is full ({error}); free space and run the same command again to resume'
+  full = _disk_full(error)
+  if full is not None:
+    return f'error: the disk is full ({full}); free space and run the same command again to resume'
+  return None
+
+
+def _disk_full(error: BaseException | None) -> str | None:
+  """Where ``error`` or one of its causes reports a full disk: an ``OSError`` ENOSPC, or the
+  ``ValueError`` tensorstore raises when a checkpoint's array write fails ("RESOURCE_EXHAUSTED
+  ... No space left on device", no errno to test): its path-naming text, else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return str(error)
+    if 'No space left on device' in str(error):
+      return str(error).splitlines()[0].split(' [tensorstore_spec=')[0].split(' [os_error_code=')[0]
+    error = error.__cause__ or error.__context__
   return None
 
 

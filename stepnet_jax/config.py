@@ -36,6 +36,14 @@ from typing import Any, TypeVar
 import ml_collections
 import numpy as np
 
+
+class SettingsError(ValueError, TypeError):
+  """Settings a command refuses before it builds or writes anything: a config value, a workdir
+  that is not this run's, a network too narrow for its levels. The user fixes it by changing the
+  command, so commands end on its one-line message (``cli.FAILURES``), not a traceback. A
+  ``ValueError`` and a ``TypeError``, as the checks it replaced raised."""
+
+
 # The default dataset: Debian's dataset-fashion-mnist package (``data.datasets`` reads it).
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST = f'idx:{FASHION_MNIST_DIR}'
@@ -51,6 +59,7 @@ class DataConfig:
   test_subset: int = 0  # use only this many test images (0 = all)
   validation_examples: int = 0  # hold out this many training images (never trained on): data.split_validation
   augment: bool = False  # random crop (pad 4) + horizontal flip, on device
+  pad_to: int = 0  # zero-pad every image to pad_to x pad_to pixels, centred (0 = off): datasets.pad_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +280,7 @@ def _as_tuple(v) -> tuple:
   try:
     return tuple(float(x) for x in v)
   except (TypeError, ValueError):
-    raise TypeError(f'expected a sequence of numbers, got {v!r}') from None
+    raise SettingsError(f'expected a sequence of numbers, got {v!r}') from None
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
@@ -285,7 +294,7 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     tuple: lambda v: isinstance(v, tuple),
   }[kind]
   if not ok(value):
-    raise TypeError(f'config key {key} must be {kind.__name__}, got {type(value).__name__} {value!r}')
+    raise SettingsError(f'config key {key} must be {kind.__name__}, got {type(value).__name__} {value!r}')
   return float(value) if kind is float else int(value) if kind is int else value
 
 
@@ -307,7 +316,7 @@ def check_known(given: Iterable[str], known: Iterable[str], what: str = 'config 
   unknown = sorted(set(given) - set(known))
   if unknown:
     hints = ''.join(f'; {k}: did you mean {" or ".join(c)}?' for k in unknown if (c := close_keys(k, known)))
-    raise ValueError(f'{f"section {where!r}: " if where else ""}unknown {what}: {unknown}{hints}')
+    raise SettingsError(f'{f"section {where!r}: " if where else ""}unknown {what}: {unknown}{hints}')
 
 
 class Overrides(dict):
@@ -321,7 +330,7 @@ def overrides(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Overrides:
   """A (partial) nested or dotted dict, or a ConfigDict, checked key by key against ``Config``:
   unknown keys (named with the closest fields) and values of the wrong type are errors."""
   if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
-    raise TypeError(f'a run config must be a section (nested keys), got {type(cfg).__name__} {cfg!r}')
+    raise SettingsError(f'a run config must be a section (nested keys), got {type(cfg).__name__} {cfg!r}')
   given = flatten(nest(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)))
   defaults = flatten(Config().to_dict())
   check_known(given, defaults)
@@ -346,20 +355,20 @@ def _check(c: Config) -> None:
   and the method combinations are checked next to their tables, ``methods.trainers.validate``."""
   m, loss = c.model, c.loss
   if m.num_levels < 1:
-    raise ValueError('num_levels must be >= 1')
+    raise SettingsError('num_levels must be >= 1')
   if loss.exit_weights and len(loss.exit_weights) != m.num_levels:
-    raise ValueError(f'exit_weights has {len(loss.exit_weights)} entries for {m.num_levels} levels')
+    raise SettingsError(f'exit_weights has {len(loss.exit_weights)} entries for {m.num_levels} levels')
   if any(w < 0 for w in c.exit_weights) or sum(c.exit_weights) <= 0:
-    raise ValueError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
+    raise SettingsError(f'exit_weights must be non-negative with a positive sum, got {c.exit_weights}')
   if m.level_widths and len(m.level_widths) != m.num_levels:
-    raise ValueError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
+    raise SettingsError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
   for key, value, choices in (
     ('model.batch_norm', m.batch_norm, BATCH_NORMS),
     ('construction.allocation', c.construction.allocation, ALLOCATIONS),
     ('selection.baseline', c.selection.baseline, SELECTION_BASELINES),
   ):
     if value not in choices:
-      raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
+      raise SettingsError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
   _check_ranges(c)
 
 
@@ -368,13 +377,13 @@ def _check_ranges(c: Config) -> None:
   values = flatten(c.to_dict())
   check_ranges(values, RUN_MINIMUM, RUN_POSITIVE)
   if not 0 <= values['loss.label_smoothing'] < 1:
-    raise ValueError(f'loss.label_smoothing must be in [0, 1), got {values["loss.label_smoothing"]}')
+    raise SettingsError(f'loss.label_smoothing must be in [0, 1), got {values["loss.label_smoothing"]}')
   if values['optim.momentum'] >= 1:
-    raise ValueError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
+    raise SettingsError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
   for key in ('model.level_widths', 'construction.budgets'):
     check_increasing(key, values[key])
   if c.model.level_widths and c.model.level_widths[-1] > 1:
-    raise ValueError(
+    raise SettingsError(
       f'model.level_widths are fractions of the full width: the last must be <= 1, got {c.model.level_widths}'
     )
 
@@ -384,17 +393,17 @@ def check_ranges(values: Mapping[str, Any], minimum: Mapping[str, float], positi
   not above 0 for a key in ``positive``."""
   for key, low in minimum.items():
     if values[key] < low:
-      raise ValueError(f'{key} must be >= {low}, got {values[key]}')
+      raise SettingsError(f'{key} must be >= {low}, got {values[key]}')
   for key in positive:
     if not values[key] > 0:
-      raise ValueError(f'{key} must be > 0, got {values[key]}')
+      raise SettingsError(f'{key} must be > 0, got {values[key]}')
 
 
 def check_increasing(key: str, v: tuple[float, ...]) -> None:
   """ValueError unless the cumulative fractions ``v`` (one per level; () = unset) are positive
   and strictly increasing."""
   if v and (v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:]))):
-    raise ValueError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
+    raise SettingsError(f'{key} must be positive and strictly increasing (cumulative, one per level), got {v}')
 
 
 # The run config's numeric ranges: the least value of each key ...
@@ -409,6 +418,7 @@ RUN_MINIMUM = {
   'train.divergence_steps': 0,
   'data.train_subset': 0,
   'data.test_subset': 0,
+  'data.pad_to': 0,
   'optim.momentum': 0,
   'optim.weight_decay': 0,
   'loss.distill_weight': 0,
@@ -475,7 +485,7 @@ def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   paths = flat_paths()
   unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
   if unknown:
-    raise ValueError(
+    raise SettingsError(
       f'saved config has unknown keys {unknown}: written by another version of stepnet_jax; retrain in a new --workdir'
     )
   widths = int(saved.pop('sandwich_widths', 0))
@@ -543,7 +553,7 @@ def study_config(kind: type[Study], cc: Mapping[str, Any] | ml_collections.Confi
     _section(kind, fast, 'quick', partial=True)
   if quick:
     if fast is None:
-      raise ValueError('--quick: this study config has no quick section')
+      raise SettingsError('--quick: this study config has no quick section')
     given = merge(given, fast)
   return _section(kind, given, '', partial=False)
 
@@ -558,7 +568,7 @@ def _section(kind: type, given: Any, path: str, partial: bool) -> Any:
   """``given`` checked against the dataclass ``kind``: its typed values (``partial``: as a
   dict, fields left out taking no default) or the record."""
   if not isinstance(given, Mapping):
-    raise TypeError(f'{path} must be a section (nested keys), got {type(given).__name__} {given!r}')
+    raise SettingsError(f'{path} must be a section (nested keys), got {type(given).__name__} {given!r}')
   hints = typing.get_type_hints(kind)
   names = [f.name for f in dataclasses.fields(kind)]
   check_known(given, names, 'keys' if path else 'top-level keys of the study config', where=path)
@@ -572,20 +582,23 @@ def _field(key: str, value: Any, hint: Any, partial: bool) -> Any:
   """One value of a study config as its field's type (``study_config`` lists them)."""
   if hint in (Config, Overrides):
     try:
-      return from_dict(value) if hint is Config and not partial else overrides(value)
+      run_cfg = from_dict(value) if hint is Config and not partial else overrides(value)
     except (TypeError, ValueError) as e:
       raise type(e)(f'section {key!r}: {e}') from None
+    if hint is Overrides and 'data.pad_to' in run_cfg:  # a study loads its images once, for every method
+      raise SettingsError(f'section {key!r}: data.pad_to is set once for every method, in the common section')
+    return run_cfg
   if dataclasses.is_dataclass(hint):
     return _section(hint, value, key, partial)
   if typing.get_origin(hint) is tuple:
     item, rest = typing.get_args(hint)
     if rest is not Ellipsis:
-      raise TypeError(f'{key}: a study config field is a tuple of one type, tuple[T, ...], not {hint}')
+      raise SettingsError(f'{key}: a study config field is a tuple of one type, tuple[T, ...], not {hint}')
     values = list(value) if isinstance(value, (tuple, list)) else [value]
     values = [x for v in values for x in (_split(v) if isinstance(v, str) else [v])]
     return tuple(_typed(f'{key}[{i}]', _parsed(x, item), item) for i, x in enumerate(values))
   if hint not in (bool, int, float, str):
-    raise TypeError(
+    raise SettingsError(
       f'{key}: a study config field is bool, int, float, str, a tuple, a section or a run config, not {hint}'
     )
   return _typed(key, value, hint)

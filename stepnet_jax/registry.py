@@ -11,6 +11,11 @@ from typing import Generic, TypeVar
 T = TypeVar('T')
 
 
+class UnknownName(ValueError):
+  """A name no entry is registered under (a misspelt model, method or optimizer in a config):
+  the commands end on its one-line message, which lists the known names (``cli.FAILURES``)."""
+
+
 class Registry(Generic[T]):
   """An ordered table of named entries of one kind (e.g. 'optimizer').
 
@@ -38,9 +43,9 @@ class Registry(Generic[T]):
     return add if entry is None else add(entry)
 
   def get(self, name: str) -> T:
-    """The entry called ``name``; an unknown name raises ValueError listing the known ones."""
+    """The entry called ``name``; an unknown name raises ``UnknownName`` listing the known ones."""
     if name not in self._entries:
-      raise ValueError(f'unknown {self.kind} {name!r}; choose from {", ".join(self._entries)}')
+      raise UnknownName(f'unknown {self.kind} {name!r}; choose from {", ".join(self._entries)}')
     return self._entries[name]
 
   def names(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Dataset loading: IDX files (real Fashion-MNIST and hand-written ones), digits, TFDS (mocked)."""
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -7,6 +8,8 @@ import struct
 import numpy as np
 import pytest
 
+from stepnet_jax import cli, config
+from stepnet_jax.config import SettingsError
 from stepnet_jax.data import datasets
 from stepnet_jax.data.datasets import DatasetError
 
@@ -233,10 +236,12 @@ def test_read_idx_missing_path(tmp_path):
 
 
 def test_nonexistent_idx_dir(tmp_path):
+  """A missing dataset is an error naming its path, and a command's one-line end (no traceback)."""
   p = str(tmp_path / 'no-such-dir')
   with pytest.raises(DatasetError) as e:
     datasets.load_dataset(f'idx:{p}')
   _assert_names(e, p)
+  assert cli.failure_message(e.value) == f'error: {e.value}'
 
 
 # ------------------------------------------------------------------ digits and TFDS
@@ -268,9 +273,87 @@ def test_tfds_mocked(name, shape):
   assert ds.num_classes == 10
   assert ds.train_labels.min() >= 0 and ds.train_labels.max() < 10
   assert ds.input_shape == shape
+  # A run config's data section (data.pad_to=0: no padding) reads the same images.
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    configured = datasets.load_for(config.from_dict({'data.name': name, 'data.pad_to': 0}).data)
+  assert configured.input_shape == shape
+  np.testing.assert_array_equal(configured.train_images, ds.train_images)
+  np.testing.assert_array_equal(configured.test_labels, ds.test_labels)
 
 
 def test_tfds_unknown_dataset_raises_dataset_error(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   with pytest.raises(DatasetError):
     datasets.load_dataset('no_such_dataset_xyz', data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------ padding (data.pad_to)
+
+
+def test_pad_images_28_to_32_centres_the_original():
+  x = np.random.RandomState(0).randint(1, 256, (5, 28, 28, 1)).astype(np.uint8)  # no zeros inside
+  out = datasets.pad_images(x, 32)
+  expected = np.zeros((5, 32, 32, 1), np.uint8)
+  expected[:, 2:30, 2:30, :] = x
+  assert out.dtype == np.uint8 and out.shape == (5, 32, 32, 1)
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(out[:, 2:30, 2:30], x)
+  assert (out == 0).sum() == 5 * (32 * 32 - 28 * 28)  # exactly the border is black
+  assert datasets.pad_images(x, 28) is x  # already that size: unchanged
+
+
+def test_pad_images_odd_difference_puts_the_extra_pixel_below_and_right():
+  x = np.random.RandomState(1).randint(1, 256, (2, 8, 6, 3)).astype(np.uint8)
+  out = datasets.pad_images(x, 11)  # 3 rows: 1 above, 2 below; 5 columns: 2 left, 3 right
+  expected = np.zeros((2, 11, 11, 3), np.uint8)
+  expected[:, 1:9, 2:8, :] = x
+  np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize('shape', [(2, 36, 36, 1), (2, 28, 36, 1), (2, 36, 28, 1)])
+def test_pad_images_refuses_larger_images(shape):
+  with pytest.raises(SettingsError, match=rf'{shape[1]}x{shape[2]} images to 32x32'):
+    datasets.pad_images(np.zeros(shape, np.uint8), 32)
+
+
+def test_pad_dataset_and_channel_stats(fashion_mnist):
+  small = datasets.subset(fashion_mnist, train=200, test=30, seed=0)
+  padded = datasets.pad_dataset(small, 32)
+  assert padded.input_shape == (32, 32, 1) and padded.test_images.shape == (30, 32, 32, 1)
+  np.testing.assert_array_equal(padded.train_labels, small.train_labels)
+  assert datasets.pad_dataset(small, 0) is small  # 0: off
+  # The statistics are the padded images': the same pixel sum over 32x32 instead of 28x28.
+  np.testing.assert_allclose(padded.channel_stats()[0], np.array(small.channel_stats()[0]) * 784 / 1024, rtol=1e-9)
+  with pytest.raises(SettingsError, match='28x28 images to 20x20'):
+    datasets.pad_dataset(small, 20)
+
+
+def test_pad_to_through_the_training_run_data_path():
+  from stepnet_jax.training import run
+
+  cfg = config.from_dict({'data.name': 'digits', 'data.pad_to': 12, 'train.batch_size': 32})
+  dataset, validation, steps = run.prepare_splits(cfg)
+  assert dataset.input_shape == (12, 12, 1) and dataset.test_images.shape[1:] == (12, 12, 1)
+  assert validation is None and steps == len(dataset.train_labels) // 32
+  assert (dataset.train_images[:, :2] == 0).all() and (dataset.train_images[:, 10:] == 0).all()
+  original = datasets.load_digits()
+  np.testing.assert_array_equal(dataset.train_images[:, 2:10, 2:10], original.train_images)
+
+
+def test_pad_to_is_checked_by_the_config():
+  assert config.Config().data.pad_to == 0
+  with pytest.raises(SettingsError, match='data.pad_to must be >= 0'):
+    config.from_dict({'data.pad_to': -1})
+
+
+def test_a_study_pads_once_for_every_method():
+  """A study's common section may pad; a method's overrides may not (the images are loaded once)."""
+
+  @dataclasses.dataclass(frozen=True)
+  class Study:
+    common: config.Config = config.Config()
+    method: config.Overrides = dataclasses.field(default_factory=config.Overrides)
+
+  assert config.study_config(Study, {'common': {'data': {'pad_to': 32}}}).common.data.pad_to == 32
+  with pytest.raises(SettingsError, match='set once for every method'):
+    config.study_config(Study, {'method': {'data': {'pad_to': 32}}})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import stepnet_jax
-from stepnet_jax import cli, config
+from stepnet_jax import cli, config, registry
 from stepnet_jax.data import datasets
 from stepnet_jax.inference import restore
 from stepnet_jax.methods import trainers
@@ -469,8 +469,11 @@ def test_refused_resume_leaves_the_run_description_alone(tmp_path, one_epoch_dig
   ],
 )
 def test_config_validation(overrides, message):
-  with pytest.raises(ValueError, match=message):
+  """Each bad setting is refused (a ``SettingsError``, or ``UnknownName`` for a misspelt name):
+  the commands end on its one line."""
+  with pytest.raises((config.SettingsError, registry.UnknownName), match=message) as refused:
     trainers.validate(config.from_dict({'model.num_levels': 3, **overrides}))
+  assert cli.failure_message(refused.value) == f'error: {refused.value}'
 
 
 def test_levels_that_would_be_empty_are_refused_before_anything_is_written(tmp_path):
@@ -479,9 +482,10 @@ def test_levels_that_would_be_empty_are_refused_before_anything_is_written(tmp_p
   workdir is left as it was (not created)."""
   cfg = tiny_config(**{'model.num_levels': 16, 'data.name': 'digits'})
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=r'layer conv1 has 8 channels: too few for 16 levels'):
+  with pytest.raises(config.SettingsError, match=r'layer conv1 has 8 channels: too few for 16 levels') as refused:
     trainers.train(cfg, str(workdir))
   assert not workdir.exists()
+  assert cli.failure_message(refused.value) is not None  # a one-line end of train.py, no traceback
 
 
 @pytest.mark.parametrize('method', ['joint', 'steppingnet'])
@@ -496,10 +500,41 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, method):
   overrides = {'data.name': 'digits', 'model.name': 'mlp', 'model.width': 0.125, 'method': method}
   if method == 'steppingnet':
     overrides['construction.budgets'] = (0.2, 0.5, 0.9)
-  with pytest.raises(ValueError, match=r'mine is not empty and is not a stepnet_jax run .*config.json, tensorboard'):
+  refusal = r'mine is not empty and is not a stepnet_jax run .*config.json, tensorboard'
+  with pytest.raises(config.SettingsError, match=refusal) as refused:
     trainers.train(tiny_config(**overrides), str(workdir))
+  assert cli.failure_message(refused.value) is not None  # a one-line end of train.py, no traceback
   assert sorted(p.name for p in workdir.rglob('*')) == ['config.json', 'notes.txt', 'tensorboard']
   assert (workdir / 'config.json').read_text() == '{"mine": true}'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 256 KiB tmpfs mounted at ``tmp_path/disk``: a disk that really fills (mounting needs root;
+  skipped where it is not allowed)."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(disk)], capture_output=True)
+  if mounted.returncode != 0:
+    pytest.skip(f'cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}')
+  yield disk
+  subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+def test_a_full_disk_says_so_and_the_same_command_resumes_once_space_is_freed(small_disk):
+  """Training into a disk that fills during a checkpoint write (tensorstore reports it as a
+  ValueError, orbax's finalize as an OSError) ends on the one-line "disk is full" message; once
+  the disk has room, the same call trains to the end."""
+  cfg = tiny_config(**{'data.name': 'digits', 'model.name': 'mlp'})
+  workdir = str(small_disk / 'run')
+  with pytest.raises(Exception) as full:
+    trainers.train(cfg, workdir)
+  message = cli.failure_message(full.value) or ''
+  assert message.startswith('error: the disk is full (') and 'tensorstore_spec' not in message, repr(full.value)
+  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
+  result = trainers.train(cfg, workdir)
+  assert result['step'] == cfg.train.num_epochs * run.prepare_data(cfg)[1]
+  assert min(result['test_accuracy']) > 0.3
 
 
 def test_a_fresh_start_deletes_only_the_event_files_it_wrote(tmp_path):
@@ -665,6 +700,7 @@ def _flat(nested: dict) -> dict:
     'model.exit_heads',
     'loss.label_smoothing',
     'model.batch_norm',
+    'data.pad_to',
   )
   flat = {
     renamed.get(k, k.rsplit('.', 1)[-1]): v

@@ -28,6 +28,7 @@ from flax import nnx
 from stepnet_jax.core import levels as lv
 from stepnet_jax.core.levels import Connectivity
 from stepnet_jax.core.quantizers import quantize_activation
+from stepnet_jax.core.wiring import Link, NotWired
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -167,6 +168,8 @@ class _LinearUnit(nnx.Module):
   # (bits, clip, straight-through) of the output activation's quantizer, or None (float);
   # static, set by ``quant.set_activation_quantization``.
   act_quant: tuple[int, float, bool] | None = None
+  # The neuron group (a name of the model's level assignment) this layer writes: ``wiring``.
+  group: str | None = None
 
   def linear(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
     """The layer's linear op (convolution or matmul) of ``x`` with the kernel slice ``w``."""
@@ -228,6 +231,22 @@ class _LinearUnit(nnx.Module):
   def cache_like(self, x: jax.Array) -> jax.Array:
     return self(x, self.conn.num_levels - 1)
 
+  def macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """MACs per input of one kept (input, output) channel pair."""
+    raise NotImplementedError
+
+  def links(self, path: tuple, source: str | None, in_shape: Sequence[int]) -> tuple[tuple[Link, ...], str, tuple]:
+    """(this layer's link from group ``source`` to its ``group``, the group it writes, its output shape)."""
+    if self.group is None:
+      raise NotWired(f'the layer at {path} was built without the name of the group it writes')
+    link = Link(path, source, self.group, self.macs_per_pair(in_shape), self.conn.triangular)
+    return (link,), self.group, self.delta_macs(in_shape)[1]
+
+  def gated(self, x: jax.Array, level: int, gate) -> jax.Array:
+    """The prefix forward with the output passed through ``gate(group, activation)`` (importance
+    reads the gradient of a multiplicative gate on every group a layer writes)."""
+    return gate(self.group, self(x, level))
+
 
 class LevelConv(_LinearUnit):
   """conv -> BN -> [ReLU] -> [max-pool], kernel [kh, kw, C_in, C_out] (HWIO)."""
@@ -242,10 +261,11 @@ class LevelConv(_LinearUnit):
     pool: int = 0,
     relu: bool = True,
     switchable_bn: bool = False,
+    group: str | None = None,
     rngs: nnx.Rngs,
   ):
     self.conn, self.kernel_size, self.stride, self.padding = conn, kernel_size, stride, padding
-    self.pool, self.relu = pool, relu
+    self.pool, self.relu, self.group = pool, relu, group
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
     init = jax.nn.initializers.he_normal()
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, cin, cout), jnp.float32))
@@ -274,10 +294,15 @@ class LevelConv(_LinearUnit):
       y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, p, p, 1), (1, p, p, 1), 'VALID')
     return y
 
+  def macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """Kernel area x output positions: the MACs of one kept (input, output) channel pair."""
+    _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
+    return self.kernel_size**2 * h * w
+
   def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
     """(MACs per level, output shape [H, W, C]) for an input of shape [H, W, C]."""
     _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
-    macs = self.conn.kept_connections() * self.kernel_size**2 * h * w
+    macs = self.conn.kept_connections() * self.macs_per_pair(in_shape)
     if self.pool:
       h, w = h // self.pool, w // self.pool
     return macs, (h, w, sum(self.conn.out_sizes))
@@ -291,9 +316,16 @@ class LevelDense(_LinearUnit):
   """
 
   def __init__(
-    self, conn: Connectivity, spatial: int, *, relu: bool = True, switchable_bn: bool = False, rngs: nnx.Rngs
+    self,
+    conn: Connectivity,
+    spatial: int,
+    *,
+    relu: bool = True,
+    switchable_bn: bool = False,
+    group: str | None = None,
+    rngs: nnx.Rngs,
   ):
-    self.conn, self.spatial, self.relu = conn, spatial, relu
+    self.conn, self.spatial, self.relu, self.group = conn, spatial, relu, group
     cin, cout = sum(conn.in_sizes), sum(conn.out_sizes)
     init = jax.nn.initializers.he_normal()
     self.kernel = nnx.Param(init(rngs.params(), (spatial, cin, cout), jnp.float32))
@@ -306,6 +338,11 @@ class LevelDense(_LinearUnit):
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
     x = x.reshape(x.shape[0], self.spatial, x.shape[-1])
     return jnp.einsum('bsi,sio->bo', x, w)
+
+  def macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """The input's positions: the MACs of one kept (input, output) channel pair."""
+    del in_shape
+    return self.spatial
 
   def delta_macs(self, in_shape):
     """MACs per input of each level's kept connections, and the output shape."""
@@ -331,16 +368,22 @@ class ResidualBlock(nnx.Module):
     triangular: bool = False,
     mask_rule: bool = True,
     switchable_bn: bool = False,
+    groups: tuple[str, str] | None = None,
     rngs: nnx.Rngs,
   ):
     def conn(a, b):
       return Connectivity(tuple(a), tuple(b), triangular, mask_rule)
 
+    mid_group, out_group = groups or (None, None)
     kw = dict(switchable_bn=switchable_bn, rngs=rngs)
-    self.conv1 = LevelConv(conn(in_sizes, mid_sizes), 3, stride=stride, **kw)
-    self.conv2 = LevelConv(conn(mid_sizes, out_sizes), 3, relu=False, **kw)
+    self.conv1 = LevelConv(conn(in_sizes, mid_sizes), 3, stride=stride, group=mid_group, **kw)
+    self.conv2 = LevelConv(conn(mid_sizes, out_sizes), 3, relu=False, group=out_group, **kw)
     self.identity = stride == 1 and tuple(in_sizes) == tuple(out_sizes)
-    self.shortcut = None if self.identity else LevelConv(conn(in_sizes, out_sizes), 1, stride=stride, relu=False, **kw)
+    self.shortcut = (
+      None
+      if self.identity
+      else LevelConv(conn(in_sizes, out_sizes), 1, stride=stride, relu=False, group=out_group, **kw)
+    )
     self.conn = conn(in_sizes, out_sizes)
 
   def __call__(self, x, level, train=False):
@@ -369,6 +412,24 @@ class ResidualBlock(nnx.Module):
     """The block output held in a cache (what the next unit reads)."""
     return cache[1]
 
+  def links(self, path, source, in_shape):
+    """conv1 (the stream ``source`` -> the inner group), conv2 (inner -> the output stream) and
+    a projection shortcut (``source`` -> the output stream); the identity shortcut adds a stream
+    into itself, so it needs ``source`` to be the stream the block writes."""
+    first, mid, mid_shape = self.conv1.links(path + ('conv1',), source, in_shape)
+    second, out, out_shape = self.conv2.links(path + ('conv2',), mid, mid_shape)
+    if self.identity:
+      if source != out:
+        raise NotWired(f'the identity shortcut at {path} adds group {source!r} into group {out!r}')
+      return first + second, out, out_shape
+    return first + second + self.shortcut.links(path + ('shortcut',), source, in_shape)[0], out, out_shape
+
+  def gated(self, x, level, gate):
+    """The block with its inner activation and its output gated (``_LinearUnit.gated``)."""
+    h = self.conv1.gated(x, level, gate)
+    s = x if self.identity else self.shortcut(x, level)
+    return gate(self.conv2.group, jax.nn.relu(self.conv2(h, level) + s))
+
   def delta_macs(self, in_shape):
     """MACs per input of each level, both convolutions and a projection shortcut, and the output shape."""
     m1, mid_shape = self.conv1.delta_macs(in_shape)
@@ -377,6 +438,224 @@ class ResidualBlock(nnx.Module):
     if not self.identity:
       m = m + self.shortcut.delta_macs(in_shape)[0]
     return m, out_shape
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise k x k conv -> BN -> [ReLU], SAME padding; kernel [k, k, 1, C] (HWIO, one filter per channel).
+
+  Output channel c reads only input channel c, so it has that channel's level: input and
+  output are one neuron group with one set of level ``sizes``, the mask rule needs no mask,
+  and the delta of level k reads only the level-k input channels. Its one connection per
+  channel also lies inside Any-Width Networks' triangle, so ``triangular`` changes nothing
+  here. Without the mask rule a subnet is its first end(k) channels (with ``switchable_bn``,
+  a BN per subnet). The activation is ReLU, as in every other layer of the zoo, rather than
+  MobileNetV2's ReLU6 (a bound for low-precision inference; either steps the same).
+  """
+
+  def __init__(
+    self,
+    sizes: Sequence[int],
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    relu: bool = True,
+    mask_rule: bool = True,
+    switchable_bn: bool = False,
+    group: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    self.sizes, self.kernel_size, self.stride = tuple(int(s) for s in sizes), kernel_size, stride
+    self.relu, self.mask_rule, self.group = relu, mask_rule, group
+    channels = sum(self.sizes)
+    init = jax.nn.initializers.he_normal()  # fan-in: the k x k taps of one channel
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels), jnp.float32))
+    self.bn = SwitchableBatchNorm(self.sizes) if switchable_bn else BatchNorm(channels)
+
+  @property
+  def num_levels(self) -> int:
+    """K, the number of levels."""
+    return len(self.sizes)
+
+  def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+    k, s = self.kernel_size, self.stride
+    return conv_output_size(h, k, s, 'SAME'), conv_output_size(w, k, s, 'SAME')
+
+  def _apply(self, x: jax.Array, lo: int, hi: int, train: bool, level: int) -> jax.Array:
+    """Channels ``lo:hi`` from the same input channels ``x`` (exactly hi - lo of them)."""
+    if hi == lo:
+      return jnp.zeros((x.shape[0],) + self._out_hw(*x.shape[1:3]) + (0,), x.dtype)
+    y = jax.lax.conv_general_dilated(
+      x,
+      self.kernel[..., lo:hi],
+      (self.stride, self.stride),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=hi - lo,
+    )
+    y = self.bn(y, lo, hi, train, level)
+    return jax.nn.relu(y) if self.relu else y
+
+  def __call__(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
+    """Prefix forward of subnet ``level``: channels [0, end(level)) from the same input channels."""
+    hi = lv.end(self.sizes, level)
+    if x.shape[-1] != hi:
+      raise ValueError(f'expected {hi} input channels at level {level}, got {x.shape[-1]}')
+    return self._apply(x, 0, hi, train, level)
+
+  def block(self, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Eval-mode channels of exactly level ``level``, from the level-``level`` input channels
+    alone (of the batch rows ``rows`` of ``x``, all when None)."""
+    if not self.mask_rule:
+      raise ValueError('a layer without the mask rule has no reusable level blocks')
+    lo, hi = lv.start(self.sizes, level), lv.end(self.sizes, level)
+    return self._apply(take_rows(x, rows, lo, hi), lo, hi, False, level)
+
+  def step(self, cache: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
+    """Update the output buffer with the level-``level`` channels (of ``rows`` only, when given)."""
+    lo, hi = lv.start(self.sizes, level), lv.end(self.sizes, level)
+    if hi == lo:
+      return cache
+    return write_block(cache, self.block(x, level, rows), lo, rows)
+
+  def output(self, cache: jax.Array) -> jax.Array:
+    """The output buffer held in a cache (the layer caches nothing else)."""
+    return cache
+
+  def cache_like(self, x: jax.Array) -> jax.Array:
+    """A full-width output buffer for input ``x``."""
+    return self(x, self.num_levels - 1)
+
+  def macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """Kernel area x output positions: the MACs of one channel (its only input-output pair)."""
+    h, w = self._out_hw(*in_shape[:2])
+    return self.kernel_size**2 * h * w
+
+  def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(MACs per level: sizes[k] x k^2 x output positions, output shape [H, W, C]) for an input [H, W, C]."""
+    if in_shape[-1] != sum(self.sizes):
+      raise ValueError(f'a depthwise layer of {sum(self.sizes)} channels given {in_shape[-1]} input channels')
+    h, w = self._out_hw(*in_shape[:2])
+    return np.asarray(self.sizes, np.int64) * self.macs_per_pair(in_shape), (h, w, sum(self.sizes))
+
+  def links(self, path: tuple, source: str | None, in_shape: Sequence[int]) -> tuple[tuple[Link, ...], str, tuple]:
+    """One depthwise link from its group to itself; it must read the group it was built for."""
+    if self.group is None:
+      raise NotWired(f'the depthwise layer at {path} was built without the name of its group')
+    if source != self.group:
+      raise NotWired(f'the depthwise layer at {path} of group {self.group!r} reads group {source!r}')
+    link = Link(path, source, self.group, self.macs_per_pair(in_shape), depthwise=True)
+    return (link,), self.group, self.delta_macs(in_shape)[1]
+
+  def gated(self, x: jax.Array, level: int, gate) -> jax.Array:
+    """The prefix forward with the output passed through ``gate(group, activation)``."""
+    return gate(self.group, self(x, level))
+
+
+class InvertedResidual(nnx.Module):
+  """MobileNetV2 inverted-residual block (linear bottleneck) whose streams keep one level per channel.
+
+  expand (1x1 conv -> BN -> ReLU, stream -> the block's expansion group; omitted when
+  ``exp_sizes`` is None, expansion ratio 1, and then the depthwise reads the stream), a
+  depthwise conv -> BN -> ReLU with the block's stride (its group -> itself), project (1x1
+  conv -> BN, no ReLU, -> the output stream), and with ``residual`` the identity add of the
+  input stream (same group and sizes, stride 1) with no ReLU after. The builder decides
+  ``residual`` (a stage's later blocks), not the sizes, which may coincide across streams.
+  ``groups``: (the group the depthwise reads and writes, the output stream).
+  The cache holds (expansion,) depthwise and output buffers.
+  """
+
+  def __init__(
+    self,
+    in_sizes: Sequence[int],
+    exp_sizes: Sequence[int] | None,
+    out_sizes: Sequence[int],
+    *,
+    stride: int,
+    residual: bool,
+    kernel_size: int = 3,
+    triangular: bool = False,
+    mask_rule: bool = True,
+    switchable_bn: bool = False,
+    groups: tuple[str, str] | None = None,
+    rngs: nnx.Rngs,
+  ):
+    def conn(a, b):
+      return Connectivity(tuple(a), tuple(b), triangular, mask_rule)
+
+    if residual and (stride != 1 or tuple(in_sizes) != tuple(out_sizes)):
+      raise ValueError(f'an identity add needs stride 1 and equal level sizes, got {stride}, {in_sizes} -> {out_sizes}')
+    mid_group, out_group = groups or (None, None)
+    kw = dict(switchable_bn=switchable_bn, rngs=rngs)
+    mid_sizes = tuple(in_sizes) if exp_sizes is None else tuple(exp_sizes)
+    self.expand = None if exp_sizes is None else LevelConv(conn(in_sizes, mid_sizes), 1, group=mid_group, **kw)
+    self.depthwise = DepthwiseConv(mid_sizes, kernel_size, stride=stride, mask_rule=mask_rule, group=mid_group, **kw)
+    self.project = LevelConv(conn(mid_sizes, out_sizes), 1, relu=False, group=out_group, **kw)
+    self.residual = bool(residual)
+    self.conn = conn(in_sizes, out_sizes)
+
+  def _inner(self, x: jax.Array, level: int, train: bool) -> tuple[jax.Array, jax.Array]:
+    h = x if self.expand is None else self.expand(x, level, train)
+    return h, self.depthwise(h, level, train)
+
+  def __call__(self, x: jax.Array, level: int, train: bool = False) -> jax.Array:
+    y = self.project(self._inner(x, level, train)[1], level, train)
+    return y + x if self.residual else y
+
+  def cache_like(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Full-width buffers shaped like this block's cache for input ``x``: ((expansion,) depthwise, output)."""
+    top = self.conn.num_levels - 1
+    h, d = self._inner(x, top, False)
+    out = self(x, top)
+    return (d, out) if self.expand is None else (h, d, out)
+
+  def step(
+    self, cache: tuple[jax.Array, ...], x: jax.Array, level: int, rows: jax.Array | None = None
+  ) -> tuple[jax.Array, ...]:
+    """Computes the level-``level`` channels of expand, depthwise and project (plus the add) into the cache."""
+    *inner, out_buf = cache
+    h = x
+    if self.expand is not None:
+      h = self.expand.step(inner[0], x, level, rows)
+    d = self.depthwise.step(inner[-1], h, level, rows)
+    lo, hi = lv.start(self.conn.out_sizes, level), lv.end(self.conn.out_sizes, level)
+    if hi > lo:
+      y = self.project.block(d, level, rows)
+      if self.residual:
+        y = y + take_rows(x, rows, lo, hi)
+      out_buf = write_block(out_buf, y, lo, rows)
+    return (d, out_buf) if self.expand is None else (h, d, out_buf)
+
+  def output(self, cache: tuple[jax.Array, ...]) -> jax.Array:
+    """The block output held in a cache (what the next unit reads)."""
+    return cache[-1]
+
+  def links(self, path: tuple, source: str | None, in_shape: Sequence[int]) -> tuple[tuple[Link, ...], str, tuple]:
+    """expand (the stream ``source`` -> the expansion group), depthwise (that group -> itself; the
+    stream itself without expansion) and project (-> the output stream); the identity add needs
+    ``source`` to be the stream the block writes."""
+    links, mid, shape = (), source, tuple(in_shape)
+    if self.expand is not None:
+      links, mid, shape = self.expand.links(path + ('expand',), source, shape)
+    dw, mid, shape = self.depthwise.links(path + ('depthwise',), mid, shape)
+    proj, out, out_shape = self.project.links(path + ('project',), mid, shape)
+    if self.residual and source != out:
+      raise NotWired(f'the identity add at {path} adds group {source!r} into group {out!r}')
+    return links + dw + proj, out, out_shape
+
+  def gated(self, x: jax.Array, level: int, gate) -> jax.Array:
+    """The block with its expansion, depthwise and output activations gated (``_LinearUnit.gated``)."""
+    h = x if self.expand is None else self.expand.gated(x, level, gate)
+    y = self.project(self.depthwise.gated(h, level, gate), level)
+    return gate(self.project.group, y + x if self.residual else y)
+
+  def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """MACs per input of each level (expand, depthwise, project; the add multiplies nothing), and the output shape."""
+    m, shape = np.zeros(self.conn.num_levels, np.int64), tuple(in_shape)
+    for layer in (self.expand, self.depthwise, self.project):
+      if layer is not None:
+        macs, shape = layer.delta_macs(shape)
+        m = m + macs
+    return m, shape
 
 
 EXIT_HEADS = ('shared', 'private')

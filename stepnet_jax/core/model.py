@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from stepnet_jax.core import wiring
 from stepnet_jax.core.layers import Head
 
 
@@ -193,6 +194,11 @@ class SteppingModel(nnx.Module):
     that recomputes each subnet (no mask rule)."""
     level_macs = np.cumsum(self.delta_macs().sum(axis=0))
     return tuple(int(m) for m in (level_macs if self.reusable else np.cumsum(level_macs)))
+
+  def wiring(self) -> wiring.Wiring:
+    """Which neuron groups (the assignment's names) each linear layer reads and writes
+    (``core.wiring``): what construction re-levels."""
+    return wiring.links_of(self.units, [name for name, _ in self.assignment], self.input_shape)
 
   def delta_macs(self) -> np.ndarray:
     """Exact MACs per input of each level's new connections: int64 [layers, K]."""

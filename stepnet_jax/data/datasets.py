@@ -8,6 +8,10 @@ Dataset specs (``data.name`` in a config):
   ``svhn_cropped``, ...) — a TFDS dataset through ``tfds.data_source``. Preparing it
   the first time downloads it and needs TensorFlow (``pip install .[tfds]``).
 
+``data.pad_to`` (``pad_dataset``) zero-pads every image to a square: Fashion-MNIST at 32x32
+runs the CIFAR-sized networks offline. ``load_for`` is a config's ``data`` section loaded and
+padded: what every training run reads.
+
 A missing or malformed dataset raises ``DatasetError`` saying which file and how to
 get it; nothing ever falls back to synthetic data.
 """
@@ -25,7 +29,7 @@ import zlib
 import numpy as np
 
 from stepnet_jax import seeds
-from stepnet_jax.config import FASHION_MNIST, FASHION_MNIST_DIR  # noqa: F401  (re-exported)
+from stepnet_jax.config import FASHION_MNIST, FASHION_MNIST_DIR, DataConfig, SettingsError  # noqa: F401  (re-exported)
 
 IDX_FILES = {
   'train_images': 'train-images-idx3-ubyte',
@@ -289,6 +293,50 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
   if spec == 'digits':
     return load_digits()
   return load_tfds(spec, data_dir)
+
+
+def pad_images(images: np.ndarray, size: int) -> np.ndarray:
+  """``images`` [N, H, W, ...] zero-padded (0: black) to [N, size, size, ...], their dtype kept.
+
+  Each image is centred: of an odd difference, the extra row goes below and the extra column
+  to the right (``(size - H) // 2`` rows above, the rest below; the same for columns). Images
+  already ``size`` x ``size`` come back unchanged; images taller or wider than ``size`` are a
+  ``SettingsError`` naming both sizes.
+  """
+  if size < 1:
+    raise SettingsError(f'cannot pad images to {size}x{size}: the size must be >= 1')
+  if images.ndim < 3:
+    raise ValueError(f'expected images [N, H, W, ...], got shape {images.shape}')
+  h, w = images.shape[1:3]
+  if h > size or w > size:
+    raise SettingsError(
+      f'cannot pad {h}x{w} images to {size}x{size}: they are larger; data.pad_to must be 0 (off) or >= {max(h, w)}'
+    )
+  if (h, w) == (size, size):
+    return images
+  top, left = (size - h) // 2, (size - w) // 2
+  widths = [(0, 0), (top, size - h - top), (left, size - w - left)] + [(0, 0)] * (images.ndim - 3)
+  return np.pad(images, widths, mode='constant', constant_values=0)
+
+
+def pad_dataset(ds: Dataset, size: int) -> Dataset:
+  """``ds`` with the images of both splits zero-padded to ``size`` x ``size`` (``pad_images``);
+  ``size=0`` keeps it as it is. ``input_shape`` and ``channel_stats`` follow from the padded
+  images."""
+  if not size:
+    return ds
+  try:
+    train, test = pad_images(ds.train_images, size), pad_images(ds.test_images, size)
+  except SettingsError as e:
+    raise SettingsError(f'{ds.name}: {e}') from None
+  return dataclasses.replace(ds, train_images=train, test_images=test)
+
+
+def load_for(data: DataConfig) -> Dataset:
+  """The dataset a config's ``data`` section names (``data.name``, ``data.data_dir``), padded
+  to ``data.pad_to``: what every training run reads (``training.run.prepare_splits``). The
+  subsets and the validation split are taken from it afterwards."""
+  return pad_dataset(load_dataset(data.name, data.data_dir or None), data.pad_to)
 
 
 def subset(ds: Dataset, train: int = 0, test: int = 0, seed: int = 0) -> Dataset:

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from stepnet_jax.config import SettingsError
+
 DATA = 'data'
 _CLUSTER_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE')
 
@@ -72,9 +74,9 @@ def describe() -> str:
 
 
 def check_batch_size(batch_size: int, what: str = 'train.batch_size') -> None:
-  """A global batch must split evenly over the devices: ValueError naming both numbers."""
+  """A global batch must split evenly over the devices: ``SettingsError`` naming both numbers."""
   if batch_size % num_devices():
-    raise ValueError(
+    raise SettingsError(
       f'{what}={batch_size} does not divide by the {num_devices()} devices of the mesh; '
       f'use a multiple of {num_devices()}'
     )

@@ -11,6 +11,7 @@ only this module; nothing here writes.
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from typing import Any
@@ -67,6 +68,10 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+# Where a finished save keeps its metrics (orbax's ``CheckpointManager.save(metrics=...)``), in its step folder.
+METRICS_FILE = os.path.join('metrics', 'metrics')
+
+
 def all_steps(workdir: str) -> list[int]:
   """Every checkpoint's step, newest first. Read from the directory listing: orbax gives a
   step directory its name only once the save is complete, and a listing does not fail when
@@ -86,13 +91,21 @@ def latest_step(workdir: str) -> int | None:
 
 def best_step(workdir: str, metric: str = 'validation_accuracy') -> int | None:
   """The step of the checkpoint with the highest ``metric`` (recorded by runs with a
-  validation split, ``data.validation_examples``), or None when no checkpoint has it."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m.get(metric, float('-inf')), best_mode='max', create=False)
-  mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-  scores = {step: (mngr.metrics(step) or {}).get(metric) for step in mngr.all_steps()}
-  scored = [(score, step) for step, score in scores.items() if score is not None]
+  validation split, ``data.validation_examples``), or None when no checkpoint has it.
+
+  Reads each listed step's own metrics file (``METRICS_FILE``)
+  rather than scanning with a manager, so a trainer deleting old steps beside this reader
+  only removes candidates, never fails the call."""
+  scored = []
+  for step in all_steps(workdir):
+    path = os.path.join(checkpoint_dir(workdir), str(step), METRICS_FILE)
+    try:
+      with open(path) as f:
+        score = json.load(f).get(metric)
+    except (OSError, ValueError):  # deleted meanwhile, or cut short: not a candidate
+      continue
+    if score is not None:
+      scored.append((score, step))
   return max(scored)[1] if scored else None  # ties: the later step
 
 

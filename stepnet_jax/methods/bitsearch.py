@@ -29,7 +29,7 @@ import numpy as np
 
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.methods import importance as importance_lib
-from stepnet_jax.models import quantized
+from stepnet_jax.models import quantized, surgery
 from stepnet_jax.registry import Registry
 
 
@@ -136,6 +136,7 @@ def _class_score(model, images, labels, num_classes, seed):
 @SCORES.register('magnitude')
 def _magnitude_score(model, images, labels, num_classes, seed):
   del images, labels, num_classes, seed
+  surgery.check_chain(model, 'the magnitude score')
   out = {}
   for name, unit in zip(model.unit_names, model.units):
     w = np.asarray(unit.kernel[...]) * unit.conn.mask  # the kept connections only
@@ -147,5 +148,6 @@ def _magnitude_score(model, images, labels, num_classes, seed):
 @SCORES.register('random')
 def _random_score(model, images, labels, num_classes, seed):
   del images, labels, num_classes
+  surgery.check_chain(model, 'the random score')
   rng = np.random.RandomState(seed)
   return {name: rng.uniform(size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}

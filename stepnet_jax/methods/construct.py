@@ -22,6 +22,13 @@ made here are:
 3. The remaining epochs fine-tune the final assignment, with distillation from the
    top exit when ``finetune_distill_weight`` > 0.
 
+The unit of a move is a neuron *group* (``core.wiring``): a chain layer's neurons, or in a
+residual network a stream (the stem and every block of a stage write it, so a stream
+channel moves or goes in all of them at once and the identity shortcut keeps the mask
+rule) or a block's inner channels, which are levelled freely as a chain layer's are. A
+stream channel's importance sums over every write of it (``importance.py``). Below,
+"layer" means group.
+
 ``triangular=True`` (an extension, not the paper's) also keeps only Any-Width Networks'
 per-channel triangle inside each level block, so a subnet holds more, sparser
 neurons for its MACs; the mask rule between levels is unchanged.
@@ -96,7 +103,7 @@ def assign_levels(
     while macs > targets[k]:
       best, best_key = None, None
       for li, n in enumerate(names):
-        if heads[li] >= len(queues[li]) or (k == 0 and counts[li][0] <= 1):  # keep a level-0 neuron per layer
+        if heads[li] >= len(queues[li]) or (k == 0 and counts[li][0] <= 1):  # keep a level-0 neuron per group
           continue
         i = queues[li][heads[li]]
         key = float(scores[n][i])
@@ -228,15 +235,14 @@ def budget_macs(cfg: Config, dataset: datasets.Dataset, model: SteppingModel) ->
   base = budgets_lib.dense_macs(
     cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=cfg.model.width
   )
-  channels = [sum(u.conn.out_sizes) for u in model.units]
+  channels = [sum(sizes) for _, sizes in model.assignment]  # per group, in the MacModel's order
   return base, budgets_lib.check_budgets(budgets, base, budgets_lib.MacModel.of(model), channels)
 
 
 def check(cfg: Config, dataset: datasets.Dataset) -> None:
   """Raises if ``cfg`` cannot be constructed on ``dataset`` (model kind, budgets); trains nothing."""
   model = nnx.eval_shape(lambda: level0_network(cfg, dataset))
-  surgery.check_chain(model)
-  budget_macs(cfg, dataset, model)
+  budget_macs(cfg, dataset, model)  # raises wiring.NotWired for a unit construction cannot re-level
 
 
 def _sample(dataset: datasets.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +260,7 @@ def _sample(dataset: datasets.Dataset, cfg: Config, rnd: int) -> tuple[np.ndarra
 
 
 def subnet_macs(model: SteppingModel) -> np.ndarray:
-  """Cumulative MACs of every subnet of a chain model, from its per-neuron levels."""
+  """Cumulative MACs of every subnet, from the per-neuron levels of its groups."""
   mac_model = budgets_lib.MacModel.of(model)
   return mac_model.subnet_macs(mac_model.counts_of(surgery.neuron_levels(model), model.num_levels))
 
@@ -271,7 +277,6 @@ def construct(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None
     resumed = run.resume()
     if resumed is None:
       model = level0_network(cfg, run.dataset)
-      surgery.check_chain(model)
       base, targets = budget_macs(cfg, run.dataset, model)  # before any training
       plan = Plan.of(cfg, run.steps_per_epoch)
       meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)

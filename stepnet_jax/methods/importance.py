@@ -34,35 +34,43 @@ from flax import nnx
 
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.data import feed, sharding
-from stepnet_jax.models.surgery import check_chain
 from stepnet_jax.registry import Registry
 
 
 def _gated_exits(model: SteppingModel, x: jax.Array, gates: Sequence[jax.Array]) -> jax.Array:
-  """Eval-mode exits with every unit's output multiplied by its gate."""
+  """Eval-mode exits with every group a layer writes multiplied by its gate (in write order)."""
+  remaining = iter(gates)
   h = model.normalize(x)
-  for unit, gate in zip(model.units, gates):
-    h = unit(h, model.top) * gate
+  for unit in model.units:
+    h = unit.gated(h, model.top, lambda group, a: a * next(remaining))
   return model.head.exits(h)
 
 
-def _gate_shapes(model: SteppingModel, x: jax.Array) -> list[tuple[int, ...]]:
-  def outputs(x):
-    h, outs = model.normalize(x), []
-    for unit in model.units:
-      h = unit(h, model.top)
-      outs.append(h)
-    return outs
+def _writes(model: SteppingModel, x: jax.Array) -> list[tuple[str, tuple[int, ...]]]:
+  """(group, activation shape) of every gated write, in forward order: a chain layer writes
+  its own group once; a residual stream is written by the stem and by every block of its stage."""
+  writes = []
 
-  return [o.shape for o in jax.eval_shape(outputs, x)]
+  def record(group, a):
+    writes.append((group, a.shape))
+    return a
+
+  def forward(x):
+    h = model.normalize(x)
+    for unit in model.units:
+      h = unit.gated(h, model.top, record)
+    return h
+
+  jax.eval_shape(forward, x)
+  return writes
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _activation_gradients(graphdef, variables, images, labels, weights, count):
-  """Per unit, per example and position: a * dL_b/da, shaped like the unit's output; zero
+  """Per gated write, per example and position: a * dL_b/da, shaped like the activation; zero
   for the rows past ``count`` (the feed's padding, which a sum over examples then ignores)."""
   model = nnx.merge(graphdef, variables, copy=True)
-  gates = [jnp.ones(s, jnp.float32) for s in _gate_shapes(model, images)]
+  gates = [jnp.ones(shape, jnp.float32) for _, shape in _writes(model, images)]
   real = (jnp.arange(labels.shape[0]) < count).astype(jnp.float32)
 
   def loss(gates):
@@ -73,6 +81,13 @@ def _activation_gradients(graphdef, variables, images, labels, weights, count):
   return jax.grad(loss)(gates)
 
 
+def _by_group(model: SteppingModel, images: np.ndarray, per_write: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """Per group (``wiring.groups`` order), the sum of ``per_write`` over the writes of that group."""
+  groups = model.wiring().groups
+  writes = [group for group, _ in _writes(model, jnp.asarray(images[:1]))]
+  return [sum(v for g, v in zip(writes, per_write) if g == group) for group in groups]
+
+
 def _per_position(ag: jax.Array) -> jax.Array:
   """[B, ..., C] -> [B, P, C]."""
   return ag.reshape(ag.shape[0], -1, ag.shape[-1])
@@ -81,8 +96,11 @@ def _per_position(ag: jax.Array) -> jax.Array:
 def taylor_scores(
   model: SteppingModel, images: np.ndarray, labels: np.ndarray, weights: Sequence[float], batch_size: int = 256
 ) -> list[np.ndarray]:
-  """Raw Taylor score ``mean_b |sum_p a g|`` per channel of every hidden layer (not normalised)."""
-  check_chain(model)
+  """Raw Taylor score ``mean_b |sum_p a g|`` per channel of every neuron group (not normalised).
+
+  For a group several layers write (a residual stream), the sum runs over every write too:
+  the first-order change of the loss when the channel is scaled everywhere at once, as
+  moving or removing it does."""
   graphdef, variables = nnx.split(model)
   sums, n = None, 0
   batches = feed.device_batches(
@@ -95,7 +113,8 @@ def taylor_scores(
     ag = _activation_gradients(
       graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
     )
-    s = [np.asarray(jnp.abs(_per_position(a).sum(1)).sum(0)) for a in ag]
+    signed = _by_group(model, images, [_per_position(a).sum(1) for a in ag])  # [B, C] per group
+    s = [np.asarray(jnp.abs(v).sum(0)) for v in signed]
     sums = s if sums is None else [a + b for a, b in zip(sums, s)]
     n += batch.count
   return [s / n for s in sums]
@@ -104,8 +123,8 @@ def taylor_scores(
 def class_scores(
   model: SteppingModel, images: np.ndarray, labels: np.ndarray, weights: Sequence[float], num_classes: int
 ) -> list[np.ndarray]:
-  """Per layer [classes, C]: ``max_p |mean_b a g|`` over a batch of each class."""
-  check_chain(model)
+  """Per group [classes, C]: ``max_p |mean_b a g|`` over a batch of each class, summed over
+  the group's writes (a residual stream is written by every block of its stage)."""
   graphdef, variables = nnx.split(model)
   by_class = [np.nonzero(labels == c)[0] for c in range(num_classes)]
   for c, idx in enumerate(by_class):
@@ -117,7 +136,8 @@ def class_scores(
     ag = _activation_gradients(
       graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
     )
-    per_class.append([np.asarray(jnp.abs(_per_position(a).sum(0) / batch.count).max(0)) for a in ag])
+    per_write = [np.asarray(jnp.abs(_per_position(a).sum(0) / batch.count).max(0)) for a in ag]
+    per_class.append(_by_group(model, images, per_write))
   return [np.stack([pc[layer] for pc in per_class]) for layer in range(len(per_class[0]))]
 
 
@@ -160,9 +180,9 @@ def importance(
   class_threshold: float = 0.5,
   batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
-  """Importance of every hidden neuron, comparable across layers: {layer: [C]}.
+  """Importance of every hidden neuron, comparable across groups: {group: [C]} (``core.wiring``).
 
   ``images``/``labels`` are training examples; for ``'class'`` they must contain every class.
   """
   scores = IMPORTANCE_SCORES.get(method)(model, images, labels, weights, num_classes, class_threshold, batch_size)
-  return dict(zip(model.unit_names, scores))
+  return dict(zip(model.wiring().groups, scores))

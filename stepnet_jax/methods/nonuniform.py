@@ -98,6 +98,7 @@ def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budge
     cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=cfg.model.width
   )
   model = construct.level0_network(cfg, dataset, mask_rule=False)
+  surgery.check_chain(model, 'the non-uniform baseline (filter L1 norms per layer)')
   mac_model = budgets_lib.MacModel.of(model)
   level0 = [dict(model.assignment)[name] for name in mac_model.names]  # every neuron at level 0
   widest = mac_model.subnet_macs(level0)[0]

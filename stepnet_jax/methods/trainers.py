@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from stepnet_jax.config import Config
+from stepnet_jax.config import Config, SettingsError
 from stepnet_jax.core import layers
 from stepnet_jax.data import datasets
 from stepnet_jax.methods import construct, importance, nonuniform
@@ -59,33 +59,33 @@ def validate(cfg: Config) -> Config:
     ('loss.distill_mode', loss.distill_mode, losses.DISTILL_MODES),
   ):
     if value not in choices:
-      raise ValueError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
+      raise SettingsError(f'unknown {key} {value!r}; choose one of {", ".join(choices)}')
   if method.needs_budgets and len(con.budgets) != m.num_levels:
-    raise ValueError(
+    raise SettingsError(
       f'method {cfg.method} needs one budget per level: {len(con.budgets)} budgets, {m.num_levels} levels'
     )
   if cfg.method == 'nonuniform' and min(cfg.exit_weights) <= 0:
-    raise ValueError(
+    raise SettingsError(
       'the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
       f'got {cfg.exit_weights}'
     )
   if loss.objective == 'sandwich' and (not m.triangular or cfg.method != 'joint'):
-    raise ValueError(
+    raise SettingsError(
       "the 'sandwich' objective is the Any-Width-Networks variant: it needs model.triangular=True, method joint"
     )
   if m.exit_heads == 'private' and not m.mask_rule:
-    raise ValueError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
+    raise SettingsError("model.exit_heads='private' counts and steps exits by reuse: it needs model.mask_rule=True")
   if m.exit_heads == 'private' and loss.objective == 'sandwich':
-    raise ValueError(
+    raise SettingsError(
       "the 'sandwich' objective reads random widths off one shared classifier: it needs model.exit_heads='shared'"
     )
   if m.batch_norm != 'auto' and cfg.method != 'joint':
-    raise ValueError(
+    raise SettingsError(
       f'model.batch_norm={m.batch_norm!r} is an option of method joint; method {cfg.method} '
       "chooses its batch norm itself (keep model.batch_norm='auto')"
     )
   if cfg.method == 'steppingnet' and con.allocation != 'global' and con.rank_per_mac:
-    raise ValueError(
+    raise SettingsError(
       'rank_per_mac ranks layers against each other; allocation uniform fixes every '
       "layer's share, so the two do not combine: use construction.allocation='global'"
     )
@@ -106,7 +106,7 @@ def train(
   process training in the same ``workdir`` is refused (``run.WorkdirBusy``)."""
   method = TRAINERS.get(validate(cfg).method)
   if restore_previous and cfg.method != 'joint':
-    raise ValueError(
+    raise SettingsError(
       f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
       'starts over when it was interrupted'
     )

@@ -2,18 +2,20 @@
 and sizing plain networks to a budget.
 
 Construction moves single neurons between levels and re-counts MACs after every move,
-so it needs MACs as a function of the per-layer level counts alone. For a chain of
-layers with the mask rule, output neuron o of layer l reads every input neuron of
-level <= level(o), so with ``n`` the layer's neurons per level and ``A`` the cumulative
-count of its inputs per level,
+so it needs MACs as a function of the level counts of its neuron groups alone
+(``core.wiring``: a chain layer's neurons, a residual stream, a block's inner channels).
+With the mask rule, output neuron o of layer l reads every input neuron of level <=
+level(o), so with ``n`` the counts per level of the group l writes and ``A`` the
+cumulative counts of the group it reads,
 
     MACs_l(subnet k) = f_l * sum_{j <= k} n[j] * A[j],
 
 where ``f_l`` is the layer's MACs per kept (input, output) channel pair (kernel area x
 output positions, or spatial positions for a dense layer). A triangular layer keeps
 ``sum_o ceil((o + 1) a / b)`` of the ``a x b`` pairs inside a level block instead of
-all. Without the mask rule the subnet is the dense prefix: ``f_l * N(k) * A(k)``. The
-head adds ``f_head * N_last(k)``.
+all; a depthwise layer (each channel reads its own input channel) ``N(k)`` pairs. Without
+the mask rule the subnet is the dense prefix: ``f_l * N(k) * A(k)``. The head adds
+``f_head * N_last(k)``. A residual stream's identity shortcut adds, it multiplies nothing.
 These formulas are a second path to the MACs the layers count from their masks
 (``SteppingModel.delta_macs``); the tests check they agree.
 """
@@ -26,9 +28,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from stepnet_jax.core import wiring
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.models import zoo
-from stepnet_jax.models.surgery import check_chain
 
 
 def triangle_pairs(a: int, b: int) -> int:
@@ -41,66 +43,68 @@ def triangle_pairs(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MacModel:
-  """MAC geometry of a chain model: per-layer MACs per kept connection.
+  """MAC geometry of a model over its neuron groups (``core.wiring``): per linear layer, the
+  groups it reads and writes and its MACs per kept connection.
 
-  ``triangular`` layers (all but the first, as the model builds them) keep only the
-  Any-Width-Networks triangle inside each level block.
+  ``names`` are the groups (a chain layer's neurons; a residual stream; a block's inner
+  channels), the unit of construction's counts. A ``triangular`` link keeps only the
+  Any-Width-Networks triangle inside each level block; a ``depthwise`` link one pair per channel.
   """
 
   names: tuple[str, ...]
-  factors: tuple[int, ...]
+  links: tuple[wiring.Link, ...]
+  head_source: str
   head_factor: int
   input_channels: int
   mask_rule: bool = True
-  triangular: tuple[bool, ...] = ()
   private_heads: bool = False
 
   @classmethod
   def of(cls, model: SteppingModel) -> MacModel:
-    """The MAC geometry of a built chain model (raises for one with residual streams)."""
-    check_chain(model)
-    macs = model.delta_macs()
-    factors = []
-    for row, unit in zip(macs, model.units):
-      kept = int(unit.conn.mask.sum())
-      factors.append(int(row.sum()) // kept if kept else 0)
+    """The MAC geometry of a built model (raises ``wiring.NotWired`` for a unit that does not
+    list its links)."""
+    w = model.wiring()
     return cls(
-      tuple(model.unit_names),
-      tuple(factors),
+      w.groups,
+      w.links,
+      w.head_source,
       model.head.spatial * model.head.num_classes,
       model.input_shape[-1],
       model.mask_rule,
-      tuple(u.conn.triangular for u in model.units),
       model.head.private,
     )
 
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
-    """Cumulative MACs of subnets 0..K-1 given each layer's neurons per level: int64 [K]."""
-    counts = [np.asarray(c, np.int64) for c in counts]
+    """Cumulative MACs of subnets 0..K-1 given each group's neurons per level (in ``names``
+    order): int64 [K]."""
+    by_group = {name: np.asarray(c, np.int64) for name, c in zip(self.names, counts)}
     k = len(counts[0])
-    prev = np.zeros(k, np.int64)
-    prev[0] = self.input_channels
+    image = np.zeros(k, np.int64)
+    image[0] = self.input_channels
     total = np.zeros(k, np.int64)
-    triangular = self.triangular or (False,) * len(counts)
-    for f, n, tri in zip(self.factors, counts, triangular):
+    for link in self.links:
+      prev = image if link.source is None else by_group[link.source]
+      n = by_group[link.target]
       a_cum, n_cum = np.cumsum(prev), np.cumsum(n)
-      if not self.mask_rule:
+      if link.depthwise:  # channel c reads its own input channel only, at its own level
+        pairs = n_cum
+      elif not self.mask_rule:
         pairs = n_cum * a_cum
       else:
         lower = n * (a_cum - prev)  # every input of a lower level
         own = (
-          np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64) if tri else n * prev
+          np.array([triangle_pairs(int(x), int(y)) for x, y in zip(prev, n)], np.int64) if link.triangular else n * prev
         )  # inputs of the same level
         pairs = np.cumsum(lower + own)
-      total += f * pairs
-      prev = n
+      total += link.factor * pairs
     # The shared head reads each level's features once; exit k's private head all of levels <= k,
     # and a stepped subnet k has run the private heads of every exit up to k.
-    head_inputs = np.cumsum(np.cumsum(prev)) if self.private_heads else np.cumsum(prev)
+    last = by_group[self.head_source]
+    head_inputs = np.cumsum(np.cumsum(last)) if self.private_heads else np.cumsum(last)
     return total + self.head_factor * head_inputs
 
   def counts_of(self, levels: Mapping[str, np.ndarray], num_levels: int) -> list[np.ndarray]:
-    """Per-layer neurons per level from per-neuron levels (-1 = removed, not counted)."""
+    """Per-group neurons per level from per-neuron levels (-1 = removed, not counted)."""
     return [np.bincount(np.asarray(levels[n])[np.asarray(levels[n]) >= 0], minlength=num_levels) for n in self.names]
 
 

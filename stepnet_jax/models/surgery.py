@@ -2,17 +2,16 @@
 
 Construction moves neurons between levels and prunes them; the non-uniform baseline
 reorders channels by norm. Both give every hidden neuron a new level (or -1 to remove
-it). ``relevel`` sorts each layer's neurons by their new level (stable, so the order
-inside a level is kept), gathers the kernels, batch norms and head along the same
-permutation, and rebuilds the model with the new level sizes.
+it). Neurons are re-levelled per *group* (``core.wiring``): a chain layer's outputs, a
+residual stream (written by the stem and every block of its stage, so a stream channel
+moves in all of them at once), a block's inner channels. ``relevel`` sorts each group's
+neurons by their new level (stable, so the order inside a level is kept), gathers every
+layer's kernel along the permutations of the groups it reads and writes, its batch norm
+and the head along the same, and rebuilds the model with the new level sizes.
 
 Weights the old mask had switched off are zeroed before the move, so a connection the
 new levels allow for the first time starts at 0 and the network's function changes
 only where connections are removed.
-
-Only plain chains of conv / dense units (mlp, lenet3c1l, lenet5, vgg16) are supported:
-a residual stream shares its levels across blocks, which this per-layer view cannot
-express.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepnet_jax.config import SettingsError
 from stepnet_jax.core import levels as lv
 from stepnet_jax.core.layers import LevelConv, LevelDense, SwitchableBatchNorm
 from stepnet_jax.core.model import SteppingModel
@@ -32,20 +32,21 @@ from stepnet_jax.models import structure
 REMOVED = -1
 
 
-def check_chain(model: SteppingModel) -> None:
-  """Raises unless the model is a plain chain of conv / dense units."""
+def check_chain(model: SteppingModel, what: str = 'this method') -> None:
+  """Raises ``SettingsError`` unless the model is a plain chain of conv / dense units (what the
+  non-uniform baseline's filter norms and the per-layer bit searches read)."""
   for name, unit in zip(model.unit_names, model.units):
     if not isinstance(unit, (LevelConv, LevelDense)):
-      raise ValueError(
-        f'{name} is a {type(unit).__name__}; level surgery supports plain chains of conv '
-        'and dense layers (mlp, lenet3c1l, lenet5, vgg16), not residual networks'
+      raise SettingsError(
+        f'{name} is a {type(unit).__name__}; {what} supports plain chains of conv and dense layers '
+        '(mlp, lenet3c1l, lenet5, vgg16), not residual or inverted-residual networks'
       )
 
 
 def neuron_levels(model: SteppingModel) -> dict[str, np.ndarray]:
-  """Current per-neuron level of every hidden layer."""
-  check_chain(model)
-  return {name: lv.levels_of(unit.conn.out_sizes) for name, unit in zip(model.unit_names, model.units)}
+  """Current per-neuron level of every neuron group (the assignment's names, ``core.wiring``)."""
+  model.wiring()  # raises for a unit that does not list its links
+  return {name: lv.levels_of(sizes) for name, sizes in model.assignment}
 
 
 def _order(new_levels: np.ndarray, num_levels: int) -> tuple[tuple[int, ...], np.ndarray]:
@@ -69,12 +70,12 @@ def relevel(
   num_levels: int | None = None,
   mask_rule: bool | None = None,
 ) -> tuple[SteppingModel, dict]:
-  """Rebuilds ``model`` with per-neuron levels ``new_levels[layer]`` (-1 removes a neuron).
+  """Rebuilds ``model`` with per-neuron levels ``new_levels[group]`` (-1 removes a neuron).
 
   Args:
-    model: a trained chain model.
+    model: a trained model whose units list their links (chains, residual networks).
     model_meta: its ``structure.model_meta`` (architecture, normalisation, ...).
-    new_levels: for every hidden layer, one level per current neuron.
+    new_levels: for every neuron group (``neuron_levels``' keys), one level per current neuron.
     num_levels: level count of the new model (default: unchanged).
     mask_rule: of the new model (default: unchanged; a new value also gives the new model
       the batch norm that goes with it: one per subnet exactly without the rule). A
@@ -82,18 +83,18 @@ def relevel(
   Returns:
     (new model carrying the trained weights, its model_meta).
   """
-  check_chain(model)
+  wiring = model.wiring()
   num_levels = model.num_levels if num_levels is None else int(num_levels)
   switchable_bn = model.switchable_bn if mask_rule is None else not mask_rule
   mask_rule = model.mask_rule if mask_rule is None else bool(mask_rule)
-  missing = set(model.unit_names) - set(new_levels)
+  missing = set(wiring.groups) - set(new_levels)
   if missing:
-    raise ValueError(f'new levels missing for layers {sorted(missing)}')
-  sizes, index = {}, {}
-  for name, unit in zip(model.unit_names, model.units):
+    raise ValueError(f'new levels missing for groups {sorted(missing)}')
+  sizes, index = {}, {None: np.arange(model.input_shape[-1])}
+  for name, old_sizes in model.assignment:
     lvls = np.asarray(new_levels[name])
-    if lvls.shape != (sum(unit.conn.out_sizes),):
-      raise ValueError(f'{name}: {lvls.shape[0]} levels for {sum(unit.conn.out_sizes)} neurons')
+    if lvls.shape != (sum(old_sizes),):
+      raise ValueError(f'{name}: {lvls.shape[0]} levels for {sum(old_sizes)} neurons')
     sizes[name], index[name] = _order(lvls, num_levels)
 
   meta = dict(
@@ -106,15 +107,18 @@ def relevel(
   new_model = nnx.eval_shape(lambda: structure.build_from_meta(meta))
   old = nnx.to_pure_dict(nnx.state(model))
   new = nnx.to_pure_dict(nnx.state(new_model))
-  in_idx = np.arange(model.input_shape[-1])
-  for i, (name, unit) in enumerate(zip(model.unit_names, model.units)):
-    out_idx = index[name]
-    src = old['units'][i]
-    kernel = np.asarray(src['kernel']) * unit.conn.mask  # switched-off weights start at 0 if re-enabled
-    new['units'][i]['kernel'] = kernel[..., in_idx, :][..., out_idx]
-    new['units'][i]['bn'] = _relevel_bn(src['bn'], out_idx, new_model.units[i].bn, sizes[name])
-    in_idx = out_idx
-  new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), in_idx, axis=-2)  # [(K,) S, C, classes]
+  for link in wiring.links:
+    layer, new_layer = _at(model, link.path), _at(new_model, link.path)
+    src, dst = _at(old, link.path), _at(new, link.path)
+    out_idx = index[link.target]
+    if link.depthwise:  # [kh, kw, 1, C]: channel c reads its own input channel, which moves with it
+      dst['kernel'] = np.asarray(src['kernel'])[..., out_idx]
+    else:
+      kernel = np.asarray(src['kernel']) * layer.conn.mask  # switched-off weights start at 0 if re-enabled
+      dst['kernel'] = kernel[..., index[link.source], :][..., out_idx]
+    dst['bn'] = _relevel_bn(src['bn'], out_idx, new_layer.bn, sizes[link.target])
+  head_idx = index[wiring.head_source]
+  new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), head_idx, axis=-2)  # [(K,) S, C, classes]
   if new_model.head.private:  # a feature that moved above level k leaves exit k's classifier
     new['head']['kernel'] = new['head']['kernel'] * new_model.head.exit_mask()
   new['head']['bias'] = np.asarray(old['head']['bias'])
@@ -122,6 +126,14 @@ def relevel(
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, new))
   nnx.update(new_model, state)
   return new_model, meta
+
+
+def _at(tree, path: tuple):
+  """The entry at ``path`` (``core.wiring.Path``) of a model (attributes, list indices) or of
+  its pure-dict state (keys)."""
+  for key in path:
+    tree = tree[key] if isinstance(tree, dict) else (tree[key] if isinstance(key, int) else getattr(tree, key))
+  return tree
 
 
 def _relevel_bn(src: dict, out_idx: np.ndarray, new_bn: nnx.Module, new_sizes) -> dict:

@@ -1,4 +1,4 @@
-"""Model zoo: level-structured MLP, LeNet-3C1L, LeNet-5, VGG-16 (CIFAR) and ResNet-20.
+"""Model zoo: level-structured MLP, LeNet-3C1L, LeNet-5, VGG-16 (CIFAR), ResNet-20 and MobileNetV2 (CIFAR).
 
 A model is built from a name, a width multiplier and a *level assignment*: a plain
 mapping ``layer name -> level sizes`` (see ``levels.py``). Layers the assignment does
@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from flax import nnx
 
+from stepnet_jax.config import SettingsError
 from stepnet_jax.core import levels as lv
-from stepnet_jax.core.layers import Head, LevelConv, LevelDense, ResidualBlock
+from stepnet_jax.core.layers import Head, InvertedResidual, LevelConv, LevelDense, ResidualBlock
 from stepnet_jax.core.levels import Connectivity, LevelSizes
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.registry import Registry
@@ -56,14 +57,14 @@ class Builder:
       sizes = lv.sizes_from_widths(channels, self.level_widths)
       empty = [k for k, size in enumerate(sizes) if size == 0]
       if empty:  # an empty level would repeat the exit below it: a subnet that adds nothing
-        raise ValueError(
+        raise SettingsError(
           f'layer {name} has {channels} channels: too few for {len(sizes)} levels at widths '
           f'{tuple(round(w, 4) for w in self.level_widths)} (level(s) {empty} would be empty); use fewer levels '
           '(model.num_levels) or a wider network (model.width), or give the layer an assignment'
         )
     lv.check_level_count(sizes, self.num_levels, name)
     if sum(sizes) == 0:
-      raise ValueError(f'layer {name} has no channels')
+      raise SettingsError(f'layer {name} has no channels')
     self.resolved[name] = sizes
     return sizes
 
@@ -89,14 +90,18 @@ class Builder:
     ``kw``: ``stride``, ``padding`` ('SAME' or 'VALID'), ``pool``, ``relu`` (``layers.LevelConv``)."""
     out = self.level_sizes(name, channels)
     self.add(
-      name, LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, rngs=self.rngs, **kw), out
+      name,
+      LevelConv(self.connectivity(out), kernel, switchable_bn=self.switchable_bn, group=name, rngs=self.rngs, **kw),
+      out,
     )
 
   def dense(self, name, channels) -> None:
     """Appends dense -> BN -> ReLU over the current activation (every position): ``channels`` at width 1."""
     out = self.level_sizes(name, channels)
     self.add(
-      name, LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn, rngs=self.rngs), out
+      name,
+      LevelDense(self.connectivity(out), self.spatial, switchable_bn=self.switchable_bn, group=name, rngs=self.rngs),
+      out,
     )
 
   def head(self, num_classes: int, pool: str = 'flatten') -> Head:
@@ -141,7 +146,7 @@ VGG16_PLAN = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M'
 def _vgg16(b: Builder, num_classes: int) -> Head:
   """CIFAR VGG-16 with BN: 13 conv3x3 layers, 5 max-pools, one linear classifier."""
   if b.shape[0] < 32:
-    raise ValueError('vgg16 needs inputs of at least 32x32 (five 2x2 poolings)')
+    raise SettingsError('vgg16 needs inputs of at least 32x32 (five 2x2 poolings)')
   plan = list(VGG16_PLAN)
   for i, c in enumerate(plan):
     if c == 'M':
@@ -159,9 +164,10 @@ def _resnet20(b: Builder, num_classes: int) -> Head:
   blocks; the stem writes the first stream. Block inner layers are "stageN.blockM.mid".
   """
   stream = b.level_sizes('stage1', 16)
-  b.add(
-    'stem', LevelConv(b.connectivity(stream), 3, padding='SAME', switchable_bn=b.switchable_bn, rngs=b.rngs), stream
+  stem = LevelConv(
+    b.connectivity(stream), 3, padding='SAME', switchable_bn=b.switchable_bn, group='stage1', rngs=b.rngs
   )
+  b.add('stem', stem, stream)
   for s, channels in enumerate((16, 32, 64)):
     out = b.level_sizes(f'stage{s + 1}', channels)  # stage1: the stem's stream
     for m in range(3):
@@ -175,9 +181,61 @@ def _resnet20(b: Builder, num_classes: int) -> Head:
         triangular=b.triangular,
         mask_rule=b.mask_rule,
         switchable_bn=b.switchable_bn,
+        groups=(f'stage{s + 1}.block{m}.mid', f'stage{s + 1}'),
         rngs=b.rngs,
       )
       b.add(f'stage{s + 1}.block{m}', unit, out)
+  return b.head(num_classes, pool='avg')
+
+
+# (expansion ratio t, channels c, blocks n, first block's stride s) per stage: MobileNetV2's
+# bottleneck settings, with stage 2's stride 1 for 32x32 inputs.
+MOBILENETV2_STAGES = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
+
+
+@MODELS.register('mobilenetv2')
+def _mobilenetv2(b: Builder, num_classes: int) -> Head:
+  """CIFAR MobileNetV2 (Sandler et al. 2018) for 32x32 inputs: a 3x3 stem of 32 channels, 17
+  inverted-residual blocks in 7 stages, a 1x1 conv to 1280 channels, avg-pool, linear.
+
+  As in the common CIFAR ports, the stem and stage 2 have stride 1 where the ImageNet
+  network has 2 (three downsamplings: 32 -> 16 -> 8 -> 4). Every layer, the last conv
+  included, scales with the width multiplier, with no rounding to multiples of 8.
+  Groups: "stem" (the stem's output, which stage 1's expansion-free block filters
+  depthwise), "stageS" (the stream of stage S, written by its first block and added into
+  by the others), "stageS.blockM.expand" (a block's expansion channels, which its depthwise
+  conv reads and writes) and "last".
+  """
+  b.conv('stem', 32, 3)
+  stream, channels = 'stem', 32
+  for s, (t, c, n, stride) in enumerate(MOBILENETV2_STAGES, start=1):
+    out = b.level_sizes(f'stage{s}', c)
+    for m in range(n):
+      name = f'stage{s}.block{m}'
+      mid = stream if t == 1 else f'{name}.expand'
+      unit = InvertedResidual(
+        b.sizes,
+        None if t == 1 else b.level_sizes(mid, channels * t),
+        out,
+        stride=stride if m == 0 else 1,
+        residual=m > 0,
+        triangular=b.triangular,
+        mask_rule=b.mask_rule,
+        switchable_bn=b.switchable_bn,
+        groups=(mid, f'stage{s}'),
+        rngs=b.rngs,
+      )
+      b.add(name, unit, out)
+      stream, channels = f'stage{s}', c
+  b.conv('last', 1280, 1)
   return b.head(num_classes, pool='avg')
 
 
@@ -223,16 +281,16 @@ def build_model(
   """
   architecture = MODELS.get(name)
   if num_levels < 1:
-    raise ValueError('num_levels must be >= 1')
+    raise SettingsError('num_levels must be >= 1')
   level_widths = tuple(level_widths) if level_widths else lv.even_widths(num_levels)
   if len(level_widths) != num_levels:
-    raise ValueError(f'{len(level_widths)} level_widths for {num_levels} levels')
+    raise SettingsError(f'{len(level_widths)} level_widths for {num_levels} levels')
   assignment = dict(assignment or {})
   input_shape = tuple(int(s) for s in input_shape)
   if triangular and not mask_rule:
-    raise ValueError('triangular masks need the mask rule')
+    raise SettingsError('triangular masks need the mask rule')
   if exit_heads == 'private' and not mask_rule:
-    raise ValueError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
+    raise SettingsError('private exit heads need the mask rule (their MACs are counted as stepping pays them)')
   switchable_bn = (not mask_rule) if switchable_bn is None else bool(switchable_bn)
   b = Builder(
     num_levels,
@@ -249,7 +307,7 @@ def build_model(
   head = architecture(b, num_classes)
   unknown = set(assignment) - set(b.resolved)
   if unknown:
-    raise ValueError(f'assignment names layers that {name} does not have: {sorted(unknown)}')
+    raise SettingsError(f'assignment names layers that {name} does not have: {sorted(unknown)}')
   channels = input_shape[-1]
   return SteppingModel(
     b.units,

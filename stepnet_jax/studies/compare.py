@@ -633,7 +633,7 @@ def aggregate_seeds(runs: list[dict]) -> dict:
 def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
   """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
   common = cc.common
-  full = datasets.load_dataset(common.data.name, common.data.data_dir or None)
+  full = datasets.load_for(common.data)
   dataset = datasets.subset(
     full, common.data.train_subset, common.data.test_subset, common.seed
   )  # what every method sees

@@ -190,7 +190,7 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
   """Runs the precision study of config ``cc`` in ``workdir`` (``quick``: its quick settings); returns its results."""
   resolved = resolve(cc, quick)  # validated before anything trains
   p, cfg = resolved.precision, resolved.common
-  full = datasets.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+  full = datasets.load_for(cfg.data)
   dataset = datasets.subset(full, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   train_split, held = datasets.split_validation(dataset, cfg.data.validation_examples, cfg.seed)
   val = (dataset.train_images[held], dataset.train_labels[held])

@@ -297,7 +297,7 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
   study = resolve(cc, quick)  # validated before anything trains
   study = dataclasses.replace(study, methods=tuple(FAMILIES[f] for f in study.families))
   common = study.common
-  full = datasets.load_dataset(common.data.name, common.data.data_dir or None)
+  full = datasets.load_for(common.data)
   dataset = datasets.subset(full, common.data.train_subset, common.data.test_subset, common.seed)
   _, held = datasets.split_validation(dataset, common.data.validation_examples, common.seed)
   fit_idx, choose_idx = validation_halves(held, common.seed)
@@ -449,7 +449,7 @@ def timing_study(
     study['methods']['steppingnet_learned']['validation_points'], key=lambda p: abs(p['avg_macs'] - half)
   )
   dataset = datasets.subset(
-    datasets.load_dataset(common.data.name, common.data.data_dir or None),
+    datasets.load_for(common.data),
     common.data.train_subset,
     common.data.test_subset,
     common.seed,

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from stepnet_jax import config as config_lib
-from stepnet_jax.config import Config
+from stepnet_jax.config import Config, SettingsError
 from stepnet_jax.core import stepping
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.data import datasets, feed, sharding
@@ -82,7 +82,7 @@ def claim_workdir(workdir: str) -> None:
   held = sorted(os.listdir(workdir))
   if held and not restore.is_run(workdir):
     shown = ', '.join(held[:8]) + (f' and {len(held) - 8} more' if len(held) > 8 else '')
-    raise ValueError(
+    raise SettingsError(
       f'{workdir} is not empty and is not a stepnet_jax run (no {restore.RUN_MARKER}): it holds {shown}. '
       'Nothing was written; use a new or empty --workdir'
     )
@@ -99,7 +99,7 @@ def prepare_splits(
   loading or compiling anything)."""
   sharding.check_batch_size(cfg.train.batch_size)
   if dataset is None:
-    dataset = datasets.load_dataset(cfg.data.name, cfg.data.data_dir or None)
+    dataset = datasets.load_for(cfg.data)  # loaded and padded to data.pad_to
   dataset = datasets.subset(dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.seed)
   validation = None
   if cfg.data.validation_examples:
@@ -108,7 +108,7 @@ def prepare_splits(
     validation = whole.train_images[held], whole.train_labels[held]
   steps_per_epoch = len(dataset.train_labels) // cfg.train.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size {cfg.train.batch_size} exceeds the {len(dataset.train_labels)} training images')
+    raise SettingsError(f'batch_size {cfg.train.batch_size} exceeds the {len(dataset.train_labels)} training images')
   return dataset, validation, steps_per_epoch
 
 
@@ -165,11 +165,11 @@ def check_workdir(
   saved = restore.restore_meta(workdir, step)
   differ = [k for k in config_lib.differing_keys(saved['config'], cfg) if k not in may_change]
   if differ:
-    raise ValueError(
+    raise SettingsError(
       f'{workdir} holds a run with other settings ({", ".join(differ)}); use a new --workdir or delete it'
     )
   if model_meta is not None and not structure.same_model(saved['model_meta'], model_meta):
-    raise ValueError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
+    raise SettingsError(f'{workdir} holds a checkpoint of a different model; use a new --workdir')
   return saved
 
 
@@ -234,7 +234,7 @@ def train_and_evaluate(
       unreadable.append(step)
   total = steps_per_epoch * cfg.train.num_epochs
   if start is not None and start > total:
-    raise ValueError(
+    raise SettingsError(
       f'{workdir} holds a run trained to step {start} ({start / steps_per_epoch:g} epochs); '
       f'train.num_epochs={cfg.train.num_epochs} ends at step {total}. Ask for at least '
       f'{-(-start // steps_per_epoch)} epochs (more trains on), or use another --workdir'
@@ -408,7 +408,7 @@ class PhasedRun:
     if saved is not None:
       path = os.path.join(workdir, result_name)
       if not os.path.exists(path):
-        raise ValueError(
+        raise SettingsError(
           f'{workdir} holds the final checkpoint of a run of these settings that stopped before '
           f'writing {result_name}; delete {workdir} to run it again'
         )
