@@ -4,7 +4,9 @@ For a hidden neuron (channel) c with activation a (the unit's output after BN, R
 and pooling) and g = dL/da, zeroing the channel changes example b's loss by about
 ``-sum_p a[b, p, c] * g[b, p, c]`` (p runs over spatial positions). The products
 ``a * g`` are read off as gradients of multiplicative gates of value 1 placed on every
-unit's output, so one backward pass gives them for all layers. L is the weighted sum of
+activation a layer writes (``unit.gated``), so one backward pass gives them for all layers.
+Scores are per neuron group (``core.wiring``): a residual stream's channel sums its
+products over every block that writes it, before the absolute value. L is the weighted sum of
 the exits' cross-entropies (``exit_weights``), so a neuron used by several subnets is
 scored by all of their losses.
 
