@@ -233,6 +233,9 @@ def test_construction_meets_budgets_and_steps_exactly(constructed, digits):
     layer.conn.kept_connections() * _valid_taps(layer, _input_size(name, SHAPE_PADDED[0]))
     for name, layer, _ in testlib.linear_units(model)
   ) + np.asarray(model.head.delta_macs(None)[0])
+  mm = budgets.MacModel.of(model).without_padding()  # the library's count of the same
+  counts = [dict(model.assignment)[g] for g in mm.names]
+  np.testing.assert_array_equal(np.diff(mm.subnet_macs(counts), prepend=0), own)
   fns, variables = net.functions, net.variables
   cache = fns.levels[0](variables, x[:1])
   for k in range(net.num_levels):

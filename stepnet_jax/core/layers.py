@@ -18,6 +18,7 @@ Channel axes are last (NHWC for images, [B, C] for vectors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -58,6 +59,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
   if padding == 'SAME':
     return -(-size // stride)
   return (size - kernel) // stride + 1
+
+
+def image_taps(size: int, kernel: int, stride: int, padding: str) -> int:
+  """Kernel taps that land on the input rather than its zero padding, summed over the output
+  positions along one spatial axis (XLA's cost analysis counts only these; the MAC count,
+  ``kernel x outputs``, counts every tap)."""
+  out = conv_output_size(size, kernel, stride, padding)
+  low = max((out - 1) * stride + kernel - size, 0) // 2 if padding == 'SAME' else 0
+  first = np.arange(out)[:, None] * stride - low + np.arange(kernel)[None, :]
+  return int(((first >= 0) & (first < size)).sum())
 
 
 # Eval-mode convolutions with at most (in, out) channels run as ``conv_by_taps`` (one
@@ -235,11 +246,16 @@ class _LinearUnit(nnx.Module):
     """MACs per input of one kept (input, output) channel pair."""
     raise NotImplementedError
 
+  def image_macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """``macs_per_pair`` without the kernel taps that read zero padding (``image_taps``)."""
+    return self.macs_per_pair(in_shape)
+
   def links(self, path: tuple, source: str | None, in_shape: Sequence[int]) -> tuple[tuple[Link, ...], str, tuple]:
     """(this layer's link from group ``source`` to its ``group``, the group it writes, its output shape)."""
     if self.group is None:
       raise NotWired(f'the layer at {path} was built without the name of the group it writes')
     link = Link(path, source, self.group, self.macs_per_pair(in_shape), self.conn.triangular)
+    link = dataclasses.replace(link, image_factor=self.image_macs_per_pair(in_shape))
     return (link,), self.group, self.delta_macs(in_shape)[1]
 
   def gated(self, x: jax.Array, level: int, gate) -> jax.Array:
@@ -298,6 +314,11 @@ class LevelConv(_LinearUnit):
     """Kernel area x output positions: the MACs of one kept (input, output) channel pair."""
     _, h, w = self._out_shape((1,) + tuple(in_shape[:2]))
     return self.kernel_size**2 * h * w
+
+  def image_macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """The taps of one kept channel pair that read the input, not its padding, over all outputs."""
+    k, s, p = self.kernel_size, self.stride, self.padding
+    return image_taps(int(in_shape[0]), k, s, p) * image_taps(int(in_shape[1]), k, s, p)
 
   def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
     """(MACs per level, output shape [H, W, C]) for an input of shape [H, W, C]."""
@@ -530,6 +551,11 @@ class DepthwiseConv(nnx.Module):
     h, w = self._out_hw(*in_shape[:2])
     return self.kernel_size**2 * h * w
 
+  def image_macs_per_pair(self, in_shape: Sequence[int]) -> int:
+    """The taps of one channel that read the input, not its padding, over all outputs."""
+    k, s = self.kernel_size, self.stride
+    return image_taps(int(in_shape[0]), k, s, 'SAME') * image_taps(int(in_shape[1]), k, s, 'SAME')
+
   def delta_macs(self, in_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
     """(MACs per level: sizes[k] x k^2 x output positions, output shape [H, W, C]) for an input [H, W, C]."""
     if in_shape[-1] != sum(self.sizes):
@@ -543,7 +569,14 @@ class DepthwiseConv(nnx.Module):
       raise NotWired(f'the depthwise layer at {path} was built without the name of its group')
     if source != self.group:
       raise NotWired(f'the depthwise layer at {path} of group {self.group!r} reads group {source!r}')
-    link = Link(path, source, self.group, self.macs_per_pair(in_shape), depthwise=True)
+    link = Link(
+      path,
+      source,
+      self.group,
+      self.macs_per_pair(in_shape),
+      depthwise=True,
+      image_factor=self.image_macs_per_pair(in_shape),
+    )
     return (link,), self.group, self.delta_macs(in_shape)[1]
 
   def gated(self, x: jax.Array, level: int, gate) -> jax.Array:

@@ -29,7 +29,8 @@ class Link:
   ``factor`` is its MACs per kept (input, output) channel pair (kernel area x output
   positions; positions for a dense layer), ``triangular`` whether it keeps only Any-Width
   Networks' triangle inside a level block, ``depthwise`` whether each output channel reads
-  only its own input channel (then ``source == target``).
+  only its own input channel (then ``source == target``). ``image_factor`` (0: the same as
+  ``factor``) leaves out the kernel taps that read zero padding, as XLA's cost analysis does.
   """
 
   path: Path
@@ -38,6 +39,7 @@ class Link:
   factor: int
   triangular: bool = False
   depthwise: bool = False
+  image_factor: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

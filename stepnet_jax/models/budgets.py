@@ -74,6 +74,12 @@ class MacModel:
       model.head.private,
     )
 
+  def without_padding(self) -> MacModel:
+    """The same model counting only the kernel taps that read the input, not its zero padding
+    (``Link.image_factor``): the MACs XLA's cost analysis counts, for FLOP audits."""
+    links = tuple(dataclasses.replace(link, factor=link.image_factor or link.factor) for link in self.links)
+    return dataclasses.replace(self, links=links)
+
   def subnet_macs(self, counts: Sequence[np.ndarray]) -> np.ndarray:
     """Cumulative MACs of subnets 0..K-1 given each group's neurons per level (in ``names``
     order): int64 [K]."""
