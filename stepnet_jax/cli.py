@@ -164,9 +164,11 @@ def _disk_full(error: BaseException | None) -> str | None:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
       return str(error)
-    if 'No space left on device' in str(error):
-      return str(error).splitlines()[0].split(' [tensorstore_spec=')[0].split(' [os_error_code=')[0]
-    error = error.__cause__ or error.__context__
+    text = str(error)
+    if isinstance(error, ValueError) and 'RESOURCE_EXHAUSTED' in text and 'No space left on device' in text:
+      return text.splitlines()[0].split(' [tensorstore_spec=')[0].split(' [os_error_code=')[0]
+    # The error it was raised from, or the one being handled then (unless ``from None`` hid it).
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
   return None
 
 

@@ -1,6 +1,7 @@
 """End-to-end: short real training runs, checkpoints, resuming, and the two scripts."""
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -535,6 +536,33 @@ def test_a_full_disk_says_so_and_the_same_command_resumes_once_space_is_freed(sm
   result = trainers.train(cfg, workdir)
   assert result['step'] == cfg.train.num_epochs * run.prepare_data(cfg)[1]
   assert min(result['test_accuracy']) > 0.3
+
+
+def test_only_a_full_disk_is_reported_as_one():
+  """ENOSPC, or tensorstore's RESOURCE_EXHAUSTED write error, anywhere in the chain of causes is
+  a full disk; the same words in another error, or a context hidden by ``from None``, are not."""
+  full = OSError(errno.ENOSPC, 'No space left on device', '/w/ckpt')
+  tensorstore = ValueError(
+    'RESOURCE_EXHAUSTED: Failed writing: "/w/d/1": No space left on device [os_error_code=\'28\']'
+  )
+  try:
+    raise RuntimeError('save failed') from tensorstore
+  except RuntimeError as e:
+    caused = e
+  try:
+    try:
+      raise full
+    except OSError:
+      raise KeyError('a bug while cleaning up') from None
+  except KeyError as e:
+    hidden = e
+  assert cli.failure_message(full).startswith('error: the disk is full ([Errno 28]')
+  assert cli.failure_message(caused) == (
+    'error: the disk is full (RESOURCE_EXHAUSTED: Failed writing: "/w/d/1": No space left on device); '
+    'free space and run the same command again to resume'
+  )
+  assert cli.failure_message(hidden) is None
+  assert cli.failure_message(RuntimeError('log line: No space left on device')) is None
 
 
 def test_a_fresh_start_deletes_only_the_event_files_it_wrote(tmp_path):

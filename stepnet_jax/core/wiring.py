@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from stepnet_jax.config import SettingsError
+
 # Where a linear layer sits in the model's state: ('units', 3) for a chain unit,
 # ('units', 3, 'conv1') for a layer inside a block.
 Path = tuple
@@ -60,8 +62,9 @@ class Wiring:
     return tuple(link for link in self.links if link.source == group)
 
 
-class NotWired(TypeError):
-  """A unit that does not list its links: construction cannot re-level it."""
+class NotWired(SettingsError):
+  """A unit that does not list its links, or links that contradict each other: construction
+  cannot re-level the network (a command ends on this one-line message)."""
 
 
 def links_of(units: Sequence, groups: Sequence[str], input_shape: Sequence[int]) -> Wiring:

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from stepnet_jax import seeds
-from stepnet_jax.config import Config
+from stepnet_jax.config import Config, SettingsError
 from stepnet_jax.core import levels as lv
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.data import datasets
@@ -194,7 +194,7 @@ class Plan:
     total = cfg.train.num_epochs * steps_per_epoch
     ends = tuple(pre + per_round * (r + 1) for r in range(con.rounds))
     if (ends[-1] if ends else pre) > total:
-      raise ValueError(
+      raise SettingsError(
         f'construction.pretrain_epochs {con.pretrain_epochs} + construction.rounds {con.rounds} x '
         f'construction.round_epochs {con.round_epochs} exceed train.num_epochs {cfg.train.num_epochs}'
       )
@@ -231,7 +231,7 @@ def budget_macs(cfg: Config, dataset: datasets.Dataset, model: SteppingModel) ->
   """(dense base MACs, budgets in MACs), after checking the budgets are feasible."""
   budgets = cfg.construction.budgets
   if len(budgets) != cfg.model.num_levels:
-    raise ValueError(f'{len(budgets)} budgets for {cfg.model.num_levels} levels')
+    raise SettingsError(f'{len(budgets)} budgets for {cfg.model.num_levels} levels')
   base = budgets_lib.dense_macs(
     cfg.model.name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, width=cfg.model.width
   )

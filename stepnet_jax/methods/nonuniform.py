@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from stepnet_jax import seeds
-from stepnet_jax.config import Config
+from stepnet_jax.config import Config, SettingsError
 from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.data import datasets, feed
@@ -104,7 +104,7 @@ def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budge
   widest = mac_model.subnet_macs(level0)[0]
   top = min(budgets[-1], widest / base)
   if k_levels > 1 and top <= budgets[-2]:
-    raise ValueError(
+    raise SettingsError(
       f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
       f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
       f'({budgets[-2]}): raise widen or lower that budget'
@@ -130,7 +130,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
     if resumed is None:
       model, mac_model, base, targets = _start(cfg, run.dataset)
       if pre > total:
-        raise ValueError(
+        raise SettingsError(
           f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
           f'{cfg.train.num_epochs}'
         )

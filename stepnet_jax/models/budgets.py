@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from stepnet_jax.config import SettingsError
 from stepnet_jax.core import wiring
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.models import zoo
@@ -144,11 +145,11 @@ def width_for_budget(
 
   lo, hi = 1e-3, max_width
   if macs(lo) > budget_macs:
-    raise ValueError(
+    raise SettingsError(
       f'{budget_macs:,.0f} MACs is below the smallest {model_name} (one channel per layer, {macs(lo):,} MACs)'
     )
   if macs(hi) <= budget_macs:
-    raise ValueError(f'{budget_macs:,.0f} MACs is above {model_name} at width {max_width} ({macs(hi):,} MACs)')
+    raise SettingsError(f'{budget_macs:,.0f} MACs is above {model_name} at width {max_width} ({macs(hi):,} MACs)')
   for _ in range(40):
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if macs(mid) <= budget_macs else (lo, mid)
@@ -166,22 +167,22 @@ def check_budgets(budgets: Sequence[float], base_macs: int, mac_model: MacModel,
   """
   b = np.asarray(budgets, np.float64)
   if b.ndim != 1 or len(b) < 1:
-    raise ValueError('give one budget per level')
+    raise SettingsError('give one budget per level')
   if np.any(b <= 0) or np.any(np.diff(b) <= 0):
-    raise ValueError(f'budgets must be positive and strictly increasing, got {tuple(budgets)}')
+    raise SettingsError(f'budgets must be positive and strictly increasing, got {tuple(budgets)}')
   k = len(b)
   macs = b * base_macs
   one = [np.eye(k, dtype=np.int64)[0] for _ in channels]
   smallest = int(mac_model.subnet_macs(one)[0])
   if macs[0] < smallest:
-    raise ValueError(
+    raise SettingsError(
       f'level-0 budget {b[0]:.4f} x {base_macs:,} = {macs[0]:,.0f} MACs is below the smallest '
       f'possible subnet (one neuron per layer: {smallest:,} MACs = {smallest / base_macs:.4f})'
     )
   full = [np.eye(k, dtype=np.int64)[0] * c for c in channels]
   widest = int(mac_model.subnet_macs(full)[0])
   if macs[-1] > widest:
-    raise ValueError(
+    raise SettingsError(
       f'top budget {b[-1]:.4f} x {base_macs:,} = {macs[-1]:,.0f} MACs exceeds the widened network '
       f'({widest:,} MACs = {widest / base_macs:.4f}); widen it more or lower the budget'
     )
