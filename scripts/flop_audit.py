@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 import stepnet_jax
@@ -81,6 +81,7 @@ def audit(
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   if _WORKDIR.value:
     net = stepnet_jax.load(_WORKDIR.value)
     model = nnx.merge(net.graphdef, net.variables)
