@@ -22,7 +22,8 @@ from flax import nnx
 
 import stepnet_jax
 from stepnet_jax.core import stepping
-from stepnet_jax.models import budgets, zoo
+from stepnet_jax.models import zoo
+from stepnet_jax.studies import bench
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run to audit (its newest checkpoint).')
 _MODEL = flags.DEFINE_string('model', 'resnet20', 'Without --workdir: a name in models.MODELS.')
@@ -47,23 +48,11 @@ def random_levels(name: str, input_shape, width: float, levels: int, seed: int) 
   return zoo.build_model(name, num_classes=10, input_shape=input_shape, num_levels=levels, assignment=assignment)
 
 
-def unpadded_delta_macs(model) -> np.ndarray:
-  """Per level, the MACs of the taps that read the input, not its zero padding (what XLA counts)."""
-  mm = budgets.MacModel.of(model).without_padding()
-  return np.diff(mm.subnet_macs([dict(model.assignment)[g] for g in mm.names]), prepend=0)
-
-
-def audit(
-  graphdef, variables, input_shape, num_levels: int, delta_macs: np.ndarray, unpadded: np.ndarray
-) -> list[dict]:
+def audit(graphdef, variables, input_shape, num_levels: int, delta_macs, unpadded) -> list[dict]:
   """Per level: delta MACs, compiled FLOPs / 2 and their ratios to both MAC counts (batch 1)."""
-  fns = stepping.make_step_functions(graphdef, num_levels)
   x = jnp.zeros((1,) + tuple(input_shape), jnp.uint8)
-  rows, cache = [], fns.levels[0](variables, x)
-  for k in range(num_levels):
-    lowered = fns.levels[0].lower(variables, x) if k == 0 else fns.levels[k].lower(variables, cache)
-    cost = lowered.compile().cost_analysis()
-    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  rows = []
+  for k, flops in enumerate(bench.step_flops(graphdef, variables, x, num_levels)):
     half = flops / 2
     rows.append(
       {
@@ -74,8 +63,6 @@ def audit(
         'ratio_unpadded': half / unpadded[k],
       }
     )
-    if k:
-      cache = fns.levels[k](variables, cache)
   return rows
 
 
@@ -95,7 +82,7 @@ def main(argv):
     what = f'{_MODEL.value} width {_WIDTH.value} on {shape}, random levels {dict(model.assignment)}'
   print(what)
   print('level | delta MACs | compiled FLOPs / 2 | ratio | ratio to the MACs without padding taps')
-  for r in audit(graphdef, variables, shape, levels, delta, unpadded_delta_macs(model)):
+  for r in audit(graphdef, variables, shape, levels, delta, bench.valid_tap_macs(model)):
     print(f'{r["level"]} | {r["delta_macs"]:,} | {r["half_flops"]:,.0f} | {r["ratio"]:.3f} | {r["ratio_unpadded"]:.3f}')
   print(f'backend {jax.default_backend()}')
 

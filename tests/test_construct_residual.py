@@ -17,6 +17,7 @@ from stepnet_jax import config
 from stepnet_jax.data import datasets
 from stepnet_jax.methods import construct, importance, nonuniform
 from stepnet_jax.models import budgets, structure, surgery, zoo
+from stepnet_jax.studies import bench
 from stepnet_jax.training import run
 
 SHAPE = (8, 8, 1)  # the digits' size: three stages at 8x8, 4x4, 2x2
@@ -182,11 +183,6 @@ def constructed(tmp_path_factory, digits):
   return construct.construct(_config(), str(workdir), digits), workdir
 
 
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)['flops'])
-
-
 def _input_size(layer_name: str, image_size: int) -> int:
   """Input height of a ResNet-20 layer (``testlib.linear_units`` names), from the architecture:
   stage s runs at 1/2^(s-1) of the image; a stage's first block reads the stage before it."""
@@ -233,20 +229,13 @@ def test_construction_meets_budgets_and_steps_exactly(constructed, digits):
     layer.conn.kept_connections() * _valid_taps(layer, _input_size(name, SHAPE_PADDED[0]))
     for name, layer, _ in testlib.linear_units(model)
   ) + np.asarray(model.head.delta_macs(None)[0])
-  mm = budgets.MacModel.of(model).without_padding()  # the library's count of the same
-  counts = [dict(model.assignment)[g] for g in mm.names]
-  np.testing.assert_array_equal(np.diff(mm.subnet_macs(counts), prepend=0), own)
-  fns, variables = net.functions, net.variables
-  cache = fns.levels[0](variables, x[:1])
-  for k in range(net.num_levels):
-    lowered = fns.levels[0].lower(variables, x[:1]) if k == 0 else fns.levels[k].lower(variables, cache)
-    ratio = _flops(lowered.compile()) / (2.0 * own[k])
+  np.testing.assert_array_equal(bench.valid_tap_macs(model), own)  # the library's count of the same
+  for k, flops in enumerate(bench.step_flops(net.graphdef, net.variables, x[:1], net.num_levels)):
+    ratio = flops / (2.0 * own[k])
     # Level 0 also normalises the image and runs every batch norm, ReLU and residual add over
     # blocks of 1-8 channels: about 5 FLOPs per activation against 18 x c_in per MAC output.
     # The cumulative work of levels 0..k would be 2-4x at k >= 1.
     assert 0.95 <= ratio <= (1.6 if k == 0 else 1.15), f'level {k}: compiled FLOPs / (2 x own MACs) = {ratio:.3f}'
-    if k:
-      cache = fns.levels[k](variables, cache)
 
 
 def test_construction_stopped_between_phases_goes_on_bit_identical(constructed, digits, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from testlib import (
 import stepnet_jax
 from stepnet_jax.core import stepping
 from stepnet_jax.models import zoo
+from stepnet_jax.studies import bench
 
 RTOL, ATOL = 1e-5, 1e-4
 
@@ -209,13 +210,6 @@ def test_stepper_advance_past_top_raises(net):
     net.forward(x, -1)
 
 
-def _flops(compiled):
-  ca = compiled.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0]
-  return float(ca['flops'])
-
-
 @pytest.mark.parametrize('exit_heads', ['shared', 'private'])
 def test_step_k_costs_only_level_k_macs(exit_heads):
   """XLA's cost analysis of compiled step k ~ 2 * delta MACs of level k (not the cumulative).
@@ -227,17 +221,12 @@ def test_step_k_costs_only_level_k_macs(exit_heads):
   with numpy_initializers(0):
     model = zoo.build_model('lenet3c1l', num_classes=10, input_shape=(28, 28, 1), num_levels=4, exit_heads=exit_heads)
   graphdef, variables = stepping.split(model)
-  fns = stepping.make_step_functions(graphdef, 4)
   delta = model.delta_macs().sum(axis=0)
-  x = images((28, 28, 1), batch=1)
-  cache = None
-  for k in range(4):
-    compiled = (fns.levels[0].lower(variables, x) if k == 0 else fns.levels[k].lower(variables, cache)).compile()
-    ratio = _flops(compiled) / (2.0 * delta[k])
+  for k, flops in enumerate(bench.step_flops(graphdef, variables, images((28, 28, 1), batch=1), 4)):
+    ratio = flops / (2.0 * delta[k])
     assert 0.9 <= ratio <= 1.2, f'level {k}: flops / (2 * delta MACs) = {ratio:.3f}'
     if k:
-      assert _flops(compiled) < 0.7 * 2.0 * delta[: k + 1].sum()
-    cache = fns.levels[0](variables, x) if k == 0 else fns.levels[k](variables, cache)
+      assert flops < 0.7 * 2.0 * delta[: k + 1].sum()
 
 
 # ------------------------------------------------------------------ composing with JAX transformations

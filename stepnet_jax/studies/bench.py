@@ -35,7 +35,7 @@ from stepnet_jax.data import feed
 from stepnet_jax.inference import timing
 from stepnet_jax.inference.stepper import Stepper
 from stepnet_jax.inference.timing import median_seconds
-from stepnet_jax.models import zoo
+from stepnet_jax.models import budgets, zoo
 from stepnet_jax.training import losses, optim
 from stepnet_jax.training import step as step_lib
 
@@ -53,21 +53,25 @@ def valid_tap_macs(model) -> np.ndarray:
 
   The library counts kernel_size^2 taps per output pixel (the usual convention);
   XLA's cost analysis counts only taps on real inputs, which is less for SAME-padded
-  convolutions on small feature maps.
+  convolutions on small feature maps (``MacModel.without_padding``, every layer of every
+  unit, residual and depthwise ones included).
   """
-  delta = model.delta_macs().astype(np.float64)
-  shape = tuple(model.input_shape)
-  for row, unit in enumerate(model.units):
-    if isinstance(unit, layers.LevelConv) and unit.padding == 'SAME':
-      k, s = unit.kernel_size, unit.stride
-      lo = (k - 1) // 2  # XLA's SAME: the extra padding goes after
-      per_axis = [
-        sum(min(o * s - lo + k, n) - max(o * s - lo, 0) for o in range(-(-n // s))) / (k * -(-n // s))
-        for n in shape[:2]
-      ]
-      delta[row] *= per_axis[0] * per_axis[1]
-    _, shape = unit.delta_macs(shape)
-  return delta.sum(axis=0)
+  mac_model = budgets.MacModel.of(model).without_padding()
+  assignment = dict(model.assignment)
+  return np.diff(mac_model.subnet_macs([assignment[g] for g in mac_model.names]), prepend=0)
+
+
+def step_flops(graphdef, variables, x, num_levels: int) -> list[float]:
+  """XLA's compiled FLOPs of each step (level 0 from images ``x``, then k from level k-1's
+  cache), through the pure non-donating step functions (the same computation)."""
+  caches = [stepping.start(graphdef, variables, x)]
+  for k in range(1, num_levels - 1):
+    caches.append(stepping.step(graphdef, variables, caches[-1], k))
+  flops = [compiled_flops(functools.partial(stepping.start, graphdef), variables, x)]
+  return flops + [
+    compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k - 1])
+    for k in range(1, num_levels)
+  ]
 
 
 def conv_block_costs(model, x, top: int, repeats: int) -> dict:
@@ -197,15 +201,8 @@ def run(
   t_masked = median_seconds(functools.partial(fns.forward, level=top), variables, x, repeats=repeats)
   t_blocked = median_seconds(functools.partial(fns.forward_blocked, level=top), variables, x, repeats=repeats)
 
-  # (c) what the compiled steps compute (pure, non-donating functions: the same computation).
-  caches = [stepping.start(graphdef, variables, x)]
-  for k in range(1, top):
-    caches.append(stepping.step(graphdef, variables, caches[-1], k))
-  flops = [compiled_flops(functools.partial(stepping.start, graphdef), variables, x)]
-  flops += [
-    compiled_flops(functools.partial(stepping.step, graphdef, level=k), variables, caches[k - 1])
-    for k in range(1, num_levels)
-  ]
+  # (c) what the compiled steps compute.
+  flops = step_flops(graphdef, variables, x, num_levels)
   flops_masked_top = compiled_flops(functools.partial(stepping.forward, graphdef, level=top), variables, x)
   valid = valid_tap_macs(model)
 
