@@ -22,6 +22,17 @@ def _load(name: str) -> ml_collections.ConfigDict:
   return config.load_file(os.path.join(CONFIGS, f'{name}_fashion_mnist.py'))
 
 
+def _loaded_with(name: str, path: str, value) -> dict:
+  """The study config ``name`` as a dict, with the dotted ``path`` set to ``value``."""
+  d = _load(name).to_dict()
+  *parents, leaf = path.split('.')
+  node = d
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return d
+
+
 def _nothing_runs(monkeypatch):
   """Loading data or training anything fails the test: validation comes first."""
 
@@ -75,12 +86,8 @@ def test_a_misspelt_key_names_its_section_and_the_close_key_before_anything_trai
   name, path, value, section, close, quick, tmp_path, monkeypatch
 ):
   _nothing_runs(monkeypatch)
-  d = _load(name).to_dict()
-  *parents, leaf = path.split('.')
-  node = d
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  d = _loaded_with(name, path, value)
+  leaf = path.rsplit('.', 1)[-1]
   with pytest.raises(ValueError, match=f"^{section}unknown .*[.']{leaf}'.*did you mean {close}\\b"):
     _run(name, d, str(tmp_path), quick=quick)
 
@@ -130,12 +137,7 @@ def test_wrong_types_and_ranges_are_errors_before_anything_trains(
   name, path, value, error, match, tmp_path, monkeypatch
 ):
   _nothing_runs(monkeypatch)
-  d = _load(name).to_dict()
-  *parents, leaf = path.split('.')
-  node = d
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  d = _loaded_with(name, path, value)
   with pytest.raises(error, match=match):
     _run(name, d, str(tmp_path))
 

@@ -83,11 +83,12 @@ def _activation_gradients(graphdef, variables, images, labels, weights, count):
   return jax.grad(loss)(gates)
 
 
-def _by_group(model: SteppingModel, images: np.ndarray, per_write: Sequence[np.ndarray]) -> list[np.ndarray]:
-  """Per group (``wiring.groups`` order), the sum of ``per_write`` over the writes of that group."""
+def _grouper(model: SteppingModel, images: np.ndarray) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+  """A function summing per-write values over the writes of each group (``wiring.groups``
+  order); the writes are traced once here, not per batch."""
   groups = model.wiring().groups
   writes = [group for group, _ in _writes(model, jnp.asarray(images[:1]))]
-  return [sum(v for g, v in zip(writes, per_write) if g == group) for group in groups]
+  return lambda per_write: [sum(v for g, v in zip(writes, per_write) if g == group) for group in groups]
 
 
 def _per_position(ag: jax.Array) -> jax.Array:
@@ -104,6 +105,7 @@ def taylor_scores(
   the first-order change of the loss when the channel is scaled everywhere at once, as
   moving or removing it does."""
   graphdef, variables = nnx.split(model)
+  by_group = _grouper(model, images)
   sums, n = None, 0
   batches = feed.device_batches(
     images,
@@ -115,7 +117,7 @@ def taylor_scores(
     ag = _activation_gradients(
       graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
     )
-    signed = _by_group(model, images, [_per_position(a).sum(1) for a in ag])  # [B, C] per group
+    signed = by_group([_per_position(a).sum(1) for a in ag])  # [B, C] per group
     s = [np.asarray(jnp.abs(v).sum(0)) for v in signed]
     sums = s if sums is None else [a + b for a, b in zip(sums, s)]
     n += batch.count
@@ -128,6 +130,7 @@ def class_scores(
   """Per group [classes, C]: ``max_p |mean_b a g|`` over a batch of each class, summed over
   the group's writes (a residual stream is written by every block of its stage)."""
   graphdef, variables = nnx.split(model)
+  by_group = _grouper(model, images)
   by_class = [np.nonzero(labels == c)[0] for c in range(num_classes)]
   for c, idx in enumerate(by_class):
     if len(idx) == 0:
@@ -139,7 +142,7 @@ def class_scores(
       graphdef, variables, batch.images, batch.labels, tuple(float(w) for w in weights), batch.count
     )
     per_write = [np.asarray(jnp.abs(_per_position(a).sum(0) / batch.count).max(0)) for a in ag]
-    per_class.append(_by_group(model, images, per_write))
+    per_class.append(by_group(per_write))
   return [np.stack([pc[layer] for pc in per_class]) for layer in range(len(per_class[0]))]
 
 
