@@ -22,12 +22,21 @@ returns level -1 and NaN logits (and so does every step after it), since a compi
 cannot raise; ``Runner`` runs the modules and raises instead. The batch size is symbolic.
 Modules are serialized for CPU and CUDA (``platforms``): jax lowers for a platform without
 its hardware, so a model trained here runs on a GPU host.
+
+``save(net, DIR, format='onnx')`` writes the same functions as ONNX graphs for ONNX Runtime
+(``start.onnx``, ``step1.onnx`` ..., and ``forward0.onnx`` ... the direct forward of each
+level), lowered by ``onnx_lowering``, with the cache as named inputs and outputs; it
+copies ``anytime_onnx.py`` (numpy and onnxruntime only: ``Network``, the stopping
+policies, ``predict``) beside them, and with ``selector=`` a ``policies.Learned`` module's
+weights as ``selector.npz``. Needs the ``onnx`` extra: ``pip install 'stepnet_jax[onnx]'``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Sequence
 
 import jax
@@ -58,10 +67,25 @@ def _checked_step(graphdef, variables, unflat, k: int):
   return step
 
 
-def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> dict:
-  """Writes the start and step modules of a reusable ``net`` and the manifest; returns the manifest."""
+FORMATS = ('jax', 'onnx')
+
+
+def save(
+  net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS, format: str = 'jax', selector=None
+) -> dict:
+  """Writes the start and step modules of a reusable ``net`` and the manifest; returns the manifest.
+
+  ``format``: 'jax' (serialized ``jax.export`` modules for ``platforms``) or 'onnx' (ONNX
+  graphs and a numpy/onnxruntime runner; ``selector``: a ``policies.Learned`` to ship too).
+  """
+  if format not in FORMATS:
+    raise ValueError(f'unknown export format {format!r}; choose from {", ".join(FORMATS)}')
   if not net.reusable:
     raise ValueError('only a reusable network steps; a recomputing one has nothing to carry between levels')
+  if format == 'onnx':
+    return _save_onnx(net, directory, selector)
+  if selector is not None:
+    raise ValueError("selector= ships a learned policy beside ONNX graphs (format='onnx')")
   graphdef, variables = net.graphdef, net.variables
   input_shape = net.input_shape
   (batch,) = jax.export.symbolic_shape('b')
@@ -95,6 +119,88 @@ def save(net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS) -> 
     'platforms': list(platforms),
     'cache_arrays': len(flat_shapes),
     'cache_layout': 'level (int32 scalar), inputs, unit buffers..., logits [B, classes]',
+  }
+  with open(os.path.join(directory, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=2)
+  return manifest
+
+
+def cache_names(net: Stepper) -> list[str]:
+  """The names of the flat cache's arrays: level, inputs, one per unit buffer (the unit's
+  name, with an index when it keeps several), logits."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(net.input_shape), np.uint8)
+  cache = jax.eval_shape(lambda x: stepping.start(net.graphdef, net.variables, x), images)
+  names = []
+  for unit, buffers in zip(net.unit_names, cache.units):
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(buffers)[0]]
+    for path in paths:
+      suffix = re.sub(r'[^0-9A-Za-z]+', '_', path).strip('_')
+      names.append(re.sub(r'[^0-9A-Za-z]+', '_', unit) + (f'_{suffix}' if suffix else ''))
+  return ['level', 'inputs', *names, 'logits']
+
+
+def _save_onnx(net: Stepper, directory: str, selector) -> dict:
+  """The ONNX graphs of ``net``'s start, steps and direct forwards, the runner and the manifest."""
+  try:
+    from stepnet_jax.inference import onnx_lowering
+  except ImportError as e:  # onnx is an optional dependency
+    raise ImportError(f"format='onnx' needs the onnx package: pip install 'stepnet_jax[onnx]' ({e})") from e
+  graphdef, variables = net.graphdef, net.variables
+  (batch,) = jax.export.symbolic_shape('b')
+  images = jax.ShapeDtypeStruct((batch,) + tuple(net.input_shape), np.uint8)
+  cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
+  units_def = jax.tree.structure(cache.units)
+  names = cache_names(net)
+  outputs = [f'next_{n}' for n in names]
+
+  def unflat(arrays, level):
+    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
+
+  os.makedirs(directory, exist_ok=True)
+  graphs = {
+    'start.onnx': onnx_lowering.lower(
+      lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0)), [images], ['images'], outputs, 'start'
+    )
+  }
+  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
+  for k in range(1, net.num_levels):
+    graphs[f'step{k}.onnx'] = onnx_lowering.lower(
+      _checked_step(graphdef, variables, unflat, k), flat_shapes, names, outputs, f'step{k}'
+    )
+  for k in range(net.num_levels):
+    graphs[f'forward{k}.onnx'] = onnx_lowering.lower(
+      lambda x, k=k: stepping.forward(graphdef, variables, x, k), [images], ['images'], ['logits'], f'forward{k}'
+    )
+  for name, graph in graphs.items():
+    with open(os.path.join(directory, name), 'wb') as f:
+      f.write(graph.SerializeToString())
+  shutil.copyfile(os.path.join(os.path.dirname(__file__), 'onnx_runner.py'), os.path.join(directory, 'anytime_onnx.py'))
+  if selector is not None:
+    if selector.num_levels != net.num_levels:
+      raise ValueError(f'the selector was made for {selector.num_levels} levels; this network has {net.num_levels}')
+    np.savez(
+      os.path.join(directory, 'selector.npz'),
+      **{k: np.asarray(v, np.float32) for k, v in selector.params.items()},
+      num_levels=selector.num_levels,
+      history=selector.history,
+      threshold=float(selector.threshold),
+    )
+  manifest = {
+    'format': 'onnx',
+    'num_levels': net.num_levels,
+    'level_macs': list(net.level_macs),
+    'macs_to_reach': [int(m) for m in net.macs_to_reach],
+    'input_shape': list(net.input_shape),
+    'input_dtype': 'uint8',
+    'start': 'start.onnx',
+    'steps': [f'step{k}.onnx' for k in range(1, net.num_levels)],
+    'forwards': [f'forward{k}.onnx' for k in range(net.num_levels)],
+    'cache': names,
+    'cache_layout': 'level (int32 scalar), inputs, unit buffers..., logits [B, classes]; step k reads the names and '
+    "writes 'next_' + each; -1 and NaN logits: a step was given another level's cache",
+    'opset': onnx_lowering.OPSET,
+    'runner': 'anytime_onnx.py',
+    'selector': 'selector.npz' if selector is not None else None,
   }
   with open(os.path.join(directory, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=2)

@@ -51,6 +51,7 @@ class Stepper:
     self.input_shape = tuple(model.input_shape)  # [H, W, C] of one image
     self.reusable = model.reusable
     self.layer_names = model.layer_names
+    self.unit_names = model.unit_names  # one per entry of a cache's ``units``
     self.layer_delta_macs = model.delta_macs()  # [layers, K]
     # MACs per input spent to get level k's answer after levels 0..k-1: ``level_macs`` for a
     # reusable model; the running sum of every subnet's MACs for one that recomputes them.

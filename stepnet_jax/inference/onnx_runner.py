@@ -1,0 +1,205 @@
+"""Anytime inference over ONNX Runtime with numpy only: no JAX, no stepnet_jax.
+
+``export.save(net, DIR, format='onnx')`` copies this file into DIR as ``anytime_onnx.py``,
+so a device needs onnxruntime, numpy and DIR:
+
+    import sys; sys.path.insert(0, DIR)
+    import anytime_onnx as ax
+    net = ax.Network(DIR)
+    cache = net.start(images)                # uint8 [B, H, W, C]; level 0
+    cache = net.advance(cache)               # level 1, reusing level 0's activations
+    logits = net.forward(images, level=2)    # the direct forward of one level
+    out = net.predict(images, ax.Confidence(0.9))   # per-input stopping
+    out.logits, out.exit_level, out.macs
+
+The cache is a dict of named arrays (``manifest['cache']``): ``level`` (the level it
+holds), the network's input, the unit buffers, ``logits``. ``predict`` runs each step
+only on the inputs still going (the rows of the cache are gathered on the host).
+Policies read the current exit's logits and stop where they are sure enough:
+``Confidence``, ``Margin``, ``Entropy``, ``MacBudget`` and ``Learned`` (the selection
+module of Guan et al., its weights in ``selector.npz`` when the export has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+  z = logits.astype(np.float32) - logits.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Confidence:
+  """Stop when the top class's probability reaches ``threshold``."""
+
+  threshold: float
+
+  def stop(self, logits, level, state):
+    """(stop [B], state): where the top probability is at least the threshold."""
+    return _probs(logits).max(-1) >= self.threshold, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Margin:
+  """Stop when the top-1 probability exceeds the top-2 one by ``threshold``."""
+
+  threshold: float
+
+  def stop(self, logits, level, state):
+    """(stop [B], state): where the top-1 probability exceeds the top-2 one by the threshold."""
+    p = np.sort(_probs(logits), axis=-1)
+    return p[:, -1] - p[:, -2] >= self.threshold, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Entropy:
+  """Stop when the softmax entropy (nats) is at most ``threshold``."""
+
+  threshold: float
+
+  def stop(self, logits, level, state):
+    """(stop [B], state): where the softmax entropy is at most the threshold."""
+    z = logits.astype(np.float32) - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(-1) <= self.threshold, state
+
+
+@dataclasses.dataclass(frozen=True)
+class MacBudget:
+  """Stop before the step that would take an input past ``budget`` MACs (``macs_to_reach``:
+  the manifest's MACs spent to have each level's answer)."""
+
+  budget: float
+  macs_to_reach: tuple
+
+  def stop(self, logits, level, state):
+    """(stop [B], state): every input when the next level would cost more than the budget."""
+    nxt = self.macs_to_reach[level + 1] if level + 1 < len(self.macs_to_reach) else np.inf
+    return np.full(logits.shape[:1], nxt > self.budget), state
+
+
+class Learned:
+  """The selection module: an MLP over the exit's sorted probabilities, the level one-hot
+  and (``history``) the previous exit's; stops where its stop probability > ``threshold``."""
+
+  def __init__(self, path: str, threshold: float | None = None):
+    with np.load(path) as f:
+      self.params = {k: f[k] for k in ('w1', 'b1', 'w2', 'b2')}
+      self.num_levels = int(f['num_levels'])
+      self.history = bool(f['history'])
+      self.threshold = float(f['threshold']) if threshold is None else float(threshold)
+
+  def features(self, probs: np.ndarray, level: int, previous: np.ndarray) -> np.ndarray:
+    """What the module reads [B, F], as ``policies.selector_features`` computes it."""
+    onehot = np.zeros((probs.shape[0], self.num_levels), np.float32)
+    onehot[:, level] = 1
+    parts = [-np.sort(-probs, axis=-1), onehot]
+    if self.history:
+      top = probs.argmax(-1)
+      seen = (previous.sum(-1, keepdims=True) > 0).astype(np.float32)
+      agree = (previous.argmax(-1) == top)[:, None].astype(np.float32) * seen
+      parts += [-np.sort(-previous, axis=-1), np.take_along_axis(previous, top[:, None], axis=-1), agree]
+    return np.concatenate(parts, axis=-1)
+
+  def stop_probability(self, logits, level, state):
+    """(stop probability [B], this exit's probabilities: the next state)."""
+    probs = _probs(logits)
+    previous = state if state is not None else np.zeros_like(probs)
+    h = np.maximum(self.features(probs, level, previous) @ self.params['w1'] + self.params['b1'], 0)
+    logit = h @ self.params['w2'] + self.params['b2']
+    return 1 / (1 + np.exp(-logit)), probs
+
+  def stop(self, logits, level, state):
+    """(stop [B], state): where the stop probability exceeds the threshold."""
+    p, probs = self.stop_probability(logits, level, state)
+    return p > self.threshold, probs
+
+
+@dataclasses.dataclass
+class Prediction:
+  """Each input's answer: ``logits`` [B, classes], ``exit_level`` [B], ``macs`` [B]."""
+
+  logits: np.ndarray
+  exit_level: np.ndarray
+  macs: np.ndarray
+
+
+class Network:
+  """The ONNX graphs of an export directory, run with onnxruntime."""
+
+  def __init__(self, directory: str, threads: int = 0, providers=('CPUExecutionProvider',)):
+    with open(os.path.join(directory, 'manifest.json')) as f:
+      self.manifest = json.load(f)
+    if self.manifest.get('format') != 'onnx':
+      raise ValueError(f'{directory} holds a {self.manifest.get("format", "jax")} export, not ONNX graphs')
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def session(name):
+      return ort.InferenceSession(os.path.join(directory, name), options, providers=list(providers))
+
+    self._start = session(self.manifest['start'])
+    self._steps = [session(n) for n in self.manifest['steps']]
+    self._forwards = [session(n) for n in self.manifest['forwards']]
+    self.names = list(self.manifest['cache'])
+    self.num_levels = int(self.manifest['num_levels'])
+    self.macs_to_reach = tuple(int(m) for m in self.manifest['macs_to_reach'])
+    selector = os.path.join(directory, 'selector.npz')
+    self.selector_path = selector if os.path.exists(selector) else None
+
+  def _images(self, images: np.ndarray) -> np.ndarray:
+    shape = tuple(self.manifest['input_shape'])
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape or images.dtype != np.uint8:
+      raise ValueError(f'expected uint8 images [B, {", ".join(map(str, shape))}], got {images.dtype} {images.shape}')
+    return images
+
+  def start(self, images: np.ndarray) -> dict:
+    """Level 0's cache of uint8 images [B, H, W, C]."""
+    return dict(zip(self.names, self._start.run(None, {'images': self._images(images)})))
+
+  def advance(self, cache: dict) -> dict:
+    """The next level's cache."""
+    level = int(cache['level'])
+    if not 0 <= level < self.num_levels - 1:
+      raise ValueError(
+        f'cannot advance a cache of level {level} ({self.num_levels} levels; -1: a step got a wrong cache)'
+      )
+    return dict(zip(self.names, self._steps[level].run(None, {n: cache[n] for n in self.names})))
+
+  def forward(self, images: np.ndarray, level: int) -> np.ndarray:
+    """Logits of subnet ``level``, computed directly."""
+    return self._forwards[level].run(None, {'images': self._images(images)})[0]
+
+  def predict(self, images: np.ndarray, policy) -> Prediction:
+    """Each input's answer under ``policy``: steps run only on the inputs not yet stopped."""
+    cache = self.start(images)
+    batch = images.shape[0]
+    logits = np.zeros_like(cache['logits'])
+    exit_level = np.full(batch, self.num_levels - 1, np.int32)
+    active = np.arange(batch)
+    state = None
+    for level in range(self.num_levels):
+      if level == self.num_levels - 1:
+        stop = np.ones(len(active), bool)
+      else:
+        stop, state = policy.stop(cache['logits'], level, state)
+        stop = np.asarray(stop, bool)
+      logits[active[stop]] = cache['logits'][stop]
+      exit_level[active[stop]] = level
+      if stop.all():
+        break
+      keep = ~stop
+      active = active[keep]
+      state = state[keep] if isinstance(state, np.ndarray) else state
+      cache = {n: (a if n == 'level' else a[keep]) for n, a in cache.items()}
+      cache = self.advance(cache)
+    return Prediction(logits, exit_level, np.asarray(self.macs_to_reach, np.int64)[exit_level])

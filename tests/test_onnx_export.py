@@ -1,0 +1,260 @@
+"""The ONNX export: each lowered primitive against JAX, and exported networks run by
+onnxruntime in a process that imports neither JAX nor the library."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ort = pytest.importorskip('onnxruntime')
+
+from stepnet_jax.core import layers  # noqa: E402
+from stepnet_jax.inference import export, onnx_lowering, policies  # noqa: E402
+from stepnet_jax.inference.stepper import Stepper  # noqa: E402
+from stepnet_jax.models import quantized, zoo  # noqa: E402
+
+(B,) = jax.export.symbolic_shape('b')
+RNG = np.random.RandomState(0)
+
+
+def _conv(x, w, **kw):
+  return jax.lax.conv_general_dilated(x, w, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), **kw)
+
+
+def _pool(x):
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (0, 1), (0, 0)))
+
+
+W = RNG.randn(3, 3, 4, 6).astype(np.float32)
+WG = RNG.randn(3, 3, 2, 6).astype(np.float32)
+M = RNG.randn(5, 7).astype(np.float32)
+# name -> (function, batched argument shapes [without the batch axis], dtype)
+CASES = {
+  'conv_strided_padded': (lambda x: _conv(x, W, window_strides=(2, 1), padding=((1, 1), (0, 2))), [(7, 6, 4)], 'f'),
+  'conv_grouped_dilated': (
+    lambda x: _conv(x, WG, window_strides=(1, 1), padding='SAME', rhs_dilation=(2, 1), feature_group_count=2),
+    [(7, 6, 4)],
+    'f',
+  ),
+  'max_pool_padded': (_pool, [(7, 6, 4)], 'f'),
+  'matmul_and_bias': (lambda x: jax.nn.relu(x @ M + 1.0), [(5,)], 'f'),
+  'einsum_batched': (lambda x, y: jnp.einsum('bij,bjk->bik', x, y), [(3, 4), (4, 2)], 'f'),
+  'update_slice_two_axes': (
+    lambda x, u: jax.lax.dynamic_update_slice(x, u, (0, 2, 1)),
+    [(6, 5), (3, 2)],
+    'f',
+  ),
+  'pad_and_crop': (lambda x: jax.lax.pad(x, 0.5, ((0, 0, 0), (2, -1, 0), (-1, 3, 0))), [(4, 5)], 'f'),
+  'strided_slice': (lambda x: x[:, 1:6:2, ::3], [(7, 8)], 'f'),
+  'known_offset_take': (lambda x: jax.lax.dynamic_slice_in_dim(x, jnp.int32(2), 3, axis=1), [(7, 2)], 'f'),
+  'round_even_and_away': (
+    lambda x: jnp.round(x * 4) + jax.lax.round(x * 4, jax.lax.RoundingMethod.AWAY_FROM_ZERO),
+    [(9,)],
+    'f',
+  ),
+  'clip_where_compare': (lambda x: jnp.where(x > 0.1, jnp.clip(x, -0.5, 0.5), x**3), [(9,)], 'f'),
+  'reductions_argmax_cast': (
+    lambda x: (x.sum(-1), x.max(1), jnp.argmax(x, -1), (x > 0).astype(jnp.int32).sum(-1)),
+    [(4, 6)],
+    'f',
+  ),
+  'stack_transpose_reshape': (lambda x: jnp.stack([x, -x], 2).transpose(0, 2, 1).reshape(x.shape[0], -1), [(5,)], 'f'),
+  'batch_as_value': (lambda x: x / x.shape[0] + jnp.zeros((x.shape[0], 1), x.dtype), [(3,)], 'f'),
+  'softmax_entropy': (lambda x: -(jax.nn.softmax(x) * jax.nn.log_softmax(x)).sum(-1), [(6,)], 'f'),
+  'uint8_normalise': (lambda x: (x.astype(jnp.float32) / 255.0 - 0.3) * jax.lax.rsqrt(jnp.float32(0.2)), [(4,)], 'u8'),
+  'conv_by_taps_same': (lambda x: layers.conv_by_taps(x, W[:, :, :1], 2, 'SAME'), [(6, 5, 1)], 'f'),
+}
+
+
+def _run(model, arrays):
+  session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
+  return session.run(None, {f'x{i}': a for i, a in enumerate(arrays)})
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_each_lowered_operation_matches_jax_at_a_symbolic_batch(name):
+  fn, shapes, kind = CASES[name]
+  dtype = np.uint8 if kind == 'u8' else np.float32
+  specs = [jax.ShapeDtypeStruct((B,) + s, dtype) for s in shapes]
+  out = jax.eval_shape(fn, *specs)
+  outs = out if isinstance(out, tuple) else (out,)
+  model = onnx_lowering.lower(fn, specs, [f'x{i}' for i in range(len(specs))], [f'y{i}' for i in range(len(outs))])
+  for batch in (1, 3):  # one graph serves every batch size
+    if kind == 'u8':
+      arrays = [RNG.randint(0, 256, (batch,) + s).astype(np.uint8) for s in shapes]
+    else:
+      arrays = [RNG.randn(batch, *s).astype(np.float32) for s in shapes]
+    want = fn(*[jnp.asarray(a) for a in arrays])
+    want = want if isinstance(want, tuple) else (want,)
+    got = _run(model, arrays)
+    for g, w in zip(got, want):
+      w = np.asarray(w)
+      assert g.shape == w.shape and g.dtype == w.dtype, name
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_an_operation_without_a_lowering_is_named():
+  with pytest.raises(NotImplementedError, match="'sort'"):
+    onnx_lowering.lower(lambda x: jnp.sort(x, -1), [jax.ShapeDtypeStruct((B, 4), np.float32)], ['x'], ['y'])
+
+
+def _networks():
+  """Untrained tiny networks: LeNet-3C1L, a ResNet-20 and a quantized LeNet (4-bit weights, 6-bit activations)."""
+  nets = {}
+  for name, shape, width in (('lenet3c1l', (28, 28, 1), 0.5), ('resnet20', (32, 32, 1), 0.25)):
+    nets[name] = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=4, width=width, seed=1)
+  lenet = nets['lenet3c1l']
+  images = RNG.randint(0, 256, (32, 28, 28, 1)).astype(np.uint8)
+  precision = quantized.Precision(
+    quantized.uniform_bits(lenet, 4), act_bits=6, act_clips=quantized.calibrate_clips(lenet, images)
+  )
+  nets['quantized_lenet'] = quantized.apply(lenet, precision)
+  return {name: Stepper(m) for name, m in nets.items()}
+
+
+HOST_CHECK = """
+import json, sys
+import numpy as np
+out = {}
+for name, d in json.loads(sys.argv[1]).items():
+  sys.path.insert(0, d)
+  import anytime_onnx as ax
+  net = ax.Network(d)
+  ref = np.load(d + '/reference.npz')
+  x = ref['images']
+  cache = net.start(x)
+  steps = [cache['logits']]
+  for k in range(1, net.num_levels):
+    cache = net.advance(cache)
+    steps.append(cache['logits'])
+  forwards = [net.forward(x, k) for k in range(net.num_levels)]
+  err = lambda got: np.abs(np.stack(got) - ref['exits']).max(-1).max(0)  # per input, over levels
+  out[name] = {'steps': err(steps).tolist(), 'forwards': err(forwards).tolist(), 'scale': float(np.abs(ref['exits']).max())}
+  try:
+    net.advance(cache)
+  except ValueError as e:
+    out[name]['repeated'] = str(e)
+  if 'policy_logits' in ref:  # the numpy policies on the library's logits, and predict end to end
+    logits, stops = ref['policy_logits'], {}
+    for level in range(net.num_levels - 1):
+      for policy in ('confidence', 'margin', 'entropy', 'macs'):
+        p = {'confidence': ax.Confidence(float(ref['confidence'])), 'margin': ax.Margin(float(ref['margin'])),
+             'entropy': ax.Entropy(float(ref['entropy'])), 'macs': ax.MacBudget(float(ref['budget']), net.macs_to_reach)}[policy]
+        stops[f'{policy}{level}'] = p.stop(logits[level], level, None)[0].tolist()
+    learned, state = ax.Learned(d + '/selector.npz'), None
+    for level in range(net.num_levels - 1):
+      stop, state = learned.stop(logits[level], level, state)
+      stops[f'learned{level}'] = stop.tolist()
+    out[name]['stops'] = stops
+    for policy in (ax.Confidence(float(ref['network_confidence'])), learned):
+      pred = net.predict(x, policy)
+      out[name][type(policy).__name__] = [pred.exit_level.tolist(), pred.macs.tolist(),
+        float(np.abs(pred.logits - ref['exits'][pred.exit_level, np.arange(len(x))]).max())]
+  sys.path.remove(d)
+  del sys.modules['anytime_onnx']
+out['imported'] = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'stepnet_jax'))
+print(json.dumps(out))
+"""
+
+
+def _between(values: np.ndarray, q: float) -> float:
+  """A threshold halfway between two neighbouring sorted values near quantile ``q`` (no ties)."""
+  v = np.sort(np.ravel(values))
+  i = int(q * (len(v) - 1))
+  return float((v[i] + v[i + 1]) / 2)
+
+
+def _policy_reference(net: Stepper, exits: np.ndarray, selector) -> tuple[dict, dict]:
+  """(knobs and logits saved for the host, the library's stop decisions on those logits)."""
+  logits = (RNG.randn(net.num_levels, 40, 10) * 2).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(logits[0]))
+  top2 = np.sort(probs, -1)[:, -2:]
+  knobs = {
+    'confidence': _between(probs.max(-1), 0.5),
+    'margin': _between(top2[:, 1] - top2[:, 0], 0.5),
+    'entropy': _between(-(probs * np.log(probs)).sum(-1), 0.5),
+    'budget': float(np.mean(net.macs_to_reach[1:3])),
+    'policy_logits': logits,
+  }
+  library = {
+    'confidence': policies.Confidence(knobs['confidence']),
+    'margin': policies.Margin(knobs['margin']),
+    'entropy': policies.Entropy(knobs['entropy']),
+    'macs': policies.MacBudget(knobs['budget'], tuple(net.macs_to_reach)),
+  }
+  stops = {}
+  for level in range(net.num_levels - 1):
+    for name, p in library.items():
+      stops[f'{name}{level}'] = np.asarray(p.stop(jnp.asarray(logits[level]), jnp.int32(level), ())[0]).tolist()
+  state = selector.init(40, 10)
+  for level in range(net.num_levels - 1):
+    stop, state = selector.stop(jnp.asarray(logits[level]), jnp.int32(level), state)
+    stops[f'learned{level}'] = np.asarray(stop).tolist()
+  return knobs, stops
+
+
+def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
+  """LeNet-3C1L, ResNet-20 and a quantized LeNet exported to ONNX: onnxruntime, from a
+  Python that never imports jax or stepnet_jax, gives the library's logits at every level
+  by stepping and by the direct forwards; the numpy policies make the library's decisions."""
+  directories, expected = {}, {}
+  for name, net in _networks().items():
+    d = directories[name] = str(tmp_path / name)
+    selector = policies.Learned(
+      policies.init_selector(jax.random.key(3), 10, net.num_levels) | {'w2': jnp.asarray(RNG.randn(32), jnp.float32)},
+      num_levels=net.num_levels,
+    )
+    manifest = export.save(net, d, format='onnx', selector=selector if name == 'lenet3c1l' else None)
+    assert manifest['cache'][0] == 'level' and manifest['cache'][-1] == 'logits'
+    assert manifest['macs_to_reach'] == list(net.macs_to_reach)
+    x = RNG.randint(0, 256, (24,) + net.input_shape).astype(np.uint8)
+    exits = np.asarray(net.exits(x))
+    knobs = {}
+    if name == 'lenet3c1l':
+      knobs, stops = _policy_reference(net, exits, selector)
+      knobs['network_confidence'] = _between(np.asarray(jax.nn.softmax(exits[0])).max(-1), 0.5)
+      confidence = policies.Confidence(knobs['network_confidence'])
+      expected[name] = (
+        stops,
+        {
+          p: np.asarray(net.predict(x, q).exit_level).tolist()
+          for p, q in (('Confidence', confidence), ('Learned', selector))
+        },
+        manifest,
+      )
+    np.savez(f'{d}/reference.npz', images=x, exits=exits, **knobs)
+  script = tmp_path / 'host.py'
+  script.write_text(HOST_CHECK)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  done = subprocess.run(
+    [sys.executable, str(script), json.dumps(directories)], capture_output=True, text=True, cwd=str(tmp_path), env=env
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out.pop('imported') == []
+  for name, got in out.items():
+    tol = 1e-4 * max(1.0, got['scale'])
+    assert 'cannot advance a cache of level 3' in got['repeated']
+    for path in ('steps', 'forwards'):
+      errors = np.asarray(got[path])
+      if name.startswith('quantized'):
+        # Activation quantization rounds: where the two runtimes' sums straddle a grid
+        # boundary, a value lands one step apart (models/quantized.py), so a few inputs differ.
+        assert np.mean(errors <= tol) >= 0.75 and errors.max() <= 0.05 * got['scale'], (name, path, errors)
+      else:
+        assert errors.max() <= tol, (name, path, errors)
+  stops, exits, manifest = expected['lenet3c1l']
+  got = out['lenet3c1l']
+  assert got['stops'] == stops
+  assert any(any(v) for v in stops.values()) and not all(all(v) for v in stops.values())
+  for policy, levels in exits.items():
+    onnx_levels, macs, logits_error = got[policy]
+    assert onnx_levels == levels, policy
+    assert macs == [manifest['macs_to_reach'][lv] for lv in levels]
+    assert logits_error <= 1e-4 * max(1.0, got['scale'])
+  assert len(set(exits['Confidence'])) > 1  # the threshold splits the batch
