@@ -33,6 +33,7 @@ def _pool(x):
 W = RNG.randn(3, 3, 4, 6).astype(np.float32)
 WG = RNG.randn(3, 3, 2, 6).astype(np.float32)
 M = RNG.randn(5, 7).astype(np.float32)
+HELPER = jax.jit(lambda v: v * 2.0 + 1.0)
 # name -> (function, batched argument shapes [without the batch axis], dtype)
 CASES = {
   'conv_strided_padded': (lambda x: _conv(x, W, window_strides=(2, 1), padding=((1, 1), (0, 2))), [(7, 6, 4)], 'f'),
@@ -67,6 +68,8 @@ CASES = {
   'batch_as_value': (lambda x: x / x.shape[0] + jnp.zeros((x.shape[0], 1), x.dtype), [(3,)], 'f'),
   'softmax_entropy': (lambda x: -(jax.nn.softmax(x) * jax.nn.log_softmax(x)).sum(-1), [(6,)], 'f'),
   'uint8_normalise': (lambda x: (x.astype(jnp.float32) / 255.0 - 0.3) * jax.lax.rsqrt(jnp.float32(0.2)), [(4,)], 'u8'),
+  # One jitted helper inlined twice, on a constant and on the input: each call binds its own values.
+  'one_helper_on_a_constant_and_an_input': (lambda x: x * HELPER(jnp.float32(2.0)) + HELPER(x.sum()), [(3,)], 'f'),
   'conv_by_taps_same': (lambda x: layers.conv_by_taps(x, W[:, :, :1], 2, 'SAME'), [(6, 5, 1)], 'f'),
 }
 

@@ -140,7 +140,12 @@ def cache_names(net: Stepper) -> list[str]:
 
 
 def _save_onnx(net: Stepper, directory: str, selector) -> dict:
-  """The ONNX graphs of ``net``'s start, steps and direct forwards, the runner and the manifest."""
+  """The ONNX graphs of ``net``'s start, steps and direct forwards, the runner and the manifest.
+
+  The cache travels in blocks: each unit buffer as the level blocks written so far
+  (``onnx_lowering.part_name``: ``<buffer>.<lo>_<hi>`` channels), so step k reads the lower
+  levels' blocks and writes only its own, copying no buffer.
+  """
   try:
     from stepnet_jax.inference import onnx_lowering
   except ImportError as e:  # onnx is an optional dependency
@@ -151,21 +156,46 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
   cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
   units_def = jax.tree.structure(cache.units)
   names = cache_names(net)
-  outputs = [f'next_{n}' for n in names]
+  buffers = names[1:-1]
 
   def unflat(arrays, level):
     return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
 
   os.makedirs(directory, exist_ok=True)
-  graphs = {
-    'start.onnx': onnx_lowering.lower(
-      lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0)), [images], ['images'], outputs, 'start'
-    )
-  }
+  blocks: dict[str, list] = {}  # buffer -> the blocks written so far (None: held whole)
+  graphs, lowered = {}, {}
+
+  def add(file: str, low) -> None:
+    graphs[file] = low.model
+    lowered[file] = {'inputs': low.inputs, 'outputs': sorted(low.outputs)}
+    for traced, lo, hi in low.outputs.values():
+      if traced in buffers:
+        blocks[traced] = None if lo is None else [*(blocks.get(traced) or []), (lo, hi)]
+
+  add(
+    'start.onnx',
+    onnx_lowering.lower_blocks(
+      lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0)),
+      [images],
+      ['images'],
+      names,
+      'start',
+      block_outputs=buffers,
+    ),
+  )
   flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
   for k in range(1, net.num_levels):
-    graphs[f'step{k}.onnx'] = onnx_lowering.lower(
-      _checked_step(graphdef, variables, unflat, k), flat_shapes, names, outputs, f'step{k}'
+    add(
+      f'step{k}.onnx',
+      onnx_lowering.lower_blocks(
+        _checked_step(graphdef, variables, unflat, k),
+        flat_shapes,
+        names,
+        names,
+        f'step{k}',
+        input_blocks={b: v for b, v in blocks.items() if v is not None},
+        block_outputs=buffers,
+      ),
     )
   for k in range(net.num_levels):
     graphs[f'forward{k}.onnx'] = onnx_lowering.lower(
@@ -196,8 +226,11 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
     'steps': [f'step{k}.onnx' for k in range(1, net.num_levels)],
     'forwards': [f'forward{k}.onnx' for k in range(net.num_levels)],
     'cache': names,
-    'cache_layout': 'level (int32 scalar), inputs, unit buffers..., logits [B, classes]; step k reads the names and '
-    "writes 'next_' + each; -1 and NaN logits: a step was given another level's cache",
+    'cache_blocks': {b: v for b, v in blocks.items()},
+    'graphs': lowered,
+    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as its level blocks "
+    "'<buffer>.<lo>_<hi>' (channels lo..hi-1), 'logits' [B, classes]. A graph reads the names it declares and "
+    "writes new blocks, 'logits' and 'next_level'; level -1 and NaN logits: a step was given another level's cache",
     'opset': onnx_lowering.OPSET,
     'runner': 'anytime_onnx.py',
     'selector': 'selector.npz' if selector is not None else None,

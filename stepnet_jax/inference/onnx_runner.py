@@ -12,9 +12,12 @@ so a device needs onnxruntime, numpy and DIR:
     out = net.predict(images, ax.Confidence(0.9))   # per-input stopping
     out.logits, out.exit_level, out.macs
 
-The cache is a dict of named arrays (``manifest['cache']``): ``level`` (the level it
-holds), the network's input, the unit buffers, ``logits``. ``predict`` runs each step
-only on the inputs still going (the rows of the cache are gathered on the host).
+The cache is a dict of named arrays: ``level`` (the level it holds), ``inputs`` (the
+normalised images), each unit buffer as the level blocks computed so far
+(``<buffer>.<lo>_<hi>``: its channels lo..hi-1) and ``logits``. Each graph reads the names
+it declares and adds its outputs (a step writes only its level's blocks: no buffer is
+copied). ``predict`` runs each step only on the inputs still going (the rows of the cache
+are gathered on the host).
 Policies read the current exit's logits and stop where they are sure enough:
 ``Confidence``, ``Margin``, ``Entropy``, ``MacBudget`` and ``Learned`` (the selection
 module of Guan et al., its weights in ``selector.npz`` when the export has one).
@@ -75,15 +78,17 @@ class Entropy:
 @dataclasses.dataclass(frozen=True)
 class MacBudget:
   """Stop before the step that would take an input past ``budget`` MACs (``macs_to_reach``:
-  the manifest's MACs spent to have each level's answer)."""
+  the manifest's MACs spent to have each level's answer). ``budget``: one number, or one
+  per input [B] (carried as the state, so it follows the inputs that keep going)."""
 
-  budget: float
+  budget: float | np.ndarray
   macs_to_reach: tuple
 
   def stop(self, logits, level, state):
-    """(stop [B], state): every input when the next level would cost more than the budget."""
+    """(stop [B], the per-input budgets): where the next level would cost more than the budget."""
+    budget = np.broadcast_to(np.asarray(self.budget if state is None else state, np.float64), logits.shape[:1])
     nxt = self.macs_to_reach[level + 1] if level + 1 < len(self.macs_to_reach) else np.inf
-    return np.full(logits.shape[:1], nxt > self.budget), state
+    return nxt > budget, budget
 
 
 class Learned:
@@ -150,7 +155,8 @@ class Network:
     self._start = session(self.manifest['start'])
     self._steps = [session(n) for n in self.manifest['steps']]
     self._forwards = [session(n) for n in self.manifest['forwards']]
-    self.names = list(self.manifest['cache'])
+    self._inputs = {id(sess): [i.name for i in sess.get_inputs()] for sess in [self._start, *self._steps]}
+    self._outputs = {id(sess): [o.name for o in sess.get_outputs()] for sess in [self._start, *self._steps]}
     self.num_levels = int(self.manifest['num_levels'])
     self.macs_to_reach = tuple(int(m) for m in self.manifest['macs_to_reach'])
     selector = os.path.join(directory, 'selector.npz')
@@ -162,18 +168,27 @@ class Network:
       raise ValueError(f'expected uint8 images [B, {", ".join(map(str, shape))}], got {images.dtype} {images.shape}')
     return images
 
+  def _run(self, session, feeds: dict, cache: dict) -> dict:
+    """``cache`` updated with what ``session`` computes from ``feeds`` (``next_x`` -> ``x``)."""
+    outs = session.run(None, feeds)
+    new = dict(cache)
+    for name, value in zip(self._outputs[id(session)], outs):
+      new[name[len('next_') :] if name.startswith('next_') else name] = value
+    return new
+
   def start(self, images: np.ndarray) -> dict:
     """Level 0's cache of uint8 images [B, H, W, C]."""
-    return dict(zip(self.names, self._start.run(None, {'images': self._images(images)})))
+    return self._run(self._start, {'images': self._images(images)}, {})
 
   def advance(self, cache: dict) -> dict:
-    """The next level's cache."""
+    """The next level's cache (a new dict; the blocks of ``cache`` are shared, not copied)."""
     level = int(cache['level'])
     if not 0 <= level < self.num_levels - 1:
       raise ValueError(
         f'cannot advance a cache of level {level} ({self.num_levels} levels; -1: a step got a wrong cache)'
       )
-    return dict(zip(self.names, self._steps[level].run(None, {n: cache[n] for n in self.names})))
+    session = self._steps[level]
+    return self._run(session, {n: cache[n] for n in self._inputs[id(session)]}, cache)
 
   def forward(self, images: np.ndarray, level: int) -> np.ndarray:
     """Logits of subnet ``level``, computed directly."""

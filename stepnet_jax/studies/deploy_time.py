@@ -1,0 +1,305 @@
+"""Wall time of stepping where it is deployed: XLA and ONNX Runtime, side by side.
+
+    python -m stepnet_jax.studies.deploy_time --json results/bench_anytime_time.json \\
+        [--networks lenet3c1l,vgg16,mobilenetv2] [--run resnet20=runs/compare_resnet20/steppingnet]
+
+Per network, runtime ('xla': the library's jitted functions; 'onnxruntime': the graphs of
+``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider) and
+batch (256 and 1), in one process, every timed function taking turns round by round (so a
+slow spell of the machine hits them alike), medians over the rounds:
+
+* ``steps_over_direct``: the K step times (start, then each step on the cache) summed, over
+  the direct top forward (XLA: the faster of its masked and level-block forwards);
+* ``level0_over_top``: the start step's time over the direct top forward, beside
+  ``level0_mac_fraction``, level 0's MACs over the top's;
+* ``anytime_over_direct``: the anytime program (XLA: the compiled program, the faster of
+  its two strategies; ONNX Runtime: ``Network.predict``, each step on the inputs still
+  going) at an exit mix of ``anytime_mac_fraction`` of the top's MACs on average, over the
+  direct top forward. The mix is given by per-input MAC budgets (``MacBudget`` with one
+  budget per input, ``exit_mix``): equal shares of the inputs stop at each level, moved down
+  to level 0 until the average is at most half the top's MACs; at batch 1 each level's time
+  is weighted by its share. Trained and untrained weights are timed alike.
+
+Networks named with ``--networks`` are built untrained (timing does not depend on the
+weights); ``--run NAME=WORKDIR`` times a trained run (e.g. a constructed ResNet-20).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import stepnet_jax
+from stepnet_jax import cli
+from stepnet_jax.inference import export, policies
+from stepnet_jax.inference.stepper import Stepper
+from stepnet_jax.models import zoo
+
+# name -> (zoo model, input shape): the untrained networks timed by default.
+NETWORKS = {
+  'lenet3c1l': ('lenet3c1l', (28, 28, 1)),
+  'resnet20': ('resnet20', (32, 32, 1)),
+  'vgg16': ('vgg16', (32, 32, 3)),
+  'mobilenetv2': ('mobilenetv2', (32, 32, 1)),
+}
+BATCHES = (256, 1)
+
+
+MIX_BATCH = 256  # the batch-1 runs weight each level as this batch's mix does
+
+
+def exit_mix(batch: int, macs_to_reach, fraction: float = 0.5) -> np.ndarray:
+  """Each input's exit level: equal shares at every level (input i at i mod K), then inputs
+  moved from the highest levels to level 0 until the average MACs are at most ``fraction``
+  of the top's."""
+  macs = np.asarray(macs_to_reach, np.float64)
+  exits = np.arange(batch) % len(macs)
+  for i in np.argsort(-exits, kind='stable'):
+    if macs[exits].mean() <= fraction * macs[-1]:
+      break
+    exits[i] = 0
+  return exits
+
+
+def cpu_name() -> str:
+  """The processor's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return f'{line.split(":", 1)[1].strip()} ({os.cpu_count()} cores)'
+  except OSError:
+    pass
+  return f'{platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+
+
+def _interleaved(fns: dict[str, Callable[[], list[float] | None]], rounds: int, warmup: int = 2) -> dict:
+  """Median seconds of each function, calling them in turn round by round. A function that
+  returns a list of per-part seconds (the steps) has each part's median recorded too."""
+  seconds: dict[str, list] = {name: [] for name in fns}
+  for r in range(warmup + rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      parts = fn()
+      total = time.perf_counter() - t
+      if r >= warmup:
+        seconds[name].append(parts if parts is not None else total)
+  return {
+    name: (np.median(np.asarray(s), axis=0).tolist() if isinstance(s[0], list) else float(np.median(s)))
+    for name, s in seconds.items()
+  }
+
+
+def _waited(fn: Callable, *args, **kwargs) -> Callable[[], None]:
+  """``fn(*args, **kwargs)`` as a timed call: it returns once the result is computed."""
+
+  def call() -> None:
+    jax.block_until_ready(fn(*args, **kwargs))
+
+  return call
+
+
+def _xla_functions(net: Stepper, x: jax.Array, budgets: np.ndarray) -> dict[str, Callable]:
+  fns, v, top = net.functions, net.variables, net.num_levels - 1
+  cache = {'c': fns.start(v, x)}
+  for k in range(1, net.num_levels):
+    cache['c'] = fns.levels[k](v, cache['c'])
+  policy = policies.MacBudget(jnp.asarray(budgets, jnp.float32), tuple(net.macs_to_reach))
+
+  def steps() -> list[float]:
+    t = [time.perf_counter()]
+    cache['c'] = jax.block_until_ready(fns.restart(v, cache['c'], x))
+    t.append(time.perf_counter())
+    for k in range(1, net.num_levels):
+      cache['c'] = jax.block_until_ready(fns.levels[k](v, cache['c']))
+      t.append(time.perf_counter())
+    return np.diff(t).tolist()
+
+  return {
+    'direct_masked': _waited(fns.forward, v, x, top),
+    'direct_blocked': _waited(fns.forward_blocked, v, x, top),
+    'steps': steps,
+    'anytime_masked': _waited(net.predict, x, policy, 'masked'),
+    'anytime_compact': _waited(net.predict, x, policy, 'compact'),
+  }
+
+
+def _onnx_module(directory: str):
+  """The exported ``anytime_onnx.py`` of ``directory``, imported as its own module."""
+  spec = importlib.util.spec_from_file_location(f'anytime_onnx_{abs(hash(directory))}', f'{directory}/anytime_onnx.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+  spec.loader.exec_module(module)
+  return module
+
+
+def _onnx_functions(device, ax, x: np.ndarray, budgets: np.ndarray) -> dict[str, Callable]:
+  top = device.num_levels - 1
+  policy = ax.MacBudget(budgets, device.macs_to_reach)
+
+  def steps() -> list[float]:
+    t = [time.perf_counter()]
+    cache = device.start(x)
+    t.append(time.perf_counter())
+    for _ in range(1, device.num_levels):
+      cache = device.advance(cache)
+      t.append(time.perf_counter())
+    return np.diff(t).tolist()
+
+  return {
+    'direct': _waited(device.forward, x, top),
+    'steps': steps,
+    'anytime': _waited(device.predict, x, policy),
+  }
+
+
+def _row(network: str, runtime: str, batch: int, m: dict, level_macs, fraction: float, extra: dict) -> dict:
+  direct = m['direct']
+  return {
+    'network': network,
+    'runtime': runtime,
+    'batch': batch,
+    'steps_over_direct': sum(m['steps']) / direct,
+    'level0_over_top': m['steps'][0] / direct,
+    'level0_mac_fraction': level_macs[0] / level_macs[-1],
+    'anytime_over_direct': m['anytime'] / direct,
+    'anytime_mac_fraction': fraction,
+    'direct_ms': 1e3 * direct,
+    'step_ms': [1e3 * s for s in m['steps']],
+    'anytime_ms': 1e3 * m['anytime'],
+    **extra,
+    'cpu': cpu_name(),
+    'date': datetime.date.today().isoformat(),
+  }
+
+
+def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: int = 0) -> list[dict]:
+  """The rows of one network: both runtimes at each batch size."""
+  level_macs = [int(m) for m in net.level_macs]
+  rng = np.random.RandomState(seed)
+  rows = []
+  with tempfile.TemporaryDirectory() as d:
+    export.save(net, d, format='onnx')
+    ax = _onnx_module(d)
+    device = ax.Network(d)
+    for batch in batches:
+      images = rng.randint(0, 256, (batch,) + tuple(net.input_shape)).astype(np.uint8)
+      exits = exit_mix(MIX_BATCH, net.macs_to_reach)
+      budgets = np.asarray(net.macs_to_reach, np.float64)[exits[:batch]]
+      fraction = float(np.mean(np.asarray(net.macs_to_reach)[exits]) / net.macs_to_reach[-1])
+      x = jnp.asarray(images)
+      xla = _xla_functions(net, x, budgets)
+      ort = _onnx_functions(device, ax, images, budgets)
+      m = _interleaved({**{f'xla_{k}': f for k, f in xla.items()}, **{f'ort_{k}': f for k, f in ort.items()}}, rounds)
+      if batch == 1:  # one input stops at one level: each level's time, weighted as the mix
+        m.update(_batch1_anytime(net, device, ax, x, images, rounds, np.bincount(exits, minlength=net.num_levels)))
+      direct = min(m['xla_direct_masked'], m['xla_direct_blocked'])
+      faster = min(('masked', 'compact'), key=lambda s: m[f'xla_anytime_{s}'])
+      rows.append(
+        _row(
+          name,
+          'xla',
+          batch,
+          {'direct': direct, 'steps': m['xla_steps'], 'anytime': m[f'xla_anytime_{faster}']},
+          level_macs,
+          fraction,
+          {
+            'direct_forward': 'masked' if m['xla_direct_masked'] <= m['xla_direct_blocked'] else 'blocked',
+            'anytime_strategy': faster,
+          },
+        )
+      )
+      ort_m = {'direct': m['ort_direct'], 'steps': m['ort_steps'], 'anytime': m['ort_anytime']}
+      rows.append(_row(name, 'onnxruntime', batch, ort_m, level_macs, fraction, {}))
+      for row in rows[-2:]:
+        print(
+          f'{name:>12} {row["runtime"]:>11} batch {batch:>3}: steps/direct {row["steps_over_direct"]:.2f}  '
+          f'level0/top {row["level0_over_top"]:.2f} (MACs {row["level0_mac_fraction"]:.2f})  '
+          f'anytime/direct {row["anytime_over_direct"]:.2f} (MACs {row["anytime_mac_fraction"]:.2f})  '
+          f'direct {row["direct_ms"]:.2f} ms',
+          flush=True,
+        )
+  return rows
+
+
+def _batch1_anytime(
+  net: Stepper, device, ax, x: jax.Array, images: np.ndarray, rounds: int, counts: np.ndarray
+) -> dict:
+  """Batch 1: the anytime program's time with the input stopping at each level, averaged
+  with the mix's share of each level (``counts``)."""
+  out = {'xla_anytime_masked': [], 'xla_anytime_compact': [], 'ort_anytime': []}
+  for level in range(net.num_levels):
+    budget = np.asarray([net.macs_to_reach[level]], np.float64)
+    xla = _xla_functions(net, x, budget)
+    fns = {
+      'xla_anytime_masked': xla['anytime_masked'],
+      'xla_anytime_compact': xla['anytime_compact'],
+      'ort_anytime': _onnx_functions(device, ax, images, budget)['anytime'],
+    }
+    for name, s in _interleaved(fns, rounds).items():
+      out[name].append(s)
+  return {name: float(np.average(s, weights=counts)) for name, s in out.items()}
+
+
+def _define_flags() -> None:
+  """The command's flags (defined only when run as the command)."""
+  flags.DEFINE_list('networks', list(NETWORKS), f'Untrained networks to time: {", ".join(NETWORKS)}.')
+  flags.DEFINE_multi_string('run', [], 'NAME=WORKDIR: also time the trained run in WORKDIR under NAME.')
+  flags.DEFINE_integer('levels', 4, 'Levels of the untrained networks.')
+  flags.DEFINE_integer('rounds', 10, 'Timed rounds at batch 256 (batch 1: 5x as many).')
+  flags.DEFINE_string('json', None, 'Write {"runs": [...]} to this file (rows of other networks in it are kept).')
+
+
+def main(argv) -> None:
+  """The command: times every network, prints a line per row, writes ``--json``."""
+  del argv
+  f = flags.FLAGS
+  nets = {}
+  for name in f.networks:
+    if name not in NETWORKS:
+      raise ValueError(f'unknown network {name!r}; choose from {", ".join(NETWORKS)}')
+    model, shape = NETWORKS[name]
+    nets[name] = lambda model=model, shape=shape: Stepper(
+      zoo.build_model(model, num_classes=10, input_shape=shape, num_levels=f.levels)
+    )
+  for spec in f.run:
+    name, _, workdir = spec.partition('=')
+    if not workdir:
+      raise ValueError(f'--run takes NAME=WORKDIR, got {spec!r}')
+    nets[name] = lambda workdir=workdir: stepnet_jax.load(workdir)
+  rows = []
+  for name, make in nets.items():
+    net = make()
+    rows += time_network(name, net, f.rounds, batches=(256,))
+    rows += time_network(name, net, 5 * f.rounds, batches=(1,))
+  if f.json:
+    kept = []
+    if os.path.exists(f.json):
+      with open(f.json) as fh:
+        kept = [r for r in json.load(fh)['runs'] if r['network'] not in nets]
+    with open(f.json, 'w') as fh:
+      json.dump({'runs': kept + rows}, fh, indent=1)
+    print(f'wrote {f.json}')
+
+
+def command() -> None:
+  """``python -m stepnet_jax.studies.deploy_time [--networks ...] [--run NAME=WORKDIR] --json FILE``."""
+  _define_flags()
+  cli.show_in_help(__name__)
+  app.run(main)
+
+
+if __name__ == '__main__':
+  command()
