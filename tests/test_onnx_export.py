@@ -261,3 +261,20 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
     assert macs == [manifest['macs_to_reach'][lv] for lv in levels]
     assert logits_error <= 1e-4 * max(1.0, got['scale'])
   assert len(set(exits['Confidence'])) > 1  # the threshold splits the batch
+
+
+@pytest.mark.parametrize('macs', [(1, 4, 9, 16), (1, 2, 3, 100), (2, 3, 5, 6)])
+def test_the_timing_exit_mix_spends_at_most_half_the_top_macs(macs):
+  """deploy_time's exit mix: equal shares at each level while that spends at most half the
+  top's MACs on average; otherwise inputs moved down to level 0 until it does, no more."""
+  from stepnet_jax.studies.deploy_time import exit_mix
+
+  exits = exit_mix(256, macs)
+  mean = np.mean(np.asarray(macs)[exits])
+  assert mean <= 0.5 * macs[-1]
+  if np.mean(macs) <= 0.5 * macs[-1]:
+    assert (np.bincount(exits, minlength=4) == 64).all()
+  else:  # one input fewer moved down would spend more than half
+    assert mean + (macs[-1] - macs[0]) / 256 > 0.5 * macs[-1]
+  with pytest.raises(ValueError, match='level 0 alone'):
+    exit_mix(8, (10, 11, 12, 13))

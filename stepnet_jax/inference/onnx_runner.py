@@ -212,9 +212,10 @@ class Network:
       exit_level[active[stop]] = level
       if stop.all():
         break
-      keep = ~stop
-      active = active[keep]
-      state = state[keep] if isinstance(state, np.ndarray) else state
-      cache = {n: (a if n == 'level' else a[keep]) for n, a in cache.items()}
+      if stop.any():  # gather the rows still going (none to gather when every input goes on)
+        keep = ~stop
+        active = active[keep]
+        state = state[keep] if isinstance(state, np.ndarray) else state
+        cache = {n: (a if n == 'level' else a[keep]) for n, a in cache.items()}
       cache = self.advance(cache)
     return Prediction(logits, exit_level, np.asarray(self.macs_to_reach, np.int64)[exit_level])

@@ -65,6 +65,8 @@ def exit_mix(batch: int, macs_to_reach, fraction: float = 0.5) -> np.ndarray:
   moved from the highest levels to level 0 until the average MACs are at most ``fraction``
   of the top's."""
   macs = np.asarray(macs_to_reach, np.float64)
+  if macs[0] > fraction * macs[-1]:
+    raise ValueError(f'level 0 alone costs {macs[0] / macs[-1]:.2f} of the top: no mix spends at most {fraction}')
   exits = np.arange(batch) % len(macs)
   for i in np.argsort(-exits, kind='stable'):
     if macs[exits].mean() <= fraction * macs[-1]:
@@ -185,6 +187,23 @@ def _row(network: str, runtime: str, batch: int, m: dict, level_macs, fraction: 
   }
 
 
+def agreement(net: Stepper, device, images: np.ndarray) -> dict:
+  """How far onnxruntime's logits are from the library's on ``images``, at every level, by
+  stepping and by the direct forwards: the largest absolute difference and the largest logit."""
+  exits = np.asarray(net.exits(jnp.asarray(images)))
+  cache, steps = device.start(images), []
+  for level in range(net.num_levels):
+    if level:
+      cache = device.advance(cache)
+    steps.append(cache['logits'])
+  forwards = [device.forward(images, level) for level in range(net.num_levels)]
+  return {
+    'onnx_steps_max_abs_error': float(np.abs(np.stack(steps) - exits).max()),
+    'onnx_forwards_max_abs_error': float(np.abs(np.stack(forwards) - exits).max()),
+    'max_abs_logit': float(np.abs(exits).max()),
+  }
+
+
 def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: int = 0) -> list[dict]:
   """The rows of one network: both runtimes at each batch size."""
   level_macs = [int(m) for m in net.level_macs]
@@ -194,6 +213,7 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
     export.save(net, d, format='onnx')
     ax = _onnx_module(d)
     device = ax.Network(d)
+    check = agreement(net, device, rng.randint(0, 256, (16,) + tuple(net.input_shape)).astype(np.uint8))
     for batch in batches:
       images = rng.randint(0, 256, (batch,) + tuple(net.input_shape)).astype(np.uint8)
       exits = exit_mix(MIX_BATCH, net.macs_to_reach)
@@ -222,7 +242,7 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
         )
       )
       ort_m = {'direct': m['ort_direct'], 'steps': m['ort_steps'], 'anytime': m['ort_anytime']}
-      rows.append(_row(name, 'onnxruntime', batch, ort_m, level_macs, fraction, {}))
+      rows.append(_row(name, 'onnxruntime', batch, ort_m, level_macs, fraction, check))
       for row in rows[-2:]:
         print(
           f'{name:>12} {row["runtime"]:>11} batch {batch:>3}: steps/direct {row["steps_over_direct"]:.2f}  '
@@ -253,13 +273,30 @@ def _batch1_anytime(
   return {name: float(np.average(s, weights=counts)) for name, s in out.items()}
 
 
+def format_markdown(rows: list[dict]) -> str:
+  """The rows as a Markdown table, one line per network, runtime and batch size."""
+  lines = [
+    '| network | runtime | batch | direct top, ms | steps / direct | level 0 / top (MACs) | anytime / direct (MACs) |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for r in rows:
+    lines.append(
+      f'| {r["network"]} | {r["runtime"]} | {r["batch"]} | {r["direct_ms"]:.2f} | {r["steps_over_direct"]:.2f} | '
+      f'{r["level0_over_top"]:.2f} ({r["level0_mac_fraction"]:.2f}) | '
+      f'{r["anytime_over_direct"]:.2f} ({r["anytime_mac_fraction"]:.2f}) |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
 def _define_flags() -> None:
   """The command's flags (defined only when run as the command)."""
   flags.DEFINE_list('networks', list(NETWORKS), f'Untrained networks to time: {", ".join(NETWORKS)}.')
   flags.DEFINE_multi_string('run', [], 'NAME=WORKDIR: also time the trained run in WORKDIR under NAME.')
   flags.DEFINE_integer('levels', 4, 'Levels of the untrained networks.')
   flags.DEFINE_integer('rounds', 10, 'Timed rounds at batch 256 (batch 1: 5x as many).')
-  flags.DEFINE_string('json', None, 'Write {"runs": [...]} to this file (rows of other networks in it are kept).')
+  flags.DEFINE_string(
+    'json', None, 'Write {"runs": [...]} to this file and a table beside it (.md); rows of other networks are kept.'
+  )
 
 
 def main(argv) -> None:
@@ -291,7 +328,10 @@ def main(argv) -> None:
         kept = [r for r in json.load(fh)['runs'] if r['network'] not in nets]
     with open(f.json, 'w') as fh:
       json.dump({'runs': kept + rows}, fh, indent=1)
-    print(f'wrote {f.json}')
+    table = os.path.splitext(f.json)[0] + '.md'
+    with open(table, 'w') as fh:
+      fh.write(format_markdown(kept + rows))
+    print(f'wrote {f.json} and {table}')
 
 
 def command() -> None:
