@@ -16,7 +16,7 @@ import pytest
 import testlib
 
 import stepnet_jax
-from stepnet_jax.core import anytime
+from stepnet_jax.core import anytime, stepping
 from stepnet_jax.inference import policies
 from stepnet_jax.models import zoo
 
@@ -112,7 +112,8 @@ def test_predict_compiles_once_per_strategy_and_batch_size(nets, monkeypatch):
   monkeypatch.setattr(anytime, 'predict', predict)
   net = nets['reusable']
   for strategy in anytime.STRATEGIES:
-    fn = anytime.make_predict(net.program, strategy)  # a new program: a new jitted function
+    program = stepping.program(net.graphdef, net.variables)  # a new program: a new jitted function
+    fn = anytime.make_predict(program, strategy)
     for seed in range(3):
       x = testlib.images(testlib.MNIST_SHAPE, batch=12, seed=seed)
       v = jax.tree.map(lambda a: a * (1.0 + 0.01 * seed), net.variables)

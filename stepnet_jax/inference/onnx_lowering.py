@@ -282,7 +282,7 @@ def lower_blocks(
           if src != 0:
             raise NotImplementedError(f'output {name}: a block of {src}, not zeros, left unwritten')
           continue
-        if src[0] in given and src[1] == lo - 0 and part_name(name, lo, hi) == src[0]:
+        if src[0] in given and src[1] == lo and part_name(name, lo, hi) == src[0]:
           continue  # an input block passed through
         value = part(g, out, lo, hi, src)
         block = part_name(name, lo, hi)
