@@ -101,9 +101,34 @@ def test_each_lowered_operation_matches_jax_at_a_symbolic_batch(name):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_an_operation_without_a_lowering_is_named():
-  with pytest.raises(NotImplementedError, match="'sort'"):
-    onnx_lowering.lower(lambda x: jnp.sort(x, -1), [jax.ShapeDtypeStruct((B, 4), np.float32)], ['x'], ['y'])
+@pytest.mark.parametrize(
+  'fn, match',
+  [
+    (lambda x: jnp.sort(x, -1), "'sort'"),
+    (lambda x: x[:-1], 'symbolic axis'),  # to b - 1: not the axis's end
+    (lambda x: jnp.take(x, 9, axis=1), 'out-of-bounds'),  # JAX fills with NaN; a slice cannot
+  ],
+)
+def test_what_cannot_be_lowered_exactly_is_refused_by_name(fn, match):
+  with pytest.raises(NotImplementedError, match=match):
+    onnx_lowering.lower(fn, [jax.ShapeDtypeStruct((B, 5), np.float32)], ['x'], ['y'])
+
+
+def test_the_runners_mac_budget_decides_as_the_librarys_past_float32_precision():
+  """MAC counts above 2^24 and one budget per input: the numpy policy compares in float32,
+  as the library does, so both stop the same inputs (the runner's state carries the budgets)."""
+  from stepnet_jax.inference import onnx_runner
+
+  macs = (5, 78_643_204, 100_000_001, 200_000_000)
+  budgets = np.asarray([4, 5, 78_643_203, 78_643_204, 78_643_205, 100_000_000, 2e8, 3e8], np.float64)
+  logits = np.zeros((len(budgets), 10), np.float32)
+  library = policies.MacBudget(jnp.asarray(budgets, jnp.float32), macs)
+  runner = onnx_runner.MacBudget(budgets, macs)
+  for level in range(3):
+    want = np.asarray(library.stop(jnp.asarray(logits), jnp.int32(level), ())[0])
+    got, state = runner.stop(logits, level, None)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(state, budgets.astype(np.float32))
 
 
 def _networks():

@@ -162,15 +162,22 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
     return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
 
   os.makedirs(directory, exist_ok=True)
-  blocks: dict[str, list] = {}  # buffer -> the blocks written so far (None: held whole)
+  blocks: dict[str, list | None] = {b: [] for b in buffers}  # the blocks written so far (None: held whole)
   graphs, lowered = {}, {}
 
   def add(file: str, low) -> None:
     graphs[file] = low.model
     lowered[file] = {'inputs': low.inputs, 'outputs': sorted(low.outputs)}
     for traced, lo, hi in low.outputs.values():
-      if traced in buffers:
-        blocks[traced] = None if lo is None else [*(blocks.get(traced) or []), (lo, hi)]
+      if traced not in buffers:
+        continue
+      if lo is None:
+        blocks[traced] = None
+        continue
+      held = blocks[traced] or []
+      if any(a < hi and lo < b for a, b in held):  # a step rewriting part of a lower level's block
+        raise NotImplementedError(f'{file} rewrites channels {lo}..{hi - 1} of {traced}, written by a lower level')
+      blocks[traced] = [*held, (lo, hi)]
 
   add(
     'start.onnx',

@@ -41,7 +41,7 @@ from stepnet_jax.inference.onnx_graph import (
   static_shape,
   value_info,
 )
-from stepnet_jax.inference.onnx_rules import ELEMENTWISE, RULES, iota
+from stepnet_jax.inference.onnx_rules import ELEMENTWISE, RULES, check_in_bounds, iota
 
 __all__ = ['OPSET', 'Lowered', 'lower', 'lower_blocks', 'part_name', 'supported_primitives']
 
@@ -122,6 +122,7 @@ def _window(eqn, values, p: Pieces) -> tuple[int, int] | None:
     for axis, start in zip(dn.start_index_map, values[1]):
       starts[axis] = int(start)
     sizes = list(eqn.params['slice_sizes'])
+    check_in_bounds(eqn, starts, p.shape, sizes)
   else:
     return None
   for a in range(rank):
@@ -276,7 +277,7 @@ def lower_blocks(
   emitted: dict[str, tuple] = {}
   out_info = []
   for out, name, var in zip(outs, output_names, jaxpr.outvars):
-    if isinstance(out, Pieces) and name in block_outputs:
+    if isinstance(out, Pieces) and name in block_outputs and out.axis == len(out.shape) - 1:
       for lo, hi, src in out.parts:
         if not isinstance(src, tuple):
           if src != 0:

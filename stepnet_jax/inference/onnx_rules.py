@@ -75,6 +75,8 @@ def _slice(g: Graph, eqn, x: str) -> str:
       raise NotImplementedError('slice with a symbolic start or stride')
     axes.append(axis)
     starts.append(int(lo))
+    if not is_static(hi) and not same_dim(hi, shape[axis]):
+      raise NotImplementedError(f'slice to {hi} on a symbolic axis (only to its end)')
     ends.append(int(hi) if is_static(hi) else INT64_MAX)
     steps.append(int(step))
   if not axes:
@@ -155,6 +157,16 @@ def _dynamic_slice(g: Graph, eqn, x: str, *indices: str) -> str:
   return _constant_slice(g, eqn, x, [int(v) for v in starts], eqn.params['slice_sizes'])
 
 
+def check_in_bounds(eqn, starts: Sequence[int], shape: Sequence, sizes: Sequence) -> None:
+  """NotImplementedError for a gather that fills out-of-bounds reads (JAX's 'fill' mode, e.g.
+  ``jnp.take``) at a start that JAX would otherwise clamp: a slice cannot fill."""
+  if 'FILL' not in str(eqn.params.get('mode', '')):
+    return
+  for n, start, size in zip(shape, starts, sizes):
+    if is_static(n) and is_static(size) and not 0 <= start <= int(n) - int(size):
+      raise NotImplementedError('gather with out-of-bounds indices filled')
+
+
 def _gather(g: Graph, eqn, x: str, indices: str) -> str:
   """Gathers at indices known when lowering (what indexing with known offsets or strides
   traces to): one start per indexed axis is a slice; a grid of starts over contiguous
@@ -169,6 +181,7 @@ def _gather(g: Graph, eqn, x: str, indices: str) -> str:
     starts = [0] * rank
     for axis, start in zip(dn.start_index_map, index):
       starts[axis] = int(start)
+    check_in_bounds(eqn, starts, shape, sizes)
     y = _constant_slice(g, eqn, x, starts, sizes)
     return g.one('Squeeze', [y, g.constant(list(dropped), np.int64)]) if dropped else y
   axes = tuple(dn.start_index_map)
@@ -177,6 +190,7 @@ def _gather(g: Graph, eqn, x: str, indices: str) -> str:
     axes != dropped
     or axes != tuple(range(first, first + len(axes)))
     or any(not same_dim(sizes[a], 1) or not is_static(shape[a]) for a in axes)
+    or any(not same_dim(sizes[a], shape[a]) for a in range(rank) if a not in axes)
     or tuple(dn.offset_dims) != tuple(range(first)) + tuple(range(first + len(grid), rank - len(axes) + len(grid)))
   ):
     raise NotImplementedError(f'gather of this form ({dn})')
@@ -277,7 +291,7 @@ def _max_pool(g: Graph, eqn, x: str) -> str:
 
 def _reduce(op: str) -> Callable:
   def rule(g: Graph, eqn, x: str) -> str:
-    return g.one(op, [x, g.constant(list(eqn.params['axes']), np.int64)], keepdims=0)
+    return g.one(op, [x, g.constant(list(eqn.params['axes']), np.int64)], keepdims=0, noop_with_empty_axes=1)
 
   return rule
 

@@ -86,9 +86,9 @@ class MacBudget:
 
   def stop(self, logits, level, state):
     """(stop [B], the per-input budgets): where the next level would cost more than the budget."""
-    budget = np.broadcast_to(np.asarray(self.budget if state is None else state, np.float64), logits.shape[:1])
-    nxt = self.macs_to_reach[level + 1] if level + 1 < len(self.macs_to_reach) else np.inf
-    return nxt > budget, budget
+    budget = np.broadcast_to(np.asarray(self.budget if state is None else state, np.float32), logits.shape[:1])
+    nxt = np.float32(self.macs_to_reach[level + 1] if level + 1 < len(self.macs_to_reach) else np.inf)
+    return nxt > budget, budget  # in float32, as the library compares
 
 
 class Learned:
@@ -138,15 +138,18 @@ class Prediction:
 
 
 class Network:
-  """The ONNX graphs of an export directory, run with onnxruntime."""
+  """The ONNX graphs of an export directory, run with onnxruntime (``threads``: intra-op
+  threads, 0 for its default; ``spinning=False`` lets idle threads sleep at once)."""
 
-  def __init__(self, directory: str, threads: int = 0, providers=('CPUExecutionProvider',)):
+  def __init__(self, directory: str, threads: int = 0, providers=('CPUExecutionProvider',), spinning: bool = True):
     with open(os.path.join(directory, 'manifest.json')) as f:
       self.manifest = json.load(f)
     if self.manifest.get('format') != 'onnx':
       raise ValueError(f'{directory} holds a {self.manifest.get("format", "jax")} export, not ONNX graphs')
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default
+    if not spinning:  # idle threads sleep at once instead of spinning (fairer to other work on the cores)
+      options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
     def session(name):

@@ -6,14 +6,17 @@
 Per network, runtime ('xla': the library's jitted functions; 'onnxruntime': the graphs of
 ``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider) and
 batch (256 and 1), in one process, every timed function taking turns round by round (so a
-slow spell of the machine hits them alike), medians over the rounds:
+slow spell of the machine hits them alike; onnxruntime's idle threads sleep instead of
+spinning, so they do not slow the XLA call after them), medians over the rounds. Before
+timing, onnxruntime's logits must equal the library's and both runtimes must stop each
+input at the same level.
 
 * ``steps_over_direct``: the K step times (start, then each step on the cache) summed, over
   the direct top forward (XLA: the faster of its masked and level-block forwards);
 * ``level0_over_top``: the start step's time over the direct top forward, beside
   ``level0_mac_fraction``, level 0's MACs over the top's;
-* ``anytime_over_direct``: the anytime program (XLA: the compiled program, the faster of
-  its two strategies; ONNX Runtime: ``Network.predict``, each step on the inputs still
+* ``anytime_over_direct``: the anytime program (XLA: the compiled program, called bare, the
+  faster of its two strategies; ONNX Runtime: ``Network.predict``, each step on the inputs still
   going) at an exit mix of ``anytime_mac_fraction`` of the top's MACs on average, over the
   direct top forward. The mix is given by per-input MAC budgets (``MacBudget`` with one
   budget per input, ``exit_mix``): equal shares of the inputs stop at each level, moved down
@@ -43,6 +46,7 @@ from absl import app, flags
 
 import stepnet_jax
 from stepnet_jax import cli
+from stepnet_jax.core import anytime
 from stepnet_jax.inference import export, policies
 from stepnet_jax.inference.stepper import Stepper
 from stepnet_jax.models import zoo
@@ -133,8 +137,8 @@ def _xla_functions(net: Stepper, x: jax.Array, budgets: np.ndarray) -> dict[str,
     'direct_masked': _waited(fns.forward, v, x, top),
     'direct_blocked': _waited(fns.forward_blocked, v, x, top),
     'steps': steps,
-    'anytime_masked': _waited(net.predict, x, policy, 'masked'),
-    'anytime_compact': _waited(net.predict, x, policy, 'compact'),
+    'anytime_masked': _waited(anytime.make_predict(net.program, 'masked'), v, x, policy),
+    'anytime_compact': _waited(anytime.make_predict(net.program, 'compact'), v, x, policy),
   }
 
 
@@ -197,11 +201,15 @@ def agreement(net: Stepper, device, images: np.ndarray) -> dict:
       cache = device.advance(cache)
     steps.append(cache['logits'])
   forwards = [device.forward(images, level) for level in range(net.num_levels)]
-  return {
+  out = {
     'onnx_steps_max_abs_error': float(np.abs(np.stack(steps) - exits).max()),
     'onnx_forwards_max_abs_error': float(np.abs(np.stack(forwards) - exits).max()),
     'max_abs_logit': float(np.abs(exits).max()),
   }
+  tolerance = 1e-4 * max(1.0, out['max_abs_logit'])
+  if max(out['onnx_steps_max_abs_error'], out['onnx_forwards_max_abs_error']) > tolerance:
+    raise AssertionError(f'onnxruntime and the library disagree: {out}; the timings would compare different work')
+  return out
 
 
 def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: int = 0) -> list[dict]:
@@ -212,7 +220,7 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
   with tempfile.TemporaryDirectory() as d:
     export.save(net, d, format='onnx')
     ax = _onnx_module(d)
-    device = ax.Network(d)
+    device = ax.Network(d, spinning=False)
     check = agreement(net, device, rng.randint(0, 256, (16,) + tuple(net.input_shape)).astype(np.uint8))
     for batch in batches:
       images = rng.randint(0, 256, (batch,) + tuple(net.input_shape)).astype(np.uint8)
@@ -222,6 +230,13 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
       x = jnp.asarray(images)
       xla = _xla_functions(net, x, budgets)
       ort = _onnx_functions(device, ax, images, budgets)
+      policy = policies.MacBudget(jnp.asarray(budgets, jnp.float32), tuple(net.macs_to_reach))
+      xla_exits = np.asarray(net.predict(x, policy).exit_level)
+      ort_exits = device.predict(images, ax.MacBudget(budgets, device.macs_to_reach)).exit_level
+      if not np.array_equal(xla_exits, ort_exits):
+        raise AssertionError(
+          'the runtimes stop inputs at different levels: their anytime times would compare other work'
+        )
       m = _interleaved({**{f'xla_{k}': f for k, f in xla.items()}, **{f'ort_{k}': f for k, f in ort.items()}}, rounds)
       if batch == 1:  # one input stops at one level: each level's time, weighted as the mix
         m.update(_batch1_anytime(net, device, ax, x, images, rounds, np.bincount(exits, minlength=net.num_levels)))
