@@ -163,6 +163,7 @@ for name, d in json.loads(sys.argv[1]).items():
   forwards = [net.forward(x, k) for k in range(net.num_levels)]
   err = lambda got: np.abs(np.stack(got) - ref['exits']).max(-1).max(0)  # per input, over levels
   out[name] = {'steps': err(steps).tolist(), 'forwards': err(forwards).tolist(), 'scale': float(np.abs(ref['exits']).max())}
+  out[name]['selector'] = net.selector_path is not None
   try:
     net.advance(cache)
   except ValueError as e:
@@ -268,6 +269,7 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
   for name, got in out.items():
     tol = 1e-4 * max(1.0, got['scale'])
     assert 'cannot advance a cache of level 3' in got['repeated']
+    assert got['selector'] == (name == 'lenet3c1l')  # only the export given selector= ships one
     for path in ('steps', 'forwards'):
       errors = np.asarray(got[path])
       if name.startswith('quantized'):

@@ -162,8 +162,8 @@ class Network:
     self._outputs = {id(sess): [o.name for o in sess.get_outputs()] for sess in [self._start, *self._steps]}
     self.num_levels = int(self.manifest['num_levels'])
     self.macs_to_reach = tuple(int(m) for m in self.manifest['macs_to_reach'])
-    selector = os.path.join(directory, 'selector.npz')
-    self.selector_path = selector if os.path.exists(selector) else None
+    selector = self.manifest.get('selector')  # the manifest's, not a file an older export left behind
+    self.selector_path = os.path.join(directory, selector) if selector else None
 
   def _images(self, images: np.ndarray) -> np.ndarray:
     shape = tuple(self.manifest['input_shape'])
