@@ -51,8 +51,9 @@ def test_heuristic_policies_stop_where_numpy_says():
 
 
 def test_bucket_sizes():
-  assert anytime.bucket_sizes(256) == (256, 128, 64, 32, 16, 8, 4, 2, 1)
-  assert anytime.bucket_sizes(256, 4) == (256, 64, 16, 4, 1)
+  assert anytime.bucket_sizes(256) == (256, 192, 128, 96, 64, 32, 16, 8, 4, 2, 1)
+  assert anytime.bucket_sizes(256, 4) == (256, 160, 64, 16, 4, 1)
+  assert anytime.bucket_sizes(32) == (32, 16, 8, 4, 2, 1)
   assert anytime.bucket_sizes(10, 3) == (10, 4, 2, 1)
   assert anytime.bucket_sizes(1) == (1,)
 
@@ -132,8 +133,8 @@ def test_a_single_level_network_has_nothing_to_decide():
 
 
 def test_compact_steps_only_the_running_inputs():
-  """With 1 of 8 inputs still running, the compact program steps a bucket of 1 (masked: all 8),
-  and padding rows marked invalid never keep a level running."""
+  """With 1 of 8 inputs still running, the compact program steps a bucket of 1 (masked: all 8);
+  with 70 of 128, the halfway bucket of 96; padding rows marked invalid never keep a level running."""
   seen = []
   forwards = [
     lambda v, x, k=k: jax.debug.callback(lambda n=x.shape[0], k=k: seen.append((k, n))) or x[:, :4] * v[k]
@@ -149,6 +150,12 @@ def test_compact_steps_only_the_running_inputs():
     jax.effects_barrier()
     assert seen == expected, (strategy, seen)
     assert np.asarray(out.exit_level).tolist() == [0, 0, 0, 2, 0, 0, 0, 0]
+  big = jnp.zeros((128, 4)).at[:, 0].set(5.0).at[:70, 0].set(0.2)  # 70 of 128 unsure: a bucket of 96
+  seen.clear()
+  out = anytime.make_predict(program, 'compact')(v, big, policy)
+  jax.effects_barrier()
+  assert seen == [(0, 128), (1, 96), (2, 96)], seen
+  assert np.asarray(out.exit_level).tolist() == [2] * 70 + [0] * 58
   seen.clear()
   valid = jnp.arange(8) != 3  # input 3 is padding
   anytime.make_predict(program, 'masked')(v, x, policy, valid)

@@ -34,6 +34,26 @@ W = RNG.randn(3, 3, 4, 6).astype(np.float32)
 WG = RNG.randn(3, 3, 2, 6).astype(np.float32)
 M = RNG.randn(5, 7).astype(np.float32)
 HELPER = jax.jit(lambda v: v * 2.0 + 1.0)
+MU, SCALE, SHIFT = (RNG.randn(6).astype(np.float32) for _ in range(3))
+
+
+def _conv_affine(x):
+  """A convolution, a normalisation in inference form and a ReLU: folded into one Conv."""
+  return jax.nn.relu((_conv(x, W, window_strides=(1, 1), padding='SAME') - MU) * SCALE + SHIFT)
+
+
+def _product_affine(x):
+  """A product with constant weights (the first layer's tap product), then the same map."""
+  return jax.nn.relu((jnp.einsum('bitc,tco->bio', x, W[0, :2]) - MU) / SCALE + SHIFT)
+
+
+def _conv_affine_unfoldable(x):
+  """Constant minus the convolution, over a per-channel divisor; a value read twice and a
+  constant that varies along a spatial axis end the fold where they appear."""
+  y = (MU - _conv(x, W, window_strides=(1, 1), padding='VALID')) / (SCALE + 3.0)
+  return y * np.arange(1.0, 6.0, dtype=np.float32)[:, None, None] + y, y
+
+
 # name -> (function, batched argument shapes [without the batch axis], dtype)
 CASES = {
   'conv_strided_padded': (lambda x: _conv(x, W, window_strides=(2, 1), padding=((1, 1), (0, 2))), [(7, 6, 4)], 'f'),
@@ -70,6 +90,9 @@ CASES = {
   'uint8_normalise': (lambda x: (x.astype(jnp.float32) / 255.0 - 0.3) * jax.lax.rsqrt(jnp.float32(0.2)), [(4,)], 'u8'),
   # One jitted helper inlined twice, on a constant and on the input: each call binds its own values.
   'one_helper_on_a_constant_and_an_input': (lambda x: x * HELPER(jnp.float32(2.0)) + HELPER(x.sum()), [(3,)], 'f'),
+  'conv_channel_affine_relu': (_conv_affine, [(5, 6, 4)], 'f'),
+  'conv_affine_partly_foldable': (_conv_affine_unfoldable, [(7, 6, 4)], 'f'),
+  'product_channel_affine_relu': (_product_affine, [(3, 2, 4)], 'f'),
   'conv_by_taps_same': (lambda x: layers.conv_by_taps(x, W[:, :, :1], 2, 'SAME'), [(6, 5, 1)], 'f'),
 }
 
@@ -99,6 +122,21 @@ def test_each_lowered_operation_matches_jax_at_a_symbolic_batch(name):
       w = np.asarray(w)
       assert g.shape == w.shape and g.dtype == w.dtype, name
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_per_channel_affine_map_after_a_convolution_is_folded_into_it():
+  """(The values are checked by the operation cases above.) Sub, Mul, Div and Add leave the
+  graph after a convolution; after a product with constant weights one Add is left."""
+  model = onnx_lowering.lower(_conv_affine, [jax.ShapeDtypeStruct((B, 5, 6, 4), np.float32)], ['x'], ['y'])
+  ops = [n.op_type for n in model.graph.node]
+  assert ops.count('Conv') == 1 and 'Relu' in ops and not {'Sub', 'Mul', 'Add'} & set(ops), ops
+  partly = onnx_lowering.lower(
+    _conv_affine_unfoldable, [jax.ShapeDtypeStruct((B, 7, 6, 4), np.float32)], ['x'], ['y', 'z']
+  )
+  ops = [n.op_type for n in partly.graph.node]
+  assert not {'Sub', 'Div'} & set(ops) and ops.count('Mul') == 1 and ops.count('Add') == 1, ops
+  product = onnx_lowering.lower(_product_affine, [jax.ShapeDtypeStruct((B, 3, 2, 4), np.float32)], ['x'], ['y'])
+  assert [n.op_type for n in product.graph.node] == ['Einsum', 'Add', 'Relu']
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import helper
 
+from stepnet_jax.inference.onnx_fuse import fold_channel_affine
 from stepnet_jax.inference.onnx_graph import (
   OPSET,
   Graph,
@@ -298,6 +299,7 @@ def lower_blocks(
     target = renamed_outputs.get(name, f'next_{name}' if name in given else name)
     emitted[target] = (value, name, None, None)
     out_info.append((target, var.aval.shape, var.aval.dtype))
+  g.nodes = fold_channel_affine(g.nodes, g.initializers, {value for value, *_ in emitted.values()})
   _name_outputs(g, {target: value for target, (value, *_) in emitted.items()}, given)
   used = {name for node in g.nodes for name in node.input}
   graph = helper.make_graph(

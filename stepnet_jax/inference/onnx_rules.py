@@ -20,7 +20,6 @@ ELEMENTWISE = {
   'sub': 'Sub',
   'mul': 'Mul',
   'div': 'Div',
-  'max': 'Max',
   'min': 'Min',
   'pow': 'Pow',
   'neg': 'Neg',
@@ -246,7 +245,11 @@ def _conv(g: Graph, eqn, lhs: str, rhs: str) -> str:
   if min(pads) < 0:
     raise NotImplementedError('convolution with negative padding')
   x = g.one('Transpose', [lhs], perm=list(dn.lhs_spec))  # -> N, C, spatial
-  w = g.one('Transpose', [rhs], perm=list(dn.rhs_spec))  # -> O, I, spatial
+  kernel_value = g.value(eqn.invars[1])
+  if kernel_value is not None:  # a constant kernel is stored O, I, spatial (onnx_fuse folds into it)
+    w = g.constant(np.transpose(kernel_value, list(dn.rhs_spec)))
+  else:
+    w = g.one('Transpose', [rhs], perm=list(dn.rhs_spec))  # -> O, I, spatial
   kernel = [int(eqn.invars[1].aval.shape[d]) for d in dn.rhs_spec[2:]]
   y = g.one(
     'Conv',
@@ -258,6 +261,16 @@ def _conv(g: Graph, eqn, lhs: str, rhs: str) -> str:
     kernel_shape=kernel,
   )
   return g.one('Transpose', [y], perm=_inverse(dn.out_spec))
+
+
+def _max(g: Graph, eqn, a: str, b: str) -> str:
+  """Max; against a constant zero, Relu (which onnxruntime fuses into the convolution before it)."""
+  for i, other in ((0, b), (1, a)):
+    value = g.value(eqn.invars[i])
+    if value is not None and np.issubdtype(value.dtype, np.floating) and not np.any(value):
+      if tuple(eqn.outvars[0].aval.shape) == tuple(eqn.invars[1 - i].aval.shape):
+        return g.one('Relu', [other])
+  return g.one('Max', [a, b])
 
 
 def _max_pool(g: Graph, eqn, x: str) -> str:
@@ -391,6 +404,7 @@ RULES: dict[str, Callable] = {
   'dot_general': _dot_general,
   'conv_general_dilated': _conv,
   'reduce_window_max': _max_pool,
+  'max': _max,
   'reduce_sum': _reduce('ReduceSum'),
   'reduce_max': _reduce('ReduceMax'),
   'reduce_min': _reduce('ReduceMin'),

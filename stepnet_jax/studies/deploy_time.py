@@ -314,39 +314,52 @@ def _define_flags() -> None:
   )
 
 
-def main(argv) -> None:
-  """The command: times every network, prints a line per row, writes ``--json``."""
-  del argv
-  f = flags.FLAGS
+def networks(names: list[str], runs: list[str], levels: int) -> dict[str, Callable[[], Stepper]]:
+  """name -> a function building the network: untrained ``NETWORKS`` by name, and trained runs
+  given as ``NAME=WORKDIR``."""
   nets = {}
-  for name in f.networks:
+  for name in names:
     if name not in NETWORKS:
       raise ValueError(f'unknown network {name!r}; choose from {", ".join(NETWORKS)}')
     model, shape = NETWORKS[name]
     nets[name] = lambda model=model, shape=shape: Stepper(
-      zoo.build_model(model, num_classes=10, input_shape=shape, num_levels=f.levels)
+      zoo.build_model(model, num_classes=10, input_shape=shape, num_levels=levels)
     )
-  for spec in f.run:
+  for spec in runs:
     name, _, workdir = spec.partition('=')
     if not workdir:
       raise ValueError(f'--run takes NAME=WORKDIR, got {spec!r}')
     nets[name] = lambda workdir=workdir: stepnet_jax.load(workdir)
+  return nets
+
+
+def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str]) -> None:
+  """``{"runs": rows}`` to ``path`` and its table beside it (.md); the rows already there of
+  networks not among ``rows`` are kept."""
+  names = {r['network'] for r in rows}
+  kept = []
+  if os.path.exists(path):
+    with open(path) as fh:
+      kept = [r for r in json.load(fh)['runs'] if r['network'] not in names]
+  with open(path, 'w') as fh:
+    json.dump({'runs': kept + rows}, fh, indent=1)
+  table = os.path.splitext(path)[0] + '.md'
+  with open(table, 'w') as fh:
+    fh.write(markdown(kept + rows))
+  print(f'wrote {path} and {table}')
+
+
+def main(argv) -> None:
+  """The command: times every network, prints a line per row, writes ``--json``."""
+  del argv
+  f = flags.FLAGS
   rows = []
-  for name, make in nets.items():
+  for name, make in networks(f.networks, f.run, f.levels).items():
     net = make()
     rows += time_network(name, net, f.rounds, batches=(256,))
     rows += time_network(name, net, 5 * f.rounds, batches=(1,))
   if f.json:
-    kept = []
-    if os.path.exists(f.json):
-      with open(f.json) as fh:
-        kept = [r for r in json.load(fh)['runs'] if r['network'] not in nets]
-    with open(f.json, 'w') as fh:
-      json.dump({'runs': kept + rows}, fh, indent=1)
-    table = os.path.splitext(f.json)[0] + '.md'
-    with open(table, 'w') as fh:
-      fh.write(format_markdown(kept + rows))
-    print(f'wrote {f.json} and {table}')
+    write_rows(f.json, rows, format_markdown)
 
 
 def command() -> None:
