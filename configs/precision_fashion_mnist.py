@@ -44,6 +44,10 @@ def get_config():
       progressive_bn_batches=50,
       progressive_bn_affine_steps=100,  # BN scale and bias also trained per plane count (Adam, all else frozen); 0: statistics only
       progressive_bn_affine_learning_rate=1e-3,
+      # the fewest bits per method within 0.5 point of float on validation (no fine-tune), budgets bisected
+      min_bits_tolerance=0.005,
+      min_bits_step=0.25,
+      min_bits_finetune=True,
     )
   )
   c.quick = ml_collections.ConfigDict(
@@ -64,6 +68,8 @@ def get_config():
         progressive_epochs=0.5,
         progressive_bn_batches=5,
         progressive_bn_affine_steps=5,
+        min_bits_step=1.0,
+        min_bits_finetune=False,
       ),
     )
   )

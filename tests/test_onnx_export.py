@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 ort = pytest.importorskip('onnxruntime')
+onnx = pytest.importorskip('onnx')
 
 from stepnet_jax.core import layers  # noqa: E402
 from stepnet_jax.inference import export, onnx_lowering, policies  # noqa: E402
@@ -279,6 +280,15 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
     manifest = export.save(net, d, format='onnx', selector=selector if name == 'lenet3c1l' else None)
     assert manifest['cache'][0] == 'level' and manifest['cache'][-1] == 'logits'
     assert manifest['macs_to_reach'] == list(net.macs_to_reach)
+    step1 = onnx.load(f'{d}/step1.onnx').graph
+    image_blocks = 0
+    for value in [*step1.input, *step1.output]:  # image-shaped cache blocks travel NCHW: [B, channels, H, W]
+      dims = [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+      if len(dims) == 4 and '.' in value.name:
+        lo, hi = (int(v) for v in value.name.rsplit('.', 1)[1].split('_'))
+        assert dims[1] == hi - lo and dims[2] == dims[3] > 1, (value.name, dims)
+        image_blocks += 1
+    assert image_blocks > 0
     x = RNG.randint(0, 256, (24,) + net.input_shape).astype(np.uint8)
     exits = np.asarray(net.exits(x))
     knobs = {}

@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 import stepnet_jax
 from stepnet_jax import config
@@ -53,6 +54,35 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
     'progressive',
     'staircase',
   }
+  # Minimum bits: each found assignment meets the rule on the validation split it was searched on
+  # (recomputed here from the float network, the split and the bits).
+  m = saved['min_bits']
+  target = m['float_validation_accuracy'] - m['tolerance']
+  resolved = precision.resolve(cc, quick=True)
+  digits = datasets.subset(
+    datasets.load_digits(), resolved.common.data.train_subset, resolved.common.data.test_subset, resolved.common.seed
+  )
+  _, held = datasets.split_validation(digits, resolved.common.data.validation_examples, resolved.common.seed)
+  float_model, _ = restore.load_variables(str(tmp_path / 'float'))
+  evaluate = precision.Evaluator(400)
+  assert evaluate(float_model, digits.train_images[held], digits.train_labels[held])[-1] == pytest.approx(
+    m['float_validation_accuracy']
+  )
+  for method in precision.BIT_ASSIGNMENTS:
+    e = m[method]
+    tried = e['search']['tried']
+    if method == 'uniform':  # whole widths upwards: every smaller one failed
+      assert all(t['validation_accuracy'] < target for t in tried[:-1])
+    if not e['found']:
+      assert all(t['validation_accuracy'] < target for t in tried)
+      continue
+    bits = {k: tuple(v) for k, v in e['weight_bits'].items()}
+    q = quantized.apply(
+      float_model, quantized.Precision(bits, saved['settings']['act_bits'], saved['settings']['clips'])
+    )
+    again = evaluate(q, digits.train_images[held], digits.train_labels[held])[-1]
+    assert again == pytest.approx(e['validation_accuracy']) and again >= target
+    assert e['mean_bits'] <= min(t['budget'] for t in tried if t['validation_accuracy'] >= target) + 1e-9
   test = datasets.load_digits()
   for method in precision.BIT_ASSIGNMENTS:
     entries = saved[method]
@@ -84,10 +114,20 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
   assert all(r['accuracy'] == r['accuracy_direct'] for r in rows)
   assert np.all(np.diff([r['bitops_cumulative'] for r in rows]) > 0)
   stairs = saved['staircase']
-  assert set(stairs) == {'combined', 'levels_only', 'bits_only', 'combined_class', 'bits_only_class'}
+  assert set(stairs) == {'combined', 'optimal', 'levels_only', 'bits_only', 'combined_class', 'bits_only_class'}
   levels = len(saved['float_accuracy_per_level'])
+  grid = np.asarray(saved['grid']['validation'])
   for kind, steps in stairs.items():
-    assert steps[-1]['state'] == [levels - 1, 4] and np.all(np.diff([s['bitops'] for s in steps]) > 0), kind
+    assert np.all(np.diff([s['bitops'] for s in steps]) > 0), kind
+    on_ladder = grid if not kind.endswith('_class') else None  # the class ladder's grid is its own
+    assert all(
+      'validation_accuracy' in s
+      and (on_ladder is None or s['validation_accuracy'] == on_ladder[s['state'][0], s['state'][1] - 1])
+      for s in steps
+    ), kind
+    if kind == 'optimal':  # starts and stops where the search found best
+      continue
+    assert steps[-1]['state'] == [levels - 1, 4], kind
     assert (
       steps[0]['state']
       == {
@@ -98,6 +138,17 @@ def test_precision_study_end_to_end_on_digits(tmp_path):
         'bits_only_class': [levels - 1, 1],
       }[kind]
     )
+
+  # On validation the optimal staircase is at most its recorded shortfall below levels-only and bits-only.
+  def at(steps, c):  # the validation accuracy once c bit-ops are spent
+    return ([0.0] + [s['validation_accuracy'] for s in steps if s['bitops'] <= c])[-1]
+
+  worst = max(
+    at(stairs[base], c) - at(stairs['optimal'], c)
+    for base in ('levels_only', 'bits_only')
+    for c in {s['bitops'] for k in ('optimal', 'levels_only', 'bits_only') for s in stairs[k]}
+  )
+  assert max(worst, 0.0) == pytest.approx(saved['optimal_staircase']['shortfall'], abs=1e-6)
   # The class ladder: rungs 1 and N uniform (same state, same cost and accuracy as the
   # uniform ladder's), the middle rungs at most b planes on the MAC-weighted mean.
   ladder = saved['class_ladder']

@@ -6,6 +6,8 @@ recomputed from a plain convolution, bit-op costs from the per-layer MAC counts,
 staircase worked out by hand.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,6 +151,68 @@ def test_combined_staircase_takes_the_best_gain_per_bitop():
   path = staircase.staircase_path('combined', acc, costs)
   assert path == [(0, 1), (0, 2), (1, 2), (1, 3)]
   assert [s['bitops'] for s in staircase.walk(path, costs, acc)] == [40, 110, 230, 470]
+
+
+def test_every_monotone_path_is_searched_once():
+  """Paths from any state to any state at or above it: sum over pairs of C(dk + db, dk)."""
+  k, n = 3, 4
+  paths = staircase.monotone_paths(k, n)
+  want = sum(
+    math.comb((k2 - k1) + (b2 - b1), k2 - k1)
+    for k1 in range(k)
+    for b1 in range(n)
+    for k2 in range(k1, k)
+    for b2 in range(b1, n)
+  )
+  assert len(paths) == want == len({tuple(p) for p in paths})
+  for p in paths:
+    steps = {(k2 - k1, b2 - b1) for (k1, b1), (k2, b2) in zip(p, p[1:])}
+    assert steps <= {(1, 0), (0, 1)}, p
+
+
+def test_the_area_is_the_mean_accuracy_of_a_uniform_budget():
+  points = [{'bitops': 10, 'accuracy': 0.5}, {'bitops': 30, 'accuracy': 0.8}, {'bitops': 70, 'accuracy': 0.9}]
+  budgets = np.arange(0, 50) + 0.5  # midpoints of [0, 50) in unit steps: exact for integer breakpoints
+  sampled = np.mean([([0.0] + [p['accuracy'] for p in points if p['bitops'] <= c])[-1] for c in budgets])
+  assert staircase.area(points, 50) == pytest.approx(sampled)
+
+
+def test_the_optimal_staircase_beats_or_matches_every_path_on_its_criterion():
+  """On a grid where a fourth plane lowers the accuracy: the chosen path is never below
+  levels-only and bits-only, stops before the last plane, and no other path never below them
+  has a larger area (every path checked, walked and integrated independently)."""
+  base = np.asarray([[10, 40], [20, 60]])
+  costs = staircase.PlaneCosts(np.stack([b * base for b in range(5)]), num_levels=2, n=4)
+  acc = np.asarray([[0.2, 0.6, 0.7, 0.69], [0.1, 0.5, 0.9, 0.88]])
+  # levels-only: (0,4) .69 at 120, (1,4) .88 at 520; bits-only: .1 at 130, .5 at 340, .9 at 630, .88 at 1000;
+  # (0,3) .7 at 90 then (1,3) .9 at 390 is above both everywhere, and no other path is (worked out by hand).
+  path, record = staircase.optimal_path(acc, costs)
+  assert record['shortfall'] == 0.0 and path == [(0, 3), (1, 3)]
+  horizon = costs.direct(1, 4)
+
+  def curve(p):  # (bit-ops, accuracy) along p, summed by hand from the step costs
+    spent, out = costs.direct(*p[0]), []
+    for i, (k, b) in enumerate(p):
+      spent += costs.step(p[i - 1], (k, b)) if i else 0
+      out.append((spent, acc[k, b - 1]))
+    return out
+
+  def at(c, p):
+    return ([0.0] + [a for s, a in curve(p) if s <= c])[-1]
+
+  baselines = [[(0, 4), (1, 4)], [(1, 1), (1, 2), (1, 3), (1, 4)]]
+  budgets = np.linspace(0, 2 * horizon, 801)
+
+  def below(p):
+    return max(max(at(c, q) - at(c, p) for q in baselines) for c in budgets)
+
+  def mean_accuracy(p):
+    return np.mean([at(c, p) for c in np.linspace(0, horizon, 1001)[:-1] + horizon / 2000])
+
+  assert below(path) <= 1e-12
+  for other in staircase.monotone_paths(2, 4):
+    if below(other) <= 1e-12:
+      assert mean_accuracy(other) <= mean_accuracy(path) + 1e-3, other
 
 
 def _score(model, seed=0):

@@ -218,6 +218,41 @@ def test_bit_search_meets_the_budget_and_is_monotone_in_importance(small):
   assert record['tried'][0]['uniform'] and all(np.all(v == 4) for v in bits_at_4.values())
 
 
+def test_minimum_bits_finds_the_fewest_that_keep_the_accuracy(small):
+  """With a validation accuracy that rises with the MAC-weighted mean bits, the searched
+  minimum is the smallest grid budget whose best candidate passes (brute force over the grid),
+  and the uniform minimum the smallest passing whole width."""
+  from stepnet_jax.methods import bitsearch
+
+  model, _ = small
+  rng = np.random.RandomState(7)
+  scores = {name: rng.gamma(2.0, size=unit.kernel.shape[-1]) for name, unit in zip(model.unit_names, model.units)}
+  macs = {k: v for k, v in quantized.neuron_macs(model).items() if k != 'head'}
+
+  def validate(weight_bits):
+    mean = quantized.mean_bits({k: np.asarray(weight_bits[k]) for k in macs}, macs)
+    return {'accuracy': 1.0 - 0.5**mean, 'loss': 0.5**mean}
+
+  target = 1.0 - 0.5**3.4
+  bits, record = bitsearch.minimum_bits(model, scores, validate, target, slopes=(1.0, 4.0), step=0.25)
+  passing = [
+    b
+    for b in np.arange(1.0, 8.01, 0.25)
+    if max(
+      t['validation_accuracy'] for t in bitsearch.search(model, scores, b, validate, slopes=(1.0, 4.0))[1]['tried']
+    )
+    >= target
+  ]
+  found = quantized.mean_bits({k: np.asarray(bits[k]) for k in macs}, macs)
+  assert record['validation_accuracy'] >= target and found >= 3.4 - 1e-9
+  assert min(t['budget'] for t in record['tried'] if t['validation_accuracy'] >= target) == passing[0]
+  assert len(record['tried']) <= 7  # bisection, not a scan of the 29 budgets
+  uniform, urecord = bitsearch.minimum_bits(model, None, validate, target)
+  assert all(np.all(np.asarray(uniform[k]) == 4) for k in macs)  # 3 bits: 0.875 < target; 4 bits pass
+  assert [t['budget'] for t in urecord['tried']] == [1.0, 2.0, 3.0, 4.0]
+  assert bitsearch.minimum_bits(model, None, validate, 1.0)[0] is None  # nothing reaches accuracy 1
+
+
 def test_quantization_aware_gradient_is_the_quantized_networks(small):
   """Straight-through: the QAT objective's gradient w.r.t. the float kernels equals the
   gradient of the same loss w.r.t. the kernels of the quantized network taken as inputs."""

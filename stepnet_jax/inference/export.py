@@ -188,6 +188,7 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
       names,
       'start',
       block_outputs=buffers,
+      channels_first=True,
     ),
   )
   flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
@@ -202,6 +203,7 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
         f'step{k}',
         input_blocks={b: v for b, v in blocks.items() if v is not None},
         block_outputs=buffers,
+        channels_first=True,
       ),
     )
   for k in range(net.num_levels):
@@ -236,7 +238,8 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
     'cache_blocks': {b: v for b, v in blocks.items()},
     'graphs': lowered,
     'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as its level blocks "
-    "'<buffer>.<lo>_<hi>' (channels lo..hi-1), 'logits' [B, classes]. A graph reads the names it declares and "
+    "'<buffer>.<lo>_<hi>' (channels lo..hi-1; a block of an image-shaped buffer is NCHW: [B, channels, H, W]), "
+    "'logits' [B, classes]. A graph reads the names it declares and "
     "writes new blocks, 'logits' and 'next_level'; level -1 and NaN logits: a step was given another level's cache",
     'opset': onnx_lowering.OPSET,
     'runner': 'anytime_onnx.py',

@@ -42,7 +42,7 @@ from stepnet_jax.inference.onnx_graph import (
   static_shape,
   value_info,
 )
-from stepnet_jax.inference.onnx_rules import ELEMENTWISE, RULES, check_in_bounds, iota
+from stepnet_jax.inference.onnx_rules import ELEMENTWISE, RULES, check_in_bounds, inverse_permutation, iota
 
 __all__ = ['OPSET', 'Lowered', 'lower', 'lower_blocks', 'part_name', 'supported_primitives']
 
@@ -220,6 +220,9 @@ def part_name(name: str, lo: int, hi: int) -> str:
   return f'{name}.{lo}_{hi}'
 
 
+_TO_NCHW = (0, 3, 1, 2)  # NHWC -> NCHW
+
+
 def lower_blocks(
   fn: Callable,
   args: Sequence[jax.ShapeDtypeStruct],
@@ -229,6 +232,7 @@ def lower_blocks(
   input_blocks: dict[str, list[tuple[int, int]]] | None = None,
   block_outputs: Sequence[str] = (),
   renamed_outputs: dict[str, str] | None = None,
+  channels_first: bool = False,
 ) -> Lowered:
   """``lower`` with values passed in blocks along their last axis, so a step reads and
   writes only the blocks it needs, with no copy of a whole buffer.
@@ -239,6 +243,9 @@ def lower_blocks(
   others are whole values, except an output that is an unchanged input, which is left out.
   ``renamed_outputs``: traced output name -> graph output name; an output that would take
   an input's name is otherwise ``next_`` + the name. Unused inputs are dropped.
+  ``channels_first``: the blocks of rank-4 values (NHWC activations) are graph inputs and
+  outputs in NCHW, ONNX's convolution layout, so onnxruntime cancels the transposes around each
+  convolution instead of converting every block it reads and writes.
   """
   input_blocks = input_blocks or {}
   renamed_outputs = renamed_outputs or {}
@@ -250,6 +257,7 @@ def lower_blocks(
       f'named {len(input_names)} and {len(output_names)}'
     )
   graph_inputs, atoms = [], []
+  moved: list[tuple[str, str]] = []  # (NCHW graph input, its NHWC value) with channels_first
   for name, v in zip(input_names, jaxpr.invars):
     if name not in input_blocks:
       graph_inputs.append((name, v.aval.shape, v.aval.dtype))
@@ -261,8 +269,14 @@ def lower_blocks(
       if lo > at:
         parts.append((at, lo, 0.0))
       block = part_name(name, lo, hi)
-      parts.append((lo, hi, (block, lo)))
-      graph_inputs.append((block, shape[:axis] + (hi - lo,), v.aval.dtype))
+      block_shape = shape[:axis] + (hi - lo,)
+      if channels_first and len(shape) == 4:
+        moved.append((block, f'{block}.nhwc'))
+        parts.append((lo, hi, (f'{block}.nhwc', lo)))
+        block_shape = tuple(block_shape[i] for i in _TO_NCHW)
+      else:
+        parts.append((lo, hi, (block, lo)))
+      graph_inputs.append((block, block_shape, v.aval.dtype))
       at = hi
     if at < shape[axis]:
       parts.append((at, int(shape[axis]), 0.0))
@@ -273,8 +287,17 @@ def lower_blocks(
   g = Graph(batch_source)
   for name, shape, _ in graph_inputs:
     g.extent[name] = shape[-1] if shape else None
-  given = {name for name, _, _ in graph_inputs}
+  for block, nhwc in moved:
+    g.extent[nhwc] = next(shape[1] for name, shape, _ in graph_inputs if name == block)
+  given = {name for name, _, _ in graph_inputs} | {nhwc for _, nhwc in moved}
+  passed = {nhwc: block for block, nhwc in moved}  # an input block's value -> its graph input
   outs = _emit(g, jaxpr, closed.consts, atoms)
+  read = {name for node in g.nodes for name in node.input}
+  g.nodes[:0] = [  # each NCHW input block read, in NHWC
+    helper.make_node('Transpose', [block], [nhwc], perm=inverse_permutation(_TO_NCHW))
+    for block, nhwc in moved
+    if nhwc in read
+  ]
   emitted: dict[str, tuple] = {}
   out_info = []
   for out, name, var in zip(outs, output_names, jaxpr.outvars):
@@ -284,13 +307,16 @@ def lower_blocks(
           if src != 0:
             raise NotImplementedError(f'output {name}: a block of {src}, not zeros, left unwritten')
           continue
-        if src[0] in given and src[1] == lo and part_name(name, lo, hi) == src[0]:
+        if src[0] in given and src[1] == lo and part_name(name, lo, hi) == passed.get(src[0], src[0]):
           continue  # an input block passed through
         value = part(g, out, lo, hi, src)
         block = part_name(name, lo, hi)
-        emitted[block] = (value, name, lo, hi)
         shape = list(out.shape)
         shape[out.axis] = hi - lo
+        if channels_first and len(shape) == 4:
+          value = g.one('Transpose', [value], perm=list(_TO_NCHW))
+          shape = [shape[i] for i in _TO_NCHW]
+        emitted[block] = (value, name, lo, hi)
         out_info.append((block, shape, out.dtype))
       continue
     value = read_value(g, out)

@@ -229,7 +229,8 @@ def _dot_general(g: Graph, eqn, lhs: str, rhs: str) -> str:
   return y
 
 
-def _inverse(perm: Sequence[int]) -> list[int]:
+def inverse_permutation(perm: Sequence[int]) -> list[int]:
+  """The permutation that undoes ``perm``."""
   inv = [0] * len(perm)
   for i, p in enumerate(perm):
     inv[p] = i
@@ -260,7 +261,7 @@ def _conv(g: Graph, eqn, lhs: str, rhs: str) -> str:
     group=int(p['feature_group_count']),
     kernel_shape=kernel,
   )
-  return g.one('Transpose', [y], perm=_inverse(dn.out_spec))
+  return g.one('Transpose', [y], perm=inverse_permutation(dn.out_spec))
 
 
 def _max(g: Graph, eqn, a: str, b: str) -> str:
@@ -299,7 +300,7 @@ def _max_pool(g: Graph, eqn, x: str) -> str:
   )
   if len(rest) == 1:
     y = g.one('Squeeze', [y, g.constant([1], np.int64)])
-  return g.one('Transpose', [y], perm=_inverse(perm))
+  return g.one('Transpose', [y], perm=inverse_permutation(perm))
 
 
 def _reduce(op: str) -> Callable:

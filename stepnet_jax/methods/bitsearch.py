@@ -121,6 +121,70 @@ def search(
   return best[1], {'slope': best[2], 'rank_by': rank_by, 'tried': tried}
 
 
+def minimum_bits(
+  model: SteppingModel,
+  scores: Mapping[str, np.ndarray] | None,
+  validate: Callable[[dict[str, tuple[int, ...]]], Mapping[str, float]],
+  target_accuracy: float,
+  *,
+  min_bits: int = 1,
+  max_bits: int = 8,
+  head_bits: int = 8,
+  slopes: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+  step: float = 0.25,
+) -> tuple[dict[str, tuple[int, ...]] | None, dict]:
+  """(the fewest bits found whose top-exit validation accuracy is at least ``target_accuracy``,
+  a record), the question of class-based quantization: how few bits keep the accuracy.
+
+  With ``scores``, mean-bit budgets on a grid of ``step`` from ``min_bits`` to ``max_bits``
+  are bisected (the accuracy taken to rise with the budget; every budget tried is recorded):
+  at each, ``search`` ranks its candidates by validation accuracy, and the budget passes when
+  the best reaches the target. Without ``scores``, uniform bits: the smallest whole width that
+  passes, tried upwards. (None, record) when even ``max_bits`` does not pass."""
+  head = (int(head_bits),) * model.head.kernel.shape[-1]
+  tried = []
+
+  def passes(budget: float):
+    if scores is None:
+      weight_bits = {**quantized.uniform_bits(model, int(budget)), 'head': head}
+      accuracy = float(validate(weight_bits)['accuracy'])
+    else:
+      weight_bits, record = search(
+        model,
+        scores,
+        budget,
+        validate,
+        min_bits=min_bits,
+        max_bits=max_bits,
+        head_bits=head_bits,
+        slopes=slopes,
+        rank_by='accuracy',
+      )
+      accuracy = max(t['validation_accuracy'] for t in record['tried'])
+    tried.append({'budget': float(budget), 'validation_accuracy': accuracy})
+    return (weight_bits, accuracy) if accuracy >= target_accuracy else None
+
+  found = None
+  if scores is None:
+    for bits in range(min_bits, max_bits + 1):
+      if (found := passes(bits)) is not None:
+        break
+  else:
+    grid = np.arange(min_bits, max_bits + step / 2, step)
+    lo, hi = -1, len(grid) - 1  # grid[hi] passes (once checked); grid[lo] does not
+    found = passes(grid[hi])
+    while found is not None and hi - lo > 1:
+      mid = (lo + hi) // 2
+      if (at_mid := passes(grid[mid])) is not None:
+        hi, found = mid, at_mid
+      else:
+        lo = mid
+  record = {'target_validation_accuracy': float(target_accuracy), 'tried': tried}
+  if found is None:
+    return None, record
+  return found[0], {**record, 'validation_accuracy': found[1]}
+
+
 # name -> (model, images, labels, num_classes, seed) -> {hidden layer: score per neuron}
 SCORES: Registry[Callable[..., dict[str, np.ndarray]]] = Registry('bit-width score')
 

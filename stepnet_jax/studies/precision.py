@@ -78,6 +78,12 @@ class PrecisionSection:
   progressive_bn_batches: int = 50  # training batches that re-estimate BN's statistics per plane count
   progressive_bn_affine_steps: int = 100  # BN scale and bias trained per plane count (Adam, all else frozen); 0: not
   progressive_bn_affine_learning_rate: float = 1e-3
+  # Minimum bits (``bitsearch.minimum_bits``): the fewest bits per method whose top-exit
+  # validation accuracy, without a fine-tune, is within ``min_bits_tolerance`` of the float
+  # network's; budgets bisected on a grid of ``min_bits_step``; a negative tolerance skips it
+  min_bits_tolerance: float = 0.005
+  min_bits_step: float = 0.25
+  min_bits_finetune: bool = True  # also report the found bits' test accuracy after the fine-tune (one seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +118,7 @@ class PrecisionConfig:
         'precision.progressive_epochs',
         'precision.progressive_learning_rate',
         'precision.progressive_bn_affine_learning_rate',
+        'precision.min_bits_step',
       ),
     )
     if not p.budgets or any(float(b) != int(b) or not p.min_bits <= b <= p.max_bits for b in p.budgets):
@@ -322,6 +329,10 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
         f'{after[top]:.4f} after the fine-tune (mean of {len(seeds)}; float {float_acc[top]:.4f})',
         flush=True,
       )
+  if p.min_bits_tolerance >= 0:
+    out['min_bits'] = minimum_bits_study(
+      cfg, p, model, scores, clips, train_split, val, test, evaluate, steps_per_epoch, float(float_acc[top])
+    )
   if p.progressive_planes:
     out.update(
       progressive_study(
@@ -341,6 +352,84 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
     )
   out['seconds'] = time.time() - t0
   reports.write_study(workdir, 'precision', out, markdown(out), functools.partial(plot, out=out))
+  return out
+
+
+def minimum_bits_study(
+  cfg: config_lib.Config,
+  p: PrecisionSection,
+  model,
+  scores: dict[str, dict[str, np.ndarray]],
+  clips,
+  train_split: datasets.Dataset,
+  val,
+  test,
+  evaluate: Evaluator,
+  steps_per_epoch: int,
+  float_test_accuracy: float,
+) -> dict:
+  """Per method, the fewest bits whose validation accuracy (top exit, no fine-tune) is within
+  ``min_bits_tolerance`` of the float network's (``bitsearch.minimum_bits``): the class-based,
+  magnitude and random scores under one search, and the smallest uniform width. Each found
+  assignment's test accuracy, bit-ops and (``min_bits_finetune``) test accuracy after the
+  study's fine-tune."""
+  top = model.num_levels - 1
+  float_val = float(evaluate(model, *val)[top])
+  hidden_macs = quantized.hidden_neuron_macs(model)
+
+  def validate(weight_bits):
+    quantized_model = quantized.apply(model, quantized.Precision(weight_bits, p.act_bits, clips))
+    return {k: v[top] for k, v in evaluate.metrics(quantized_model, *val).items()}
+
+  out = {
+    'float_validation_accuracy': float_val,
+    'float_accuracy': float_test_accuracy,
+    'tolerance': p.min_bits_tolerance,
+  }
+  for method in BIT_ASSIGNMENTS:
+    weight_bits, record = bitsearch.minimum_bits(
+      model,
+      scores.get(method),
+      validate,
+      float_val - p.min_bits_tolerance,
+      min_bits=p.min_bits,
+      max_bits=p.max_bits,
+      head_bits=p.head_bits,
+      slopes=p.slopes,
+      step=p.min_bits_step,
+    )
+    if weight_bits is None:
+      out[method] = {'found': False, 'search': record}
+      print(f'minimum bits, {method}: even {p.max_bits} bits lose more than the tolerance', flush=True)
+      continue
+    precision = quantized.Precision(weight_bits, p.act_bits, clips)
+    entry = {
+      'found': True,
+      'mean_bits': quantized.mean_bits(weight_bits, hidden_macs),
+      'accuracy': float(evaluate(quantized.apply(model, precision), *test)[top]),
+      'validation_accuracy': record['validation_accuracy'],
+      'bitops': int(quantized.bitops(model, weight_bits, p.act_bits).sum()),
+      'weight_bits': {k: [int(b) for b in v] for k, v in weight_bits.items()},
+      'search': record,
+    }
+    if p.min_bits_finetune:
+      tuned = finetune(
+        cfg,
+        model,
+        precision,
+        train_split,
+        p.finetune_epochs,
+        p.finetune_learning_rate,
+        steps_per_epoch,
+        desc=f'{method} minimum bits',
+      )
+      entry['accuracy_after_finetune'] = float(evaluate(quantized.apply(tuned, precision), *test)[top])
+    out[method] = entry
+    print(
+      f'minimum bits, {method}: mean {entry["mean_bits"]:.2f} (validation {entry["validation_accuracy"]:.4f}, '
+      f'float {float_val:.4f}), test {entry["accuracy"]:.4f}',
+      flush=True,
+    )
   return out
 
 
@@ -409,9 +498,10 @@ def progressive_study(
     for b in range(1, n + 1)
   ]
   stairs = {
-    kind: staircase.walk(staircase.staircase_path(kind, val_grid, costs), costs, test_grid)
-    for kind in ('combined', 'levels_only', 'bits_only')
+    kind: staircase.walk(staircase.staircase_path(kind, val_grid, costs), costs, test_grid, val_grid)
+    for kind in staircase.KINDS
   }
+  _, optimal_record = staircase.optimal_path(val_grid, costs)
   extra = {}
   if class_score is not None:
     extra = class_ladder_study(cfg, p, tuned, val, test, clips, evaluate, class_score, retrain)
@@ -439,6 +529,7 @@ def progressive_study(
     'progressive': rows,
     'staircase': stairs,
     **extra,
+    'optimal_staircase': optimal_record,
     'grid': {'validation': val_grid.tolist(), 'test': test_grid.tolist()},
     'progressive_settings': {
       'planes': n,
@@ -505,7 +596,7 @@ def class_ladder_study(
   return {
     'class_ladder': {'slope': slope, 'rungs': rungs},
     'staircase': {
-      f'{kind}_class': staircase.walk(staircase.staircase_path(kind, val_grid, costs), costs, test_grid)
+      f'{kind}_class': staircase.walk(staircase.staircase_path(kind, val_grid, costs), costs, test_grid, val_grid)
       for kind in ('combined', 'bits_only')
     },
   }
@@ -582,10 +673,39 @@ def markdown(out: dict) -> str:
         f'{100 * e["bitops_fraction_of_float32"]:.2f}% |'
       )
   lines += [''] + search_markdown(out)
+  if 'min_bits' in out:
+    lines += [''] + min_bits_markdown(out['min_bits'])
   if 'progressive' in out:
     lines += [''] + progressive_markdown(out)
   lines += ['', '## Targets', ''] + targets(out)
   return '\n'.join(lines) + '\n'
+
+
+def min_bits_markdown(m: dict) -> list[str]:
+  """The minimum-bits search: per method the fewest bits that keep the validation accuracy."""
+  lines = [
+    '## Minimum bits',
+    '',
+    f'The fewest weight bits whose top-exit validation accuracy, without a fine-tune, is within '
+    f"{100 * m['tolerance']:.2f} point of the float network's ({100 * m['float_validation_accuracy']:.2f}%; test "
+    f'{100 * m["float_accuracy"]:.2f}%): searched methods bisect the mean-bit budget, uniform tries whole widths.',
+    '',
+    '| method | mean bits (hidden, MAC-weighted) | validation accuracy | test accuracy | after fine-tune | bit-ops per input |',
+    '|---|---:|---:|---:|---:|---:|',
+  ]
+  for method in BIT_ASSIGNMENTS:
+    e = m.get(method)
+    if e is None:
+      continue
+    if not e['found']:
+      lines.append(f'| {method} | not found within the bit range | | | | |')
+      continue
+    tuned = f'{100 * e["accuracy_after_finetune"]:.2f}' if 'accuracy_after_finetune' in e else '-'
+    lines.append(
+      f'| {method} | {e["mean_bits"]:.2f} | {100 * e["validation_accuracy"]:.2f} | {100 * e["accuracy"]:.2f} | '
+      f'{tuned} | {e["bitops"]:,} |'
+    )
+  return lines
 
 
 def search_markdown(out: dict) -> list[str]:
@@ -650,16 +770,30 @@ def progressive_markdown(out: dict) -> list[str]:
     '## Level x precision staircases',
     '',
     'States (level, planes); the combined staircase is chosen greedily on validation (accuracy gained per '
-    'bit-op), the accuracies are test accuracies.',
+    'bit-op), the optimal one by exact search over every monotone path on validation (its criterion below); '
+    'the accuracies are test accuracies (validation in brackets).',
     '',
   ]
   for kind, steps in out['staircase'].items():
     lines.append(
       f'- **{kind}**: '
       + ' -> '.join(
-        f'({e["state"][0]},{e["state"][1]}) {100 * e["accuracy"]:.2f}% @ {e["bitops"] / 1e6:.3g}M' for e in steps
+        f'({e["state"][0]},{e["state"][1]}) {100 * e["accuracy"]:.2f}% '
+        f'[{100 * e.get("validation_accuracy", float("nan")):.2f}] @ {e["bitops"] / 1e6:.3g}M'
+        for e in steps
       )
     )
+  if 'optimal_staircase' in out:
+    o = out['optimal_staircase']
+    lines += [
+      '',
+      f'The optimal staircase: of {o["paths_searched"]} monotone paths, the {o["criterion"]} '
+      f'({o["horizon_bitops"] / 1e6:.4g}M bit-ops). On validation its worst shortfall below levels-only and '
+      f'bits-only is {100 * o["shortfall"]:.2f} point and its area {o["area"]:.4f} (levels-only '
+      f'{o["baseline_areas"]["levels_only"]:.4f}, bits-only {o["baseline_areas"]["bits_only"]:.4f}; the largest '
+      f'area of any path {o["largest_area_of_any_path"]["area"]:.4f}, {100 * o["largest_area_of_any_path"]["shortfall"]:.2f} '
+      'point below a baseline at worst).',
+    ]
   if 'class_ladder' in out:
     c = out['class_ladder']
     lines += [
