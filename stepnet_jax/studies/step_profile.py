@@ -27,7 +27,11 @@ transposes), ``data_movement`` (slices, concatenations, gathers, copies, reshape
 * ``outside_ms = wall_ms - busy_ms``: dispatch, argument handling, the runtime's scheduling
   and (onnxruntime) the runner's Python: what no operation accounts for.
 
-The shares are what matter; absolute times need a quiet machine.
+The shares are what matter; absolute times need a quiet machine. Two limits, seen on the
+2-core CPU: XLA:CPU's unfused ``conv_general_dilated`` thunks appear in the trace only as
+their launch, so their work lands in ``outside_ms`` (the conv column undercounts such graphs);
+and onnxruntime's profiler costs more per node than the runner's Python, so its
+``outside_ms`` comes out negative and means nothing.
 """
 
 from __future__ import annotations
