@@ -1,0 +1,71 @@
+"""Sequences of moving real images: seeded, label-preserving, smooth, and warped as an
+independent computation says (integer shifts against np.roll with zero fill)."""
+
+import numpy as np
+import pytest
+
+from stepnet_jax.data import datasets, sequences
+
+
+@pytest.fixture(scope='module')
+def digits():
+  d = datasets.load_digits()
+  return d.test_images, d.test_labels
+
+
+def test_sequences_are_seeded_and_keep_each_images_label(digits):
+  images, labels = digits
+  motion = sequences.Motion(frames=6, max_shift=1.5, max_angle=10.0)
+  a = sequences.make_sequences(images, labels, 20, motion, seed=3)
+  b = sequences.make_sequences(images, labels, 20, motion, seed=3)
+  c = sequences.make_sequences(images, labels, 20, motion, seed=4)
+  assert a.frames.shape == (20, 6) + images.shape[1:] and a.frames.dtype == np.uint8
+  np.testing.assert_array_equal(a.frames, b.frames)
+  assert not np.array_equal(a.frames, c.frames)
+  np.testing.assert_array_equal(a.labels, labels[a.source])
+  assert len(set(a.source.tolist())) == 20  # one image per sequence
+  np.testing.assert_array_equal(a.frames[:, 0], images[a.source])  # the drift starts at rest
+  assert np.all(np.abs(a.motion[..., :2]) <= 1.5) and np.all(np.abs(a.motion[..., 2]) <= 10.0)
+
+
+def test_consecutive_frames_resemble_each_other_more_than_other_sequences(digits):
+  images, labels = digits
+  s = sequences.make_sequences(images, labels, 30, sequences.Motion(frames=8), seed=0)
+  f = s.frames.astype(np.float64)
+  consecutive = np.abs(f[:, 1:] - f[:, :-1]).mean()
+  across = np.abs(f[1:] - f[:-1]).mean()  # the same frame index, neighbouring sequences
+  assert consecutive < 0.5 * across
+
+
+def test_integer_shifts_are_rolls_with_zeros_brought_in(digits):
+  images, _ = digits
+  x = images[:4]
+  params = np.asarray([[2, 0, 0, 0], [0, -1, 0, 0], [-3, 1, 0, 0], [0, 0, 0, 0.5]], np.float32)
+  got = sequences.warp(x, params)
+  for i, (dx, dy, _, gain) in enumerate(params):
+    want = np.roll(x[i].astype(np.float64), (int(dy), int(dx)), axis=(0, 1))
+    if dy > 0:
+      want[: int(dy)] = 0
+    if dy < 0:
+      want[int(dy) :] = 0
+    if dx > 0:
+      want[:, : int(dx)] = 0
+    if dx < 0:
+      want[:, int(dx) :] = 0
+    np.testing.assert_array_equal(got[i], np.clip(np.round(want * (1 + gain)), 0, 255).astype(np.uint8))
+
+
+def test_a_half_turn_of_a_square_image_reverses_both_axes(digits):
+  images, _ = digits
+  got = sequences.warp(images[:2], np.asarray([[0, 0, 180, 0]] * 2, np.float32))
+  np.testing.assert_array_equal(got, images[:2, ::-1, ::-1])
+
+
+def test_bad_requests_are_refused(digits):
+  images, labels = digits
+  with pytest.raises(ValueError, match='one image per sequence'):
+    sequences.make_sequences(images, labels, len(images) + 1, sequences.Motion(), 0)
+  with pytest.raises(ValueError, match='smoothness'):
+    sequences.Motion(smoothness=1.0)
+  with pytest.raises(ValueError, match='uint8'):
+    sequences.make_sequences(images.astype(np.float32), labels, 3, sequences.Motion(), 0)
