@@ -69,3 +69,21 @@ def test_bad_requests_are_refused(digits):
     sequences.Motion(smoothness=1.0)
   with pytest.raises(ValueError, match='uint8'):
     sequences.make_sequences(images.astype(np.float32), labels, 3, sequences.Motion(), 0)
+
+
+def test_each_policy_replays_as_a_frame_by_frame_loop_would():
+  """The vectorised replay against a plain loop over sequences and frames."""
+  from stepnet_jax.studies import sequences as study
+
+  rng = np.random.RandomState(1)
+  confidence = rng.uniform(size=(4, 7, 9))
+  for policy, offset in (('per_frame', None), ('start_at_previous', 0), ('start_below_previous', -1)):
+    got = study.replay(confidence, policy, 0.6)
+    for s in range(7):
+      start = 0
+      for t in range(9):
+        k = next((k for k in range(start, 4) if confidence[k, s, t] >= 0.6), 3)
+        assert got[s, t] == k, (policy, s, t)
+        start = 0 if offset is None else min(max(k + offset, 0), 3)
+  with pytest.raises(ValueError, match='unknown policy'):
+    study.replay(confidence, 'oracle', 0.5)

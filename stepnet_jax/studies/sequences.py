@@ -1,0 +1,192 @@
+"""Anytime inference on sequences: does the previous frame's exit level tell where to start?
+
+    python -m stepnet_jax.studies.sequences --workdir RUN --json results/sequences_fashion_mnist.json
+
+Frames come from ``data.sequences`` (real test images under a smooth synthetic drift; every
+frame keeps its image's label). A stepping network's exits are computed once for every
+frame; each policy is then replayed exactly on them, frame by frame (for a stepping network,
+reaching level k costs ``macs_to_reach[k]`` however it got there):
+
+* ``per_frame``: every frame starts at level 0 and stops at the first exit whose top
+  probability reaches the threshold (the top level otherwise), as ``policies.Confidence``;
+* ``start_at_previous``: a frame starts where the previous frame stopped (the first frame at
+  0) and stops as above from there: it never answers below the previous frame's level;
+* ``start_below_previous``: a frame starts one level below where the previous one stopped, so
+  a sequence can also come down.
+
+Each threshold gives a point (mean MACs per frame over the top's, accuracy over all frames);
+the curves are written to ``--json`` with a plot beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+import stepnet_jax
+from stepnet_jax import cli
+from stepnet_jax.data import datasets
+from stepnet_jax.data import sequences as sequences_lib
+
+POLICIES = ('per_frame', 'start_at_previous', 'start_below_previous')
+_START_OFFSET = {'per_frame': None, 'start_at_previous': 0, 'start_below_previous': -1}
+
+
+def replay(confidence: np.ndarray, policy: str, threshold: float) -> np.ndarray:
+  """Each frame's exit level [S, T] under ``policy`` from the exits' top probabilities
+  ``confidence`` [K, S, T]."""
+  if policy not in _START_OFFSET:
+    raise ValueError(f'unknown policy {policy!r}; choose from {", ".join(POLICIES)}')
+  num_levels, count, frames = confidence.shape
+  top = num_levels - 1
+  sure = confidence >= threshold  # [K, S, T]
+  levels = np.arange(num_levels)[:, None]
+  exits = np.zeros((count, frames), np.int64)
+  start = np.zeros(count, np.int64)
+  for t in range(frames):
+    if _START_OFFSET[policy] is None:
+      start = np.zeros(count, np.int64)
+    allowed = sure[:, :, t] & (levels >= start[None])  # [K, S]
+    exits[:, t] = np.where(allowed.any(0), allowed.argmax(0), top)
+    if _START_OFFSET[policy] is not None:
+      start = np.clip(exits[:, t] + _START_OFFSET[policy], 0, top)
+  return exits
+
+
+def curves(logits: np.ndarray, labels: np.ndarray, macs_to_reach, thresholds) -> dict[str, list[dict]]:
+  """Per policy, a point per threshold: ``{"threshold", "mac_fraction", "accuracy",
+  "mean_level"}`` from the exits' logits [K, S, T, classes] and the labels [S]."""
+  z = logits - logits.max(-1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  confidence = p.max(-1)
+  correct = logits.argmax(-1) == labels[None, :, None]  # [K, S, T]
+  macs = np.asarray(macs_to_reach, np.float64)
+  out = {}
+  for policy in POLICIES:
+    points = []
+    for threshold in thresholds:
+      exits = replay(confidence, policy, float(threshold))
+      right = np.take_along_axis(correct, exits[None], axis=0)[0]
+      points.append(
+        {
+          'threshold': float(threshold),
+          'mac_fraction': float(macs[exits].mean() / macs[-1]),
+          'accuracy': float(right.mean()),
+          'mean_level': float(exits.mean()),
+        }
+      )
+    out[policy] = points
+  return out
+
+
+def study(workdir: str, dataset: datasets.Dataset, count: int, motion: sequences_lib.Motion, seed: int) -> dict:
+  """The curves of every policy for the trained run in ``workdir`` on ``count`` sequences of
+  ``dataset``'s test images."""
+  net = stepnet_jax.load(workdir)
+  seqs = sequences_lib.make_sequences(dataset.test_images, dataset.test_labels, count, motion, seed)
+  flat = seqs.frames.reshape((-1,) + seqs.frames.shape[2:])
+  logits = np.concatenate(
+    [np.asarray(net.exits(flat[i : i + 1024])) for i in range(0, len(flat), 1024)], axis=1
+  ).reshape((net.num_levels, count, motion.frames, -1))
+  thresholds = np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.99, 0.995, 0.999]]), 4)
+  per_level = (logits.argmax(-1) == seqs.labels[None, :, None]).mean(axis=(1, 2))
+  return {
+    'dataset': dataset.name,
+    'run': workdir,
+    'sequences': count,
+    'motion': {k: float(v) for k, v in vars(motion).items()},
+    'seed': seed,
+    'macs_to_reach': [int(m) for m in net.macs_to_reach],
+    'accuracy_per_level': [float(a) for a in per_level],
+    'still_accuracy_per_level': [
+      float(a) for a in (np.asarray(net.exits(dataset.test_images[seqs.source])).argmax(-1) == seqs.labels).mean(1)
+    ],
+    'curves': curves(logits, seqs.labels, net.macs_to_reach, thresholds),
+    'date': datetime.date.today().isoformat(),
+  }
+
+
+def markdown(out: dict) -> str:
+  """The study as Markdown: settings, accuracy per level, each policy's curve."""
+  m = out['motion']
+  lines = [
+    f'# Anytime inference on sequences ({out["dataset"]})',
+    '',
+    f'{out["sequences"]} sequences of {int(m["frames"])} frames (seed {out["seed"]}): test images under a smooth '
+    f'drift (shift up to {m["max_shift"]:g} px, rotation up to {m["max_angle"]:g} degrees, brightness up to '
+    f'{100 * m["max_brightness"]:g}%), every frame labelled as its image. Accuracy per level on the frames: '
+    + ', '.join(f'{100 * a:.2f}%' for a in out['accuracy_per_level'])
+    + ' (on the stills: '
+    + ', '.join(f'{100 * a:.2f}%' for a in out['still_accuracy_per_level'])
+    + ').',
+    '',
+    '| policy | threshold | mean MACs / top | accuracy | mean exit level |',
+    '|---|---:|---:|---:|---:|',
+  ]
+  for policy, points in out['curves'].items():
+    for q in points:
+      lines.append(
+        f'| {policy} | {q["threshold"]:g} | {q["mac_fraction"]:.3f} | {100 * q["accuracy"]:.2f} | {q["mean_level"]:.2f} |'
+      )
+  return '\n'.join(lines) + '\n'
+
+
+def plot(path: str, out: dict) -> None:
+  """Accuracy against mean MACs per frame, one curve per policy."""
+  import matplotlib  # noqa: PLC0415 (only the command plots)
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for policy, points in out['curves'].items():
+    ax.plot([100 * q['mac_fraction'] for q in points], [100 * q['accuracy'] for q in points], marker='.', label=policy)
+  ax.set_xlabel("mean MACs per frame (% of the top level's)")
+  ax.set_ylabel('accuracy over all frames (%)')
+  ax.set_title(f'Anytime inference on sequences ({out["dataset"]})')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A trained stepping run.', required=True)
+  flags.DEFINE_string('dataset', 'idx:/usr/share/datasets/fashion-mnist', 'The dataset whose test images move.')
+  flags.DEFINE_integer('sequences', 500, 'Sequences (one test image each).')
+  flags.DEFINE_integer('frames', 16, 'Frames per sequence.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the images and the drift.')
+  flags.DEFINE_string(
+    'json', None, 'Write the study here, with a table (.md) and a plot (.png) beside it.', required=True
+  )
+
+
+def main(argv) -> None:
+  """The command: replays every policy, writes ``--json``, ``.md`` and ``.png``."""
+  del argv
+  f = flags.FLAGS
+  out = study(f.workdir, datasets.load_dataset(f.dataset), f.sequences, sequences_lib.Motion(frames=f.frames), f.seed)
+  print(markdown(out))
+  base = os.path.splitext(f.json)[0]
+  with open(f.json, 'w') as fh:
+    json.dump(out, fh, indent=1)
+  with open(base + '.md', 'w') as fh:
+    fh.write(markdown(out))
+  plot(base + '.png', out)
+  print(f'wrote {f.json}, {base}.md and {base}.png')
+
+
+def command() -> None:
+  """``python -m stepnet_jax.studies.sequences --workdir RUN --json FILE``."""
+  _define_flags()
+  cli.show_in_help(__name__)
+  app.run(main)
+
+
+if __name__ == '__main__':
+  command()
