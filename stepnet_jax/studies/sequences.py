@@ -105,9 +105,27 @@ def study(workdir: str, dataset: datasets.Dataset, count: int, motion: sequences
     'still_accuracy_per_level': [
       float(a) for a in (np.asarray(net.exits(dataset.test_images[seqs.source])).argmax(-1) == seqs.labels).mean(1)
     ],
-    'curves': curves(logits, seqs.labels, net.macs_to_reach, thresholds),
+    'curves': (c := curves(logits, seqs.labels, net.macs_to_reach, thresholds)),
+    'accuracy_at_mac_fraction': at_budgets(c, BUDGETS),
     'date': datetime.date.today().isoformat(),
   }
+
+
+BUDGETS = (0.2, 0.3, 0.4, 0.5)  # mean MACs per frame over the top's, where the curves are compared
+
+
+def at_budgets(curves_of: dict[str, list[dict]], budgets) -> dict[str, dict[str, float | None]]:
+  """Each curve's accuracy at each mean-MAC budget, linear between its thresholds' points
+  (None outside the range the curve covers)."""
+  out = {}
+  for policy, points in curves_of.items():
+    x = np.asarray([q['mac_fraction'] for q in points])
+    y = np.asarray([q['accuracy'] for q in points])
+    order = np.argsort(x)
+    out[policy] = {
+      f'{b:g}': (float(np.interp(b, x[order], y[order])) if x.min() <= b <= x.max() else None) for b in budgets
+    }
+  return out
 
 
 def markdown(out: dict) -> str:
@@ -123,6 +141,13 @@ def markdown(out: dict) -> str:
     + ' (on the stills: '
     + ', '.join(f'{100 * a:.2f}%' for a in out['still_accuracy_per_level'])
     + ').',
+    '',
+    '| policy | ' + ' | '.join(f'accuracy at {100 * b:g}% of the MACs' for b in BUDGETS) + ' |',
+    '|---|' + '---:|' * len(BUDGETS),
+    *(
+      f'| {policy} | ' + ' | '.join('-' if v is None else f'{100 * v:.2f}' for v in row.values()) + ' |'
+      for policy, row in out['accuracy_at_mac_fraction'].items()
+    ),
     '',
     '| policy | threshold | mean MACs / top | accuracy | mean exit level |',
     '|---|---:|---:|---:|---:|',
@@ -160,6 +185,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('dataset', 'idx:/usr/share/datasets/fashion-mnist', 'The dataset whose test images move.')
   flags.DEFINE_integer('sequences', 500, 'Sequences (one test image each).')
   flags.DEFINE_integer('frames', 16, 'Frames per sequence.')
+  flags.DEFINE_float('max_shift', sequences_lib.Motion.max_shift, 'Largest shift (pixels).')
+  flags.DEFINE_float('max_angle', sequences_lib.Motion.max_angle, 'Largest rotation (degrees).')
+  flags.DEFINE_float('max_brightness', sequences_lib.Motion.max_brightness, 'Largest brightness change (fraction).')
   flags.DEFINE_integer('seed', 0, 'Seed of the images and the drift.')
   flags.DEFINE_string(
     'json', None, 'Write the study here, with a table (.md) and a plot (.png) beside it.', required=True
@@ -170,7 +198,10 @@ def main(argv) -> None:
   """The command: replays every policy, writes ``--json``, ``.md`` and ``.png``."""
   del argv
   f = flags.FLAGS
-  out = study(f.workdir, datasets.load_dataset(f.dataset), f.sequences, sequences_lib.Motion(frames=f.frames), f.seed)
+  motion = sequences_lib.Motion(
+    frames=f.frames, max_shift=f.max_shift, max_angle=f.max_angle, max_brightness=f.max_brightness
+  )
+  out = study(f.workdir, datasets.load_dataset(f.dataset), f.sequences, motion, f.seed)
   print(markdown(out))
   base = os.path.splitext(f.json)[0]
   with open(f.json, 'w') as fh:
