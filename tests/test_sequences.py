@@ -87,3 +87,28 @@ def test_each_policy_replays_as_a_frame_by_frame_loop_would():
         start = 0 if offset is None else min(max(k + offset, 0), 3)
   with pytest.raises(ValueError, match='unknown policy'):
     study.replay(confidence, 'oracle', 0.5)
+
+
+def test_the_plane_controller_replays_as_a_frame_by_frame_loop_would():
+  from stepnet_jax.studies import sequences as study
+
+  rng = np.random.RandomState(2)
+  confidence = rng.uniform(size=(5, 6, 10))
+  got = study.replay_planes(confidence, 0.4, 0.8, start=3)
+  for s in range(6):
+    b = 3
+    for t in range(10):
+      assert got[s, t] == b
+      c = confidence[b - 1, s, t]
+      b = min(max(b + (c < 0.4) - (c >= 0.8), 1), 5)
+  # The controller is chosen on the first half only: the most accurate there within the target.
+  labels = rng.randint(0, 3, 6)
+  logits = rng.normal(size=(5, 6, 10, 3))
+  logits[4, np.arange(6), :, labels] += 10.0  # 5 planes: always right
+  out = study.planes_study(logits, labels, targets=(2.0, 3.0))
+  assert out['fixed_accuracy']['report'][-1] == 1.0
+  for c in out['comparison']:
+    fits = [q for q in out['controller_points'] if q['choose_mean_planes'] <= c['target_mean_planes']]
+    chosen = next(q for q in fits if {k: q[k] for k in ('low', 'high', 'start')} == c['controller'])
+    assert chosen['choose_accuracy'] == max(q['choose_accuracy'] for q in fits)
+    assert c['accuracy'] == chosen['report_accuracy'] and c['mean_planes'] == chosen['report_mean_planes']

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -45,7 +46,7 @@ from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.core.quantizers import bitplanes, plane_weights
 from stepnet_jax.data import datasets, feed
-from stepnet_jax.inference import evaluation
+from stepnet_jax.inference import evaluation, restore
 from stepnet_jax.methods import bitsearch, nonuniform
 from stepnet_jax.models import quantized
 from stepnet_jax.training import fit, loop, losses, optim
@@ -59,6 +60,34 @@ def precision_at(model: SteppingModel, planes: int, n: int, act_bits: int, clips
   if not 1 <= planes <= n:
     raise ValueError(f'planes must be in 1..{n}, got {planes}')
   return quantized.Precision(quantized.uniform_bits(model, planes), act_bits, clips, bwb_bits=n)
+
+
+def load_planes(directory: str) -> list[SteppingModel]:
+  """The bitwise-binary network a precision study saved (``DIR/progressive``) at every plane
+  count b = 1..N, each with the BN statistics (and, when they were retrained, BN's scale and
+  bias) saved for b in ``bn_stats_per_planes.npz``."""
+  model, meta = restore.load_variables(directory, apply_precision=False)
+  precision = quantized.Precision.from_json(meta['model_meta']['precision'])
+  if not precision.bwb_bits:
+    raise ValueError(f'{directory} holds no bitwise-binary network (its precision has no bwb_bits)')
+  path = os.path.join(directory, 'bn_stats_per_planes.npz')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing: the BN statistics per plane count are saved beside the network')
+  n = precision.bwb_bits
+  out = []
+  with np.load(path) as stats:
+    for b in range(1, n + 1):
+      q = quantized.apply(model, precision_at(model, b, n, precision.act_bits, precision.act_clips))
+      keys = [k for k in stats.files if k.startswith(f'planes{b}/')]
+      if not keys:
+        raise ValueError(f'{path} holds no statistics for {b} planes')
+      for key in keys:
+        module, names = q, key.split('/')[1:]
+        for name in names[:-1]:
+          module = module[int(name)] if name.isdigit() else getattr(module, name)
+        getattr(module, names[-1])[...] = stats[key]
+      out.append(q)
+  return out
 
 
 def uniform_ladder(model: SteppingModel, n: int) -> list[Bits]:

@@ -16,6 +16,14 @@ reaching level k costs ``macs_to_reach[k]`` however it got there):
 
 Each threshold gives a point (mean MACs per frame over the top's, accuracy over all frames);
 the curves are written to ``--json`` with a plot beside it.
+
+With ``--progressive DIR`` (a precision study's bitwise-binary network), ProgressiveNN's
+question too: the top exit at b of N bit-planes for every frame, and a controller that sets
+each frame's planes from the previous frame's confidence (``replay_planes``: one plane more
+below ``low``, one fewer at ``high`` or above; the first frame at ``start``), against every
+frame at a fixed b. The controller's thresholds are chosen on the first half of the sequences
+(the most accurate at or under each mean of planes) and reported on the second half, beside
+fixed planes at the same mean (between two whole counts: a mix of both, linear).
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ import os
 
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 import stepnet_jax
 from stepnet_jax import cli
+from stepnet_jax.core import stepping
 from stepnet_jax.data import datasets
 from stepnet_jax.data import sequences as sequences_lib
+from stepnet_jax.methods import progressive
 
 POLICIES = ('per_frame', 'start_at_previous', 'start_below_previous')
 _START_OFFSET = {'per_frame': None, 'start_at_previous': 0, 'start_below_previous': -1}
@@ -55,6 +66,74 @@ def replay(confidence: np.ndarray, policy: str, threshold: float) -> np.ndarray:
     if _START_OFFSET[policy] is not None:
       start = np.clip(exits[:, t] + _START_OFFSET[policy], 0, top)
   return exits
+
+
+def replay_planes(confidence: np.ndarray, low: float, high: float, start: int) -> np.ndarray:
+  """Each frame's plane count [S, T] (1..N) under the temporal controller, from the top exit's
+  confidence at every plane count [N, S, T]: a frame uses the previous frame's count, one
+  more if the previous frame's confidence was below ``low``, one fewer if at least ``high``."""
+  n, count, frames = confidence.shape
+  planes = np.zeros((count, frames), np.int64)
+  b = np.full(count, int(start))
+  rows = np.arange(count)
+  for t in range(frames):
+    planes[:, t] = b
+    seen = confidence[b - 1, rows, t]
+    b = np.clip(b + (seen < low) - (seen >= high), 1, n)
+  return planes
+
+
+CONTROLLER_GRID = [
+  (lo, hi) for lo in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for hi in (0.8, 0.9, 0.95, 0.98, 0.99, 0.999) if lo < hi
+]
+
+
+def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)) -> dict:
+  """ProgressiveNN on sequences from the top exit's logits at every plane count [N, S, T, classes]."""
+  n, count = logits.shape[:2]
+  z = logits - logits.max(-1, keepdims=True)
+  confidence = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).max(-1)
+  correct = logits.argmax(-1) == labels[None, :, None]
+  halves = {'choose': slice(0, count // 2), 'report': slice(count // 2, count)}
+  fixed = {part: correct[:, rows].mean(axis=(1, 2)) for part, rows in halves.items()}  # [N] per part
+  points = []
+  for lo, hi in CONTROLLER_GRID:
+    for start in (1, n // 2, n):
+      planes = replay_planes(confidence, lo, hi, start)
+      right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
+      points.append(
+        {
+          'low': lo,
+          'high': hi,
+          'start': start,
+          **{f'{part}_mean_planes': float(planes[rows].mean()) for part, rows in halves.items()},
+          **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
+        }
+      )
+  comparison = []
+  for target in targets:
+    fits = [q for q in points if q['choose_mean_planes'] <= target]
+    if not fits:
+      continue
+    best = max(fits, key=lambda q: q['choose_accuracy'])
+    mean = best['report_mean_planes']
+    fixed_at = float(np.interp(mean, np.arange(1, n + 1), fixed['report']))
+    comparison.append(
+      {
+        'target_mean_planes': target,
+        'controller': {k: best[k] for k in ('low', 'high', 'start')},
+        'mean_planes': mean,
+        'accuracy': best['report_accuracy'],
+        'fixed_accuracy_at_same_mean': fixed_at,
+        'fixed_accuracy_at_target': float(fixed['report'][int(target) - 1]) if float(target).is_integer() else None,
+      }
+    )
+  return {
+    'planes': n,
+    'fixed_accuracy': {part: [float(a) for a in acc] for part, acc in fixed.items()},
+    'controller_points': points,
+    'comparison': comparison,
+  }
 
 
 def curves(logits: np.ndarray, labels: np.ndarray, macs_to_reach, thresholds) -> dict[str, list[dict]]:
@@ -83,12 +162,32 @@ def curves(logits: np.ndarray, labels: np.ndarray, macs_to_reach, thresholds) ->
   return out
 
 
-def study(workdir: str, dataset: datasets.Dataset, count: int, motion: sequences_lib.Motion, seed: int) -> dict:
+def _top_logits(model, flat: np.ndarray, count: int, frames: int) -> np.ndarray:
+  """The top exit's logits [S, T, classes] of a (quantized) model on the frames."""
+  graphdef, variables = nnx.split(model)
+  exits = stepping.jitted_exits(graphdef)
+  top = [np.asarray(exits(variables, flat[i : i + 1024]))[-1] for i in range(0, len(flat), 1024)]
+  return np.concatenate(top).reshape((count, frames, -1))
+
+
+def study(
+  workdir: str,
+  dataset: datasets.Dataset,
+  count: int,
+  motion: sequences_lib.Motion,
+  seed: int,
+  progressive_dir: str | None = None,
+) -> dict:
   """The curves of every policy for the trained run in ``workdir`` on ``count`` sequences of
-  ``dataset``'s test images."""
+  ``dataset``'s test images (and, with ``progressive_dir``, ProgressiveNN's ``planes_study``)."""
   net = stepnet_jax.load(workdir)
   seqs = sequences_lib.make_sequences(dataset.test_images, dataset.test_labels, count, motion, seed)
   flat = seqs.frames.reshape((-1,) + seqs.frames.shape[2:])
+  extra = {}
+  if progressive_dir:
+    planes = progressive.load_planes(progressive_dir)
+    logits_b = np.stack([_top_logits(m, flat, count, motion.frames) for m in planes])
+    extra['progressive'] = {'run': progressive_dir, **planes_study(logits_b, seqs.labels)}
   logits = np.concatenate(
     [np.asarray(net.exits(flat[i : i + 1024])) for i in range(0, len(flat), 1024)], axis=1
   ).reshape((net.num_levels, count, motion.frames, -1))
@@ -107,6 +206,7 @@ def study(workdir: str, dataset: datasets.Dataset, count: int, motion: sequences
     ],
     'curves': (c := curves(logits, seqs.labels, net.macs_to_reach, thresholds)),
     'accuracy_at_mac_fraction': at_budgets(c, BUDGETS),
+    **extra,
     'date': datetime.date.today().isoformat(),
   }
 
@@ -149,6 +249,7 @@ def markdown(out: dict) -> str:
       for policy, row in out['accuracy_at_mac_fraction'].items()
     ),
     '',
+    *_planes_markdown(out.get('progressive')),
     '| policy | threshold | mean MACs / top | accuracy | mean exit level |',
     '|---|---:|---:|---:|---:|',
   ]
@@ -158,6 +259,26 @@ def markdown(out: dict) -> str:
         f'| {policy} | {q["threshold"]:g} | {q["mac_fraction"]:.3f} | {100 * q["accuracy"]:.2f} | {q["mean_level"]:.2f} |'
       )
   return '\n'.join(lines) + '\n'
+
+
+def _planes_markdown(p: dict | None) -> list[str]:
+  if p is None:
+    return []
+  lines = [
+    f'ProgressiveNN ({p["planes"]} planes, top exit; controller chosen on the first half of the sequences, '
+    'reported on the second): fixed planes on the second half '
+    + ', '.join(f'b={b}: {100 * a:.2f}%' for b, a in enumerate(p['fixed_accuracy']['report'], 1)),
+    '',
+    '| target mean planes | controller (low, high, start) | mean planes | accuracy | fixed planes at that mean |',
+    '|---:|---|---:|---:|---:|',
+  ]
+  for c in p['comparison']:
+    k = c['controller']
+    lines.append(
+      f'| {c["target_mean_planes"]:g} | {k["low"]:g}, {k["high"]:g}, {k["start"]} | {c["mean_planes"]:.2f} | '
+      f'{100 * c["accuracy"]:.2f} | {100 * c["fixed_accuracy_at_same_mean"]:.2f} |'
+    )
+  return lines + ['']
 
 
 def plot(path: str, out: dict) -> None:
@@ -190,6 +311,9 @@ def _define_flags() -> None:
   flags.DEFINE_float('max_brightness', sequences_lib.Motion.max_brightness, 'Largest brightness change (fraction).')
   flags.DEFINE_integer('seed', 0, 'Seed of the images and the drift.')
   flags.DEFINE_string(
+    'progressive', None, "A precision study's DIR/progressive: ProgressiveNN's planes on the sequences too."
+  )
+  flags.DEFINE_string(
     'json', None, 'Write the study here, with a table (.md) and a plot (.png) beside it.', required=True
   )
 
@@ -201,7 +325,7 @@ def main(argv) -> None:
   motion = sequences_lib.Motion(
     frames=f.frames, max_shift=f.max_shift, max_angle=f.max_angle, max_brightness=f.max_brightness
   )
-  out = study(f.workdir, datasets.load_dataset(f.dataset), f.sequences, motion, f.seed)
+  out = study(f.workdir, datasets.load_dataset(f.dataset), f.sequences, motion, f.seed, f.progressive)
   print(markdown(out))
   base = os.path.splitext(f.json)[0]
   with open(f.json, 'w') as fh:
