@@ -140,6 +140,37 @@ def test_a_per_channel_affine_map_after_a_convolution_is_folded_into_it():
   assert [n.op_type for n in product.graph.node] == ['Einsum', 'Add', 'Relu']
 
 
+def test_channels_first_blocks_pass_through_move_and_compute_like_jax():
+  """Image-shaped blocks travel NCHW: a block passed through untouched is not an output, a
+  block copied to another position comes out as a new NCHW block, and a value computed from a
+  block read by an operation comes out whole (NHWC), all as JAX computes them."""
+
+  def fn(a, b):
+    moved = jax.lax.dynamic_update_slice(jnp.zeros_like(b), a[..., :2], (0, 0, 0, 2))
+    return a, moved, b * 2.0
+
+  shape = (B, 3, 3, 4)
+  low = onnx_lowering.lower_blocks(
+    fn,
+    [jax.ShapeDtypeStruct(shape, np.float32)] * 2,
+    ['a', 'b'],
+    ['a', 'moved', 'b'],
+    input_blocks={'a': [(0, 2), (2, 4)], 'b': [(0, 4)]},
+    block_outputs=['a', 'moved', 'b'],
+    renamed_outputs={'b': 'next_b'},
+    channels_first=True,
+  )
+  a, b = RNG.randn(2, 3, 3, 4).astype(np.float32), RNG.randn(2, 3, 3, 4).astype(np.float32)
+  nchw = lambda x: np.transpose(x, (0, 3, 1, 2))  # noqa: E731
+  feeds = {'a.0_2': nchw(a[..., :2]), 'a.2_4': nchw(a[..., 2:]), 'b.0_4': nchw(b)}
+  session = ort.InferenceSession(low.model.SerializeToString(), providers=['CPUExecutionProvider'])
+  names = [o.name for o in session.get_outputs()]
+  got = dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in low.inputs})))
+  assert not any(n.startswith('a.') for n in names)  # a's blocks came through unchanged: not outputs
+  np.testing.assert_allclose(got['moved.2_4'], nchw(a[..., :2]), rtol=0, atol=0)
+  np.testing.assert_allclose(got['next_b'], b * 2.0, rtol=1e-6)  # computed whole: a whole NHWC output
+
+
 @pytest.mark.parametrize(
   'fn, match',
   [

@@ -251,6 +251,9 @@ def test_minimum_bits_finds_the_fewest_that_keep_the_accuracy(small):
   assert all(np.all(np.asarray(uniform[k]) == 4) for k in macs)  # 3 bits: 0.875 < target; 4 bits pass
   assert [t['budget'] for t in urecord['tried']] == [1.0, 2.0, 3.0, 4.0]
   assert bitsearch.minimum_bits(model, None, validate, 1.0)[0] is None  # nothing reaches accuracy 1
+  # A step that does not divide the range still tries max_bits (only all-8-bit neurons pass here).
+  top, _ = bitsearch.minimum_bits(model, scores, validate, 1.0 - 0.5**7.95, slopes=(1.0,), step=0.3)
+  assert top is not None and all(np.all(np.asarray(top[k]) == 8) for k in macs)
 
 
 def test_quantization_aware_gradient_is_the_quantized_networks(small):

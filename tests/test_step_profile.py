@@ -34,3 +34,19 @@ def test_each_compiled_operation_gets_its_kind_from_the_hlo():
   assert set(kinds.values()) == {'conv', 'cache_write', 'elementwise', 'data_movement'}, kinds
   assert step_profile.onnx_kind('FusedConv') == 'conv' and step_profile.onnx_kind('ReorderInput') == 'layout'
   assert step_profile.onnx_kind('Concat') == 'data_movement' and step_profile.onnx_kind('Relu') == 'elementwise'
+
+
+def test_operations_inside_loops_and_branches_are_classified_and_the_loops_are_control():
+  w = jnp.ones((3, 3, 2, 2))
+
+  def fn(x, flag):
+    conv = lambda v: jax.lax.conv_general_dilated(v, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # noqa: E731
+    y = jax.lax.cond(flag, conv, lambda v: jnp.sin(v) * 2.0, x)
+    return jax.lax.fori_loop(0, 3, lambda i, v: conv(v) + 1.0, y)
+
+  text = jax.jit(fn).lower(jnp.ones((2, 5, 5, 2)), True).compile().as_text()
+  kinds = step_profile.hlo_op_kinds(text)
+  assert step_profile.CONTROL in kinds.values()  # the loop and the branch
+  loops = [name for name, kind in kinds.items() if kind == step_profile.CONTROL]
+  assert all(any(op in name for op in ('while', 'conditional', 'call', 'cond')) for name in loops), loops
+  assert list(kinds.values()).count('conv') >= 2  # a convolution in a branch and one in the loop body

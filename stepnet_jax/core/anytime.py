@@ -22,7 +22,7 @@ reach level k are the sum of every level up to k.
 Two batch strategies (``STRATEGIES``):
 * ``'masked'``: each level's step runs on the whole batch; finished inputs keep their answer;
 * ``'compact'``: the inputs still running are gathered into the smallest of a few
-  fixed bucket sizes (B, 3B/4, B/2, 3B/8, B/4, B/8, ..., 1: ``bucket_sizes``) before the step and scattered back, so
+  fixed bucket sizes (B, 3B/4, B/2, ..., 1 with halfway sizes down to 64 rows: ``bucket_sizes``) before the step and scattered back, so
   later levels cost what the remaining inputs cost (one compiled cond per level and
   bucket); at batch 1 it is the masked program (nothing to compact). A program with
   ``step_rows`` (stepping networks) reads only the channels the level needs of those
@@ -133,10 +133,11 @@ MIDPOINT_ROWS = 64  # buckets of at least this many rows also get the size halfw
 def bucket_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
   """B, ceil(B / f), ceil(B / f^2), ..., 1: the batch sizes the compact strategy steps at,
   with the size halfway between two neighbours added where both have at least
-  ``MIDPOINT_ROWS`` rows (at B = 256: 256, 192, 128, 96, 64, 32, ...). Rows beyond the inputs
-  still going are computed for nothing: halfway sizes bound that waste by a third of the
-  bucket instead of a half where a step's time follows its rows, at one more compiled branch
-  per level and size; below it a step's fixed cost dominates and the branch does not pay."""
+  ``MIDPOINT_ROWS`` rows (at B = 256: 256, 192, 128, 96, 64, 32, ...; at B = 128: 128, 96, 64,
+  32, ...). Rows beyond the inputs still going are computed for nothing: with f = 2 the
+  halfway sizes bound that waste by a third of the bucket instead of a half, where a step's
+  time follows its rows, at one more compiled branch per level and size; below 64 rows a
+  step's fixed cost dominates and the branch does not pay."""
   sizes = [batch]
   while sizes[-1] > 1:
     sizes.append(max(1, -(-sizes[-1] // factor)))

@@ -135,11 +135,16 @@ def fold_channel_affine(
       if len(chain) < 2 and not (chain and chain[0].op_type in ('Mul', 'Div')):
         continue  # one Add or Sub: nothing to save
       folded_w = _scaled(weight, scale, weight_axis, f'{node.output[0]}_w')
+      initializers.append(folded_w)
+      node.input[position] = folded_w.name
+      if not np.any(shift):  # a scale only: the product itself gives the chain's result
+        node.output[0] = value
+        removed |= {id(n) for n in chain}
+        continue
       shape = [1] * rank
       shape[axis] = -1
       folded_b = numpy_helper.from_array(shift.reshape(shape).astype(weight.dtype), f'{node.output[0]}_b')
-      initializers += [folded_w, folded_b]
-      node.input[position] = folded_w.name
+      initializers.append(folded_b)
       removed |= {id(n) for n in chain[:-1]}
       replaced[id(chain[-1])] = onnx.helper.make_node('Add', [node.output[0], folded_b.name], [value])
   return [replaced.get(id(n), n) for n in nodes if id(n) not in removed]

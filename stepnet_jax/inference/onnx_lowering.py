@@ -292,12 +292,6 @@ def lower_blocks(
   given = {name for name, _, _ in graph_inputs} | {nhwc for _, nhwc in moved}
   passed = {nhwc: block for block, nhwc in moved}  # an input block's value -> its graph input
   outs = _emit(g, jaxpr, closed.consts, atoms)
-  read = {name for node in g.nodes for name in node.input}
-  g.nodes[:0] = [  # each NCHW input block read, in NHWC
-    helper.make_node('Transpose', [block], [nhwc], perm=inverse_permutation(_TO_NCHW))
-    for block, nhwc in moved
-    if nhwc in read
-  ]
   emitted: dict[str, tuple] = {}
   out_info = []
   for out, name, var in zip(outs, output_names, jaxpr.outvars):
@@ -325,6 +319,12 @@ def lower_blocks(
     target = renamed_outputs.get(name, f'next_{name}' if name in given else name)
     emitted[target] = (value, name, None, None)
     out_info.append((target, var.aval.shape, var.aval.dtype))
+  read = {name for node in g.nodes for name in node.input} | {value for value, *_ in emitted.values()}
+  g.nodes[:0] = [  # each NCHW input block read (by a node or as an output), in NHWC
+    helper.make_node('Transpose', [block], [nhwc], perm=inverse_permutation(_TO_NCHW))
+    for block, nhwc in moved
+    if nhwc in read
+  ]
   g.nodes = fold_channel_affine(g.nodes, g.initializers, {value for value, *_ in emitted.values()})
   _name_outputs(g, {target: value for target, (value, *_) in emitted.items()}, given)
   used = {name for node in g.nodes for name in node.input}

@@ -170,7 +170,8 @@ def minimum_bits(
       if (found := passes(bits)) is not None:
         break
   else:
-    grid = np.arange(min_bits, max_bits + step / 2, step)
+    grid = np.arange(min_bits, max_bits, step)
+    grid = np.append(grid[grid < max_bits - 1e-9], max_bits)  # max_bits itself even when step does not divide the range
     lo, hi = -1, len(grid) - 1  # grid[hi] passes (once checked); grid[lo] does not
     found = passes(grid[hi])
     while found is not None and hi - lo > 1:

@@ -89,8 +89,10 @@ CONTROLLER_GRID = [
 
 
 def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)) -> dict:
-  """ProgressiveNN on sequences from the top exit's logits at every plane count [N, S, T, classes]."""
+  """ProgressiveNN on sequences from the top exit's logits at every plane count [N, S, T, classes]
+  (``targets``: the mean plane counts the controller is compared at; those above N are skipped)."""
   n, count = logits.shape[:2]
+  targets = [t for t in targets if t <= n]
   z = logits - logits.max(-1, keepdims=True)
   confidence = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).max(-1)
   correct = logits.argmax(-1) == labels[None, :, None]
@@ -98,7 +100,7 @@ def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)
   fixed = {part: correct[:, rows].mean(axis=(1, 2)) for part, rows in halves.items()}  # [N] per part
   points = []
   for lo, hi in CONTROLLER_GRID:
-    for start in (1, n // 2, n):
+    for start in sorted({1, max(1, n // 2), n}):
       planes = replay_planes(confidence, lo, hi, start)
       right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
       points.append(
@@ -112,6 +114,8 @@ def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)
       )
   comparison = []
   for target in targets:
+    if not 1 <= target <= n:
+      raise ValueError(f'target mean planes must be in 1..{n}, got {target}')
     fits = [q for q in points if q['choose_mean_planes'] <= target]
     if not fits:
       continue

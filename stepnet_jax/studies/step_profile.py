@@ -23,9 +23,11 @@ transposes), ``data_movement`` (slices, concatenations, gathers, copies, reshape
   included);
 * ``ops_ms``: the mean time per call of each kind of operation (operations that run at the same
   time on the two cores count separately);
-* ``busy_ms``: the mean time per call during which at least one operation ran;
+* ``busy_ms``: the median over calls of the time during which at least one operation ran;
 * ``outside_ms = wall_ms - busy_ms``: dispatch, argument handling, the runtime's scheduling
-  and (onnxruntime) the runner's Python: what no operation accounts for.
+  and (onnxruntime) the runner's Python: what no operation accounts for;
+* ``unclassified_ms``: traced operations the compiled HLO does not name (0 when every one was
+  classified). Loops, branches and calls count through the operations inside them.
 
 The shares are what matter; absolute times need a quiet machine. Two limits, seen on the
 2-core CPU: XLA:CPU's unfused ``conv_general_dilated`` thunks appear in the trace only as
@@ -60,6 +62,8 @@ from stepnet_jax.inference.stepper import Stepper
 from stepnet_jax.studies import deploy_time
 
 KINDS = ('conv', 'cache_write', 'layout', 'data_movement', 'elementwise')
+CONTROL = 'control'  # a loop, branch or call: its own time is its nested operations', traced on their own
+_CONTROL_OPCODES = {'while', 'conditional', 'call'}
 
 # HLO opcodes that only move or reinterpret data.
 _MOVING_OPCODES = {
@@ -104,8 +108,9 @@ _ONNX_KINDS = {
 
 
 def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
-  """Each instruction of the compiled module's entry computation -> its kind, from what it
-  (and any computation it calls, transitively) contains."""
+  """Each instruction of the compiled module (of every computation, so the operations inside
+  loops and branches too) -> its kind, from what it and any computation it calls contain;
+  loops, branches and calls themselves are ``CONTROL``."""
   bodies: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -128,27 +133,36 @@ def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
       op = re.search(r'=\s*[^=]*?\s([a-z][\w\-]*)\(', line)
       if op:
         found.add(op.group(1))
-      for called in re.findall(r'(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)', line):
+      for called in _called(line):
         if called not in seen:
           seen.add(called)
           found |= opcodes(called, seen)
     return found
 
   kinds = {}
-  for line in bodies[entry]:
-    name = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', line)
-    if not name:
-      continue
-    kinds[name.group(1)] = _kind_of(_instruction_opcodes(line, opcodes))
+  for body in bodies.values():  # instruction names are unique in a module: the ops inside loops and branches too
+    for line in body:
+      name = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', line)
+      if name:
+        ops = _instruction_opcodes(line, opcodes)
+        kinds[name.group(1)] = CONTROL if ops & _CONTROL_OPCODES else _kind_of(ops)
   return kinds
 
 
 def _instruction_opcodes(line: str, opcodes: Callable[[str, set], set[str]]) -> set[str]:
   op = re.search(r'=\s*[^=]*?\s([a-z][\w\-]*)\(', line)
   found = {op.group(1)} if op else set()
-  for called in re.findall(r'(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)', line):
+  for called in _called(line):
     found |= opcodes(called, {called})
   return found
+
+
+def _called(line: str) -> list[str]:
+  """The computations an HLO instruction calls (every branch of a conditional)."""
+  names = []
+  for group in re.findall(r'(?:calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)', line):
+    names += re.findall(r'%?([\w.\-]+)', group.strip('{}'))
+  return names
 
 
 def _kind_of(ops: set[str]) -> str:
@@ -184,6 +198,7 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
 def _summary(walls: list[float], runs: list[list[tuple[str, str, float, float]]]) -> dict:
   """One graph's row from the caller's wall times (s) and each run's (kind, op, start, end) in us."""
   kinds, ops = collections.Counter(), collections.Counter()
+  runs = [[e for e in run if e[0] != CONTROL] for run in runs]  # counted through what they contain
   for run in runs:
     for kind, op, a, b in run:
       kinds[kind] += (b - a) / 1e3 / len(runs)
@@ -195,6 +210,7 @@ def _summary(walls: list[float], runs: list[list[tuple[str, str, float, float]]]
     'busy_ms': busy,
     'outside_ms': wall - busy,
     'ops_ms': {k: kinds[k] for k in KINDS},
+    'unclassified_ms': kinds['unclassified'],
     'top_ops_ms': {op: t for op, t in ops.most_common(6)},
   }
 
@@ -262,7 +278,7 @@ def profile_xla(net: Stepper, x: jax.Array, calls: int) -> dict[str, dict]:
   per_label = {label: [] for label in labels}
   for i, run in enumerate(ordered):
     label = labels[i % len(labels)]
-    per_label[label].append([(kinds[label].get(op, 'elementwise'), op, a, b) for op, a, b in run])
+    per_label[label].append([(kinds[label].get(op, 'unclassified'), op, a, b) for op, a, b in run])
   return {label: _summary(walls[label], per_label[label]) for label in labels}
 
 
