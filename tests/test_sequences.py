@@ -112,3 +112,12 @@ def test_the_plane_controller_replays_as_a_frame_by_frame_loop_would():
     chosen = next(q for q in fits if {k: q[k] for k in ('low', 'high', 'start')} == c['controller'])
     assert chosen['choose_accuracy'] == max(q['choose_accuracy'] for q in fits)
     assert c['accuracy'] == chosen['report_accuracy'] and c['mean_planes'] == chosen['report_mean_planes']
+    own = [q for q in out['within_frame_points'] if q['choose_mean_planes'] <= c['target_mean_planes']]
+    if own:  # within the frame: the frame's own confidence, a threshold chosen the same way
+      pick = max(own, key=lambda q: q['choose_accuracy'])
+      assert c['within_frame']['threshold'] == pick['threshold']
+  z = logits - logits.max(-1, keepdims=True)
+  sure = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).max(-1) >= 0.9  # [5, 6, 10]
+  first = np.where(sure.any(0), sure.argmax(0) + 1, 5)  # the first plane count that is sure, by hand
+  q = next(q for q in out['within_frame_points'] if q['threshold'] == 0.9)
+  assert q['report_mean_planes'] == pytest.approx(first[3:].mean())

@@ -23,7 +23,9 @@ each frame's planes from the previous frame's confidence (``replay_planes``: one
 below ``low``, one fewer at ``high`` or above; the first frame at ``start``), against every
 frame at a fixed b. The controller's thresholds are chosen on the first half of the sequences
 (the most accurate at or under each mean of planes) and reported on the second half, beside
-fixed planes at the same mean (between two whole counts: a mix of both, linear).
+fixed planes at the same mean (between two whole counts: a mix of both, linear), and beside
+bit-serial anytime within each frame (planes added until the frame's own confidence reaches a
+threshold, chosen the same way).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def replay_planes(confidence: np.ndarray, low: float, high: float, start: int) -
   return planes
 
 
+PER_FRAME_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
 CONTROLLER_GRID = [
   (lo, hi) for lo in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for hi in (0.8, 0.9, 0.95, 0.98, 0.99, 0.999) if lo < hi
 ]
@@ -112,6 +115,17 @@ def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)
           **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
         }
       )
+  within = []  # bit-serial anytime within each frame: planes added until the frame is sure enough
+  for threshold in PER_FRAME_THRESHOLDS:
+    planes = replay(confidence, 'per_frame', threshold) + 1
+    right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
+    within.append(
+      {
+        'threshold': threshold,
+        **{f'{part}_mean_planes': float(planes[rows].mean()) for part, rows in halves.items()},
+        **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
+      }
+    )
   comparison = []
   for target in targets:
     if not 1 <= target <= n:
@@ -122,20 +136,31 @@ def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)
     best = max(fits, key=lambda q: q['choose_accuracy'])
     mean = best['report_mean_planes']
     fixed_at = float(np.interp(mean, np.arange(1, n + 1), fixed['report']))
-    comparison.append(
-      {
-        'target_mean_planes': target,
-        'controller': {k: best[k] for k in ('low', 'high', 'start')},
-        'mean_planes': mean,
-        'accuracy': best['report_accuracy'],
-        'fixed_accuracy_at_same_mean': fixed_at,
-        'fixed_accuracy_at_target': float(fixed['report'][int(target) - 1]) if float(target).is_integer() else None,
+    row = {
+      'target_mean_planes': target,
+      'controller': {k: best[k] for k in ('low', 'high', 'start')},
+      'mean_planes': mean,
+      'accuracy': best['report_accuracy'],
+      'fixed_accuracy_at_same_mean': fixed_at,
+      'fixed_accuracy_at_target': float(fixed['report'][int(target) - 1]) if float(target).is_integer() else None,
+    }
+    own = [q for q in within if q['choose_mean_planes'] <= target]
+    if own:
+      pick = max(own, key=lambda q: q['choose_accuracy'])
+      row['within_frame'] = {
+        'threshold': pick['threshold'],
+        'mean_planes': pick['report_mean_planes'],
+        'accuracy': pick['report_accuracy'],
+        'fixed_accuracy_at_same_mean': float(
+          np.interp(pick['report_mean_planes'], np.arange(1, n + 1), fixed['report'])
+        ),
       }
-    )
+    comparison.append(row)
   return {
     'planes': n,
     'fixed_accuracy': {part: [float(a) for a in acc] for part, acc in fixed.items()},
     'controller_points': points,
+    'within_frame_points': within,
     'comparison': comparison,
   }
 
@@ -273,14 +298,20 @@ def _planes_markdown(p: dict | None) -> list[str]:
     'reported on the second): fixed planes on the second half '
     + ', '.join(f'b={b}: {100 * a:.2f}%' for b, a in enumerate(p['fixed_accuracy']['report'], 1)),
     '',
-    '| target mean planes | controller (low, high, start) | mean planes | accuracy | fixed planes at that mean |',
-    '|---:|---|---:|---:|---:|',
+    '| target mean planes | controller (low, high, start) | mean planes | accuracy | fixed planes at that mean | '
+    'within the frame: threshold, mean planes, accuracy | fixed planes at that mean |',
+    '|---:|---|---:|---:|---:|---|---:|',
   ]
   for c in p['comparison']:
-    k = c['controller']
+    k, w = c['controller'], c.get('within_frame')
+    own = (
+      f'{w["threshold"]:g}, {w["mean_planes"]:.2f}, {100 * w["accuracy"]:.2f} | {100 * w["fixed_accuracy_at_same_mean"]:.2f}'
+      if w
+      else '- | -'
+    )
     lines.append(
       f'| {c["target_mean_planes"]:g} | {k["low"]:g}, {k["high"]:g}, {k["start"]} | {c["mean_planes"]:.2f} | '
-      f'{100 * c["accuracy"]:.2f} | {100 * c["fixed_accuracy_at_same_mean"]:.2f} |'
+      f'{100 * c["accuracy"]:.2f} | {100 * c["fixed_accuracy_at_same_mean"]:.2f} | {own} |'
     )
   return lines + ['']
 
