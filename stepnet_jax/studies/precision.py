@@ -27,7 +27,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -244,6 +244,21 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
   float_macs = int(model.delta_macs().sum())
   hidden_macs = quantized.hidden_neuron_macs(model)
   tuned_accuracy, saved_as = {}, {}
+
+  def tune(precision: quantized.Precision, desc: str, seed_offset: int = 0):
+    """The study's quantization-aware fine-tune of the float network at ``precision``."""
+    return finetune(
+      cfg,
+      model,
+      precision,
+      train_split,
+      p.finetune_epochs,
+      p.finetune_learning_rate,
+      steps_per_epoch,
+      desc=desc,
+      seed_offset=seed_offset,
+    )
+
   for budget in p.budgets:
     for method in BIT_ASSIGNMENTS:
 
@@ -288,17 +303,7 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
       afters = []
       for offset in seeds:
         if (key, offset) not in tuned_accuracy:  # another method's search found the same bits: same run
-          tuned = finetune(
-            cfg,
-            model,
-            precision,
-            train_split,
-            p.finetune_epochs,
-            p.finetune_learning_rate,
-            steps_per_epoch,
-            desc=f'{method} {budget:g} bits, seed offset {offset}',
-            seed_offset=offset,
-          )
+          tuned = tune(precision, f'{method} {budget:g} bits, seed offset {offset}', offset)
           tuned_accuracy[key, offset] = evaluate(quantized.apply(tuned, precision), *test)
           if offset == seeds[0]:
             _save(os.path.join(workdir, name), tuned, meta, precision)
@@ -330,9 +335,7 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
         flush=True,
       )
   if p.min_bits_tolerance >= 0:
-    out['min_bits'] = minimum_bits_study(
-      cfg, p, model, scores, clips, train_split, val, test, evaluate, steps_per_epoch, float(float_acc[top])
-    )
+    out['min_bits'] = minimum_bits_study(p, model, scores, clips, val, test, evaluate, tune, float(float_acc[top]))
   if p.progressive_planes:
     out.update(
       progressive_study(
@@ -356,23 +359,21 @@ def study(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick
 
 
 def minimum_bits_study(
-  cfg: config_lib.Config,
   p: PrecisionSection,
   model,
   scores: dict[str, dict[str, np.ndarray]],
   clips,
-  train_split: datasets.Dataset,
   val,
   test,
   evaluate: Evaluator,
-  steps_per_epoch: int,
+  tune: Callable[[quantized.Precision, str], Any],
   float_test_accuracy: float,
 ) -> dict:
   """Per method, the fewest bits whose validation accuracy (top exit, no fine-tune) is within
   ``min_bits_tolerance`` of the float network's (``bitsearch.minimum_bits``): the class-based,
   magnitude and random scores under one search, and the smallest uniform width. Each found
   assignment's test accuracy, bit-ops and (``min_bits_finetune``) test accuracy after the
-  study's fine-tune."""
+  study's fine-tune (``tune(precision, desc)``)."""
   top = model.num_levels - 1
   float_val = float(evaluate(model, *val)[top])
   hidden_macs = quantized.hidden_neuron_macs(model)
@@ -413,16 +414,7 @@ def minimum_bits_study(
       'search': record,
     }
     if p.min_bits_finetune:
-      tuned = finetune(
-        cfg,
-        model,
-        precision,
-        train_split,
-        p.finetune_epochs,
-        p.finetune_learning_rate,
-        steps_per_epoch,
-        desc=f'{method} minimum bits',
-      )
+      tuned = tune(precision, f'{method} minimum bits')
       entry['accuracy_after_finetune'] = float(evaluate(quantized.apply(tuned, precision), *test)[top])
     out[method] = entry
     print(
@@ -497,11 +489,13 @@ def progressive_study(
     }
     for b in range(1, n + 1)
   ]
+  optimal, optimal_record = staircase.optimal_path(val_grid, costs)  # searched once: its path and its record
   stairs = {
-    kind: staircase.walk(staircase.staircase_path(kind, val_grid, costs), costs, test_grid, val_grid)
+    kind: staircase.walk(
+      optimal if kind == 'optimal' else staircase.staircase_path(kind, val_grid, costs), costs, test_grid, val_grid
+    )
     for kind in staircase.KINDS
   }
-  _, optimal_record = staircase.optimal_path(val_grid, costs)
   extra = {}
   if class_score is not None:
     extra = class_ladder_study(cfg, p, tuned, val, test, clips, evaluate, class_score, retrain)

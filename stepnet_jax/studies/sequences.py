@@ -43,6 +43,7 @@ from stepnet_jax import cli
 from stepnet_jax.core import stepping
 from stepnet_jax.data import datasets
 from stepnet_jax.data import sequences as sequences_lib
+from stepnet_jax.inference import evaluation
 from stepnet_jax.methods import progressive
 
 POLICIES = ('per_frame', 'start_at_previous', 'start_below_previous')
@@ -91,69 +92,72 @@ CONTROLLER_GRID = [
 ]
 
 
+def _confidence_and_correct(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The top softmax probability and whether the argmax is the label, for logits [A, S, T, classes]."""
+  z = logits - logits.max(-1, keepdims=True)
+  confidence = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).max(-1)
+  return confidence, logits.argmax(-1) == labels[None, :, None]
+
+
+def _on_halves(planes: np.ndarray, correct: np.ndarray, halves: dict[str, slice]) -> dict[str, float]:
+  """Mean planes and accuracy of a plane choice [S, T] on each half of the sequences."""
+  right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
+  return {
+    **{f'{part}_mean_planes': float(planes[rows].mean()) for part, rows in halves.items()},
+    **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
+  }
+
+
+def _chosen(points: list[dict], target: float) -> dict | None:
+  """The point most accurate on the choosing half within ``target`` mean planes there (None if none fits)."""
+  fits = [q for q in points if q['choose_mean_planes'] <= target]
+  return max(fits, key=lambda q: q['choose_accuracy']) if fits else None
+
+
 def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)) -> dict:
   """ProgressiveNN on sequences from the top exit's logits at every plane count [N, S, T, classes]
   (``targets``: the mean plane counts the controller is compared at; those above N are skipped)."""
   n, count = logits.shape[:2]
   targets = [t for t in targets if t <= n]
-  z = logits - logits.max(-1, keepdims=True)
-  confidence = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).max(-1)
-  correct = logits.argmax(-1) == labels[None, :, None]
+  confidence, correct = _confidence_and_correct(logits, labels)
   halves = {'choose': slice(0, count // 2), 'report': slice(count // 2, count)}
   fixed = {part: correct[:, rows].mean(axis=(1, 2)) for part, rows in halves.items()}  # [N] per part
-  points = []
-  for lo, hi in CONTROLLER_GRID:
-    for start in sorted({1, max(1, n // 2), n}):
-      planes = replay_planes(confidence, lo, hi, start)
-      right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
-      points.append(
-        {
-          'low': lo,
-          'high': hi,
-          'start': start,
-          **{f'{part}_mean_planes': float(planes[rows].mean()) for part, rows in halves.items()},
-          **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
-        }
-      )
-  within = []  # bit-serial anytime within each frame: planes added until the frame is sure enough
-  for threshold in PER_FRAME_THRESHOLDS:
-    planes = replay(confidence, 'per_frame', threshold) + 1
-    right = np.take_along_axis(correct, (planes - 1)[None], axis=0)[0]
-    within.append(
-      {
-        'threshold': threshold,
-        **{f'{part}_mean_planes': float(planes[rows].mean()) for part, rows in halves.items()},
-        **{f'{part}_accuracy': float(right[rows].mean()) for part, rows in halves.items()},
-      }
-    )
+
+  def fixed_at(mean: float) -> float:  # fixed planes at a mean between two whole counts: a mix of both
+    return float(np.interp(mean, np.arange(1, n + 1), fixed['report']))
+
+  points = [
+    {'low': lo, 'high': hi, 'start': start, **_on_halves(replay_planes(confidence, lo, hi, start), correct, halves)}
+    for lo, hi in CONTROLLER_GRID
+    for start in sorted({1, max(1, n // 2), n})
+  ]
+  # bit-serial anytime within each frame: planes added until the frame is sure enough
+  within = [
+    {'threshold': t, **_on_halves(replay(confidence, 'per_frame', t) + 1, correct, halves)}
+    for t in PER_FRAME_THRESHOLDS
+  ]
   comparison = []
   for target in targets:
     if not 1 <= target <= n:
       raise ValueError(f'target mean planes must be in 1..{n}, got {target}')
-    fits = [q for q in points if q['choose_mean_planes'] <= target]
-    if not fits:
+    best = _chosen(points, target)
+    if best is None:
       continue
-    best = max(fits, key=lambda q: q['choose_accuracy'])
-    mean = best['report_mean_planes']
-    fixed_at = float(np.interp(mean, np.arange(1, n + 1), fixed['report']))
     row = {
       'target_mean_planes': target,
       'controller': {k: best[k] for k in ('low', 'high', 'start')},
-      'mean_planes': mean,
+      'mean_planes': best['report_mean_planes'],
       'accuracy': best['report_accuracy'],
-      'fixed_accuracy_at_same_mean': fixed_at,
+      'fixed_accuracy_at_same_mean': fixed_at(best['report_mean_planes']),
       'fixed_accuracy_at_target': float(fixed['report'][int(target) - 1]) if float(target).is_integer() else None,
     }
-    own = [q for q in within if q['choose_mean_planes'] <= target]
-    if own:
-      pick = max(own, key=lambda q: q['choose_accuracy'])
+    pick = _chosen(within, target)
+    if pick is not None:
       row['within_frame'] = {
         'threshold': pick['threshold'],
         'mean_planes': pick['report_mean_planes'],
         'accuracy': pick['report_accuracy'],
-        'fixed_accuracy_at_same_mean': float(
-          np.interp(pick['report_mean_planes'], np.arange(1, n + 1), fixed['report'])
-        ),
+        'fixed_accuracy_at_same_mean': fixed_at(pick['report_mean_planes']),
       }
     comparison.append(row)
   return {
@@ -168,10 +172,7 @@ def planes_study(logits: np.ndarray, labels: np.ndarray, targets=(2.0, 3.0, 4.0)
 def curves(logits: np.ndarray, labels: np.ndarray, macs_to_reach, thresholds) -> dict[str, list[dict]]:
   """Per policy, a point per threshold: ``{"threshold", "mac_fraction", "accuracy",
   "mean_level"}`` from the exits' logits [K, S, T, classes] and the labels [S]."""
-  z = logits - logits.max(-1, keepdims=True)
-  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-  confidence = p.max(-1)
-  correct = logits.argmax(-1) == labels[None, :, None]  # [K, S, T]
+  confidence, correct = _confidence_and_correct(logits, labels)  # [K, S, T]
   macs = np.asarray(macs_to_reach, np.float64)
   out = {}
   for policy in POLICIES:
@@ -191,12 +192,15 @@ def curves(logits: np.ndarray, labels: np.ndarray, macs_to_reach, thresholds) ->
   return out
 
 
-def _top_logits(model, flat: np.ndarray, count: int, frames: int) -> np.ndarray:
-  """The top exit's logits [S, T, classes] of a (quantized) model on the frames."""
-  graphdef, variables = nnx.split(model)
-  exits = stepping.jitted_exits(graphdef)
-  top = [np.asarray(exits(variables, flat[i : i + 1024]))[-1] for i in range(0, len(flat), 1024)]
-  return np.concatenate(top).reshape((count, frames, -1))
+def _exits(exits_fn, variables, frames: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Every exit's logits [K, S, T, classes] on the frames [S, T, H, W, C] (labels [S]), through
+  the library's evaluation loop (one compiled batch shape)."""
+  count, length = frames.shape[:2]
+  flat = frames.reshape((-1,) + frames.shape[2:])
+  logits = evaluation.accumulate(
+    lambda batch: exits_fn(variables, batch.images), flat, np.repeat(labels, length), axis=1, concatenate=True
+  )
+  return logits.reshape((logits.shape[0], count, length, -1))
 
 
 def study(
@@ -211,15 +215,14 @@ def study(
   ``dataset``'s test images (and, with ``progressive_dir``, ProgressiveNN's ``planes_study``)."""
   net = stepnet_jax.load(workdir)
   seqs = sequences_lib.make_sequences(dataset.test_images, dataset.test_labels, count, motion, seed)
-  flat = seqs.frames.reshape((-1,) + seqs.frames.shape[2:])
   extra = {}
   if progressive_dir:
-    planes = progressive.load_planes(progressive_dir)
-    logits_b = np.stack([_top_logits(m, flat, count, motion.frames) for m in planes])
-    extra['progressive'] = {'run': progressive_dir, **planes_study(logits_b, seqs.labels)}
-  logits = np.concatenate(
-    [np.asarray(net.exits(flat[i : i + 1024])) for i in range(0, len(flat), 1024)], axis=1
-  ).reshape((net.num_levels, count, motion.frames, -1))
+    top_per_planes = []  # the top exit at each plane count
+    for model in progressive.load_planes(progressive_dir):
+      graphdef, variables = nnx.split(model)
+      top_per_planes.append(_exits(stepping.jitted_exits(graphdef), variables, seqs.frames, seqs.labels)[-1])
+    extra['progressive'] = {'run': progressive_dir, **planes_study(np.stack(top_per_planes), seqs.labels)}
+  logits = _exits(net.functions.exits, net.variables, seqs.frames, seqs.labels)
   thresholds = np.round(np.concatenate([np.linspace(0.3, 0.9, 13), [0.95, 0.97, 0.99, 0.995, 0.999]]), 4)
   per_level = (logits.argmax(-1) == seqs.labels[None, :, None]).mean(axis=(1, 2))
   return {
