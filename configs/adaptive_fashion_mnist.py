@@ -30,6 +30,9 @@ def get_config():
     }
   )
   c.lambdas = (0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8)
+  # Guan et al.'s joint training as rows of their own (`--config.joint_families=steppingnet,cascade`):
+  # the selection module and the network fine-tuned together at each lambda.
+  c.joint_families = ()
   c.tolerance = 0.003  # "within 0.3 point of the top exit", judged on the validation split
   c.quick.common.data = ml_collections.ConfigDict(dict(train_subset=640, test_subset=300, validation_examples=128))
   c.quick.common.selection = ml_collections.ConfigDict(dict(epochs=3, batch_size=64))

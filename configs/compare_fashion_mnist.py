@@ -1,4 +1,4 @@
-"""SteppingNet against AWN, slimmable, non-uniform and independent networks on Fashion-MNIST.
+"""SteppingNet against AWN, slimmable, non-uniform (single-path) and independent networks on Fashion-MNIST.
 
   python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir runs/compare
   python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir /tmp/cmp --quick
@@ -28,8 +28,9 @@ def get_config():
   c.common.train.log_every_steps = 50
   c.common.optim.learning_rate = 2e-3
   c.common.optim.schedule = 'cosine'
-  # Also available (compare.ENTRIES): 'awn_sandwich' (AWN trained with the sandwich rule), 'steppingnet_tri'.
-  c.methods = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')
+  # Also available (compare.ENTRIES): 'awn_sandwich' (AWN trained with the sandwich rule),
+  # 'multipath' (Yang & Fan's multi-path subnets: one full training per budget), 'steppingnet_tri'.
+  c.methods = ('steppingnet', 'awn', 'slimmable', 'singlepath', 'independent')
   c.extra_budgets = (0.15, 0.42)
   # () trains each method once (common.seed); --config.seeds=0,1,2 once per seed, in
   # WORKDIR/seedS, with mean and standard deviation per level in WORKDIR/compare.json.
@@ -61,8 +62,12 @@ def get_config():
       ),
     )
   )
+  # Yang & Fan's non-uniform subnets (singlepath, multipath): the background network trains
+  # alone for half an epoch; single-path then carves its five smaller subnets out at epochs
+  # 0.5, 0.75, 1.0, 1.25 and 1.5 (the default schedule: evenly up to half the run),
+  # multi-path prunes each run's background once, at 0.5.
   c.nonuniform = ml_collections.ConfigDict(
-    dict(construction=dict(pretrain_epochs=1.0), baseline=dict(nonuniform_cycles=2, recalibrate_batches=50))
+    dict(construction=dict(pretrain_epochs=0.5), baseline=dict(generation_epochs=(), recalibrate_batches=50))
   )
   # --quick: a few minutes on 2 CPU cores, for CI (checks the pipeline, not the numbers).
   # Its fields override the ones above (sections merge field by field).
@@ -77,9 +82,7 @@ def get_config():
       steppingnet=dict(
         construction=dict(widen=2.0, rounds=2, pretrain_epochs=0.5, round_epochs=0.5, importance_examples=128)
       ),
-      nonuniform=dict(
-        construction=dict(pretrain_epochs=0.5), baseline=dict(nonuniform_cycles=1, recalibrate_batches=5)
-      ),
+      nonuniform=dict(construction=dict(pretrain_epochs=0.5), baseline=dict(recalibrate_batches=5)),
     )
   )
   return c

@@ -156,7 +156,9 @@ class ConstructionConfig:
 class BaselineConfig:
   """Settings of the peer methods that are not a level assignment (``methods/nonuniform.py``)."""
 
-  nonuniform_cycles: int = 2  # round-robin passes over the subnets after the channel ranking
+  # Epochs at which the non-uniform subnets are carved out, largest first; () = evenly from
+  # construction.pretrain_epochs to half of train.num_epochs (methods/nonuniform.py).
+  generation_epochs: tuple[float, ...] = ()
   recalibrate_batches: int = 50  # train-mode batches that re-estimate each subnet's BN statistics
 
 
@@ -174,6 +176,7 @@ class SelectionConfig:
   samples: int = 8  # episodes per input and step; > 1: leave-one-out baseline
   baseline: str = 'running'  # with 1 sample: running per-level mean of the reward, or none
   joint: bool = False  # also fine-tune the exits (Guan et al.); default: the network is frozen
+  network_learning_rate: float = 1e-4  # joint: Adam's learning rate on the network (trained already)
   ce_weight: float = 1.0  # joint: weight of the cross-entropy of the exit each episode stopped at
 
 
@@ -213,7 +216,13 @@ SECTIONS = {
 ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
 BATCH_NORMS = ('auto', 'shared', 'per_subnet')
 SELECTION_BASELINES = ('running', 'none')  # methods.selection
-TUPLE_FIELDS = ('model.level_widths', 'loss.exit_weights', 'optim.step_decay_at', 'construction.budgets')
+TUPLE_FIELDS = (
+  'model.level_widths',
+  'loss.exit_weights',
+  'optim.step_decay_at',
+  'construction.budgets',
+  'baseline.generation_epochs',
+)
 # Keys that change how a run reports, not what it trains, and sections no network trainer
 # reads (the selection module is trained afterwards, on a finished network).
 REPORTING_KEYS = (
@@ -382,6 +391,9 @@ def _check_ranges(c: Config) -> None:
     raise SettingsError(f'optim.momentum must be < 1, got {values["optim.momentum"]}')
   for key in ('model.level_widths', 'construction.budgets'):
     check_increasing(key, values[key])
+  epochs = values['baseline.generation_epochs']
+  if any(e <= 0 for e in epochs) or any(b < a for a, b in zip(epochs, epochs[1:])):
+    raise SettingsError(f'baseline.generation_epochs must be positive and must not decrease, got {tuple(epochs)}')
   if c.model.level_widths and c.model.level_widths[-1] > 1:
     raise SettingsError(
       f'model.level_widths are fractions of the full width: the last must be <= 1, got {c.model.level_widths}'
@@ -427,7 +439,6 @@ RUN_MINIMUM = {
   'construction.round_epochs': 0,
   'construction.importance_examples': 1,
   'construction.class_threshold': 0,
-  'baseline.nonuniform_cycles': 1,
   'baseline.recalibrate_batches': 0,
   'loss.sandwich_widths': 0,
   'optim.warmup_epochs': 0,
@@ -439,6 +450,7 @@ RUN_MINIMUM = {
   'selection.cost_weight': 0,
   'selection.entropy_weight': 0,
   'selection.ce_weight': 0,
+  'selection.network_learning_rate': 0,
 }
 # ... and the keys that must be above 0.
 RUN_POSITIVE = (
@@ -477,10 +489,18 @@ def flat_paths() -> dict[str, str]:
 def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config, nested (as written now) or flat (before the sections), as a nested dict.
 
-  A flat config's ``sandwich_widths > 0`` meant the sandwich objective.
+  A flat config's ``sandwich_widths > 0`` meant the sandwich objective. The retired
+  ``baseline.nonuniform_cycles`` (of the turn-based non-uniform trainer) is dropped: the
+  network reads as before, and ``differing_keys`` keeps such a run from being reused.
   """
   saved = dict(saved)
-  if not isinstance(saved.get('model'), str):  # flat configs had the model's name at the top
+  flat = isinstance(saved.get('model'), str)  # flat configs had the model's name at the top
+  if _retired_turns(saved):
+    if flat:
+      saved.pop('nonuniform_cycles')
+    else:
+      saved['baseline'] = {k: v for k, v in saved['baseline'].items() if k != 'nonuniform_cycles'}
+  if not flat:
     return saved
   paths = flat_paths()
   unknown = sorted(set(saved) - set(paths) - {'sandwich_widths'})
@@ -493,6 +513,11 @@ def _upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   if widths:
     nested = merge(nested, {'loss': {'objective': 'sandwich', 'sandwich_widths': widths}})
   return nested
+
+
+def _retired_turns(saved: Mapping[str, Any]) -> bool:
+  """Whether a saved config has the retired ``baseline.nonuniform_cycles`` (nested or flat)."""
+  return 'nonuniform_cycles' in saved or 'nonuniform_cycles' in (saved.get('baseline') or {})
 
 
 def from_saved(saved: Mapping[str, Any]) -> Config:
@@ -513,9 +538,10 @@ def differing_keys(saved: Mapping[str, Any], cfg: Config) -> list[str]:
   Keys added since the config was saved take their defaults.
   """
   a, b = flatten(from_saved(saved).to_dict()), flatten(cfg.to_dict())
-  return sorted(
-    k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS and a[k] != b[k]
-  )
+  differ = [k for k in a if k not in REPORTING_KEYS and k.split('.')[0] not in NOT_TRAINING_SECTIONS and a[k] != b[k]]
+  if _retired_turns(saved) and saved.get('method') == 'nonuniform':
+    differ.append('baseline.nonuniform_cycles (the retired turn-based trainer)')
+  return sorted(differ)
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   cc.quick.common.train = dict(num_epochs=2, batch_size=64, eval_batch_size=400, progress=False)
   cc.quick.steppingnet.construction.rounds = 1
   cc.quick.families = ('steppingnet', 'cascade')
+  cc.quick.joint_families = ('cascade',)
   cc.quick.lambdas = (0.5,)
   cc.quick.knobs.confidence = (0.5, 0.9)
   out = stopping.adaptive(cc, str(tmp_path), quick=True)
@@ -45,6 +46,7 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
     'steppingnet_learned',
     'cascade_confidence',
     'cascade_learned',
+    'cascade_learned_joint',
   }
   for name, res in saved['methods'].items():
     levels = len(saved['static'][name.split('_')[0]])

@@ -117,8 +117,10 @@ def test_label_smoothing_mixes_the_labels_with_the_uniform_distribution(e):
   )
   loss_cfg, _ = losses.objective_for(cfg)(Exits(), batch, None)
   np.testing.assert_allclose(float(loss_cfg), (np.asarray(weights) * ce).sum() / sum(weights), rtol=1e-5)
-  loss_1, _ = losses.subnet_for(cfg, 1)(Exits(), batch, None)
+  loss_1, _ = losses.subnets_for(cfg, (1,))(Exits(), batch, None)
   np.testing.assert_allclose(float(loss_1), ce[1], rtol=1e-5)
+  loss_02, _ = losses.subnets_for(cfg, (0, 2))(Exits(), batch, None)
+  np.testing.assert_allclose(float(loss_02), (0.5 * ce[0] + 2.0 * ce[2]) / 2.5, rtol=1e-5)
 
 
 def test_single_exit_distillation_is_zero():

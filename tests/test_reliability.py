@@ -172,17 +172,17 @@ PHASED = {
     1,
     5,
   ),
-  # Non-uniform: the full network to step 5, then one turn per subnet to 10, 15 and 20 with one
-  # optimizer state; stopped in the second turn (its state is restored with the phase).
+  # Non-uniform (single-path) on the 2x-widened background network: trained alone to step 5,
+  # where the top subnet is pruned out of it, subnet 1 carved out at step 8 and subnet 0 at
+  # step 10 (epochs 0.5, 0.75, 1.0); stopped in the last phase, after phase checkpoint 3.
   'non-uniform': (
     [
       '--config.method=nonuniform',
       '--config.construction.budgets=0.2,0.5,1.0',
       '--config.construction.pretrain_epochs=0.5',
-      '--config.baseline.nonuniform_cycles=1',
       '--config.baseline.recalibrate_batches=2',
     ],
-    2,
+    3,
     10,
   ),
 }

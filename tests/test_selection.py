@@ -155,6 +155,12 @@ def test_joint_selection_fine_tunes_the_exits(digits_net):
   after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
   assert all(changed), changed
+  # The network's own learning rate: at 0 its parameters stay exactly as they were.
+  still = cfg.replace(**{'selection.network_learning_rate': 0.0, 'selection.epochs': 1})
+  fresh = nnx.merge(net.graphdef, net.variables)
+  _, variables = selection.train_selector(still, fresh, net.macs_to_reach, x_val, y_val, 10, cost_weight=0.1)
+  after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
 
 
 def test_a_constant_reward_gives_an_estimate_of_exactly_zero_through_the_baseline():

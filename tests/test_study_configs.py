@@ -70,7 +70,7 @@ MISSPELT = [
   ('adaptive', 'knobs.confidense', (0.5,), "section 'knobs': ", 'confidence'),
   ('adaptive', 'heuristics.cascde', ('confidence',), "section 'heuristics': ", 'cascade'),
   ('adaptive', 'tolerence', 0.01, '', 'tolerance'),
-  ('adaptive', 'nonuniform.baseline.nonuniform_cycle', 1, "section 'nonuniform': ", 'baseline.nonuniform_cycles'),
+  ('adaptive', 'nonuniform.baseline.generation_epoch', (1.0,), "section 'nonuniform': ", 'baseline.generation_epochs'),
   ('precision', 'precision.finetune_seed', (0,), "section 'precision': ", 'finetune_seeds'),
   ('precision', 'precision.progressive_plane', 4, "section 'precision': ", 'progressive_planes'),
   ('precision', 'quick.precision.finetune_seed', (0,), "section 'quick.precision': ", 'finetune_seeds'),

@@ -1,23 +1,40 @@
-"""Non-uniform dynamic subnets (Yang & Fan, ASP-DAC 2021), "single-path" variant.
+"""Non-uniform dynamic subnets (Yang & Fan, ASP-DAC 2021): channels chosen per layer by filter norm.
 
-Yang & Fan publish the idea (per-layer channel selection ranked by channel norm; the
-single-path method samples different subnets in different epochs of one run), not
-every detail. The choices made here:
+Yang & Fan generate the subnets in one of two ways; both are this trainer with another
+schedule (the comparison's methods ``singlepath`` and ``multipath``, ``studies/compare.py``):
 
-1. Train the full network (every channel in every subnet; no mask rule) on the top
-   exit for ``construction.pretrain_epochs``.
-2. Rank each layer's channels by the L1 norm of their filters, divided by the layer's
-   mean norm so layers compete on one scale, and give channels levels with the same
-   greedy fill as SteppingNet construction (``construct.assign_levels``) but with the
-   dense-prefix MAC count: least-norm channels leave subnet k first until it fits
-   budget k. Per-layer widths come out non-uniform; subnets are nested prefixes.
-3. Rebuild with one private BatchNorm per subnet (started from the full network's)
-   and train the subnets one at a time, round-robin from the smallest, in
-   ``baseline.nonuniform_cycles`` passes over the remaining steps (one forward pass per batch),
-   with one optimizer state throughout.
-4. Re-estimate every subnet's BN statistics as their average over
-   ``baseline.recalibrate_batches`` training batches (the shared weights moved after each
-   subnet's last turn).
+* single-path: ONE training round of the background network; at the epochs
+  ``baseline.generation_epochs`` (e_1 <= ... <= e_G) the next smaller subnet is carved out
+  of the current weights, and training goes on with every subnet found so far.
+* multi-path: one run per subnet (``model.num_levels=1`` and that subnet's budget): the
+  background network is trained, pruned to the budget at e_1 and trained on. The
+  comparison runs it once per budget, so every subnet costs a full training (its
+  background's included) and the deployed subnets share no weights.
+
+What the paper leaves open is chosen as follows:
+
+1. The background network is the widest uniform plan under the top budget
+   (``construction.widen``): every neuron at level 0, trained on its top exit until e_1.
+2. A generation carves subnet s out of the neurons subnet s+1 has (the background, at
+   first): each layer's channels are ranked by the L1 norm of their filters over the
+   layer's mean norm (so layers compete on one scale), and the least-norm channels of the
+   whole network leave subnet s (up to level s+1, or out of the network when s is the top)
+   until it fits budget s (``construct.assign_levels``' greedy fill on the dense-prefix
+   MAC count). Per-layer widths come out non-uniform; subnets are nested.
+3. One batch norm per subnet: a new subnet starts from the batch norm of the one it was
+   carved from; the subnets found before keep theirs.
+4. Between generations the subnets found so far train together: each batch goes through
+   each of them once and their cross-entropies are averaged with the exit weights
+   (``losses.subnets_for``, as slimmable widths train). Fresh optimizer moments after each
+   generation (the structure changed); the learning rate follows the schedule at the
+   global step.
+5. At the end every subnet's BN statistics are re-estimated (``recalibrate``).
+
+The default schedule (``generation_epochs=()``) spaces the G generations evenly from
+``construction.pretrain_epochs`` to half of ``train.num_epochs``, so the smallest subnet
+trains for the second half of the run; all of them at ``pretrain_epochs`` is the one-shot
+ranking this baseline used before. G is K-1, plus one when the top budget is below the
+background network (multi-path: the top is pruned first).
 
 A wider subnet recomputes everything: the method is not reusable, and its reports
 count ``macs_to_reach`` as the running sum of its subnets.
@@ -40,9 +57,8 @@ from stepnet_jax.data import datasets, feed
 from stepnet_jax.methods import construct, importance
 from stepnet_jax.models import budgets as budgets_lib
 from stepnet_jax.models import structure, surgery, zoo
-from stepnet_jax.training import losses, optim
-from stepnet_jax.training import step as step_lib
-from stepnet_jax.training.run import PhasedRun, config_train_step
+from stepnet_jax.training import losses
+from stepnet_jax.training.run import PhasedRun
 
 
 def channel_norms(model: SteppingModel) -> dict[str, np.ndarray]:
@@ -86,12 +102,13 @@ def recalibrate(model: SteppingModel, dataset: datasets.Dataset, cfg: Config) ->
   return nnx.merge(graphdef, params, mean)
 
 
-def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budgets_lib.MacModel, int, np.ndarray]:
-  """(full network, its MAC model, dense base MACs, budgets in MACs), budgets checked.
+def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, np.ndarray, int, list[int]]:
+  """(background network, budgets in MACs, dense base MACs, the subnets to carve out, largest
+  first), the budgets checked.
 
-  The full network is the widest uniform plan under the top budget (``width x widen``),
-  so the top subnet is the whole network even when that leaves part of the top budget
-  unused; the top budget is lowered to the network's MACs accordingly.
+  The background network is the widest uniform plan under ``width x widen``. When it
+  costs less than the top budget the top subnet is the whole network and that budget is
+  lowered to its MACs; when it costs more, the top subnet is carved out of it first.
   """
   k_levels, budgets = cfg.model.num_levels, cfg.construction.budgets
   base = budgets_lib.dense_macs(
@@ -105,18 +122,67 @@ def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, budge
   top = min(budgets[-1], widest / base)
   if k_levels > 1 and top <= budgets[-2]:
     raise SettingsError(
-      f'the non-uniform full network (width {cfg.model.width * cfg.construction.widen:.3f}, '
+      f'the non-uniform background network (width {cfg.model.width * cfg.construction.widen:.3f}, '
       f'{widest:,} MACs = {widest / base:.4f} of the base) is not above budget {k_levels - 2} '
       f'({budgets[-2]}): raise widen or lower that budget'
     )
   fractions = tuple(budgets[:-1]) + (top,)
   targets = budgets_lib.check_budgets(fractions, base, mac_model, [sizes[0] for sizes in level0])
-  return model, mac_model, base, targets
+  carve_top = budgets[-1] * base < widest
+  order = ([k_levels - 1] if carve_top else []) + list(range(k_levels - 2, -1, -1))
+  return model, targets, base, order
+
+
+def generation_epochs(cfg: Config, generations: int) -> tuple[float, ...]:
+  """The epochs at which the ``generations`` subnets are carved out, largest first:
+  ``baseline.generation_epochs``, or by default evenly spaced from
+  ``construction.pretrain_epochs`` to half of ``train.num_epochs``. Raises ``SettingsError``
+  for a wrong count or an epoch outside (0, train.num_epochs) (the config checked the order)."""
+  total = cfg.train.num_epochs
+  epochs = tuple(float(e) for e in cfg.baseline.generation_epochs)
+  if not epochs:
+    pre = cfg.construction.pretrain_epochs
+    epochs = tuple(float(e) for e in np.linspace(pre, max(pre, total / 2), generations))
+  elif len(epochs) != generations:
+    raise SettingsError(
+      f'baseline.generation_epochs gives {len(epochs)} epochs; these budgets carve {generations} '
+      'subnets out of the background network (one epoch each, largest first)'
+    )
+  if epochs and (epochs[0] <= 0 or epochs[-1] >= total):
+    raise SettingsError(
+      f'the non-uniform generation epochs {epochs} must lie inside (0, train.num_epochs={total}) '
+      '(by default they start at construction.pretrain_epochs)'
+    )
+  return epochs
+
+
+def carve(
+  levels: dict[str, np.ndarray],
+  scores: dict[str, np.ndarray],
+  mac_model: budgets_lib.MacModel,
+  subnet: int,
+  target: float,
+  top: int,
+) -> dict[str, np.ndarray]:
+  """New levels with subnet ``subnet`` carved out of the level-0 neurons (which, until then,
+  form every subnet up to ``subnet + 1``): the least-norm ones move up to level ``subnet + 1``,
+  or leave the network when ``subnet`` is the ``top``, until the rest cost <= ``target`` MACs."""
+  view = {n: np.where(lvl == 0, 0, np.where(lvl == surgery.REMOVED, surgery.REMOVED, 1)) for n, lvl in levels.items()}
+  kept = construct.assign_levels(view, scores, mac_model, [target] if subnet == top else [target, np.inf])
+  to = surgery.REMOVED if subnet == top else subnet + 1
+  return {n: np.where((levels[n] == 0) & (kept[n] != 0), to, levels[n]) for n in levels}
 
 
 def check(cfg: Config, dataset: datasets.Dataset) -> None:
-  """Raises if the budgets of ``cfg`` are infeasible for its network; trains nothing."""
-  nnx.eval_shape(lambda: _start(cfg, dataset)[0])
+  """Raises if the budgets or the generation schedule of ``cfg`` do not fit its network; trains nothing."""
+  plan = {}
+
+  def build() -> SteppingModel:
+    model, _, _, plan['order'] = _start(cfg, dataset)
+    return model
+
+  nnx.eval_shape(build)
+  generation_epochs(cfg, len(plan['order']))
 
 
 def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None = None) -> dict:
@@ -125,50 +191,44 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
     if run.finished is not None:
       return run.finished
     k_levels = cfg.model.num_levels
-    pre, total = int(round(cfg.construction.pretrain_epochs * run.steps_per_epoch)), run.total_steps
-    resumed, step = run.resume(), pre
+    resumed = run.resume()
     if resumed is None:
-      model, mac_model, base, targets = _start(cfg, run.dataset)
-      if pre > total:
-        raise SettingsError(
-          f'construction.pretrain_epochs {cfg.construction.pretrain_epochs} exceed train.num_epochs '
-          f'{cfg.train.num_epochs}'
-        )
+      model, targets, base, order = _start(cfg, run.dataset)
+      generation_epochs(cfg, len(order))  # the schedule is checked before anything is written
       meta = structure.model_meta(model, cfg.model.name, run.dataset.num_classes)
+      progress = {'budget_macs': [float(t) for t in targets], 'base_macs': int(base), 'order': order, 'phases': 0}
       run.begin()
-      model = run.train(
-        model, 0, pre, 'full network', objective=losses.subnet_for(cfg, k_levels - 1), levels=(k_levels - 1,)
-      )
-      levels = construct.assign_levels(surgery.neuron_levels(model), channel_norms(model), mac_model, targets)
-      model, meta = surgery.relevel(model, meta, levels)
-      print('non-uniform subnets by channel norm: ' + json.dumps(zoo.assignment_of(model)), flush=True)
-      progress = {'budget_macs': [float(t) for t in targets], 'base_macs': int(base), 'turn': 0}
-      run.save_phase(pre, model, meta, progress)
     else:
-      step, model, meta, progress = resumed
-    # One optimizer state for all turns (the structure no longer changes); one
-    # compiled train step per subnet.
-    tx = optim.make_optimizer(cfg, run.steps_per_epoch, step_offset=pre)
-    graphdef, state = step_lib.init_state(model, tx, pre)
-    turns = k_levels * cfg.baseline.nonuniform_cycles
-    bounds = np.linspace(pre, total, turns + 1).astype(int)
-    if step > pre:  # resumed after a turn: its optimizer state goes on
-      state = run.restore_state(state)
-    step_fns = [config_train_step(graphdef, tx, cfg, losses.subnet_for(cfg, k)) for k in range(k_levels)]
-    for t in range(progress['turn'], turns):
-      level = t % k_levels
-      if bounds[t + 1] > bounds[t]:
-        state = run.run_steps(
-          state,
-          step_fns[level],
-          int(bounds[t]),
-          int(bounds[t + 1]),
-          f'subnet {level} ({t + 1}/{turns})',
-          levels=(level,),
+      _, model, meta, progress = resumed
+    order = progress['order']
+    epochs = generation_epochs(cfg, len(order))
+    bounds = [int(round(e * run.steps_per_epoch)) for e in epochs] + [run.total_steps]
+    # Phase p trains the subnets found so far up to bounds[p], then carves out order[p].
+    for p in range(progress['phases'], len(order) + 1):
+      first, found = (bounds[p - 1] if p else 0), sorted({k_levels - 1, *order[:p]})
+      if bounds[p] > first:
+        model = run.train(
+          model, first, bounds[p], f'subnets {found}', objective=losses.subnets_for(cfg, found), levels=tuple(found)
         )
-        progress['turn'] = t + 1
-        run.save_phase(int(bounds[t + 1]), None, meta, progress, state)
-    model = recalibrate(nnx.merge(graphdef, state.params, state.batch_stats), run.dataset, cfg)
+      if p == len(order):
+        break
+      s = order[p]
+      levels = carve(
+        surgery.neuron_levels(model),
+        channel_norms(model),
+        budgets_lib.MacModel.of(model),
+        s,
+        progress['budget_macs'][s],
+        k_levels - 1,
+      )
+      bn_from = [k if k > s else min(s + 1, k_levels - 1) for k in range(k_levels)]
+      model, meta = surgery.relevel(model, meta, levels, bn_from=bn_from)
+      print(
+        f'non-uniform subnet {s} carved out at step {bounds[p]}: ' + json.dumps(zoo.assignment_of(model)), flush=True
+      )
+      progress['phases'] = p + 1
+      run.save_phase(bounds[p], model, meta, progress)
+    model = recalibrate(model, run.dataset, cfg)
     return run.finish(
       model,
       meta,
@@ -176,6 +236,7 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
       {
         'budget_macs': progress['budget_macs'],
         'base_macs': progress['base_macs'],
+        'generation_epochs': list(epochs),
         'assignment': zoo.assignment_of(model),
       },
     )

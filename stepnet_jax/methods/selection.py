@@ -14,8 +14,9 @@ the expected entropy of the decisions keeps the module exploring.
 
 By default the network is frozen (eval mode, no gradient, its updates zero:
 ``optim.train_only``); ``selection.joint=True`` fine-tunes the exits jointly, as the
-paper does: the network runs in train mode and the cross-entropy of the exit each
-episode stopped at joins the loss. Training is one objective (``reinforce``) run by the
+paper trains the two together: the network runs in train mode, the cross-entropy of the
+exit each episode stopped at joins the loss, and Adam updates the network at
+``selection.network_learning_rate`` (it arrives trained; the selector's rate would undo that). Training is one objective (``reinforce``) run by the
 shared ``training.fit.fit`` on a ``PolicyNet`` (the network, or a ``Cascade`` of
 independent networks, plus a ``Selector``), on a validation split carved from the
 training data.
@@ -183,11 +184,18 @@ def reinforce(
   return objective
 
 
-def _optimizer(learning_rate: float, joint: bool) -> optax.GradientTransformation:
-  """Adam on the selector (and, joint, on the network); the frozen network's updates are zero."""
-  if joint:
-    return optax.adam(learning_rate)
-  return optim.train_only(optax.adam(learning_rate), lambda names: names[0] == 'selector')
+def _optimizer(learning_rate: float, joint: bool, network_learning_rate: float) -> optax.GradientTransformation:
+  """Adam on the selector, and, joint, Adam at ``network_learning_rate`` on the network (which
+  arrives trained: a fine-tune); the frozen network's updates are zero."""
+  if not joint:
+    return optim.train_only(optax.adam(learning_rate), lambda names: names[0] == 'selector')
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: optim.param_names(path)[0], params)
+
+  return optax.multi_transform(
+    {'selector': optax.adam(learning_rate), 'net': optax.adam(network_learning_rate)}, labels
+  )
 
 
 def train_selector(
@@ -224,7 +232,7 @@ def train_selector(
   steps = s.epochs * (len(labels) // batch_size)
   trained, _ = fit.fit(
     model,
-    _optimizer(s.learning_rate, s.joint),
+    _optimizer(s.learning_rate, s.joint, s.network_learning_rate),
     objective,
     feed.training_batches(images, labels, batch_size, cfg.seed, 0, steps),
     steps,

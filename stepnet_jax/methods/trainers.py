@@ -4,7 +4,8 @@
 once (the plain SteppingNet layout, AWN's triangular masks, slimmable prefix subnets
 and plain single-level networks are all this, with different options); 'steppingnet'
 constructs the levels under MAC budgets (``construct.py``); 'nonuniform' is Yang &
-Fan's single-path non-uniform subnets (``nonuniform.py``). Every method saves a
+Fan's non-uniform subnets carved out of a background network by filter norm on a
+schedule (``nonuniform.py``: single-path in one run, multi-path as one run per subnet). Every method saves a
 standard checkpoint that ``stepnet_jax.load`` and ``evaluate.py`` read. The table is
 used by config validation, ``train.py`` and the comparison.
 """

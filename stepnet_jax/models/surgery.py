@@ -69,6 +69,7 @@ def relevel(
   new_levels: Mapping[str, Sequence[int]],
   num_levels: int | None = None,
   mask_rule: bool | None = None,
+  bn_from: Sequence[int] | None = None,
 ) -> tuple[SteppingModel, dict]:
   """Rebuilds ``model`` with per-neuron levels ``new_levels[group]`` (-1 removes a neuron).
 
@@ -80,6 +81,10 @@ def relevel(
     mask_rule: of the new model (default: unchanged; a new value also gives the new model
       the batch norm that goes with it: one per subnet exactly without the rule). A
       per-subnet batch norm new to the model starts from the old model's top-level statistics.
+    bn_from: with per-subnet batch norm in both models, for each new subnet the old subnet
+      whose batch norm it starts from (default, and from a shared batch norm: the old top). The old
+      subnet must hold every neuron of the new one; the non-uniform baseline keeps each
+      trained subnet's own statistics this way while it carves out the next.
   Returns:
     (new model carrying the trained weights, its model_meta).
   """
@@ -116,7 +121,7 @@ def relevel(
     else:
       kernel = np.asarray(src['kernel']) * layer.conn.mask  # switched-off weights start at 0 if re-enabled
       dst['kernel'] = kernel[..., index[link.source], :][..., out_idx]
-    dst['bn'] = _relevel_bn(src['bn'], out_idx, new_layer.bn, sizes[link.target])
+    dst['bn'] = _relevel_bn(src['bn'], out_idx, new_layer.bn, sizes[link.target], bn_from)
   head_idx = index[wiring.head_source]
   new['head']['kernel'] = np.take(np.asarray(old['head']['kernel']), head_idx, axis=-2)  # [(K,) S, C, classes]
   if new_model.head.private:  # a feature that moved above level k leaves exit k's classifier
@@ -136,9 +141,19 @@ def _at(tree, path: tuple):
   return tree
 
 
-def _relevel_bn(src: dict, out_idx: np.ndarray, new_bn: nnx.Module, new_sizes) -> dict:
-  """Batch-norm entries of the kept neurons in their new order (per subnet if switchable)."""
+def _relevel_bn(
+  src: dict, out_idx: np.ndarray, new_bn: nnx.Module, new_sizes, bn_from: Sequence[int] | None = None
+) -> dict:
+  """Batch-norm entries of the kept neurons in their new order (per subnet if switchable;
+  subnet k's from the old subnet ``bn_from[k]``, by default the old top)."""
   top = src['per_level'][max(src['per_level'])] if 'per_level' in src else src
   if not isinstance(new_bn, SwitchableBatchNorm):
     return _take_bn(top, out_idx)
-  return {'per_level': {k: _take_bn(top, out_idx[: lv.end(tuple(new_sizes), k)]) for k in range(len(new_sizes))}}
+  per_level = {}
+  for k in range(len(new_sizes)):
+    idx = out_idx[: lv.end(tuple(new_sizes), k)]
+    old = top if bn_from is None or 'per_level' not in src else src['per_level'][bn_from[k]]
+    if idx.size and int(idx.max()) >= len(next(iter(old.values()))):
+      raise ValueError(f'new subnet {k} keeps neurons outside old subnet {bn_from[k]}, whose batch norm it was to take')
+    per_level[k] = _take_bn(old, idx)
+  return {'per_level': per_level}

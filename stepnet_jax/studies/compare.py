@@ -16,8 +16,17 @@ DIR/compare.json, DIR/compare.md and DIR/compare.png. Methods:
 * slimmable: uniform prefix subnets without the mask rule, a private BN per width, one
   forward pass per width per batch; widths are the widest uniform plans that fit each
   budget. Recomputes: stepping to level k costs every subnet up to k.
-* nonuniform: Yang & Fan single-path non-uniform subnets (``methods/nonuniform.py``); recomputes.
+* singlepath: Yang & Fan's single-path non-uniform subnets: one training round of the
+  background network, a smaller subnet carved out of it at each of the generation epochs
+  (``methods/nonuniform.py``); recomputes.
+* multipath: Yang & Fan's multi-path non-uniform subnets: per budget, the background
+  network trained, pruned by filter norm to that budget and trained on (one full training
+  per subnet; the subnets share no weights); recomputes.
 * independent: one plain network per budget, the widest uniform plan that fits it.
+
+Every method's entry in compare.json has its training cost: ``train_seconds`` (the
+training time its runs report) and ``train_steps`` (optimizer updates over all its runs;
+an update of slimmable, single-path or AWN passes each batch through several subnets).
 
 Budgets: the AWN points (as fractions of the dense base network at ``common.model.width``)
 plus ``extra_budgets``. ``--config.seeds=0,1,2`` repeats everything per seed and reports
@@ -71,14 +80,14 @@ class CompareConfig:
   """A comparison config (``configs/compare_fashion_mnist.py``), validated by ``resolve``."""
 
   common: Config = dataclasses.field(default_factory=Config)  # the run settings every method shares
-  methods: tuple[str, ...] = ('steppingnet', 'awn', 'slimmable', 'nonuniform', 'independent')  # names in ENTRIES
+  methods: tuple[str, ...] = ('steppingnet', 'awn', 'slimmable', 'singlepath', 'independent')  # names in ENTRIES
   extra_budgets: tuple[float, ...] = (0.15, 0.42)  # MAC budgets (fractions of the dense base) besides AWN's points
   seeds: tuple[int, ...] = ()  # () trains each method once (common.seed); else once per seed, in DIR/seedS
   awn: AwnSection = dataclasses.field(default_factory=AwnSection)
   # A method's run settings over common (nested like common; the keys a method's entry fixes
   # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
   steppingnet: config_lib.Overrides = dataclasses.field(default_factory=config_lib.Overrides)
-  nonuniform: config_lib.Overrides = dataclasses.field(default_factory=config_lib.Overrides)
+  nonuniform: config_lib.Overrides = dataclasses.field(default_factory=config_lib.Overrides)  # singlepath, multipath
 
   def __post_init__(self):
     for name in self.methods:
@@ -264,22 +273,34 @@ def _slimmable(s: Setup) -> list[Config]:
   ]
 
 
-@ENTRIES.register('nonuniform')
-def _nonuniform(s: Setup) -> list[Config]:
-  widen = s.plans[-1][0] / s.cc.common.model.width
-  return [
-    _config(
-      s.common,
-      s.cc.nonuniform,
-      {
-        'method': 'nonuniform',
-        'model.num_levels': len(s.budgets),
-        'construction.budgets': s.budgets,
-        'loss.exit_weights': (),
-        'construction.widen': widen,
-      },
-    )
-  ]
+def _nonuniform(s: Setup, budgets: tuple[float, ...], schedule: bool = True) -> Config:
+  """Yang & Fan's non-uniform subnets for ``budgets`` out of the background network that
+  is the widest uniform plan under the top budget (the ``nonuniform`` section over common;
+  without ``schedule``, its ``baseline.generation_epochs`` left out)."""
+  own = {k: v for k, v in s.cc.nonuniform.items() if schedule or k != 'baseline.generation_epochs'}
+  return _config(
+    s.common,
+    own,
+    {
+      'method': 'nonuniform',
+      'model.num_levels': len(budgets),
+      'construction.budgets': budgets,
+      'loss.exit_weights': (),
+      'construction.widen': s.plans[-1][0] / s.cc.common.model.width,
+    },
+  )
+
+
+@ENTRIES.register('singlepath')
+def _singlepath(s: Setup) -> list[Config]:
+  return [_nonuniform(s, s.budgets)]
+
+
+@ENTRIES.register('multipath')
+def _multipath(s: Setup) -> list[Config]:
+  # One run per budget, pruned once at construction.pretrain_epochs (a single-path schedule
+  # in the nonuniform section is not one for a single subnet).
+  return [_nonuniform(s, (b,), schedule=False) for b in s.budgets]
 
 
 @ENTRIES.register('independent')
@@ -333,14 +354,16 @@ def run_method(
   latency_repeats: int,
   validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
-  """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'reusable'}.
+  """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'train_steps',
+  'reusable', 'configs'}.
 
   A result (``workdir/result.json``) is reused when it comes from as many runs as these
   settings make and every run behind it holds exactly these settings; a leftover run
   (e.g. interrupted) must hold exactly these settings too. Both are checked by
   ``run.check_workdir``, for every run before training any.
   ``train_seconds`` adds up the training time each run reports (all of its sessions,
-  when it was resumed), not this call's wall time. ``full`` is the loaded dataset (each
+  when it was resumed), not this call's wall time; ``train_steps`` the optimizer updates of
+  all its runs (filled in for a result saved before it was recorded). ``full`` is the loaded dataset (each
   method takes the configured subset of it itself); ``dataset`` is that subset, whose
   test split is evaluated here.
   """
@@ -356,6 +379,7 @@ def run_method(
         f'{len(cfgs)}; delete {workdir} to run {name} again'
       )
     print(f'{name}: reusing {result_path}', flush=True)
+    saved.setdefault('train_steps', _train_steps(cfgs, full))
     return saved
   print(f'=== {name} ===', flush=True)
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
@@ -365,11 +389,23 @@ def run_method(
     rows.append(r)
     reusable = reusable and net_reusable
   levels = rows[0] if len(cfgs) == 1 else _as_levels(rows)
-  result = {'levels': levels, 'train_seconds': seconds, 'reusable': reusable, 'configs': [c.to_dict() for c in cfgs]}
+  result = {
+    'levels': levels,
+    'train_seconds': seconds,
+    'train_steps': _train_steps(cfgs, full),
+    'reusable': reusable,
+    'configs': [c.to_dict() for c in cfgs],
+  }
   reports.write_json(os.path.join(workdir, 'levels.json'), levels, {'method': name, 'dataset': dataset.name})
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=2)
   return result
+
+
+def _train_steps(cfgs: list[Config], full: datasets.Dataset) -> int:
+  """Optimizer updates of the runs ``cfgs``: every trainer runs ``train.num_epochs`` epochs of
+  steps (construction's and the non-uniform baseline's phases included)."""
+  return sum(cfg.train.num_epochs * run.prepare_data(cfg, full)[1] for cfg in cfgs)
 
 
 # The peers SteppingNet must lead at AWN's MAC points, and by how much (accuracy points).
@@ -510,9 +546,16 @@ def markdown(
       lines.append(
         f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | {val}{acc} | {r["latency_ms"]:.3f} |'
       )
-  lines += ['', f'| method | reusable | train seconds{" per seed" if seeds else ""} |', '|---|---|---:|']
+  lines += [
+    '',
+    f'| method | reusable | train seconds{" per seed" if seeds else ""} | train steps |',
+    '|---|---|---:|---:|',
+  ]
   for name, res in results.items():
-    lines.append(f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} |')
+    steps = f'{res["train_steps"]:,}' if 'train_steps' in res else '-'
+    lines.append(
+      f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} | {steps} |'
+    )
   lines += ['', '## Targets', ''] + targets(results)
   return '\n'.join(lines) + '\n'
 
@@ -574,7 +617,10 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       with open(os.path.join(workdir, f'seed{seed}', name, 'result.json')) as f:
         results.setdefault(name, []).append(json.load(f))
   first = per_seed[cc.seeds[0]]
-  merged = {name: aggregate_seeds(runs) for name, runs in results.items()}
+  merged = {
+    name: {**aggregate_seeds(runs), 'train_steps': first['methods'][name]['train_steps']}
+    for name, runs in results.items()
+  }
   out = {
     **{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')},
     'seeds': list(cc.seeds),
@@ -582,6 +628,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       name: {
         'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r} for r in res['levels']],
         'train_seconds': res['train_seconds'],
+        'train_steps': res['train_steps'],
         'reusable': res['reusable'],
       }
       for name, res in merged.items()
@@ -657,6 +704,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
       name: {
         'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
         'train_seconds': res['train_seconds'],
+        'train_steps': res['train_steps'],
         'reusable': res['reusable'],
       }
       for name, res in results.items()

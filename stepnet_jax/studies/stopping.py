@@ -13,6 +13,9 @@ carved from the training data (``common.data.validation_examples``). Then, per f
   validation split for each MAC price lambda; every point is the compiled anytime
   program (``core/anytime.py``) on the test set: accuracy, average MACs actually spent per
   input, and where inputs stopped;
+* for the ``joint_families``, the selection module is trained again at each lambda
+  together with the network (Guan et al.'s joint training: rows ``<family>_learned_joint``,
+  each point on its own fine-tuned copy of the network);
 * the operating points the targets speak of are chosen on the other half.
 
 Writes DIR/adaptive.json, DIR/adaptive.md (table, targets checked) and DIR/adaptive.png.
@@ -81,6 +84,9 @@ class AdaptiveConfig(compare.CompareConfig):
   heuristics: Heuristics = dataclasses.field(default_factory=Heuristics)
   knobs: Knobs = dataclasses.field(default_factory=Knobs)
   lambdas: tuple[float, ...] = (0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8)  # MAC prices: a module each
+  # Families whose selection module is also trained end to end with their networks (Guan et
+  # al.'s joint training; ``common.selection.network_learning_rate``): rows <family>_learned_joint.
+  joint_families: tuple[str, ...] = ()
   tolerance: float = 0.003  # operating point: the cheapest within this of the top exit, on validation
 
   def __post_init__(self):
@@ -92,6 +98,9 @@ class AdaptiveConfig(compare.CompareConfig):
     for family in self.families:
       if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
+    for family in self.joint_families:
+      if family not in self.families:
+        raise ValueError(f'joint_families: {family!r} is not one of the families {self.families}')
     if 'steppingnet' not in self.families:
       raise ValueError(f"families must include steppingnet (the targets are its top exit's), got {self.families}")
     known = [f.name for f in dataclasses.fields(Knobs)]
@@ -157,10 +166,13 @@ def learned_points(
   test: tuple,
   num_classes: int,
   strategy: str,
+  joint: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-  """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC price."""
+  """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC
+  price; ``joint``: trained together with the network, each point on its own fine-tuned network."""
   predict = family.predict_fn(strategy)
   test_points, choice_points = [], []
+  cfg = cfg.replace(**{'selection.joint': joint})
   for lam in lambdas:
     policy, variables = selection.train_selector(
       cfg,
@@ -169,7 +181,7 @@ def learned_points(
       *fit,
       num_classes,
       cost_weight=lam,
-      desc=f'{family.name} selection',
+      desc=f'{family.name} {"joint " if joint else ""}selection',
     )
     levels = family.program.num_levels
     test_points.append({'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *test, levels)})
@@ -188,6 +200,17 @@ def overlap_grid(a: Sequence[dict], b: Sequence[dict], n: int = 50) -> np.ndarra
   lo = max(min(p['avg_macs'] for p in a), min(p['avg_macs'] for p in b))
   hi = min(max(p['avg_macs'] for p in a), max(p['avg_macs'] for p in b))
   return np.linspace(lo, hi, n) if hi > lo else np.asarray([])
+
+
+def curve_gap(a: dict | None, b: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+  """(average MACs both curves cover, curve ``a``'s accuracy minus ``b``'s there), or None when
+  a curve is missing or the two do not overlap."""
+  if not a or not b:
+    return None
+  grid = overlap_grid(a['points'], b['points'])
+  if not len(grid):
+    return None
+  return grid, interpolate(a['points'], grid) - interpolate(b['points'], grid)
 
 
 def operating_point(
@@ -218,26 +241,28 @@ def targets(out: dict) -> list[str]:
       f'{100 * top_acc:.2f}%: {"met" if ok else "NOT met"} (target: within 0.3 pt at <= 50%)'
     )
   for policy in ('learned', 'confidence'):
-    a, b = m.get(f'steppingnet_{policy}'), m.get(f'cascade_{policy}')
-    if a and b:
-      grid = overlap_grid(a['points'], b['points'])
-      if len(grid):
-        gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
-        lines.append(
-          f'- SteppingNet vs cascade ({policy}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs: min gap '
-          f'{100 * gap.min():+.2f} pt: {"met" if gap.min() >= 0 else "NOT met"} (target: >= 0 everywhere)'
-        )
+    gap = curve_gap(m.get(f'steppingnet_{policy}'), m.get(f'cascade_{policy}'))
+    if gap is not None:
+      grid, gap = gap
+      lines.append(
+        f'- SteppingNet vs cascade ({policy}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs: min gap '
+        f'{100 * gap.min():+.2f} pt: {"met" if gap.min() >= 0 else "NOT met"} (target: >= 0 everywhere)'
+      )
   for family in ('steppingnet', 'awn', 'cascade'):
-    a, b = m.get(f'{family}_learned'), m.get(f'{family}_confidence')
-    if a and b:
-      grid = overlap_grid(a['points'], b['points'])
-      if len(grid):
-        gap = interpolate(a['points'], grid) - interpolate(b['points'], grid)
-        share = float((gap >= 0).mean())
-        lines.append(
-          f'- {family}: learned >= confidence at {share:.0%} of the shared MAC range (mean gap '
-          f'{100 * gap.mean():+.2f} pt): {"met" if share > 0.5 else "NOT met"} (target: most of it)'
-        )
+    gap = curve_gap(m.get(f'{family}_learned_joint'), m.get(f'{family}_learned'))
+    if gap is not None:
+      grid, gap = gap
+      lines.append(
+        f'- {family}: joint training moves the learned curve by {100 * gap.mean():+.2f} pt on average '
+        f'(from {100 * gap.min():+.2f} to {100 * gap.max():+.2f}) over {grid[0]:,.0f}..{grid[-1]:,.0f} MACs'
+      )
+    gap = curve_gap(m.get(f'{family}_learned'), m.get(f'{family}_confidence'))
+    if gap is not None:
+      share = float((gap[1] >= 0).mean())
+      lines.append(
+        f'- {family}: learned >= confidence at {share:.0%} of the shared MAC range (mean gap '
+        f'{100 * gap[1].mean():+.2f} pt): {"met" if share > 0.5 else "NOT met"} (target: most of it)'
+      )
   return lines
 
 
@@ -334,6 +359,15 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
       }
     test_pts, val_pts = learned_points(family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy)
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
+    if family_name in study.joint_families:
+      joint_test, joint_val = learned_points(
+        family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, joint=True
+      )
+      out['methods'][f'{family_name}_learned_joint'] = {
+        'policy': 'learned_joint',
+        'points': joint_test,
+        'validation_points': joint_val,
+      }
     if family_name == 'steppingnet':
       out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
       val_top = sweeps.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)

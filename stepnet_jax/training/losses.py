@@ -116,12 +116,6 @@ def multi_exit(
   return objective
 
 
-def subnet(level: int, weight: float = 1.0, label_smoothing: float = 0.0) -> Objective:
-  """The cross-entropy of subnet ``level`` alone (``multi_exit_loss`` of that exit with its
-  ``weight``, which divides out): one turn of the non-uniform baseline."""
-  return multi_exit((weight,), levels=(level,), label_smoothing=label_smoothing)
-
-
 def single_exit() -> Objective:
   """Plain training of the top subnet through the direct forward (the benchmark's reference)."""
 
@@ -186,7 +180,9 @@ def objective_for(cfg: Config) -> Objective:
   return OBJECTIVES.get(cfg.loss.objective)(cfg)
 
 
-def subnet_for(cfg: Config, level: int) -> Objective:
-  """``subnet(level)`` with the config's exit weight and recipe (label smoothing): the
-  non-uniform baseline's turns train under the same loss settings as every other method."""
-  return subnet(level, cfg.exit_weights[level], cfg.loss.label_smoothing)
+def subnets_for(cfg: Config, levels: Sequence[int]) -> Objective:
+  """The subnets ``levels`` alone, each batch through each of them once, their cross-entropies
+  averaged with the config's exit weights and recipe (label smoothing): how the non-uniform
+  baseline trains the subnets it has found so far, under every other method's loss settings."""
+  levels = tuple(levels)
+  return multi_exit(tuple(cfg.exit_weights[k] for k in levels), levels=levels, label_smoothing=cfg.loss.label_smoothing)
