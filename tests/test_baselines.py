@@ -177,6 +177,27 @@ def test_awn_config_reproduces_the_published_width_macs():
   np.testing.assert_allclose(np.cumsum(model.delta_macs().sum(0)) / 1e6, [0.52, 2.02, 4.25, 7.30], atol=0.005)
 
 
+def test_awn_published_recipe_takes_the_steps_of_awns_summed_width_losses():
+  """AWN's code adds the K widths' gradients (one backward pass each) and runs torch's SGD:
+  v <- 0.9 v + (g_sum + 5e-4 w), w <- w - 0.01 v. The published recipe here averages the
+  exits; its steps must be those, written out by hand in numpy."""
+  raw = compare_config()
+  raw.awn.recipe = 'published'
+  cc = compare.resolve(raw)
+  cfg = compare.awn_config(cc)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=100)
+  rng = np.random.RandomState(0)
+  w = rng.normal(size=5).astype(np.float32)
+  state, params, v, ref = tx.init(jnp.asarray(w)), jnp.asarray(w), np.zeros(5, np.float32), w.copy()
+  for _ in range(3):
+    per_width = rng.normal(size=(4, 5)).astype(np.float32)  # each width's gradient
+    updates, state = tx.update(jnp.asarray(per_width.mean(0)), state, params)
+    params = params + updates
+    v = 0.9 * v + (per_width.sum(0) + 5e-4 * ref)
+    ref = ref - 0.01 * v
+  np.testing.assert_allclose(np.asarray(params), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_width_for_budget_is_the_widest_fitting_plan():
   base = budgets.dense_macs('lenet3c1l', input_shape=testlib.MNIST_SHAPE, num_classes=10)
   assert base == 7_146_624

@@ -71,7 +71,7 @@ class AwnSection:
 
   widen: float = math.sqrt(2)  # the base network (common.model.width) widened by this, as AWN does
   widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # cumulative width fractions of the widened network, one per level
-  recipe: str = 'common'  # common: the common optimiser; published: AWN's SGD recipe (awn_config)
+  recipe: str = 'common'  # common: the common optimiser; published: AWN's SGD recipe on its summed loss (awn_config)
   sandwich_widths: int = 2  # awn_sandwich: random widths per batch besides the smallest and the largest
 
 
@@ -133,7 +133,14 @@ def _config(common: dict, own: Mapping[str, Any], fixed: dict) -> Config:
 
 
 def awn_config(cc: CompareConfig) -> Config:
-  """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``)."""
+  """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``).
+
+  The published recipe is SGD at learning rate 0.01, momentum 0.9, L2 weight decay 5e-4 on
+  the gradient, x0.1 at 50% and 75% of training. AWN's code (github thanhmvu/awn,
+  ``train.py``) runs one backward pass per width into the same gradients, so it descends the
+  SUM of the K widths' cross-entropies, while the shared objective here AVERAGES the exits.
+  With plain SGD, momentum and L2 decay the update is linear in (learning rate, gradient,
+  decay), so learning rate 0.01 K and decay 5e-4 / K on the average give exactly AWN's updates."""
   fixed = {
     'method': 'joint',
     'model.triangular': True,
@@ -143,12 +150,13 @@ def awn_config(cc: CompareConfig) -> Config:
     'loss.exit_weights': (),
   }
   if cc.awn.recipe == 'published':
+    widths = len(cc.awn.widths)
     fixed.update(
       {
         'optim.name': 'sgd',
-        'optim.learning_rate': 0.01,
+        'optim.learning_rate': 0.01 * widths,
         'optim.momentum': 0.9,
-        'optim.weight_decay': 5e-4,
+        'optim.weight_decay': 5e-4 / widths,
         'optim.schedule': 'step',
         'optim.step_decay_at': (0.5, 0.75),
         'optim.warmup_epochs': 0.0,
