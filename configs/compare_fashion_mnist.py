@@ -64,8 +64,9 @@ def get_config():
   )
   # Yang & Fan's non-uniform subnets (singlepath, multipath): the background network trains
   # alone for half an epoch; single-path then carves its five smaller subnets out at epochs
-  # 0.5, 0.75, 1.0, 1.25 and 1.5 (the default schedule: evenly up to half the run),
-  # multi-path prunes each run's background once, at 0.5.
+  # 0.5, 0.75, 1.0, 1.25 and 1.5 (the default schedule: evenly up to half the run);
+  # multi-path prunes each run's background once, at 0.5, except the top budget's run,
+  # whose background already fits its budget (a plain training).
   c.nonuniform = ml_collections.ConfigDict(
     dict(construction=dict(pretrain_epochs=0.5), baseline=dict(generation_epochs=(), recalibrate_batches=50))
   )

@@ -254,9 +254,9 @@ def checkpoint_meta(model):
 
 
 def test_carve_moves_the_least_norm_level0_neurons_until_the_subnet_fits():
-  """One generation, against a brute-force reading of the same rule: among the level-0
-  neurons, subnet s keeps the highest-norm ones (per layer) and fits its budget; neurons
-  above level 0 stay where they were; carving the top removes neurons instead."""
+  """One generation's properties: among the level-0 neurons, subnet s keeps the highest-norm
+  ones of each layer and fits its budget, and no moved neuron fits back; neurons above level
+  0 stay where they were; carving the top (of an all-level-0 background) removes neurons."""
   k = 3
   model = _lenet_without_rule((7, 0, 3), 5)
   mm = budgets.MacModel.of(model)
@@ -279,8 +279,11 @@ def test_carve_moves_the_least_norm_level0_neurons_until_the_subnet_fits():
       more = [c.copy() for c in counts]
       more[li][0] += 1
       assert mm.subnet_macs(more)[0] > target
-  top = nonuniform.carve(current, norms, mm, k - 1, 0.5 * mm.subnet_macs([np.array([10, 0, 0])] * 3)[0], k - 1)
-  assert all(set(np.unique(top[n][current[n] == 0])) <= {0, surgery.REMOVED} for n in testlib.LENET3)
+  background = _lenet_without_rule((10, 0, 0), 5)
+  top = nonuniform.carve(
+    surgery.neuron_levels(background), norms, mm, k - 1, 0.5 * mm.subnet_macs([np.array([10, 0, 0])] * 3)[0], k - 1
+  )
+  assert all(set(np.unique(top[n])) <= {0, surgery.REMOVED} for n in testlib.LENET3)
   assert any(np.any(top[n] == surgery.REMOVED) for n in testlib.LENET3)
 
 
@@ -334,11 +337,14 @@ def test_nonuniform_single_path_and_multi_path(tmp_path, monkeypatch):
   cfg = config.from_dict(
     {**common, 'model.num_levels': 3, 'construction.budgets': (0.2, 0.5, 1.0), 'baseline.generation_epochs': (1.0, 2.0)}
   )
-  trained = []
-  real = losses.subnets_for
+  trained, bn_from = [], []
+  real, relevel = losses.subnets_for, surgery.relevel
   monkeypatch.setattr(losses, 'subnets_for', lambda c, levels: trained.append(tuple(levels)) or real(c, levels))
+  monkeypatch.setattr(surgery, 'relevel', lambda *a, **k: bn_from.append(k['bn_from']) or relevel(*a, **k))
   result = nonuniform.train_nonuniform(cfg, str(tmp_path / 'single'), ds)
   assert trained == [(2,), (1, 2), (0, 1, 2)]
+  # Subnet 1 (and 0 with it) starts from the top's batch norm; then subnet 0 from subnet 1's.
+  assert bn_from == [[2, 2, 2], [1, 1, 2]]
   assert result['generation_epochs'] == [1.0, 2.0]
   net = stepnet_jax.load(str(tmp_path / 'single'))
   assert not net.reusable
@@ -347,9 +353,10 @@ def test_nonuniform_single_path_and_multi_path(tmp_path, monkeypatch):
   acc = result['test_accuracy']
   assert acc[2] > 0.8 and acc[0] < acc[2], acc  # chance is 0.1
   trained.clear()
+  bn_from.clear()
   multi = config.from_dict({**common, 'model.num_levels': 1, 'construction.budgets': (0.3,)})
   one = nonuniform.train_nonuniform(multi, str(tmp_path / 'multi'), ds)
-  assert trained == [(0,), (0,)]  # the background, then its pruned subnet
+  assert trained == [(0,), (0,)] and bn_from == [[0]]  # the background, then its pruned subnet
   assert (
     one['level_macs'][0]
     <= one['budget_macs'][0]

@@ -158,9 +158,13 @@ def test_joint_selection_fine_tunes_the_exits(digits_net):
   # The network's own learning rate: at 0 its parameters stay exactly as they were.
   still = cfg.replace(**{'selection.network_learning_rate': 0.0, 'selection.epochs': 1})
   fresh = nnx.merge(net.graphdef, net.variables)
-  _, variables = selection.train_selector(still, fresh, net.macs_to_reach, x_val, y_val, 10, cost_weight=0.1)
+  policy, variables = selection.train_selector(still, fresh, net.macs_to_reach, x_val, y_val, 10, cost_weight=0.1)
   after = nnx.state(nnx.merge(net.graphdef, variables), nnx.Param)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
+  initial = policies.init_selector(
+    jax.random.key(still.seed), 10, len(net.macs_to_reach), still.selection.hidden, still.selection.history
+  )
+  assert not np.array_equal(np.asarray(policy.params['w1']), np.asarray(initial['w1']))  # the selector did train
 
 
 def test_a_constant_reward_gives_an_estimate_of_exactly_zero_through_the_baseline():

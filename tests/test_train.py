@@ -743,6 +743,19 @@ def _flat(nested: dict) -> dict:
   return flat
 
 
+def test_the_retired_turns_setting_is_dropped_on_reading_and_keeps_a_nonuniform_run_from_reuse():
+  """Runs of the previous version saved ``baseline.nonuniform_cycles`` (the turn-based
+  non-uniform trainer): such a config still reads, a joint run of it is the same settings,
+  and a non-uniform one is not (its network was trained another way)."""
+  for method, extra in (('joint', {}), ('nonuniform', {'construction.budgets': (0.2, 0.5, 1.0)})):
+    cfg = config.from_dict({'method': method, **extra})
+    saved = cfg.to_dict()
+    saved['baseline'] = {**saved['baseline'], 'nonuniform_cycles': 2}
+    assert config.from_saved(saved) == cfg
+    expected = ['baseline.nonuniform_cycles (the retired turn-based trainer)'] if method == 'nonuniform' else []
+    assert config.differing_keys(saved, cfg) == expected
+
+
 def test_a_workdir_of_an_earlier_version_loads_and_resumes(tmp_path, one_epoch_digits_run):
   """A checkpoint whose meta holds a flat config (as earlier versions wrote it) loads, and a
   run asking for more epochs resumes from it."""

@@ -13,11 +13,13 @@ schedule (the comparison's methods ``singlepath`` and ``multipath``, ``studies/c
 
 What the paper leaves open is chosen as follows:
 
-1. The background network is the widest uniform plan under the top budget
-   (``construction.widen``): every neuron at level 0, trained on its top exit until e_1.
+1. The background network is the base network widened by ``construction.widen`` (the
+   comparison widens it to the widest uniform plan under the top budget): every neuron at
+   level 0, trained on its top exit until e_1.
 2. A generation carves subnet s out of the neurons subnet s+1 has (the background, at
    first): each layer's channels are ranked by the L1 norm of their filters over the
-   layer's mean norm (so layers compete on one scale), and the least-norm channels of the
+   inputs subnet s+1 has, divided by the mean over the layer's channels in subnet s+1 (so
+   layers compete on one scale: ``channel_norms``), and the least-norm channels of the
    whole network leave subnet s (up to level s+1, or out of the network when s is the top)
    until it fits budget s (``construct.assign_levels``' greedy fill on the dense-prefix
    MAC count). Per-layer widths come out non-uniform; subnets are nested.
@@ -31,9 +33,10 @@ What the paper leaves open is chosen as follows:
 5. At the end every subnet's BN statistics are re-estimated (``recalibrate``).
 
 The default schedule (``generation_epochs=()``) spaces the G generations evenly from
-``construction.pretrain_epochs`` to half of ``train.num_epochs``, so the smallest subnet
-trains for the second half of the run; all of them at ``pretrain_epochs`` is the one-shot
-ranking this baseline used before. G is K-1, plus one when the top budget is below the
+``construction.pretrain_epochs`` to half of ``train.num_epochs`` (with G > 1 and
+``pretrain_epochs`` below that half, the smallest subnet trains for the second half of the
+run; with one generation it is at ``pretrain_epochs``); all of them at ``pretrain_epochs``
+is the one-shot ranking this baseline used before. A generation at step 0 is refused. G is K-1, plus one when the top budget is below the
 background network (multi-path: the top is pruned first).
 
 A wider subnet recomputes everything: the method is not reusable, and its reports
@@ -54,7 +57,7 @@ from stepnet_jax.config import Config, SettingsError
 from stepnet_jax.core import layers
 from stepnet_jax.core.model import SteppingModel
 from stepnet_jax.data import datasets, feed
-from stepnet_jax.methods import construct, importance
+from stepnet_jax.methods import construct
 from stepnet_jax.models import budgets as budgets_lib
 from stepnet_jax.models import structure, surgery, zoo
 from stepnet_jax.training import losses
@@ -62,11 +65,22 @@ from stepnet_jax.training.run import PhasedRun
 
 
 def channel_norms(model: SteppingModel) -> dict[str, np.ndarray]:
-  """Per layer: L1 norm of each output channel's filter, normalised by the layer's mean."""
-  out = {}
+  """Per layer: L1 norm of each output channel's filter over the inputs at level 0, divided by
+  the mean over the layer's level-0 channels (so layers compete on one scale). The level-0
+  neurons are the subnet the next generation carves from; a channel already above level 0
+  keeps a score but is never ranked again. On a chain (``surgery.check_chain``) a layer
+  reads the layer before it, the first one the image."""
+  levels = surgery.neuron_levels(model)
+  out, reads = {}, None
   for name, unit in zip(model.unit_names, model.units):
     k = np.abs(np.asarray(unit.kernel[...]) * unit.conn.mask)
-    out[name] = importance.normalised(k.reshape(-1, k.shape[-1]).sum(0))
+    if reads is not None:  # inputs [..., cin, cout]: the previous layer's channels
+      k = k * (levels[reads] == 0)[:, None]
+    norms = k.reshape(-1, k.shape[-1]).sum(0)
+    level0 = levels[name] == 0
+    mean = float(norms[level0].mean()) if level0.any() else 0.0
+    out[name] = norms / mean if mean > 0 else np.zeros_like(norms)
+    reads = name
   return out
 
 
@@ -203,6 +217,11 @@ def train_nonuniform(cfg: Config, workdir: str, dataset: datasets.Dataset | None
     order = progress['order']
     epochs = generation_epochs(cfg, len(order))
     bounds = [int(round(e * run.steps_per_epoch)) for e in epochs] + [run.total_steps]
+    if bounds[0] < 1:
+      raise SettingsError(
+        f'the first non-uniform generation (epoch {epochs[0]:g}) falls on step 0: the background '
+        'network would be ranked untrained; give it at least one step'
+      )
     # Phase p trains the subnets found so far up to bounds[p], then carves out order[p].
     for p in range(progress['phases'], len(order) + 1):
       first, found = (bounds[p - 1] if p else 0), sorted({k_levels - 1, *order[:p]})

@@ -67,7 +67,8 @@ def validate(cfg: Config) -> Config:
     )
   if cfg.method == 'nonuniform' and min(cfg.exit_weights) <= 0:
     raise SettingsError(
-      'the non-uniform baseline trains one subnet at a time: every exit weight must be positive, '
+      'the non-uniform baseline trains its subnets alone or in groups (the top alone first): '
+      'every exit weight must be positive, '
       f'got {cfg.exit_weights}'
     )
   if loss.objective == 'sandwich' and (not m.triangular or cfg.method != 'joint'):

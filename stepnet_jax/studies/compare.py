@@ -284,19 +284,18 @@ def _slimmable(s: Setup) -> list[Config]:
 def _nonuniform(s: Setup, budgets: tuple[float, ...], schedule: bool = True) -> Config:
   """Yang & Fan's non-uniform subnets for ``budgets`` out of the background network that
   is the widest uniform plan under the top budget (the ``nonuniform`` section over common;
-  without ``schedule``, its ``baseline.generation_epochs`` left out)."""
+  without ``schedule``, the default schedule whatever the sections say)."""
   own = {k: v for k, v in s.cc.nonuniform.items() if schedule or k != 'baseline.generation_epochs'}
-  return _config(
-    s.common,
-    own,
-    {
-      'method': 'nonuniform',
-      'model.num_levels': len(budgets),
-      'construction.budgets': budgets,
-      'loss.exit_weights': (),
-      'construction.widen': s.plans[-1][0] / s.cc.common.model.width,
-    },
-  )
+  fixed = {
+    'method': 'nonuniform',
+    'model.num_levels': len(budgets),
+    'construction.budgets': budgets,
+    'loss.exit_weights': (),
+    'construction.widen': s.plans[-1][0] / s.cc.common.model.width,
+  }
+  if not schedule:
+    fixed['baseline.generation_epochs'] = ()  # nor common's
+  return _config(s.common, own, fixed)
 
 
 @ENTRIES.register('singlepath')
@@ -387,7 +386,8 @@ def run_method(
         f'{len(cfgs)}; delete {workdir} to run {name} again'
       )
     print(f'{name}: reusing {result_path}', flush=True)
-    saved.setdefault('train_steps', _train_steps(cfgs, full))
+    if 'train_steps' not in saved:
+      saved['train_steps'] = _train_steps(cfgs, full)
     return saved
   print(f'=== {name} ===', flush=True)
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1

@@ -98,6 +98,11 @@ class AdaptiveConfig(compare.CompareConfig):
     for family in self.families:
       if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
+    if self.common.selection.joint:
+      raise ValueError(
+        'common.selection.joint: the learned rows keep the networks frozen; name the families '
+        'whose selection module trains with the network in joint_families (rows <family>_learned_joint)'
+      )
     for family in self.joint_families:
       if family not in self.families:
         raise ValueError(f'joint_families: {family!r} is not one of the families {self.families}')
@@ -172,7 +177,7 @@ def learned_points(
   price; ``joint``: trained together with the network, each point on its own fine-tuned network."""
   predict = family.predict_fn(strategy)
   test_points, choice_points = [], []
-  cfg = cfg.replace(**{'selection.joint': joint})
+  cfg = cfg.replace(**{'selection.joint': joint})  # the config refuses common.selection.joint
   for lam in lambdas:
     policy, variables = selection.train_selector(
       cfg,
@@ -430,25 +435,24 @@ TIMING_SELECTOR = 'timing_selector.npz'
 def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policies.Learned) -> None:
   """Keeps the operating point's selection module, so that a later ``--timing`` (another
   run to see the spread, or another allocator) reuses it instead of retraining it (about
-  10 minutes at width 4 here). Not with ``selection.joint``: that also changes the exits,
-  which are not saved here."""
-  if not cfg.selection.joint:
-    np.savez(
-      os.path.join(workdir, TIMING_SELECTOR),
-      cost_weight=lam,
-      seed=cfg.seed,
-      history=policy.history,
-      num_levels=policy.num_levels,
-      threshold=np.asarray(policy.threshold),
-      **{k: np.asarray(v) for k, v in policy.params.items()},
-    )
+  10 minutes at width 4 here). The study's learned rows keep the network frozen, so the
+  module is all there is to keep."""
+  np.savez(
+    os.path.join(workdir, TIMING_SELECTOR),
+    cost_weight=lam,
+    seed=cfg.seed,
+    history=policy.history,
+    num_levels=policy.num_levels,
+    threshold=np.asarray(policy.threshold),
+    **{k: np.asarray(v) for k, v in policy.params.items()},
+  )
 
 
 def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int) -> policies.Learned | None:
   """The module ``_save_timing_selector`` kept for this lambda, these settings and this
   network, or None."""
   path = os.path.join(workdir, TIMING_SELECTOR)
-  if cfg.selection.joint or not os.path.exists(path):
+  if not os.path.exists(path):
     return None
   meta = ('cost_weight', 'seed', 'history', 'num_levels', 'threshold')
   with np.load(path) as saved:
@@ -493,7 +497,7 @@ def timing_study(
   lam = learned_point['knob']
   learned = _load_timing_selector(workdir, lam, common, net.num_levels)
   if learned is None:
-    learned, variables = selection.train_selector(
+    learned, _ = selection.train_selector(
       common,
       nnx.merge(net.graphdef, net.variables),
       net.macs_to_reach,
@@ -502,7 +506,6 @@ def timing_study(
       dataset.num_classes,
       cost_weight=lam,
     )
-    net = stepnet_jax.Stepper(nnx.merge(net.graphdef, variables), net.meta)  # fine-tuned exits with selection.joint
     _save_timing_selector(workdir, lam, common, learned)
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
   target = learned_point['avg_macs']
