@@ -100,3 +100,46 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   for a, b in zip(first['results'], second['results']):  # the same decisions, so the same MACs
     assert a['avg_macs_fraction'] == b['avg_macs_fraction']
     assert all(b[f'{s}_ms'] > 0 and b[f'{s}_ratio'] > 0 for s in anytime.STRATEGIES)
+
+
+def test_learned_points_go_on_from_the_lambdas_a_stopped_sweep_kept(tmp_path, monkeypatch):
+  """Each lambda's points are kept as they are measured: a second sweep with the same
+  settings trains only the lambdas not yet kept, and other settings start anew."""
+  import types
+
+  from stepnet_jax import config
+  from stepnet_jax.methods import selection
+  from stepnet_jax.studies import stopping
+
+  trained = []
+
+  def train(cfg, module, macs, images, labels, classes, cost_weight, desc):
+    trained.append(cost_weight)
+    return cost_weight, None
+
+  monkeypatch.setattr(selection, 'train_selector', train)
+  monkeypatch.setattr(
+    stopping.sweeps,
+    'evaluate_policy',
+    lambda predict, variables, policy, images, labels, levels: {
+      'avg_macs': 100 * policy + len(labels),
+      'accuracy': 0.5,
+    },
+  )
+  family = types.SimpleNamespace(
+    name='steppingnet',
+    module=None,
+    program=types.SimpleNamespace(macs_to_reach=(1, 2), num_levels=2),
+    static=[{'level': 0, 'macs_to_reach': 1, 'accuracy': 0.8}],
+    predict_fn=lambda strategy: None,
+  )
+  cfg = config.from_dict({})
+  split = (np.zeros((4, 1)), np.zeros(4)), (np.zeros((3, 1)), np.zeros(3)), (np.zeros((5, 1)), np.zeros(5))
+  keep = str(tmp_path / 'kept.json')
+  first = stopping.learned_points(family, cfg, (0.0, 0.5), *split, 10, 'masked', keep=keep)
+  assert trained == [0.0, 0.5] and first[0][1] == {'knob': 0.5, 'avg_macs': 55.0, 'accuracy': 0.5}
+  again = stopping.learned_points(family, cfg, (0.0, 0.5, 0.8), *split, 10, 'masked', keep=keep)
+  assert trained == [0.0, 0.5, 0.8] and again[0][:2] == first[0] and again[1][:2] == first[1]
+  other = cfg.replace(**{'selection.epochs': 7})
+  stopping.learned_points(family, other, (0.0,), *split, 10, 'masked', keep=keep)
+  assert trained == [0.0, 0.5, 0.8, 0.0]

@@ -172,25 +172,59 @@ def learned_points(
   num_classes: int,
   strategy: str,
   joint: bool = False,
+  keep: str | None = None,
 ) -> tuple[list[dict], list[dict]]:
   """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC
-  price; ``joint``: trained together with the network, each point on its own fine-tuned network."""
+  price; ``joint``: trained together with the network, each point on its own fine-tuned network.
+
+  With ``keep`` (a JSON file) each lambda's points are written there as soon as they are
+  measured, under what they depend on (the selection settings, the seed, the network's
+  static levels, the split sizes, the strategy); a study stopped in the middle of a sweep
+  (a module can take minutes) goes on from the next lambda, and other settings start anew.
+  """
   predict = family.predict_fn(strategy)
-  test_points, choice_points = [], []
   cfg = cfg.replace(**{'selection.joint': joint})  # the config refuses common.selection.joint
-  for lam in lambdas:
-    policy, variables = selection.train_selector(
-      cfg,
-      family.module,
-      family.program.macs_to_reach,
-      *fit,
-      num_classes,
-      cost_weight=lam,
-      desc=f'{family.name} {"joint " if joint else ""}selection',
+  depends = json.loads(
+    json.dumps(
+      {
+        'selection': dataclasses.asdict(cfg.selection),
+        'seed': cfg.seed,
+        'static': family.static,
+        'examples': [len(fit[1]), len(choose[1]), len(test[1])],
+        'strategy': strategy,
+      }
     )
-    levels = family.program.num_levels
-    test_points.append({'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *test, levels)})
-    choice_points.append({'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *choose, levels)})
+  )
+  kept = {'depends': depends, 'points': {}}
+  if keep and os.path.exists(keep):
+    with open(keep) as f:
+      saved = json.load(f)
+    if saved.get('depends') == depends:
+      kept = saved
+  test_points, choice_points = [], []
+  for lam in lambdas:
+    if repr(float(lam)) not in kept['points']:
+      policy, variables = selection.train_selector(
+        cfg,
+        family.module,
+        family.program.macs_to_reach,
+        *fit,
+        num_classes,
+        cost_weight=lam,
+        desc=f'{family.name} {"joint " if joint else ""}selection',
+      )
+      levels = family.program.num_levels
+      kept['points'][repr(float(lam))] = [
+        {'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *split, levels)}
+        for split in (test, choose)
+      ]
+      if keep:
+        with open(keep + '.tmp', 'w') as f:
+          json.dump(kept, f, indent=1)
+        os.replace(keep + '.tmp', keep)
+    on_test, on_choice = kept['points'][repr(float(lam))]
+    test_points.append(on_test)
+    choice_points.append(on_choice)
   return test_points, choice_points
 
 
@@ -362,11 +396,15 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
         'points': sweeps.sweep(predict, variables, levels, make, knobs, *test),
         'validation_points': sweeps.sweep(predict, variables, levels, make, knobs, *choose),
       }
-    test_pts, val_pts = learned_points(family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy)
+    kept = os.path.join(workdir, f'selection_points_{family_name}.json')
+    test_pts, val_pts = learned_points(
+      family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, keep=kept
+    )
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name in study.joint_families:
+      kept = os.path.join(workdir, f'selection_points_{family_name}_joint.json')
       joint_test, joint_val = learned_points(
-        family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, joint=True
+        family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, joint=True, keep=kept
       )
       out['methods'][f'{family_name}_learned_joint'] = {
         'policy': 'learned_joint',
