@@ -36,8 +36,9 @@ The default schedule (``generation_epochs=()``) spaces the G generations evenly 
 ``construction.pretrain_epochs`` to half of ``train.num_epochs`` (with G > 1 and
 ``pretrain_epochs`` below that half, the smallest subnet trains for the second half of the
 run; with one generation it is at ``pretrain_epochs``); all of them at ``pretrain_epochs``
-is the one-shot ranking this baseline used before. A generation at step 0 is refused. G is K-1, plus one when the top budget is below the
-background network (multi-path: the top is pruned first).
+is the one-shot ranking this baseline used before. A generation at step 0 is refused. G is
+K-1, plus one when the top budget is below the background network (multi-path: the top is
+pruned first).
 
 A wider subnet recomputes everything: the method is not reusable, and its reports
 count ``macs_to_reach`` as the running sum of its subnets.
@@ -120,7 +121,7 @@ def _start(cfg: Config, dataset: datasets.Dataset) -> tuple[SteppingModel, np.nd
   """(background network, budgets in MACs, dense base MACs, the subnets to carve out, largest
   first), the budgets checked.
 
-  The background network is the widest uniform plan under ``width x widen``. When it
+  The background network is the base network at ``width x widen``. When it
   costs less than the top budget the top subnet is the whole network and that budget is
   lowered to its MACs; when it costs more, the top subnet is carved out of it first.
   """
