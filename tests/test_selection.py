@@ -115,11 +115,16 @@ def test_frozen_selection_updates_only_the_selector():
   _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   grads = jax.tree.map(jnp.ones_like, params)
   for joint in (False, True):
-    tx = selection._optimizer(1e-2, joint)
+    tx = selection._optimizer(1e-2, joint, 1e-4)
     updates, _ = tx.update(grads, tx.init(params), params)
     net_updates = jax.tree.leaves(updates['net'])
     assert all(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates['selector']))
     assert all(np.all(np.asarray(u) == 0) for u in net_updates) == (not joint)
+  # Adam's first step on a gradient of ones is minus its learning rate: each part its own.
+  for u in jax.tree.leaves(updates['selector']):
+    np.testing.assert_allclose(np.asarray(u), -1e-2, rtol=1e-3)
+  for u in net_updates:
+    np.testing.assert_allclose(np.asarray(u), -1e-4, rtol=1e-3)
 
 
 def test_selection_module_trades_accuracy_for_macs(digits_net):

@@ -135,7 +135,7 @@ def test_subnet_and_single_exit_objectives_are_one_cross_entropy():
   logits = _train_mode_exits_by_hand(model, batch)
   y = np.asarray(batch.labels)
   for k in (0, 2):
-    loss, aux = losses.subnet(k)(nnx.clone(model), batch, None)
+    loss, aux = losses.multi_exit((1.0,), levels=(k,))(nnx.clone(model), batch, None)
     np.testing.assert_allclose(float(loss), reference_loss(logits[k : k + 1], y, (1.0,), 0.0, 1.0)[0], rtol=2e-5)
     assert aux['logits'].shape == (1, 16, 10)
   loss, _ = losses.single_exit()(nnx.clone(model), batch, None)
