@@ -16,7 +16,8 @@ By default the network is frozen (eval mode, no gradient, its updates zero:
 ``optim.train_only``); ``selection.joint=True`` fine-tunes the exits jointly, as the
 paper trains the two together: the network runs in train mode, the cross-entropy of the
 exit each episode stopped at joins the loss, and Adam updates the network at
-``selection.network_learning_rate`` (it arrives trained; the selector's rate would undo that). Training is one objective (``reinforce``) run by the
+``selection.network_learning_rate`` (it arrives trained; the selector's rate would undo
+that). Training is one objective (``reinforce``) run by the
 shared ``training.fit.fit`` on a ``PolicyNet`` (the network, or a ``Cascade`` of
 independent networks, plus a ``Selector``), on a validation split carved from the
 training data.
@@ -185,17 +186,14 @@ def reinforce(
 
 
 def _optimizer(learning_rate: float, joint: bool, network_learning_rate: float) -> optax.GradientTransformation:
-  """Adam on the selector, and, joint, Adam at ``network_learning_rate`` on the network (which
-  arrives trained: a fine-tune); the frozen network's updates are zero."""
-  if not joint:
-    return optim.train_only(optax.adam(learning_rate), lambda names: names[0] == 'selector')
+  """Adam on the selector; on the network, Adam at ``network_learning_rate`` when ``joint`` (it
+  arrives trained: a fine-tune), else exactly zero updates and no optimizer state."""
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: optim.param_names(path)[0], params)
 
-  return optax.multi_transform(
-    {'selector': optax.adam(learning_rate), 'net': optax.adam(network_learning_rate)}, labels
-  )
+  network = optax.adam(network_learning_rate) if joint else optax.set_to_zero()
+  return optax.multi_transform({'selector': optax.adam(learning_rate), 'net': network}, labels)
 
 
 def train_selector(
