@@ -13,7 +13,7 @@ estimate unbiased; a test compares it with the exact gradient. An optional bonus
 the expected entropy of the decisions keeps the module exploring.
 
 By default the network is frozen (eval mode, no gradient, its updates zero:
-``optim.train_only``); ``selection.joint=True`` fine-tunes the exits jointly, as the
+``optax.set_to_zero``); ``selection.joint=True`` fine-tunes the exits jointly, as the
 paper trains the two together: the network runs in train mode, the cross-entropy of the
 exit each episode stopped at joins the loss, and Adam updates the network at
 ``selection.network_learning_rate`` (it arrives trained; the selector's rate would undo
