@@ -74,6 +74,7 @@ class ModelConfig:
   mask_rule: bool = True  # False: slimmable prefix subnets, private BN each, not reusable
   batch_norm: str = 'auto'  # auto (per subnet exactly without the mask rule) | shared | per_subnet
   exit_heads: str = 'shared'  # shared: one additive classifier; private: one per exit (layers.Head)
+  init: str = 'he'  # he | torch (PyTorch's default init, as Any-Width Networks' code trains): config.INITS
   assignment: str = ''  # JSON text or file: {layer: [sizes per level]}
 
   def switchable_bn(self) -> bool | None:
@@ -215,6 +216,9 @@ SECTIONS = {
 # construction.allocation: how the greedy construction spreads a level's MAC cut over layers.
 ALLOCATIONS = ('global', 'uniform', 'uniform_fill')
 BATCH_NORMS = ('auto', 'shared', 'per_subnet')
+# model.init: he = He-normal hidden kernels, LeCun-normal classifier; torch = PyTorch's
+# default, every kernel and the classifier's bias uniform in +-1/sqrt(fan_in) (zoo.torch_init).
+INITS = ('he', 'torch')
 SELECTION_BASELINES = ('running', 'none')  # methods.selection
 TUPLE_FIELDS = (
   'model.level_widths',
@@ -373,6 +377,7 @@ def _check(c: Config) -> None:
     raise SettingsError(f'level_widths has {len(m.level_widths)} entries for {m.num_levels} levels')
   for key, value, choices in (
     ('model.batch_norm', m.batch_norm, BATCH_NORMS),
+    ('model.init', m.init, INITS),
     ('construction.allocation', c.construction.allocation, ALLOCATIONS),
     ('selection.baseline', c.selection.baseline, SELECTION_BASELINES),
   ):

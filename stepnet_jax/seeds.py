@@ -21,6 +21,7 @@ class Stream(enum.IntEnum):
   QUANTIZED_FINETUNE = 29  # quantization-aware fine-tunes of the precision study (studies.precision)
   BN_AFFINE_RETRAINING = 31  # BN scale/bias retrained per plane count (methods.progressive)
   VALIDATION_HALVES = 777  # the stopping study's split of the held-out images in two (studies.stopping)
+  POLICY_TEST_SPLIT = 888  # which test images fit the stopping study's policies (policy_split='test')
   CONSTRUCTION_ROUND = 1000  # + round: importance examples of each construction round (methods.construct)
   VALIDATION_SPLIT = 12345  # which training images are held out for validation (data.datasets)
 

@@ -88,8 +88,10 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError('the kept selection module should have been reused')
 
+  train_selector = selection.train_selector
   monkeypatch.setattr(selection, 'train_selector', no_training)
   second = stopping.timing_study(cc, str(tmp_path), quick=True, repeats=2)
+  monkeypatch.setattr(selection, 'train_selector', train_selector)
   assert json.loads((tmp_path / 'timing.json').read_text()) == json.loads(json.dumps(second))
   assert [(r['policy'], r['batch'], r['inputs']) for r in second['results']] == [
     ('learned', 1, 3),
@@ -100,6 +102,45 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   for a, b in zip(first['results'], second['results']):  # the same decisions, so the same MACs
     assert a['avg_macs_fraction'] == b['avg_macs_fraction']
     assert all(b[f'{s}_ms'] > 0 and b[f'{s}_ratio'] > 0 for s in anytime.STRATEGIES)
+
+  # policy_split='test' on these networks, read where they are (networks=): 100 of the 150
+  # test images fit and choose the policies; every accuracy, the static levels' too, is on
+  # the other 50, checked against each network's direct forward there. The networks'
+  # directory keeps its files: nothing trains, its compare.json stays.
+  report_before = (tmp_path / 'compare.json').read_bytes()
+  cc.quick.update(dict(policy_split='test', policy_examples=100, networks=str(tmp_path), joint_families=()))
+  on_test = tmp_path / 'on_test'
+  moved = stopping.adaptive(cc, str(on_test), quick=True)
+  assert (tmp_path / 'compare.json').read_bytes() == report_before
+  assert sorted(os.listdir(on_test)) == sorted(
+    ['adaptive.json', 'adaptive.md', 'adaptive.png', 'validation_indices.npy']
+    + [f'selection_points_{f}.json' for f in ('steppingnet', 'cascade')]
+  )
+  held = np.load(on_test / 'validation_indices.npy')
+  assert len(np.unique(held)) == 100 and held.max() < 150
+  assert moved['validation'] == {
+    'split': 'test',
+    'examples': 100,
+    'fit': 50,
+    'choose': 50,
+    'reported': 50,
+    'seed': 0,
+    'indices_file': 'validation_indices.npy',
+  }
+  test = datasets.subset(full, 0, 150, 0)
+  report = np.setdiff1d(np.arange(150), held)
+  images, labels = test.test_images[report], test.test_labels[report]
+  stepping = stepnet_jax.load(str(tmp_path / 'steppingnet'))
+  independent = [stepnet_jax.load(str(tmp_path / 'independent' / f'budget{k}')) for k in range(len(own))]
+  nets = {
+    'steppingnet': [(stepping, k) for k in range(stepping.num_levels)],
+    'cascade': [(net, net.num_levels - 1) for net in independent],
+  }
+  for family, members in nets.items():
+    direct = [float((np.asarray(net.forward(images, k)).argmax(-1) == labels).mean()) for net, k in members]
+    np.testing.assert_allclose([r['accuracy'] for r in moved['static'][family]], direct, atol=1e-6)
+  assert moved['top_accuracy'] == moved['static']['steppingnet'][-1]['accuracy']
+  assert 'the other 50 test images' in (on_test / 'adaptive.md').read_text()
 
 
 def test_learned_points_go_on_from_the_lambdas_a_stopped_sweep_kept(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from stepnet_jax.inference.stepper import Stepper
 from stepnet_jax.methods import construct, nonuniform, trainers
 from stepnet_jax.models import budgets, structure, surgery, zoo
 from stepnet_jax.studies import compare
-from stepnet_jax.training import losses, optim
+from stepnet_jax.training import losses, optim, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,6 +196,33 @@ def test_awn_published_recipe_takes_the_steps_of_awns_summed_width_losses():
     v = 0.9 * v + (per_width.sum(0) + 5e-4 * ref)
     ref = ref - 0.01 * v
   np.testing.assert_allclose(np.asarray(params), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_init_draws_pytorch_default_kernels_from_the_config():
+  """``model.init='torch'`` draws every kernel and the classifier's bias as PyTorch does for
+  AWN's LeNet (uniform in +-1/sqrt(fan_in), fan_in = C_in k k for a conv and the flattened
+  features for the linear, counted here from the architecture), keeps a private head's
+  masked entries at zero, and reaches the model from the config."""
+  x = testlib.images(testlib.MNIST_SHAPE, batch=8)
+  dataset = datasets.Dataset('toy', x, np.arange(8, dtype=np.int32) % 10, x, np.zeros(8, np.int32), 10)
+  cfg = config.from_dict({'model.width': 2**0.5, 'model.init': 'torch', 'model.exit_heads': 'private'})
+  model = run.build_model(cfg, dataset)
+  fan_in = {'conv1': 1 * 3 * 3, 'conv2': 45 * 3 * 3, 'conv3': 45 * 5 * 5}
+  for name, unit in zip(model.unit_names, model.units, strict=True):
+    w = np.asarray(unit.kernel[...])
+    bound = fan_in[name] ** -0.5
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound, name
+    np.testing.assert_allclose(w.std(), bound / 3**0.5, rtol=0.1, err_msg=name)
+  head_bound = (45 * 4 * 4) ** -0.5  # 45 channels of a 4x4 map into the linear classifier
+  kernel, bias = np.asarray(model.head.kernel[...]), np.asarray(model.head.bias[...])
+  kept = np.broadcast_to(model.head.exit_mask(), kernel.shape) > 0
+  assert np.all(kernel[~kept] == 0)
+  assert np.abs(kernel[kept]).max() <= head_bound and np.abs(kernel[kept]).max() > 0.95 * head_bound
+  assert np.abs(bias).max() <= head_bound and np.unique(bias).size == bias.size
+  he = run.build_model(cfg.replace(**{'model.init': 'he'}), dataset)  # He normal: std sqrt(2 / fan_in)
+  np.testing.assert_allclose(np.asarray(he.units[2].kernel[...]).std(), (2 / fan_in['conv3']) ** 0.5, rtol=0.1)
+  with pytest.raises(config.SettingsError, match='model.init'):
+    cfg.replace(**{'model.init': 'xavier'})
 
 
 def test_width_for_budget_is_the_widest_fitting_plan():

@@ -223,6 +223,7 @@ def level0_network(cfg: Config, dataset: datasets.Dataset, *, mask_rule: bool = 
     exit_heads=cfg.model.exit_heads,
     mean=mean,
     std=std,
+    init=cfg.model.init,
     seed=cfg.seed,
   )
 

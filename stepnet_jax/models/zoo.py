@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from stepnet_jax.config import SettingsError
+from stepnet_jax.config import INITS, SettingsError
 from stepnet_jax.core import levels as lv
 from stepnet_jax.core.layers import Head, InvertedResidual, LevelConv, LevelDense, ResidualBlock
 from stepnet_jax.core.levels import Connectivity, LevelSizes
@@ -254,6 +257,7 @@ def build_model(
   exit_heads: str = 'shared',
   mean: Sequence[float] | None = None,
   std: Sequence[float] | None = None,
+  init: str = 'he',
   seed: int = 0,
 ) -> SteppingModel:
   """Builds a level-structured model with freshly initialised parameters.
@@ -277,9 +281,13 @@ def build_model(
       model recomputes each subnet (a diagnostic of what shared BN costs, not a stepping net).
     mean: per-channel mean subtracted from the [0, 1] inputs (default 0).
     std: per-channel standard deviation the inputs are divided by (default 1).
+    init: ``'he'`` (He-normal hidden kernels, LeCun-normal classifier, zero bias) or
+      ``'torch'`` (PyTorch's default initialisation: ``torch_init``).
     seed: the parameters' random initialisation.
   """
   architecture = MODELS.get(name)
+  if init not in INITS:
+    raise SettingsError(f'unknown init {init!r}; choose one of {", ".join(INITS)}')
   if num_levels < 1:
     raise SettingsError('num_levels must be >= 1')
   level_widths = tuple(level_widths) if level_widths else lv.even_widths(num_levels)
@@ -309,7 +317,7 @@ def build_model(
   if unknown:
     raise SettingsError(f'assignment names layers that {name} does not have: {sorted(unknown)}')
   channels = input_shape[-1]
-  return SteppingModel(
+  model = SteppingModel(
     b.units,
     b.names,
     head,
@@ -321,6 +329,34 @@ def build_model(
     mask_rule=mask_rule,
     switchable_bn=switchable_bn,
   )
+  if init == 'torch':
+    torch_init(model, seed)
+  return model
+
+
+def torch_init(model: SteppingModel, seed: int) -> None:
+  """Re-draws ``model``'s kernels in place as PyTorch initialises ``Conv2d`` and ``Linear``:
+  uniform in +-1/sqrt(fan_in), fan_in = every kernel axis but the output's (a private
+  head's exit axis aside); the classifier's bias likewise, batch norm unchanged.
+
+  Any-Width Networks' LeNet keeps this initialisation (its ``reset_parameters`` is never
+  called), so reproducing its published recipe needs it: the convolutions' weights are
+  2.4x smaller than He-normal ones, which under SGD with weight decay and batch norm
+  changes the effective learning rate.
+  """
+  key = jax.random.key(seed)
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and hasattr(m, 'kernel')]
+  for i, module in enumerate(modules):
+    shape = module.kernel.shape
+    private_head = isinstance(module, Head) and module.private
+    bound = 1.0 / float(np.sqrt(np.prod(shape[1 if private_head else 0 : -1])))
+    kernel_key, bias_key = jax.random.split(jax.random.fold_in(key, i))
+    kernel = jax.random.uniform(kernel_key, shape, jnp.float32, -bound, bound)
+    if isinstance(module, Head):
+      if private_head:
+        kernel = kernel * jnp.asarray(module.exit_mask())
+      module.bias[...] = jax.random.uniform(bias_key, module.bias.shape, jnp.float32, -bound, bound)
+    module.kernel[...] = kernel
 
 
 def assignment_of(model: SteppingModel) -> dict[str, list[int]]:

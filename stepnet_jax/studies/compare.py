@@ -607,11 +607,15 @@ def compare(
   return compare_resolved(resolve(cc, quick), workdir, latency_repeats)
 
 
-def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10) -> dict:
-  """``compare`` of a config already validated (``resolve``)."""
+def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10, write_report: bool = True) -> dict:
+  """``compare`` of a config already validated (``resolve``); without ``write_report`` the
+  runs are trained or reused but ``workdir``'s compare.json/md/png are left as they are (a
+  study reading another comparison's networks)."""
   if cc.seeds:
+    if not write_report:
+      raise ValueError('write_report=False is for one seed')
     return compare_seeds(cc, workdir, latency_repeats)
-  return _compare_one(cc, workdir, latency_repeats)
+  return _compare_one(cc, workdir, latency_repeats, write_report)
 
 
 def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
@@ -685,7 +689,7 @@ def aggregate_seeds(runs: list[dict]) -> dict:
   }
 
 
-def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
+def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_report: bool = True) -> dict:
   """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
   common = cc.common
   full = datasets.load_for(common.data)
@@ -719,14 +723,15 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
     },
     'leads': leads(results),
   }
-  os.makedirs(workdir, exist_ok=True)
-  reports.write_study(
-    workdir,
-    'compare',
-    out,
-    markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
-    lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
-  )
+  if write_report:
+    os.makedirs(workdir, exist_ok=True)
+    reports.write_study(
+      workdir,
+      'compare',
+      out,
+      markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
+      lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
+    )
   return out
 
 

@@ -4,7 +4,10 @@
 
 Trains (through the comparison's machinery, reusing finished runs) SteppingNet, AWN and
 the independent networks at SteppingNet's budgets, all without the validation split
-carved from the training data (``common.data.validation_examples``). Then, per family:
+carved from the training data (``common.data.validation_examples``). With
+``policy_split='test'`` the networks train on every training image instead (a finished
+comparison's runs serve: ``networks``) and ``policy_examples`` test images take the
+validation split's place; the study reports on the other test images. Then, per family:
 
 * ``steppingnet`` and ``awn`` step with reuse; ``cascade`` is the independent networks
   run one after another from scratch (Guan et al.): reaching level k costs networks 0..k;
@@ -61,6 +64,9 @@ class Heuristics:
   cascade: tuple[str, ...] = ()
 
 
+POLICY_SPLITS = ('train', 'test')  # AdaptiveConfig.policy_split: where the policies' images come from
+
+
 @dataclasses.dataclass(frozen=True)
 class Knobs:
   """``knobs``: the values each heuristic policy (``policies.HEURISTICS``) is swept over,
@@ -88,11 +94,28 @@ class AdaptiveConfig(compare.CompareConfig):
   # al.'s joint training; ``common.selection.network_learning_rate``): rows <family>_learned_joint.
   joint_families: tuple[str, ...] = ()
   tolerance: float = 0.003  # operating point: the cheapest within this of the top exit, on validation
+  # Where the policies are fitted and chosen (``policy_data``), on images no network saw:
+  # 'train' holds common.data.validation_examples training images out of every network's
+  # training; 'test' takes ``policy_examples`` test images instead and reports on the rest
+  # of the test set (set validation_examples to 0 so the networks train on every training
+  # image, as a comparison's do).
+  policy_split: str = 'train'
+  policy_examples: int = 5000  # with policy_split='test': test images that fit and choose the policies
+  # A comparison's workdir whose runs are the networks (the same settings, or it is refused),
+  # read there and not copied; '' trains them in the study's workdir.
+  networks: str = ''
 
   def __post_init__(self):
     super().__post_init__()
-    if not self.common.data.validation_examples:
-      raise ValueError('set common.data.validation_examples: policies are tuned on a split the networks never saw')
+    if self.policy_split not in POLICY_SPLITS:
+      raise ValueError(f'unknown policy_split {self.policy_split!r}; choose one of {", ".join(POLICY_SPLITS)}')
+    if self.policy_split == 'train' and not self.common.data.validation_examples:
+      raise ValueError(
+        'set common.data.validation_examples: policies are tuned on a split the networks never saw '
+        "(or policy_split='test' to take it from the test set)"
+      )
+    if self.policy_examples < 2:
+      raise ValueError(f'policy_examples must be at least 2 (one per half), got {self.policy_examples}')
     if self.seeds:
       raise ValueError(f'the anytime study trains one seed (common.seed): seeds must be (), got {self.seeds}')
     for family in self.families:
@@ -152,6 +175,50 @@ def load_family(name: str, workdir: str, rows: list[dict]) -> Family:
   graphdef = nnx.graphdef(module)
   forwards = [lambda v, x, k=k: nnx.merge(graphdef, v, copy=True).nets[k](x) for k in range(len(nets))]
   return Family(name, module, anytime.recompute_program(forwards, macs), static)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyData:
+  """The study's splits: ``fit`` trains the selection modules, ``choose`` picks every
+  operating point, ``test`` reports (each images, labels); ``held``: the indices of fit and
+  choose in the training split (policy_split 'train') or the test split ('test')."""
+
+  fit: tuple[np.ndarray, np.ndarray]
+  choose: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+  held: np.ndarray
+  split: str
+
+
+def policy_data(study: AdaptiveConfig, dataset: datasets.Dataset) -> PolicyData:
+  """The images the policies are fitted, chosen and reported on (``AdaptiveConfig.policy_split``)."""
+  seed = study.common.seed
+  if study.policy_split == 'train':
+    _, held = datasets.split_validation(dataset, study.common.data.validation_examples, seed)
+    images, labels = dataset.train_images, dataset.train_labels
+    test = (dataset.test_images, dataset.test_labels)
+  else:
+    count = len(dataset.test_labels)
+    if study.policy_examples >= count:
+      raise ValueError(f'policy_examples {study.policy_examples} leaves none of the {count} test images to report on')
+    order = np.random.RandomState(seeds.seed_for(seed, seeds.Stream.POLICY_TEST_SPLIT)).permutation(count)
+    held, report = np.sort(order[: study.policy_examples]), np.sort(order[study.policy_examples :])
+    images, labels = dataset.test_images, dataset.test_labels
+    test = (images[report], labels[report])
+  fit_idx, choose_idx = validation_halves(held, seed)
+  fit, choose = [(images[i], labels[i]) for i in (fit_idx, choose_idx)]
+  return PolicyData(fit, choose, test, held, study.policy_split)
+
+
+def static_levels(predict: Callable, variables, static: list[dict], split: tuple) -> list[dict]:
+  """``static`` (a family's levels) with each level's accuracy measured on ``split``: every
+  input stopped at that level by a MAC budget."""
+  macs = tuple(int(r['macs_to_reach']) for r in static)
+  out = []
+  for row in static:
+    policy = policies.MacBudget(row['macs_to_reach'], macs)
+    out.append({**row, 'accuracy': sweeps.evaluate_policy(predict, variables, policy, *split, len(static))['accuracy']})
+  return out
 
 
 def validation_halves(held: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +378,7 @@ def markdown(out: dict) -> str:
     f'# Anytime inference on {out["dataset"]}',
     '',
     f'Top exit of SteppingNet: {100 * out["top_accuracy"]:.2f}% at {out["top_macs"]:,} MACs. '
-    f'Validation split: {out["validation"]["examples"]} training images (seed {out["validation"]["seed"]}).',
+    + validation_sentence(out['validation']),
     '',
     '| method | knob | avg MACs | % of top | accuracy (%) | exits per level |',
     '|---|---:|---:|---:|---:|---|',
@@ -326,6 +393,16 @@ def markdown(out: dict) -> str:
   for family, rows in out['static'].items():
     lines += [f'| {family} | {r["level"]} | {r["macs_to_reach"]:,} | {100 * r["accuracy"]:.2f} |' for r in rows]
   return '\n'.join(lines + ['', '## Targets', ''] + targets(out)) + '\n'
+
+
+def validation_sentence(v: dict) -> str:
+  """Where the policies were fitted and chosen, as a sentence of the report."""
+  if v.get('split', 'train') == 'train':
+    return f'Validation split: {v["examples"]} training images (seed {v["seed"]}).'
+  return (
+    f'Policies fitted and chosen on {v["examples"]} test images (seed {v["seed"]}); every accuracy here, '
+    f'the static levels included, is on the other {v["reported"]} test images.'
+  )
 
 
 def plot(path: str, out: dict) -> None:
@@ -363,32 +440,38 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
   common = study.common
   full = datasets.load_for(common.data)
   dataset = datasets.subset(full, common.data.train_subset, common.data.test_subset, common.seed)
-  _, held = datasets.split_validation(dataset, common.data.validation_examples, common.seed)
-  fit_idx, choose_idx = validation_halves(held, common.seed)
-  fit, choose = [(dataset.train_images[i], dataset.train_labels[i]) for i in (fit_idx, choose_idx)]
-  test = (dataset.test_images, dataset.test_labels)
-  results = compare.compare_resolved(study, workdir, latency_repeats=2)  # trains or reuses every network
+  data = policy_data(study, dataset)
+  fit, choose, test = data.fit, data.choose, data.test
+  networks = study.networks or workdir
+  # Trains or reuses every network; a comparison's workdir keeps its own compare.json.
+  results = compare.compare_resolved(study, networks, latency_repeats=2, write_report=not study.networks)
   strategy = anytime.default_strategy()
   out = {
     'dataset': dataset.name,
     'strategy': strategy,
     'validation': {
-      'examples': int(len(held)),
-      'fit': int(len(fit_idx)),
-      'choose': int(len(choose_idx)),
+      'split': data.split,
+      'examples': int(len(data.held)),
+      'fit': int(len(fit[1])),
+      'choose': int(len(choose[1])),
+      'reported': int(len(test[1])),
       'seed': common.seed,
       'indices_file': 'validation_indices.npy',
     },
+    'networks': os.path.abspath(networks),
     'methods': {},
     'static': {},
   }
-  np.save(os.path.join(workdir, 'validation_indices.npy'), held)
+  os.makedirs(workdir, exist_ok=True)
+  np.save(os.path.join(workdir, 'validation_indices.npy'), data.held)
   for family_name in study.families:
     rows = results['methods'][FAMILIES[family_name]]['levels']
-    family = load_family(family_name, os.path.join(workdir, FAMILIES[family_name]), rows)
-    out['static'][family_name] = family.static
+    family = load_family(family_name, os.path.join(networks, FAMILIES[family_name]), rows)
     variables = nnx.state(family.module)
     predict, levels = family.predict_fn(strategy), family.program.num_levels
+    if data.split == 'test':  # the levels' accuracy on the test images reported on, not the whole test set
+      family = dataclasses.replace(family, static=static_levels(predict, variables, family.static, test))
+    out['static'][family_name] = family.static
     for policy in getattr(study.heuristics, family_name):
       make, knobs = functools.partial(policies.heuristic, policy), getattr(study.knobs, policy)
       out['methods'][f'{family_name}_{policy}'] = {
@@ -412,7 +495,7 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
         'validation_points': joint_val,
       }
     if family_name == 'steppingnet':
-      out['top_accuracy'], out['top_macs'] = rows[-1]['accuracy'], rows[-1]['macs_to_reach']
+      out['top_accuracy'], out['top_macs'] = family.static[-1]['accuracy'], family.static[-1]['macs_to_reach']
       val_top = sweeps.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)
       out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], study.tolerance)
   reports.write_study(workdir, 'adaptive', out, markdown(out), functools.partial(plot, out=out))
@@ -517,7 +600,8 @@ def timing_study(
   the next ``--timing``) and at the confidence threshold with the closest validation MACs,
   at batch 1 and 256; writes DIR/timing.json. The allocator moves the numbers (README,
   "time following MACs"): time with the one a deployment uses."""
-  common = resolve(cc, quick).common
+  study_cfg = resolve(cc, quick)
+  common = study_cfg.common
   with open(os.path.join(workdir, 'adaptive.json')) as f:
     study = json.load(f)
   half = 0.5 * study['top_macs']
@@ -530,8 +614,8 @@ def timing_study(
     common.data.test_subset,
     common.seed,
   )
-  fit, _ = validation_halves(np.load(os.path.join(workdir, 'validation_indices.npy')), common.seed)
-  net = stepnet_jax.load(os.path.join(workdir, 'steppingnet'))
+  data = policy_data(study_cfg, dataset)
+  net = stepnet_jax.load(os.path.join(study.get('networks', workdir), 'steppingnet'))
   lam = learned_point['knob']
   learned = _load_timing_selector(workdir, lam, common, net.num_levels)
   if learned is None:
@@ -539,8 +623,7 @@ def timing_study(
       common,
       nnx.merge(net.graphdef, net.variables),
       net.macs_to_reach,
-      dataset.train_images[fit],
-      dataset.train_labels[fit],
+      *data.fit,
       dataset.num_classes,
       cost_weight=lam,
     )
@@ -551,7 +634,7 @@ def timing_study(
   out = {'lambda': lam, 'confidence': conf['knob'], 'backend': jax.default_backend(), 'results': []}
   for name, policy in (('learned', learned), ('confidence', policies.Confidence(conf['knob']))):
     for batch in (1, 256):
-      out['results'].append({'policy': name, **time_program(net, policy, dataset.test_images, batch, repeats)})
+      out['results'].append({'policy': name, **time_program(net, policy, data.test[0], batch, repeats)})
   with open(os.path.join(workdir, 'timing.json'), 'w') as f:
     json.dump(out, f, indent=2)
   for r in out['results']:

@@ -136,6 +136,7 @@ def build_model(cfg: Config, dataset: datasets.Dataset) -> SteppingModel:
     exit_heads=m.exit_heads,
     mean=mean,
     std=std,
+    init=m.init,
     seed=cfg.seed,
   )
 
