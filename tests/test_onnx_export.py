@@ -320,6 +320,17 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
         assert dims[1] == hi - lo and dims[2] == dims[3] > 1, (value.name, dims)
         image_blocks += 1
     assert image_blocks > 0
+    # The cache is what later graphs read: each graph reads only what the earlier ones wrote
+    # (or the images), and writes nothing, the level and logits aside, that no later one reads.
+    chain = [onnx.load(f'{d}/{f}').graph for f in [manifest['start'], *manifest['steps']]]
+    reads = [{v.name for v in g.input} for g in chain]
+    written = set()
+    for i, g in enumerate(chain):
+      assert reads[i] <= written | {'images'}, (name, i, sorted(reads[i] - written))
+      writes = {o.name.removeprefix('next_') for o in g.output}
+      assert writes - {'level', 'logits'} <= set().union(*reads[i + 1 :]), (name, i)
+      written |= writes
+    assert {o.name for o in chain[-1].output} == {'next_level', 'next_logits'}
     x = RNG.randint(0, 256, (24,) + net.input_shape).astype(np.uint8)
     exits = np.asarray(net.exits(x))
     knobs = {}

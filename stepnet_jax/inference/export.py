@@ -139,12 +139,54 @@ def cache_names(net: Stepper) -> list[str]:
   return ['level', 'inputs', *names, 'logits']
 
 
+# Cache entries every graph of the chain writes and the runner keeps, read or not.
+ALWAYS_KEPT = ('level', 'logits')
+
+
+def _drop_unread_outputs(graphs: dict, outputs: dict, lowered: dict, chain: list[str]) -> dict[str, set]:
+  """Cuts each graph of ``chain`` (start, step1, ...) down to the outputs a later graph reads
+  (and the level and logits), last graph first, and records what is left in ``lowered``;
+  returns traced output -> its blocks (lo, hi) still written ((None, None): whole). ``outputs``: each graph's output name ->
+  (traced output, lo, hi), as ``onnx_lowering.Lowered`` gives it.
+
+  A block only its own step's layers read (e.g. a depthwise layer's input, read channel by
+  channel at its own level) is then never written to the cache, nor copied by the runner.
+  """
+  from stepnet_jax.inference import onnx_graph
+
+  read_later: set[str] = set()
+  kept_blocks: dict[str, set] = {}
+  for file in reversed(chain):
+    keep = set()
+    for target, (traced, lo, hi) in outputs[file].items():
+      name = target[len('next_') :] if target.startswith('next_') else target
+      if name in read_later or name in ALWAYS_KEPT:
+        keep.add(target)
+        kept_blocks.setdefault(traced, set()).add((lo, hi))  # (None, None): the whole value
+    onnx_graph.keep_outputs(graphs[file], keep)
+    lowered[file] = {
+      'inputs': [i.name for i in graphs[file].graph.input],
+      'outputs': sorted(o.name for o in graphs[file].graph.output),
+    }
+    read_later.update(lowered[file]['inputs'])
+  return kept_blocks
+
+
+def _kept(written: list | None, kept: set) -> list | None:
+  """A buffer's entry of the manifest's ``cache_blocks``: None if held whole, else its blocks
+  that stay in the cache."""
+  if written is None:
+    return None if (None, None) in kept else []
+  return [block for block in written if tuple(block) in kept]
+
+
 def _save_onnx(net: Stepper, directory: str, selector) -> dict:
   """The ONNX graphs of ``net``'s start, steps and direct forwards, the runner and the manifest.
 
   The cache travels in blocks: each unit buffer as the level blocks written so far
   (``onnx_lowering.part_name``: ``<buffer>.<lo>_<hi>`` channels), so step k reads the lower
-  levels' blocks and writes only its own, copying no buffer.
+  levels' blocks and writes only its own, copying no buffer; a block no later step reads is
+  not written at all (``_drop_unread_outputs``).
   """
   try:
     from stepnet_jax.inference import onnx_lowering
@@ -163,11 +205,10 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
 
   os.makedirs(directory, exist_ok=True)
   blocks: dict[str, list | None] = {b: [] for b in buffers}  # the blocks written so far (None: held whole)
-  graphs, lowered = {}, {}
+  graphs, outputs, lowered = {}, {}, {}
 
   def add(file: str, low) -> None:
-    graphs[file] = low.model
-    lowered[file] = {'inputs': low.inputs, 'outputs': sorted(low.outputs)}
+    graphs[file], outputs[file] = low.model, low.outputs
     for traced, lo, hi in low.outputs.values():
       if traced not in buffers:
         continue
@@ -206,6 +247,9 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
         channels_first=True,
       ),
     )
+  kept_blocks = _drop_unread_outputs(
+    graphs, outputs, lowered, ['start.onnx'] + [f'step{k}.onnx' for k in range(1, net.num_levels)]
+  )
   for k in range(net.num_levels):
     graphs[f'forward{k}.onnx'] = onnx_lowering.lower(
       lambda x, k=k: stepping.forward(graphdef, variables, x, k), [images], ['images'], ['logits'], f'forward{k}'
@@ -235,10 +279,11 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
     'steps': [f'step{k}.onnx' for k in range(1, net.num_levels)],
     'forwards': [f'forward{k}.onnx' for k in range(net.num_levels)],
     'cache': names,
-    'cache_blocks': {b: v for b, v in blocks.items()},
+    'cache_blocks': {b: _kept(v, kept_blocks.get(b, set())) for b, v in blocks.items()},
     'graphs': lowered,
-    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as its level blocks "
-    "'<buffer>.<lo>_<hi>' (channels lo..hi-1; a block of an image-shaped buffer is NCHW: [B, channels, H, W]), "
+    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as the level "
+    "blocks a later step reads (cache_blocks) '<buffer>.<lo>_<hi>' (channels lo..hi-1; a block of an image-shaped "
+    'buffer is NCHW: [B, channels, H, W]), '
     "'logits' [B, classes]. A graph reads the names it declares and "
     "writes new blocks, 'logits' and 'next_level'; level -1 and NaN logits: a step was given another level's cache",
     'opset': onnx_lowering.OPSET,

@@ -200,3 +200,41 @@ def value_info(name: str, shape, dtype) -> onnx.ValueInfoProto:
   """A graph input or output: its name, element type and shape (``batch`` for the symbolic size)."""
   dims = [int(d) if is_static(d) else 'batch' for d in shape]
   return helper.make_tensor_value_info(name, onnx_dtype(dtype), dims)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+  """The names a node's subgraphs (If, Loop, Scan bodies) read, outer-scope values among them."""
+  names: set[str] = set()
+  for attr in node.attribute:
+    for body in [attr.g] if attr.HasField('g') else list(attr.graphs):
+      for inner in body.node:
+        names.update(inner.input)
+        names.update(_subgraph_reads(inner))
+  return names
+
+
+def keep_outputs(model: onnx.ModelProto, outputs: set[str]) -> None:
+  """Cuts ``model`` down, in place, to the graph outputs named in ``outputs`` and what they
+  need: the nodes that compute them, the inputs and initializers those read."""
+  graph = model.graph
+  kept = [o for o in graph.output if o.name in outputs]
+  live = {o.name for o in kept}
+  nodes = []
+  for node in reversed(graph.node):
+    if any(name in live for name in node.output):
+      nodes.append(node)
+      live.update(node.input)
+      live.update(_subgraph_reads(node))
+  nodes.reverse()
+  parts = {
+    'output': kept,
+    'node': nodes,
+    'input': [i for i in graph.input if i.name in live],
+    'initializer': [t for t in graph.initializer if t.name in live],
+    'value_info': [v for v in graph.value_info if v.name in live],
+  }
+  for field, values in parts.items():
+    values = list(values)
+    graph.ClearField(field)
+    getattr(graph, field).extend(values)
+  onnx.checker.check_model(model)

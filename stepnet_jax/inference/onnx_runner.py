@@ -16,8 +16,8 @@ The cache is a dict of named arrays: ``level`` (the level it holds), ``inputs`` 
 normalised images), each unit buffer as the level blocks computed so far
 (``<buffer>.<lo>_<hi>``: its channels lo..hi-1) and ``logits``. Each graph reads the names
 it declares and adds its outputs (a step writes only its level's blocks: no buffer is
-copied). ``predict`` runs each step only on the inputs still going (the rows of the cache
-are gathered on the host).
+copied). ``predict`` runs each step only on the inputs still going: it drops the entries
+no later step reads and gathers the rows of the others on the host.
 Policies read the current exit's logits and stop where they are sure enough:
 ``Confidence``, ``Margin``, ``Entropy``, ``MacBudget`` and ``Learned`` (the selection
 module of Guan et al., its weights in ``selector.npz`` when the export has one).
@@ -160,6 +160,10 @@ class Network:
     self._forwards = [session(n) for n in self.manifest['forwards']]
     self._inputs = {id(sess): [i.name for i in sess.get_inputs()] for sess in [self._start, *self._steps]}
     self._outputs = {id(sess): [o.name for o in sess.get_outputs()] for sess in [self._start, *self._steps]}
+    # The cache entries a step after level k reads: all that predict keeps (and gathers) there.
+    self._read_after = [
+      {'level'} | {n for s in self._steps[k:] for n in self._inputs[id(s)]} for k in range(len(self._steps) + 1)
+    ]
     self.num_levels = int(self.manifest['num_levels'])
     self.macs_to_reach = tuple(int(m) for m in self.manifest['macs_to_reach'])
     selector = self.manifest.get('selector')  # the manifest's, not a file an older export left behind
@@ -215,6 +219,7 @@ class Network:
       exit_level[active[stop]] = level
       if stop.all():
         break
+      cache = {n: a for n, a in cache.items() if n in self._read_after[level]}  # no later step reads the rest
       if stop.any():  # gather the rows still going (none to gather when every input goes on)
         keep = ~stop
         active = active[keep]
