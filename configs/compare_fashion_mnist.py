@@ -6,7 +6,9 @@
 LeNet-3C1L (32 filters = 7,146,624 MACs dense); budgets are AWN's four width points on
 its sqrt(2)-widened triangular network plus 0.15 and 0.42. Every method trains for
 `common.train.num_epochs` epochs with the same optimiser (Adam, cosine) and batch size;
-`--config.awn.recipe=published` gives AWN its SGD recipe instead. 3 epochs for every
+`--config.recipe=NAME` trains every method on another recipe of `compare.RECIPES`
+(`published`: Any-Width Networks' SGD on the summed subnet losses; `sgd_cosine_1e-4`,
+`sgd_cosine_5e-4`), and `--config.awn.recipe=published` gives AWN alone its SGD recipe. 3 epochs for every
 method keep the full run within 90 minutes on 2 CPU cores (measured: 70.6 min). Expected
 and measured results: see the README's comparison section.
 """
@@ -35,6 +37,7 @@ def get_config():
   # () trains each method once (common.seed); --config.seeds=0,1,2 once per seed, in
   # WORKDIR/seedS, with mean and standard deviation per level in WORKDIR/compare.json.
   c.seeds = ()
+  c.recipe = 'common'  # the recipe every method trains on: compare.RECIPES ('common' = the common section as set here)
   c.awn = ml_collections.ConfigDict(
     dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common', sandwich_widths=2)
   )

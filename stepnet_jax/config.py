@@ -104,6 +104,9 @@ class LossConfig:
   distill_mode: str = 'add'  # add: CE + distill_weight x KL; replace: lower exits learn only the top's soft labels
   sandwich_widths: int = 0  # 'sandwich' (AWN): smallest + largest + this many random widths
   label_smoothing: float = 0.0  # every exit's cross-entropy against (1 - e) one_hot + e / classes
+  # mean: sum_k w_k CE_k / sum_k w_k; sum: sum_k w_k CE_k, what one backward pass per subnet
+  # into the same gradients trains (Any-Width Networks' and slimmable networks' code)
+  exit_reduction: str = 'mean'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +222,7 @@ BATCH_NORMS = ('auto', 'shared', 'per_subnet')
 # model.init: he = He-normal hidden kernels, LeCun-normal classifier; torch = PyTorch's
 # default, every kernel and the classifier's bias uniform in +-1/sqrt(fan_in) (zoo.torch_init).
 INITS = ('he', 'torch')
+EXIT_REDUCTIONS = ('mean', 'sum')  # loss.exit_reduction (losses.multi_exit_loss)
 SELECTION_BASELINES = ('running', 'none')  # methods.selection
 TUPLE_FIELDS = (
   'model.level_widths',
@@ -378,6 +382,7 @@ def _check(c: Config) -> None:
   for key, value, choices in (
     ('model.batch_norm', m.batch_norm, BATCH_NORMS),
     ('model.init', m.init, INITS),
+    ('loss.exit_reduction', loss.exit_reduction, EXIT_REDUCTIONS),
     ('construction.allocation', c.construction.allocation, ALLOCATIONS),
     ('selection.baseline', c.selection.baseline, SELECTION_BASELINES),
   ):

@@ -179,21 +179,27 @@ def test_awn_config_reproduces_the_published_width_macs():
 
 def test_awn_published_recipe_takes_the_steps_of_awns_summed_width_losses():
   """AWN's code adds the K widths' gradients (one backward pass each) and runs torch's SGD:
-  v <- 0.9 v + (g_sum + 5e-4 w), w <- w - 0.01 v. The published recipe here averages the
-  exits; its steps must be those, written out by hand in numpy."""
+  v <- 0.9 v + (g_sum + 5e-4 w), w <- w - 0.01 v. The published recipe's loss must be the SUM
+  of the widths' cross-entropies and its optimiser those steps, both written out in numpy."""
   raw = compare_config()
   raw.awn.recipe = 'published'
-  cc = compare.resolve(raw)
-  cfg = compare.awn_config(cc)
-  tx = optim.make_optimizer(cfg, steps_per_epoch=100)
+  cfg = compare.awn_config(compare.resolve(raw))
   rng = np.random.RandomState(0)
+  logits, labels = rng.normal(size=(4, 8, 10)).astype(np.float32), rng.randint(0, 10, 8)
+  loss, _ = losses.multi_exit_loss(
+    jnp.asarray(logits), jnp.asarray(labels), cfg.exit_weights, reduction=cfg.loss.exit_reduction
+  )
+  log_z = np.log(np.exp(logits).sum(-1))
+  per_width = (log_z - np.take_along_axis(logits, labels[None, :, None], -1)[..., 0]).mean(-1)
+  np.testing.assert_allclose(float(loss), per_width.sum(), rtol=1e-5)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=100)
   w = rng.normal(size=5).astype(np.float32)
   state, params, v, ref = tx.init(jnp.asarray(w)), jnp.asarray(w), np.zeros(5, np.float32), w.copy()
   for _ in range(3):
-    per_width = rng.normal(size=(4, 5)).astype(np.float32)  # each width's gradient
-    updates, state = tx.update(jnp.asarray(per_width.mean(0)), state, params)
+    grads = rng.normal(size=(4, 5)).astype(np.float32)  # each width's gradient
+    updates, state = tx.update(jnp.asarray(grads.sum(0)), state, params)
     params = params + updates
-    v = 0.9 * v + (per_width.sum(0) + 5e-4 * ref)
+    v = 0.9 * v + (grads.sum(0) + 5e-4 * ref)
     ref = ref - 0.01 * v
   np.testing.assert_allclose(np.asarray(params), ref, rtol=1e-5, atol=1e-6)
 
@@ -583,6 +589,14 @@ def test_the_common_recipe_reaches_every_comparison_method():
   for name in compare.ENTRIES.names():
     for cfg in compare.ENTRIES.get(name)(setup):
       assert (cfg.loss.label_smoothing, cfg.data.augment, cfg.optim.weight_decay) == (0.1, True, 1e-4), name
+  # A named recipe (compare.RECIPES) reaches every run of every method the same way.
+  for recipe, settings in compare.RECIPES.items():
+    cc.recipe = recipe
+    setup = compare.Setup.of(compare.resolve(cc), ds)
+    for name in compare.ENTRIES.names():
+      for cfg in compare.ENTRIES.get(name)(setup):
+        values = config.flatten(cfg.to_dict())
+        assert {k: values[k] for k in settings} == {k: v for k, v in settings.items()}, (recipe, name)
 
 
 def test_steppingnet_exit_weights_come_from_its_own_section_only():

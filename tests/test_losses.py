@@ -172,3 +172,42 @@ def test_one_pass_exits_equal_separate_masked_forwards(spec_id):
   for k in range(model.num_levels):
     assert_close(exits[k], b['forward'][k])
   assert not np.allclose(exits[0], exits[-1])
+
+
+def test_exit_reduction_sum_adds_the_weighted_cross_entropies_in_every_objective():
+  """loss.exit_reduction='sum': sum_k w_k CE_k without dividing by sum_k w_k (numpy), in the
+  config's multi-exit objective, the sandwich objective (its 2 + n subnets) and the
+  non-uniform baseline's subnet objective; an unknown reduction is refused."""
+  rng = np.random.RandomState(7)
+  logits = rng.normal(0, 3, (3, 6, 5)).astype(np.float32)
+  extra = rng.normal(0, 3, (2, 6, 5)).astype(np.float32)  # the sandwich's random widths
+  labels = rng.randint(0, 5, 6)
+  ce = lambda z: np.mean([-_log_softmax(np.asarray(z[n], np.float64))[labels[n]] for n in range(6)])
+  weights = (0.5, 1.0, 2.0)
+
+  class Exits:  # a model whose exits (and sandwich widths) are the logits above
+    head = types.SimpleNamespace(in_sizes=(2, 2, 2))
+
+    def exits(self, images, train, levels=None):
+      return jnp.asarray(logits if levels is None else logits[np.asarray(levels)])
+
+    def sandwich_exits(self, images, widths, train):
+      return jnp.asarray(logits), jnp.asarray(extra[: len(widths)])
+
+  batch = types.SimpleNamespace(images=None, labels=jnp.asarray(labels))
+  cfg = config.from_dict(
+    config.merge(
+      config.base_config().to_dict(),
+      {'model': {'num_levels': 3}, 'loss': {'exit_weights': weights, 'exit_reduction': 'sum'}},
+    )
+  )
+  loss, _ = losses.objective_for(cfg)(Exits(), batch, None)
+  np.testing.assert_allclose(float(loss), sum(w * ce(z) for w, z in zip(weights, logits)), rtol=1e-5)
+  loss, _ = losses.subnets_for(cfg, (0, 2))(Exits(), batch, None)
+  np.testing.assert_allclose(float(loss), 0.5 * ce(logits[0]) + 2.0 * ce(logits[2]), rtol=1e-5)
+  sandwich = cfg.replace(**{'loss.objective': 'sandwich', 'loss.sandwich_widths': 2})
+  loss, _ = losses.objective_for(sandwich)(Exits(), batch, jax.random.key(0))
+  expected = ce(logits[0]) + ce(extra[0]) + ce(extra[1]) + ce(logits[-1])
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match='loss.exit_reduction'):
+    cfg.replace(**{'loss.exit_reduction': 'max'})

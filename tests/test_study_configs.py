@@ -115,6 +115,7 @@ def test_an_unknown_top_level_section_is_refused(name, section, tmp_path, monkey
     ('precision', 'common.data.validation_examples', 0, ValueError, 'set common.data.validation_examples'),
     ('precision', 'common.model.width', 'wide', TypeError, "section 'common'.*model.width must be float"),
     ('compare', 'awn.recipe', 'publish', ValueError, 'awn.recipe must be one of common, published'),
+    ('compare', 'recipe', 'sgd', ValueError, 'recipe must be one of common, published, sgd_cosine_1e-4'),
     ('compare', 'awn.widths', (0.5, 0.25), ValueError, 'awn.widths must be positive and strictly increasing'),
     ('compare', 'seeds', (1, 1), ValueError, 'seeds repeat'),
     ('compare', 'seeds', (-1,), ValueError, 'seeds must be >= 0'),

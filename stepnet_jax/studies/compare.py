@@ -62,6 +62,25 @@ from stepnet_jax.training import run
 # The per-level fields of compare.json (``validation_accuracy`` only with a validation split).
 LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy')
 
+# Training recipes a comparison applies to every method (``recipe``: the fairness rule), as
+# dotted overrides of ``common``. 'published' is Any-Width Networks' (github thanhmvu/awn,
+# train.py): SGD at 0.01, momentum 0.9, L2 decay 5e-4 on the gradient, x0.1 at 50% and 75%
+# of training, on the SUM of the subnets' cross-entropies (one backward pass per width into
+# the same gradients). The two 'sgd_cosine' recipes keep that optimiser and loss with a
+# cosine schedule and decay 1e-4 or 5e-4.
+_SGD = {
+  'optim.name': 'sgd',
+  'optim.learning_rate': 0.01,
+  'optim.momentum': 0.9,
+  'optim.warmup_epochs': 0.0,
+  'loss.exit_reduction': 'sum',
+}
+RECIPES: dict[str, dict[str, Any]] = {
+  'common': {},  # common as the config gives it
+  'published': {**_SGD, 'optim.weight_decay': 5e-4, 'optim.schedule': 'step', 'optim.step_decay_at': (0.5, 0.75)},
+  'sgd_cosine_1e-4': {**_SGD, 'optim.weight_decay': 1e-4, 'optim.schedule': 'cosine'},
+  'sgd_cosine_5e-4': {**_SGD, 'optim.weight_decay': 5e-4, 'optim.schedule': 'cosine'},
+}
 AWN_RECIPES = ('common', 'published')
 
 
@@ -71,7 +90,7 @@ class AwnSection:
 
   widen: float = math.sqrt(2)  # the base network (common.model.width) widened by this, as AWN does
   widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # cumulative width fractions of the widened network, one per level
-  recipe: str = 'common'  # common: the common optimiser; published: AWN's SGD recipe on its summed loss (awn_config)
+  recipe: str = 'common'  # common: the comparison's recipe; published: AWN's own (RECIPES), for AWN alone
   sandwich_widths: int = 2  # awn_sandwich: random widths per batch besides the smallest and the largest
 
 
@@ -83,6 +102,7 @@ class CompareConfig:
   methods: tuple[str, ...] = ('steppingnet', 'awn', 'slimmable', 'singlepath', 'independent')  # names in ENTRIES
   extra_budgets: tuple[float, ...] = (0.15, 0.42)  # MAC budgets (fractions of the dense base) besides AWN's points
   seeds: tuple[int, ...] = ()  # () trains each method once (common.seed); else once per seed, in DIR/seedS
+  recipe: str = 'common'  # a name in RECIPES: the training recipe every method takes over common
   awn: AwnSection = dataclasses.field(default_factory=AwnSection)
   # A method's run settings over common (nested like common; the keys a method's entry fixes
   # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
@@ -107,6 +127,8 @@ class CompareConfig:
     if not self.awn.widths or self.awn.widths[-1] > 1:
       raise ValueError(f'awn.widths are fractions of the widened network, the last <= 1; got {self.awn.widths}')
     config_lib.check_increasing('awn.widths', self.awn.widths)
+    if self.recipe not in RECIPES:
+      raise ValueError(f'recipe must be one of {", ".join(RECIPES)}, got {self.recipe!r}')
     if self.awn.recipe not in AWN_RECIPES:
       raise ValueError(f'awn.recipe must be one of {", ".join(AWN_RECIPES)}, got {self.awn.recipe!r}')
 
@@ -132,15 +154,13 @@ def _config(common: dict, own: Mapping[str, Any], fixed: dict) -> Config:
   return config_lib.from_dict(config_lib.merge(config_lib.merge(common, config_lib.nest(own)), config_lib.nest(fixed)))
 
 
-def awn_config(cc: CompareConfig) -> Config:
-  """AWN on the common settings, or on its published optimiser recipe (``awn.recipe``).
+def recipe_common(cc: CompareConfig, recipe: str | None = None) -> dict:
+  """``common`` with the comparison's recipe (or ``recipe``) applied: what every method starts from."""
+  return config_lib.merge(cc.common.to_dict(), config_lib.nest(RECIPES[recipe or cc.recipe]))
 
-  The published recipe is SGD at learning rate 0.01, momentum 0.9, L2 weight decay 5e-4 on
-  the gradient, x0.1 at 50% and 75% of training. AWN's code (github thanhmvu/awn,
-  ``train.py``) runs one backward pass per width into the same gradients, so it descends the
-  SUM of the K widths' cross-entropies, while the shared objective here AVERAGES the exits.
-  With plain SGD, momentum and L2 decay the update is linear in (learning rate, gradient,
-  decay), so learning rate 0.01 K and decay 5e-4 / K on the average give exactly AWN's updates."""
+
+def awn_config(cc: CompareConfig) -> Config:
+  """AWN on the comparison's recipe, or on its own published one (``awn.recipe``, RECIPES)."""
   fixed = {
     'method': 'joint',
     'model.triangular': True,
@@ -149,20 +169,8 @@ def awn_config(cc: CompareConfig) -> Config:
     'model.level_widths': cc.awn.widths,
     'loss.exit_weights': (),
   }
-  if cc.awn.recipe == 'published':
-    widths = len(cc.awn.widths)
-    fixed.update(
-      {
-        'optim.name': 'sgd',
-        'optim.learning_rate': 0.01 * widths,
-        'optim.momentum': 0.9,
-        'optim.weight_decay': 5e-4 / widths,
-        'optim.schedule': 'step',
-        'optim.step_decay_at': (0.5, 0.75),
-        'optim.warmup_epochs': 0.0,
-      }
-    )
-  return _config(cc.common.to_dict(), {}, fixed)
+  recipe = 'published' if cc.awn.recipe == 'published' else None
+  return _config(recipe_common(cc, recipe), {}, fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +190,8 @@ class Setup:
 
   @property
   def common(self) -> dict:
-    """The ``common`` section: the run config every method starts from."""
-    return self.cc.common.to_dict()
+    """The ``common`` section with the comparison's recipe: the run config every method starts from."""
+    return recipe_common(self.cc)
 
 
 def budget_points(cc: CompareConfig, dataset: datasets.Dataset) -> tuple[list[float], int]:
@@ -530,7 +538,13 @@ def targets(results: dict[str, dict]) -> list[str]:
 
 
 def markdown(
-  results: dict[str, dict], budgets: list[float], base: int, dataset: str, epochs: int, seeds: tuple[int, ...] = ()
+  results: dict[str, dict],
+  budgets: list[float],
+  base: int,
+  dataset: str,
+  epochs: int,
+  seeds: tuple[int, ...] = (),
+  recipe: str = 'common',
 ) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
   (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
@@ -540,7 +554,7 @@ def markdown(
   held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
   val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
   lines = [
-    f'# Accuracy against MACs on {dataset} ({epochs} epochs for every method{over})',
+    f'# Accuracy against MACs on {dataset} ({epochs} epochs and the {recipe!r} recipe for every method{over})',
     '',
     f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
     '',
@@ -634,7 +648,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
     for name, runs in results.items()
   }
   out = {
-    **{k: first[k] for k in ('dataset', 'epochs', 'base_macs', 'budgets')},
+    **{k: first[k] for k in ('dataset', 'epochs', 'recipe', 'base_macs', 'budgets')},
     'seeds': list(cc.seeds),
     'methods': {
       name: {
@@ -653,7 +667,9 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
     workdir,
     'compare',
     out,
-    markdown(merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'], seeds=cc.seeds),
+    markdown(
+      merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'], seeds=cc.seeds, recipe=cc.recipe
+    ),
     lambda path: plot(path, merged, title),
   )
   return out
@@ -710,6 +726,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
   out = {
     'dataset': dataset.name,
     'epochs': common.train.num_epochs,
+    'recipe': cc.recipe,
     'base_macs': setup.base,
     'budgets': list(setup.budgets),
     'methods': {
@@ -729,7 +746,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
       workdir,
       'compare',
       out,
-      markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs),
+      markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs, recipe=cc.recipe),
       lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
     )
   return out

@@ -34,6 +34,7 @@ def multi_exit_loss(
   temperature: float = 1.0,
   mode: str = 'add',
   label_smoothing: float = 0.0,
+  reduction: str = 'mean',
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Loss over all exits of one forward pass.
 
@@ -48,7 +49,8 @@ def multi_exit_loss(
   The teacher (top exit) is held fixed in the distillation term (stop-gradient), so
   it only pulls the lower exits towards the top one. With ``label_smoothing`` = e every
   CE_k is against the smoothed labels (1 - e) one_hot + e / classes (a regulariser of
-  the recipe: every method's objective takes the same e).
+  the recipe: every method's objective takes the same e). ``reduction='sum'`` leaves out
+  the division by sum_k w_k (the recipe's ``loss.exit_reduction``).
 
   Args:
     logits: [K, B, classes].
@@ -66,6 +68,8 @@ def multi_exit_loss(
     raise ValueError(f'unknown distillation mode {mode!r}; choose from {", ".join(DISTILL_MODES)}')
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+  if reduction not in ('mean', 'sum'):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
   if label_smoothing:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     ce = optax.softmax_cross_entropy(logits, targets[None]).mean(axis=1)  # [K]
@@ -78,10 +82,11 @@ def multi_exit_loss(
     student = jax.nn.log_softmax(logits[:-1] / t)
     kl = (t * t) * jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1).mean(axis=-1)  # [K-1]
     distill = kl.mean()
+  total = jnp.sum(w) if reduction == 'mean' else 1.0
   if mode == 'replace' and kl is not None:
-    loss = (jnp.sum(w[:-1] * kl) + w[-1] * ce[-1]) / jnp.sum(w)
+    loss = (jnp.sum(w[:-1] * kl) + w[-1] * ce[-1]) / total
   else:
-    loss = jnp.sum(w * ce) / jnp.sum(w) + (distill_weight * distill if distill_weight else 0.0)
+    loss = jnp.sum(w * ce) / total + (distill_weight * distill if distill_weight else 0.0)
   return loss, {'ce': ce, 'distill': distill}
 
 
@@ -103,6 +108,7 @@ def multi_exit(
   levels: Sequence[int] | None = None,
   mode: str = 'add',
   label_smoothing: float = 0.0,
+  reduction: str = 'mean',
 ) -> Objective:
   """``multi_exit_loss`` over the exits ``levels`` (default all) of ONE full-width pass."""
   levels = None if levels is None else tuple(levels)
@@ -110,7 +116,9 @@ def multi_exit(
   def objective(model, batch, rng):
     del rng
     logits = model.exits(batch.images, train=True, levels=levels)  # [len(levels), B, classes]
-    loss, aux = multi_exit_loss(logits, batch.labels, weights, distill_weight, temperature, mode, label_smoothing)
+    loss, aux = multi_exit_loss(
+      logits, batch.labels, weights, distill_weight, temperature, mode, label_smoothing, reduction
+    )
     return loss, {'logits': logits, **aux}
 
   return objective
@@ -134,6 +142,7 @@ def sandwich(
   temperature: float = 1.0,
   mode: str = 'add',
   label_smoothing: float = 0.0,
+  reduction: str = 'mean',
 ) -> Objective:
   """Any-Width Networks' sandwich rule: the smallest and the largest subnet plus
   ``num_random`` random widths (prefixes of the last layer's features), all from one pass."""
@@ -144,7 +153,7 @@ def sandwich(
     logits, random_logits = model.sandwich_exits(batch.images, widths, train=True)
     trained = jnp.concatenate([logits[:1], random_logits, logits[-1:]])
     loss, aux = multi_exit_loss(
-      trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode, label_smoothing
+      trained, batch.labels, (1.0,) * (num_random + 2), distill_weight, temperature, mode, label_smoothing, reduction
     )
     return loss, {'logits': logits, **aux}
 
@@ -161,6 +170,7 @@ OBJECTIVES.register(
     cfg.loss.distill_temperature,
     mode=cfg.loss.distill_mode,
     label_smoothing=cfg.loss.label_smoothing,
+    reduction=cfg.loss.exit_reduction,
   ),
 )
 OBJECTIVES.register(
@@ -171,6 +181,7 @@ OBJECTIVES.register(
     cfg.loss.distill_temperature,
     cfg.loss.distill_mode,
     cfg.loss.label_smoothing,
+    cfg.loss.exit_reduction,
   ),
 )
 
@@ -182,7 +193,12 @@ def objective_for(cfg: Config) -> Objective:
 
 def subnets_for(cfg: Config, levels: Sequence[int]) -> Objective:
   """The subnets ``levels`` alone, each batch through each of them once, their cross-entropies
-  averaged with the config's exit weights and recipe (label smoothing): how the non-uniform
-  baseline trains the subnets it has found so far, under every other method's loss settings."""
+  combined with the config's exit weights and recipe (label smoothing, exit reduction): how the
+  non-uniform baseline trains the subnets it has found so far, under every other method's loss settings."""
   levels = tuple(levels)
-  return multi_exit(tuple(cfg.exit_weights[k] for k in levels), levels=levels, label_smoothing=cfg.loss.label_smoothing)
+  return multi_exit(
+    tuple(cfg.exit_weights[k] for k in levels),
+    levels=levels,
+    label_smoothing=cfg.loss.label_smoothing,
+    reduction=cfg.loss.exit_reduction,
+  )
