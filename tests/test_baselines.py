@@ -3,6 +3,7 @@ private BN per width (not reusable), AWN's triangular widths, non-uniform subnet
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -617,3 +618,45 @@ def test_steppingnet_exit_weights_come_from_its_own_section_only():
   cc.steppingnet.loss.exit_weights = (1.0, 2.0, 3.0)
   with pytest.raises(ValueError, match='exit_weights has 3 entries for 2 levels'):
     compare.ENTRIES.get('steppingnet')(compare.Setup.of(compare.resolve(cc), ds))
+
+
+def test_recipes_run_the_comparison_once_each_and_choose_by_mean_validation_accuracy(tmp_path, monkeypatch):
+  """``--config.recipes``: one comparison per recipe (its runs in DIR/recipe_NAME, every
+  method on that recipe), and the recipe whose validation accuracy averaged over every
+  method's levels is highest is chosen (computed here by hand), whatever the test accuracy."""
+  cc = compare_config()
+  cc.methods, cc.recipes = ('awn', 'independent'), ('common', 'published', 'sgd_cosine_1e-4')
+  cc.common.data.validation_examples = 100
+  validation = {  # recipe -> method -> per-level validation accuracy
+    'common': {'awn': [0.80, 0.90], 'independent': [0.84, 0.88]},  # mean 0.855
+    'published': {'awn': [0.85, 0.91], 'independent': [0.80, 0.86]},  # mean 0.855 - 0.0025
+    'sgd_cosine_1e-4': {'awn': [0.70, 0.95], 'independent': [0.90, 0.89]},  # mean 0.86
+  }
+  seen = []
+
+  def fake(one, workdir, latency_repeats):
+    seen.append((one.recipe, one.recipes, workdir))
+    return {
+      'methods': {
+        m: {
+          'levels': [
+            {'validation_accuracy': a - (0.0025 if one.recipe == 'published' and i else 0), 'accuracy': 1.0}
+            for i, a in enumerate(accs)
+          ]
+        }
+        for m, accs in validation[one.recipe].items()
+      }
+    }
+
+  monkeypatch.setattr(compare, 'compare_resolved', fake)
+  out = compare.compare(cc, str(tmp_path))
+  assert seen == [(r, (), str(tmp_path / f'recipe_{r}')) for r in cc.recipes]
+  means = {r: float(np.mean([a for accs in v.values() for a in accs])) for r, v in validation.items()}
+  means['published'] -= 0.0025 / 2
+  assert out['chosen'] == 'sgd_cosine_1e-4' == max(means, key=means.get)
+  for r, mean in means.items():
+    np.testing.assert_allclose(out['recipes'][r]['mean_validation_accuracy'], mean)
+    assert out['recipes'][r]['settings'] == compare.RECIPES[r]
+  assert json.loads((tmp_path / 'recipes.json').read_text()) == json.loads(json.dumps(out))
+  assert 'Chosen: **sgd_cosine_1e-4**' in (tmp_path / 'recipes.md').read_text()
+  assert (tmp_path / 'recipes.png').stat().st_size > 0

@@ -103,6 +103,9 @@ class CompareConfig:
   extra_budgets: tuple[float, ...] = (0.15, 0.42)  # MAC budgets (fractions of the dense base) besides AWN's points
   seeds: tuple[int, ...] = ()  # () trains each method once (common.seed); else once per seed, in DIR/seedS
   recipe: str = 'common'  # a name in RECIPES: the training recipe every method takes over common
+  # Names in RECIPES to choose among: the comparison once per recipe on the validation split
+  # (DIR/recipe_NAME) and DIR/recipes.json naming the best (compare_recipes); () = just ``recipe``.
+  recipes: tuple[str, ...] = ()
   awn: AwnSection = dataclasses.field(default_factory=AwnSection)
   # A method's run settings over common (nested like common; the keys a method's entry fixes
   # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
@@ -127,8 +130,16 @@ class CompareConfig:
     if not self.awn.widths or self.awn.widths[-1] > 1:
       raise ValueError(f'awn.widths are fractions of the widened network, the last <= 1; got {self.awn.widths}')
     config_lib.check_increasing('awn.widths', self.awn.widths)
-    if self.recipe not in RECIPES:
-      raise ValueError(f'recipe must be one of {", ".join(RECIPES)}, got {self.recipe!r}')
+    for recipe in (self.recipe, *self.recipes):
+      if recipe not in RECIPES:
+        raise ValueError(f'recipe must be one of {", ".join(RECIPES)}, got {recipe!r}')
+    if self.recipes and (self.seeds or not self.common.data.validation_examples):
+      raise ValueError(
+        'recipes are chosen on the validation split of one seed: set common.data.validation_examples '
+        f'and leave seeds empty (got {self.common.data.validation_examples} examples, seeds {self.seeds})'
+      )
+    if len(set(self.recipes)) != len(self.recipes):
+      raise ValueError(f'recipes repeat: {self.recipes}')
     if self.awn.recipe not in AWN_RECIPES:
       raise ValueError(f'awn.recipe must be one of {", ".join(AWN_RECIPES)}, got {self.awn.recipe!r}')
 
@@ -616,9 +627,84 @@ def compare(
 
   With ``cc.seeds`` (e.g. ``--config.seeds=0,1,2``) every method is trained once per seed
   (``common.seed``), each seed's comparison in ``workdir/seedS``, and ``workdir/compare.json``
-  holds the mean over seeds per level (``aggregate_seeds``).
+  holds the mean over seeds per level (``aggregate_seeds``). With ``cc.recipes`` the
+  comparison runs once per recipe and ``workdir/recipes.json`` is the choice among them
+  (``compare_recipes``).
   """
-  return compare_resolved(resolve(cc, quick), workdir, latency_repeats)
+  resolved = resolve(cc, quick)
+  if resolved.recipes:
+    return compare_recipes(resolved, workdir, latency_repeats)
+  return compare_resolved(resolved, workdir, latency_repeats)
+
+
+RECIPE_RULE = (
+  "the recipe with the highest validation accuracy averaged over every method's levels (each level of each "
+  'method counts once; the test accuracy plays no part)'
+)
+
+
+def compare_recipes(cc: CompareConfig, workdir: str, latency_repeats: int = 10) -> dict:
+  """The comparison once per recipe of ``cc.recipes``, each in ``workdir/recipe_NAME`` on the
+  validation split, and the choice among them by ``RECIPE_RULE``: writes recipes.json/md/png
+  (every method's mean validation accuracy per recipe) and returns the recipes.json dict."""
+  scores = {}
+  for recipe in cc.recipes:
+    print(f'##### recipe {recipe} #####', flush=True)
+    one = dataclasses.replace(cc, recipes=(), recipe=recipe)
+    out = compare_resolved(one, os.path.join(workdir, f'recipe_{recipe}'), latency_repeats)
+    levels = {name: [r['validation_accuracy'] for r in res['levels']] for name, res in out['methods'].items()}
+    scores[recipe] = {
+      'settings': RECIPES[recipe],
+      'mean_validation_accuracy': float(np.mean([a for accs in levels.values() for a in accs])),
+      'methods': {name: float(np.mean(accs)) for name, accs in levels.items()},
+    }
+  chosen = max(scores, key=lambda r: scores[r]['mean_validation_accuracy'])
+  result = {'rule': RECIPE_RULE, 'epochs': cc.common.train.num_epochs, 'recipes': scores, 'chosen': chosen}
+  os.makedirs(workdir, exist_ok=True)
+  reports.write_study(workdir, 'recipes', result, recipes_markdown(result), lambda path: recipes_plot(path, result))
+  return result
+
+
+def recipes_markdown(result: dict) -> str:
+  """recipes.md: every recipe's mean validation accuracy, over all and per method, and the choice."""
+  methods = list(next(iter(result['recipes'].values()))['methods'])
+  lines = [
+    f'# Choosing the training recipe ({result["epochs"]} epochs, validation split)',
+    '',
+    f'Rule: {result["rule"]}. Chosen: **{result["chosen"]}**.',
+    '',
+    '| recipe | mean over all levels (%) | ' + ' | '.join(methods) + ' |',
+    '|---|---:|' + '---:|' * len(methods),
+  ]
+  for recipe, r in result['recipes'].items():
+    cells = ' | '.join(f'{100 * r["methods"][m]:.2f}' for m in methods)
+    lines.append(f'| {recipe} | {100 * r["mean_validation_accuracy"]:.2f} | {cells} |')
+  return '\n'.join(lines) + '\n'
+
+
+def recipes_plot(path: str, result: dict) -> None:
+  """Each method's mean validation accuracy under each recipe, grouped by method."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  recipes = list(result['recipes'])
+  methods = list(result['recipes'][recipes[0]]['methods'])
+  fig, ax = plt.subplots(figsize=(1.4 + 1.2 * len(methods), 4))
+  width = 0.8 / len(recipes)
+  for i, recipe in enumerate(recipes):
+    values = [100 * result['recipes'][recipe]['methods'][m] for m in methods]
+    ax.bar(np.arange(len(methods)) + i * width, values, width, label=recipe)
+  ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods)
+  lows = [100 * r['methods'][m] for r in result['recipes'].values() for m in methods]
+  ax.set_ylim(min(lows) - 1, max(lows) + 0.5)
+  ax.set_ylabel('mean validation accuracy over levels (%)')
+  ax.set_title(f'Recipes at {result["epochs"]} epochs (chosen: {result["chosen"]})')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10, write_report: bool = True) -> dict:

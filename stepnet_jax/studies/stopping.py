@@ -118,6 +118,8 @@ class AdaptiveConfig(compare.CompareConfig):
       raise ValueError(f'policy_examples must be at least 2 (one per half), got {self.policy_examples}')
     if self.seeds:
       raise ValueError(f'the anytime study trains one seed (common.seed): seeds must be (), got {self.seeds}')
+    if self.recipes:
+      raise ValueError(f'the anytime study trains on one recipe (recipe): recipes must be (), got {self.recipes}')
     for family in self.families:
       if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
