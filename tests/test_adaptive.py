@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 import stepnet_jax
 from stepnet_jax.core import anytime
@@ -107,11 +108,11 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   # test images fit and choose the policies; every accuracy, the static levels' too, is on
   # the other 50, checked against each network's direct forward there. The networks'
   # directory keeps its files: nothing trains, its compare.json stays.
-  report_before = (tmp_path / 'compare.json').read_bytes()
+  (tmp_path / 'compare.json').unlink()
   cc.quick.update(dict(policy_split='test', policy_examples=100, networks=str(tmp_path), joint_families=()))
   on_test = tmp_path / 'on_test'
   moved = stopping.adaptive(cc, str(on_test), quick=True)
-  assert (tmp_path / 'compare.json').read_bytes() == report_before
+  assert not (tmp_path / 'compare.json').exists()
   assert sorted(os.listdir(on_test)) == sorted(
     ['adaptive.json', 'adaptive.md', 'adaptive.png', 'validation_indices.npy']
     + [f'selection_points_{f}.json' for f in ('steppingnet', 'cascade')]
@@ -140,6 +141,14 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
     direct = [float((np.asarray(net.forward(images, k)).argmax(-1) == labels).mean()) for net, k in members]
     np.testing.assert_allclose([r['accuracy'] for r in moved['static'][family]], direct, atol=1e-6)
   assert moved['top_accuracy'] == moved['static']['steppingnet'][-1]['accuracy']
+  # Refused before anything trains: networks= without finished runs there, and --timing
+  # with a config that holds out other images than the study did.
+  with pytest.raises(ValueError, match='has no finished run'):
+    cc.quick.networks = str(tmp_path / 'on_test')
+    stopping.adaptive(cc, str(tmp_path / 'elsewhere'), quick=True)
+  cc.quick.networks, cc.quick.policy_split = str(tmp_path), 'train'
+  with pytest.raises(ValueError, match='holds out other images'):
+    stopping.timing_study(cc, str(on_test), quick=True, repeats=2)
   assert 'the other 50 test images' in (on_test / 'adaptive.md').read_text()
 
 

@@ -660,3 +660,6 @@ def test_recipes_run_the_comparison_once_each_and_choose_by_mean_validation_accu
   assert json.loads((tmp_path / 'recipes.json').read_text()) == json.loads(json.dumps(out))
   assert 'Chosen: **sgd_cosine_1e-4**' in (tmp_path / 'recipes.md').read_text()
   assert (tmp_path / 'recipes.png').stat().st_size > 0
+  cc.awn.recipe = 'published'  # AWN on a recipe of its own would be trained once per recipe alike
+  with pytest.raises(ValueError, match='leave recipe and awn.recipe at common'):
+    compare.resolve(cc)

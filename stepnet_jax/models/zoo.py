@@ -340,9 +340,10 @@ def torch_init(model: SteppingModel, seed: int) -> None:
   head's exit axis aside); the classifier's bias likewise, batch norm unchanged.
 
   Any-Width Networks' LeNet keeps this initialisation (its ``reset_parameters`` is never
-  called), so reproducing its published recipe needs it: the convolutions' weights are
-  2.4x smaller than He-normal ones, which under SGD with weight decay and batch norm
-  changes the effective learning rate.
+  called), one difference between its code and the project's AWN: the convolutions'
+  weights are 2.4x smaller than He-normal ones, which under SGD with weight decay and batch
+  norm changes the effective learning rate (what it changes is measured in
+  results/compare_log.md, "Reproducing AWN's published 20-epoch number").
   """
   key = jax.random.key(seed)
   modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and hasattr(m, 'kernel')]

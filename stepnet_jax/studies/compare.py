@@ -63,11 +63,14 @@ from stepnet_jax.training import run
 LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy')
 
 # Training recipes a comparison applies to every method (``recipe``: the fairness rule), as
-# dotted overrides of ``common``. 'published' is Any-Width Networks' (github thanhmvu/awn,
+# dotted overrides of ``common``: a recipe's keys replace common's, and a method's own
+# section and the keys its entry fixes come after it. 'published' is Any-Width Networks' (github thanhmvu/awn,
 # train.py): SGD at 0.01, momentum 0.9, L2 decay 5e-4 on the gradient, x0.1 at 50% and 75%
 # of training, on the SUM of the subnets' cross-entropies (one backward pass per width into
 # the same gradients). The two 'sgd_cosine' recipes keep that optimiser and loss with a
-# cosine schedule and decay 1e-4 or 5e-4.
+# cosine schedule and decay 1e-4 or 5e-4. Summed, K exits give the layers under them up to
+# K times the step of one (construction's pretraining, where every neuron is at level 0,
+# too), and a distillation term is not scaled with them: part of what the recipe is.
 _SGD = {
   'optim.name': 'sgd',
   'optim.learning_rate': 0.01,
@@ -140,6 +143,11 @@ class CompareConfig:
       )
     if len(set(self.recipes)) != len(self.recipes):
       raise ValueError(f'recipes repeat: {self.recipes}')
+    if self.recipes and (self.recipe != 'common' or self.awn.recipe != 'common'):
+      raise ValueError(
+        'recipes chooses the one recipe of every method: leave recipe and awn.recipe at common '
+        f'(got recipe {self.recipe!r}, awn.recipe {self.awn.recipe!r})'
+      )
     if self.awn.recipe not in AWN_RECIPES:
       raise ValueError(f'awn.recipe must be one of {", ".join(AWN_RECIPES)}, got {self.awn.recipe!r}')
 
@@ -556,6 +564,7 @@ def markdown(
   epochs: int,
   seeds: tuple[int, ...] = (),
   recipe: str = 'common',
+  awn_published: bool = False,
 ) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
   (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
@@ -565,7 +574,8 @@ def markdown(
   held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
   val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
   lines = [
-    f'# Accuracy against MACs on {dataset} ({epochs} epochs and the {recipe!r} recipe for every method{over})',
+    f'# Accuracy against MACs on {dataset} ({epochs} epochs and the {recipe!r} recipe for every method{over})'
+    + (' (AWN on its published recipe)' if awn_published else ''),
     '',
     f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
     '',
@@ -754,7 +764,14 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
     'compare',
     out,
     markdown(
-      merged, first['budgets'], first['base_macs'], first['dataset'], first['epochs'], seeds=cc.seeds, recipe=cc.recipe
+      merged,
+      first['budgets'],
+      first['base_macs'],
+      first['dataset'],
+      first['epochs'],
+      seeds=cc.seeds,
+      recipe=cc.recipe,
+      awn_published=cc.awn.recipe == 'published',
     ),
     lambda path: plot(path, merged, title),
   )
@@ -832,7 +849,15 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
       workdir,
       'compare',
       out,
-      markdown(results, list(setup.budgets), setup.base, dataset.name, common.train.num_epochs, recipe=cc.recipe),
+      markdown(
+        results,
+        list(setup.budgets),
+        setup.base,
+        dataset.name,
+        common.train.num_epochs,
+        recipe=cc.recipe,
+        awn_published=cc.awn.recipe == 'published',
+      ),
       lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
     )
   return out

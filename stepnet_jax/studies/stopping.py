@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -191,6 +192,11 @@ class PolicyData:
   held: np.ndarray
   split: str
 
+  def digest(self, networks: str) -> str:
+    """A short fingerprint of the split and the networks, kept with what was fitted on them."""
+    text = f'{self.split}:{os.path.abspath(networks)}:'.encode() + np.asarray(self.held, np.int64).tobytes()
+    return hashlib.sha1(text).hexdigest()[:16]
+
 
 def policy_data(study: AdaptiveConfig, dataset: datasets.Dataset) -> PolicyData:
   """The images the policies are fitted, chosen and reported on (``AdaptiveConfig.policy_split``)."""
@@ -224,9 +230,9 @@ def static_levels(predict: Callable, variables, static: list[dict], split: tuple
 
 
 def validation_halves(held: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out training images split in two: one half trains the selection modules, the
-  other chooses every policy's operating point (so no choice is made on the data a module
-  was fitted to)."""
+  """The held-out images (training or test ones: ``policy_data``) split in two: one half
+  trains the selection modules, the other chooses every policy's operating point (so no
+  choice is made on the data a module was fitted to)."""
   order = np.random.RandomState(seeds.seed_for(seed, seeds.Stream.VALIDATION_HALVES)).permutation(len(held))
   return np.sort(held[order[: len(held) // 2]]), np.sort(held[order[len(held) // 2 :]])
 
@@ -242,6 +248,7 @@ def learned_points(
   strategy: str,
   joint: bool = False,
   keep: str | None = None,
+  split: str = 'train',
 ) -> tuple[list[dict], list[dict]]:
   """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC
   price; ``joint``: trained together with the network, each point on its own fine-tuned network.
@@ -261,6 +268,7 @@ def learned_points(
         'static': family.static,
         'examples': [len(fit[1]), len(choose[1]), len(test[1])],
         'strategy': strategy,
+        **({'split': split} if split != 'train' else {}),  # files of the 'train' studies keep their key
       }
     )
   )
@@ -445,6 +453,13 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
   data = policy_data(study, dataset)
   fit, choose, test = data.fit, data.choose, data.test
   networks = study.networks or workdir
+  if study.networks:  # read there, never trained there
+    missing = [m for m in study.methods if not os.path.exists(os.path.join(networks, m, 'result.json'))]
+    if missing:
+      raise ValueError(
+        f'networks={networks} has no finished run of {missing}: run the comparison there first '
+        "(the study reads its networks and does not train into another study's directory)"
+      )
   # Trains or reuses every network; a comparison's workdir keeps its own compare.json.
   results = compare.compare_resolved(study, networks, latency_repeats=2, write_report=not study.networks)
   strategy = anytime.default_strategy()
@@ -483,13 +498,23 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
       }
     kept = os.path.join(workdir, f'selection_points_{family_name}.json')
     test_pts, val_pts = learned_points(
-      family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, keep=kept
+      family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, keep=kept, split=data.split
     )
     out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
     if family_name in study.joint_families:
       kept = os.path.join(workdir, f'selection_points_{family_name}_joint.json')
       joint_test, joint_val = learned_points(
-        family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, joint=True, keep=kept
+        family,
+        common,
+        study.lambdas,
+        fit,
+        choose,
+        test,
+        dataset.num_classes,
+        strategy,
+        joint=True,
+        keep=kept,
+        split=data.split,
       )
       out['methods'][f'{family_name}_learned_joint'] = {
         'policy': 'learned_joint',
@@ -555,7 +580,7 @@ def time_program(net: stepnet_jax.Stepper, policy, images: np.ndarray, batch: in
 TIMING_SELECTOR = 'timing_selector.npz'
 
 
-def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policies.Learned) -> None:
+def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policies.Learned, data: str) -> None:
   """Keeps the operating point's selection module, so that a later ``--timing`` (another
   run to see the spread, or another allocator) reuses it instead of retraining it (about
   10 minutes at width 4 here). The study's learned rows keep the network frozen, so the
@@ -567,20 +592,23 @@ def _save_timing_selector(workdir: str, lam: float, cfg: Config, policy: policie
     history=policy.history,
     num_levels=policy.num_levels,
     threshold=np.asarray(policy.threshold),
+    data=np.asarray(data),  # PolicyData.digest: the images it was fitted on and the network
     **{k: np.asarray(v) for k, v in policy.params.items()},
   )
 
 
-def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int) -> policies.Learned | None:
-  """The module ``_save_timing_selector`` kept for this lambda, these settings and this
-  network, or None."""
+def _load_timing_selector(workdir: str, lam: float, cfg: Config, num_levels: int, data: str) -> policies.Learned | None:
+  """The module ``_save_timing_selector`` kept for this lambda, these settings, this
+  network and these fitting images (``data``: their digest), or None."""
   path = os.path.join(workdir, TIMING_SELECTOR)
   if not os.path.exists(path):
     return None
-  meta = ('cost_weight', 'seed', 'history', 'num_levels', 'threshold')
+  meta = ('cost_weight', 'seed', 'history', 'num_levels', 'threshold', 'data')
   with np.load(path) as saved:
     if (
-      float(saved['cost_weight']) != lam
+      'data' not in saved.files
+      or str(saved['data']) != data
+      or float(saved['cost_weight']) != lam
       or int(saved['seed']) != cfg.seed
       or bool(saved['history']) != cfg.selection.history
       or int(saved['num_levels']) != num_levels
@@ -617,9 +645,16 @@ def timing_study(
     common.seed,
   )
   data = policy_data(study_cfg, dataset)
-  net = stepnet_jax.load(os.path.join(study.get('networks', workdir), 'steppingnet'))
+  if not np.array_equal(np.load(os.path.join(workdir, 'validation_indices.npy')), data.held):
+    raise ValueError(
+      f'the config holds out other images than the study in {workdir} did (policy_split, '
+      'validation_examples, policy_examples, seed): time it with the config it ran with'
+    )
+  networks = study.get('networks', workdir)
+  net = stepnet_jax.load(os.path.join(networks, 'steppingnet'))
   lam = learned_point['knob']
-  learned = _load_timing_selector(workdir, lam, common, net.num_levels)
+  digest = data.digest(networks)
+  learned = _load_timing_selector(workdir, lam, common, net.num_levels, digest)
   if learned is None:
     learned, _ = selection.train_selector(
       common,
@@ -629,7 +664,7 @@ def timing_study(
       dataset.num_classes,
       cost_weight=lam,
     )
-    _save_timing_selector(workdir, lam, common, learned)
+    _save_timing_selector(workdir, lam, common, learned, digest)
   # The confidence threshold whose validation MACs are closest to the learned point's (chosen on validation).
   target = learned_point['avg_macs']
   conf = min(study['methods']['steppingnet_confidence']['validation_points'], key=lambda p: abs(p['avg_macs'] - target))
