@@ -731,6 +731,8 @@ def _flat(nested: dict) -> dict:
     'model.batch_norm',
     'data.pad_to',
     'baseline.generation_epochs',
+    'model.init',
+    'loss.exit_reduction',
   )
   flat = {
     renamed.get(k, k.rsplit('.', 1)[-1]): v
