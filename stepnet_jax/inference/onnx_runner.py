@@ -13,8 +13,8 @@ so a device needs onnxruntime, numpy and DIR:
     out.logits, out.exit_level, out.macs
 
 The cache is a dict of named arrays: ``level`` (the level it holds), ``inputs`` (the
-normalised images), each unit buffer as the level blocks computed so far
-(``<buffer>.<lo>_<hi>``: its channels lo..hi-1) and ``logits``. Each graph reads the names
+normalised images), each unit buffer as the level blocks computed so far that a later step
+reads (``<buffer>.<lo>_<hi>``: its channels lo..hi-1) and ``logits``. Each graph reads the names
 it declares and adds its outputs (a step writes only its level's blocks: no buffer is
 copied). ``predict`` runs each step only on the inputs still going: it drops the entries
 no later step reads and gathers the rows of the others on the host.
