@@ -292,8 +292,8 @@ def learned_points(
       )
       levels = family.program.num_levels
       kept['points'][repr(float(lam))] = [
-        {'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *split, levels)}
-        for split in (test, choose)
+        {'knob': float(lam), **sweeps.evaluate_policy(predict, variables, policy, *images_labels, levels)}
+        for images_labels in (test, choose)
       ]
       if keep:
         with open(keep + '.tmp', 'w') as f:
@@ -496,35 +496,24 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
         'points': sweeps.sweep(predict, variables, levels, make, knobs, *test),
         'validation_points': sweeps.sweep(predict, variables, levels, make, knobs, *choose),
       }
-    kept = os.path.join(workdir, f'selection_points_{family_name}.json')
-    test_pts, val_pts = learned_points(
-      family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, keep=kept, split=data.split
-    )
-    out['methods'][f'{family_name}_learned'] = {'policy': 'learned', 'points': test_pts, 'validation_points': val_pts}
-    if family_name in study.joint_families:
-      kept = os.path.join(workdir, f'selection_points_{family_name}_joint.json')
-      joint_test, joint_val = learned_points(
-        family,
-        common,
-        study.lambdas,
-        fit,
-        choose,
-        test,
-        dataset.num_classes,
-        strategy,
-        joint=True,
-        keep=kept,
-        split=data.split,
+    for joint in (False, True) if family_name in study.joint_families else (False,):
+      suffix = '_joint' if joint else ''
+      kept = os.path.join(workdir, f'selection_points_{family_name}{suffix}.json')
+      test_pts, val_pts = learned_points(
+        family, common, study.lambdas, fit, choose, test, dataset.num_classes, strategy, joint, kept, data.split
       )
-      out['methods'][f'{family_name}_learned_joint'] = {
-        'policy': 'learned_joint',
-        'points': joint_test,
-        'validation_points': joint_val,
+      out['methods'][f'{family_name}_learned{suffix}'] = {
+        'policy': f'learned{suffix}',
+        'points': test_pts,
+        'validation_points': val_pts,
       }
     if family_name == 'steppingnet':
       out['top_accuracy'], out['top_macs'] = family.static[-1]['accuracy'], family.static[-1]['macs_to_reach']
       val_top = sweeps.evaluate_policy(predict, variables, policies.Confidence(2.0), *choose, levels)
-      out['operating_point'] = operating_point(val_pts, test_pts, val_top['accuracy'], study.tolerance)
+      frozen = out['methods']['steppingnet_learned']
+      out['operating_point'] = operating_point(
+        frozen['validation_points'], frozen['points'], val_top['accuracy'], study.tolerance
+      )
   reports.write_study(workdir, 'adaptive', out, markdown(out), functools.partial(plot, out=out))
   return out
 
