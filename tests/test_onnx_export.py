@@ -1,15 +1,11 @@
 """The ONNX export: each lowered primitive against JAX, and exported networks run by
 onnxruntime in a process that imports neither JAX nor the library."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testlib
 
 ort = pytest.importorskip('onnxruntime')
 onnx = pytest.importorskip('onnx')
@@ -17,7 +13,6 @@ onnx = pytest.importorskip('onnx')
 from stepnet_jax.core import layers  # noqa: E402
 from stepnet_jax.inference import export, onnx_lowering, policies  # noqa: E402
 from stepnet_jax.inference.stepper import Stepper  # noqa: E402
-from stepnet_jax.models import quantized, zoo  # noqa: E402
 
 (B,) = jax.export.symbolic_shape('b')
 RNG = np.random.RandomState(0)
@@ -187,13 +182,13 @@ def test_what_cannot_be_lowered_exactly_is_refused_by_name(fn, match):
 def test_the_runners_mac_budget_decides_as_the_librarys_past_float32_precision():
   """MAC counts above 2^24 and one budget per input: the numpy policy compares in float32,
   as the library does, so both stop the same inputs (the runner's state carries the budgets)."""
-  from stepnet_jax.inference import onnx_runner
+  from stepnet_jax.inference import device_runner
 
   macs = (5, 78_643_204, 100_000_001, 200_000_000)
   budgets = np.asarray([4, 5, 78_643_203, 78_643_204, 78_643_205, 100_000_000, 2e8, 3e8], np.float64)
   logits = np.zeros((len(budgets), 10), np.float32)
   library = policies.MacBudget(jnp.asarray(budgets, jnp.float32), macs)
-  runner = onnx_runner.MacBudget(budgets, macs)
+  runner = device_runner.MacBudget(budgets, macs)
   for level in range(3):
     want = np.asarray(library.stop(jnp.asarray(logits), jnp.int32(level), ())[0])
     got, state = runner.stop(logits, level, None)
@@ -201,38 +196,9 @@ def test_the_runners_mac_budget_decides_as_the_librarys_past_float32_precision()
     np.testing.assert_array_equal(state, budgets.astype(np.float32))
 
 
-def _networks():
-  """Untrained tiny networks: LeNet-3C1L, a ResNet-20 and a quantized LeNet (4-bit weights, 6-bit activations)."""
-  nets = {}
-  for name, shape, width in (('lenet3c1l', (28, 28, 1), 0.5), ('resnet20', (32, 32, 1), 0.25)):
-    nets[name] = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=4, width=width, seed=1)
-  lenet = nets['lenet3c1l']
-  images = RNG.randint(0, 256, (32, 28, 28, 1)).astype(np.uint8)
-  precision = quantized.Precision(
-    quantized.uniform_bits(lenet, 4), act_bits=6, act_clips=quantized.calibrate_clips(lenet, images)
-  )
-  nets['quantized_lenet'] = quantized.apply(lenet, precision)
-  return {name: Stepper(m) for name, m in nets.items()}
-
-
-HOST_CHECK = """
-import json, sys
-import numpy as np
-out = {}
-for name, d in json.loads(sys.argv[1]).items():
-  sys.path.insert(0, d)
-  import anytime_onnx as ax
-  net = ax.Network(d)
-  ref = np.load(d + '/reference.npz')
-  x = ref['images']
-  cache = net.start(x)
-  steps = [cache['logits']]
-  for k in range(1, net.num_levels):
-    cache = net.advance(cache)
-    steps.append(cache['logits'])
-  forwards = [net.forward(x, k) for k in range(net.num_levels)]
-  err = lambda got: np.abs(np.stack(got) - ref['exits']).max(-1).max(0)  # per input, over levels
-  out[name] = {'steps': err(steps).tolist(), 'forwards': err(forwards).tolist(), 'scale': float(np.abs(ref['exits']).max())}
+HOST_CHECK = testlib.device_script(
+  'anytime_onnx',
+  """
   out[name]['selector'] = net.selector_path is not None
   try:
     net.advance(cache)
@@ -254,11 +220,8 @@ for name, d in json.loads(sys.argv[1]).items():
       pred = net.predict(x, policy)
       out[name][type(policy).__name__] = [pred.exit_level.tolist(), pred.macs.tolist(),
         float(np.abs(pred.logits - ref['exits'][pred.exit_level, np.arange(len(x))]).max())]
-  sys.path.remove(d)
-  del sys.modules['anytime_onnx']
-out['imported'] = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'stepnet_jax'))
-print(json.dumps(out))
-"""
+""",
+)
 
 
 def _between(values: np.ndarray, q: float) -> float:
@@ -302,7 +265,7 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
   Python that never imports jax or stepnet_jax, gives the library's logits at every level
   by stepping and by the direct forwards; the numpy policies make the library's decisions."""
   directories, expected = {}, {}
-  for name, net in _networks().items():
+  for name, net in testlib.export_networks(RNG).items():
     d = directories[name] = str(tmp_path / name)
     selector = policies.Learned(
       policies.init_selector(jax.random.key(3), 10, net.num_levels) | {'w2': jnp.asarray(RNG.randn(32), jnp.float32)},
@@ -347,27 +310,11 @@ def test_exported_networks_match_the_library_in_a_process_without_jax(tmp_path):
         manifest,
       )
     np.savez(f'{d}/reference.npz', images=x, exits=exits, **knobs)
-  script = tmp_path / 'host.py'
-  script.write_text(HOST_CHECK)
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  done = subprocess.run(
-    [sys.executable, str(script), json.dumps(directories)], capture_output=True, text=True, cwd=str(tmp_path), env=env
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
-  assert out.pop('imported') == []
+  out = testlib.run_on_device(tmp_path, HOST_CHECK, directories)
   for name, got in out.items():
-    tol = 1e-4 * max(1.0, got['scale'])
     assert 'cannot advance a cache of level 3' in got['repeated']
     assert got['selector'] == (name == 'lenet3c1l')  # only the export given selector= ships one
-    for path in ('steps', 'forwards'):
-      errors = np.asarray(got[path])
-      if name.startswith('quantized'):
-        # Activation quantization rounds: where the two runtimes' sums straddle a grid
-        # boundary, a value lands one step apart (models/quantized.py), so a few inputs differ.
-        assert np.mean(errors <= tol) >= 0.75 and errors.max() <= 0.05 * got['scale'], (name, path, errors)
-      else:
-        assert errors.max() <= tol, (name, path, errors)
+    testlib.assert_device_logits(name, got, quantized_share=0.75)
   stops, exits, manifest = expected['lenet3c1l']
   got = out['lenet3c1l']
   assert got['stops'] == stops

@@ -381,3 +381,92 @@ def step_each_alone(net, x, policy):
     logits.append(np.asarray(out[0]))
     levels.append(level)
   return np.stack(logits), np.asarray(levels)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def export_networks(rng: np.random.RandomState) -> dict:
+  """Untrained tiny networks for the device exports, as Steppers: LeNet-3C1L, a ResNet-20
+  and a quantized LeNet (4-bit weights, 6-bit activations, clips calibrated on ``rng``'s images)."""
+  from stepnet_jax.inference.stepper import Stepper
+  from stepnet_jax.models import quantized
+
+  nets = {}
+  for name, shape, width in (('lenet3c1l', (28, 28, 1), 0.5), ('resnet20', (32, 32, 1), 0.25)):
+    nets[name] = zoo.build_model(name, num_classes=10, input_shape=shape, num_levels=4, width=width, seed=1)
+  lenet = nets['lenet3c1l']
+  images = rng.randint(0, 256, (32, 28, 28, 1)).astype(np.uint8)
+  precision = quantized.Precision(
+    quantized.uniform_bits(lenet, 4), act_bits=6, act_clips=quantized.calibrate_clips(lenet, images)
+  )
+  nets['quantized_lenet'] = quantized.apply(lenet, precision)
+  return {name: Stepper(m) for name, m in nets.items()}
+
+
+def run_on_device(tmp_path, script: str, directories: dict) -> dict:
+  """Runs ``script`` (which prints one JSON line, with 'imported': the modules of jax,
+  jaxlib, flax, tensorflow or stepnet_jax it imported) on the exports ``directories`` (name
+  -> path) in a fresh Python without PYTHONPATH, as a device would; returns the rest of its
+  output after checking it ran and imported none of them."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  path = tmp_path / 'device.py'
+  path.write_text(script)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  done = subprocess.run(
+    [sys.executable, str(path), json.dumps(directories)], capture_output=True, text=True, cwd=str(tmp_path), env=env
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out.pop('imported') == []
+  return out
+
+
+def assert_device_logits(name: str, got: dict, quantized_share: float) -> None:
+  """The device's per-input logit errors (``got['steps']``, ``got['forwards']``, over
+  levels) are within float32 rounding of the logits' scale (``got['scale']``); for a
+  quantized network (name 'quantized...') in at least ``quantized_share`` of the inputs,
+  since where the runtimes' sums straddle a rounding boundary an activation lands one grid
+  step apart (models/quantized.py), and within 5% of the scale everywhere."""
+  tol = 1e-4 * max(1.0, got['scale'])
+  for path in ('steps', 'forwards'):
+    errors = np.asarray(got[path])
+    if name.startswith('quantized'):
+      assert np.mean(errors <= tol) >= quantized_share and errors.max() <= 0.05 * got['scale'], (name, path, errors)
+    else:
+      assert errors.max() <= tol, (name, path, errors)
+
+
+def device_script(module: str, body: str) -> str:
+  """A script for ``run_on_device``: for each export it imports the copied runner
+  ``module`` as ``ax``, loads ``net`` and ``ref`` (reference.npz: 'images', the library's
+  'exits' [levels, B, classes]), steps and runs the direct forwards on ``x`` (the first
+  ``net.batch`` images: all when the export takes any batch) and records their per-input
+  errors in ``out[name]``; then runs ``body`` (indented as the loop's body)."""
+  return f"""
+import json, sys
+import numpy as np
+out = {{}}
+for name, d in json.loads(sys.argv[1]).items():
+  sys.path.insert(0, d)
+  import {module} as ax
+  net = ax.Network(d)
+  ref = np.load(d + '/reference.npz')
+  x = ref['images'][:net.batch]
+  cache = net.start(x)
+  steps = [cache['logits']]
+  for k in range(1, net.num_levels):
+    cache = net.advance(cache)
+    steps.append(cache['logits'])
+  forwards = [net.forward(x, k) for k in range(net.num_levels)]
+  err = lambda got: np.abs(np.stack(got) - ref['exits'][:, :net.batch]).max(-1).max(0)  # per input, over levels
+  out[name] = {{'steps': err(steps).tolist(), 'forwards': err(forwards).tolist(), 'scale': float(np.abs(ref['exits']).max())}}
+{body}  sys.path.remove(d)
+  del sys.modules['{module}']
+out['imported'] = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'tensorflow', 'stepnet_jax'))
+print(json.dumps(out))
+"""

@@ -113,7 +113,13 @@ def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.A
   wd = conv_output_size(x.shape[2], kw, stride, 'VALID')
   patches = jnp.stack(
     [
-      x[:, dy : dy + (h - 1) * stride + 1 : stride, dx : dx + (wd - 1) * stride + 1 : stride, :]
+      # lax.slice, not indexing: it stays a slice under a symbolic batch size (jax2tf, export)
+      jax.lax.slice(
+        x,
+        (0, dy, dx, 0),
+        (x.shape[0], dy + (h - 1) * stride + 1, dx + (wd - 1) * stride + 1, x.shape[3]),
+        (1, stride, stride, 1),
+      )
       for dy in range(kh)
       for dx in range(kw)
     ],

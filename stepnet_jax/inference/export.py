@@ -26,9 +26,15 @@ its hardware, so a model trained here runs on a GPU host.
 ``save(net, DIR, format='onnx')`` writes the same functions as ONNX graphs for ONNX Runtime
 (``start.onnx``, ``step1.onnx`` ..., and ``forward0.onnx`` ... the direct forward of each
 level), lowered by ``onnx_lowering``, with the cache as named inputs and outputs; it
-copies ``anytime_onnx.py`` (numpy and onnxruntime only: ``Network``, the stopping
+copies the runner ``device_runner.py`` as ``anytime_onnx.py`` (numpy and onnxruntime only: ``Network``, the stopping
 policies, ``predict``) beside them, and with ``selector=`` a ``policies.Learned`` module's
 weights as ``selector.npz``. Needs the ``onnx`` extra: ``pip install 'stepnet_jax[onnx]'``.
+
+``save(net, DIR, format='tflite', batch=B)`` writes them as one LiteRT (TFLite) model,
+``model.tflite``, with a signature each (``start``, ``step1`` ..., ``forward0`` ...),
+converted through jax2tf for batches of exactly B images (default 1), each reading and
+writing the cache by name, and copies the same runner as ``anytime_litert.py``
+(numpy and ai-edge-litert only). Needs the ``litert`` extra: ``pip install 'stepnet_jax[litert]'``.
 """
 
 from __future__ import annotations
@@ -67,25 +73,36 @@ def _checked_step(graphdef, variables, unflat, k: int):
   return step
 
 
-FORMATS = ('jax', 'onnx')
+FORMATS = ('jax', 'onnx', 'tflite')
 
 
 def save(
-  net: Stepper, directory: str, platforms: Sequence[str] = PLATFORMS, format: str = 'jax', selector=None
+  net: Stepper,
+  directory: str,
+  platforms: Sequence[str] = PLATFORMS,
+  format: str = 'jax',
+  selector=None,
+  batch: int | None = None,
 ) -> dict:
   """Writes the start and step modules of a reusable ``net`` and the manifest; returns the manifest.
 
-  ``format``: 'jax' (serialized ``jax.export`` modules for ``platforms``) or 'onnx' (ONNX
-  graphs and a numpy/onnxruntime runner; ``selector``: a ``policies.Learned`` to ship too).
+  ``format``: 'jax' (serialized ``jax.export`` modules for ``platforms``), 'onnx' (ONNX
+  graphs and a numpy/onnxruntime runner) or 'tflite' (LiteRT models for batches of exactly
+  ``batch`` images, default 1, and a numpy/LiteRT runner). ``selector``: a
+  ``policies.Learned`` to ship beside ONNX or LiteRT graphs.
   """
   if format not in FORMATS:
     raise ValueError(f'unknown export format {format!r}; choose from {", ".join(FORMATS)}')
   if not net.reusable:
     raise ValueError('only a reusable network steps; a recomputing one has nothing to carry between levels')
+  if batch is not None and format != 'tflite':
+    raise ValueError(f"batch= fixes a LiteRT model's batch size (format='tflite'); {format} graphs take any batch")
   if format == 'onnx':
     return _save_onnx(net, directory, selector)
+  if format == 'tflite':
+    return _save_tflite(net, directory, selector, 1 if batch is None else batch)
   if selector is not None:
-    raise ValueError("selector= ships a learned policy beside ONNX graphs (format='onnx')")
+    raise ValueError("selector= ships a learned policy beside ONNX or LiteRT graphs (format='onnx' or 'tflite')")
   graphdef, variables = net.graphdef, net.variables
   input_shape = net.input_shape
   (batch,) = jax.export.symbolic_shape('b')
@@ -257,7 +274,33 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
   for name, graph in graphs.items():
     with open(os.path.join(directory, name), 'wb') as f:
       f.write(graph.SerializeToString())
-  shutil.copyfile(os.path.join(os.path.dirname(__file__), 'onnx_runner.py'), os.path.join(directory, 'anytime_onnx.py'))
+  manifest = {
+    **_device_files(net, directory, 'onnx', selector),
+    'cache': names,
+    'cache_blocks': {b: _kept(v, kept_blocks.get(b, set())) for b, v in blocks.items()},
+    'graphs': lowered,
+    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as the level "
+    "blocks a later step reads (cache_blocks) '<buffer>.<lo>_<hi>' (channels lo..hi-1; a block of an image-shaped "
+    'buffer is NCHW: [B, channels, H, W]), '
+    "'logits' [B, classes]. A graph reads the names it declares and "
+    "writes new blocks, 'logits' and 'next_level'; level -1 and NaN logits: a step was given another level's cache",
+    'opset': onnx_lowering.OPSET,
+  }
+  with open(os.path.join(directory, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=2)
+  return manifest
+
+
+RUNNERS = {'onnx': 'anytime_onnx.py', 'tflite': 'anytime_litert.py'}
+
+
+def _device_files(net: Stepper, directory: str, format: str, selector) -> dict:
+  """Copies the numpy runner (``device_runner.py``, as ``RUNNERS[format]``) and the
+  ``selector``'s weights into ``directory``; returns the manifest entries every device
+  format shares (the graphs are named ``start``, ``stepK`` and ``forwardK``: ONNX files
+  with the suffix ``.onnx``, signatures of LiteRT's one model file)."""
+  suffix = '.onnx' if format == 'onnx' else ''
+  shutil.copyfile(os.path.join(os.path.dirname(__file__), 'device_runner.py'), os.path.join(directory, RUNNERS[format]))
   if selector is not None:
     if selector.num_levels != net.num_levels:
       raise ValueError(f'the selector was made for {selector.num_levels} levels; this network has {net.num_levels}')
@@ -268,27 +311,68 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
       history=selector.history,
       threshold=float(selector.threshold),
     )
-  manifest = {
-    'format': 'onnx',
+  return {
+    'format': format,
     'num_levels': net.num_levels,
     'level_macs': list(net.level_macs),
     'macs_to_reach': [int(m) for m in net.macs_to_reach],
     'input_shape': list(net.input_shape),
     'input_dtype': 'uint8',
-    'start': 'start.onnx',
-    'steps': [f'step{k}.onnx' for k in range(1, net.num_levels)],
-    'forwards': [f'forward{k}.onnx' for k in range(net.num_levels)],
-    'cache': names,
-    'cache_blocks': {b: _kept(v, kept_blocks.get(b, set())) for b, v in blocks.items()},
-    'graphs': lowered,
-    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer as the level "
-    "blocks a later step reads (cache_blocks) '<buffer>.<lo>_<hi>' (channels lo..hi-1; a block of an image-shaped "
-    'buffer is NCHW: [B, channels, H, W]), '
-    "'logits' [B, classes]. A graph reads the names it declares and "
-    "writes new blocks, 'logits' and 'next_level'; level -1 and NaN logits: a step was given another level's cache",
-    'opset': onnx_lowering.OPSET,
-    'runner': 'anytime_onnx.py',
+    # ONNX: one graph file each; LiteRT: one signature each of the one model file
+    'start': 'start' + suffix,
+    'steps': [f'step{k}{suffix}' for k in range(1, net.num_levels)],
+    'forwards': [f'forward{k}{suffix}' for k in range(net.num_levels)],
+    'runner': RUNNERS[format],
     'selector': 'selector.npz' if selector is not None else None,
+  }
+
+
+def _save_tflite(net: Stepper, directory: str, selector, batch: int) -> dict:
+  """One LiteRT model with a signature for each of ``net``'s start, steps and direct
+  forwards, for batches of ``batch`` images; the runner and the manifest.
+
+  The signatures read and write the cache by name (``cache_names``); unlike the ONNX
+  graphs, a step reads the whole cache and writes every buffer back whole (its own level's
+  channels filled in).
+  """
+  from stepnet_jax.inference import litert_convert
+
+  if batch < 1:
+    raise ValueError(f'batch must be at least 1, got {batch}')
+  graphdef, variables = net.graphdef, net.variables
+  images = jax.ShapeDtypeStruct((batch,) + tuple(net.input_shape), np.uint8)
+  cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
+  units_def = jax.tree.structure(cache.units)
+  names = cache_names(net)
+
+  def unflat(arrays, level):
+    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
+
+  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
+  functions = {
+    'start': (lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0)), [images], ['images'], names)
+  }
+  for k in range(1, net.num_levels):
+    functions[f'step{k}'] = (_checked_step(graphdef, variables, unflat, k), flat_shapes, names, names)
+  for k in range(net.num_levels):
+    functions[f'forward{k}'] = (
+      lambda x, k=k: (stepping.forward(graphdef, variables, x, k),),
+      [images],
+      ['images'],
+      ['logits'],
+    )
+  model = litert_convert.convert(functions)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'model.tflite'), 'wb') as f:
+    f.write(model)
+  manifest = {
+    **_device_files(net, directory, 'tflite', selector),
+    'model': 'model.tflite',
+    'batch': batch,
+    'cache': names,
+    'cache_layout': "a dict of named arrays: 'level' (int32 scalar), 'inputs', each unit buffer whole "
+    "(NHWC for an image-shaped one), 'logits' [batch, classes]; every signature of the model "
+    "reads and writes these names; level -1 and NaN logits: a step was given another level's cache",
   }
   with open(os.path.join(directory, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=2)
