@@ -142,16 +142,17 @@ def _xla_functions(net: Stepper, x: jax.Array, budgets: np.ndarray) -> dict[str,
   }
 
 
-def _onnx_module(directory: str):
-  """The exported ``anytime_onnx.py`` of ``directory``, imported as its own module."""
-  spec = importlib.util.spec_from_file_location(f'anytime_onnx_{abs(hash(directory))}', f'{directory}/anytime_onnx.py')
+def _runner_module(directory: str, file: str):
+  """The runner an export copied into ``directory`` (``anytime_onnx.py``, ``anytime_litert.py``),
+  imported as its own module."""
+  spec = importlib.util.spec_from_file_location(f'{file[:-3]}_{abs(hash(directory))}', f'{directory}/{file}')
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up while it loads
   spec.loader.exec_module(module)
   return module
 
 
-def _onnx_functions(device, ax, x: np.ndarray, budgets: np.ndarray) -> dict[str, Callable]:
+def _device_functions(device, ax, x: np.ndarray, budgets: np.ndarray) -> dict[str, Callable]:
   top = device.num_levels - 1
   policy = ax.MacBudget(budgets, device.macs_to_reach)
 
@@ -191,9 +192,10 @@ def _row(network: str, runtime: str, batch: int, m: dict, level_macs, fraction: 
   }
 
 
-def agreement(net: Stepper, device, images: np.ndarray) -> dict:
-  """How far onnxruntime's logits are from the library's on ``images``, at every level, by
-  stepping and by the direct forwards: the largest absolute difference and the largest logit."""
+def agreement(net: Stepper, device, images: np.ndarray, runtime: str = 'onnx') -> dict:
+  """How far a device runtime's logits are from the library's on ``images``, at every level,
+  by stepping and by the direct forwards: the largest absolute difference (keys named after
+  ``runtime``) and the largest logit; raises if they differ beyond float32 rounding."""
   exits = np.asarray(net.exits(jnp.asarray(images)))
   cache, steps = device.start(images), []
   for level in range(net.num_levels):
@@ -202,44 +204,64 @@ def agreement(net: Stepper, device, images: np.ndarray) -> dict:
     steps.append(cache['logits'])
   forwards = [device.forward(images, level) for level in range(net.num_levels)]
   out = {
-    'onnx_steps_max_abs_error': float(np.abs(np.stack(steps) - exits).max()),
-    'onnx_forwards_max_abs_error': float(np.abs(np.stack(forwards) - exits).max()),
+    f'{runtime}_steps_max_abs_error': float(np.abs(np.stack(steps) - exits).max()),
+    f'{runtime}_forwards_max_abs_error': float(np.abs(np.stack(forwards) - exits).max()),
     'max_abs_logit': float(np.abs(exits).max()),
   }
   tolerance = 1e-4 * max(1.0, out['max_abs_logit'])
-  if max(out['onnx_steps_max_abs_error'], out['onnx_forwards_max_abs_error']) > tolerance:
-    raise AssertionError(f'onnxruntime and the library disagree: {out}; the timings would compare different work')
+  if max(out[f'{runtime}_steps_max_abs_error'], out[f'{runtime}_forwards_max_abs_error']) > tolerance:
+    raise AssertionError(f'{runtime} and the library disagree: {out}; the timings would compare different work')
   return out
 
 
-def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: int = 0) -> list[dict]:
-  """The rows of one network: both runtimes at each batch size."""
+DEVICE_RUNTIMES = ('onnxruntime', 'litert')
+
+
+def time_network(
+  name: str, net: Stepper, rounds: int, batches=BATCHES, seed: int = 0, runtimes: tuple[str, ...] = ('onnxruntime',)
+) -> list[dict]:
+  """The rows of one network: XLA and each device runtime of ``runtimes`` ('onnxruntime',
+  'litert': a LiteRT export per batch size, run on all cores) at each batch size."""
+  unknown = set(runtimes) - set(DEVICE_RUNTIMES)
+  if unknown:
+    raise ValueError(f'unknown runtimes {sorted(unknown)}; choose from {", ".join(DEVICE_RUNTIMES)}')
   level_macs = [int(m) for m in net.level_macs]
   rng = np.random.RandomState(seed)
   rows = []
   with tempfile.TemporaryDirectory() as d:
-    export.save(net, d, format='onnx')
-    ax = _onnx_module(d)
-    device = ax.Network(d, spinning=False)
-    check = agreement(net, device, rng.randint(0, 256, (16,) + tuple(net.input_shape)).astype(np.uint8))
+    checks, devices = {}, {}
+    if 'onnxruntime' in runtimes:
+      export.save(net, f'{d}/onnx', format='onnx')
+      ax = _runner_module(f'{d}/onnx', 'anytime_onnx.py')
+      devices['onnxruntime'] = (ax.Network(f'{d}/onnx', spinning=False), ax)
+      checks['onnxruntime'] = agreement(
+        net, devices['onnxruntime'][0], rng.randint(0, 256, (16,) + tuple(net.input_shape)).astype(np.uint8)
+      )
     for batch in batches:
       images = rng.randint(0, 256, (batch,) + tuple(net.input_shape)).astype(np.uint8)
+      if 'litert' in runtimes:  # a LiteRT model's batch is fixed when it is converted
+        export.save(net, f'{d}/litert{batch}', format='tflite', batch=batch)
+        ax = _runner_module(f'{d}/litert{batch}', 'anytime_litert.py')
+        devices['litert'] = (ax.Network(f'{d}/litert{batch}', threads=os.cpu_count()), ax)
+        checks['litert'] = agreement(net, devices['litert'][0], images, 'litert')
       exits = exit_mix(MIX_BATCH, net.macs_to_reach)
       budgets = np.asarray(net.macs_to_reach, np.float64)[exits[:batch]]
       fraction = float(np.mean(np.asarray(net.macs_to_reach)[exits]) / net.macs_to_reach[-1])
       x = jnp.asarray(images)
-      xla = _xla_functions(net, x, budgets)
-      ort = _onnx_functions(device, ax, images, budgets)
+      fns = {f'xla_{k}': f for k, f in _xla_functions(net, x, budgets).items()}
       policy = policies.MacBudget(jnp.asarray(budgets, jnp.float32), tuple(net.macs_to_reach))
       xla_exits = np.asarray(net.predict(x, policy).exit_level)
-      ort_exits = device.predict(images, ax.MacBudget(budgets, device.macs_to_reach)).exit_level
-      if not np.array_equal(xla_exits, ort_exits):
-        raise AssertionError(
-          'the runtimes stop inputs at different levels: their anytime times would compare other work'
-        )
-      m = _interleaved({**{f'xla_{k}': f for k, f in xla.items()}, **{f'ort_{k}': f for k, f in ort.items()}}, rounds)
+      for runtime, (device, ax) in devices.items():
+        fns.update({f'{runtime}_{k}': f for k, f in _device_functions(device, ax, images, budgets).items()})
+        if not np.array_equal(
+          xla_exits, device.predict(images, ax.MacBudget(budgets, device.macs_to_reach)).exit_level
+        ):
+          raise AssertionError(
+            f'XLA and {runtime} stop inputs at different levels: their anytime times would compare other work'
+          )
+      m = _interleaved(fns, rounds)
       if batch == 1:  # one input stops at one level: each level's time, weighted as the mix
-        m.update(_batch1_anytime(net, device, ax, x, images, rounds, np.bincount(exits, minlength=net.num_levels)))
+        m.update(_batch1_anytime(net, devices, x, images, rounds, np.bincount(exits, minlength=net.num_levels)))
       direct = min(m['xla_direct_masked'], m['xla_direct_blocked'])
       faster = min(('masked', 'compact'), key=lambda s: m[f'xla_anytime_{s}'])
       rows.append(
@@ -256,9 +278,10 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
           },
         )
       )
-      ort_m = {'direct': m['ort_direct'], 'steps': m['ort_steps'], 'anytime': m['ort_anytime']}
-      rows.append(_row(name, 'onnxruntime', batch, ort_m, level_macs, fraction, check))
-      for row in rows[-2:]:
+      for runtime in devices:
+        device_m = {part: m[f'{runtime}_{part}'] for part in ('direct', 'steps', 'anytime')}
+        rows.append(_row(name, runtime, batch, device_m, level_macs, fraction, checks[runtime]))
+      for row in rows[-1 - len(devices) :]:
         print(
           f'{name:>12} {row["runtime"]:>11} batch {batch:>3}: steps/direct {row["steps_over_direct"]:.2f}  '
           f'level0/top {row["level0_over_top"]:.2f} (MACs {row["level0_mac_fraction"]:.2f})  '
@@ -270,19 +293,17 @@ def time_network(name: str, net: Stepper, rounds: int, batches=BATCHES, seed: in
 
 
 def _batch1_anytime(
-  net: Stepper, device, ax, x: jax.Array, images: np.ndarray, rounds: int, counts: np.ndarray
+  net: Stepper, devices: dict, x: jax.Array, images: np.ndarray, rounds: int, counts: np.ndarray
 ) -> dict:
   """Batch 1: the anytime program's time with the input stopping at each level, averaged
-  with the mix's share of each level (``counts``)."""
-  out = {'xla_anytime_masked': [], 'xla_anytime_compact': [], 'ort_anytime': []}
+  with the mix's share of each level (``counts``); ``devices``: runtime -> (network, runner module)."""
+  out = {'xla_anytime_masked': [], 'xla_anytime_compact': [], **{f'{r}_anytime': [] for r in devices}}
   for level in range(net.num_levels):
     budget = np.asarray([net.macs_to_reach[level]], np.float64)
     xla = _xla_functions(net, x, budget)
-    fns = {
-      'xla_anytime_masked': xla['anytime_masked'],
-      'xla_anytime_compact': xla['anytime_compact'],
-      'ort_anytime': _onnx_functions(device, ax, images, budget)['anytime'],
-    }
+    fns = {'xla_anytime_masked': xla['anytime_masked'], 'xla_anytime_compact': xla['anytime_compact']}
+    for runtime, (device, ax) in devices.items():
+      fns[f'{runtime}_anytime'] = _device_functions(device, ax, images, budget)['anytime']
     for name, s in _interleaved(fns, rounds).items():
       out[name].append(s)
   return {name: float(np.average(s, weights=counts)) for name, s in out.items()}
@@ -308,6 +329,11 @@ def _define_flags() -> None:
   flags.DEFINE_list('networks', list(NETWORKS), f'Untrained networks to time: {", ".join(NETWORKS)}.')
   flags.DEFINE_multi_string('run', [], 'NAME=WORKDIR: also time the trained run in WORKDIR under NAME.')
   flags.DEFINE_integer('levels', 4, 'Levels of the untrained networks.')
+  flags.DEFINE_list(
+    'runtimes',
+    ['onnxruntime'],
+    f'Device runtimes timed beside XLA: {", ".join(DEVICE_RUNTIMES)} (litert needs TensorFlow).',
+  )
   flags.DEFINE_integer('rounds', 10, 'Timed rounds at batch 256 (batch 1: 5x as many).')
   flags.DEFINE_string(
     'json', None, 'Write {"runs": [...]} to this file and a table beside it (.md); rows of other networks are kept.'
@@ -356,8 +382,8 @@ def main(argv) -> None:
   rows = []
   for name, make in networks(f.networks, f.run, f.levels).items():
     net = make()
-    rows += time_network(name, net, f.rounds, batches=(256,))
-    rows += time_network(name, net, 5 * f.rounds, batches=(1,))
+    rows += time_network(name, net, f.rounds, batches=(256,), runtimes=tuple(f.runtimes))
+    rows += time_network(name, net, 5 * f.rounds, batches=(1,), runtimes=tuple(f.runtimes))
   if f.json:
     write_rows(f.json, rows, format_markdown)
 

@@ -284,7 +284,7 @@ def profile_xla(net: Stepper, x: jax.Array, calls: int) -> dict[str, dict]:
 
 def profile_onnxruntime(directory: str, images: np.ndarray, calls: int) -> dict[str, dict]:
   """Each graph's row on onnxruntime: a profiling copy of the runner's sessions."""
-  ax = deploy_time._onnx_module(directory)
+  ax = deploy_time._runner_module(directory, 'anytime_onnx.py')
   device = ax.Network(directory, spinning=False)
   with tempfile.TemporaryDirectory() as d:
     import onnxruntime as ort  # noqa: PLC0415 (the onnx extra)
