@@ -290,7 +290,7 @@ class Network:
     batch = images.shape[0]
     logits = np.zeros_like(cache['logits'])
     exit_level = np.full(batch, self.num_levels - 1, np.int32)
-    active = np.arange(batch)  # the inputs still going, and their rows in the cache
+    active = np.arange(batch)  # the inputs still going (without gathering, also their rows in the cache)
     state = None
     for level in range(self.num_levels):
       current = cache['logits'] if gather else cache['logits'][active]
