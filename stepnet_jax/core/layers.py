@@ -50,7 +50,8 @@ def take_rows(buffer: jax.Array, rows: jax.Array | None, lo: int = 0, hi: int | 
 
   Stepping only some inputs reads just the channels a level needs, not whole cache rows.
   """
-  x = buffer[..., lo:hi]
+  # lax.slice_in_dim, not indexing: it stays a slice under a symbolic batch size (jax2tf)
+  x = jax.lax.slice_in_dim(buffer, lo, buffer.shape[-1] if hi is None else hi, axis=-1)
   return x if rows is None else x[rows]
 
 
@@ -126,6 +127,13 @@ def conv_by_taps(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.A
     axis=-2,
   )  # [B, h, w, taps, C_in]
   return jnp.einsum('bhwtc,tco->bhwo', patches, w.reshape(kh * kw, w.shape[2], w.shape[3]))
+
+
+def _contract(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[B, S, I] x [S, I, O] -> [B, O], summed over S and I, as one matrix product of the
+  flattened features: the same sum as ``einsum('bsi,sio->bo')``, written so that TFLite's
+  converter computes it right under a symbolic batch size (its two-axis contraction does not)."""
+  return x.reshape(x.shape[0], -1) @ kernel.reshape(-1, kernel.shape[-1])
 
 
 class BatchNorm(nnx.Module):
@@ -364,7 +372,7 @@ class LevelDense(_LinearUnit):
     if 0 in w.shape[-2:]:
       return jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
     x = x.reshape(x.shape[0], self.spatial, x.shape[-1])
-    return jnp.einsum('bsi,sio->bo', x, w)
+    return _contract(x, w)
 
   def macs_per_pair(self, in_shape: Sequence[int]) -> int:
     """The input's positions: the MACs of one kept (input, output) channel pair."""
@@ -755,7 +763,7 @@ class Head(nnx.Module):
     batch rows ``rows`` (all when None). x: features of levels <= level."""
     lo, hi = lv.start(self.in_sizes, level), lv.end(self.in_sizes, level)
     x = self._flat(take_rows(x, rows, lo, hi))
-    return jnp.einsum('bsi,sio->bo', x, self.kernel[:, lo:hi])
+    return _contract(x, self.kernel[:, lo:hi])
 
   def step_logits(self, logits: jax.Array, x: jax.Array, level: int, rows: jax.Array | None = None) -> jax.Array:
     """The cached ``logits`` [B, classes] after step ``level`` (of the rows ``rows``, all when
@@ -772,8 +780,8 @@ class Head(nnx.Module):
   def __call__(self, x, level):
     hi = lv.end(self.in_sizes, level)
     if self.private:
-      return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[level, :, :hi]) + self.bias[level]
-    return jnp.einsum('bsi,sio->bo', self._flat(x[..., :hi]), self.kernel[:, :hi]) + self.bias[...]
+      return _contract(self._flat(x[..., :hi]), self.kernel[level, :, :hi]) + self.bias[level]
+    return _contract(self._flat(x[..., :hi]), self.kernel[:, :hi]) + self.bias[...]
 
   def exits(self, x: jax.Array) -> jax.Array:
     """All K exits from full-width features: [K, B, classes] (shared: cumulative over levels)."""

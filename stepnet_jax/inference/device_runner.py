@@ -18,15 +18,14 @@ The cache is a dict of named arrays: ``level`` (the level it holds), ``inputs`` 
 normalised images), the unit buffers and ``logits``. ONNX graphs hold each unit buffer as
 the level blocks computed so far that a later step reads (``<buffer>.<lo>_<hi>``: its
 channels lo..hi-1); each graph reads the names it declares and adds its outputs (a step
-writes only its level's blocks: no buffer is copied). LiteRT models hold each buffer whole
-and run batches of exactly the export's ``batch`` images (a LiteRT model's shapes are
-fixed when it is converted).
+writes only its level's blocks: no buffer is copied). LiteRT models hold each buffer whole.
 
-``predict`` runs each step only on the inputs still going. On ONNX Runtime it drops the
-entries no later step reads and gathers the rows of the others on the host; on LiteRT it
-splits the images into batches of the export's size (the last one padded with copies of
-its first image) and steps a batch while any of its inputs goes on, so an input's MACs
-(``out.macs``) are what its own answer needed, and at an export batch of 1 also what was run.
+``predict`` runs each step only on the inputs still going: it drops the entries no later
+step reads and gathers the rows of the others on the host. A LiteRT model converted for a
+fixed batch (``batch=B``, the default, B = 1) runs batches of exactly B images: there ``predict`` splits the
+images into such batches (the last one padded with copies of its first image) and steps a
+batch while any of its inputs goes on, so an input's MACs (``out.macs``) are what its own
+answer needed, not what was run (at B = 1 they are both).
 Policies read the current exit's logits and stop where they are sure enough:
 ``Confidence``, ``Margin``, ``Entropy``, ``MacBudget`` and ``Learned`` (the selection
 module of Guan et al., its weights in ``selector.npz`` when the export has one).

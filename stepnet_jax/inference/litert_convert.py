@@ -2,12 +2,15 @@
 
 ``convert({key: (fn, args, input_names, output_names), ...})`` gives the flatbuffer of one
 model with a signature per key, each taking the named inputs and returning the named
-outputs, with ``fn``'s constants (the network's parameters) baked in. Shapes are those of ``args``,
-batch included: the converter mis-computes this project's networks when the batch axis is
-symbolic (TensorFlow 2.21: its logits differ from JAX's as much as the logits themselves,
-while each of the operations tried alone converts correctly), so a model is converted for
-one batch size. Needs TensorFlow
-(``pip install 'stepnet_jax[litert]'``); the device that runs the model needs only LiteRT.
+outputs, with ``fn``'s constants (the network's parameters) baked in. With
+``any_batch=True`` the first axis of every non-scalar argument is symbolic, so one model
+runs any batch size (LiteRT reallocates its tensors when the size changes); else the shapes
+are those of ``args``. Needs TensorFlow (``pip install 'stepnet_jax[litert]'``); the device
+that runs the model needs only LiteRT.
+
+TensorFlow 2.21's converter mis-computes a contraction over two axes (``einsum('bsi,sio->bo')``)
+under a symbolic batch; the library's layers write it as one matrix product
+(``layers._contract``), and the export's tests check every level's logits against JAX.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ def _tensorflow():
 
 def convert(
   functions: dict[str, tuple[Callable, Sequence[jax.ShapeDtypeStruct], Sequence[str], Sequence[str]]],
+  any_batch: bool = False,
 ) -> bytes:
   """One TFLite flatbuffer holding a signature per entry of ``functions``: key -> (fn,
   args, input_names, output_names), ``fn`` taken at the shapes of ``args`` and its
   signature mapping ``input_names`` (one per argument) to ``output_names`` (one per output
-  of ``fn``, which returns a tuple). Converted in one pass (much faster than one model each)."""
+  of ``fn``, which returns a tuple). Converted in one pass (much faster than one model each).
+  ``any_batch``: the first axis of every non-scalar argument is symbolic."""
   tf, jax2tf = _tensorflow()
   signatures = {}
   for key, (fn, args, input_names, output_names) in functions.items():
-    signatures[key] = _signature(tf, jax2tf, fn, args, input_names, output_names)
+    signatures[key] = _signature(tf, jax2tf, fn, args, input_names, output_names, any_batch)
   module = tf.Module()
   module.graphs = signatures  # tracked, so the SavedModel keeps them
   with tempfile.TemporaryDirectory() as saved:
@@ -48,12 +53,17 @@ def convert(
     return tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(signatures)).convert()
 
 
-def _signature(tf, jax2tf, fn, args, input_names, output_names):
+def _signature(tf, jax2tf, fn, args, input_names, output_names, any_batch: bool):
   """``fn`` as a concrete TensorFlow function from named inputs to a dict of named outputs."""
   if len(set(output_names)) != len(output_names):
     raise ValueError(f'output names repeat: {list(output_names)}')
-  as_tf = jax2tf.convert(fn, polymorphic_shapes=None, with_gradient=False)
-  spec = [tf.TensorSpec(a.shape, a.dtype, name=n) for a, n in zip(args, input_names, strict=True)]
+  batched = [any_batch and len(a.shape) > 0 for a in args]
+  polymorphic = [('(b, ...)' if b else None) for b in batched] if any_batch else None
+  as_tf = jax2tf.convert(fn, polymorphic_shapes=polymorphic, with_gradient=False)
+  spec = [
+    tf.TensorSpec((None, *a.shape[1:]) if b else a.shape, a.dtype, name=n)
+    for a, b, n in zip(args, batched, input_names, strict=True)
+  ]
 
   @tf.function(input_signature=spec, autograph=False)
   def serve(*inputs):
