@@ -133,7 +133,8 @@ def _contract(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """[B, S, I] x [S, I, O] -> [B, O], summed over S and I, as one matrix product of the
   flattened features: the same sum as ``einsum('bsi,sio->bo')``, written so that TFLite's
   converter computes it right under a symbolic batch size (its two-axis contraction does not)."""
-  return x.reshape(x.shape[0], -1) @ kernel.reshape(-1, kernel.shape[-1])
+  s, i, o = kernel.shape  # explicit sizes: a level may hold no features (then -1 would be ambiguous)
+  return x.reshape(x.shape[0], s * i) @ kernel.reshape(s * i, o)
 
 
 class BatchNorm(nnx.Module):
