@@ -8,9 +8,12 @@ runs any batch size (LiteRT reallocates its tensors when the size changes); else
 are those of ``args``. Needs TensorFlow (``pip install 'stepnet_jax[litert]'``); the device
 that runs the model needs only LiteRT.
 
-TensorFlow 2.21's converter mis-computes a contraction over two axes (``einsum('bsi,sio->bo')``)
-under a symbolic batch; the library's layers write it as one matrix product
-(``layers._contract``), and the export's tests check every level's logits against JAX.
+Under a symbolic batch TensorFlow 2.21's converter mis-computes a contraction over two axes
+(``einsum('bsi,sio->bo')``) and cannot write the gather that indexing turns a slice into;
+the library's layers write them as one matrix product (``layers._contract``) and as
+``lax`` slices (``take_rows``, ``conv_by_taps``), and the export's tests check every
+level's logits against JAX. The model for any batch size still runs far slower than one
+converted for a fixed batch (``export._save_tflite``).
 """
 
 from __future__ import annotations

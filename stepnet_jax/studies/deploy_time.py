@@ -1,10 +1,12 @@
-"""Wall time of stepping where it is deployed: XLA and ONNX Runtime, side by side.
+"""Wall time of stepping where it is deployed: XLA, ONNX Runtime and LiteRT, side by side.
 
     python -m stepnet_jax.studies.deploy_time --json results/bench_anytime_time.json \\
         [--networks lenet3c1l,vgg16,mobilenetv2] [--run resnet20=runs/compare_resnet20/steppingnet]
 
 Per network, runtime ('xla': the library's jitted functions; 'onnxruntime': the graphs of
-``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider) and
+``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider;
+with ``--runtimes onnxruntime,litert`` also 'litert': ``export.save(format='tflite',
+batch=B)`` per batch size, run by ``anytime_litert.Network`` on all cores) and
 batch (256 and 1), in one process, every timed function taking turns round by round (so a
 slow spell of the machine hits them alike; onnxruntime's idle threads sleep instead of
 spinning, so they do not slow the XLA call after them), medians over the rounds. Before
