@@ -46,3 +46,24 @@ def test_a_skipped_or_repeated_step_is_an_error(exported):
     runner.step(level1, 1)
   with pytest.raises(ValueError, match='this cache holds level -1'):
     runner.advance(skipped)
+
+
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
+    ({'format': 'tflite', 'selector': 'four levels'}, 'selector was made for 4 levels'),
+    ({'format': 'tflite', 'batch': True}, "positive number of images or 'any'"),
+    ({'format': 'tflite', 'batch': 0}, "positive number of images or 'any'"),
+    ({'format': 'onnx', 'batch': 8}, "batch= fixes a LiteRT model's batch size"),
+  ],
+)
+def test_bad_export_settings_are_refused_before_anything_is_written(exported, tmp_path, kwargs, match):
+  """A selector for another number of levels, a batch that is no positive count (True
+  included) or a batch for a format whose graphs take any: refused, the directory not made."""
+  net = exported[0]
+  if kwargs.get('selector'):
+    kwargs = {**kwargs, 'selector': type('Selector', (), {'num_levels': 4})()}
+  directory = tmp_path / 'out'
+  with pytest.raises(ValueError, match=match):
+    export.save(net, str(directory), **kwargs)
+  assert not directory.exists()

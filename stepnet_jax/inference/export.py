@@ -44,7 +44,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,20 @@ def _checked_step(graphdef, variables, unflat, k: int):
   return step
 
 
+def _chain_shapes(net: Stepper, batch) -> tuple[jax.ShapeDtypeStruct, tuple, Callable]:
+  """What every export traces, at ``batch`` images (a number or a symbolic size): the
+  images' shape, the flat cache's shapes (``_flat``: level first) and ``unflat(arrays,
+  level)``, the ``StepCache`` of a flat cache's arrays without the level."""
+  images = jax.ShapeDtypeStruct((batch,) + tuple(net.input_shape), np.uint8)
+  cache = jax.eval_shape(lambda x: stepping.start(net.graphdef, net.variables, x), images)
+  units_def = jax.tree.structure(cache.units)
+
+  def unflat(arrays, level):
+    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
+
+  return images, _flat(cache, jax.ShapeDtypeStruct((), jnp.int32)), unflat
+
+
 FORMATS = ('jax', 'onnx', 'tflite')
 
 
@@ -97,6 +111,8 @@ def save(
     raise ValueError(f'unknown export format {format!r}; choose from {", ".join(FORMATS)}')
   if not net.reusable:
     raise ValueError('only a reusable network steps; a recomputing one has nothing to carry between levels')
+  if selector is not None and selector.num_levels != net.num_levels:  # before anything is written
+    raise ValueError(f'the selector was made for {selector.num_levels} levels; this network has {net.num_levels}')
   if batch is not None and format != 'tflite':
     raise ValueError(f"batch= fixes a LiteRT model's batch size (format='tflite'); {format} graphs take any batch")
   if format == 'onnx':
@@ -106,22 +122,13 @@ def save(
   if selector is not None:
     raise ValueError("selector= ships a learned policy beside ONNX or LiteRT graphs (format='onnx' or 'tflite')")
   graphdef, variables = net.graphdef, net.variables
-  input_shape = net.input_shape
-  (batch,) = jax.export.symbolic_shape('b')
-  images = jax.ShapeDtypeStruct((batch,) + input_shape, np.uint8)
-  cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
-  units_def = jax.tree.structure(cache.units)
-
-  def unflat(arrays, level):  # arrays: (inputs, units..., logits), without the level
-    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
-
+  images, flat_shapes, unflat = _chain_shapes(net, jax.export.symbolic_shape('b')[0])
   os.makedirs(directory, exist_ok=True)
   modules = {
     'start.bin': jax.export.export(
       jax.jit(lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0))), platforms=tuple(platforms)
     )(images)
   }
-  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
   for k in range(1, net.num_levels):
     fn = jax.jit(_checked_step(graphdef, variables, unflat, k))
     modules[f'step{k}.bin'] = jax.export.export(fn, platforms=tuple(platforms))(*flat_shapes)
@@ -131,7 +138,7 @@ def save(
   manifest = {
     'num_levels': net.num_levels,
     'level_macs': list(net.level_macs),
-    'input_shape': list(input_shape),
+    'input_shape': list(net.input_shape),
     'input_dtype': 'uint8',
     'start': 'start.bin',
     'steps': [f'step{k}.bin' for k in range(1, net.num_levels)],
@@ -212,16 +219,9 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
   except ImportError as e:  # onnx is an optional dependency
     raise ImportError(f"format='onnx' needs the onnx package: pip install 'stepnet_jax[onnx]' ({e})") from e
   graphdef, variables = net.graphdef, net.variables
-  (batch,) = jax.export.symbolic_shape('b')
-  images = jax.ShapeDtypeStruct((batch,) + tuple(net.input_shape), np.uint8)
-  cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
-  units_def = jax.tree.structure(cache.units)
+  images, flat_shapes, unflat = _chain_shapes(net, jax.export.symbolic_shape('b')[0])
   names = cache_names(net)
   buffers = names[1:-1]
-
-  def unflat(arrays, level):
-    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
-
   os.makedirs(directory, exist_ok=True)
   blocks: dict[str, list | None] = {b: [] for b in buffers}  # the blocks written so far (None: held whole)
   graphs, outputs, lowered = {}, {}, {}
@@ -251,7 +251,6 @@ def _save_onnx(net: Stepper, directory: str, selector) -> dict:
       channels_first=True,
     ),
   )
-  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
   for k in range(1, net.num_levels):
     add(
       f'step{k}.onnx',
@@ -303,9 +302,7 @@ def _device_files(net: Stepper, directory: str, format: str, selector) -> dict:
   with the suffix ``.onnx``, signatures of LiteRT's one model file)."""
   suffix = '.onnx' if format == 'onnx' else ''
   shutil.copyfile(os.path.join(os.path.dirname(__file__), 'device_runner.py'), os.path.join(directory, RUNNERS[format]))
-  if selector is not None:
-    if selector.num_levels != net.num_levels:
-      raise ValueError(f'the selector was made for {selector.num_levels} levels; this network has {net.num_levels}')
+  if selector is not None:  # its number of levels is checked by save, before anything is written
     np.savez(
       os.path.join(directory, 'selector.npz'),
       **{k: np.asarray(v, np.float32) for k, v in selector.params.items()},
@@ -344,19 +341,12 @@ def _save_tflite(net: Stepper, directory: str, selector, batch: int | str) -> di
   """
   from stepnet_jax.inference import litert_convert
 
-  if batch != 'any' and not (isinstance(batch, int) and batch >= 1):
+  if batch != 'any' and not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
     raise ValueError(f"batch must be a positive number of images or 'any', got {batch!r}")
   graphdef, variables = net.graphdef, net.variables
-  fixed = batch if batch != 'any' else 1  # traced at this size; symbolic when 'any'
-  images = jax.ShapeDtypeStruct((fixed,) + tuple(net.input_shape), np.uint8)
-  cache = jax.eval_shape(lambda x: stepping.start(graphdef, variables, x), images)
-  units_def = jax.tree.structure(cache.units)
+  # traced at a batch of 1 when 'any' (litert_convert makes the batch axis symbolic)
+  images, flat_shapes, unflat = _chain_shapes(net, 1 if batch == 'any' else batch)
   names = cache_names(net)
-
-  def unflat(arrays, level):
-    return StepCache(arrays[0], jax.tree.unflatten(units_def, arrays[1:-1]), arrays[-1], level=level)
-
-  flat_shapes = _flat(cache, jax.ShapeDtypeStruct((), jnp.int32))
   functions = {
     'start': (lambda x: _flat(stepping.start(graphdef, variables, x), jnp.int32(0)), [images], ['images'], names)
   }
