@@ -1,14 +1,15 @@
 """Wall time of stepping where it is deployed: XLA, ONNX Runtime and LiteRT, side by side.
 
     python -m stepnet_jax.studies.deploy_time --json results/bench_anytime_time.json \\
-        [--networks lenet3c1l,vgg16,mobilenetv2] [--run resnet20=runs/compare_resnet20/steppingnet]
+        [--networks lenet3c1l,vgg16,mobilenetv2] [--run resnet20=runs/compare_resnet20/steppingnet] \\
+        [--batches 1 --processes 5]
 
 Per network, runtime ('xla': the library's jitted functions; 'onnxruntime': the graphs of
 ``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider;
 with ``--runtimes onnxruntime,litert`` also 'litert': ``export.save(format='tflite',
 batch=B)`` per batch size, run by ``anytime_litert.Network`` on all cores) and
-batch (256 and 1), in one process, every timed function taking turns round by round (so a
-slow spell of the machine hits them alike; onnxruntime's idle threads sleep instead of
+batch (256 and 1), in one process, every timed function of a runtime taking turns round by
+round (so a slow spell of the machine hits them alike; onnxruntime's idle threads sleep instead of
 spinning, so they do not slow the XLA call after them), medians over the rounds. Before
 timing, onnxruntime's logits must equal the library's and both runtimes must stop each
 input at the same level.
@@ -25,6 +26,11 @@ input at the same level.
   to level 0 until the average is at most half the top's MACs; at batch 1 each level's time
   is weighted by its share. Trained and untrained weights are timed alike.
 
+Each runtime's functions take turns among themselves, one runtime after another. Batch-1
+ratios move between processes by more than the targets' margins (about +-0.3 on this 2-core
+machine), so ``--processes N`` times in N fresh processes and records each ratio's median
+over them with its range (``--batches 1 --processes 5`` is the batch-1 protocol).
+
 Networks named with ``--networks`` are built untrained (timing does not depend on the
 weights); ``--run NAME=WORKDIR`` times a trained run (e.g. a constructed ResNet-20).
 """
@@ -36,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +115,16 @@ def _interleaved(fns: dict[str, Callable[[], list[float] | None]], rounds: int, 
     name: (np.median(np.asarray(s), axis=0).tolist() if isinstance(s[0], list) else float(np.median(s)))
     for name, s in seconds.items()
   }
+
+
+def _interleaved_by_runtime(fns: dict[str, Callable], rounds: int) -> dict:
+  """``_interleaved`` within each runtime (names ``RUNTIME_part``), one runtime after another:
+  a runtime's ratios come from calls that took turns with each other only, so another
+  runtime's threads and caches do not slow its short batch-1 calls."""
+  out = {}
+  for runtime in dict.fromkeys(name.split('_', 1)[0] for name in fns):
+    out.update(_interleaved({n: f for n, f in fns.items() if n.split('_', 1)[0] == runtime}, rounds))
+  return out
 
 
 def _waited(fn: Callable, *args, **kwargs) -> Callable[[], None]:
@@ -261,7 +278,7 @@ def time_network(
           raise AssertionError(
             f'XLA and {runtime} stop inputs at different levels: their anytime times would compare other work'
           )
-      m = _interleaved(fns, rounds)
+      m = _interleaved_by_runtime(fns, rounds)
       if batch == 1:  # one input stops at one level: each level's time, weighted as the mix
         m.update(_batch1_anytime(net, devices, x, images, rounds, np.bincount(exits, minlength=net.num_levels)))
       direct = min(m['xla_direct_masked'], m['xla_direct_blocked'])
@@ -306,7 +323,7 @@ def _batch1_anytime(
     fns = {'xla_anytime_masked': xla['anytime_masked'], 'xla_anytime_compact': xla['anytime_compact']}
     for runtime, (device, ax) in devices.items():
       fns[f'{runtime}_anytime'] = _device_functions(device, ax, images, budget)['anytime']
-    for name, s in _interleaved(fns, rounds).items():
+    for name, s in _interleaved_by_runtime(fns, rounds).items():
       out[name].append(s)
   return {name: float(np.average(s, weights=counts)) for name, s in out.items()}
 
@@ -317,13 +334,63 @@ def format_markdown(rows: list[dict]) -> str:
     '| network | runtime | batch | direct top, ms | steps / direct | level 0 / top (MACs) | anytime / direct (MACs) |',
     '|---|---|---|---|---|---|---|',
   ]
+
+  def value(r: dict, key: str) -> str:  # with its range over processes, where timed in several
+    lo_hi = r.get(f'{key}_range')
+    return f'{r[key]:.2f}' + (f' [{lo_hi[0]:.2f}-{lo_hi[1]:.2f}]' if lo_hi else '')
+
   for r in rows:
     lines.append(
-      f'| {r["network"]} | {r["runtime"]} | {r["batch"]} | {r["direct_ms"]:.2f} | {r["steps_over_direct"]:.2f} | '
-      f'{r["level0_over_top"]:.2f} ({r["level0_mac_fraction"]:.2f}) | '
-      f'{r["anytime_over_direct"]:.2f} ({r["anytime_mac_fraction"]:.2f}) |'
+      f'| {r["network"]} | {r["runtime"]} | {r["batch"]} | {value(r, "direct_ms")} | {value(r, "steps_over_direct")} | '
+      f'{value(r, "level0_over_top")} ({r["level0_mac_fraction"]:.2f}) | '
+      f'{value(r, "anytime_over_direct")} ({r["anytime_mac_fraction"]:.2f}) |'
+    )
+  if any('processes' in r for r in rows):
+    lines.append(
+      '\n[low-high]: the range over the fresh processes a row was timed in (its `processes`); the value is their median.'
     )
   return '\n'.join(lines) + '\n'
+
+
+RATIOS = ('steps_over_direct', 'level0_over_top', 'anytime_over_direct', 'direct_ms', 'anytime_ms')
+
+
+def combine_processes(runs: list[list[dict]]) -> list[dict]:
+  """The rows of several processes' runs as one row per network, runtime and batch: each of
+  ``RATIOS`` their median over the processes, with its ``_range`` ([min, max]) and the
+  per-process values beside it; the other fields are the first process's."""
+  grouped: dict[tuple, list[dict]] = {}
+  for rows in runs:
+    for row in rows:
+      grouped.setdefault((row['network'], row['runtime'], row['batch']), []).append(row)
+  combined = []
+  for rows in grouped.values():
+    if len(rows) != len(runs):
+      raise ValueError(
+        f'{rows[0]["network"]} {rows[0]["runtime"]} batch {rows[0]["batch"]}: in {len(rows)} of {len(runs)} runs'
+      )
+    row = dict(rows[0], processes=len(rows))
+    for key in RATIOS:
+      values = [r[key] for r in rows]
+      row[key] = float(np.median(values))
+      row[f'{key}_range'] = [min(values), max(values)]
+      row[f'{key}_per_process'] = values
+    combined.append(row)
+  return combined
+
+
+def _in_processes(count: int, argv: list[str]) -> list[dict]:
+  """This command run ``count`` times, one fresh process after another, with ``argv`` (its
+  flags but ``--json`` and ``--processes``); their rows combined by ``combine_processes``."""
+  runs = []
+  with tempfile.TemporaryDirectory() as d:
+    for i in range(count):
+      out = f'{d}/run{i}.json'
+      print(f'process {i + 1} of {count}', flush=True)
+      subprocess.run([sys.executable, '-m', __spec__.name, *argv, '--processes=1', f'--json={out}'], check=True)
+      with open(out) as fh:
+        runs.append(json.load(fh)['runs'])
+  return combine_processes(runs)
 
 
 def _define_flags() -> None:
@@ -337,6 +404,13 @@ def _define_flags() -> None:
     f'Device runtimes timed beside XLA: {", ".join(DEVICE_RUNTIMES)} (litert needs TensorFlow).',
   )
   flags.DEFINE_integer('rounds', 10, 'Timed rounds at batch 256 (batch 1: 5x as many).')
+  flags.DEFINE_list('batches', [str(b) for b in BATCHES], 'Batch sizes to time.')
+  flags.DEFINE_integer(
+    'processes',
+    1,
+    'Time in this many fresh processes, one after another, and record the median of each ratio '
+    'with its range: batch-1 ratios move between processes by more than within one.',
+  )
   flags.DEFINE_string(
     'json', None, 'Write {"runs": [...]} to this file and a table beside it (.md); rows of other networks are kept.'
   )
@@ -362,13 +436,17 @@ def networks(names: list[str], runs: list[str], levels: int) -> dict[str, Callab
 
 
 def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str]) -> None:
-  """``{"runs": rows}`` to ``path`` and its table beside it (.md); the rows already there of
-  networks not among ``rows`` are kept."""
-  names = {r['network'] for r in rows}
+  """``{"runs": rows}`` to ``path`` and its table beside it (.md); the rows already there are
+  kept unless ``rows`` has one of the same network, runtime, batch (and graph, if any)."""
+
+  def key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ('network', 'runtime', 'batch', 'graph'))
+
+  new = {key(r) for r in rows}
   kept = []
   if os.path.exists(path):
     with open(path) as fh:
-      kept = [r for r in json.load(fh)['runs'] if r['network'] not in names]
+      kept = [r for r in json.load(fh)['runs'] if key(r) not in new]
   with open(path, 'w') as fh:
     json.dump({'runs': kept + rows}, fh, indent=1)
   table = os.path.splitext(path)[0] + '.md'
@@ -381,11 +459,18 @@ def main(argv) -> None:
   """The command: times every network, prints a line per row, writes ``--json``."""
   del argv
   f = flags.FLAGS
-  rows = []
-  for name, make in networks(f.networks, f.run, f.levels).items():
-    net = make()
-    rows += time_network(name, net, f.rounds, batches=(256,), runtimes=tuple(f.runtimes))
-    rows += time_network(name, net, 5 * f.rounds, batches=(1,), runtimes=tuple(f.runtimes))
+  batches = [int(b) for b in f.batches]
+  if f.processes > 1:
+    argv = [f'--networks={",".join(f.networks)}', f'--levels={f.levels}', f'--runtimes={",".join(f.runtimes)}']
+    argv += [f'--rounds={f.rounds}', f'--batches={",".join(f.batches)}', *(f'--run={r}' for r in f.run)]
+    rows = _in_processes(f.processes, argv)
+  else:
+    rows = []
+    for name, make in networks(f.networks, f.run, f.levels).items():
+      net = make()
+      for batch in batches:
+        rounds = f.rounds if batch > 1 else 5 * f.rounds
+        rows += time_network(name, net, rounds, batches=(batch,), runtimes=tuple(f.runtimes))
   if f.json:
     write_rows(f.json, rows, format_markdown)
 
