@@ -8,7 +8,9 @@ its sqrt(2)-widened triangular network plus 0.15 and 0.42. Every method trains f
 `common.train.num_epochs` epochs with the same optimiser (Adam, cosine) and batch size;
 `--config.recipe=NAME` trains every method on another recipe of `compare.RECIPES`
 (`published`: Any-Width Networks' SGD on the summed subnet losses; `sgd_cosine_1e-4`,
-`sgd_cosine_5e-4`), and `--config.awn.recipe=published` gives AWN alone its SGD recipe. 3 epochs for every
+`sgd_cosine_5e-4`; each with `_torch`, PyTorch's default initialisation, as AWN's code
+has it), and `--config.awn.recipe=published` (or `published_torch`, AWN's published setting
+in full) gives AWN alone its SGD recipe. 3 epochs for every
 method keep the full run within 90 minutes on 2 CPU cores (measured: 70.6 min). Expected
 and measured results: see the README's comparison section.
 """
