@@ -40,6 +40,10 @@ def get_config():
   # WORKDIR/seedS, with mean and standard deviation per level in WORKDIR/compare.json.
   c.seeds = ()
   c.recipe = 'common'  # the recipe every method trains on: compare.RECIPES ('common' = the common section as set here)
+  # --config.recipes=common,published_torch,...: the comparison once per recipe on the
+  # validation split (common.data.validation_examples), in WORKDIR/recipe_NAME, and
+  # WORKDIR/recipes.json naming the one with the best mean validation accuracy.
+  c.recipes = ''  # text, split at commas (an empty tuple here would take only quoted names)
   c.awn = ml_collections.ConfigDict(
     dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common', sandwich_widths=2)
   )

@@ -117,6 +117,7 @@ def test_an_unknown_top_level_section_is_refused(name, section, tmp_path, monkey
     ('compare', 'awn.recipe', 'publish', ValueError, 'awn.recipe must be one of common, published'),
     ('compare', 'recipe', 'sgd', ValueError, 'recipe must be one of common, published, sgd_cosine_1e-4'),
     ('compare', 'recipes', ('common', 'sgd'), ValueError, "recipe must be one of .*, got 'sgd'"),
+    ('compare', 'recipes', 'common,published_torch,sgd', ValueError, "recipe must be one of .*, got 'sgd'"),
     ('compare', 'recipes', ('common', 'published'), ValueError, 'set common.data.validation_examples'),
     ('adaptive', 'recipes', ('common',), ValueError, 'recipes must be'),
     ('compare', 'awn.widths', (0.5, 0.25), ValueError, 'awn.widths must be positive and strictly increasing'),
