@@ -26,10 +26,11 @@ input at the same level.
   to level 0 until the average is at most half the top's MACs; at batch 1 each level's time
   is weighted by its share. Trained and untrained weights are timed alike.
 
-Each runtime's functions take turns among themselves, one runtime after another. Batch-1
-ratios move between processes by more than the targets' margins (about +-0.3 on this 2-core
-machine), so ``--processes N`` times in N fresh processes and records each ratio's median
-over them with its range (``--batches 1 --processes 5`` is the batch-1 protocol).
+Each runtime's functions take turns among themselves, one runtime after another: with all
+runtimes taking turns together, onnxruntime's short batch-1 calls ran slower after XLA's and
+the batch-1 ratios moved by up to +-0.3 between runs on a 2-core machine. ``--processes N``
+times in N fresh processes, one after another, and records each ratio's median over them
+with its range (``--batches 1 --processes 5`` is the batch-1 protocol of results/bench_log.md).
 
 Networks named with ``--networks`` are built untrained (timing does not depend on the
 weights); ``--run NAME=WORKDIR`` times a trained run (e.g. a constructed ResNet-20).
@@ -437,7 +438,8 @@ def networks(names: list[str], runs: list[str], levels: int) -> dict[str, Callab
 
 def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str]) -> None:
   """``{"runs": rows}`` to ``path`` and its table beside it (.md); the rows already there are
-  kept unless ``rows`` has one of the same network, runtime, batch (and graph, if any)."""
+  kept unless ``rows`` has one of the same network, runtime, batch (and graph, if any); rows
+  sorted by network, batch (largest first), runtime."""
 
   def key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ('network', 'runtime', 'batch', 'graph'))
@@ -447,11 +449,15 @@ def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str
   if os.path.exists(path):
     with open(path) as fh:
       kept = [r for r in json.load(fh)['runs'] if key(r) not in new]
+  order = {runtime: i for i, runtime in enumerate(('xla', *DEVICE_RUNTIMES))}
+  rows = sorted(
+    kept + rows, key=lambda r: (r['network'], -r['batch'], order.get(r['runtime'], len(order)), r.get('graph', ''))
+  )
   with open(path, 'w') as fh:
-    json.dump({'runs': kept + rows}, fh, indent=1)
+    json.dump({'runs': rows}, fh, indent=1)
   table = os.path.splitext(path)[0] + '.md'
   with open(table, 'w') as fh:
-    fh.write(markdown(kept + rows))
+    fh.write(markdown(rows))
   print(f'wrote {path} and {table}')
 
 
