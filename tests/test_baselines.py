@@ -625,7 +625,8 @@ def test_recipes_run_the_comparison_once_each_and_choose_by_mean_validation_accu
   method on that recipe), and the recipe whose validation accuracy averaged over every
   method's levels is highest is chosen (computed here by hand), whatever the test accuracy."""
   cc = compare_config()
-  cc.methods, cc.recipes = ('awn', 'independent'), ('common', 'published', 'sgd_cosine_1e-4')
+  recipes = ('common', 'published', 'sgd_cosine_1e-4')
+  cc.methods, cc.recipes = ('awn', 'independent'), ','.join(recipes)  # text, as on the command line
   cc.common.data.validation_examples = 100
   validation = {  # recipe -> method -> per-level validation accuracy
     'common': {'awn': [0.80, 0.90], 'independent': [0.84, 0.88]},  # mean 0.855
@@ -650,7 +651,7 @@ def test_recipes_run_the_comparison_once_each_and_choose_by_mean_validation_accu
 
   monkeypatch.setattr(compare, 'compare_resolved', fake)
   out = compare.compare(cc, str(tmp_path))
-  assert seen == [(r, (), str(tmp_path / f'recipe_{r}')) for r in cc.recipes]
+  assert seen == [(r, (), str(tmp_path / f'recipe_{r}')) for r in recipes]
   means = {r: float(np.mean([a for accs in v.values() for a in accs])) for r, v in validation.items()}
   means['published'] -= 0.0025 / 2
   assert out['chosen'] == 'sgd_cosine_1e-4' == max(means, key=means.get)

@@ -1,8 +1,13 @@
-"""The benchmark runs end to end on a tiny model and reports what it claims."""
+"""The benchmark runs end to end on a tiny model and reports what it claims; deploy_time's
+rows combine and are written as documented."""
+
+import json
 
 import numpy as np
+import pytest
 
 from stepnet_jax.studies import bench
+from stepnet_jax.studies.deploy_time import RATIOS, combine_processes, write_rows
 
 
 def test_bench_runs_and_counts_only_each_levels_work():
@@ -100,3 +105,49 @@ def test_bench_command_line(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(out.read_text())
   assert r['model'] == 'mlp' and r['num_levels'] == 2 and len(r['stepping']['step_ms']) == 2
+
+
+def test_timings_from_several_processes_combine_into_medians_with_their_range():
+  """deploy_time --processes: one row per network, runtime and batch, each ratio the median
+  of the processes' values, with [min, max]; a row missing from a process is refused."""
+  rng = np.random.RandomState(0)
+
+  def row(runtime, batch):
+    return {'network': 'n', 'runtime': runtime, 'batch': batch, 'level0_mac_fraction': 0.1} | {
+      k: float(rng.rand()) for k in RATIOS
+    }
+
+  runs = [[row('xla', 1), row('onnxruntime', 1)] for _ in range(5)]
+  combined = combine_processes(runs)
+  assert [(r['runtime'], r['processes']) for r in combined] == [('xla', 5), ('onnxruntime', 5)]
+  for i, r in enumerate(combined):
+    for key in RATIOS:
+      values = sorted(run[i][key] for run in runs)
+      assert r[key] == values[2] and r[f'{key}_range'] == [values[0], values[-1]]
+  with pytest.raises(ValueError, match='in 1 of 2 runs'):
+    combine_processes([[row('xla', 1)], [row('xla', 256)]])
+
+
+def test_written_timing_rows_replace_their_own_group_and_keep_the_others(tmp_path):
+  """deploy_time.write_rows: new rows replace every old row of their network, runtime and batch
+  (all its graphs, e.g. a step that a network with fewer levels no longer has); rows of
+  another runtime or batch stay; the file is sorted by network, batch (largest first) and
+  runtime, a group's rows in the order given."""
+  path = str(tmp_path / 'rows.json')
+
+  def rows(runtime, batch, graphs, tag):
+    return [{'network': 'n', 'runtime': runtime, 'batch': batch, 'graph': g, 'tag': tag} for g in graphs]
+
+  old = rows('onnxruntime', 1, ['start', 'step1', 'step2', 'forward'], 'old') + rows('xla', 1, ['start'], 'old')
+  old += rows('xla', 256, ['start'], 'old')
+  write_rows(path, old, lambda rs: '')
+  write_rows(path, rows('onnxruntime', 1, ['start', 'step1', 'forward'], 'new'), lambda rs: '')
+  with open(path) as fh:
+    got = [(r['runtime'], r['batch'], r['graph'], r['tag']) for r in json.load(fh)['runs']]
+  assert got == [
+    ('xla', 256, 'start', 'old'),
+    ('xla', 1, 'start', 'old'),
+    ('onnxruntime', 1, 'start', 'new'),
+    ('onnxruntime', 1, 'step1', 'new'),
+    ('onnxruntime', 1, 'forward', 'new'),
+  ]

@@ -342,26 +342,3 @@ def test_the_timing_exit_mix_spends_at_most_half_the_top_macs(macs):
     assert mean + (macs[-1] - macs[0]) / 256 > 0.5 * macs[-1]
   with pytest.raises(ValueError, match='level 0 alone'):
     exit_mix(8, (10, 11, 12, 13))
-
-
-def test_timings_from_several_processes_combine_into_medians_with_their_range():
-  """deploy_time --processes: one row per network, runtime and batch, each ratio the median
-  of the processes' values, with [min, max]; a row missing from a process is refused."""
-  from stepnet_jax.studies.deploy_time import RATIOS, combine_processes
-
-  rng = np.random.RandomState(0)
-
-  def row(runtime, batch):
-    return {'network': 'n', 'runtime': runtime, 'batch': batch, 'level0_mac_fraction': 0.1} | {
-      k: float(rng.rand()) for k in RATIOS
-    }
-
-  runs = [[row('xla', 1), row('onnxruntime', 1)] for _ in range(5)]
-  combined = combine_processes(runs)
-  assert [(r['runtime'], r['processes']) for r in combined] == [('xla', 5), ('onnxruntime', 5)]
-  for i, r in enumerate(combined):
-    for key in RATIOS:
-      values = sorted(run[i][key] for run in runs)
-      assert r[key] == values[2] and r[f'{key}_range'] == [values[0], values[-1]]
-  with pytest.raises(ValueError, match='in 1 of 2 runs'):
-    combine_processes([[row('xla', 1)], [row('xla', 256)]])

@@ -571,7 +571,7 @@ def markdown(
   epochs: int,
   seeds: tuple[int, ...] = (),
   recipe: str = 'common',
-  awn_published: bool = False,
+  awn_recipe: str = 'common',
 ) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
   (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
@@ -582,7 +582,7 @@ def markdown(
   val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
   lines = [
     f'# Accuracy against MACs on {dataset} ({epochs} epochs and the {recipe!r} recipe for every method{over})'
-    + (' (AWN on its published recipe)' if awn_published else ''),
+    + (f' (AWN on its own {awn_recipe!r} recipe)' if awn_recipe != 'common' else ''),
     '',
     f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
     '',
@@ -778,7 +778,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       first['epochs'],
       seeds=cc.seeds,
       recipe=cc.recipe,
-      awn_published=cc.awn.recipe != 'common',
+      awn_recipe=cc.awn.recipe,
     ),
     lambda path: plot(path, merged, title),
   )
@@ -863,7 +863,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
         dataset.name,
         common.train.num_epochs,
         recipe=cc.recipe,
-        awn_published=cc.awn.recipe != 'common',
+        awn_recipe=cc.awn.recipe,
       ),
       lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
     )

@@ -8,9 +8,9 @@ Per network, runtime ('xla': the library's jitted functions; 'onnxruntime': the 
 ``export.save(format='onnx')`` run by ``anytime_onnx.Network``, CPU execution provider;
 with ``--runtimes onnxruntime,litert`` also 'litert': ``export.save(format='tflite',
 batch=B)`` per batch size, run by ``anytime_litert.Network`` on all cores) and
-batch (256 and 1), in one process, every timed function of a runtime taking turns round by
-round (so a slow spell of the machine hits them alike; onnxruntime's idle threads sleep instead of
-spinning, so they do not slow the XLA call after them), medians over the rounds. Before
+batch (``--batches``, 256 and 1), in one process, every timed function of a runtime taking
+turns round by round with the others of that runtime (so a slow spell of the machine hits
+them alike; onnxruntime's idle threads sleep instead of spinning), medians over the rounds. Before
 timing, onnxruntime's logits must equal the library's and both runtimes must stop each
 input at the same level.
 
@@ -123,8 +123,12 @@ def _interleaved_by_runtime(fns: dict[str, Callable], rounds: int) -> dict:
   a runtime's ratios come from calls that took turns with each other only, so another
   runtime's threads and caches do not slow its short batch-1 calls."""
   out = {}
-  for runtime in dict.fromkeys(name.split('_', 1)[0] for name in fns):
-    out.update(_interleaved({n: f for n, f in fns.items() if n.split('_', 1)[0] == runtime}, rounds))
+  for runtime in ('xla', *DEVICE_RUNTIMES):
+    group = {n: f for n, f in fns.items() if n.startswith(f'{runtime}_')}
+    if group:
+      out.update(_interleaved(group, rounds))
+  if set(out) != set(fns):
+    raise ValueError(f'timed functions of no known runtime: {sorted(set(fns) - set(out))}')
   return out
 
 
@@ -348,7 +352,8 @@ def format_markdown(rows: list[dict]) -> str:
     )
   if any('processes' in r for r in rows):
     lines.append(
-      '\n[low-high]: the range over the fresh processes a row was timed in (its `processes`); the value is their median.'
+      '\n[low-high]: the range over the fresh processes a row was timed in (`processes` in the JSON); the value '
+      'is their median. A row without one was timed in one process.'
     )
   return '\n'.join(lines) + '\n'
 
@@ -388,7 +393,8 @@ def _in_processes(count: int, argv: list[str]) -> list[dict]:
     for i in range(count):
       out = f'{d}/run{i}.json'
       print(f'process {i + 1} of {count}', flush=True)
-      subprocess.run([sys.executable, '-m', __spec__.name, *argv, '--processes=1', f'--json={out}'], check=True)
+      command = [sys.executable, '-m', 'stepnet_jax.studies.deploy_time', *argv, '--processes=1', f'--json={out}']
+      subprocess.run(command, check=True)
       with open(out) as fh:
         runs.append(json.load(fh)['runs'])
   return combine_processes(runs)
@@ -413,7 +419,9 @@ def _define_flags() -> None:
     'with its range: batch-1 ratios move between processes by more than within one.',
   )
   flags.DEFINE_string(
-    'json', None, 'Write {"runs": [...]} to this file and a table beside it (.md); rows of other networks are kept.'
+    'json',
+    None,
+    'Write {"runs": [...]} to this file and a table beside it (.md); rows of another network, runtime or batch are kept.',
   )
 
 
@@ -437,12 +445,14 @@ def networks(names: list[str], runs: list[str], levels: int) -> dict[str, Callab
 
 
 def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str]) -> None:
-  """``{"runs": rows}`` to ``path`` and its table beside it (.md); the rows already there are
-  kept unless ``rows`` has one of the same network, runtime, batch (and graph, if any); rows
-  sorted by network, batch (largest first), runtime."""
+  """``{"runs": rows}`` to ``path`` and its table beside it (.md). ``rows`` replace every row
+  already there of the same network, runtime and batch (all its graphs, for step_profile);
+  the others are kept (another runtime's too: ``--runtimes`` leaves the rows of the runtimes
+  it does not time). Rows sorted by network, batch (largest first) and runtime, a group's
+  rows in the order given."""
 
   def key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ('network', 'runtime', 'batch', 'graph'))
+    return row['network'], row['runtime'], row['batch']
 
   new = {key(r) for r in rows}
   kept = []
@@ -450,9 +460,7 @@ def write_rows(path: str, rows: list[dict], markdown: Callable[[list[dict]], str
     with open(path) as fh:
       kept = [r for r in json.load(fh)['runs'] if key(r) not in new]
   order = {runtime: i for i, runtime in enumerate(('xla', *DEVICE_RUNTIMES))}
-  rows = sorted(
-    kept + rows, key=lambda r: (r['network'], -r['batch'], order.get(r['runtime'], len(order)), r.get('graph', ''))
-  )
+  rows = sorted(kept + rows, key=lambda r: (r['network'], -r['batch'], order.get(r['runtime'], len(order))))
   with open(path, 'w') as fh:
     json.dump({'runs': rows}, fh, indent=1)
   table = os.path.splitext(path)[0] + '.md'
@@ -466,10 +474,15 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   batches = [int(b) for b in f.batches]
+  if len(set(batches)) != len(batches) or min(batches, default=0) < 1:
+    raise app.UsageError(f'--batches takes distinct positive batch sizes, got {f.batches}')
+  if f.processes < 1:
+    raise app.UsageError(f'--processes must be >= 1, got {f.processes}')
   if f.processes > 1:
     argv = [f'--networks={",".join(f.networks)}', f'--levels={f.levels}', f'--runtimes={",".join(f.runtimes)}']
     argv += [f'--rounds={f.rounds}', f'--batches={",".join(f.batches)}', *(f'--run={r}' for r in f.run)]
     rows = _in_processes(f.processes, argv)
+    print(format_markdown(rows))
   else:
     rows = []
     for name, make in networks(f.networks, f.run, f.levels).items():

@@ -408,7 +408,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer('levels', 4, 'Levels of the untrained networks.')
   flags.DEFINE_list('batches', ['256', '1'], 'Batch sizes.')
   flags.DEFINE_integer('calls', 10, 'Profiled calls of each graph.')
-  flags.DEFINE_string('json', None, 'Write {"runs": [...]} here and a table beside it (.md); other networks kept.')
+  flags.DEFINE_string(
+    'json',
+    None,
+    'Write {"runs": [...]} here and a table beside it (.md); rows of another network, runtime or batch kept.',
+  )
 
 
 def main(argv) -> None:
