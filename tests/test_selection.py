@@ -147,6 +147,34 @@ def test_selection_module_trades_accuracy_for_macs(digits_net):
   assert avg[0.0] > 0.8 * net.macs_to_reach[-1], avg  # free MACs: (nearly) everyone goes to the top
 
 
+def test_a_frozen_networks_exits_computed_once_train_the_same_module(digits_net):
+  """train_selector on exits computed once (the default for a frozen network) gives the
+  module that computing the network's exits at every step gives, and returns the network's
+  own variables."""
+  from flax import nnx
+
+  from stepnet_jax.methods import selection
+
+  cfg, net, x_val, y_val, _ = digits_net
+  cfg = cfg.replace(**{'selection.epochs': 2})
+  trained = {}
+  for cache in (True, False):
+    model = nnx.merge(net.graphdef, net.variables)
+    policy, variables = selection.train_selector(
+      cfg, model, net.macs_to_reach, x_val, y_val, 10, cost_weight=0.3, cache_exits=cache
+    )
+    trained[cache] = policy.params
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), jax.tree.map(np.asarray, net.variables)
+    )
+  initial = policies.init_selector(
+    jax.random.key(cfg.seed), 10, len(net.macs_to_reach), cfg.selection.hidden, cfg.selection.history
+  )
+  assert not np.allclose(trained[True]['w1'], initial['w1'])
+  for name in trained[True]:
+    np.testing.assert_allclose(trained[True][name], trained[False][name], rtol=1e-4, atol=1e-5)
+
+
 def test_joint_selection_fine_tunes_the_exits(digits_net):
   from flax import nnx
 
