@@ -66,6 +66,7 @@ class CachedExits(nnx.Module):
   back from the batch, whose "images" are each input's exit logits [B, K, C]."""
 
   def exits(self, logits: jax.Array, train: bool = False) -> jax.Array:
+    """The batch's cached exit logits [B, K, C] as a network's exits [K, B, C]."""
     del train  # the exits were computed in eval mode, as a frozen network's are
     return jnp.moveaxis(logits, 1, 0)  # [K, B, C]
 
