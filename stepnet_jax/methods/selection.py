@@ -36,8 +36,9 @@ from flax import nnx
 
 from stepnet_jax import seeds
 from stepnet_jax.config import Config
+from stepnet_jax.core import stepping
 from stepnet_jax.data import feed, sharding
-from stepnet_jax.inference import policies
+from stepnet_jax.inference import evaluation, policies
 from stepnet_jax.training import fit, loop, losses, optim
 
 
@@ -72,11 +73,15 @@ class CachedExits(nnx.Module):
 
 
 def exit_logits(net: nnx.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Every input's eval-mode exit logits [N, K, C], ``batch_size`` inputs per call."""
-  graphdef, state = nnx.split(net)
-  run = jax.jit(lambda state, x: nnx.merge(graphdef, state).exits(x, train=False))
-  chunks = [np.asarray(run(state, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-  return np.concatenate(chunks, axis=1).transpose(1, 0, 2)
+  """Every input's eval-mode exit logits [N, K, C], through the library's evaluation loop
+  (``stepping.jitted_exits``, one compiled batch shape)."""
+  graphdef, variables = nnx.split(net)
+  exits = stepping.jitted_exits(graphdef)
+  labels = np.zeros(len(images), np.int32)  # the loop carries labels; the exits do not read them
+  logits = evaluation.accumulate(
+    lambda batch: exits(variables, batch.images), images, labels, batch_size, axis=1, concatenate=True
+  )
+  return np.asarray(logits).transpose(1, 0, 2)
 
 
 class PolicyNet(nnx.Module):
@@ -237,10 +242,12 @@ def train_selector(
   """
   s = cfg.selection
   lam = s.cost_weight if cost_weight is None else cost_weight
-  frozen = net
-  if cache_exits and not s.joint:
-    images, net = exit_logits(net, images, cfg.train.eval_batch_size), CachedExits()
-  model = PolicyNet(net, Selector(num_classes, len(macs_to_reach), s.hidden, s.history, cfg.seed))
+  cached = cache_exits and not s.joint
+  if cached:
+    images = exit_logits(net, images, cfg.train.eval_batch_size)
+  model = PolicyNet(
+    CachedExits() if cached else net, Selector(num_classes, len(macs_to_reach), s.hidden, s.history, cfg.seed)
+  )
   objective = reinforce(
     macs_to_reach,
     lam,
@@ -264,4 +271,4 @@ def train_selector(
     settings=loop.LoopSettings.from_config(cfg, num_classes),
     desc=f'{desc} (lambda {lam:g})',
   )
-  return trained.selector.policy(), nnx.state(frozen if isinstance(net, CachedExits) else trained.net)
+  return trained.selector.policy(), nnx.state(net if cached else trained.net)
