@@ -22,6 +22,7 @@ class Stream(enum.IntEnum):
   BN_AFFINE_RETRAINING = 31  # BN scale/bias retrained per plane count (methods.progressive)
   VALIDATION_HALVES = 777  # the stopping study's split of the held-out images in two (studies.stopping)
   POLICY_TEST_SPLIT = 888  # which test images fit the stopping study's policies (policy_split='test')
+  POLICY_FIT_SUBSET = 2000  # which training images fit the stopping study's selection modules (policy_fit='train')
   CONSTRUCTION_ROUND = 1000  # + round: importance examples of each construction round (methods.construct)
   VALIDATION_SPLIT = 12345  # which training images are held out for validation (data.datasets)
 

@@ -121,6 +121,7 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   assert len(np.unique(held)) == 100 and held.max() < 150
   assert moved['validation'] == {
     'split': 'test',
+    'fit_from': 'held',
     'examples': 100,
     'fit': 50,
     'choose': 50,
@@ -193,3 +194,43 @@ def test_learned_points_go_on_from_the_lambdas_a_stopped_sweep_kept(tmp_path, mo
   other = cfg.replace(**{'selection.epochs': 7})
   stopping.learned_points(family, other, (0.0,), *split, 10, 'masked', keep=keep)
   assert trained == [0.0, 0.5, 0.8, 0.0]
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_selection_modules_fit_on_training_images_the_networks_saw(split):
+  """policy_fit='train': the modules fit on training images that every network trained on
+  (never a held-out one), at most policy_fit_examples of them, and every held-out image
+  chooses; policy_fit='held' splits the held-out images in two as before. Images are
+  identified by content (each image holds its own index)."""
+  import dataclasses
+
+  from stepnet_jax import config
+  from stepnet_jax.data import datasets
+  from stepnet_jax.studies import stopping
+
+  n_train, n_test = 60, 20
+  ds = datasets.Dataset(
+    'indexed',
+    np.arange(n_train, dtype=np.int32).reshape(-1, 1, 1, 1),
+    np.arange(n_train, dtype=np.int32) % 3,
+    1000 + np.arange(n_test, dtype=np.int32).reshape(-1, 1, 1, 1),
+    np.arange(n_test, dtype=np.int32) % 3,
+    3,
+  )
+  common = config.from_dict({'data': {'validation_examples': 10 if split == 'train' else 0}})
+  study = stopping.AdaptiveConfig(common=common, policy_split=split, policy_examples=8, policy_fit='train')
+  ids = lambda pair: set(pair[0].ravel().tolist())
+  halves = stopping.policy_data(dataclasses.replace(study, policy_fit='held'), ds)
+  for fit_examples, expected in ((1000, 50 if split == 'train' else 60), (7, 7)):
+    data = stopping.policy_data(dataclasses.replace(study, policy_fit_examples=fit_examples), ds)
+    held = ids(halves.fit) | ids(halves.choose)
+    assert ids(data.choose) == held and len(data.choose[1]) == len(held)
+    assert ids(data.test) == ids(halves.test)
+    fit = ids(data.fit)
+    assert len(fit) == len(data.fit[1]) == expected and fit <= set(range(n_train))
+    if split == 'train':
+      assert not fit & held  # the held-out training images never fit the module
+    np.testing.assert_array_equal(data.fit[1], np.asarray(sorted(fit)) % 3)
+    assert data.fit_from == 'train' and data.digest('n') != halves.digest('n')
+  with pytest.raises(ValueError, match="unknown policy_fit 'val'"):
+    dataclasses.replace(study, policy_fit='val')
