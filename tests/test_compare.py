@@ -123,3 +123,32 @@ def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
   results['steppingnet']['levels'][1]['accuracy'] = 0.8149
   assert compare.lead_lines(compare.leads(results))[0].endswith('NOT met (target: >= 0.5 pt)')
   assert compare.leads({'awn': results['awn']}) == []
+
+
+def test_leads_on_the_macs_spent_stepping_charge_recomputation():
+  # The same kind of table with the MACs each level costs to reach: slimmable recomputes,
+  # so its level 1 (95-MAC subnet) costs 155 to reach and no longer fits AWN's 100-MAC
+  # point, while SteppingNet's and AWN's levels cost what their subnets do.
+  def levels(points):
+    return [{'level': i, 'macs': m, 'macs_to_reach': t, 'accuracy': a} for i, (m, t, a) in enumerate(points)]
+
+  results = {
+    'awn': {'levels': levels([(100, 100, 0.80), (300, 300, 0.90)])},
+    'steppingnet': {'levels': levels([(50, 50, 0.70), (90, 90, 0.83), (290, 290, 0.91)])},
+    'slimmable': {'levels': levels([(60, 60, 0.75), (95, 155, 0.84), (280, 435, 0.95)])},
+  }
+  subnet, to_reach = compare.leads(results), compare.leads(results, 'macs_to_reach')
+  assert [(r['best_peer'], r['best_peer_level']) for r in subnet] == [('slimmable', 1), ('slimmable', 2)]
+  assert [r['lead'] for r in subnet] == pytest.approx([-1.0, -4.0])
+  # At 300 MACs to reach, slimmable's best is its level 1 (0.84, 155), below AWN's level 1.
+  assert [(r['best_peer'], r['best_peer_level']) for r in to_reach] == [('awn', 0), ('awn', 1)]
+  assert [r['lead'] for r in to_reach] == pytest.approx([3.0, 1.0])
+  assert [r['best_peer_macs'] for r in to_reach] == [100, 300]
+  both = compare.both_leads(results)
+  assert both == {'macs': subnet, 'macs_to_reach': to_reach}
+  lines = compare.lead_lines(to_reach)
+  assert '(100 MACs to reach)' in lines[0] and lines[0].endswith(' met (target: >= 0.5 pt)')
+  del results['slimmable']['levels'][0]['macs_to_reach']  # a table without the second reading
+  assert list(compare.both_leads(results)) == ['macs']
+  with pytest.raises(ValueError, match="unknown reading 'flops'"):
+    compare.leads(results, 'flops')

@@ -455,37 +455,49 @@ LEAD_PEERS = ('awn', 'awn_sandwich', 'slimmable')
 LEAD_TARGET = 0.5
 
 
-def _best_at(levels: list[dict], macs: int) -> dict | None:
-  """The most accurate level whose subnet costs at most ``macs`` (None if none does)."""
-  fits = [r for r in levels if r['macs'] <= macs]
+# The two readings of "the same computational budget" the leads are judged on: the MACs of the
+# subnet a one-shot device runs, and the MACs an anytime device spends stepping up to a level
+# (a method that recomputes pays for every level below it again).
+READINGS = {'macs': 'subnet MACs', 'macs_to_reach': 'MACs to reach'}
+
+
+def _best_at(levels: list[dict], macs: int, reading: str = 'macs') -> dict | None:
+  """The most accurate level that costs at most ``macs`` on ``reading`` (None if none does)."""
+  fits = [r for r in levels if r[reading] <= macs]
   return max(fits, key=lambda r: r['accuracy']) if fits else None
 
 
-def leads(results: dict[str, dict]) -> list[dict]:
+def leads(results: dict[str, dict], reading: str = 'macs') -> list[dict]:
   """SteppingNet's lead over its best peer (``LEAD_PEERS`` present in ``results``) at each
   of AWN's MAC points: at each point, SteppingNet's and each peer's most accurate level at
-  or below it; the lead is SteppingNet's accuracy minus the best peer's, in points. With
+  or below it on ``reading`` (a key of ``READINGS``: the subnet's MACs, or the MACs spent
+  stepping to it); the lead is SteppingNet's accuracy minus the best peer's, in points. With
   seeds (``accuracies`` per level) also the per-seed paired leads and their standard
   deviation. [] without steppingnet or awn."""
+  if reading not in READINGS:
+    raise ValueError(f'unknown reading {reading!r}; choose one of {", ".join(READINGS)}')
   if 'steppingnet' not in results or 'awn' not in results:
     return []
   out = []
   for point in results['awn']['levels']:
-    s = _best_at(results['steppingnet']['levels'], point['macs'])
-    peers = {name: _best_at(results[name]['levels'], point['macs']) for name in LEAD_PEERS if name in results}
+    budget = point[reading]
+    s = _best_at(results['steppingnet']['levels'], budget, reading)
+    peers = {name: _best_at(results[name]['levels'], budget, reading) for name in LEAD_PEERS if name in results}
     peers = {name: r for name, r in peers.items() if r is not None}
     if s is None or not peers:
-      out.append({'awn_level': point['level'], 'awn_macs': point['macs'], 'lead': None})
+      out.append({'reading': reading, 'awn_level': point['level'], 'awn_macs': budget, 'lead': None})
       continue
     best = max(peers, key=lambda name: peers[name]['accuracy'])
     row = {
+      'reading': reading,
       'awn_level': point['level'],
-      'awn_macs': point['macs'],
+      'awn_macs': budget,
       'steppingnet_level': s['level'],
-      'steppingnet_macs': s['macs'],
+      'steppingnet_macs': s[reading],
       'steppingnet_accuracy': s['accuracy'],
       'best_peer': best,
-      'best_peer_macs': peers[best]['macs'],
+      'best_peer_level': peers[best]['level'],
+      'best_peer_macs': peers[best][reading],
       'best_peer_accuracy': peers[best]['accuracy'],
       'lead': 100 * (s['accuracy'] - peers[best]['accuracy']),
     }
@@ -497,13 +509,20 @@ def leads(results: dict[str, dict]) -> list[dict]:
   return out
 
 
+def both_leads(results: dict[str, dict]) -> dict[str, list[dict]]:
+  """``leads`` on each reading whose MACs every level has (``READINGS``), by reading."""
+  levels = [r for res in results.values() for r in res['levels']]
+  return {reading: leads(results, reading) for reading in READINGS if all(reading in r for r in levels)}
+
+
 def lead_lines(rows: list[dict]) -> list[str]:
   """One target line per AWN point: SteppingNet at least ``LEAD_TARGET`` points above its best peer."""
   lines = []
   for r in rows:
+    unit = READINGS[r.get('reading', 'macs')]
     if r['lead'] is None:
       lines.append(
-        f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): no SteppingNet level or peer '
+        f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} {unit}): no SteppingNet level or peer '
         'at or below it: NOT met'
       )
       continue
@@ -513,10 +532,11 @@ def lead_lines(rows: list[dict]) -> list[str]:
       else ''
     )
     ok = r['lead'] >= LEAD_TARGET - 1e-9
+    peer_level = f' level {r["best_peer_level"]}' if 'best_peer_level' in r else ''
     lines.append(
-      f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} MACs): SteppingNet '
-      f'{100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
-      f'{r["best_peer"]} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
+      f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} {unit}): SteppingNet level '
+      f'{r["steppingnet_level"]} {100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
+      f'{r["best_peer"]}{peer_level} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
       f'{r["lead"]:+.2f} pt{spread}: {"met" if ok else "NOT met"} (target: >= {LEAD_TARGET} pt)'
     )
   return lines
@@ -546,7 +566,8 @@ def targets(results: dict[str, dict]) -> list[str]:
         f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
         f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}'
       )
-  lines += lead_lines(leads(results))
+  for rows in both_leads(results).values():
+    lines += lead_lines(rows)
   if 'independent' in results:
     for s, i in zip(s_levels, results['independent']['levels']):
       gap = 100 * (i['accuracy'] - s['accuracy'])
@@ -763,6 +784,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       for name, res in merged.items()
     },
     'leads': leads(merged),
+    'leads_to_reach': both_leads(merged).get('macs_to_reach', []),
   }
   os.makedirs(workdir, exist_ok=True)
   title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
@@ -849,6 +871,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
       for name, res in results.items()
     },
     'leads': leads(results),
+    'leads_to_reach': both_leads(results).get('macs_to_reach', []),
   }
   if write_report:
     os.makedirs(workdir, exist_ok=True)
