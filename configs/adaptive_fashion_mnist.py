@@ -34,6 +34,11 @@ def get_config():
   # the selection module and the network fine-tuned together at each lambda.
   c.joint_families = ()
   c.tolerance = 0.003  # "within 0.3 point of the top exit", judged on the validation split
+  # Where the selection modules are fitted: 'held' (half the validation split; the other half
+  # chooses) or 'train' (policy_fit_examples of the networks' training images; the whole
+  # validation split chooses). See AdaptiveConfig.policy_fit for when 'train' is sound.
+  c.policy_fit = 'held'
+  c.policy_fit_examples = 20000
   c.quick.common.data = ml_collections.ConfigDict(dict(train_subset=640, test_subset=300, validation_examples=128))
   c.quick.common.selection = ml_collections.ConfigDict(dict(epochs=3, batch_size=64))
   c.quick.knobs = ml_collections.ConfigDict(dict(confidence=(0.3, 0.6, 0.9), entropy=(1.5, 0.5)))

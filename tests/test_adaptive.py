@@ -232,5 +232,3 @@ def test_selection_modules_fit_on_training_images_the_networks_saw(split):
       assert not fit & held  # the held-out training images never fit the module
     np.testing.assert_array_equal(data.fit[1], np.asarray(sorted(fit)) % 3)
     assert data.fit_from == 'train' and data.digest('n') != halves.digest('n')
-  with pytest.raises(ValueError, match="unknown policy_fit 'val'"):
-    dataclasses.replace(study, policy_fit='val')

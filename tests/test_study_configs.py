@@ -136,6 +136,8 @@ def test_an_unknown_top_level_section_is_refused(name, section, tmp_path, monkey
     ('adaptive', 'tolerance', -0.1, ValueError, 'tolerance must be >= 0'),
     ('adaptive', 'policy_split', 'validation', ValueError, "unknown policy_split 'validation'"),
     ('adaptive', 'policy_examples', 1, ValueError, 'policy_examples must be at least 2'),
+    ('adaptive', 'policy_fit', 'val', ValueError, "unknown policy_fit 'val'"),
+    ('adaptive', 'policy_fit_examples', 0, ValueError, 'policy_fit_examples must be at least 1'),
     ('adaptive', 'common.data.validation_examples', 0, ValueError, "or policy_split='test'"),
     ('adaptive', 'seeds', (0, 1), ValueError, 'trains one seed'),
     ('adaptive', 'knobs.confidence', (0.5, 'high'), TypeError, r'knobs.confidence\[1\] must be float'),
