@@ -142,13 +142,27 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
     direct = [float((np.asarray(net.forward(images, k)).argmax(-1) == labels).mean()) for net, k in members]
     np.testing.assert_allclose([r['accuracy'] for r in moved['static'][family]], direct, atol=1e-6)
   assert moved['top_accuracy'] == moved['static']['steppingnet'][-1]['accuracy']
+  # policy_fit='train' on the same networks: the modules fit on 200 training images, all 100
+  # held-out test images choose, the reported ones stay; --timing refuses another fit.
+  cc.quick.update(dict(policy_fit='train', policy_fit_examples=200, families=('steppingnet',)))
+  fitted = stopping.adaptive(cc, str(tmp_path / 'fit_train'), quick=True)
+  assert (fitted['validation']['fit_from'], fitted['validation']['fit'], fitted['validation']['choose']) == (
+    'train',
+    200,
+    100,
+  )
+  assert fitted['static']['steppingnet'] == moved['static']['steppingnet']
+  assert 'fitted on 200 of the images the networks trained on' in (tmp_path / 'fit_train' / 'adaptive.md').read_text()
+  cc.quick.update(dict(policy_fit='held', families=('steppingnet', 'cascade')))
+  with pytest.raises(ValueError, match='fits on other images'):
+    stopping.timing_study(cc, str(tmp_path / 'fit_train'), quick=True, repeats=2)
   # Refused before anything trains: networks= without finished runs there, and --timing
   # with a config that holds out other images than the study did.
   with pytest.raises(ValueError, match='has no finished run'):
     cc.quick.networks = str(tmp_path / 'on_test')
     stopping.adaptive(cc, str(tmp_path / 'elsewhere'), quick=True)
   cc.quick.networks, cc.quick.policy_split = str(tmp_path), 'train'
-  with pytest.raises(ValueError, match='holds out other images'):
+  with pytest.raises(ValueError, match='holds out or fits on other images'):
     stopping.timing_study(cc, str(on_test), quick=True, repeats=2)
   assert 'the other 50 test images' in (on_test / 'adaptive.md').read_text()
 
@@ -196,12 +210,13 @@ def test_learned_points_go_on_from_the_lambdas_a_stopped_sweep_kept(tmp_path, mo
   assert trained == [0.0, 0.5, 0.8, 0.0]
 
 
-@pytest.mark.parametrize('split', ['train', 'test'])
-def test_selection_modules_fit_on_training_images_the_networks_saw(split):
+@pytest.mark.parametrize('split,validation', [('train', 10), ('test', 0), ('test', 10)])
+def test_selection_modules_fit_on_training_images_the_networks_saw(split, validation):
   """policy_fit='train': the modules fit on training images that every network trained on
-  (never a held-out one), at most policy_fit_examples of them, and every held-out image
-  chooses; policy_fit='held' splits the held-out images in two as before. Images are
-  identified by content (each image holds its own index)."""
+  (never one of a validation split, whichever split the policies use), at most
+  policy_fit_examples of them, and every held-out image chooses; policy_fit='held' splits
+  the held-out images in two as before. Images are identified by content (each image holds
+  its own index)."""
   import dataclasses
 
   from stepnet_jax import config
@@ -217,18 +232,19 @@ def test_selection_modules_fit_on_training_images_the_networks_saw(split):
     np.arange(n_test, dtype=np.int32) % 3,
     3,
   )
-  common = config.from_dict({'data': {'validation_examples': 10 if split == 'train' else 0}})
+  # The training images no network saw: the seeded validation split (data.datasets' rule).
+  unseen = set(np.random.RandomState(12345).permutation(n_train)[:validation].tolist())
+  common = config.from_dict({'data': {'validation_examples': validation}})
   study = stopping.AdaptiveConfig(common=common, policy_split=split, policy_examples=8, policy_fit='train')
   ids = lambda pair: set(pair[0].ravel().tolist())
   halves = stopping.policy_data(dataclasses.replace(study, policy_fit='held'), ds)
-  for fit_examples, expected in ((1000, 50 if split == 'train' else 60), (7, 7)):
+  for fit_examples, expected in ((1000, n_train - validation), (7, 7)):
     data = stopping.policy_data(dataclasses.replace(study, policy_fit_examples=fit_examples), ds)
     held = ids(halves.fit) | ids(halves.choose)
     assert ids(data.choose) == held and len(data.choose[1]) == len(held)
     assert ids(data.test) == ids(halves.test)
     fit = ids(data.fit)
-    assert len(fit) == len(data.fit[1]) == expected and fit <= set(range(n_train))
-    if split == 'train':
-      assert not fit & held  # the held-out training images never fit the module
+    assert len(fit) == len(data.fit[1]) == expected and fit <= set(range(n_train)) - unseen
     np.testing.assert_array_equal(data.fit[1], np.asarray(sorted(fit)) % 3)
     assert data.fit_from == 'train' and data.digest('n') != halves.digest('n')
+    assert data.fit_key().startswith('train:') and halves.fit_key() == 'held'

@@ -147,7 +147,9 @@ def test_leads_on_the_macs_spent_stepping_charge_recomputation():
   both = compare.both_leads(results)
   assert both == {'macs': subnet, 'macs_to_reach': to_reach}
   lines = compare.lead_lines(to_reach)
-  assert '(100 MACs to reach)' in lines[0] and lines[0].endswith(' met (target: >= 0.5 pt)')
+  assert '(100 MACs to reach)' in lines[0] and lines[0].endswith(': met (target: >= 0.5 pt)')
+  results['independent'] = {'levels': [{'level': 0, 'macs': 50, 'accuracy': 0.9}]}  # not judged: no effect
+  assert compare.both_leads(results) == {'macs': subnet, 'macs_to_reach': to_reach}
   del results['slimmable']['levels'][0]['macs_to_reach']  # a table without the second reading
   assert list(compare.both_leads(results)) == ['macs']
   with pytest.raises(ValueError, match="unknown reading 'flops'"):

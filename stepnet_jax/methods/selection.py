@@ -231,7 +231,8 @@ def train_selector(
   desc: str = 'selection module',
   cache_exits: bool = True,
 ) -> tuple[policies.Learned, Any]:
-  """Trains a selection module for ``net`` on a validation split (``images``, ``labels``).
+  """Trains a selection module for ``net`` on ``images``, ``labels`` (a validation split, or
+  training images where the network has not fitted them: ``AdaptiveConfig.policy_fit``).
 
   Settings from ``cfg.selection`` (``cost_weight`` overrides its lambda). Returns the
   learned policy and the network's variables (changed only with ``selection.joint``).

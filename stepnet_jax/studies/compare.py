@@ -510,8 +510,10 @@ def leads(results: dict[str, dict], reading: str = 'macs') -> list[dict]:
 
 
 def both_leads(results: dict[str, dict]) -> dict[str, list[dict]]:
-  """``leads`` on each reading whose MACs every level has (``READINGS``), by reading."""
-  levels = [r for res in results.values() for r in res['levels']]
+  """``leads`` on each reading whose MACs every level of SteppingNet, AWN and the lead peers
+  has (``READINGS``), by reading."""
+  judged = ('steppingnet', 'awn') + LEAD_PEERS
+  levels = [r for name, res in results.items() if name in judged for r in res['levels']]
   return {reading: leads(results, reading) for reading in READINGS if all(reading in r for r in levels)}
 
 

@@ -12,14 +12,16 @@ validation split's place; the study reports on the other test images. Then, per 
 * ``steppingnet`` and ``awn`` step with reuse; ``cascade`` is the independent networks
   run one after another from scratch (Guan et al.): reaching level k costs networks 0..k;
 * heuristic policies (``confidence``, ``entropy``) are swept over their thresholds, and
-  the learned selection module (``methods/selection.py``) is trained on one half of the
-  validation split for each MAC price lambda; every point is the compiled anytime
+  the learned selection module (``methods/selection.py``) is trained for each MAC price
+  lambda on one half of the validation split (``policy_fit='held'``) or on the networks'
+  own training images (``'train'``); every point is the compiled anytime
   program (``core/anytime.py``) on the test set: accuracy, average MACs actually spent per
   input, and where inputs stopped;
 * for the ``joint_families``, the selection module is trained again at each lambda
   together with the network (Guan et al.'s joint training: rows ``<family>_learned_joint``,
   each point on its own fine-tuned copy of the network);
-* the operating points the targets speak of are chosen on the other half.
+* the operating points the targets speak of are chosen on the other half (with
+  ``policy_fit='train'``, on the whole validation split).
 
 Writes DIR/adaptive.json, DIR/adaptive.md (table, targets checked) and DIR/adaptive.png.
 """
@@ -86,7 +88,8 @@ class AdaptiveConfig(compare.CompareConfig):
   """An anytime study config (``configs/adaptive_fashion_mnist.py``), validated by ``resolve``:
   the comparison's sections (which trains the networks; its ``methods`` are set from
   ``families``) and the policies'. ``common.data.validation_examples`` must hold images
-  out: the policies' operating points are chosen, and the selection modules trained, there."""
+  out: the policies' operating points are chosen there, and the selection modules trained
+  there too unless ``policy_fit='train'``."""
 
   families: tuple[str, ...] = tuple(FAMILIES)  # names in FAMILIES; steppingnet's top exit is the reference
   heuristics: Heuristics = dataclasses.field(default_factory=Heuristics)
@@ -102,7 +105,7 @@ class AdaptiveConfig(compare.CompareConfig):
   # of the test set (set validation_examples to 0 so the networks train on every training
   # image, as a comparison's do).
   policy_split: str = 'train'
-  policy_examples: int = 5000  # with policy_split='test': test images that fit and choose the policies
+  policy_examples: int = 5000  # with policy_split='test': test images that choose (and, if 'held', fit) the policies
   # Where the selection modules are fitted (``policy_data``): 'held' on half of the held-out
   # images, the other half choosing every operating point; 'train' on at most
   # ``policy_fit_examples`` of the images the networks trained on, all held-out images
@@ -211,6 +214,12 @@ class PolicyData:
   fit_from: str = 'held'
   fit_indices: np.ndarray | None = None
 
+  def fit_key(self) -> str:
+    """'held', or 'train:' and a fingerprint of the training images the modules are fitted on."""
+    if self.fit_from == 'held':
+      return 'held'
+    return 'train:' + hashlib.sha1(np.asarray(self.fit_indices, np.int64).tobytes()).hexdigest()[:16]
+
   def digest(self, networks: str) -> str:
     """A short fingerprint of the split and the networks, kept with what was fitted on them."""
     text = f'{self.split}:{os.path.abspath(networks)}:'.encode() + np.asarray(self.held, np.int64).tobytes()
@@ -239,10 +248,12 @@ def policy_data(study: AdaptiveConfig, dataset: datasets.Dataset) -> PolicyData:
     fit_idx, choose_idx = validation_halves(held, seed)
     fit, choose = [(images[i], labels[i]) for i in (fit_idx, choose_idx)]
     return PolicyData(fit, choose, test, held, study.policy_split)
-  # The images every network trained on: the training split less the held-out ones ('train').
+  # The images every network trained on: the training split less any validation split.
   trained_on = np.arange(len(dataset.train_labels))
-  if study.policy_split == 'train':
-    trained_on = np.setdiff1d(trained_on, held)
+  if study.common.data.validation_examples:
+    trained_on = np.setdiff1d(
+      trained_on, datasets.split_validation(dataset, study.common.data.validation_examples, seed)[1]
+    )
   order = np.random.RandomState(seeds.seed_for(seed, seeds.Stream.POLICY_FIT_SUBSET)).permutation(trained_on)
   fit_idx = np.sort(order[: study.policy_fit_examples])
   fit = (dataset.train_images[fit_idx], dataset.train_labels[fit_idx])
@@ -282,7 +293,7 @@ def learned_points(
   split: str = 'train',
   fit_from: str = 'held',
 ) -> tuple[list[dict], list[dict]]:
-  """(test points, choice-half points) of the selection module trained on ``fit`` at each MAC
+  """(test points, choice-split points) of the selection module trained on ``fit`` at each MAC
   price; ``joint``: trained together with the network, each point on its own fine-tuned network.
 
   With ``keep`` (a JSON file) each lambda's points are written there as soon as they are
@@ -301,7 +312,7 @@ def learned_points(
         'examples': [len(fit[1]), len(choose[1]), len(test[1])],
         'strategy': strategy,
         **({'split': split} if split != 'train' else {}),  # files of the 'train' studies keep their key
-        **({'fit_from': fit_from} if fit_from != 'held' else {}),
+        **({'fit_from': fit_from} if fit_from != 'held' else {}),  # with the fitting images' digest
       }
     )
   )
@@ -443,8 +454,8 @@ def validation_sentence(v: dict) -> str:
   if v.get('fit_from', 'held') == 'train':
     held = 'training images held out of training' if v.get('split', 'train') == 'train' else 'test images'
     fitted = (
-      f'Selection modules fitted on {v["fit"]} of the images the networks trained on; operating points '
-      f'chosen on {v["choose"]} {held} (seed {v["seed"]})'
+      f'Selection modules fitted on {v["fit"]:,} of the images the networks trained on; operating points '
+      f'chosen on {v["choose"]:,} {held} (seed {v["seed"]})'
     )
   else:
     fitted = ''
@@ -553,7 +564,7 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
         joint,
         kept,
         data.split,
-        data.fit_from,
+        data.fit_key(),
       )
       out['methods'][f'{family_name}_learned{suffix}'] = {
         'policy': f'learned{suffix}',
@@ -687,10 +698,15 @@ def timing_study(
     common.seed,
   )
   data = policy_data(study_cfg, dataset)
-  if not np.array_equal(np.load(os.path.join(workdir, 'validation_indices.npy')), data.held):
+  fitted = study['validation'].get('fit_from', 'held'), study['validation']['fit']
+  if not np.array_equal(np.load(os.path.join(workdir, 'validation_indices.npy')), data.held) or fitted != (
+    data.fit_from,
+    len(data.fit[1]),
+  ):
     raise ValueError(
-      f'the config holds out other images than the study in {workdir} did (policy_split, '
-      'validation_examples, policy_examples, seed): time it with the config it ran with'
+      f'the config holds out or fits on other images than the study in {workdir} did (policy_split, '
+      'validation_examples, policy_examples, policy_fit, policy_fit_examples, seed): time it with the '
+      'config it ran with'
     )
   networks = study.get('networks', workdir)
   net = stepnet_jax.load(os.path.join(networks, 'steppingnet'))
