@@ -224,7 +224,7 @@ class PolicyData:
     """A short fingerprint of the split and the networks, kept with what was fitted on them."""
     text = f'{self.split}:{os.path.abspath(networks)}:'.encode() + np.asarray(self.held, np.int64).tobytes()
     if self.fit_from != 'held':  # the digests of 'held' studies stay what they were
-      text += f':fit {self.fit_from}:'.encode() + np.asarray(self.fit_indices, np.int64).tobytes()
+      text += f':fit {self.fit_key()}'.encode()
     return hashlib.sha1(text).hexdigest()[:16]
 
 
@@ -232,8 +232,10 @@ def policy_data(study: AdaptiveConfig, dataset: datasets.Dataset) -> PolicyData:
   """The images the policies are fitted, chosen and reported on (``AdaptiveConfig.policy_split``
   and ``policy_fit``)."""
   seed = study.common.seed
+  # The training images no network trained on (none without a validation split).
+  _, unseen = datasets.split_validation(dataset, study.common.data.validation_examples, seed)
   if study.policy_split == 'train':
-    _, held = datasets.split_validation(dataset, study.common.data.validation_examples, seed)
+    held = unseen
     images, labels = dataset.train_images, dataset.train_labels
     test = (dataset.test_images, dataset.test_labels)
   else:
@@ -248,12 +250,7 @@ def policy_data(study: AdaptiveConfig, dataset: datasets.Dataset) -> PolicyData:
     fit_idx, choose_idx = validation_halves(held, seed)
     fit, choose = [(images[i], labels[i]) for i in (fit_idx, choose_idx)]
     return PolicyData(fit, choose, test, held, study.policy_split)
-  # The images every network trained on: the training split less any validation split.
-  trained_on = np.arange(len(dataset.train_labels))
-  if study.common.data.validation_examples:
-    trained_on = np.setdiff1d(
-      trained_on, datasets.split_validation(dataset, study.common.data.validation_examples, seed)[1]
-    )
+  trained_on = np.setdiff1d(np.arange(len(dataset.train_labels)), unseen)
   order = np.random.RandomState(seeds.seed_for(seed, seeds.Stream.POLICY_FIT_SUBSET)).permutation(trained_on)
   fit_idx = np.sort(order[: study.policy_fit_examples])
   fit = (dataset.train_images[fit_idx], dataset.train_labels[fit_idx])
@@ -291,14 +288,14 @@ def learned_points(
   joint: bool = False,
   keep: str | None = None,
   split: str = 'train',
-  fit_from: str = 'held',
+  fit_key: str = 'held',
 ) -> tuple[list[dict], list[dict]]:
   """(test points, choice-split points) of the selection module trained on ``fit`` at each MAC
   price; ``joint``: trained together with the network, each point on its own fine-tuned network.
 
   With ``keep`` (a JSON file) each lambda's points are written there as soon as they are
   measured, under what they depend on (the selection settings, the seed, the network's
-  static levels, the split sizes, the strategy); a study stopped in the middle of a sweep
+  static levels, the split sizes, the strategy, ``fit_key``: ``PolicyData.fit_key``); a study stopped in the middle of a sweep
   (a module can take minutes) goes on from the next lambda, and other settings start anew.
   """
   predict = family.predict_fn(strategy)
@@ -312,7 +309,7 @@ def learned_points(
         'examples': [len(fit[1]), len(choose[1]), len(test[1])],
         'strategy': strategy,
         **({'split': split} if split != 'train' else {}),  # files of the 'train' studies keep their key
-        **({'fit_from': fit_from} if fit_from != 'held' else {}),  # with the fitting images' digest
+        **({'fit_from': fit_key} if fit_key != 'held' else {}),  # PolicyData.fit_key: which images
       }
     )
   )
