@@ -53,6 +53,22 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert again['methods'] == out['methods']
 
+  # A ledger carries finished results to a machine without their runs: the reused results
+  # are recorded, an empty workdir takes them, and other settings find nothing there.
+  cc.ledger = str(tmp_path / 'ledger')
+  compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
+  assert sorted(p.name.split('-')[0] for p in (tmp_path / 'ledger').iterdir()) == sorted(cc.methods)
+  elsewhere = compare.compare(cc, str(tmp_path / 'elsewhere'), quick=True, latency_repeats=2)
+  assert elsewhere['methods'] == out['methods'] and not (tmp_path / 'elsewhere' / 'slimmable').exists()
+
+  def trains(*a, **k):
+    raise RuntimeError('trains')
+
+  monkeypatch.setattr(compare.trainers, 'train', trains)
+  cc.quick.common.train.num_epochs = 1
+  with pytest.raises(RuntimeError, match='trains'):
+    compare.compare(cc, str(tmp_path / 'other'), quick=True, latency_repeats=2)
+
 
 def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashion_mnist, monkeypatch):
   cc = compare_config()

@@ -120,6 +120,7 @@ def test_an_unknown_top_level_section_is_refused(name, section, tmp_path, monkey
     ('compare', 'recipes', 'common,published_torch,sgd', ValueError, "recipe must be one of .*, got 'sgd'"),
     ('compare', 'recipes', ('common', 'published'), ValueError, 'set common.data.validation_examples'),
     ('adaptive', 'recipes', ('common',), ValueError, 'recipes must be'),
+    ('adaptive', 'ledger', 'results/ledger', ValueError, 'ledger must be empty'),
     ('compare', 'awn.widths', (0.5, 0.25), ValueError, 'awn.widths must be positive and strictly increasing'),
     ('compare', 'seeds', (1, 1), ValueError, 'seeds repeat'),
     ('compare', 'seeds', (-1,), ValueError, 'seeds must be >= 0'),

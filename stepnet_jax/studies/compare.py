@@ -56,6 +56,7 @@ from stepnet_jax.methods import trainers
 from stepnet_jax.models import budgets as budgets_lib
 from stepnet_jax.models import zoo
 from stepnet_jax.registry import Registry
+from stepnet_jax.studies import ledger as ledger_lib
 from stepnet_jax.studies import reports
 from stepnet_jax.training import run
 
@@ -116,6 +117,10 @@ class CompareConfig:
   # Names in RECIPES to choose among: the comparison once per recipe on the validation split
   # (DIR/recipe_NAME) and DIR/recipes.json naming the best (compare_recipes); () = just ``recipe``.
   recipes: tuple[str, ...] = ()
+  # A directory of finished methods' results (studies/ledger.py), e.g. results/ledger: each
+  # method finished is recorded there, and a method whose settings equal an entry's is taken
+  # from it instead of trained, so a study can span machines; '' = none.
+  ledger: str = ''
   awn: AwnSection = dataclasses.field(default_factory=AwnSection)
   # A method's run settings over common (nested like common; the keys a method's entry fixes
   # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
@@ -394,6 +399,7 @@ def run_method(
   dataset: datasets.Dataset,
   latency_repeats: int,
   validation: tuple[np.ndarray, np.ndarray] | None = None,
+  ledger: str = '',
 ) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'train_steps',
   'reusable', 'configs'}.
@@ -406,7 +412,9 @@ def run_method(
   when it was resumed), not this call's wall time; ``train_steps`` the optimizer updates of
   all its runs (filled in for a result saved before it was recorded). ``full`` is the loaded dataset (each
   method takes the configured subset of it itself); ``dataset`` is that subset, whose
-  test split is evaluated here.
+  test split is evaluated here. With a ``ledger`` directory (``studies/ledger.py``) a
+  method without a result here is taken from a ledger entry of exactly these settings, and
+  a method trained here is recorded there.
   """
   result_path = os.path.join(workdir, 'result.json')
   subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
@@ -422,7 +430,13 @@ def run_method(
     print(f'{name}: reusing {result_path}', flush=True)
     if 'train_steps' not in saved:
       saved['train_steps'] = _train_steps(cfgs, full)
+    if ledger and ledger_lib.find(ledger, name, cfgs, dataset.name) is None:  # finished before the ledger was named
+      print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, saved)}', flush=True)
     return saved
+  entry = ledger_lib.find(ledger, name, cfgs, dataset.name) if ledger else None
+  if entry is not None:
+    print(f'{name}: reusing the ledger entry {entry.pop("path")}', flush=True)
+    return entry
   print(f'=== {name} ===', flush=True)
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
   for sub, cfg in zip(subs, cfgs):
@@ -441,6 +455,8 @@ def run_method(
   reports.write_json(os.path.join(workdir, 'levels.json'), levels, {'method': name, 'dataset': dataset.name})
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=2)
+  if ledger:
+    print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, result)}', flush=True)
   return result
 
 
@@ -854,7 +870,7 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
   validation = run.prepare_splits(common, full)[1]  # the images every method held out, if any
   results = {
-    name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation)
+    name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation, cc.ledger)
     for name, c in cfgs.items()
   }
   out = {

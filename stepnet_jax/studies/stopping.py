@@ -139,6 +139,10 @@ class AdaptiveConfig(compare.CompareConfig):
       raise ValueError(f'the anytime study trains one seed (common.seed): seeds must be (), got {self.seeds}')
     if self.recipes:
       raise ValueError(f'the anytime study trains on one recipe (recipe): recipes must be (), got {self.recipes}')
+    if self.ledger:
+      raise ValueError(
+        f'the anytime study needs the networks, which a ledger does not hold: ledger must be empty, got {self.ledger!r}'
+      )
     for family in self.families:
       if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
