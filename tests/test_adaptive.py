@@ -153,9 +153,17 @@ def test_adaptive_study_end_to_end_on_digits(tmp_path, monkeypatch):
   )
   assert fitted['static']['steppingnet'] == moved['static']['steppingnet']
   assert 'fitted on 200 of the images the networks trained on' in (tmp_path / 'fit_train' / 'adaptive.md').read_text()
+  assert fitted['validation']['fit_key'].startswith('train:')
   cc.quick.update(dict(policy_fit='held', families=('steppingnet', 'cascade')))
   with pytest.raises(ValueError, match='fits on other images'):
     stopping.timing_study(cc, str(tmp_path / 'fit_train'), quick=True, repeats=2)
+  # As many training images, but other ones (as another fitting seed would draw): refused too.
+  cc.quick.policy_fit = 'train'
+  report = tmp_path / 'fit_train' / 'adaptive.json'
+  report.write_text(report.read_text().replace(fitted['validation']['fit_key'], 'train:0123456789abcdef'))
+  with pytest.raises(ValueError, match='fits on other images'):
+    stopping.timing_study(cc, str(tmp_path / 'fit_train'), quick=True, repeats=2)
+  cc.quick.policy_fit = 'held'
   # Refused before anything trains: networks= without finished runs there, and --timing
   # with a config that holds out other images than the study did.
   with pytest.raises(ValueError, match='has no finished run'):

@@ -522,6 +522,7 @@ def adaptive(cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, qu
     'validation': {
       'split': data.split,
       'fit_from': data.fit_from,
+      **({'fit_key': data.fit_key()} if data.fit_from != 'held' else {}),  # which training images
       'examples': int(len(data.held)),
       'fit': int(len(fit[1])),
       'choose': int(len(choose[1])),
@@ -699,11 +700,12 @@ def timing_study(
     common.seed,
   )
   data = policy_data(study_cfg, dataset)
-  fitted = study['validation'].get('fit_from', 'held'), study['validation']['fit']
-  if not np.array_equal(np.load(os.path.join(workdir, 'validation_indices.npy')), data.held) or fitted != (
-    data.fit_from,
-    len(data.fit[1]),
-  ):
+  saved = study['validation']
+  if 'fit_key' in saved:  # the very training images the modules were fitted on
+    same_fit = saved['fit_key'] == data.fit_key()
+  else:  # a 'held' study (its halves follow from the held-out images) or one written before fit_key
+    same_fit = (saved.get('fit_from', 'held'), saved['fit']) == (data.fit_from, len(data.fit[1]))
+  if not np.array_equal(np.load(os.path.join(workdir, 'validation_indices.npy')), data.held) or not same_fit:
     raise ValueError(
       f'the config holds out or fits on other images than the study in {workdir} did (policy_split, '
       'validation_examples, policy_examples, policy_fit, policy_fit_examples, seed): time it with the '
