@@ -111,6 +111,11 @@ def test_seeds_are_trained_apart_and_reported_as_mean_and_spread(tmp_path, fashi
   for r in rows:
     val = np.mean([p['methods']['awn']['levels'][r['level']]['validation_accuracy'] for p in per_seed])
     assert f'| awn | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | {100 * val:.2f} | ' in md
+  # Recorded in a ledger, both seeds' runs make the same comparison where their runs are not.
+  cc.ledger = str(tmp_path / 'ledger')
+  compare.compare(cc, str(tmp_path), quick=True, latency_repeats=1)
+  monkeypatch.setattr(compare.trainers, 'train', lambda *a, **k: pytest.fail('retrained a recorded run'))
+  assert compare.compare(cc, str(tmp_path / 'moved'), quick=True, latency_repeats=1)['methods'] == out['methods']
 
 
 def _levels(points):

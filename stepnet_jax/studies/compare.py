@@ -780,10 +780,10 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
   for seed in cc.seeds:
     one = dataclasses.replace(cc, seeds=(), common=cc.common.replace(seed=seed))
     print(f'##### seed {seed} #####', flush=True)
-    per_seed[seed] = _compare_one(one, os.path.join(workdir, f'seed{seed}'), latency_repeats)
+    seed_runs = {}  # each method's run_method result (from its run directory or the ledger)
+    per_seed[seed] = _compare_one(one, os.path.join(workdir, f'seed{seed}'), latency_repeats, runs=seed_runs)
     for name in cc.methods:
-      with open(os.path.join(workdir, f'seed{seed}', name, 'result.json')) as f:
-        results.setdefault(name, []).append(json.load(f))
+      results.setdefault(name, []).append(seed_runs[name])
   first = per_seed[cc.seeds[0]]
   merged = {
     name: {**aggregate_seeds(runs), 'train_steps': first['methods'][name]['train_steps']}
@@ -855,8 +855,11 @@ def aggregate_seeds(runs: list[dict]) -> dict:
   }
 
 
-def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_report: bool = True) -> dict:
-  """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``."""
+def _compare_one(
+  cc: CompareConfig, workdir: str, latency_repeats: int, write_report: bool = True, runs: dict | None = None
+) -> dict:
+  """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``;
+  ``runs``, if given, receives each method's ``run_method`` result."""
   common = cc.common
   full = datasets.load_for(common.data)
   dataset = datasets.subset(
@@ -873,6 +876,8 @@ def _compare_one(cc: CompareConfig, workdir: str, latency_repeats: int, write_re
     name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation, cc.ledger)
     for name, c in cfgs.items()
   }
+  if runs is not None:
+    runs.update(results)
   out = {
     'dataset': dataset.name,
     'epochs': common.train.num_epochs,
