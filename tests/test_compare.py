@@ -60,12 +60,22 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   assert sorted(p.name.split('-')[0] for p in (tmp_path / 'ledger').iterdir()) == sorted(cc.methods)
   elsewhere = compare.compare(cc, str(tmp_path / 'elsewhere'), quick=True, latency_repeats=2)
   assert elsewhere['methods'] == out['methods'] and not (tmp_path / 'elsewhere' / 'slimmable').exists()
+  assert 'Taken from the ledger' in (tmp_path / 'elsewhere' / 'compare.md').read_text()
+  assert 'Taken from the ledger' not in (tmp_path / 'compare.md').read_text()
+  (tmp_path / 'ledger' / 'slimmable-damaged.json').write_text('{')  # passed over with a warning
 
   def trains(*a, **k):
     raise RuntimeError('trains')
 
   monkeypatch.setattr(compare.trainers, 'train', trains)
   cc.quick.common.train.num_epochs = 1
+  with pytest.raises(RuntimeError, match='trains'):
+    compare.compare(cc, str(tmp_path / 'other'), quick=True, latency_repeats=2)
+  # A method's section may set its run's data apart from the comparison's; the images the
+  # comparison scores on are then matched too (a shifted test subset finds nothing).
+  cc.quick.common.train.num_epochs, cc.methods = 2, ('steppingnet',)
+  cc.steppingnet.data = {'test_subset': 300}
+  cc.quick.common.data.test_subset = 299
   with pytest.raises(RuntimeError, match='trains'):
     compare.compare(cc, str(tmp_path / 'other'), quick=True, latency_repeats=2)
 

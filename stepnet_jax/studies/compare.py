@@ -400,6 +400,7 @@ def run_method(
   latency_repeats: int,
   validation: tuple[np.ndarray, np.ndarray] | None = None,
   ledger: str = '',
+  common: Config | None = None,
 ) -> dict:
   """Trains (or reuses) one method; returns {'levels': rows, 'train_seconds', 'train_steps',
   'reusable', 'configs'}.
@@ -413,9 +414,12 @@ def run_method(
   all its runs (filled in for a result saved before it was recorded). ``full`` is the loaded dataset (each
   method takes the configured subset of it itself); ``dataset`` is that subset, whose
   test split is evaluated here. With a ``ledger`` directory (``studies/ledger.py``) a
-  method without a result here is taken from a ledger entry of exactly these settings, and
-  a method trained here is recorded there.
+  method without a result here is taken from a ledger entry of exactly these settings,
+  scored as a comparison with ``common`` scores (its ``ledger`` key says so), and a
+  method trained or reused here is recorded there.
   """
+  if ledger and common is None:
+    raise ValueError('a ledger needs the comparison settings (common) its entries are scored under')
   result_path = os.path.join(workdir, 'result.json')
   subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
   left = [run.check_workdir(sub, cfg) for sub, cfg in zip(subs, cfgs)]  # exactly these settings, or nothing
@@ -430,12 +434,12 @@ def run_method(
     print(f'{name}: reusing {result_path}', flush=True)
     if 'train_steps' not in saved:
       saved['train_steps'] = _train_steps(cfgs, full)
-    if ledger and ledger_lib.find(ledger, name, cfgs, dataset.name) is None:  # finished before the ledger was named
-      print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, saved)}', flush=True)
+    if ledger and ledger_lib.find(ledger, name, cfgs, dataset.name, common) is None:  # before the ledger was named
+      print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, saved, common)}', flush=True)
     return saved
-  entry = ledger_lib.find(ledger, name, cfgs, dataset.name) if ledger else None
+  entry = ledger_lib.find(ledger, name, cfgs, dataset.name, common) if ledger else None
   if entry is not None:
-    print(f'{name}: reusing the ledger entry {entry.pop("path")}', flush=True)
+    print(f'{name}: reusing the ledger entry {entry["ledger"]["path"]}', flush=True)
     return entry
   print(f'=== {name} ===', flush=True)
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
@@ -456,7 +460,7 @@ def run_method(
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=2)
   if ledger:
-    print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, result)}', flush=True)
+    print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, result, common)}', flush=True)
   return result
 
 
@@ -645,8 +649,22 @@ def markdown(
     lines.append(
       f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} | {steps} |'
     )
+  lines += _ledger_lines(results)
   lines += ['', '## Targets', ''] + targets(results)
   return '\n'.join(lines) + '\n'
+
+
+def _ledger_lines(results: dict[str, dict]) -> list[str]:
+  """A sentence naming the methods taken from the ledger and the machines they were measured on."""
+  taken = {}
+  for name, res in results.items():
+    entries = res.get('ledger') or []
+    for e in entries if isinstance(entries, list) else [entries]:  # one per seed, aggregated
+      taken.setdefault(name, set()).add(e['machine'])
+  if not taken:
+    return []
+  named = '; '.join(f'{name} ({", ".join(sorted(machines))})' for name, machines in taken.items())
+  return ['', f'Taken from the ledger, with the step latency and train seconds of the machine each ran on: {named}.']
 
 
 def plot(path: str, results: dict[str, dict], title: str) -> None:
@@ -852,6 +870,7 @@ def aggregate_seeds(runs: list[dict]) -> dict:
     'levels': levels,
     'train_seconds': float(np.mean([r['train_seconds'] for r in runs])),
     'reusable': all(r['reusable'] for r in runs),
+    **({'ledger': [r['ledger'] for r in runs if 'ledger' in r]} if any('ledger' in r for r in runs) else {}),
   }
 
 
@@ -873,7 +892,9 @@ def _compare_one(
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
   validation = run.prepare_splits(common, full)[1]  # the images every method held out, if any
   results = {
-    name: run_method(name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation, cc.ledger)
+    name: run_method(
+      name, c, os.path.join(workdir, name), full, dataset, latency_repeats, validation, cc.ledger, common
+    )
     for name, c in cfgs.items()
   }
   if runs is not None:
