@@ -69,7 +69,7 @@ LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy
 # train.py): SGD at 0.01, momentum 0.9, L2 decay 5e-4 on the gradient, x0.1 at 50% and 75%
 # of training, on the SUM of the subnets' cross-entropies (one backward pass per width into
 # the same gradients). The two 'sgd_cosine' recipes keep that optimiser and loss with a
-# cosine schedule and decay 1e-4 or 5e-4. Summed, K exits give the layers under them up to
+# cosine schedule and decay 1e-4 or 5e-4; 'sgd_0.1_cosine_1e-4' is the CIFAR ResNets' rate. Summed, K exits give the layers under them up to
 # K times the step of one (construction's pretraining, where every neuron is at level 0,
 # too), and a distillation term is not scaled with them: part of what the recipe is.
 _SGD = {
@@ -84,6 +84,8 @@ RECIPES: dict[str, dict[str, Any]] = {
   'published': {**_SGD, 'optim.weight_decay': 5e-4, 'optim.schedule': 'step', 'optim.step_decay_at': (0.5, 0.75)},
   'sgd_cosine_1e-4': {**_SGD, 'optim.weight_decay': 1e-4, 'optim.schedule': 'cosine'},
   'sgd_cosine_5e-4': {**_SGD, 'optim.weight_decay': 5e-4, 'optim.schedule': 'cosine'},
+  # The CIFAR ResNets' recipe (He et al. 2016: SGD at 0.1, momentum 0.9, decay 1e-4), cosine.
+  'sgd_0.1_cosine_1e-4': {**_SGD, 'optim.learning_rate': 0.1, 'optim.weight_decay': 1e-4, 'optim.schedule': 'cosine'},
 }
 # Each SGD recipe with PyTorch's default initialisation (``NAME_torch``): AWN's published
 # recipe was tuned on it (its code is PyTorch's), and it adds about 0.5 point at every AWN
