@@ -69,9 +69,10 @@ LEVEL_KEYS = ('level', 'macs', 'accuracy', 'macs_to_reach', 'validation_accuracy
 # train.py): SGD at 0.01, momentum 0.9, L2 decay 5e-4 on the gradient, x0.1 at 50% and 75%
 # of training, on the SUM of the subnets' cross-entropies (one backward pass per width into
 # the same gradients). The two 'sgd_cosine' recipes keep that optimiser and loss with a
-# cosine schedule and decay 1e-4 or 5e-4; 'sgd_0.1_cosine_1e-4' is the CIFAR ResNets' rate. Summed, K exits give the layers under them up to
-# K times the step of one (construction's pretraining, where every neuron is at level 0,
-# too), and a distillation term is not scaled with them: part of what the recipe is.
+# cosine schedule and decay 1e-4 or 5e-4; 'sgd_0.1_cosine_1e-4' is the CIFAR ResNets' rate.
+# Summed, K exits give the layers under them up to K times the step of one (construction's
+# pretraining, where every neuron is at level 0, too), and a distillation term is not scaled
+# with them: part of what the recipe is.
 _SGD = {
   'optim.name': 'sgd',
   'optim.learning_rate': 0.01,

@@ -61,7 +61,10 @@ def find(ledger: str, method: str, cfgs: Sequence[Config], dataset: str, common:
       continue
     if found:
       kept = {k: v for k, v in entry.items() if k not in ('method', 'dataset', 'recorded', 'machine', 'common')}
-      return {**kept, 'ledger': {'path': path, 'machine': entry.get('machine', '?'), 'recorded': entry['recorded']}}
+      return {
+        **kept,
+        'ledger': {'path': path, 'machine': entry.get('machine', '?'), 'recorded': entry.get('recorded', '?')},
+      }
   return None
 
 
