@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,11 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   # nets: test_baselines.py).
   cc.methods = ('steppingnet', 'slimmable')
   monkeypatch.setattr(compare.datasets, 'load_dataset', lambda *a, **k: fashion_mnist)
+
+  def plan(workdir):  # --plan: {method: (status, where)}
+    return {r['method']: (r['status'], r['where']) for r in compare.plan(compare.resolve(cc, True), str(workdir))}
+
+  assert plan(tmp_path) == {name: ('train', str(tmp_path / name)) for name in cc.methods}
   out = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
 
   with open(tmp_path / 'compare.json') as f:
@@ -48,6 +54,12 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
     with open(tmp_path / name / 'levels.json') as f:
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
 
+  assert plan(tmp_path) == {name: ('reuse', str(tmp_path / name / 'result.json')) for name in cc.methods}
+  # A run left without its result (stopped, or copied from elsewhere) is resumed from its newest checkpoint.
+  shutil.copytree(tmp_path / 'slimmable', tmp_path / 'left' / 'slimmable')
+  os.remove(tmp_path / 'left' / 'slimmable' / 'result.json')
+  step = max(int(p.name) for p in (tmp_path / 'slimmable' / 'checkpoints').iterdir())
+  assert plan(tmp_path / 'left')['slimmable'] == ('resume', f'{tmp_path / "left" / "slimmable"} at step {step}')
   # A second run finds every finished run and trains nothing.
   monkeypatch.setattr(compare.trainers, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
@@ -58,6 +70,8 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   cc.ledger = str(tmp_path / 'ledger')
   compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert sorted(p.name.split('-')[0] for p in (tmp_path / 'ledger').iterdir()) == sorted(cc.methods)
+  entries = {p.name.split('-')[0]: str(p) for p in (tmp_path / 'ledger').iterdir()}
+  assert plan(tmp_path / 'elsewhere') == {name: ('ledger', entries[name]) for name in cc.methods}
   elsewhere = compare.compare(cc, str(tmp_path / 'elsewhere'), quick=True, latency_repeats=2)
   assert elsewhere['methods'] == out['methods'] and not (tmp_path / 'elsewhere' / 'slimmable').exists()
   assert 'Taken from the ledger' in (tmp_path / 'elsewhere' / 'compare.md').read_text()

@@ -1,6 +1,6 @@
 """Side-by-side comparison at matched MAC budgets: SteppingNet and its peers.
 
-    python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir DIR [--quick]
+    python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py --workdir DIR [--quick] [--plan]
 
 Trains (or reuses, when DIR/NAME/result.json exists) every method on the same data
 with the same epochs, evaluates each level's test accuracy and MACs, and writes
@@ -720,15 +720,71 @@ RECIPE_RULE = (
 )
 
 
+def one_comparisons(cc: CompareConfig, workdir: str) -> list[tuple[str | int | None, CompareConfig, str]]:
+  """The single comparisons (one recipe, one seed) ``compare`` of ``cc`` in ``workdir`` runs, as
+  (the recipe or seed that sets it apart or None, its config, its directory)."""
+  if cc.recipes:
+    return [
+      (recipe, dataclasses.replace(cc, recipes=(), recipe=recipe), os.path.join(workdir, f'recipe_{recipe}'))
+      for recipe in cc.recipes
+    ]
+  if cc.seeds:
+    return [
+      (
+        seed,
+        dataclasses.replace(cc, seeds=(), common=cc.common.replace(seed=seed)),
+        os.path.join(workdir, f'seed{seed}'),
+      )
+      for seed in cc.seeds
+    ]
+  return [(None, cc, workdir)]
+
+
+def plan(cc: CompareConfig, workdir: str) -> list[dict]:
+  """What ``compare`` of the resolved ``cc`` in ``workdir`` would do for each method of each single
+  comparison, without training or writing: one row per (recipe or seed, method) with
+  ``status`` 'reuse' (its result.json), 'ledger' (an entry of exactly its settings: ``where``),
+  'resume' (a run left with its settings: ``where`` names the checkpoint step) or 'train'.
+  A run directory holding other settings raises as ``compare`` would. For a study that spans
+  sessions or machines: the rows left to train are the work still to do."""
+  rows = []
+  for key, one, one_dir in one_comparisons(cc, workdir):
+    _, dataset, _, cfgs = _method_configs(one)
+    for name, c in cfgs.items():
+      method_dir = os.path.join(one_dir, name)
+      subs = [method_dir] if len(c) == 1 else [os.path.join(method_dir, f'budget{i}') for i in range(len(c))]
+      left = [run.progress_left(sub, cfg) for sub, cfg in zip(subs, c)]  # raises on other settings
+      entry = ledger_lib.find(cc.ledger, name, c, dataset.name, one.common) if cc.ledger else None
+      if os.path.exists(os.path.join(method_dir, 'result.json')):
+        status, where = 'reuse', os.path.join(method_dir, 'result.json')
+      elif entry is not None:
+        status, where = 'ledger', entry['ledger']['path']
+      elif any(left):
+        status, where = 'resume', ', '.join(w for w in left if w)
+      else:
+        status, where = 'train', method_dir
+      rows.append({'comparison': key, 'method': name, 'status': status, 'where': where})
+  return rows
+
+
+def plan_lines(rows: list[dict]) -> list[str]:
+  """``plan``'s rows as the lines ``--plan`` prints, the count still to train or resume last."""
+  lines = [
+    f'{"" if r["comparison"] is None else str(r["comparison"]) + " "}{r["method"]}: {r["status"]} {r["where"]}'
+    for r in rows
+  ]
+  todo = sum(r['status'] in ('train', 'resume') for r in rows)
+  return [*lines, f'{todo} of {len(rows)} runs still to train or resume']
+
+
 def compare_recipes(cc: CompareConfig, workdir: str, latency_repeats: int = 10) -> dict:
   """The comparison once per recipe of ``cc.recipes``, each in ``workdir/recipe_NAME`` on the
   validation split, and the choice among them by ``RECIPE_RULE``: writes recipes.json/md/png
   (every method's mean validation accuracy per recipe) and returns the recipes.json dict."""
   scores = {}
-  for recipe in cc.recipes:
+  for recipe, one, one_dir in one_comparisons(cc, workdir):
     print(f'##### recipe {recipe} #####', flush=True)
-    one = dataclasses.replace(cc, recipes=(), recipe=recipe)
-    out = compare_resolved(one, os.path.join(workdir, f'recipe_{recipe}'), latency_repeats)
+    out = compare_resolved(one, one_dir, latency_repeats)
     levels = {name: [r['validation_accuracy'] for r in res['levels']] for name, res in out['methods'].items()}
     scores[recipe] = {
       'settings': RECIPES[recipe],
@@ -798,11 +854,10 @@ def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10,
 def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict:
   """The comparison once per seed of ``cc.seeds``, then their mean and spread."""
   per_seed, results = {}, {}
-  for seed in cc.seeds:
-    one = dataclasses.replace(cc, seeds=(), common=cc.common.replace(seed=seed))
+  for seed, one, one_dir in one_comparisons(cc, workdir):
     print(f'##### seed {seed} #####', flush=True)
     seed_runs = {}  # each method's run_method result (from its run directory or the ledger)
-    per_seed[seed] = _compare_one(one, os.path.join(workdir, f'seed{seed}'), latency_repeats, runs=seed_runs)
+    per_seed[seed] = _compare_one(one, one_dir, latency_repeats, runs=seed_runs)
     for name in cc.methods:
       results.setdefault(name, []).append(seed_runs[name])
   first = per_seed[cc.seeds[0]]
@@ -877,21 +932,29 @@ def aggregate_seeds(runs: list[dict]) -> dict:
   }
 
 
+def _method_configs(
+  cc: CompareConfig,
+) -> tuple[datasets.Dataset, datasets.Dataset, Setup, dict[str, list[Config]]]:
+  """(the loaded dataset, the subset every method sees, the budgets, each method's run
+  configs) of one comparison (one seed, one recipe); every config is checked against the
+  data before any training."""
+  full = datasets.load_for(cc.common.data)
+  dataset = datasets.subset(full, cc.common.data.train_subset, cc.common.data.test_subset, cc.common.seed)
+  setup = Setup.of(cc, dataset)
+  cfgs = {name: ENTRIES.get(name)(setup) for name in cc.methods}
+  for c in cfgs.values():
+    for cfg in c:
+      trainers.check(cfg, dataset)
+  return full, dataset, setup, cfgs
+
+
 def _compare_one(
   cc: CompareConfig, workdir: str, latency_repeats: int, write_report: bool = True, runs: dict | None = None
 ) -> dict:
   """One comparison (one seed: ``common.seed``) of the resolved config ``cc`` in ``workdir``;
   ``runs``, if given, receives each method's ``run_method`` result."""
   common = cc.common
-  full = datasets.load_for(common.data)
-  dataset = datasets.subset(
-    full, common.data.train_subset, common.data.test_subset, common.seed
-  )  # what every method sees
-  setup = Setup.of(cc, dataset)
-  cfgs = {name: ENTRIES.get(name)(setup) for name in cc.methods}
-  for c in cfgs.values():  # every config and budget checked before any training
-    for cfg in c:
-      trainers.check(cfg, dataset)
+  full, dataset, setup, cfgs = _method_configs(cc)
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
   validation = run.prepare_splits(common, full)[1]  # the images every method held out, if any
   results = {
@@ -942,16 +1005,24 @@ def _compare_one(
 
 def _define_flags() -> None:
   flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per level for the latency column.')
+  flags.DEFINE_boolean(
+    'plan',
+    False,
+    'Print what the comparison would reuse (its result.json, a ledger entry), resume or train, '
+    'per recipe or seed and method, and exit without training.',
+  )
+
+
+def _study(f: flags.FlagValues) -> dict | None:
+  if f.plan:
+    print('\n'.join(plan_lines(plan(resolve(f.config, f.quick), f.workdir))), flush=True)
+    return None
+  return compare(f.config, f.workdir, quick=f.quick, latency_repeats=f.latency_repeats)
 
 
 def command() -> None:
-  """``python -m stepnet_jax.compare --config FILE --workdir DIR [--quick]``."""
-  cli.run_study(
-    'Comparison',
-    lambda f: compare(f.config, f.workdir, quick=f.quick, latency_repeats=f.latency_repeats),
-    extra_flags=_define_flags,
-    run_roots=RUN_ROOTS,
-  )
+  """``python -m stepnet_jax.compare --config FILE --workdir DIR [--quick] [--plan]``."""
+  cli.run_study('Comparison', _study, extra_flags=_define_flags, run_roots=RUN_ROOTS)
 
 
 if __name__ == '__main__':

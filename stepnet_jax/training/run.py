@@ -362,6 +362,25 @@ def check_learned(result: dict, cfg: Config) -> None:
     loop.check_learned(final['accuracy'], final['measured_on'], final['num_classes'], cfg.optim.learning_rate)
 
 
+def phase_dir(workdir: str) -> str:
+  """Where a run trained in phases keeps its phase-boundary checkpoints: a workdir of its own
+  (``WORKDIR/phases/checkpoints/N`` for the N-th phase end; the global step is in the meta,
+  ``phase_step``)."""
+  return os.path.join(workdir, 'phases')
+
+
+def progress_left(workdir: str, cfg: Config) -> str | None:
+  """Where an unfinished or finished run of ``cfg`` left off in ``workdir`` (its newest
+  checkpoint, or for a run trained in phases its last phase boundary), or None when nothing
+  is there; a run of other settings raises as ``check_workdir`` does."""
+  if check_workdir(workdir, cfg) is not None:
+    return f'{workdir} at step {restore.latest_step(workdir)}'
+  saved = check_workdir(phase_dir(workdir), cfg)
+  if saved is not None:
+    return f'{workdir} at the phase boundary of step {saved["phase_step"]}'
+  return None
+
+
 @dataclasses.dataclass
 class PhasedRun:
   """The shared start and end of a method trained in phases whose structure changes
@@ -431,9 +450,8 @@ class PhasedRun:
 
   @property
   def phase_dir(self) -> str:
-    """Where phase-boundary checkpoints go (a workdir of its own: ``WORKDIR/phases/checkpoints/N``
-    for the N-th phase end; the global step is in the meta, ``phase_step``)."""
-    return os.path.join(self.workdir, 'phases')
+    """Where this run's phase-boundary checkpoints go (``phase_dir``)."""
+    return phase_dir(self.workdir)
 
   def save_phase(
     self,
