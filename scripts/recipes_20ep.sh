@@ -8,9 +8,9 @@
 #
 #   scripts/recipes_20ep.sh plan                       what is recorded, left or still to train
 #   scripts/recipes_20ep.sh run RECIPE:METHOD [...]    train those, one after the other
-#   scripts/recipes_20ep.sh choose                     RUNS/recipes.{json,md,png}, once all are recorded
+#   scripts/recipes_20ep.sh choose                     RUNS/recipes.{json,md,png}; refused until plan has nothing left
 #
-# RUNS (default runs/recipes_20ep) holds the run directories.
+# RUNS (default runs/recipes_20ep, relative to the repository) holds the run directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/recipes_20ep}
@@ -38,6 +38,13 @@ case "${1:-plan}" in
       echo "== $recipe $method: done $(date -u +%FT%TZ)"
     done
     ;;
-  choose) search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS" ;;
+  choose)
+    # Choosing trains whatever is missing, one run after another: refuse until nothing is left.
+    left=$(search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS" --plan | tail -1)
+    case "$left" in
+      "0 of "*) search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS" ;;
+      *) echo "not choosing yet: $left (see: $0 plan)" >&2; exit 1 ;;
+    esac
+    ;;
   *) echo "usage: $0 plan | run RECIPE:METHOD [...] | choose" >&2; exit 2 ;;
 esac

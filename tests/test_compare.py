@@ -11,6 +11,7 @@ import pytest
 from test_baselines import compare_config
 
 from stepnet_jax.studies import compare
+from stepnet_jax.training import loop
 
 pytestmark = pytest.mark.slow
 
@@ -55,15 +56,24 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
 
   assert plan(tmp_path) == {name: ('reuse', str(tmp_path / name / 'result.json')) for name in cc.methods}
-  # A run left without its result (stopped, or copied from elsewhere) is resumed from its newest checkpoint.
+  # A run trained to the end whose evaluation is missing (stopped between the two) is only
+  # evaluated: the plan says so, and the comparison there gives the same levels, training nothing.
   shutil.copytree(tmp_path / 'slimmable', tmp_path / 'left' / 'slimmable')
   os.remove(tmp_path / 'left' / 'slimmable' / 'result.json')
   step = max(int(p.name) for p in (tmp_path / 'slimmable' / 'checkpoints').iterdir())
-  assert plan(tmp_path / 'left')['slimmable'] == ('resume', f'{tmp_path / "left" / "slimmable"} at step {step}')
+  left = tmp_path / 'left' / 'slimmable'
+  assert plan(tmp_path / 'left')['slimmable'] == ('evaluate', f'{left} at step {step} of {step}')
   # A second run finds every finished run and trains nothing.
   monkeypatch.setattr(compare.trainers, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert again['methods'] == out['methods']
+  monkeypatch.undo()
+  monkeypatch.setattr(compare.datasets, 'load_dataset', lambda *a, **k: fashion_mnist)
+  monkeypatch.setattr(loop, 'run_steps', lambda *a, **k: pytest.fail('trained an evaluated-only run'))
+  cc.methods = ('slimmable',)
+  evaluated = compare.compare(cc, str(tmp_path / 'left'), quick=True, latency_repeats=2)['methods']['slimmable']
+  assert [r['accuracy'] for r in evaluated['levels']] == [r['accuracy'] for r in out['methods']['slimmable']['levels']]
+  cc.methods = ('steppingnet', 'slimmable')
 
   # A ledger carries finished results to a machine without their runs: the reused results
   # are recorded, an empty workdir takes them, and other settings find nothing there.

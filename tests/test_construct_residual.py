@@ -255,11 +255,12 @@ def test_construction_stopped_between_phases_goes_on_bit_identical(constructed, 
   with pytest.raises(KeyboardInterrupt):
     construct.construct(_config(), str(tmp_path), digits)
   assert saves == [4]  # 0.5 epochs of 512 images in batches of 64
-  assert run.progress_left(str(tmp_path), _config()) == f'{tmp_path} at the phase boundary of step 4'
+  total = _config().train.num_epochs * 8  # 512 images in batches of 64
+  assert run.progress_left(str(tmp_path), _config()) == run.Progress(4, total, at_phase_boundary=True)
   monkeypatch.setattr(run.PhasedRun, 'save_phase', real_save)
   construct.construct(_config(), str(tmp_path), digits)
   final = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
-  assert run.progress_left(str(tmp_path), _config()) == f'{tmp_path} at step {final}'
+  assert run.progress_left(str(tmp_path), _config()) == run.Progress(final, total)
   a = jax.tree.leaves(stepnet_jax.load(str(whole)).variables)
   b = jax.tree.leaves(stepnet_jax.load(str(tmp_path)).variables)
   assert len(a) == len(b)

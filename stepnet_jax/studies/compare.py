@@ -39,7 +39,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -421,29 +421,18 @@ def run_method(
   scored as a comparison with ``common`` scores (its ``ledger`` key says so), and a
   method trained or reused here is recorded there.
   """
-  if ledger and common is None:
-    raise ValueError('a ledger needs the comparison settings (common) its entries are scored under')
-  result_path = os.path.join(workdir, 'result.json')
-  subs = [workdir] if len(cfgs) == 1 else [os.path.join(workdir, f'budget{i}') for i in range(len(cfgs))]
-  left = [run.check_workdir(sub, cfg) for sub, cfg in zip(subs, cfgs)]  # exactly these settings, or nothing
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      saved = json.load(f)
-    if len(saved.get('configs', [])) != len(cfgs) or any(meta is None for meta in left):
-      raise ValueError(
-        f'{result_path} is the result of {len(saved.get("configs", []))} runs, these settings make '
-        f'{len(cfgs)}; delete {workdir} to run {name} again'
-      )
-    print(f'{name}: reusing {result_path}', flush=True)
-    if 'train_steps' not in saved:
-      saved['train_steps'] = _train_steps(cfgs, full)
+  found = finished_result(name, cfgs, workdir, dataset.name, ledger, common)
+  if found is not None and 'ledger' not in found:
+    print(f'{name}: reusing {os.path.join(workdir, "result.json")}', flush=True)
+    if 'train_steps' not in found:
+      found['train_steps'] = _train_steps(cfgs, full)
     if ledger and ledger_lib.find(ledger, name, cfgs, dataset.name, common) is None:  # before the ledger was named
-      print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, saved, common)}', flush=True)
-    return saved
-  entry = ledger_lib.find(ledger, name, cfgs, dataset.name, common) if ledger else None
-  if entry is not None:
-    print(f'{name}: reusing the ledger entry {entry["ledger"]["path"]}', flush=True)
-    return entry
+      print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, found, common)}', flush=True)
+    return found
+  if found is not None:
+    print(f'{name}: reusing the ledger entry {found["ledger"]["path"]}', flush=True)
+    return found
+  subs = _run_dirs(workdir, len(cfgs))
   print(f'=== {name} ===', flush=True)
   seconds, rows, reusable = 0.0, [], len(cfgs) == 1 and cfgs[0].model.num_levels > 1
   for sub, cfg in zip(subs, cfgs):
@@ -460,11 +449,42 @@ def run_method(
     'configs': [c.to_dict() for c in cfgs],
   }
   reports.write_json(os.path.join(workdir, 'levels.json'), levels, {'method': name, 'dataset': dataset.name})
-  with open(result_path, 'w') as f:
+  with open(os.path.join(workdir, 'result.json'), 'w') as f:
     json.dump(result, f, indent=2)
   if ledger:
     print(f'{name}: recorded in {ledger_lib.record(ledger, name, dataset.name, result, common)}', flush=True)
   return result
+
+
+def _run_dirs(workdir: str, count: int) -> list[str]:
+  """The run directories of a method of ``count`` runs (one per budget when more than one)."""
+  return [workdir] if count == 1 else [os.path.join(workdir, f'budget{i}') for i in range(count)]
+
+
+def finished_result(
+  name: str, cfgs: Sequence[Config], workdir: str, dataset_name: str, ledger: str = '', common: Config | None = None
+) -> dict | None:
+  """The result ``run_method`` takes instead of training method ``name`` with ``cfgs`` in
+  ``workdir``: its ``result.json``, else (with a ``ledger``) the entry of exactly these settings
+  scored as a comparison with ``common`` scores (it has a ``ledger`` key), else None.
+
+  A run left in one of its directories must hold exactly these settings, and a result.json
+  must come from as many runs as these settings make, each with its checkpoint; otherwise
+  ValueError (``run.check_workdir``)."""
+  if ledger and common is None:
+    raise ValueError('a ledger needs the comparison settings (common) its entries are scored under')
+  result_path = os.path.join(workdir, 'result.json')
+  left = [run.check_workdir(sub, cfg) for sub, cfg in zip(_run_dirs(workdir, len(cfgs)), cfgs)]
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      saved = json.load(f)
+    if len(saved.get('configs', [])) != len(cfgs) or any(meta is None for meta in left):
+      raise ValueError(
+        f'{result_path} is the result of {len(saved.get("configs", []))} runs, these settings make '
+        f'{len(cfgs)}; delete {workdir} to run {name} again'
+      )
+    return saved
+  return ledger_lib.find(ledger, name, cfgs, dataset_name, common) if ledger else None
 
 
 def _train_steps(cfgs: list[Config], full: datasets.Dataset) -> int:
@@ -744,25 +764,26 @@ def plan(cc: CompareConfig, workdir: str) -> list[dict]:
   """What ``compare`` of the resolved ``cc`` in ``workdir`` would do for each method of each single
   comparison, without training or writing: one row per (recipe or seed, method) with
   ``status`` 'reuse' (its result.json), 'ledger' (an entry of exactly its settings: ``where``),
-  'resume' (a run left with its settings: ``where`` names the checkpoint step) or 'train'.
-  A run directory holding other settings raises as ``compare`` would. For a study that spans
-  sessions or machines: the rows left to train are the work still to do."""
+  'evaluate' (its runs are trained to the end, their evaluation is missing), 'resume' (runs
+  left part-way with its settings: ``where`` names their steps) or 'train'. Settings that
+  ``compare`` would refuse (a run directory of other settings, a result.json without its
+  runs) raise. For a study that spans sessions or machines: the rows to train or resume are
+  the work still to do."""
   rows = []
   for key, one, one_dir in one_comparisons(cc, workdir):
     _, dataset, _, cfgs = _method_configs(one)
     for name, c in cfgs.items():
       method_dir = os.path.join(one_dir, name)
-      subs = [method_dir] if len(c) == 1 else [os.path.join(method_dir, f'budget{i}') for i in range(len(c))]
-      left = [run.progress_left(sub, cfg) for sub, cfg in zip(subs, c)]  # raises on other settings
-      entry = ledger_lib.find(cc.ledger, name, c, dataset.name, one.common) if cc.ledger else None
-      if os.path.exists(os.path.join(method_dir, 'result.json')):
-        status, where = 'reuse', os.path.join(method_dir, 'result.json')
-      elif entry is not None:
-        status, where = 'ledger', entry['ledger']['path']
-      elif any(left):
-        status, where = 'resume', ', '.join(w for w in left if w)
+      found = finished_result(name, c, method_dir, dataset.name, cc.ledger, one.common)
+      if found is not None:
+        ledger = 'ledger' in found
+        status, where = ('ledger', found['ledger']['path']) if ledger else ('reuse', f'{method_dir}/result.json')
       else:
-        status, where = 'train', method_dir
+        subs = _run_dirs(method_dir, len(c))
+        left = [run.progress_left(sub, cfg) for sub, cfg in zip(subs, c)]
+        done = [p is not None and not p.at_phase_boundary and p.step >= p.total_steps for p in left]
+        status = 'evaluate' if all(done) else 'resume' if any(left) else 'train'
+        where = ', '.join(f'{sub} {p}' for sub, p in zip(subs, left) if p is not None) or method_dir
       rows.append({'comparison': key, 'method': name, 'status': status, 'where': where})
   return rows
 
@@ -773,7 +794,7 @@ def plan_lines(rows: list[dict]) -> list[str]:
     f'{"" if r["comparison"] is None else str(r["comparison"]) + " "}{r["method"]}: {r["status"]} {r["where"]}'
     for r in rows
   ]
-  todo = sum(r['status'] in ('train', 'resume') for r in rows)
+  todo = sum(r['status'] in ('train', 'resume') for r in rows)  # 'evaluate' takes seconds
   return [*lines, f'{todo} of {len(rows)} runs still to train or resume']
 
 

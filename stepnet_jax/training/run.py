@@ -369,15 +369,30 @@ def phase_dir(workdir: str) -> str:
   return os.path.join(workdir, 'phases')
 
 
-def progress_left(workdir: str, cfg: Config) -> str | None:
-  """Where an unfinished or finished run of ``cfg`` left off in ``workdir`` (its newest
-  checkpoint, or for a run trained in phases its last phase boundary), or None when nothing
-  is there; a run of other settings raises as ``check_workdir`` does."""
-  if check_workdir(workdir, cfg) is not None:
-    return f'{workdir} at step {restore.latest_step(workdir)}'
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a run left off: its global ``step`` of ``total_steps``, at a checkpoint in its
+  workdir or (``at_phase_boundary``) at a phase checkpoint of a run trained in phases."""
+
+  step: int
+  total_steps: int
+  at_phase_boundary: bool = False
+
+  def __str__(self) -> str:
+    return f'at {"the phase boundary of " if self.at_phase_boundary else ""}step {self.step} of {self.total_steps}'
+
+
+def progress_left(workdir: str, cfg: Config) -> Progress | None:
+  """Where a run of ``cfg`` left off in ``workdir`` (its newest checkpoint, else the last phase
+  boundary of a run trained in phases), or None when nothing is there; a run of other
+  settings raises as ``check_workdir`` does."""
+  saved = check_workdir(workdir, cfg)
+  if saved is not None:
+    return Progress(restore.latest_step(workdir), int(saved['steps_per_epoch']) * cfg.train.num_epochs)
   saved = check_workdir(phase_dir(workdir), cfg)
   if saved is not None:
-    return f'{workdir} at the phase boundary of step {saved["phase_step"]}'
+    total = int(saved['steps_per_epoch']) * cfg.train.num_epochs
+    return Progress(int(saved['phase_step']), total, at_phase_boundary=True)
   return None
 
 
