@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The 20-epoch recipe search on the validation split (5,000 training images held out): every
-# method of the 20-epoch comparison under each recipe of RECIPES, chosen by the mean
-# validation accuracy over all methods' levels (compare.RECIPE_RULE). One method and recipe
-# takes 0.5-2 hours on 2 CPU cores, so each runs as a process of its own (two at a time on
-# 2 cores), resumable with the same command; every finished one is recorded in
-# results/ledger (commit it), so the search can span sessions and machines.
+# Issue 32's 20-epoch study, one method and recipe per process so it can span sessions and
+# machines. One method and recipe takes 0.5-2 hours on 2 CPU cores; run two at a time on 2
+# cores. Every command resumes from its checkpoints, and every finished method is recorded
+# in results/ledger (commit it), so a later session or machine reuses it.
 #
-#   scripts/recipes_20ep.sh plan                       what is recorded, left or still to train
-#   scripts/recipes_20ep.sh run RECIPE:METHOD [...]    train those, one after the other
-#   scripts/recipes_20ep.sh choose                     RUNS/recipes.{json,md,png}; refused until plan has nothing left
+# 1. The recipe search on the validation split (5,000 training images held out): every method
+#    of the comparison under each recipe of RECIPES, AWN's four points only, chosen by the
+#    mean validation accuracy over all methods' levels (compare.RECIPE_RULE).
+#      scripts/recipes_20ep.sh plan                       what is recorded, left or still to train
+#      scripts/recipes_20ep.sh run RECIPE:METHOD [...]    train those, one after the other
+#      scripts/recipes_20ep.sh choose                     RUNS/recipes.{json,md,png}; refused until plan has nothing left
+# 2. The comparison on the chosen recipe: all 60,000 training images, the test split, the
+#    extra budgets, in RUNS/final_RECIPE.
+#      scripts/recipes_20ep.sh final-plan RECIPE          what is recorded, left or still to train
+#      scripts/recipes_20ep.sh final RECIPE METHOD [...]  train those, one after the other
+#      scripts/recipes_20ep.sh final RECIPE               RUNS/final_RECIPE/compare.{json,md,png}; refused until final-plan has nothing left
 #
 # RUNS (default runs/recipes_20ep, relative to the repository) holds the run directories.
 set -euo pipefail
@@ -20,11 +26,29 @@ METHODS=steppingnet,awn,awn_sandwich,slimmable,independent
 export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1} MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0} \
        MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-100000000000}
 
-search() {
+twenty_epochs() {
   .venv/bin/python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py \
-    --config.common.data.validation_examples=5000 --config.common.train.num_epochs=20 \
-    --config.extra_budgets= --config.common.train.checkpoint_every_steps=200 \
+    --config.common.train.num_epochs=20 --config.common.train.checkpoint_every_steps=200 \
     --config.ledger=results/ledger "$@"
+}
+search() { twenty_epochs --config.common.data.validation_examples=5000 --config.extra_budgets= "$@"; }
+final() { twenty_epochs --workdir "$RUNS/final_$1" --config.recipe="$1" "${@:2}"; }
+
+# Runs "$@" (a comparison of every method) unless its --plan has runs left: that comparison
+# would train them one after another in this process.
+when_nothing_left() {
+  local left
+  left=$("$@" --plan | tail -1)
+  case "$left" in
+    "0 of "*) "$@" ;;
+    *) echo "not yet: $left (see: $0 ${PLAN_MODE})" >&2; exit 1 ;;
+  esac
+}
+
+each() {  # each LABEL COMMAND...: one line before and after, for the log
+  echo "== $1: started $(date -u +%FT%TZ)"
+  "${@:2}"
+  echo "== $1: done $(date -u +%FT%TZ)"
 }
 
 case "${1:-plan}" in
@@ -33,18 +57,22 @@ case "${1:-plan}" in
     shift
     for pair in "$@"; do
       recipe=${pair%%:*} method=${pair##*:}
-      echo "== $recipe $method: started $(date -u +%FT%TZ)"
-      search --workdir "$RUNS/recipe_$recipe" --config.recipe="$recipe" --config.methods="$method"
-      echo "== $recipe $method: done $(date -u +%FT%TZ)"
+      each "$recipe $method" search --workdir "$RUNS/recipe_$recipe" --config.recipe="$recipe" --config.methods="$method"
     done
     ;;
   choose)
-    # Choosing trains whatever is missing, one run after another: refuse until nothing is left.
-    left=$(search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS" --plan | tail -1)
-    case "$left" in
-      "0 of "*) search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS" ;;
-      *) echo "not choosing yet: $left (see: $0 plan)" >&2; exit 1 ;;
-    esac
+    PLAN_MODE=plan when_nothing_left search --workdir "$RUNS" --config.recipes="$RECIPES" --config.methods="$METHODS"
     ;;
-  *) echo "usage: $0 plan | run RECIPE:METHOD [...] | choose" >&2; exit 2 ;;
+  final-plan) final "${2:?usage: $0 final-plan RECIPE}" --config.methods="$METHODS" --plan ;;
+  final)
+    recipe=${2:?usage: $0 final RECIPE [METHOD ...]}
+    shift 2
+    if (($#)); then
+      for method in "$@"; do each "final $recipe $method" final "$recipe" --config.methods="$method"; done
+    else
+      PLAN_MODE="final-plan $recipe" when_nothing_left final "$recipe" --config.methods="$METHODS"
+      echo "The comparison is in $RUNS/final_$recipe/compare.{json,md,png}."
+    fi
+    ;;
+  *) echo "usage: $0 plan | run RECIPE:METHOD [...] | choose | final-plan RECIPE | final RECIPE [METHOD ...]" >&2; exit 2 ;;
 esac
