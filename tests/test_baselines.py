@@ -19,7 +19,7 @@ from stepnet_jax.data import datasets
 from stepnet_jax.inference.stepper import Stepper
 from stepnet_jax.methods import construct, nonuniform, trainers
 from stepnet_jax.models import budgets, structure, surgery, zoo
-from stepnet_jax.studies import compare
+from stepnet_jax.studies import compare, compare_report
 from stepnet_jax.training import losses, optim, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -551,7 +551,7 @@ def test_compare_targets_check_every_awn_variant_at_equal_or_higher_macs():
     'awn': rows([(110, 0.79), (390, 0.84)]),  # SteppingNet at 100 and 200 answer these
     'awn_sandwich': rows([(150, 0.81), (50, 0.5)]),
   }  # 0.80 < 0.81; nothing at or below 50 MACs
-  lines = compare.targets(results)
+  lines = compare_report.targets(results)
   assert 'strictly increasing: yes' in lines[0]
   assert [line.endswith(': met') for line in lines[1:3]] == [True, True]
   assert 'vs AWN sandwich level 0' in lines[3] and lines[3].endswith('NOT met')
@@ -569,13 +569,13 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
     }
 
   results = {'steppingnet': rows([0.80, 0.85, 0.85]), 'independent': rows([0.82, 0.855, 0.80])}
-  lines = compare.targets(results)
+  lines = compare_report.targets(results)
   assert 'strictly increasing: NO' in lines[0]
   assert 'gap +2.00 pt: NOT met' in lines[1]
   assert 'gap +0.50 pt: met' in lines[2]
   assert 'gap -5.00 pt: met' in lines[3]
   assert lines[4].startswith('- training time') and '2 s vs 3 independent networks 2 s' in lines[4]
-  assert compare.targets({'awn': rows([0.9])}) == []  # nothing to judge without SteppingNet
+  assert compare_report.targets({'awn': rows([0.9])}) == []  # nothing to judge without SteppingNet
 
 
 def test_the_common_recipe_reaches_every_comparison_method():

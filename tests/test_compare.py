@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_baselines import compare_config
 
-from stepnet_jax.studies import compare
+from stepnet_jax.studies import compare, compare_report
 from stepnet_jax.training import loop
 
 pytestmark = pytest.mark.slow
@@ -168,16 +168,16 @@ def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
     },
     'slimmable': {'levels': _levels([(60, 0.81, [0.80, 0.82]), (95, 0.805, [0.80, 0.81]), (400, 0.99, [0.99, 0.99])])},
   }
-  rows = compare.leads(results)
+  rows = compare_report.leads(results)
   assert [r['steppingnet_level'] for r in rows] == [1, 2]  # the most accurate that fits, not the largest
   assert [(r['best_peer'], r['best_peer_macs']) for r in rows] == [('slimmable', 60), ('awn', 300)]
   assert rows[0]['lead'] == pytest.approx(0.5) and rows[1]['lead'] == pytest.approx(9.0)
   assert rows[0]['seed_leads'] == pytest.approx([1.0, 0.0]) and rows[0]['lead_std'] == pytest.approx(2**0.5 / 2)
-  lines = compare.lead_lines(rows)
+  lines = compare_report.lead_lines(rows)
   assert lines[0].endswith('met (target: >= 0.5 pt)') and 'NOT' not in ''.join(lines)
   results['steppingnet']['levels'][1]['accuracy'] = 0.8149
-  assert compare.lead_lines(compare.leads(results))[0].endswith('NOT met (target: >= 0.5 pt)')
-  assert compare.leads({'awn': results['awn']}) == []
+  assert compare_report.lead_lines(compare_report.leads(results))[0].endswith('NOT met (target: >= 0.5 pt)')
+  assert compare_report.leads({'awn': results['awn']}) == []
 
 
 def test_leads_on_the_macs_spent_stepping_charge_recomputation():
@@ -192,20 +192,20 @@ def test_leads_on_the_macs_spent_stepping_charge_recomputation():
     'steppingnet': {'levels': levels([(50, 50, 0.70), (90, 90, 0.83), (290, 290, 0.91)])},
     'slimmable': {'levels': levels([(60, 60, 0.75), (95, 155, 0.84), (280, 435, 0.95)])},
   }
-  subnet, to_reach = compare.leads(results), compare.leads(results, 'macs_to_reach')
+  subnet, to_reach = compare_report.leads(results), compare_report.leads(results, 'macs_to_reach')
   assert [(r['best_peer'], r['best_peer_level']) for r in subnet] == [('slimmable', 1), ('slimmable', 2)]
   assert [r['lead'] for r in subnet] == pytest.approx([-1.0, -4.0])
   # At 300 MACs to reach, slimmable's best is its level 1 (0.84, 155), below AWN's level 1.
   assert [(r['best_peer'], r['best_peer_level']) for r in to_reach] == [('awn', 0), ('awn', 1)]
   assert [r['lead'] for r in to_reach] == pytest.approx([3.0, 1.0])
   assert [r['best_peer_macs'] for r in to_reach] == [100, 300]
-  both = compare.both_leads(results)
+  both = compare_report.both_leads(results)
   assert both == {'macs': subnet, 'macs_to_reach': to_reach}
-  lines = compare.lead_lines(to_reach)
+  lines = compare_report.lead_lines(to_reach)
   assert '(100 MACs to reach)' in lines[0] and lines[0].endswith(': met (target: >= 0.5 pt)')
   results['independent'] = {'levels': [{'level': 0, 'macs': 50, 'accuracy': 0.9}]}  # not judged: no effect
-  assert compare.both_leads(results) == {'macs': subnet, 'macs_to_reach': to_reach}
+  assert compare_report.both_leads(results) == {'macs': subnet, 'macs_to_reach': to_reach}
   del results['slimmable']['levels'][0]['macs_to_reach']  # a table without the second reading
-  assert list(compare.both_leads(results)) == ['macs']
+  assert list(compare_report.both_leads(results)) == ['macs']
   with pytest.raises(ValueError, match="unknown reading 'flops'"):
-    compare.leads(results, 'flops')
+    compare_report.leads(results, 'flops')

@@ -56,8 +56,8 @@ from stepnet_jax.methods import trainers
 from stepnet_jax.models import budgets as budgets_lib
 from stepnet_jax.models import zoo
 from stepnet_jax.registry import Registry
+from stepnet_jax.studies import compare_report, reports
 from stepnet_jax.studies import ledger as ledger_lib
-from stepnet_jax.studies import reports
 from stepnet_jax.training import run
 
 # The per-level fields of compare.json (``validation_accuracy`` only with a validation split).
@@ -493,230 +493,6 @@ def _train_steps(cfgs: list[Config], full: datasets.Dataset) -> int:
   return sum(cfg.train.num_epochs * run.prepare_data(cfg, full)[1] for cfg in cfgs)
 
 
-# The peers SteppingNet must lead at AWN's MAC points, and by how much (accuracy points).
-LEAD_PEERS = ('awn', 'awn_sandwich', 'slimmable')
-LEAD_TARGET = 0.5
-
-
-# The two readings of "the same computational budget" the leads are judged on: the MACs of the
-# subnet a one-shot device runs, and the MACs an anytime device spends stepping up to a level
-# (a method that recomputes pays for every level below it again).
-READINGS = {'macs': 'subnet MACs', 'macs_to_reach': 'MACs to reach'}
-
-
-def _best_at(levels: list[dict], macs: int, reading: str = 'macs') -> dict | None:
-  """The most accurate level that costs at most ``macs`` on ``reading`` (None if none does)."""
-  fits = [r for r in levels if r[reading] <= macs]
-  return max(fits, key=lambda r: r['accuracy']) if fits else None
-
-
-def leads(results: dict[str, dict], reading: str = 'macs') -> list[dict]:
-  """SteppingNet's lead over its best peer (``LEAD_PEERS`` present in ``results``) at each
-  of AWN's MAC points: at each point, SteppingNet's and each peer's most accurate level at
-  or below it on ``reading`` (a key of ``READINGS``: the subnet's MACs, or the MACs spent
-  stepping to it); the lead is SteppingNet's accuracy minus the best peer's, in points. With
-  seeds (``accuracies`` per level) also the per-seed paired leads and their standard
-  deviation. [] without steppingnet or awn."""
-  if reading not in READINGS:
-    raise ValueError(f'unknown reading {reading!r}; choose one of {", ".join(READINGS)}')
-  if 'steppingnet' not in results or 'awn' not in results:
-    return []
-  out = []
-  for point in results['awn']['levels']:
-    budget = point[reading]
-    s = _best_at(results['steppingnet']['levels'], budget, reading)
-    peers = {name: _best_at(results[name]['levels'], budget, reading) for name in LEAD_PEERS if name in results}
-    peers = {name: r for name, r in peers.items() if r is not None}
-    if s is None or not peers:
-      out.append({'reading': reading, 'awn_level': point['level'], 'awn_macs': budget, 'lead': None})
-      continue
-    best = max(peers, key=lambda name: peers[name]['accuracy'])
-    row = {
-      'reading': reading,
-      'awn_level': point['level'],
-      'awn_macs': budget,
-      'steppingnet_level': s['level'],
-      'steppingnet_macs': s[reading],
-      'steppingnet_accuracy': s['accuracy'],
-      'best_peer': best,
-      'best_peer_level': peers[best]['level'],
-      'best_peer_macs': peers[best][reading],
-      'best_peer_accuracy': peers[best]['accuracy'],
-      'lead': 100 * (s['accuracy'] - peers[best]['accuracy']),
-    }
-    if 'accuracies' in s and 'accuracies' in peers[best]:
-      paired = 100 * (np.asarray(s['accuracies']) - np.asarray(peers[best]['accuracies']))
-      row['seed_leads'] = paired.tolist()
-      row['lead_std'] = float(paired.std(ddof=1)) if len(paired) > 1 else 0.0
-    out.append(row)
-  return out
-
-
-def both_leads(results: dict[str, dict]) -> dict[str, list[dict]]:
-  """``leads`` on each reading whose MACs every level of SteppingNet, AWN and the lead peers
-  has (``READINGS``), by reading."""
-  judged = ('steppingnet', 'awn') + LEAD_PEERS
-  levels = [r for name, res in results.items() if name in judged for r in res['levels']]
-  return {reading: leads(results, reading) for reading in READINGS if all(reading in r for r in levels)}
-
-
-def lead_lines(rows: list[dict]) -> list[str]:
-  """One target line per AWN point: SteppingNet at least ``LEAD_TARGET`` points above its best peer."""
-  lines = []
-  for r in rows:
-    unit = READINGS[r.get('reading', 'macs')]
-    if r['lead'] is None:
-      lines.append(
-        f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} {unit}): no SteppingNet level or peer '
-        'at or below it: NOT met'
-      )
-      continue
-    spread = (
-      f' (per seed {", ".join(f"{x:+.2f}" for x in r["seed_leads"])}; std {r["lead_std"]:.2f})'
-      if 'seed_leads' in r
-      else ''
-    )
-    ok = r['lead'] >= LEAD_TARGET - 1e-9
-    peer_level = f' level {r["best_peer_level"]}' if 'best_peer_level' in r else ''
-    lines.append(
-      f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} {unit}): SteppingNet level '
-      f'{r["steppingnet_level"]} {100 * r["steppingnet_accuracy"]:.2f}% at {r["steppingnet_macs"]:,} vs best peer '
-      f'{r["best_peer"]}{peer_level} {100 * r["best_peer_accuracy"]:.2f}% at {r["best_peer_macs"]:,}: '
-      f'{r["lead"]:+.2f} pt{spread}: {"met" if ok else "NOT met"} (target: >= {LEAD_TARGET} pt)'
-    )
-  return lines
-
-
-def targets(results: dict[str, dict]) -> list[str]:
-  """The issue's targets, checked on the measured numbers (one line each)."""
-  lines = []
-  st = results.get('steppingnet')
-  if st is None:
-    return lines
-  s_levels = st['levels']
-  acc = [r['accuracy'] for r in s_levels]
-  inc = all(b > a for a, b in zip(acc, acc[1:]))
-  lines.append(
-    f'- SteppingNet exits strictly increasing: {"yes" if inc else "NO"} ({" < ".join(f"{100 * a:.2f}" for a in acc)})'
-  )
-  for peer, label in (('awn', 'AWN'), ('awn_sandwich', 'AWN sandwich')):
-    for a in results.get(peer, {}).get('levels', []):
-      cands = [r for r in s_levels if r['macs'] <= a['macs']]
-      if not cands:
-        lines.append(f'- {label} level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
-        continue
-      s = max(cands, key=lambda r: r['macs'])
-      ok = s['accuracy'] >= a['accuracy']
-      lines.append(
-        f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
-        f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}'
-      )
-  for rows in both_leads(results).values():
-    lines += lead_lines(rows)
-  if 'independent' in results:
-    for s, i in zip(s_levels, results['independent']['levels']):
-      gap = 100 * (i['accuracy'] - s['accuracy'])
-      lines.append(
-        f'- level {s["level"]} vs independent net: SteppingNet {100 * s["accuracy"]:.2f}% '
-        f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.2f} pt: '
-        f'{"met" if gap <= 1.0 else "NOT met"} (target: gap <= 1.0)'
-      )
-    lines.append(
-      f'- training time: SteppingNet (construction included) {st["train_seconds"]:.0f} s vs '
-      f'{len(results["independent"]["levels"])} independent networks '
-      f'{results["independent"]["train_seconds"]:.0f} s'
-    )
-  return lines
-
-
-def markdown(
-  results: dict[str, dict],
-  budgets: list[float],
-  base: int,
-  dataset: str,
-  epochs: int,
-  seeds: tuple[int, ...] = (),
-  recipe: str = 'common',
-  awn_recipe: str = 'common',
-) -> str:
-  """compare.md: per-level table of every method, training times, and the targets checked
-  (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
-  runs held images out of training, their validation accuracy (the number to choose
-  settings on) has a column before the test accuracy."""
-  over = f', mean ± std over seeds {", ".join(map(str, seeds))}' if seeds else ''
-  held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
-  val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
-  lines = [
-    f'# Accuracy against MACs on {dataset} ({epochs} epochs and the {recipe!r} recipe for every method{over})'
-    + (f' (AWN on its own {awn_recipe!r} recipe)' if awn_recipe != 'common' else ''),
-    '',
-    f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
-    '',
-    f'| method | level | MACs | MACs to reach | {val_head}test accuracy (%) | step latency (ms, B=1) |',
-    f'|---|---:|---:|---:|{val_rule}---:|---:|',
-  ]
-  for name, res in results.items():
-    for r in res['levels']:
-      acc = f'{100 * r["accuracy"]:.2f}' + (f' ± {100 * r["accuracy_std"]:.2f}' if 'accuracy_std' in r else '')
-      val = (f'{100 * r["validation_accuracy"]:.2f} | ' if 'validation_accuracy' in r else '- | ') if held_out else ''
-      lines.append(
-        f'| {name} | {r["level"]} | {r["macs"]:,} | {r["macs_to_reach"]:,} | {val}{acc} | {r["latency_ms"]:.3f} |'
-      )
-  lines += [
-    '',
-    f'| method | reusable | train seconds{" per seed" if seeds else ""} | train steps |',
-    '|---|---|---:|---:|',
-  ]
-  for name, res in results.items():
-    steps = f'{res["train_steps"]:,}' if 'train_steps' in res else '-'
-    lines.append(
-      f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} | {steps} |'
-    )
-  lines += _ledger_lines(results)
-  lines += ['', '## Targets', ''] + targets(results)
-  return '\n'.join(lines) + '\n'
-
-
-def _ledger_lines(results: dict[str, dict]) -> list[str]:
-  """A sentence naming the methods taken from the ledger and the machines they were measured on."""
-  taken = {}
-  for name, res in results.items():
-    entries = res.get('ledger') or []
-    for e in entries if isinstance(entries, list) else [entries]:  # one per seed, aggregated
-      taken.setdefault(name, set()).add(e['machine'])
-  if not taken:
-    return []
-  named = '; '.join(f'{name} ({", ".join(sorted(machines))})' for name, machines in taken.items())
-  return ['', f'Taken from the ledger, with the step latency and train seconds of the machine each ran on: {named}.']
-
-
-def plot(path: str, results: dict[str, dict], title: str) -> None:
-  """compare.png: accuracy against subnet MACs, and against the MACs spent stepping there."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for name, res in results.items():
-    acc = [100 * r['accuracy'] for r in res['levels']]
-    err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]  # seeds' standard deviation, if any
-    axes[0].errorbar([r['macs'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name)
-    axes[1].errorbar(
-      [r['macs_to_reach'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name
-    )
-  axes[0].set_xlabel('MACs of the subnet (millions per image)')
-  axes[1].set_xlabel('MACs spent stepping from level 0 to this level (millions)')
-  for ax in axes:
-    ax.set_ylabel('test accuracy (%)')
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def compare(
   cc: ml_collections.ConfigDict | Mapping[str, Any], workdir: str, quick: bool = False, latency_repeats: int = 10
 ) -> dict:
@@ -815,50 +591,14 @@ def compare_recipes(cc: CompareConfig, workdir: str, latency_repeats: int = 10) 
   chosen = max(scores, key=lambda r: scores[r]['mean_validation_accuracy'])
   result = {'rule': RECIPE_RULE, 'epochs': cc.common.train.num_epochs, 'recipes': scores, 'chosen': chosen}
   os.makedirs(workdir, exist_ok=True)
-  reports.write_study(workdir, 'recipes', result, recipes_markdown(result), lambda path: recipes_plot(path, result))
+  reports.write_study(
+    workdir,
+    'recipes',
+    result,
+    compare_report.recipes_markdown(result),
+    lambda path: compare_report.recipes_plot(path, result),
+  )
   return result
-
-
-def recipes_markdown(result: dict) -> str:
-  """recipes.md: every recipe's mean validation accuracy, over all and per method, and the choice."""
-  methods = list(next(iter(result['recipes'].values()))['methods'])
-  lines = [
-    f'# Choosing the training recipe ({result["epochs"]} epochs, validation split)',
-    '',
-    f'Rule: {result["rule"]}. Chosen: **{result["chosen"]}**.',
-    '',
-    '| recipe | mean over all levels (%) | ' + ' | '.join(methods) + ' |',
-    '|---|---:|' + '---:|' * len(methods),
-  ]
-  for recipe, r in result['recipes'].items():
-    cells = ' | '.join(f'{100 * r["methods"][m]:.2f}' for m in methods)
-    lines.append(f'| {recipe} | {100 * r["mean_validation_accuracy"]:.2f} | {cells} |')
-  return '\n'.join(lines) + '\n'
-
-
-def recipes_plot(path: str, result: dict) -> None:
-  """Each method's mean validation accuracy under each recipe, grouped by method."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  recipes = list(result['recipes'])
-  methods = list(result['recipes'][recipes[0]]['methods'])
-  fig, ax = plt.subplots(figsize=(1.4 + 1.2 * len(methods), 4))
-  width = 0.8 / len(recipes)
-  for i, recipe in enumerate(recipes):
-    values = [100 * result['recipes'][recipe]['methods'][m] for m in methods]
-    ax.bar(np.arange(len(methods)) + i * width, values, width, label=recipe)
-  ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods)
-  lows = [100 * r['methods'][m] for r in result['recipes'].values() for m in methods]
-  ax.set_ylim(min(lows) - 1, max(lows) + 0.5)
-  ax.set_ylabel('mean validation accuracy over levels (%)')
-  ax.set_title(f'Recipes at {result["epochs"]} epochs (chosen: {result["chosen"]})')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def compare_resolved(cc: CompareConfig, workdir: str, latency_repeats: int = 10, write_report: bool = True) -> dict:
@@ -898,8 +638,8 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       }
       for name, res in merged.items()
     },
-    'leads': leads(merged),
-    'leads_to_reach': both_leads(merged).get('macs_to_reach', []),
+    'leads': compare_report.leads(merged),
+    'leads_to_reach': compare_report.both_leads(merged).get('macs_to_reach', []),
   }
   os.makedirs(workdir, exist_ok=True)
   title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
@@ -907,7 +647,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
     workdir,
     'compare',
     out,
-    markdown(
+    compare_report.markdown(
       merged,
       first['budgets'],
       first['base_macs'],
@@ -917,7 +657,7 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
       recipe=cc.recipe,
       awn_recipe=cc.awn.recipe,
     ),
-    lambda path: plot(path, merged, title),
+    lambda path: compare_report.plot(path, merged, title),
   )
   return out
 
@@ -1001,8 +741,8 @@ def _compare_one(
       }
       for name, res in results.items()
     },
-    'leads': leads(results),
-    'leads_to_reach': both_leads(results).get('macs_to_reach', []),
+    'leads': compare_report.leads(results),
+    'leads_to_reach': compare_report.both_leads(results).get('macs_to_reach', []),
   }
   if write_report:
     os.makedirs(workdir, exist_ok=True)
@@ -1010,7 +750,7 @@ def _compare_one(
       workdir,
       'compare',
       out,
-      markdown(
+      compare_report.markdown(
         results,
         list(setup.budgets),
         setup.base,
@@ -1019,7 +759,7 @@ def _compare_one(
         recipe=cc.recipe,
         awn_recipe=cc.awn.recipe,
       ),
-      lambda path: plot(path, results, f'{common.model.name} on {dataset.name}'),
+      lambda path: compare_report.plot(path, results, f'{common.model.name} on {dataset.name}'),
     )
   return out
 
