@@ -45,6 +45,7 @@ def get_config():
   # WORKDIR/recipes.json naming the one with the best mean validation accuracy.
   c.recipes = ''  # text, split at commas (an empty tuple here would take only quoted names)
   c.ledger = ''  # --config.ledger=results/ledger: reuse and record finished methods' results (studies/ledger.py)
+  c.awn_reference = ''  # a compare.json whose AWN levels SteppingNet is also judged against (compare.md's targets)
   c.awn = ml_collections.ConfigDict(
     dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common', sandwich_widths=2)
   )

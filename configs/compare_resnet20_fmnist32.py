@@ -40,6 +40,7 @@ def get_config():
   c.recipe = 'common'  # compare.RECIPES, as in configs/compare_fashion_mnist.py
   c.recipes = ''  # --config.recipes=a,b: one comparison per recipe on the validation split
   c.ledger = ''  # --config.ledger=results/ledger: reuse and record finished methods' results (studies/ledger.py)
+  c.awn_reference = ''  # a compare.json whose AWN levels SteppingNet is also judged against (compare.md's targets)
   c.awn = ml_collections.ConfigDict(
     dict(widen=math.sqrt(2), widths=(0.25, 0.5, 0.75, 1.0), recipe='common', sandwich_widths=2)
   )

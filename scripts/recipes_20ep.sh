@@ -32,7 +32,11 @@ twenty_epochs() {
     --config.ledger=results/ledger "$@"
 }
 search() { twenty_epochs --config.common.data.validation_examples=5000 --config.extra_budgets= "$@"; }
-final() { twenty_epochs --workdir "$RUNS/final_$1" --config.recipe="$1" "${@:2}"; }
+# The final comparison also judges SteppingNet against AWN on its own published recipe (issue 32).
+final() {
+  twenty_epochs --workdir "$RUNS/final_$1" --config.recipe="$1" \
+    --config.awn_reference=results/awn_published_recipe_torchinit_20ep_fashion_mnist.json "${@:2}"
+}
 
 # Runs "$@" (a comparison of every method) unless its --plan has runs left: that comparison
 # would train them one after another in this process.

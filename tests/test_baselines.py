@@ -556,6 +556,22 @@ def test_compare_targets_check_every_awn_variant_at_equal_or_higher_macs():
   assert [line.endswith(': met') for line in lines[1:3]] == [True, True]
   assert 'vs AWN sandwich level 0' in lines[3] and lines[3].endswith('NOT met')
   assert 'no SteppingNet level at or below' in lines[4]
+  # Levels of a run outside the comparison (AWN on its own recipe) are judged the same way.
+  reference = {'AWN of ref.json': rows([(400, 0.91), (399, 0.84)])['levels']}
+  judged = compare_report.targets(results, reference)[5:7]  # after the comparison's own AWN variants
+  assert judged[0] == '- vs AWN of ref.json level 0: SteppingNet 90.00% at 400 MACs vs 91.00% at 400: NOT met'
+  assert judged[1] == '- vs AWN of ref.json level 1: SteppingNet 85.00% at 200 MACs vs 84.00% at 399: met'
+
+
+def test_an_awn_reference_must_be_a_comparison_with_awn(tmp_path):
+  cc = compare_config()
+  cc.awn_reference = str(tmp_path / 'missing.json')
+  with pytest.raises(ValueError, match='no such file'):
+    compare.resolve(cc)
+  (tmp_path / 'other.json').write_text(json.dumps({'methods': {'slimmable': {'levels': []}}}))
+  cc.awn_reference = str(tmp_path / 'other.json')
+  with pytest.raises(ValueError, match='no methods.awn.levels'):
+    compare.resolve(cc)
 
 
 def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():

@@ -67,6 +67,18 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   monkeypatch.setattr(compare.trainers, 'train', lambda *a, **k: pytest.fail('retrained a finished run'))
   again = compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
   assert again['methods'] == out['methods']
+  # Another run's AWN (e.g. on its own recipe) is judged too: one AWN level at SteppingNet's
+  # top MACs and 1 point above it is a target not met; one point below it, met.
+  top = out['methods']['steppingnet']['levels'][-1]
+  reference = tmp_path / 'reference.json'
+  awn_levels = [{'level': i, 'macs': top['macs'], 'accuracy': top['accuracy'] + d} for i, d in enumerate((0.01, -0.01))]
+  reference.write_text(json.dumps({'methods': {'awn': {'levels': awn_levels}}}))
+  cc.awn_reference = str(reference)
+  assert compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)['awn_reference'] == str(reference)
+  judged = [line for line in (tmp_path / 'compare.md').read_text().splitlines() if f'AWN of {reference}' in line]
+  assert [line.rsplit(': ', 1)[1] for line in judged] == ['NOT met', 'met']
+  assert f'SteppingNet {100 * top["accuracy"]:.2f}% at {top["macs"]:,} MACs' in judged[0]
+  cc.awn_reference = ''
   monkeypatch.undo()
   monkeypatch.setattr(compare.datasets, 'load_dataset', lambda *a, **k: fashion_mnist)
   monkeypatch.setattr(loop, 'run_steps', lambda *a, **k: pytest.fail('trained an evaluated-only run'))

@@ -124,6 +124,10 @@ class CompareConfig:
   # method finished is recorded there, and a method whose settings equal an entry's is taken
   # from it instead of trained, so a study can span machines; '' = none.
   ledger: str = ''
+  # A compare.json of another run whose ``awn`` levels SteppingNet is also judged against at
+  # equal or lower MACs, e.g. AWN on its own published recipe
+  # (results/awn_published_recipe_torchinit_20ep_fashion_mnist.json); '' = none.
+  awn_reference: str = ''
   awn: AwnSection = dataclasses.field(default_factory=AwnSection)
   # A method's run settings over common (nested like common; the keys a method's entry fixes
   # itself are refused). SteppingNet's loss.exit_weights: one per budget, () = 1 for every exit.
@@ -165,6 +169,22 @@ class CompareConfig:
       )
     if self.awn.recipe not in AWN_RECIPES:
       raise ValueError(f'awn.recipe must be one of {", ".join(AWN_RECIPES)}, got {self.awn.recipe!r}')
+    if self.awn_reference:
+      reference_levels(self.awn_reference)  # a missing or foreign file fails before any training
+
+
+def reference_levels(path: str) -> dict[str, list[dict]]:
+  """The ``awn`` levels of the compare.json at ``path``, by a label naming it
+  (``compare_report.targets``' references); a clear error for a missing or foreign file."""
+  if not os.path.isfile(path):
+    raise ValueError(f'awn_reference {path!r}: no such file (a compare.json with an awn entry)')
+  with open(path) as f:
+    result = json.load(f)
+  try:
+    levels = result['methods']['awn']['levels']
+  except (KeyError, TypeError):
+    raise ValueError(f'awn_reference {path!r} has no methods.awn.levels: not a comparison with AWN') from None
+  return {f'AWN of {path}': levels}
 
 
 # Config sections that hold a run's config: a flat-era override there gets its new spelling.
@@ -626,40 +646,48 @@ def compare_seeds(cc: CompareConfig, workdir: str, latency_repeats: int) -> dict
     name: {**aggregate_seeds(runs), 'train_steps': first['methods'][name]['train_steps']}
     for name, runs in results.items()
   }
-  out = {
-    **{k: first[k] for k in ('dataset', 'epochs', 'recipe', 'base_macs', 'budgets')},
-    'seeds': list(cc.seeds),
+  head = {k: first[k] for k in ('dataset', 'epochs', 'recipe', 'base_macs', 'budgets')}
+  out = _summary(cc, merged, {**head, 'seeds': list(cc.seeds)}, LEVEL_KEYS + ('accuracy_std', 'accuracies'))
+  title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
+  _write_report(cc, workdir, merged, out, title)
+  return out
+
+
+def _summary(cc: CompareConfig, results: dict[str, dict], head: dict, level_keys: tuple[str, ...]) -> dict:
+  """compare.json: ``head`` (dataset, epochs, budgets, ...), each method's levels (their
+  ``level_keys``) and training cost, and SteppingNet's leads on both readings."""
+  return {
+    **head,
     'methods': {
       name: {
-        'levels': [{k: r[k] for k in LEVEL_KEYS + ('accuracy_std', 'accuracies') if k in r} for r in res['levels']],
+        'levels': [{k: r[k] for k in level_keys if k in r} for r in res['levels']],
         'train_seconds': res['train_seconds'],
         'train_steps': res['train_steps'],
         'reusable': res['reusable'],
       }
-      for name, res in merged.items()
+      for name, res in results.items()
     },
-    'leads': compare_report.leads(merged),
-    'leads_to_reach': compare_report.both_leads(merged).get('macs_to_reach', []),
+    'leads': compare_report.leads(results),
+    'leads_to_reach': compare_report.both_leads(results).get('macs_to_reach', []),
+    **({'awn_reference': cc.awn_reference} if cc.awn_reference else {}),
   }
+
+
+def _write_report(cc: CompareConfig, workdir: str, results: dict[str, dict], out: dict, title: str) -> None:
+  """compare.json (``out``), compare.md and compare.png in ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
-  title = f'{first["dataset"]}, mean of seeds {", ".join(map(str, cc.seeds))}'
-  reports.write_study(
-    workdir,
-    'compare',
-    out,
-    compare_report.markdown(
-      merged,
-      first['budgets'],
-      first['base_macs'],
-      first['dataset'],
-      first['epochs'],
-      seeds=cc.seeds,
-      recipe=cc.recipe,
-      awn_recipe=cc.awn.recipe,
-    ),
-    lambda path: compare_report.plot(path, merged, title),
+  text = compare_report.markdown(
+    results,
+    out['budgets'],
+    out['base_macs'],
+    out['dataset'],
+    out['epochs'],
+    seeds=cc.seeds,
+    recipe=cc.recipe,
+    awn_recipe=cc.awn.recipe,
+    references=reference_levels(cc.awn_reference) if cc.awn_reference else None,
   )
-  return out
+  reports.write_study(workdir, 'compare', out, text, lambda path: compare_report.plot(path, results, title))
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:
@@ -726,41 +754,16 @@ def _compare_one(
   }
   if runs is not None:
     runs.update(results)
-  out = {
+  head = {
     'dataset': dataset.name,
     'epochs': common.train.num_epochs,
     'recipe': cc.recipe,
     'base_macs': setup.base,
     'budgets': list(setup.budgets),
-    'methods': {
-      name: {
-        'levels': [{k: r[k] for k in LEVEL_KEYS if k in r} for r in res['levels']],
-        'train_seconds': res['train_seconds'],
-        'train_steps': res['train_steps'],
-        'reusable': res['reusable'],
-      }
-      for name, res in results.items()
-    },
-    'leads': compare_report.leads(results),
-    'leads_to_reach': compare_report.both_leads(results).get('macs_to_reach', []),
   }
+  out = _summary(cc, results, head, LEVEL_KEYS)
   if write_report:
-    os.makedirs(workdir, exist_ok=True)
-    reports.write_study(
-      workdir,
-      'compare',
-      out,
-      compare_report.markdown(
-        results,
-        list(setup.budgets),
-        setup.base,
-        dataset.name,
-        common.train.num_epochs,
-        recipe=cc.recipe,
-        awn_recipe=cc.awn.recipe,
-      ),
-      lambda path: compare_report.plot(path, results, f'{common.model.name} on {dataset.name}'),
-    )
+    _write_report(cc, workdir, results, out, f'{common.model.name} on {dataset.name}')
   return out
 
 

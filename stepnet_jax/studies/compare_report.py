@@ -5,6 +5,8 @@ dicts ``studies/compare.py`` builds; nothing here trains."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 # The peers SteppingNet must lead at AWN's MAC points, and by how much (accuracy points).
@@ -101,8 +103,27 @@ def lead_lines(rows: list[dict]) -> list[str]:
   return lines
 
 
-def targets(results: dict[str, dict]) -> list[str]:
-  """The issue's targets, checked on the measured numbers (one line each)."""
+def _at_or_above(label: str, peer_levels: list[dict], s_levels: list[dict]) -> list[str]:
+  """One line per level of a peer: SteppingNet's largest level at or below its MACs at or above its accuracy."""
+  lines = []
+  for a in peer_levels:
+    cands = [r for r in s_levels if r['macs'] <= a['macs']]
+    if not cands:
+      lines.append(f'- {label} level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
+      continue
+    s = max(cands, key=lambda r: r['macs'])
+    ok = s['accuracy'] >= a['accuracy']
+    lines.append(
+      f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
+      f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}'
+    )
+  return lines
+
+
+def targets(results: dict[str, dict], references: Mapping[str, list[dict]] | None = None) -> list[str]:
+  """The issue's targets, checked on the measured numbers (one line each). ``references``:
+  levels of runs outside this comparison (by label, e.g. AWN on its published recipe) that
+  SteppingNet is also judged against at equal or lower MACs."""
   lines = []
   st = results.get('steppingnet')
   if st is None:
@@ -114,17 +135,9 @@ def targets(results: dict[str, dict]) -> list[str]:
     f'- SteppingNet exits strictly increasing: {"yes" if inc else "NO"} ({" < ".join(f"{100 * a:.2f}" for a in acc)})'
   )
   for peer, label in (('awn', 'AWN'), ('awn_sandwich', 'AWN sandwich')):
-    for a in results.get(peer, {}).get('levels', []):
-      cands = [r for r in s_levels if r['macs'] <= a['macs']]
-      if not cands:
-        lines.append(f'- {label} level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
-        continue
-      s = max(cands, key=lambda r: r['macs'])
-      ok = s['accuracy'] >= a['accuracy']
-      lines.append(
-        f'- vs {label} level {a["level"]}: SteppingNet {100 * s["accuracy"]:.2f}% at {s["macs"]:,} MACs '
-        f'vs {100 * a["accuracy"]:.2f}% at {a["macs"]:,}: {"met" if ok else "NOT met"}'
-      )
+    lines += _at_or_above(label, results.get(peer, {}).get('levels', []), s_levels)
+  for label, levels in (references or {}).items():
+    lines += _at_or_above(label, levels, s_levels)
   for rows in both_leads(results).values():
     lines += lead_lines(rows)
   if 'independent' in results:
@@ -152,11 +165,12 @@ def markdown(
   seeds: tuple[int, ...] = (),
   recipe: str = 'common',
   awn_recipe: str = 'common',
+  references: Mapping[str, list[dict]] | None = None,
 ) -> str:
   """compare.md: per-level table of every method, training times, and the targets checked
   (with ``seeds``: mean ± standard deviation over them, targets on the means). When the
   runs held images out of training, their validation accuracy (the number to choose
-  settings on) has a column before the test accuracy."""
+  settings on) has a column before the test accuracy. ``references``: see ``targets``."""
   over = f', mean ± std over seeds {", ".join(map(str, seeds))}' if seeds else ''
   held_out = any('validation_accuracy' in r for res in results.values() for r in res['levels'])
   val_head, val_rule = ('validation accuracy (%) | ', '---:|') if held_out else ('', '')
@@ -187,7 +201,7 @@ def markdown(
       f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} | {steps} |'
     )
   lines += _ledger_lines(results)
-  lines += ['', '## Targets', ''] + targets(results)
+  lines += ['', '## Targets', ''] + targets(results, references)
   return '\n'.join(lines) + '\n'
 
 
