@@ -564,32 +564,42 @@ def plan(cc: CompareConfig, workdir: str) -> list[dict]:
   left part-way with its settings: ``where`` names their steps) or 'train'. Settings that
   ``compare`` would refuse (a run directory of other settings, a result.json without its
   runs) raise. For a study that spans sessions or machines: the rows to train or resume are
-  the work still to do."""
+  the work still to do. A finished method's row has ``scores``: ('validation' or 'test', its
+  accuracy per level), the validation one when its runs held images out; None otherwise."""
   rows = []
   for key, one, one_dir in one_comparisons(cc, workdir):
     _, dataset, _, cfgs = _method_configs(one)
     for name, c in cfgs.items():
       method_dir = os.path.join(one_dir, name)
       found = finished_result(name, c, method_dir, dataset.name, cc.ledger, one.common)
+      scores = None
       if found is not None:
         ledger = 'ledger' in found
         status, where = ('ledger', found['ledger']['path']) if ledger else ('reuse', f'{method_dir}/result.json')
+        held_out = all('validation_accuracy' in r for r in found['levels'])
+        field = 'validation_accuracy' if held_out else 'accuracy'
+        scores = ('validation' if held_out else 'test', [r[field] for r in found['levels']])
       else:
         subs = _run_dirs(method_dir, len(c))
         left = [run.progress_left(sub, cfg) for sub, cfg in zip(subs, c)]
         done = [p is not None and not p.at_phase_boundary and p.step >= p.total_steps for p in left]
         status = 'evaluate' if all(done) else 'resume' if any(left) else 'train'
         where = ', '.join(f'{sub} {p}' for sub, p in zip(subs, left) if p is not None) or method_dir
-      rows.append({'comparison': key, 'method': name, 'status': status, 'where': where})
+      rows.append({'comparison': key, 'method': name, 'status': status, 'where': where, 'scores': scores})
   return rows
 
 
 def plan_lines(rows: list[dict]) -> list[str]:
-  """``plan``'s rows as the lines ``--plan`` prints, the count still to train or resume last."""
-  lines = [
-    f'{"" if r["comparison"] is None else str(r["comparison"]) + " "}{r["method"]}: {r["status"]} {r["where"]}'
-    for r in rows
-  ]
+  """``plan``'s rows as the lines ``--plan`` prints (a finished method's with its accuracy per
+  level and their mean), the count still to train or resume last."""
+  lines = []
+  for r in rows:
+    line = f'{"" if r["comparison"] is None else str(r["comparison"]) + " "}{r["method"]}: {r["status"]} {r["where"]}'
+    if r.get('scores'):
+      split, accuracies = r['scores']
+      per_level = ' / '.join(f'{100 * a:.2f}' for a in accuracies)
+      line += f' ({split} accuracy {per_level} %, mean {100 * np.mean(accuracies):.2f})'
+    lines.append(line)
   todo = sum(r['status'] in ('train', 'resume') for r in rows)  # 'evaluate' takes seconds
   return [*lines, f'{todo} of {len(rows)} runs still to train or resume']
 
