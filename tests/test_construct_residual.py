@@ -238,16 +238,20 @@ def test_construction_meets_budgets_and_steps_exactly(constructed, digits):
     assert 0.95 <= ratio <= (1.6 if k == 0 else 1.15), f'level {k}: compiled FLOPs / (2 x own MACs) = {ratio:.3f}'
 
 
-def test_construction_stopped_between_phases_goes_on_bit_identical(constructed, digits, tmp_path, monkeypatch):
+def test_construction_stopped_between_and_inside_phases_goes_on_bit_identical(
+  constructed, digits, tmp_path, monkeypatch, capsys
+):
   """A construction interrupted right after its pretraining's phase checkpoint, run again,
-  goes on from that checkpoint (importance, re-levelling, retraining) and ends with the
+  goes on from that checkpoint (importance, re-levelling); stopped again inside the round's
+  retraining, at a checkpoint it saved there, it goes on from that step; it ends with the
   uninterrupted run's parameters."""
   _, whole = constructed
+  total = _config().train.num_epochs * 8  # 512 images in batches of 64
   saves = []
-  real_save = run.PhasedRun.save_phase
+  real_save_phase, real_save = run.PhasedRun.save_phase, run.checkpoints.save
 
   def save_then_stop(self, *args, **kwargs):
-    real_save(self, *args, **kwargs)
+    real_save_phase(self, *args, **kwargs)
     saves.append(args[0])
     raise KeyboardInterrupt('stopped after the pretraining')
 
@@ -255,12 +259,28 @@ def test_construction_stopped_between_phases_goes_on_bit_identical(constructed, 
   with pytest.raises(KeyboardInterrupt):
     construct.construct(_config(), str(tmp_path), digits)
   assert saves == [4]  # 0.5 epochs of 512 images in batches of 64
-  total = _config().train.num_epochs * 8  # 512 images in batches of 64
   assert run.progress_left(str(tmp_path), _config()) == run.Progress(4, total, at_phase_boundary=True)
-  monkeypatch.setattr(run.PhasedRun, 'save_phase', real_save)
-  construct.construct(_config(), str(tmp_path), digits)
+  monkeypatch.setattr(run.PhasedRun, 'save_phase', real_save_phase)
+
+  def save_inside_then_stop(mngr, step, *args, **kwargs):
+    real_save(mngr, step, *args, **kwargs)
+    saves.append(step)
+    raise KeyboardInterrupt('stopped inside the round')
+
+  # Every 3 steps: the first save inside a phase is at step 6, in the round's retraining [4, 8).
+  monkeypatch.setattr(run.checkpoints, 'save', save_inside_then_stop)
+  every_3 = _config(**{'train.checkpoint_every_steps': 3})
+  with pytest.raises(KeyboardInterrupt):
+    construct.construct(every_3, str(tmp_path), digits)
+  assert saves == [4, 6]
+  assert run.progress_left(str(tmp_path), _config()) == run.Progress(6, total, in_phase=True)
+  monkeypatch.setattr(run.checkpoints, 'save', real_save)
+  capsys.readouterr()
+  construct.construct(every_3, str(tmp_path), digits)
+  assert 'going on inside the phase (round 1/1 retrain) from step 6' in capsys.readouterr().out
   final = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
   assert run.progress_left(str(tmp_path), _config()) == run.Progress(final, total)
+  assert not (tmp_path / 'phases').exists()
   a = jax.tree.leaves(stepnet_jax.load(str(whole)).variables)
   b = jax.tree.leaves(stepnet_jax.load(str(tmp_path)).variables)
   assert len(a) == len(b)

@@ -106,14 +106,13 @@ def progress_bar(enabled: bool) -> Callable:
 
 class Preempted(Exception):
   """Training stopped by SIGTERM or Ctrl-C at ``step``: after saving a checkpoint there
-  (``saved``), or, for a run trained in phases (construction, non-uniform), without one."""
+  (``saved``), or without one (a loop run without a checkpoint function)."""
 
   def __init__(self, step: int, signal_name: str, saved: bool = True):
     what = (
       'checkpoint saved; run the same command to resume'
       if saved
-      else 'this run is trained in phases: the same command goes on from its last phase checkpoint, or starts '
-      'it over if it saved none'
+      else 'nothing saved: the same command goes on from the last checkpoint, or starts over if there is none'
     )
     super().__init__(f'{signal_name} at step {step}: {what}')
     self.step, self.signal_name, self.saved = step, signal_name, saved

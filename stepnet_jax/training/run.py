@@ -369,26 +369,41 @@ def phase_dir(workdir: str) -> str:
   return os.path.join(workdir, 'phases')
 
 
+def within_phase_dir(workdir: str) -> str:
+  """Where a run trained in phases keeps the checkpoints it saves inside a phase (every
+  ``train.checkpoint_every_steps`` and at SIGTERM / Ctrl-C), so that a long phase (a
+  construction's fine-tuning is most of its run) is not trained again from its start:
+  ``WORKDIR/phases/within``, emptied at every phase end."""
+  return os.path.join(phase_dir(workdir), 'within')
+
+
 @dataclasses.dataclass(frozen=True)
 class Progress:
   """Where a run left off: its global ``step`` of ``total_steps``, at a checkpoint in its
-  workdir or (``at_phase_boundary``) at a phase checkpoint of a run trained in phases."""
+  workdir, (``at_phase_boundary``) at a phase checkpoint of a run trained in phases, or
+  (``in_phase``) at a checkpoint such a run saved inside a phase."""
 
   step: int
   total_steps: int
   at_phase_boundary: bool = False
+  in_phase: bool = False
 
   def __str__(self) -> str:
-    return f'at {"the phase boundary of " if self.at_phase_boundary else ""}step {self.step} of {self.total_steps}'
+    where = 'the phase boundary of ' if self.at_phase_boundary else 'a phase at ' if self.in_phase else ''
+    return f'at {where}step {self.step} of {self.total_steps}'
 
 
 def progress_left(workdir: str, cfg: Config) -> Progress | None:
-  """Where a run of ``cfg`` left off in ``workdir`` (its newest checkpoint, else the last phase
-  boundary of a run trained in phases), or None when nothing is there; a run of other
-  settings raises as ``check_workdir`` does."""
+  """Where a run of ``cfg`` left off in ``workdir`` (its newest checkpoint, else, for a run
+  trained in phases, its newest checkpoint inside a phase or its last phase boundary), or
+  None when nothing is there; a run of other settings raises as ``check_workdir`` does."""
   saved = check_workdir(workdir, cfg)
   if saved is not None:
     return Progress(restore.latest_step(workdir), int(saved['steps_per_epoch']) * cfg.train.num_epochs)
+  saved = check_workdir(within_phase_dir(workdir), cfg)
+  if saved is not None:
+    total = int(saved['steps_per_epoch']) * cfg.train.num_epochs
+    return Progress(restore.latest_step(within_phase_dir(workdir)), total, in_phase=True)
   saved = check_workdir(phase_dir(workdir), cfg)
   if saved is not None:
     total = int(saved['steps_per_epoch']) * cfg.train.num_epochs
@@ -407,10 +422,12 @@ class PhasedRun:
   checkpoints), else ``begin`` once every check has passed (nothing is written before);
   then ``train`` per phase (``save_phase`` after each, if the method resumes), and
   ``finish`` at the end, which saves a standard checkpoint that ``stepnet_jax.load`` and
-  ``evaluate.py`` read. Such a run resumes only at phase boundaries: a phase interrupted
-  mid-way is trained again from its start, with the same result (data order and random
-  keys depend only on the seed and the global step); a method that saves no phase
-  checkpoints starts over.
+  ``evaluate.py`` read. Inside a phase the train state is checkpointed every
+  ``train.checkpoint_every_steps`` and at SIGTERM / Ctrl-C (``within_phase_dir``): a phase
+  interrupted mid-way goes on from there once the method, resumed at the phase's start,
+  trains it again (``train``), with the result of an uninterrupted run (data order and
+  random keys depend only on the seed and the global step). A method that saves no phase
+  checkpoints goes on inside its first phase only.
   """
 
   cfg: Config
@@ -439,6 +456,8 @@ class PhasedRun:
     dataset, steps_per_epoch = prepare_data(cfg, dataset)
     run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
     saved = check_workdir(workdir, cfg)
+    for sub in (phase_dir(workdir), within_phase_dir(workdir)):  # other settings: refused before anything runs
+      check_workdir(sub, cfg)
     sharding.barrier(f'checked {workdir}')
     if saved is not None:
       path = os.path.join(workdir, result_name)
@@ -458,15 +477,22 @@ class PhasedRun:
     return self.cfg.train.num_epochs * self.steps_per_epoch
 
   def begin(self) -> None:
-    """Starts the metric files anew and the clock."""
+    """Starts the clock and the metric files (anew, unless the first phase left a checkpoint
+    inside it to go on from)."""
     os.makedirs(self.workdir, exist_ok=True)
-    self.writer = loop.MetricWriter(self.workdir, fresh=True)
+    fresh = restore.latest_step(self.within_dir) is None
+    self.writer = loop.MetricWriter(self.workdir, fresh=fresh)
     self.started = time.time()
 
   @property
   def phase_dir(self) -> str:
     """Where this run's phase-boundary checkpoints go (``phase_dir``)."""
     return phase_dir(self.workdir)
+
+  @property
+  def within_dir(self) -> str:
+    """Where this run's checkpoints inside a phase go (``within_phase_dir``)."""
+    return within_phase_dir(self.workdir)
 
   def save_phase(
     self,
@@ -493,6 +519,9 @@ class PhasedRun:
     }
     self.phases_saved += 1
     checkpoints.save_final(self.phase_dir, 1, self.phases_saved, params, stats, meta, state)
+    if jax.process_index() == 0:
+      shutil.rmtree(self.within_dir, ignore_errors=True)  # the phase they were inside is done
+    sharding.barrier(f'phase {self.phases_saved} saved in {self.phase_dir}')
     if self.stop.signal_name is not None:
       raise loop.Preempted(step, self.stop.signal_name)
 
@@ -532,7 +561,9 @@ class PhasedRun:
     cfg = cfg or self.cfg
     tx = optim.make_optimizer(cfg, self.steps_per_epoch, step_offset=first)
     graphdef, state = step_lib.init_state(model, tx, first)
-    state = self.run_steps(state, config_train_step(graphdef, tx, cfg, objective), first, last, desc, levels, cfg)
+    model_meta = structure.model_meta(model, self.cfg.model.name, self.dataset.num_classes)
+    train_step = config_train_step(graphdef, tx, cfg, objective)
+    state = self.run_steps(state, train_step, first, last, desc, model_meta, levels, cfg)
     return nnx.merge(graphdef, state.params, state.batch_stats)
 
   def run_steps(
@@ -542,23 +573,58 @@ class PhasedRun:
     first: int,
     last: int,
     desc: str,
+    model_meta: dict,
     levels: Sequence[int] | None = None,
     cfg: Config | None = None,
   ) -> step_lib.TrainState:
-    """``loop.run_steps`` on this run's data and metric files, with its config (or ``cfg``)."""
+    """``loop.run_steps`` of the phase ``[first, last)`` on this run's data and metric files,
+    with its config (or ``cfg``), checkpointing inside the phase (``within_phase_dir``) and
+    going on from such a checkpoint of this phase (the same bounds after the same phase
+    end), if one is there; ``model_meta`` is the phase's model structure."""
     cfg = cfg or self.cfg
-    return loop.run_steps(
-      state,
-      train_step,
-      training_batches(cfg, self.dataset, first, last, self.steps_per_epoch),
-      loop.LoopSettings.from_config(cfg, self.dataset.num_classes),
-      first=first,
-      last=last,
-      writer=self.writer,
-      desc=desc,
-      levels=levels,
-      stop=self.stop,
-    )
+    phase = {'phase_first': first, 'phase_last': last, 'phases_saved': self.phases_saved}
+    saved = check_workdir(self.within_dir, self.cfg)  # one of an earlier phase is left over: passed by
+    start = first
+    if saved is not None and all(saved.get(k) == v for k, v in phase.items()):
+      if not structure.same_model(saved['model_meta'], model_meta):
+        raise SettingsError(f'{self.within_dir} holds a checkpoint of this phase with another model; delete it')
+      start = restore.latest_step(self.within_dir)
+      state = checkpoints.restore_state(self.within_dir, state, start)
+      self.started = time.time() - float(saved['train_seconds'])
+      print(f'{self.workdir}: going on inside the phase ({desc}) from step {start}', flush=True)
+    meta = {**run_meta(self.cfg, model_meta, self.dataset, self.steps_per_epoch), **phase}
+    mngr = checkpoints.manager(self.within_dir, keep=1)
+    settings = loop.LoopSettings.from_config(cfg, self.dataset.num_classes)
+    if not settings.checkpoint_every_steps:  # as a joint run: at least at every epoch's end
+      settings = dataclasses.replace(settings, checkpoint_every_steps=self.steps_per_epoch)
+
+    def save(state: step_lib.TrainState) -> None:
+      checkpoints.save(
+        mngr,
+        int(state.step),
+        state.params,
+        state.batch_stats,
+        {**meta, 'train_seconds': time.time() - self.started},
+        state,
+      )
+
+    try:
+      return loop.run_steps(
+        state,
+        train_step,
+        training_batches(cfg, self.dataset, start, last, self.steps_per_epoch),
+        settings,
+        first=start,
+        last=last,
+        writer=self.writer,
+        desc=desc,
+        levels=levels,
+        checkpoint=save,
+        stop=self.stop,
+      )
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
 
   def finish(self, model: SteppingModel, model_meta: dict, label: str, extra: dict) -> dict:
     """Evaluates every exit, saves the final checkpoint and ``result_name``; returns the result:
