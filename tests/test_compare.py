@@ -72,8 +72,12 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
   top = out['methods']['steppingnet']['levels'][-1]
   reference = tmp_path / 'reference.json'
   awn_levels = [{'level': i, 'macs': top['macs'], 'accuracy': top['accuracy'] + d} for i, d in enumerate((0.01, -0.01))]
-  reference.write_text(json.dumps({'methods': {'awn': {'levels': awn_levels}}}))
+  head = {'dataset': out['dataset'], 'base_macs': out['base_macs'] + 1}
+  reference.write_text(json.dumps({**head, 'methods': {'awn': {'levels': awn_levels}}}))
   cc.awn_reference = str(reference)
+  with pytest.raises(ValueError, match='has base_macs'):  # another base network's MACs: refused
+    compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)
+  reference.write_text(json.dumps({**head, 'base_macs': out['base_macs'], 'methods': {'awn': {'levels': awn_levels}}}))
   assert compare.compare(cc, str(tmp_path), quick=True, latency_repeats=2)['awn_reference'] == str(reference)
   judged = [line for line in (tmp_path / 'compare.md').read_text().splitlines() if f'AWN of {reference}' in line]
   assert [line.rsplit(': ', 1)[1] for line in judged] == ['NOT met', 'met']

@@ -4,6 +4,10 @@ and a construction that meets its budgets, steps exactly and resumes bit-identic
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,6 +279,26 @@ def test_construction_stopped_between_and_inside_phases_goes_on_bit_identical(
   assert saves == [4, 6]
   assert run.progress_left(str(tmp_path), _config()) == run.Progress(6, total, in_phase=True)
   monkeypatch.setattr(run.checkpoints, 'save', real_save)
+  # A checkpoint left inside another phase (here the round's, at step 6, in a workdir without
+  # phase checkpoints) is removed, so that the pretraining's save at step 3 is written; an
+  # unreadable one is removed, saying so.
+  within = run.within_phase_dir(str(tmp_path))
+  for case in ('other_phase', 'unreadable'):
+    shutil.copytree(within, run.within_phase_dir(str(tmp_path / case)))
+  for meta in glob.glob(
+    os.path.join(run.within_phase_dir(str(tmp_path / 'unreadable')), 'checkpoints', '*', 'meta', '*')
+  ):
+    if os.path.isfile(meta):
+      open(meta, 'w').close()
+  monkeypatch.setattr(run.PhasedRun, 'save_phase', save_then_stop)
+  for case in ('other_phase', 'unreadable'):
+    saves.clear()
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+      construct.construct(every_3, str(tmp_path / case), digits)
+    assert saves == [4] and not os.path.exists(run.within_phase_dir(str(tmp_path / case)))
+    assert ('removing an unreadable checkpoint inside a phase' in capsys.readouterr().out) == (case == 'unreadable')
+  monkeypatch.setattr(run.PhasedRun, 'save_phase', real_save_phase)
   capsys.readouterr()
   construct.construct(every_3, str(tmp_path), digits)
   assert 'going on inside the phase (round 1/1 retrain) from step 6' in capsys.readouterr().out

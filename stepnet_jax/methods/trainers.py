@@ -109,8 +109,9 @@ def train(
   method = TRAINERS.get(validate(cfg).method)
   if restore_previous and cfg.method != 'joint':
     raise SettingsError(
-      f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases and '
-      'starts over when it was interrupted'
+      f'--restore_previous resumes joint runs; a {cfg.method!r} run is trained in phases: the same '
+      'command goes on from its last phase checkpoint and its last checkpoint inside the phase, or '
+      'delete WORKDIR/phases/within to go on from the phase checkpoint alone'
     )
   with run.lock_workdir(workdir):  # one trainer per workdir
     if restore_previous:

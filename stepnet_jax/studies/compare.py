@@ -173,9 +173,11 @@ class CompareConfig:
       reference_levels(self.awn_reference)  # a missing or foreign file fails before any training
 
 
-def reference_levels(path: str) -> dict[str, list[dict]]:
+def reference_levels(path: str, dataset: str | None = None, base_macs: int | None = None) -> dict[str, list[dict]]:
   """The ``awn`` levels of the compare.json at ``path``, by a label naming it
-  (``compare_report.targets``' references); a clear error for a missing or foreign file."""
+  (``compare_report.targets``' references); a clear error for a missing or foreign file, for
+  levels without MACs and accuracy and, given ``dataset`` and ``base_macs``, for a comparison
+  on other data or another base network (its MACs would not be this one's)."""
   if not os.path.isfile(path):
     raise ValueError(f'awn_reference {path!r}: no such file (a compare.json with an awn entry)')
   with open(path) as f:
@@ -184,6 +186,11 @@ def reference_levels(path: str) -> dict[str, list[dict]]:
     levels = result['methods']['awn']['levels']
   except (KeyError, TypeError):
     raise ValueError(f'awn_reference {path!r} has no methods.awn.levels: not a comparison with AWN') from None
+  if not levels or any(not isinstance(r, dict) or {'level', 'macs', 'accuracy'} - set(r) for r in levels):
+    raise ValueError(f'awn_reference {path!r}: every AWN level needs level, macs and accuracy')
+  for key, ours in (('dataset', dataset), ('base_macs', base_macs)):
+    if ours is not None and result.get(key) != ours:
+      raise ValueError(f'awn_reference {path!r} has {key} {result.get(key)!r}; this comparison has {ours!r}')
   return {f'AWN of {path}': levels}
 
 
@@ -755,6 +762,8 @@ def _compare_one(
   common = cc.common
   full, dataset, setup, cfgs = _method_configs(cc)
   print(f'budgets (x {setup.base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in setup.budgets), flush=True)
+  if cc.awn_reference:  # judged against in the report: its data and MACs must be this comparison's
+    reference_levels(cc.awn_reference, dataset.name, setup.base)
   validation = run.prepare_splits(common, full)[1]  # the images every method held out, if any
   results = {
     name: run_method(

@@ -373,8 +373,20 @@ def within_phase_dir(workdir: str) -> str:
   """Where a run trained in phases keeps the checkpoints it saves inside a phase (every
   ``train.checkpoint_every_steps`` and at SIGTERM / Ctrl-C), so that a long phase (a
   construction's fine-tuning is most of its run) is not trained again from its start:
-  ``WORKDIR/phases/within``, emptied at every phase end."""
+  ``WORKDIR/phases/within``, emptied at every phase checkpoint and removed with the phase
+  checkpoints at the end."""
   return os.path.join(phase_dir(workdir), 'within')
+
+
+def _remove_dir(path: str) -> None:
+  """Removes ``path`` as one step: renamed first, so that an interrupted removal leaves no
+  half-deleted checkpoint where a reader looks (first host only)."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  doomed = f'{path}.removing'
+  shutil.rmtree(doomed, ignore_errors=True)
+  os.replace(path, doomed)
+  shutil.rmtree(doomed, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,8 +401,9 @@ class Progress:
   in_phase: bool = False
 
   def __str__(self) -> str:
-    where = 'the phase boundary of ' if self.at_phase_boundary else 'a phase at ' if self.in_phase else ''
-    return f'at {where}step {self.step} of {self.total_steps}'
+    if self.in_phase:
+      return f'inside a phase at step {self.step} of {self.total_steps}'
+    return f'at {"the phase boundary of " if self.at_phase_boundary else ""}step {self.step} of {self.total_steps}'
 
 
 def progress_left(workdir: str, cfg: Config) -> Progress | None:
@@ -400,14 +413,14 @@ def progress_left(workdir: str, cfg: Config) -> Progress | None:
   saved = check_workdir(workdir, cfg)
   if saved is not None:
     return Progress(restore.latest_step(workdir), int(saved['steps_per_epoch']) * cfg.train.num_epochs)
-  saved = check_workdir(within_phase_dir(workdir), cfg)
-  if saved is not None:
-    total = int(saved['steps_per_epoch']) * cfg.train.num_epochs
-    return Progress(restore.latest_step(within_phase_dir(workdir)), total, in_phase=True)
-  saved = check_workdir(phase_dir(workdir), cfg)
-  if saved is not None:
-    total = int(saved['steps_per_epoch']) * cfg.train.num_epochs
-    return Progress(int(saved['phase_step']), total, at_phase_boundary=True)
+  phase, within = check_workdir(phase_dir(workdir), cfg), check_workdir(within_phase_dir(workdir), cfg)
+  boundary = int(phase['phase_step']) if phase is not None else None
+  if within is not None:  # one left from before the last phase checkpoint is passed by, as the run does
+    step = restore.latest_step(within_phase_dir(workdir))
+    if boundary is None or step > boundary:
+      return Progress(step, int(within['steps_per_epoch']) * cfg.train.num_epochs, in_phase=True)
+  if phase is not None:
+    return Progress(boundary, int(phase['steps_per_epoch']) * cfg.train.num_epochs, at_phase_boundary=True)
   return None
 
 
@@ -426,8 +439,9 @@ class PhasedRun:
   ``train.checkpoint_every_steps`` and at SIGTERM / Ctrl-C (``within_phase_dir``): a phase
   interrupted mid-way goes on from there once the method, resumed at the phase's start,
   trains it again (``train``), with the result of an uninterrupted run (data order and
-  random keys depend only on the seed and the global step). A method that saves no phase
-  checkpoints goes on inside its first phase only.
+  random keys depend only on the seed and the global step). A checkpoint inside a phase the
+  run does not go on from (one left from an earlier phase) is removed when the next phase
+  starts.
   """
 
   cfg: Config
@@ -456,8 +470,8 @@ class PhasedRun:
     dataset, steps_per_epoch = prepare_data(cfg, dataset)
     run = cls(cfg, workdir, dataset, steps_per_epoch, result_name)
     saved = check_workdir(workdir, cfg)
-    for sub in (phase_dir(workdir), within_phase_dir(workdir)):  # other settings: refused before anything runs
-      check_workdir(sub, cfg)
+    check_workdir(phase_dir(workdir), cfg)  # other settings: refused before anything runs
+    run._left_inside()
     sharding.barrier(f'checked {workdir}')
     if saved is not None:
       path = os.path.join(workdir, result_name)
@@ -480,9 +494,20 @@ class PhasedRun:
     """Starts the clock and the metric files (anew, unless the first phase left a checkpoint
     inside it to go on from)."""
     os.makedirs(self.workdir, exist_ok=True)
-    fresh = restore.latest_step(self.within_dir) is None
-    self.writer = loop.MetricWriter(self.workdir, fresh=fresh)
+    left = self._left_inside()
+    self.writer = loop.MetricWriter(self.workdir, fresh=left is None or left['phases_saved'] != 0)
     self.started = time.time()
+
+  def _left_inside(self) -> dict | None:
+    """The meta of the checkpoint left inside a phase, or None; an unreadable one (a save cut
+    short) is removed, saying so: a phase then goes on from its start."""
+    try:
+      return check_workdir(self.within_dir, self.cfg)
+    except restore.CheckpointError as e:
+      print(f'{self.within_dir}: removing an unreadable checkpoint inside a phase ({e})', flush=True)
+      _remove_dir(self.within_dir)
+      sharding.barrier(f'removed {self.within_dir}')
+      return None
 
   @property
   def phase_dir(self) -> str:
@@ -519,8 +544,7 @@ class PhasedRun:
     }
     self.phases_saved += 1
     checkpoints.save_final(self.phase_dir, 1, self.phases_saved, params, stats, meta, state)
-    if jax.process_index() == 0:
-      shutil.rmtree(self.within_dir, ignore_errors=True)  # the phase they were inside is done
+    _remove_dir(self.within_dir)  # the phase they were inside is done
     sharding.barrier(f'phase {self.phases_saved} saved in {self.phase_dir}')
     if self.stop.signal_name is not None:
       raise loop.Preempted(step, self.stop.signal_name)
@@ -583,9 +607,12 @@ class PhasedRun:
     end), if one is there; ``model_meta`` is the phase's model structure."""
     cfg = cfg or self.cfg
     phase = {'phase_first': first, 'phase_last': last, 'phases_saved': self.phases_saved}
-    saved = check_workdir(self.within_dir, self.cfg)  # one of an earlier phase is left over: passed by
-    start = first
-    if saved is not None and all(saved.get(k) == v for k, v in phase.items()):
+    saved, start = self._left_inside(), first
+    if saved is not None and any(saved.get(k) != v for k, v in phase.items()):
+      _remove_dir(self.within_dir)  # left from another phase: its steps would block this phase's saves
+      sharding.barrier(f'removed {self.within_dir}')
+      saved = None
+    if saved is not None:
       if not structure.same_model(saved['model_meta'], model_meta):
         raise SettingsError(f'{self.within_dir} holds a checkpoint of this phase with another model; delete it')
       start = restore.latest_step(self.within_dir)
@@ -644,7 +671,7 @@ class PhasedRun:
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, self.result_name), 'w') as f:
         json.dump(result, f, indent=2)
-      shutil.rmtree(self.phase_dir, ignore_errors=True)  # the final checkpoint supersedes them
+      _remove_dir(self.phase_dir)  # the final checkpoint supersedes them
     print(
       f'{label} done: test accuracy per level '
       + ' '.join(f'{a:.4f}' for a in test_acc)
