@@ -281,7 +281,7 @@ def test_construction_stopped_between_and_inside_phases_goes_on_bit_identical(
   monkeypatch.setattr(run.checkpoints, 'save', real_save)
   # A checkpoint left inside another phase (here the round's, at step 6, in a workdir without
   # phase checkpoints) is removed, so that the pretraining's save at step 3 is written; an
-  # unreadable one is removed, saying so.
+  # unreadable one is set aside, saying so.
   within = run.within_phase_dir(str(tmp_path))
   for case in ('other_phase', 'unreadable'):
     shutil.copytree(within, run.within_phase_dir(str(tmp_path / case)))
@@ -297,7 +297,10 @@ def test_construction_stopped_between_and_inside_phases_goes_on_bit_identical(
     with pytest.raises(KeyboardInterrupt):
       construct.construct(every_3, str(tmp_path / case), digits)
     assert saves == [4] and not os.path.exists(run.within_phase_dir(str(tmp_path / case)))
-    assert ('removing an unreadable checkpoint inside a phase' in capsys.readouterr().out) == (case == 'unreadable')
+    out = capsys.readouterr().out
+    assert ('an unreadable checkpoint inside a phase' in out) == (case == 'unreadable')
+    kept = tmp_path / case / 'unreadable_checkpoints'  # set aside for inspection, not deleted
+    assert (sorted(os.listdir(kept)) if kept.exists() else []) == (['6'] if case == 'unreadable' else [])
   monkeypatch.setattr(run.PhasedRun, 'save_phase', real_save_phase)
   capsys.readouterr()
   construct.construct(every_3, str(tmp_path), digits)

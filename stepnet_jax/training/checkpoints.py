@@ -143,12 +143,13 @@ def write_description(workdir: str, meta: dict) -> None:
     json.dump(meta, f, indent=2)
 
 
-def set_aside(workdir: str, steps) -> None:
-  """Moves the checkpoints ``steps`` to ``WORKDIR/unreadable_checkpoints`` (first host only):
-  kept for inspection, and out of the manager's way (it never writes a step below its newest)."""
+def set_aside(workdir: str, steps, into: str | None = None) -> None:
+  """Moves the checkpoints ``steps`` to ``WORKDIR/unreadable_checkpoints`` (or ``into``; first
+  host only): kept for inspection, and out of the manager's way (it never writes a step
+  below its newest)."""
   if jax.process_index() != 0:
     return
-  target = os.path.join(workdir, 'unreadable_checkpoints')
+  target = into or os.path.join(workdir, 'unreadable_checkpoints')
   os.makedirs(target, exist_ok=True)
   for step in steps:
     name, copy = str(step), 1

@@ -500,14 +500,17 @@ class PhasedRun:
 
   def _left_inside(self) -> dict | None:
     """The meta of the checkpoint left inside a phase, or None; an unreadable one (a save cut
-    short) is removed, saying so: a phase then goes on from its start."""
-    try:
-      return check_workdir(self.within_dir, self.cfg)
-    except restore.CheckpointError as e:
-      print(f'{self.within_dir}: removing an unreadable checkpoint inside a phase ({e})', flush=True)
-      _remove_dir(self.within_dir)
-      sharding.barrier(f'removed {self.within_dir}')
-      return None
+    short) is set aside in ``WORKDIR/unreadable_checkpoints`` (``checkpoints.set_aside``,
+    which says so): the phase then goes on from an older one, or from its start."""
+    for _ in restore.all_steps(self.within_dir):  # at most one set aside per step held
+      try:
+        return check_workdir(self.within_dir, self.cfg)
+      except restore.CheckpointError as e:
+        print(f'{self.within_dir}: an unreadable checkpoint inside a phase ({e})', flush=True)
+        into = os.path.join(self.workdir, 'unreadable_checkpoints')
+        checkpoints.set_aside(self.within_dir, [restore.latest_step(self.within_dir)], into=into)
+        sharding.barrier(f'set aside in {self.within_dir}')
+    return check_workdir(self.within_dir, self.cfg)  # None once all are set aside; else it says why
 
   @property
   def phase_dir(self) -> str:
