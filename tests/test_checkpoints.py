@@ -1,6 +1,7 @@
 """Checkpoint retention (the newest and the best), the validation metric that ranks them, the
 workdir lock, the divergence guard, and malformed configs refused before anything is written."""
 
+import json
 import os
 
 import numpy as np
@@ -114,9 +115,10 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path):
   assert restore.all_steps(str(tmp_path)) == [4, 2]
 
 
-def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path, monkeypatch):
+def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path, monkeypatch, capsys):
   """A stop request arriving during the last step of epoch 1 lets the epoch end as usual
-  (evaluated, saved with its validation accuracy), then stops before epoch 2."""
+  (evaluated, saved with its validation accuracy), then stops before epoch 2. The epoch's
+  progress line shows the validation accuracy the run is ranked by, then the test accuracy."""
   import signal
 
   cfg = _digits_config(**{'data.validation_examples': 300, 'train.num_epochs': 2})
@@ -139,7 +141,12 @@ def test_sigterm_at_an_epochs_last_step_evaluates_and_ranks_that_epoch(tmp_path,
   assert stopped.value.step == steps_per_epoch and stopped.value.signal_name == 'SIGTERM'
   assert restore.all_steps(str(tmp_path)) == [steps_per_epoch]
   assert restore.best_step(str(tmp_path)) == steps_per_epoch  # ranked: its validation accuracy was saved
-  assert '"epoch": 1' in (tmp_path / 'metrics.jsonl').read_text()
+  logged = [json.loads(ln) for ln in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  epoch = next(entry for entry in logged if entry.get('epoch') == 1)
+  levels = cfg.model.num_levels
+  shown = [f'{epoch[f"{split}/accuracy/level{k}"]:.4f}' for split in ('validation', 'test') for k in range(levels)]
+  line = f'epoch 1: validation accuracy per level {" ".join(shown[:levels])}; test {" ".join(shown[levels:])}'
+  assert line in capsys.readouterr().out.splitlines()
 
 
 def test_distillation_replacing_the_labels_does_not_look_like_divergence(tmp_path):

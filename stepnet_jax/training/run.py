@@ -322,7 +322,10 @@ def _train_epochs(
           scalars.update(loop.per_level('validation/accuracy', val_acc))
           top_validation = float(val_acc[-1])
         writer.write(step, scalars)
-        print(f'epoch {epoch + 1}: test accuracy per level ' + ' '.join(f'{a:.4f}' for a in test_acc), flush=True)
+        line = f'epoch {epoch + 1}: test accuracy per level {_per_level(test_acc)}'
+        if evaluate_validation:  # a held-out run is judged by these: they come first
+          line = f'epoch {epoch + 1}: validation accuracy per level {_per_level(val_acc)}; test {_per_level(test_acc)}'
+        print(line, flush=True)
         save(state, top_validation)
         if stop.signal_name is not None and epoch + 1 < epochs:
           raise loop.Preempted(step, stop.signal_name)
@@ -351,6 +354,11 @@ def _train_epochs(
   if 'final_top_accuracy' in result:
     result['final_top_accuracy']['num_classes'] = dataset.num_classes
   return result
+
+
+def _per_level(accuracy) -> str:
+  """Accuracies per level as the progress lines print them: '0.9012 0.9123 ...'."""
+  return ' '.join(f'{float(a):.4f}' for a in accuracy)
 
 
 def check_learned(result: dict, cfg: Config) -> None:
@@ -676,9 +684,7 @@ class PhasedRun:
         json.dump(result, f, indent=2)
       _remove_dir(self.phase_dir)  # the final checkpoint supersedes them
     print(
-      f'{label} done: test accuracy per level '
-      + ' '.join(f'{a:.4f}' for a in test_acc)
-      + ', MACs '
+      f'{label} done: test accuracy per level {_per_level(test_acc)}, MACs '
       + ' '.join(f'{m / 1e6:.3f}M' for m in level_macs)
       + f', {seconds:.0f} s',
       flush=True,
