@@ -149,3 +149,22 @@ def test_every_config_field_is_on_the_configuration_page():
       fields.extend(f'{section.name}.{f.name}' for f in dataclasses.fields(section.default_factory))
   missing = [name for name in fields if f'`{name}`' not in page]
   assert not missing, f'config fields not described in docs/configuration.md: {missing}'
+
+
+def test_every_results_file_is_in_the_results_index():
+  """results/README.md is the index of what was measured: it links every file and folder
+  in results/, and every file it links exists; the README and the docs' results page name
+  every log page."""
+  results = os.path.join(REPO, 'results')
+  with open(os.path.join(results, 'README.md'), encoding='utf-8') as f:
+    linked = {target.rstrip('/') for target in re.findall(r'\]\(([^)#\s]+)\)', f.read())}
+  local = {t for t in linked if '/' not in t.rstrip('/') and not t.startswith('..')}
+  present = set(os.listdir(results)) - {'README.md', '__pycache__'}
+  assert not sorted(present - local), f'in results/ but not in results/README.md: {sorted(present - local)}'
+  missing = sorted(t for t in linked if not os.path.exists(os.path.join(results, t)))
+  assert not missing, f'results/README.md links files that do not exist: {missing}'
+  logs = sorted(name for name in present if name.endswith('_log.md'))
+  for page in ('README.md', os.path.join('docs', 'results.md')):
+    with open(os.path.join(REPO, page), encoding='utf-8') as f:
+      text = f.read()
+    assert not [log for log in logs if log not in text], f'{page} does not name every log page of results/'
