@@ -10,8 +10,12 @@
 #      scripts/recipes_20ep.sh plan                       what is recorded, left or still to train
 #      scripts/recipes_20ep.sh run RECIPE:METHOD [...]    train those, one after the other
 #      scripts/recipes_20ep.sh choose                     RUNS/recipes.{json,md,png}; refused until plan has nothing left
-# 2. The comparison on the chosen recipe: all 60,000 training images, the test split, the
-#    extra budgets, in RUNS/final_RECIPE.
+# 2. The comparison on the chosen recipe: all 60,000 training images, the test split, in
+#    RUNS/final_RECIPE.
+# Both train AWN's four MAC points only (no extra budgets): the recipe is chosen for those
+# levels (under the SGD recipes' summed loss, six exits would push the shared weights harder
+# than the search did), and the MACs to reach a level are every method's cost of stepping
+# through the same four subnets.
 #      scripts/recipes_20ep.sh final-plan RECIPE          what is recorded, left or still to train
 #      scripts/recipes_20ep.sh final RECIPE METHOD [...]  train those, one after the other
 #      scripts/recipes_20ep.sh final RECIPE               RUNS/final_RECIPE/compare.{json,md,png}; refused until final-plan has nothing left
@@ -29,9 +33,9 @@ export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1} MALLOC_MMAP_MAX_=${MALLOC_MMAP_MA
 twenty_epochs() {
   .venv/bin/python -m stepnet_jax.compare --config configs/compare_fashion_mnist.py \
     --config.common.train.num_epochs=20 --config.common.train.checkpoint_every_steps=200 \
-    --config.ledger=results/ledger "$@"
+    --config.extra_budgets= --config.ledger=results/ledger "$@"
 }
-search() { twenty_epochs --config.common.data.validation_examples=5000 --config.extra_budgets= "$@"; }
+search() { twenty_epochs --config.common.data.validation_examples=5000 "$@"; }
 # The final comparison also judges SteppingNet against AWN on its own published recipe (issue 32).
 final() {
   twenty_epochs --workdir "$RUNS/final_$1" --config.recipe="$1" \

@@ -196,6 +196,39 @@ def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
   assert compare_report.leads({'awn': results['awn']}) == []
 
 
+def test_a_level_a_few_macs_above_an_awn_point_counts_as_at_it(tmp_path):
+  """The budgets are AWN's MACs rounded to 1e-6 of the base, so a level built to fill one may
+  exceed AWN's MACs by a few: it counts as at the point (within ``MACS_TOLERANCE``), a level
+  2e-5 above does not. compare.md and compare.png are written from such a table."""
+  point = 516_428
+
+  def results(steppingnet_macs):
+    return {
+      name: {
+        'levels': [{'level': 0, 'macs': m, 'macs_to_reach': m, 'accuracy': a, 'latency_ms': 0.1}],
+        'train_seconds': 10.0,
+        'train_steps': 5,
+        'reusable': True,
+      }
+      for name, m, a in (('awn', point, 0.80), ('steppingnet', steppingnet_macs, 0.90), ('slimmable', 516_000, 0.85))
+    }
+
+  near = results(point + 2)
+  assert [r['lead'] for r in compare_report.leads(near)] == pytest.approx([5.0])
+  assert '- vs AWN level 0: SteppingNet 90.00% at 516,430 MACs vs 80.00% at 516,428: met' in compare_report.targets(
+    near
+  )
+  far = results(int(point * (1 + 2e-5)) + 1)
+  assert [r['lead'] for r in compare_report.leads(far)] == [None]
+  assert '- AWN level 0 (516,428 MACs): no SteppingNet level at or below its MACs' in compare_report.targets(far)
+  md = compare_report.markdown(near, [0.0723], 7_146_624, 'digits', 1)
+  assert 'Train seconds of all methods together: 30 ' in md
+  assert '| 0 | 0: 90.00 (516,430) | slimmable 0: 85.00 (516,000) | +5.00 | 0: 90.00 (516,430) |' in md
+  reference = {'AWN elsewhere': [{'level': 0, 'macs': point, 'accuracy': 0.82}]}
+  compare_report.plot(str(tmp_path / 'compare.png'), near, 'title', reference)
+  assert (tmp_path / 'compare.png').stat().st_size > 0
+
+
 def test_leads_on_the_macs_spent_stepping_charge_recomputation():
   # The same kind of table with the MACs each level costs to reach: slimmable recomputes,
   # so its level 1 (95-MAC subnet) costs 155 to reach and no longer fits AWN's 100-MAC
@@ -217,6 +250,12 @@ def test_leads_on_the_macs_spent_stepping_charge_recomputation():
   assert [r['best_peer_macs'] for r in to_reach] == [100, 300]
   both = compare_report.both_leads(results)
   assert both == {'macs': subnet, 'macs_to_reach': to_reach}
+  # compare.md's side-by-side table: per AWN point, each reading's SteppingNet level, best peer and lead.
+  table = compare_report.leads_table(results)
+  assert table[2:] == [
+    '| 0 | 1: 83.00 (90) | slimmable 1: 84.00 (95) | -1.00 | 1: 83.00 (90) | awn 0: 80.00 (100) | +3.00 |',
+    '| 1 | 2: 91.00 (290) | slimmable 2: 95.00 (280) | -4.00 | 2: 91.00 (290) | awn 1: 90.00 (300) | +1.00 |',
+  ]
   lines = compare_report.lead_lines(to_reach)
   assert '(100 MACs to reach)' in lines[0] and lines[0].endswith(': met (target: >= 0.5 pt)')
   results['independent'] = {'levels': [{'level': 0, 'macs': 50, 'accuracy': 0.9}]}  # not judged: no effect

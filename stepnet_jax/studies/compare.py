@@ -693,6 +693,7 @@ def _summary(cc: CompareConfig, results: dict[str, dict], head: dict, level_keys
 def _write_report(cc: CompareConfig, workdir: str, results: dict[str, dict], out: dict, title: str) -> None:
   """compare.json (``out``), compare.md and compare.png in ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
+  references = reference_levels(cc.awn_reference) if cc.awn_reference else None
   text = compare_report.markdown(
     results,
     out['budgets'],
@@ -702,9 +703,9 @@ def _write_report(cc: CompareConfig, workdir: str, results: dict[str, dict], out
     seeds=cc.seeds,
     recipe=cc.recipe,
     awn_recipe=cc.awn.recipe,
-    references=reference_levels(cc.awn_reference) if cc.awn_reference else None,
+    references=references,
   )
-  reports.write_study(workdir, 'compare', out, text, lambda path: compare_report.plot(path, results, title))
+  reports.write_study(workdir, 'compare', out, text, lambda path: compare_report.plot(path, results, title, references))
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:

@@ -19,10 +19,19 @@ LEAD_TARGET = 0.5
 # (a method that recomputes pays for every level below it again).
 READINGS = {'macs': 'subnet MACs', 'macs_to_reach': 'MACs to reach'}
 
+# A level "fits" a MAC point up to this fraction above it: the budgets are AWN's MACs rounded
+# to 1e-6 of the base network, so a level built to fill one may exceed it by a few MACs.
+MACS_TOLERANCE = 1e-5
+
+
+def _fits(macs: int, point: int) -> bool:
+  """Whether a level of ``macs`` counts as at or below the MAC point ``point``."""
+  return macs <= point * (1 + MACS_TOLERANCE)
+
 
 def _best_at(levels: list[dict], macs: int, reading: str = 'macs') -> dict | None:
   """The most accurate level that costs at most ``macs`` on ``reading`` (None if none does)."""
-  fits = [r for r in levels if r[reading] <= macs]
+  fits = [r for r in levels if _fits(r[reading], macs)]
   return max(fits, key=lambda r: r['accuracy']) if fits else None
 
 
@@ -76,6 +85,30 @@ def both_leads(results: dict[str, dict]) -> dict[str, list[dict]]:
   return {reading: leads(results, reading) for reading in READINGS if all(reading in r for r in levels)}
 
 
+def leads_table(results: dict[str, dict]) -> list[str]:
+  """The leads on both readings side by side: one row per AWN point, SteppingNet's level and
+  its best peer's on each reading ([] without both readings' leads)."""
+  both = both_leads(results)
+  if not both or not all(both.values()):
+    return []
+
+  def cells(r: dict) -> str:
+    if r['lead'] is None:
+      return '- | - | -'
+    peer = f'{r["best_peer"]} {r["best_peer_level"]}: {100 * r["best_peer_accuracy"]:.2f} ({r["best_peer_macs"]:,})'
+    ours = f'{r["steppingnet_level"]}: {100 * r["steppingnet_accuracy"]:.2f} ({r["steppingnet_macs"]:,})'
+    return f'{ours} | {peer} | {r["lead"]:+.2f}'
+
+  head = ' | '.join(f'{unit}: SteppingNet | best peer | lead' for unit in (READINGS[k] for k in both))
+  lines = [
+    f'| AWN level | {head} |',
+    '|---:|' + '---|---|---:|' * len(both),
+  ]
+  for rows in zip(*both.values()):
+    lines.append(f'| {rows[0]["awn_level"]} | ' + ' | '.join(cells(r) for r in rows) + ' |')
+  return lines
+
+
 def lead_lines(rows: list[dict]) -> list[str]:
   """One target line per AWN point: SteppingNet at least ``LEAD_TARGET`` points above its best peer."""
   lines = []
@@ -107,7 +140,7 @@ def _at_or_above(label: str, peer_levels: list[dict], s_levels: list[dict]) -> l
   """One line per level of a peer: SteppingNet's largest level at or below its MACs at or above its accuracy."""
   lines = []
   for a in peer_levels:
-    cands = [r for r in s_levels if r['macs'] <= a['macs']]
+    cands = [r for r in s_levels if _fits(r['macs'], a['macs'])]
     if not cands:
       lines.append(f'- {label} level {a["level"]} ({a["macs"]:,} MACs): no SteppingNet level at or below its MACs')
       continue
@@ -180,6 +213,10 @@ def markdown(
     '',
     f'Budgets (fractions of the dense base network, {base:,} MACs): ' + ', '.join(f'{b:.4f}' for b in budgets),
     '',
+    'MACs: what the subnet of that level computes (a one-shot device runs one subnet). MACs to reach: '
+    'what a device stepping through the levels in order has spent when that level answers; a method '
+    'that recomputes (not reusable) pays again for every subnet up to it.',
+    '',
     f'| method | level | MACs | MACs to reach | {val_head}test accuracy (%) | step latency (ms, B=1) |',
     f'|---|---:|---:|---:|{val_rule}---:|---:|',
   ]
@@ -200,7 +237,16 @@ def markdown(
     lines.append(
       f'| {name} | {"yes" if res["reusable"] else "no (recomputes)"} | {res["train_seconds"]:.0f} | {steps} |'
     )
+  total = sum(res['train_seconds'] for res in results.values())
+  lines += [
+    '',
+    f'Train seconds of all methods together: {total:,.0f} (each on its own clock; runs side by side shared the machine).',
+  ]
   lines += _ledger_lines(results)
+  table = leads_table(results)
+  if table:
+    lines += ['', "## SteppingNet's lead over its best peer at AWN's points, on both readings", '']
+    lines += ['Each cell: level: test accuracy % (MACs); the lead in points.', ''] + table
   lines += ['', '## Targets', ''] + targets(results, references)
   return '\n'.join(lines) + '\n'
 
@@ -218,27 +264,38 @@ def _ledger_lines(results: dict[str, dict]) -> list[str]:
   return ['', f'Taken from the ledger, with the step latency and train seconds of the machine each ran on: {named}.']
 
 
-def plot(path: str, results: dict[str, dict], title: str) -> None:
-  """compare.png: accuracy against subnet MACs, and against the MACs spent stepping there."""
+def plot(path: str, results: dict[str, dict], title: str, references: Mapping[str, list[dict]] | None = None) -> None:
+  """compare.png: accuracy against subnet MACs, and against the MACs spent stepping there,
+  side by side; AWN's points as dotted lines, ``references`` (see ``targets``) as open markers."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for name, res in results.items():
-    acc = [100 * r['accuracy'] for r in res['levels']]
-    err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]  # seeds' standard deviation, if any
-    axes[0].errorbar([r['macs'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name)
-    axes[1].errorbar(
-      [r['macs_to_reach'] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name
-    )
+  for ax, reading in zip(axes, READINGS):
+    for name, res in results.items():
+      acc = [100 * r['accuracy'] for r in res['levels']]
+      err = [100 * r.get('accuracy_std', 0.0) for r in res['levels']]  # seeds' standard deviation, if any
+      ax.errorbar([r[reading] / 1e6 for r in res['levels']], acc, yerr=err, marker='o', capsize=3, label=name)
+    for r in results.get('awn', {}).get('levels', []):
+      ax.axvline(r[reading] / 1e6, color='grey', linestyle=':', linewidth=0.8)
+    for label, levels in (references or {}).items():  # reusable (AWN): its MACs are its MACs to reach
+      ax.plot(
+        [r['macs'] / 1e6 for r in levels],
+        [100 * r['accuracy'] for r in levels],
+        linestyle='--',
+        marker='s',
+        fillstyle='none',
+        color='black',
+        label=label,
+      )
   axes[0].set_xlabel('MACs of the subnet (millions per image)')
   axes[1].set_xlabel('MACs spent stepping from level 0 to this level (millions)')
   for ax in axes:
     ax.set_ylabel('test accuracy (%)')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
