@@ -4,7 +4,9 @@ Each study is ``python -m stepnet_jax.<study> --config FILE --workdir DIR [--qui
 ``define_study_flags`` declares those flags, ``run_study`` runs the study's ``main`` with a
 flags parser that names the new spelling of an override written for an older config
 layout (or the closest fields to a misspelt key), and ends a training stopped by SIGTERM
-or Ctrl-C with its one-line message and the shell's status (143 / 130).
+or Ctrl-C with its one-line message and the shell's status (143 / 130). The commands with
+flags of their own and no config (the benchmarks, the sequence replay) enter through
+``run_command``, with the same one-line ends.
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ def run_study(
 
   show_in_help(__name__, study.__module__, getattr(extra_flags, '__module__', __name__))
   run_app(main, functools.partial(parse_flags_with_hints, run_roots=run_roots))
+
+
+def run_command(module_name: str, define_flags: Callable[[], None], main: Callable[[list[str]], object]) -> None:
+  """The entry point of a command with flags of its own and no config (the benchmarks, the
+  sequence replay): defines them, lists them under ``--helpshort``, and runs ``main`` as
+  ``run_app`` does, so a refused setting, a missing dataset or run ends in one line."""
+  define_flags()
+  show_in_help(module_name)
+  run_app(main, parse_flags_with_hints)
 
 
 def show_in_help(*module_names: str) -> None:

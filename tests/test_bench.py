@@ -107,6 +107,28 @@ def test_bench_command_line(tmp_path):
   assert r['model'] == 'mlp' and r['num_levels'] == 2 and len(r['stepping']['step_ms']) == 2
 
 
+def test_a_command_without_a_config_ends_a_failure_in_one_line(tmp_path):
+  """The commands with flags of their own (the benchmarks, the sequence replay: one entry point,
+  cli.run_command) end a run that is not there as train.py does: status 1 and the one-line
+  message naming the fix, no traceback."""
+  import os
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  args = ['stepnet_jax.studies.sequences', '--workdir', 'no_such_run', '--json', 'x.json']
+  proc = subprocess.run(
+    [sys.executable, '-m', *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: no checkpoint in {tmp_path / "no_such_run"}'), (
+    proc.stderr[-2000:]
+  )
+  assert not (tmp_path / 'x.json').exists()
+
+
 def test_timings_from_several_processes_combine_into_medians_with_their_range():
   """deploy_time --processes: one row per network, runtime and batch, each ratio the median
   of the processes' values, with [min, max]; a row missing from a process is refused."""

@@ -26,7 +26,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from stepnet_jax import cli
 from stepnet_jax import config as config_lib
@@ -337,9 +337,7 @@ def main(argv) -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.bench [--model ... --json FILE]``."""
-  _define_flags()
-  cli.show_in_help(__name__)
-  app.run(main)
+  cli.run_command(__name__, _define_flags, main)
 
 
 if __name__ == '__main__':

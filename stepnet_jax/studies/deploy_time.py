@@ -496,9 +496,7 @@ def main(argv) -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.studies.deploy_time [--networks ...] [--run NAME=WORKDIR] --json FILE``."""
-  _define_flags()
-  cli.show_in_help(__name__)
-  app.run(main)
+  cli.run_command(__name__, _define_flags, main)
 
 
 if __name__ == '__main__':

@@ -35,7 +35,7 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 import stepnet_jax
@@ -376,9 +376,7 @@ def main(argv) -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.studies.sequences --workdir RUN --json FILE``."""
-  _define_flags()
-  cli.show_in_help(__name__)
-  app.run(main)
+  cli.run_command(__name__, _define_flags, main)
 
 
 if __name__ == '__main__':

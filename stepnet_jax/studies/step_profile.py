@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from stepnet_jax import cli
 from stepnet_jax.core.stepping import DIRECT_FORWARD
@@ -432,9 +432,7 @@ def main(argv) -> None:
 
 def command() -> None:
   """``python -m stepnet_jax.studies.step_profile [--networks ...] [--run NAME=WORKDIR] --json FILE``."""
-  _define_flags()
-  cli.show_in_help(__name__)
-  app.run(main)
+  cli.run_command(__name__, _define_flags, main)
 
 
 if __name__ == '__main__':
