@@ -18,7 +18,6 @@ import testlib
 import stepnet_jax
 from stepnet_jax.core import anytime, stepping
 from stepnet_jax.inference import policies
-from stepnet_jax.models import zoo
 
 
 def _softmax(z):
@@ -61,18 +60,16 @@ def test_bucket_sizes():
 @pytest.fixture(scope='module')
 def nets():
   reusable = stepnet_jax.Stepper(testlib.built_model('lenet3c1l'))
-  with testlib.numpy_initializers(3):
-    slim = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=3,
-      assignment={'conv1': (3, 2, 3), 'conv2': (3, 3, 2), 'conv3': (2, 3, 3)},
-      mask_rule=False,
-      mean=(0.3,),
-      std=(0.3,),
-    )
-  return {'reusable': reusable, 'recompute': stepnet_jax.Stepper(testlib.randomize(slim, 3))}
+  slim = testlib.random_model(
+    'lenet3c1l',
+    3,
+    num_levels=3,
+    assignment={'conv1': (3, 2, 3), 'conv2': (3, 3, 2), 'conv3': (2, 3, 3)},
+    mask_rule=False,
+    mean=(0.3,),
+    std=(0.3,),
+  )
+  return {'reusable': reusable, 'recompute': stepnet_jax.Stepper(slim)}
 
 
 def _policy_with_varied_exits(net, x):

@@ -33,34 +33,17 @@ SLIM = {'conv1': (3, 2, 4), 'conv2': (2, 3, 3), 'conv3': (4, 1, 2)}
 
 
 def _slimmable(seed=0):
-  with testlib.numpy_initializers(seed):
-    m = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=3,
-      assignment=SLIM,
-      mask_rule=False,
-      mean=(0.3,),
-      std=(0.3,),
-      seed=seed,
-    )
-  return testlib.randomize(m, seed)
+  return testlib.random_model(
+    'lenet3c1l', seed, num_levels=3, assignment=SLIM, mask_rule=False, mean=(0.3,), std=(0.3,)
+  )
 
 
 def _plain_prefix(slim, level):
   """A plain single-level network holding subnet ``level``'s prefix weights and private BN."""
   ends = {n: levels.end(s, level) for n, s in SLIM.items()}
-  with testlib.numpy_initializers(9):
-    plain = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=1,
-      assignment={n: [c] for n, c in ends.items()},
-      mean=(0.3,),
-      std=(0.3,),
-    )
+  plain = testlib.fast_model(
+    'lenet3c1l', 9, num_levels=1, assignment={n: [c] for n, c in ends.items()}, mean=(0.3,), std=(0.3,)
+  )
   c_in = 1
   for su, pu, n in zip(slim.units, plain.units, ('conv1', 'conv2', 'conv3')):
     pu.kernel[...] = su.kernel[...][..., :c_in, : ends[n]]
@@ -249,15 +232,9 @@ def test_width_for_budget_is_the_widest_fitting_plan():
 
 def _lenet_without_rule(sizes: tuple[int, ...], seed: int):
   """LeNet-3C1L, one batch norm per subnet, every layer with level sizes ``sizes``."""
-  with testlib.numpy_initializers(seed):
-    return zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=len(sizes),
-      mask_rule=False,
-      assignment={n: sizes for n in testlib.LENET3},
-    )
+  return testlib.fast_model(
+    'lenet3c1l', seed, num_levels=len(sizes), mask_rule=False, assignment={n: sizes for n in testlib.LENET3}
+  )
 
 
 def test_channel_norm_levels_are_nested_prefixes_within_budget():
@@ -322,17 +299,15 @@ def test_carve_moves_the_least_norm_level0_neurons_until_the_subnet_fits():
 
 
 def test_relevel_starts_each_subnet_batch_norm_from_the_one_named():
-  with testlib.numpy_initializers(6):
-    model = zoo.build_model(
-      'mlp',
-      num_classes=10,
-      input_shape=(8, 8, 1),
-      num_levels=3,
-      mask_rule=False,
-      width=0.25,
-      assignment={'fc1': (4, 2, 2), 'fc2': (4, 2, 2)},
-    )
-  model = testlib.randomize(model, 6)
+  model = testlib.random_model(
+    'mlp',
+    6,
+    input_shape=(8, 8, 1),
+    num_levels=3,
+    mask_rule=False,
+    width=0.25,
+    assignment={'fc1': (4, 2, 2), 'fc2': (4, 2, 2)},
+  )
   old = nnx.to_pure_dict(nnx.state(model))
   current = surgery.neuron_levels(model)
   new_levels = {n: np.where(np.arange(8) >= 2, current[n], 1) for n in current}  # neurons 0, 1 up to level 1
@@ -406,18 +381,15 @@ def test_sandwich_random_width_is_a_subnet_of_the_full_pass():
   """AWN-style triangular layers of equal sizes: the first m channels of every layer
   never read channels >= m, so their logits ignore whatever the other channels do."""
   sizes = (3, 3, 2)
-  with testlib.numpy_initializers(4):
-    model = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=3,
-      triangular=True,
-      assignment={n: sizes for n in testlib.LENET3},
-      mean=(0.3,),
-      std=(0.3,),
-    )
-  model = testlib.randomize(model, 4)
+  model = testlib.random_model(
+    'lenet3c1l',
+    4,
+    num_levels=3,
+    triangular=True,
+    assignment={n: sizes for n in testlib.LENET3},
+    mean=(0.3,),
+    std=(0.3,),
+  )
   x = jnp.asarray(testlib.images(testlib.MNIST_SHAPE, batch=3))
   for m in (1, 4, 5, 8):
     _, got = model.sandwich_exits(x, jnp.asarray([m]))
@@ -447,10 +419,7 @@ def test_sandwich_train_step_runs():
       'train.batch_size': 8,
     }
   )
-  with testlib.numpy_initializers(0):
-    model = zoo.build_model(
-      'lenet3c1l', num_classes=10, input_shape=testlib.MNIST_SHAPE, num_levels=3, width=0.25, triangular=True
-    )
+  model = testlib.fast_model('lenet3c1l', num_levels=3, width=0.25, triangular=True)
   tx = optim.make_optimizer(cfg, 10)
   g, state = step_lib.init_state(model, tx)
   step = step_lib.make_train_step(g, tx, losses.objective_for(cfg))
@@ -466,18 +435,9 @@ def test_recalibrate_averages_each_batchs_statistics():
   batches of each batch's mean / variance of the pre-BN activations, computed by hand."""
   ds = datasets.subset(datasets.load_dataset('digits'), train=256)
   sizes = {'fc1': (3, 2, 4), 'fc2': (2, 2, 2)}
-  with testlib.numpy_initializers(1):
-    model = zoo.build_model(
-      'mlp',
-      num_classes=10,
-      input_shape=ds.input_shape,
-      num_levels=3,
-      assignment=sizes,
-      mask_rule=False,
-      mean=(0.3,),
-      std=(0.4,),
-    )
-  model = testlib.randomize(model, 1)
+  model = testlib.random_model(
+    'mlp', 1, input_shape=ds.input_shape, num_levels=3, assignment=sizes, mask_rule=False, mean=(0.3,), std=(0.4,)
+  )
   for bn in model.units[0].bn.per_level:  # stale statistics that must not survive
     bn.mean[...] = bn.mean[...] + 5.0
   cfg = config.from_dict(

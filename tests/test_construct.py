@@ -57,19 +57,9 @@ def test_mac_model_matches_layer_counts(name, layers, mask_rule, triangular, see
 
 
 def _lenet(num_levels, sizes, seed=0, triangular=False):
-  with testlib.numpy_initializers(seed):
-    model = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=num_levels,
-      assignment=sizes,
-      triangular=triangular,
-      mean=(0.3,),
-      std=(0.3,),
-      seed=seed,
-    )
-  return testlib.randomize(model, seed)
+  return testlib.random_model(
+    'lenet3c1l', seed, num_levels=num_levels, assignment=sizes, triangular=triangular, mean=(0.3,), std=(0.3,)
+  )
 
 
 def _level0_lenet(k, channels, triangular=False):

@@ -30,11 +30,7 @@ STREAMS = ('stage1', 'stage2', 'stage3')
 
 
 def _tiny_resnet(assignment, num_levels=3, seed=0):
-  with testlib.numpy_initializers(seed):
-    model = zoo.build_model(
-      'resnet20', num_classes=10, input_shape=SHAPE, num_levels=num_levels, assignment=assignment, seed=seed
-    )
-  return testlib.randomize(model, seed)
+  return testlib.random_model('resnet20', seed, input_shape=SHAPE, num_levels=num_levels, assignment=assignment)
 
 
 def _groups_by_hand(unit_name: str, part: str) -> tuple[str | None, str]:

@@ -66,10 +66,7 @@ def _assignment(seed: int) -> dict[str, tuple[int, ...]]:
 
 
 def _build(assignment, seed=0, randomize=True, **kw):
-  with testlib.numpy_initializers(seed):
-    model = zoo.build_model(
-      'mobilenetv2', num_classes=10, input_shape=SHAPE, num_levels=K, assignment=assignment, seed=seed, **kw
-    )
+  model = testlib.fast_model('mobilenetv2', seed, input_shape=SHAPE, num_levels=K, assignment=assignment, **kw)
   return testlib.randomize(model, seed + 1) if randomize else model
 
 

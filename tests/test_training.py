@@ -20,7 +20,6 @@ from test_losses import reference_loss
 from stepnet_jax import config
 from stepnet_jax.data import datasets, feed
 from stepnet_jax.inference import evaluation
-from stepnet_jax.models import zoo
 from stepnet_jax.studies import bench
 from stepnet_jax.training import loop, losses, optim, run
 from stepnet_jax.training import step as step_lib
@@ -29,18 +28,7 @@ K = 4
 
 
 def _model(width=0.25, num_levels=K, seed=0):
-  with testlib.numpy_initializers(seed):
-    model = zoo.build_model(
-      'lenet3c1l',
-      num_classes=10,
-      input_shape=testlib.MNIST_SHAPE,
-      num_levels=num_levels,
-      width=width,
-      mean=(0.3,),
-      std=(0.3,),
-      seed=seed,
-    )
-  return testlib.randomize(model, seed)
+  return testlib.random_model('lenet3c1l', seed, num_levels=num_levels, width=width, mean=(0.3,), std=(0.3,))
 
 
 def _batch(n=16, seed=0):

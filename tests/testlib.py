@@ -212,6 +212,18 @@ def randomize(model, seed: int = 0):
   return model
 
 
+def fast_model(name: str, seed: int = 0, *, input_shape=None, num_classes: int = 10, **kwargs):
+  """``zoo.build_model(name, ...)`` with ``numpy_initializers(seed)`` and ``seed`` (input
+  shape: MNIST's unless given); the other keywords go to ``build_model``."""
+  with numpy_initializers(seed):
+    return zoo.build_model(name, num_classes=num_classes, input_shape=input_shape or MNIST_SHAPE, seed=seed, **kwargs)
+
+
+def random_model(name: str, seed: int = 0, **kwargs):
+  """``fast_model`` with random BN and head bias (``randomize(model, seed)``): BN is not the identity."""
+  return randomize(fast_model(name, seed, **kwargs), seed)
+
+
 def linear_units(model):
   """(name, LevelConv/LevelDense, triangular_expected) for every linear sub-unit of a model.
 
