@@ -193,7 +193,7 @@ def test_torch_init_draws_pytorch_default_kernels_from_the_config():
   AWN's LeNet (uniform in +-1/sqrt(fan_in), fan_in = C_in k k for a conv and the flattened
   features for the linear, counted here from the architecture), keeps a private head's
   masked entries at zero, and reaches the model from the config."""
-  x = testlib.images(testlib.MNIST_SHAPE, batch=8)
+  x = np.asarray(testlib.images(testlib.MNIST_SHAPE, batch=8))  # a Dataset holds numpy arrays
   dataset = datasets.Dataset('toy', x, np.arange(8, dtype=np.int32) % 10, x, np.zeros(8, np.int32), 10)
   cfg = config.from_dict({'model.width': 2**0.5, 'model.init': 'torch', 'model.exit_heads': 'private'})
   model = run.build_model(cfg, dataset)
