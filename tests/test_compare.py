@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_baselines import compare_config
 
-from stepnet_jax.studies import compare, compare_report
+from stepnet_jax.config import SettingsError
+from stepnet_jax.studies import compare, compare_report, paired
 from stepnet_jax.training import loop
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,22 @@ def test_quick_compare_runs_every_method_and_reuses_runs(tmp_path, fashion_mnist
       assert {'level', 'macs', 'delta_macs', 'accuracy', 'latency_ms'} <= set(json.load(f)['levels'][0])
 
   assert plan(tmp_path) == {name: ('reuse', str(tmp_path / name / 'result.json')) for name in cc.methods}
+  # The paired study (studies/paired.py) evaluates the networks again, image by image: it finds
+  # the accuracies compare.json recorded (another code path than the comparison's sums) and
+  # refuses a record they do not give. AWN is slimmable's run here, a peer to pair with.
+  both = tmp_path / 'paired'
+  for name, source in (('steppingnet', 'steppingnet'), ('awn', 'slimmable')):
+    shutil.copytree(tmp_path / source, both / name)
+  record = json.loads(json.dumps(saved))
+  record['methods']['awn'] = record['methods'].pop('slimmable')
+  (both / 'compare.json').write_text(json.dumps(record))
+  leads = [r for rows in paired.paired_study(str(both))['leads'].values() for r in rows if r['lead'] is not None]
+  assert leads and all(r['wins'] + r['losses'] <= r['images'] for r in leads)
+  assert all(r['interval'][0] <= r['lead'] <= r['interval'][1] for r in leads)
+  record['methods']['steppingnet']['levels'][0]['accuracy'] += 2 / leads[0]['images']
+  (both / 'compare.json').write_text(json.dumps(record))
+  with pytest.raises(SettingsError, match='steppingnet: the test accuracy evaluated again'):
+    paired.paired_study(str(both))
   # A run trained to the end whose evaluation is missing (stopped between the two) is only
   # evaluated: the plan says so, and the comparison there gives the same levels, training nothing.
   shutil.copytree(tmp_path / 'slimmable', tmp_path / 'left' / 'slimmable')

@@ -83,6 +83,16 @@ def exit_metrics(
   return out
 
 
+def exit_hits(exits_fn, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+  """Whether every exit gets every example right: bool [K, N], the per-example counts behind
+  ``exit_accuracy`` (for paired comparisons of two networks on the same images)."""
+
+  def per_batch(batch: feed.Batch) -> jax.Array:
+    return exits_fn(variables, batch.images).argmax(-1) == batch.labels[None]  # [K, B]
+
+  return accumulate(per_batch, images, labels, batch_size, axis=1, concatenate=True)
+
+
 def exit_accuracy(exits_fn, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> np.ndarray:
   """Eval-mode accuracy of every exit over a dataset split: [K] (see ``exit_metrics``)."""
   return exit_metrics(exits_fn, variables, images, labels, batch_size, loss=False)['accuracy']
