@@ -19,6 +19,8 @@
 #      scripts/recipes_20ep.sh final-plan RECIPE          what is recorded, left or still to train
 #      scripts/recipes_20ep.sh final RECIPE METHOD [...]  train those, one after the other
 #      scripts/recipes_20ep.sh final RECIPE               RUNS/final_RECIPE/compare.{json,md,png}; refused until final-plan has nothing left
+#    SEEDS=1 before any of them runs seed 1 instead (SEEDS=0,1,2: the mean and spread of three), in
+#    RUNS/final_RECIPE_seeds.
 #
 # RUNS (default runs/recipes_20ep, relative to the repository) holds the run directories.
 set -euo pipefail
@@ -37,10 +39,13 @@ twenty_epochs() {
 }
 search() { twenty_epochs --config.common.data.validation_examples=5000 "$@"; }
 # The final comparison also judges SteppingNet against AWN on its own published recipe (issue 32).
+# With SEEDS (e.g. SEEDS=1, or SEEDS=0,1,2 for the report) it runs those seeds in
+# RUNS/final_RECIPE_seeds/seedS; seed 0 comes from the ledger entries of RUNS/final_RECIPE.
 final() {
-  twenty_epochs --workdir "$RUNS/final_$1" --config.recipe="$1" \
+  twenty_epochs --workdir "$(final_dir "$1")" --config.recipe="$1" ${SEEDS:+--config.seeds="$SEEDS"} \
     --config.awn_reference=results/awn_published_recipe_torchinit_20ep_fashion_mnist.json "${@:2}"
 }
+final_dir() { echo "$RUNS/final_$1${SEEDS:+_seeds}"; }
 
 # Runs "$@" (a comparison of every method) unless its --plan has runs left: that comparison
 # would train them one after another in this process.
@@ -79,7 +84,7 @@ case "${1:-plan}" in
       for method in "$@"; do each "final $recipe $method" final "$recipe" --config.methods="$method"; done
     else
       PLAN_MODE="final-plan $recipe" when_nothing_left final "$recipe" --config.methods="$METHODS"
-      echo "The comparison is in $RUNS/final_$recipe/compare.{json,md,png}."
+      echo "The comparison is in $(final_dir "$recipe")/compare.{json,md,png}."
     fi
     ;;
   *) echo "usage: $0 plan | run RECIPE:METHOD [...] | choose | final-plan RECIPE | final RECIPE [METHOD ...]" >&2; exit 2 ;;
