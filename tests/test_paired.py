@@ -97,3 +97,14 @@ def test_paired_leads_pair_the_levels_the_report_compares():
   results['awn']['levels'][1]['accuracy'] += 1 / n
   with pytest.raises(SettingsError, match='awn: the test accuracy evaluated again'):
     paired.check_hits(results, hits)
+
+
+def test_the_study_refuses_what_it_cannot_pair(tmp_path):
+  with pytest.raises(SettingsError, match='no such file'):
+    paired.paired_study(str(tmp_path))
+  (tmp_path / 'compare.json').write_text('{"seeds": [0, 1], "methods": {}}')
+  with pytest.raises(SettingsError, match="one seed's comparison"):
+    paired.paired_study(str(tmp_path))
+  (tmp_path / 'compare.json').write_text('{"methods": {"steppingnet": {"levels": []}, "awn": {"levels": []}}}')
+  with pytest.raises(SettingsError, match='no run directory for steppingnet, awn'):  # e.g. taken from a ledger
+    paired.paired_study(str(tmp_path))

@@ -173,6 +173,11 @@ def paired_study(workdir: str, batch_size: int = 1000) -> dict:
     raise config.SettingsError(f'{path}: no such file; run the comparison to its end first')
   with open(path) as f:
     compared = json.load(f)
+  if compared.get('seeds'):
+    raise config.SettingsError(
+      f"{path} is the mean over seeds {compared['seeds']}; run the paired study on one seed's comparison "
+      f'({os.path.join(workdir, "seedS")})'
+    )
   results = compared['methods']
   names = [n for n in ('steppingnet',) + compare_report.LEAD_PEERS if n in results]
   missing = [n for n in names if not os.path.isdir(os.path.join(workdir, n))]
