@@ -28,7 +28,7 @@ from absl import flags, logging
 import stepnet_jax
 from stepnet_jax import cli, config
 from stepnet_jax.data import datasets
-from stepnet_jax.inference import evaluation
+from stepnet_jax.inference import evaluation, restore
 from stepnet_jax.studies import compare_report
 
 CONFIDENCE = 0.95
@@ -187,7 +187,7 @@ def paired_study(workdir: str, batch_size: int = 1000) -> dict:
       'checkpoints of SteppingNet and its peers (a method taken from a ledger entry has none here)'
     )
   # The test images the comparison scored on: its subset of the run's data (compare._method_configs).
-  saved = stepnet_jax.load(run_dirs(os.path.join(workdir, 'steppingnet'))[0]).meta['config']
+  saved = restore.restore_meta(run_dirs(os.path.join(workdir, 'steppingnet'))[0])['config']
   source = config.saved_data(saved)
   ds = datasets.subset(datasets.load_for(source), source.train_subset, source.test_subset, saved.get('seed', 0))
   hits = {n: method_hits(os.path.join(workdir, n), ds.test_images, ds.test_labels, batch_size) for n in names}
