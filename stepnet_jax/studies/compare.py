@@ -694,6 +694,7 @@ def _write_report(cc: CompareConfig, workdir: str, results: dict[str, dict], out
   """compare.json (``out``), compare.md and compare.png in ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
   references = reference_levels(cc.awn_reference) if cc.awn_reference else None
+  title = f'{title} ({out["epochs"]} epochs' + (f', recipe {cc.recipe})' if cc.recipe else ')')
   text = compare_report.markdown(
     results,
     out['budgets'],

@@ -295,9 +295,15 @@ def plot(path: str, results: dict[str, dict], title: str, references: Mapping[st
   for ax in axes:
     ax.set_ylabel('test accuracy (%)')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  # One legend below both panels: inside an axis it would hide the low-MAC points.
+  handles, labels = axes[0].get_legend_handles_labels()
+  columns = 3
+  rows = -(-len(labels) // columns)
+  legend_inches = 0.22 * rows + 0.15
+  fig.set_size_inches(11, 4.2 + legend_inches)
+  fig.legend(handles, labels, loc='lower center', ncol=columns, fontsize=8, frameon=False)
   fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, legend_inches / (4.2 + legend_inches), 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
