@@ -300,10 +300,11 @@ def plot(path: str, results: dict[str, dict], title: str, references: Mapping[st
   columns = 3
   rows = -(-len(labels) // columns)
   legend_inches = 0.22 * rows + 0.15
-  fig.set_size_inches(11, 4.2 + legend_inches)
+  width, height = fig.get_size_inches()
+  fig.set_size_inches(width, height + legend_inches)
   fig.legend(handles, labels, loc='lower center', ncol=columns, fontsize=8, frameon=False)
   fig.suptitle(title)
-  fig.tight_layout(rect=(0, legend_inches / (4.2 + legend_inches), 1, 1))
+  fig.tight_layout(rect=(0, legend_inches / (height + legend_inches), 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
