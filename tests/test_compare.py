@@ -210,6 +210,15 @@ def test_leads_take_each_methods_best_level_at_or_below_every_awn_point():
   assert lines[0].endswith('met (target: >= 0.5 pt)') and 'NOT' not in ''.join(lines)
   results['steppingnet']['levels'][1]['accuracy'] = 0.8149
   assert compare_report.lead_lines(compare_report.leads(results))[0].endswith('NOT met (target: >= 0.5 pt)')
+  # A lead of 0.497 point misses the target: it reads +0.497, never a rounded +0.50; and a
+  # level 0.002 point below AWN's shows the third decimal that puts it below.
+  results['steppingnet']['levels'][1]['accuracy'] = 0.81497
+  line = compare_report.lead_lines(compare_report.leads(results))[0]
+  assert ': +0.497 pt (per seed' in line and line.endswith('NOT met (target: >= 0.5 pt)')
+  results['steppingnet']['levels'][1]['accuracy'] = 0.79998
+  assert '- vs AWN level 0: SteppingNet 79.998% at 90 MACs vs 80.000% at 100: NOT met' in compare_report.targets(
+    results
+  )
   assert compare_report.leads({'awn': results['awn']}) == []
 
 
