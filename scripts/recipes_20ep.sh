@@ -20,14 +20,15 @@
 #      scripts/recipes_20ep.sh final RECIPE METHOD [...]  train those, one after the other
 #      scripts/recipes_20ep.sh final RECIPE               RUNS/final_RECIPE/compare.{json,md,png}; refused until final-plan has nothing left
 #    SEEDS=1 before any of them runs seed 1 instead (SEEDS=0,1,2: the mean and spread of three), in
-#    RUNS/final_RECIPE_seeds.
+#    RUNS/final_RECIPE_seeds. METHODS=a,b before final-plan or the report narrows them to those
+#    methods (e.g. the ones every seed has finished).
 #
 # RUNS (default runs/recipes_20ep, relative to the repository) holds the run directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/recipes_20ep}
 RECIPES=common,published_torch,sgd_cosine_1e-4_torch,sgd_cosine_5e-4_torch
-METHODS=steppingnet,awn,awn_sandwich,slimmable,independent
+METHODS=${METHODS:-steppingnet,awn,awn_sandwich,slimmable,independent}
 # XLA:CPU trains ~1.4x faster with large freed blocks kept in the heap (scripts/main.sh).
 export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1} MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0} \
        MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-100000000000}
