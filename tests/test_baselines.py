@@ -550,6 +550,8 @@ def test_compare_targets_judge_the_gap_to_the_independent_nets_by_its_sign():
   assert 'gap +2.00 pt: NOT met' in lines[1]
   assert 'gap +0.50 pt: met' in lines[2]
   assert 'gap -5.00 pt: met' in lines[3]
+  near = {'steppingnet': rows([0.80]), 'independent': rows([0.81003])}  # rounded, +1.003 would read +1.00
+  assert 'gap +1.003 pt: NOT met' in compare_report.targets(near)[1]
   assert lines[4].startswith('- training time') and '2 s vs 3 independent networks 2 s' in lines[4]
   assert compare_report.targets({'awn': rows([0.9])}) == []  # nothing to judge without SteppingNet
 

@@ -29,12 +29,16 @@ def _fits(macs: int, point: int) -> bool:
   return macs <= point * (1 + MACS_TOLERANCE)
 
 
+def _side(a: float, b: float) -> int:
+  """-1, 0 or 1: ``a`` below, at (to 1e-9) or above ``b``."""
+  return (a > b + 1e-9) - (a < b - 1e-9)
+
+
 def _digits(x: float, bound: float) -> int:
   """Decimals to show ``x`` beside ``bound`` with: two, or more where two would round ``x``
-  onto the other side of ``bound`` (a seed mean of +0.497 would read +0.50 against the
-  0.5-point target it misses)."""
-  below = x < bound - 1e-9
-  return next((d for d in range(2, 6) if (round(x, d) < round(bound, d)) == below), 6)
+  onto ``bound`` or past it (a seed mean of +0.497 would read +0.50 against the 0.5-point
+  target it misses)."""
+  return next((d for d in range(2, 6) if _side(round(x, d), round(bound, d)) == _side(x, bound)), 6)
 
 
 def _signed(lead: float) -> str:
@@ -192,8 +196,8 @@ def targets(results: dict[str, dict], references: Mapping[str, list[dict]] | Non
       gap = 100 * (i['accuracy'] - s['accuracy'])
       lines.append(
         f'- level {s["level"]} vs independent net: SteppingNet {100 * s["accuracy"]:.2f}% '
-        f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.2f} pt: '
-        f'{"met" if gap <= 1.0 else "NOT met"} (target: gap <= 1.0)'
+        f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.{_digits(gap, 1.0)}f} pt: '
+        f'{"met" if gap <= 1.0 + 1e-9 else "NOT met"} (target: gap <= 1.0)'
       )
     lines.append(
       f'- training time: SteppingNet (construction included) {st["train_seconds"]:.0f} s vs '
