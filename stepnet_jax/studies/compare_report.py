@@ -142,7 +142,7 @@ def lead_lines(rows: list[dict]) -> list[str]:
       if 'seed_leads' in r
       else ''
     )
-    ok = r['lead'] >= LEAD_TARGET - 1e-9
+    ok = _side(r['lead'], LEAD_TARGET) >= 0
     peer_level = f' level {r["best_peer_level"]}' if 'best_peer_level' in r else ''
     lines.append(
       f'- lead at AWN level {r["awn_level"]} ({r["awn_macs"]:,} {unit}): SteppingNet level '
@@ -166,7 +166,7 @@ def _at_or_above(label: str, peer_levels: list[dict], s_levels: list[dict]) -> l
     d = _digits(ours, theirs)
     lines.append(
       f'- vs {label} level {a["level"]}: SteppingNet {ours:.{d}f}% at {s["macs"]:,} MACs '
-      f'vs {theirs:.{d}f}% at {a["macs"]:,}: {"met" if ours >= theirs - 1e-9 else "NOT met"}'
+      f'vs {theirs:.{d}f}% at {a["macs"]:,}: {"met" if _side(ours, theirs) >= 0 else "NOT met"}'
     )
   return lines
 
@@ -197,7 +197,7 @@ def targets(results: dict[str, dict], references: Mapping[str, list[dict]] | Non
       lines.append(
         f'- level {s["level"]} vs independent net: SteppingNet {100 * s["accuracy"]:.2f}% '
         f'({s["macs"]:,} MACs) vs {100 * i["accuracy"]:.2f}% ({i["macs"]:,} MACs), gap {gap:+.{_digits(gap, 1.0)}f} pt: '
-        f'{"met" if gap <= 1.0 + 1e-9 else "NOT met"} (target: gap <= 1.0)'
+        f'{"met" if _side(gap, 1.0) <= 0 else "NOT met"} (target: gap <= 1.0)'
       )
     lines.append(
       f'- training time: SteppingNet (construction included) {st["train_seconds"]:.0f} s vs '
